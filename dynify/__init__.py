@@ -1,0 +1,17 @@
+"""dynify: turn a trained static PyTorch network into a dynamic one.
+
+dyn = dynify.convert(model, strategy="early-exit", example_input=torch.randn(1, 3, 224, 224))
+with dyn.static():
+    assert torch.equal(dyn(x), model(x))   # the original network, exactly
+dynify.save(dyn, "model.dyn"); dyn = dynify.load("model.dyn")
+"""
+
+from dynify.convert import convert
+from dynify.errors import DynifyError
+from dynify.export.artifact import load, save
+from dynify.passes import strategy_names
+from dynify.runtime.model import DynamicModel
+
+__version__ = "0.1.0"
+
+__all__ = ["DynamicModel", "DynifyError", "convert", "load", "save", "strategy_names"]

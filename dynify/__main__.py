@@ -1,0 +1,5 @@
+"""`python -m dynify` runs the command line."""
+
+from dynify.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""`convert`: the front end and one strategy's pass, from a static model to a DynamicModel."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynify.errors import DynifyError, InputError, ModelError, StrategyError
+from dynify.frontend import TraceOptions, analyse, profile, symbolic_trace
+from dynify.frontend.trace import LeafSpec
+from dynify.passes import ConversionContext, get_strategy
+from dynify.runtime.model import DynamicModel
+from dynify.zoo import ModelRef, build_model
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class FrontEnd:
+    """A traced, profiled and analysed model, ready for any strategy."""
+
+    context: ConversionContext
+    trace_options: TraceOptions
+    seconds: float
+
+
+def read_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    leaf_modules: Sequence[LeafSpec] = (),
+) -> FrontEnd:
+    """Trace, profile and analyse a copy of `model` (the caller's model is never modified)."""
+    start = time.perf_counter()
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise InputError(
+            "example_input must be a tensor with a batch dimension, e.g. [1, 3, 224, 224]."
+        )
+    model = copy.deepcopy(model).eval()
+    options = TraceOptions(leaf_modules=tuple(leaf_modules))
+    gm = symbolic_trace(model, options)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise DynifyError(
+            f"{type(model).__name__}.forward takes {len(placeholders)} inputs; dynify converts "
+            "models with one input tensor. Wrap the model so forward(x) takes one tensor."
+        )
+    example = example_input[:1].detach()
+    try:
+        output = profile(gm, example)
+    except Exception as exc:
+        raise InputError(
+            f"Running {type(model).__name__} on an input of shape {list(example.shape)} failed: "
+            f"{type(exc).__name__}: {exc}. Give an example input (--input-size) the model accepts."
+        ) from exc
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        raise StrategyError(
+            f"{type(model).__name__} returns {_describe(output)}; dynify converts classifiers "
+            "whose forward returns one logits tensor [B, num_classes]."
+        )
+    context = ConversionContext(
+        gm=gm, example_input=example, analysis=analyse(gm), num_classes=int(output.shape[1])
+    )
+    return FrontEnd(context, options, time.perf_counter() - start)
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {list(output.shape)}"
+    return f"a {type(output).__name__}"
+
+
+def convert(
+    model: nn.Module | str,
+    strategy: str = "early-exit",
+    example_input: torch.Tensor | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    weights: str | None = "auto",
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    leaf_modules: Sequence[LeafSpec] = (),
+) -> DynamicModel:
+    """Convert a static classifier into a dynamic one with the named strategy.
+
+    `model` is an nn.Module or a model name (see `dynify.zoo`); `weights`, `num_classes` and
+    `input_size` apply to names. `options` are the strategy's (e.g. {"exits": 4} for
+    early-exit). The result's `spec` records how to rebuild it from an artifact.
+    """
+    pass_ = get_strategy(strategy)
+    if isinstance(model, str):
+        model, ref = build_model(model, weights=weights, num_classes=num_classes)
+        if input_size:
+            ref.input_size = input_size
+    elif isinstance(model, nn.Module):
+        cls = type(model)
+        ref = ModelRef("module", f"{cls.__module__}:{cls.__qualname__}", weights="given")
+    else:
+        raise ModelError(f"Expected an nn.Module or a model name, got {type(model).__name__}.")
+    if example_input is None:
+        if ref.input_size is None:
+            raise InputError("Pass example_input= so the model can be traced and its MACs counted.")
+        example_input = torch.randn(1, 3, ref.input_size, ref.input_size)
+    front = read_model(model, example_input, leaf_modules)
+    ref.num_classes = front.context.num_classes if ref.num_classes is None else ref.num_classes
+    plan = pass_.plan(front.context, options or {})
+    dyn = pass_.build(front.context, plan)
+    dyn.spec = {
+        "format": "dynify",
+        "version": SPEC_VERSION,
+        "model": ref.to_dict(),
+        "input_shape": list(front.context.example_input.shape[1:]),
+        "leaf_modules": front.trace_options.leaf_names(),
+        "strategy": strategy,
+        "plan": plan,
+    }
+    return dyn

@@ -1,0 +1,178 @@
+"""Early exits (BranchyNet, SDN): exit heads at single-tensor cut points.
+
+Plan: choose cut points, by default N spread evenly over cumulative MACs, and a head for each
+that fits its tensor within the head budget. Build: lift the stretches between the cuts into
+segments and hand them, with the heads, to an EarlyExitModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from dynify.errors import StrategyError
+from dynify.frontend.analysis import CutPoint
+from dynify.frontend.cost import MACS, module_macs
+from dynify.passes import register_strategy
+from dynify.passes.base import ConversionContext
+from dynify.passes.lift import lift_region
+from dynify.runtime.early_exit import EarlyExitModel
+from dynify.runtime.modules import ExitHead, feature_layout
+from dynify.runtime.policy import ExitPolicy
+
+POOL_SIZES = (4, 2, 1)
+MAX_HEAD_FEATURES = 4096
+# Cuts later than this leave too little work after them for an exit to save anything.
+LATEST_DEFAULT_EXIT = 0.95
+
+
+@dataclass
+class EarlyExitOptions:
+    """Options of the early-exit strategy.
+
+    exits: how many exits to spread over cumulative MACs (int), or where to put them: MAC
+    fractions in (0, 1) or cut-point node names. head_budget: the most one head may cost, as a
+    fraction of the static model's MACs.
+    """
+
+    exits: int | list[float] | list[str] = 4
+    policy: str = "confidence"
+    patience: int = 2
+    threshold: float = 0.9
+    head_budget: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> EarlyExitOptions:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise StrategyError(
+                f"Unknown early-exit option(s) {unknown}; known options: {sorted(known)}."
+            )
+        return cls(**data)
+
+
+def candidate_cuts(cuts: list[CutPoint], latest: float = 1.0) -> list[CutPoint]:
+    """One cut per MAC level: the last of a run of free ops (conv -> bn -> relu keeps relu)."""
+    by_level: dict[int, CutPoint] = {}
+    for cut in cuts:
+        by_level[cut.macs_before] = cut
+    return [c for c in by_level.values() if c.fraction <= latest]
+
+
+def place_exits(cuts: list[CutPoint], exits: int | list) -> list[CutPoint]:
+    """The cut points to put exits at, in graph order."""
+    if isinstance(exits, int):
+        if exits < 1:
+            raise StrategyError("An early-exit model needs at least one exit (--exits 1 or more).")
+        targets: list[float | str] = [(i + 1) / (exits + 1) for i in range(exits)]
+    else:
+        targets = list(exits)
+    candidates = candidate_cuts(cuts, LATEST_DEFAULT_EXIT) or candidate_cuts(cuts)
+    if not candidates:
+        raise StrategyError(
+            "This model has no single-tensor cut point, so early exits cannot be placed: every "
+            "layer's output is needed by a later layer alongside another tensor. Try "
+            "--strategy block-gates on residual networks."
+        )
+    by_name = {c.node: c for c in cuts}
+    chosen: list[CutPoint] = []
+    for target in targets:
+        if isinstance(target, str):
+            if target not in by_name:
+                names = ", ".join(c.node for c in candidates)
+                raise StrategyError(
+                    f"'{target}' is not a single-tensor cut point. Cut points: {names}."
+                )
+            cut = by_name[target]
+        else:
+            if not 0.0 < float(target) < 1.0:
+                raise StrategyError(f"Exit position {target} must be a MAC fraction in (0, 1).")
+            free = [c for c in candidates if c not in chosen] or candidates
+            cut = min(free, key=lambda c: abs(c.fraction - float(target)))
+        if cut not in chosen:
+            chosen.append(cut)
+    return sorted(chosen, key=lambda c: c.position)
+
+
+def choose_pool(shape: tuple[int, ...], layout: str, num_classes: int, budget_macs: float) -> int:
+    """The largest pooled grid whose head stays within the budget."""
+    if layout not in ("channels_first", "channels_last"):
+        return 1
+    channels = shape[0] if layout == "channels_first" else shape[-1]
+    spatial = min(shape[1:] if layout == "channels_first" else shape[:2])
+    for pool in POOL_SIZES:
+        features = channels * pool * pool
+        if (
+            pool <= spatial
+            and features <= max(MAX_HEAD_FEATURES, channels)
+            and (features * num_classes <= budget_macs)
+        ):
+            return pool
+    return 1
+
+
+@register_strategy
+class EarlyExit:
+    name = "early-exit"
+    summary = "exit heads at cut points; confident samples stop early (BranchyNet, SDN)"
+
+    def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
+        opts = EarlyExitOptions.from_dict(options)
+        ExitPolicy(opts.policy, opts.patience)  # validates
+        budget = opts.head_budget * ctx.analysis.total_macs
+        exits = []
+        for cut in place_exits(ctx.analysis.cuts, opts.exits):
+            layout = feature_layout(cut.shape)
+            pool = choose_pool(cut.shape, layout, ctx.num_classes, budget)
+            exits.append({"node": cut.node, "layout": layout, "pool": pool})
+        plan = {"exits": exits, "policy": ExitPolicy(opts.policy, opts.patience).to_dict()}
+        plan["options"] = {k: v for k, v in asdict(opts).items() if k != "extra"}
+        return plan
+
+    def build(self, ctx: ConversionContext, plan: dict[str, Any]) -> EarlyExitModel:
+        gm = ctx.gm
+        nodes = list(gm.graph.nodes)
+        position = {node.name: i for i, node in enumerate(nodes)}
+        placeholder = next(n for n in nodes if n.op == "placeholder")
+        output_node = next(n for n in nodes if n.op == "output")
+        final = output_node.args[0]
+        if not isinstance(final, torch.fx.Node):
+            raise StrategyError(
+                "The model returns a tuple or dict; early exits need a model that returns one "
+                "logits tensor. Wrap it so forward returns the logits."
+            )
+        exits = plan["exits"]
+        for spec in exits:
+            if spec["node"] not in position:
+                raise StrategyError(f"Planned exit '{spec['node']}' is not a node of this graph.")
+        bounds = [placeholder.name] + [e["node"] for e in exits] + [final.name]
+        segments, segment_macs = [], []
+        for i in range(len(bounds) - 1):
+            lo, hi = position[bounds[i]], position[bounds[i + 1]]
+            members = [n.name for n in nodes[lo + 1 : hi + 1] if n.op not in ("output",)]
+            segments.append(lift_region(gm, members, [bounds[i]], [bounds[i + 1]], f"Segment{i}"))
+            segment_macs.append(sum(int(nodes[j].meta.get(MACS, 0)) for j in range(lo + 1, hi + 1)))
+        heads, head_macs = [], []
+        for spec in exits:
+            shape = tuple(ctx.node(spec["node"]).meta["tensor_meta"].shape[1:])
+            head = ExitHead(shape, ctx.num_classes, spec["layout"], spec["pool"])
+            heads.append(head)
+            head_macs.append(module_macs(head.eval(), torch.zeros(1, *shape)))
+        options = plan.get("options", {})
+        return EarlyExitModel(
+            segments,
+            heads,
+            segment_macs=segment_macs,
+            head_macs=head_macs,
+            exit_names=[e["node"] for e in exits],
+            policy=ExitPolicy(**plan["policy"]),
+            thresholds=[float(options.get("threshold", 0.9))] * len(exits),
+            static_macs=ctx.analysis.total_macs,
+            input_shape=tuple(ctx.example_input.shape[1:]),
+            num_classes=ctx.num_classes,
+        )

@@ -1,0 +1,1 @@
+"""The runtime: DynamicModel and the modules that decide, per sample, what work to do."""

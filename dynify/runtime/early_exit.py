@@ -1,0 +1,149 @@
+"""EarlyExitModel: a network cut into segments, with an exit head after each but the last.
+
+The eager forward really stops computing for samples that exited: after each exit the batch is
+narrowed to the samples still undecided (gather), the next segment runs on those alone, and
+results are written back in place (scatter). So a batch gives the same outputs as its samples
+run one by one, and an easy batch costs less than a hard one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dynify.runtime.model import DynamicModel
+from dynify.runtime.policy import ExitPolicy
+
+
+class EarlyExitModel(DynamicModel):
+    strategy = "early-exit"
+
+    def __init__(
+        self,
+        segments: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        *,
+        segment_macs: Sequence[int],
+        head_macs: Sequence[int],
+        exit_names: Sequence[str],
+        policy: ExitPolicy,
+        thresholds: Sequence[float],
+        static_macs: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+    ):
+        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        if len(segments) != len(heads) + 1:
+            raise ValueError("an early-exit model has one segment more than it has heads")
+        self.segments = nn.ModuleList(segments)
+        self.heads = nn.ModuleList(heads)
+        self.segment_macs = [int(m) for m in segment_macs]
+        self.head_macs = [int(m) for m in head_macs]
+        self.exit_names = list(exit_names)
+        self.policy = policy
+        self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
+        self.register_buffer("temperatures", torch.ones(len(heads)))
+        self.last_exit: torch.Tensor | None = None
+
+    @property
+    def num_exits(self) -> int:
+        """Exit heads, not counting the final classifier."""
+        return len(self.heads)
+
+    def exit_macs(self) -> list[int]:
+        """MACs a sample spends if it leaves at exit i (the last entry: runs to the end).
+
+        Every head before the exit was evaluated too, so it is counted.
+        """
+        spent, result = 0, []
+        for i, segment in enumerate(self.segment_macs):
+            spent += segment
+            if i < self.num_exits:
+                spent += self.head_macs[i]
+            result.append(spent)
+        return result
+
+    def describe(self) -> list[dict[str, str]]:
+        """One row per exit for tables: where it is, what leaving there costs, its threshold."""
+        rows = []
+        for i, macs in enumerate(self.exit_macs()):
+            final = i == self.num_exits
+            rows.append(
+                {
+                    "exit": "final" if final else str(i),
+                    "node": "output" if final else self.exit_names[i],
+                    "MACs": f"{macs / 1e6:.1f} M",
+                    "of static": f"{macs / self.static_macs:.3f}",
+                    "head MACs": "" if final else f"{self.head_macs[i] / 1e6:.2f} M",
+                    "threshold": "" if final else f"{float(self.thresholds[i]):.3f}",
+                }
+            )
+        return rows
+
+    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
+        values = (
+            [float(thresholds)] * self.num_exits
+            if isinstance(thresholds, (int, float))
+            else list(thresholds)
+        )
+        if len(values) != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} thresholds, got {len(values)}")
+        self.thresholds.copy_(torch.tensor(values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if self._static:
+            return self._forward_static(x)
+        batch = x.shape[0]
+        exit_macs = self.exit_macs()
+        remaining = torch.arange(batch, device=x.device)
+        exit_index = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
+        state = self.policy.start(batch, x.device)
+        output: torch.Tensor | None = None
+        feature = x
+        for i, segment in enumerate(self.segments):
+            feature = segment(feature)
+            if i == self.num_exits:
+                logits = feature
+                output = _scatter(output, remaining, logits, batch)
+                break
+            logits = self.heads[i](feature)
+            done = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], state)
+            if done.any():
+                output = _scatter(output, remaining[done], logits[done], batch)
+                exit_index[remaining[done]] = i
+                if done.all():
+                    break
+                keep = ~done
+                feature, remaining, state = feature[keep], remaining[keep], state.keep(keep)
+        macs = torch.tensor(exit_macs, dtype=torch.long, device=x.device)
+        self.last_exit = exit_index
+        self.last_macs = macs[exit_index]
+        return output
+
+    def _forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        for segment in self.segments:
+            x = segment(x)
+        self.last_exit = torch.full((x.shape[0],), self.num_exits, dtype=torch.long)
+        self.last_macs = torch.full((x.shape[0],), sum(self.segment_macs), dtype=torch.long)
+        return x
+
+    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits at every exit and at the end, for all samples (training and calibration)."""
+        self.check_input(x)
+        outputs = []
+        feature = x
+        for i, segment in enumerate(self.segments):
+            feature = segment(feature)
+            outputs.append(self.heads[i](feature) if i < self.num_exits else feature)
+        return outputs
+
+
+def _scatter(
+    output: torch.Tensor | None, index: torch.Tensor, values: torch.Tensor, batch: int
+) -> torch.Tensor:
+    if output is None:
+        output = values.new_zeros((batch, *values.shape[1:]))
+    return output.index_copy(0, index, values)

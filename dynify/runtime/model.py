@@ -1,0 +1,65 @@
+"""DynamicModel: what every strategy returns.
+
+Whatever the strategy, a dynamic model (1) computes the original network exactly inside
+`with dyn.static():`, (2) reports after each forward the MACs each sample really spent
+(`last_macs`), next to the original network's (`static_macs`), and (3) carries the `spec` that
+rebuilds it from an artifact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dynify.errors import InputError
+
+
+class DynamicModel(nn.Module):
+    """Base class of the networks the passes build."""
+
+    strategy: ClassVar[str] = ""
+
+    def __init__(self, *, static_macs: int, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.static_macs = int(static_macs)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.spec: dict[str, Any] = {}
+        self.last_macs: torch.Tensor | None = None
+        self._static = False
+
+    @property
+    def is_static(self) -> bool:
+        return self._static
+
+    @contextmanager
+    def static(self) -> Iterator[DynamicModel]:
+        """Within this block the model computes exactly the original network."""
+        previous, self._static = self._static, True
+        try:
+            yield self
+        finally:
+            self._static = previous
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse inputs the cost accounting and the plan were not made for."""
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"Expected a tensor input, got {type(x).__name__}.")
+        expected = (None, *self.input_shape)
+        if x.dim() != len(expected) or tuple(x.shape[1:]) != self.input_shape:
+            shape = "[B, " + ", ".join(str(d) for d in self.input_shape) + "]"
+            raise InputError(
+                f"Expected an input of shape {shape}, got {list(x.shape)}. The model was "
+                f"converted for inputs of {shape}; resize the input, or convert again with "
+                "--input-size (example_input= in the API) matching your data."
+            )
+
+    def mean_macs_fraction(self) -> float:
+        """Mean MACs of the last forward as a fraction of the static model's."""
+        if self.last_macs is None:
+            raise RuntimeError("No forward pass has run yet.")
+        return float(self.last_macs.double().mean()) / self.static_macs

@@ -1,0 +1,73 @@
+"""The small modules that passes insert: exit heads (and, later, gates and masks).
+
+Heads start with a zero final layer: an untrained head predicts the uniform distribution, so it
+never clears a confidence threshold, and a freshly converted model behaves like the static one
+until its heads are trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynify.errors import StrategyError
+
+LAYOUTS = ("channels_first", "channels_last", "tokens", "vector")
+
+
+def feature_layout(shape: tuple[int, ...]) -> str:
+    """How a feature tensor (without batch) is laid out, from its shape alone.
+
+    [C, H, W] is a conv map; [H, W, C] with H == W != C is a channels-last map (Swin, ConvNeXt
+    blocks); [N, D] are tokens; [D] is a vector.
+    """
+    if len(shape) == 1:
+        return "vector"
+    if len(shape) == 2:
+        return "tokens"
+    if len(shape) == 3:
+        return "channels_last" if shape[0] == shape[1] != shape[2] else "channels_first"
+    raise StrategyError(f"No exit head fits a feature of shape {list(shape)}.")
+
+
+class ExitHead(nn.Module):
+    """A cheap classifier on an intermediate feature: pool, flatten, linear.
+
+    Conv maps are average-pooled to `pool` x `pool` (SDN pools to a small grid rather than to
+    1x1, which keeps some spatial information for shallow exits); tokens are normalised and
+    averaged; vectors go straight to the linear layer.
+    """
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, layout: str, pool: int = 1):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise StrategyError(f"Unknown feature layout '{layout}'; one of {LAYOUTS}.")
+        self.layout = layout
+        self.pool = pool
+        if layout in ("channels_first", "channels_last"):
+            channels = shape[0] if layout == "channels_first" else shape[-1]
+            self.reduce: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(1))
+            features = channels * pool * pool
+        elif layout == "tokens":
+            self.reduce = _TokenMean(shape[-1])
+            features = shape[-1]
+        else:
+            self.reduce = nn.Identity()
+            features = shape[0]
+        self.classifier = nn.Linear(features, num_classes)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        if self.layout == "channels_last":
+            feature = feature.permute(0, 3, 1, 2)
+        return self.classifier(self.reduce(feature))
+
+
+class _TokenMean(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(tokens).mean(1)

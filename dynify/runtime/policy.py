@@ -1,0 +1,82 @@
+"""Exit decisions: when is a sample's prediction at an exit good enough to stop?
+
+Every policy maps an exit's logits to a score in [0, 1], higher meaning more certain, and a
+sample exits when its score reaches the exit's threshold. So for every policy a threshold of 0
+exits everything at once and a threshold above 1 never exits, and calibration can treat the
+policies alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dynify.errors import StrategyError
+
+POLICIES = ("confidence", "entropy", "patience")
+
+
+def exit_scores(logits: torch.Tensor, temperature: torch.Tensor | float, kind: str) -> torch.Tensor:
+    """Certainty of each sample's prediction, in [0, 1]."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if kind == "entropy":
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        return 1.0 - entropy / math.log(probs.shape[-1])
+    return probs.max(-1).values
+
+
+@dataclass
+class ExitPolicy:
+    """max-softmax confidence, normalised entropy, or patience (PABEE).
+
+    Patience exits when the last `patience` exits agree on the class (and the confidence reaches
+    the threshold, 0 by default), after Zhou et al. 2020.
+    """
+
+    kind: str = "confidence"
+    patience: int = 2
+
+    def __post_init__(self):
+        if self.kind not in POLICIES:
+            raise StrategyError(f"Unknown exit policy '{self.kind}'; choose one of {POLICIES}.")
+        if self.patience < 1:
+            raise StrategyError("patience must be at least 1.")
+
+    def start(self, batch: int, device: torch.device) -> PolicyState:
+        return PolicyState(
+            prediction=torch.full((batch,), -1, dtype=torch.long, device=device),
+            streak=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    def decide(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        threshold: torch.Tensor,
+        state: PolicyState,
+    ) -> torch.Tensor:
+        """A bool mask of the samples that exit here; updates `state` in place."""
+        score_kind = "entropy" if self.kind == "entropy" else "confidence"
+        done = exit_scores(logits, temperature, score_kind) >= threshold
+        prediction = logits.argmax(-1)
+        state.streak = torch.where(prediction == state.prediction, state.streak + 1, 1)
+        state.prediction = prediction
+        if self.kind == "patience":
+            done &= state.streak >= self.patience
+        return done
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "patience": self.patience}
+
+
+@dataclass
+class PolicyState:
+    """What a policy remembers about the samples still running (patience needs history)."""
+
+    prediction: torch.Tensor
+    streak: torch.Tensor
+
+    def keep(self, mask: torch.Tensor) -> PolicyState:
+        return PolicyState(self.prediction[mask], self.streak[mask])

@@ -1,0 +1,307 @@
+"""Model names to nn.Modules: torchvision, timm, dynify's built-ins and `pkg.mod:factory` paths.
+
+One function, `build_model`, turns a name and a weights choice into a model plus a record of how
+it was made (`ModelRef`), so a saved artifact can rebuild the same architecture later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dynify.errors import ModelError
+
+BUILTINS = {
+    "cifar_resnet20": "dynify.models.cifar_resnet:cifar_resnet20",
+    "cifar_resnet32": "dynify.models.cifar_resnet:cifar_resnet32",
+    "cifar_resnet44": "dynify.models.cifar_resnet:cifar_resnet44",
+    "cifar_resnet56": "dynify.models.cifar_resnet:cifar_resnet56",
+    "cifar_resnet110": "dynify.models.cifar_resnet:cifar_resnet110",
+}
+BUILTIN_INPUT_SIZE = 32
+
+
+@dataclass
+class ModelRef:
+    """How a model was built: enough to rebuild the architecture (weights travel separately)."""
+
+    kind: str  # "torchvision" | "timm" | "import" | "builtin" | "module"
+    name: str
+    num_classes: int | None = None
+    input_size: int | None = None
+    weights: str = "random"  # what the weights were when converted, for the record
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelRef:
+        return cls(**data)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
+
+
+def _timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return timm.list_models()
+
+
+def resolve(name: str) -> ModelRef:
+    """Decide which library a model name belongs to, or say which names are close."""
+    if ":" in name and not name.startswith(("timm:", "torchvision:")):
+        return ModelRef("import", name)
+    if name.startswith("timm:"):
+        return ModelRef("timm", name.removeprefix("timm:"))
+    if name.startswith("torchvision:"):
+        return ModelRef("torchvision", name.removeprefix("torchvision:"))
+    if name in BUILTINS:
+        return ModelRef("builtin", name, input_size=BUILTIN_INPUT_SIZE)
+    tv_names = _torchvision_names()
+    if name in tv_names:
+        return ModelRef("torchvision", name)
+    timm_names = _timm_names()
+    if name in timm_names:
+        return ModelRef("timm", name)
+    close = difflib.get_close_matches(name, sorted({*BUILTINS, *tv_names, *timm_names}), n=5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ModelError(
+        f"Unknown model '{name}'.{hint} Use a torchvision classification model name "
+        "(torchvision.models.list_models()), a timm model name (timm.list_models()), a built-in "
+        f"({', '.join(BUILTINS)}), or an import path 'package.module:factory'."
+    )
+
+
+def _import_factory(path: str):
+    module_name, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(
+            f"Cannot import '{path}': {exc}. The form is 'package.module:factory', where the "
+            "package is importable from the current directory or the installed environment."
+        ) from exc
+    if not callable(obj):
+        raise ModelError(f"'{path}' is not callable; it must name a class or a factory function.")
+    return obj
+
+
+def _instantiate(ref: ModelRef, num_classes: int | None) -> nn.Module:
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    if ref.kind == "torchvision":
+        import torchvision.models as tvm
+
+        return tvm.get_model(ref.name, weights=None, **kwargs)
+    if ref.kind == "timm":
+        import timm
+
+        return timm.create_model(ref.name, pretrained=False, **kwargs)
+    factory = _import_factory(BUILTINS.get(ref.name, ref.name))
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"'{ref.name}' returned {type(model).__name__}, not an nn.Module.")
+    return model
+
+
+def default_input_size(ref: ModelRef, model: nn.Module) -> int:
+    """The input resolution a model expects: from its metadata where it has some."""
+    if ref.input_size:
+        return ref.input_size
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        return int(cfg["input_size"][-1])
+    if ref.kind == "torchvision":
+        weights = _torchvision_weights(ref.name)
+        if weights is not None:
+            crop = getattr(weights.transforms(), "crop_size", None)
+            if crop:
+                return int(crop[0])
+    return 224
+
+
+def _torchvision_weights(name: str):
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def _pretrained_state(ref: ModelRef, allow_download: bool) -> dict[str, torch.Tensor] | None:
+    """The library's pretrained weights: from its cache, else downloaded when allowed."""
+    if ref.kind == "torchvision":
+        weights = _torchvision_weights(ref.name)
+        if weights is None:
+            return None
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        if not cached.exists() and not allow_download:
+            return None
+        return weights.get_state_dict(progress=True, check_hash=True)
+    if ref.kind == "timm":
+        import timm
+
+        model = timm.create_model(ref.name, pretrained=True)
+        return model.state_dict()
+    return None
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a checkpoint file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Weights file '{path}' does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"Cannot read weights file '{path}': {type(exc).__name__}: {exc}. It must be a "
+            "state dict (or a checkpoint dict holding one) saved with torch.save, or a "
+            ".safetensors file; pickled whole models are refused for safety."
+        ) from exc
+    for key in ("state_dict", "model_state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"'{path}' does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict strictly, and on mismatch say which keys are missing or unexpected."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if wrong_shape:
+            parts.append(f"shape mismatches: {few(wrong_shape)}")
+        raise ModelError(
+            f"The weights in {source} do not fit {type(model).__name__}: {'; '.join(parts)}. "
+            "Check that the file belongs to this architecture (and --num-classes, if the "
+            "classifier was retrained)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Give a model built with its original classifier a fresh one for `num_classes` labels."""
+    if hasattr(model, "reset_classifier"):  # timm models
+        model.reset_classifier(num_classes)
+        return
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last_name, last = name, module
+    if last is None:
+        raise ModelError("Cannot find a final nn.Linear or nn.Conv2d to replace for --num-classes.")
+    if isinstance(last, nn.Linear):
+        new = nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
+    else:
+        new = nn.Conv2d(last.in_channels, num_classes, last.kernel_size, last.stride)
+    parent_name, _, child = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def build_model(
+    name: str, *, weights: str | None = "auto", num_classes: int | None = None
+) -> tuple[nn.Module, ModelRef]:
+    """Build a named model in eval mode.
+
+    `weights`: "auto" (the library's pretrained weights if cached or downloadable, else random
+    init with a note saying so), "pretrained" (an error if they cannot be had), "random", or the
+    path of a state-dict file. The returned ref's `notes` say what happened, for the user to see.
+    """
+    ref = resolve(name)
+    ref.num_classes = num_classes
+    weights = weights or "auto"
+    if weights in ("auto", "pretrained"):
+        try:
+            state = _pretrained_state(ref, allow_download=True)
+        except Exception as exc:
+            if weights == "pretrained":
+                raise ModelError(
+                    f"Cannot get pretrained weights for '{name}': {type(exc).__name__}: {exc}. "
+                    "Without network access, pass --weights PATH with a local state dict, or "
+                    "--weights random to convert with random initialisation."
+                ) from exc
+            state = None
+            ref.notes.append(f"pretrained weights unavailable ({type(exc).__name__})")
+        if state is None and weights == "pretrained":
+            raise ModelError(
+                f"'{name}' has no pretrained weights in its library. Pass --weights PATH or "
+                "--weights random."
+            )
+        model = _instantiate(ref, None if state is not None else num_classes)
+        if state is not None:
+            load_weights(model, state, f"the pretrained weights of '{name}'")
+            ref.weights = "pretrained"
+            if num_classes is not None:
+                replace_classifier(model, num_classes)
+                ref.notes.append(f"fresh {num_classes}-class classifier on pretrained features")
+        else:
+            ref.weights = "random"
+            ref.notes.append(
+                "RANDOM weights: no pretrained weights could be loaded; pass --weights PATH "
+                "for trained ones, or --weights random to make this choice explicit"
+            )
+    elif weights == "random":
+        model = _instantiate(ref, num_classes)
+        ref.weights = "random"
+        ref.notes.append("random weights, as asked")
+    else:
+        model = _instantiate(ref, num_classes)
+        load_weights(model, load_state_file(weights), f"'{weights}'")
+        ref.weights = str(weights)
+    ref.input_size = default_input_size(ref, model)
+    return model.eval(), ref
+
+
+def rebuild(ref: ModelRef) -> nn.Module:
+    """The architecture of a saved ref, randomly initialised (an artifact supplies the weights)."""
+    if ref.kind == "module":
+        raise ModelError(
+            f"This artifact was converted from a Python object ({ref.name}) and cannot rebuild it "
+            "alone: pass the architecture, e.g. dynify.load(path, model=MyNet())."
+        )
+    if ref.weights == "pretrained" and ref.num_classes is not None:
+        model = _instantiate(ref, None)
+        replace_classifier(model, ref.num_classes)
+    else:
+        model = _instantiate(ref, ref.num_classes)
+    return model.eval()
