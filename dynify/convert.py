@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynify.errors import DynifyError, InputError, ModelError, StrategyError
+from dynify.errors import DynifyError, InputError, ModelError, StrategyError, TraceError
 from dynify.frontend import TraceOptions, analyse, profile, symbolic_trace
 from dynify.frontend.trace import LeafSpec
 from dynify.passes import ConversionContext, get_strategy
@@ -42,6 +42,15 @@ def read_model(
             "example_input must be a tensor with a batch dimension, e.g. [1, 3, 224, 224]."
         )
     model = copy.deepcopy(model).eval()
+    example = example_input[:1].detach()
+    try:  # eagerly first: a wrong input size fails here with the model's own message
+        with torch.no_grad():
+            eager_output = model(example)
+    except Exception as exc:
+        raise InputError(
+            f"Running {type(model).__name__} on an input of shape {list(example.shape)} failed: "
+            f"{type(exc).__name__}: {exc}. Give an example input (--input-size) the model accepts."
+        ) from exc
     options = TraceOptions(leaf_modules=tuple(leaf_modules))
     gm = symbolic_trace(model, options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -50,14 +59,14 @@ def read_model(
             f"{type(model).__name__}.forward takes {len(placeholders)} inputs; dynify converts "
             "models with one input tensor. Wrap the model so forward(x) takes one tensor."
         )
-    example = example_input[:1].detach()
-    try:
-        output = profile(gm, example)
-    except Exception as exc:
-        raise InputError(
-            f"Running {type(model).__name__} on an input of shape {list(example.shape)} failed: "
-            f"{type(exc).__name__}: {exc}. Give an example input (--input-size) the model accepts."
-        ) from exc
+    output = profile(gm, example)
+    if isinstance(output, torch.Tensor) and not torch.equal(output, eager_output):
+        raise TraceError(
+            f"The traced graph of {type(model).__name__} computes a different output than the "
+            "model itself (max abs diff "
+            f"{(output - eager_output).abs().max().item():.3g}): some behaviour is hidden from "
+            "torch.fx (e.g. a global flag). Mark the module responsible as a leaf (--leaf)."
+        )
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         raise StrategyError(
             f"{type(model).__name__} returns {_describe(output)}; dynify converts classifiers "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,8 +100,10 @@ def _import_factory(path: str):
     return obj
 
 
-def _instantiate(ref: ModelRef, num_classes: int | None) -> nn.Module:
-    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+def _instantiate(ref: ModelRef, num_classes: int | None, **kwargs) -> nn.Module:
+    """The architecture, randomly initialised (weights come from elsewhere)."""
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     if ref.kind == "torchvision":
         import torchvision.models as tvm
 
@@ -122,6 +123,12 @@ def default_input_size(ref: ModelRef, model: nn.Module) -> int:
     """The input resolution a model expects: from its metadata where it has some."""
     if ref.input_size:
         return ref.input_size
+    for attribute in ("image_size", "input_size"):  # torchvision ViT / MaxViT fix their size
+        value = getattr(model, attribute, None)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, tuple) and len(value) == 2:
+            return int(value[0])
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         return int(cfg["input_size"][-1])
@@ -143,21 +150,35 @@ def _torchvision_weights(name: str):
         return None
 
 
-def _pretrained_state(ref: ModelRef, allow_download: bool) -> dict[str, torch.Tensor] | None:
-    """The library's pretrained weights: from its cache, else downloaded when allowed."""
+# torchvision builders change the architecture when given weights (ViT's image size, Inception's
+# input transform); rebuilding a pretrained model without downloading must do the same.
+_TV_PRETRAINED_KWARGS = {
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
+
+
+def _torchvision_pretrained_kwargs(name: str) -> dict:
+    weights = _torchvision_weights(name)
+    if name.startswith("vit_") and weights is not None:
+        return {"image_size": weights.meta["min_size"][0]}
+    if name.startswith("maxvit") and weights is not None:
+        return {"input_size": weights.meta["min_size"]}
+    return dict(_TV_PRETRAINED_KWARGS.get(name, {}))
+
+
+def _pretrained_model(ref: ModelRef) -> nn.Module | None:
+    """The library's pretrained model, from its cache or downloaded; None if it has none."""
     if ref.kind == "torchvision":
-        weights = _torchvision_weights(ref.name)
-        if weights is None:
+        import torchvision.models as tvm
+
+        if _torchvision_weights(ref.name) is None:
             return None
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        if not cached.exists() and not allow_download:
-            return None
-        return weights.get_state_dict(progress=True, check_hash=True)
+        return tvm.get_model(ref.name, weights="DEFAULT")
     if ref.kind == "timm":
         import timm
 
-        model = timm.create_model(ref.name, pretrained=True)
-        return model.state_dict()
+        return timm.create_model(ref.name, pretrained=True)
     return None
 
 
@@ -191,8 +212,9 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict strictly, and on mismatch say which keys are missing or unexpected."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    # BN's num_batches_tracked is absent from checkpoints older than PyTorch 0.4.1; harmless.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
     wrong_shape = [
         f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
         for k in own
@@ -215,7 +237,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
             "Check that the file belongs to this architecture (and --num-classes, if the "
             "classifier was retrained)."
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=False)
 
 
 def replace_classifier(model: nn.Module, num_classes: int) -> None:
@@ -252,7 +274,7 @@ def build_model(
     weights = weights or "auto"
     if weights in ("auto", "pretrained"):
         try:
-            state = _pretrained_state(ref, allow_download=True)
+            model = _pretrained_model(ref)
         except Exception as exc:
             if weights == "pretrained":
                 raise ModelError(
@@ -260,21 +282,20 @@ def build_model(
                     "Without network access, pass --weights PATH with a local state dict, or "
                     "--weights random to convert with random initialisation."
                 ) from exc
-            state = None
+            model = None
             ref.notes.append(f"pretrained weights unavailable ({type(exc).__name__})")
-        if state is None and weights == "pretrained":
+        if model is None and weights == "pretrained":
             raise ModelError(
                 f"'{name}' has no pretrained weights in its library. Pass --weights PATH or "
                 "--weights random."
             )
-        model = _instantiate(ref, None if state is not None else num_classes)
-        if state is not None:
-            load_weights(model, state, f"the pretrained weights of '{name}'")
+        if model is not None:
             ref.weights = "pretrained"
             if num_classes is not None:
                 replace_classifier(model, num_classes)
                 ref.notes.append(f"fresh {num_classes}-class classifier on pretrained features")
         else:
+            model = _instantiate(ref, num_classes)
             ref.weights = "random"
             ref.notes.append(
                 "RANDOM weights: no pretrained weights could be loaded; pass --weights PATH "
@@ -299,9 +320,23 @@ def rebuild(ref: ModelRef) -> nn.Module:
             f"This artifact was converted from a Python object ({ref.name}) and cannot rebuild it "
             "alone: pass the architecture, e.g. dynify.load(path, model=MyNet())."
         )
-    if ref.weights == "pretrained" and ref.num_classes is not None:
-        model = _instantiate(ref, None)
-        replace_classifier(model, ref.num_classes)
+    if ref.weights == "pretrained":
+        if ref.kind == "timm":
+            model = _instantiate(ref, None)
+        else:
+            model = _instantiate(ref, None, **_torchvision_pretrained_kwargs(ref.name))
+        if _num_outputs_differ(model, ref.num_classes):
+            replace_classifier(model, ref.num_classes)
     else:
         model = _instantiate(ref, ref.num_classes)
     return model.eval()
+
+
+def _num_outputs_differ(model: nn.Module, num_classes: int | None) -> bool:
+    if num_classes is None:
+        return False
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not last:
+        return False
+    out = last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels
+    return out != num_classes

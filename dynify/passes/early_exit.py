@@ -26,6 +26,7 @@ POOL_SIZES = (4, 2, 1)
 MAX_HEAD_FEATURES = 4096
 # Cuts later than this leave too little work after them for an exit to save anything.
 LATEST_DEFAULT_EXIT = 0.95
+MIN_BOTTLENECK = 8
 
 
 @dataclass
@@ -99,21 +100,30 @@ def place_exits(cuts: list[CutPoint], exits: int | list) -> list[CutPoint]:
     return sorted(chosen, key=lambda c: c.position)
 
 
-def choose_pool(shape: tuple[int, ...], layout: str, num_classes: int, budget_macs: float) -> int:
-    """The largest pooled grid whose head stays within the budget."""
-    if layout not in ("channels_first", "channels_last"):
-        return 1
-    channels = shape[0] if layout == "channels_first" else shape[-1]
-    spatial = min(shape[1:] if layout == "channels_first" else shape[:2])
-    for pool in POOL_SIZES:
+def choose_head(
+    shape: tuple[int, ...], layout: str, num_classes: int, budget_macs: float
+) -> tuple[int, int | None]:
+    """The largest pooled grid, and a bottleneck width if needed, that keep a head in budget."""
+    if layout in ("channels_first", "channels_last"):
+        channels = shape[0] if layout == "channels_first" else shape[-1]
+        spatial = min(shape[1:] if layout == "channels_first" else shape[:2])
+    else:
+        channels, spatial = shape[-1], 1
+    for pool in POOL_SIZES if spatial > 1 else (1,):
         features = channels * pool * pool
-        if (
-            pool <= spatial
-            and features <= max(MAX_HEAD_FEATURES, channels)
-            and (features * num_classes <= budget_macs)
-        ):
-            return pool
-    return 1
+        fits = features <= max(MAX_HEAD_FEATURES, channels) and (
+            features * num_classes <= budget_macs
+        )
+        if pool <= spatial and fits:
+            return pool, None
+    hidden = int(budget_macs // (channels + num_classes))
+    if hidden < MIN_BOTTLENECK:
+        raise StrategyError(
+            f"An exit head on a {list(shape)} feature cannot fit the head budget "
+            f"({budget_macs / 1e3:.0f} K MACs) for {num_classes} classes. Raise head_budget "
+            "(e.g. options={'head_budget': 0.05}) or place fewer, later exits."
+        )
+    return 1, hidden
 
 
 @register_strategy
@@ -128,8 +138,8 @@ class EarlyExit:
         exits = []
         for cut in place_exits(ctx.analysis.cuts, opts.exits):
             layout = feature_layout(cut.shape)
-            pool = choose_pool(cut.shape, layout, ctx.num_classes, budget)
-            exits.append({"node": cut.node, "layout": layout, "pool": pool})
+            pool, hidden = choose_head(cut.shape, layout, ctx.num_classes, budget)
+            exits.append({"node": cut.node, "layout": layout, "pool": pool, "hidden": hidden})
         plan = {"exits": exits, "policy": ExitPolicy(opts.policy, opts.patience).to_dict()}
         plan["options"] = {k: v for k, v in asdict(opts).items() if k != "extra"}
         return plan
@@ -160,7 +170,7 @@ class EarlyExit:
         heads, head_macs = [], []
         for spec in exits:
             shape = tuple(ctx.node(spec["node"]).meta["tensor_meta"].shape[1:])
-            head = ExitHead(shape, ctx.num_classes, spec["layout"], spec["pool"])
+            head = ExitHead(shape, ctx.num_classes, spec["layout"], spec["pool"], spec["hidden"])
             heads.append(head)
             head_macs.append(module_macs(head.eval(), torch.zeros(1, *shape)))
         options = plan.get("options", {})

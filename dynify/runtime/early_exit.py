@@ -140,6 +140,58 @@ class EarlyExitModel(DynamicModel):
             outputs.append(self.heads[i](feature) if i < self.num_exits else feature)
         return outputs
 
+    def training_loss(
+        self,
+        x: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        budget: float | None = None,
+        *,
+        kd_temperature: float = 3.0,
+        label_weight: float = 0.5,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Self-distillation (SDN-style) over every trainable output, for one batch.
+
+        Each exit (and the final classifier when it trains) matches the teacher's softened
+        distribution (KL at `kd_temperature`, times T^2) and, where labels are given (>= 0), the
+        labels with weight `label_weight`. Segments whose parameters are all frozen run under
+        no_grad, so with a frozen backbone one pass feeds every head. Without `teacher_logits`
+        the model's own final output (detached) is the teacher: right when the backbone is
+        frozen, since it then is the static network. `budget` is unused: exits spend what the
+        thresholds let them.
+        """
+        self.check_input(x)
+        outputs, feature, grad = [], x, torch.is_grad_enabled()
+        for i, segment in enumerate(self.segments):
+            trains = feature.requires_grad or any(p.requires_grad for p in segment.parameters())
+            with torch.set_grad_enabled(grad and trains):
+                feature = segment(feature)
+            outputs.append(self.heads[i](feature) if i < self.num_exits else feature)
+        teacher = (outputs[-1] if teacher_logits is None else teacher_logits).detach().float()
+        target = torch.softmax(teacher / kd_temperature, dim=-1)
+        known = None if labels is None else labels >= 0
+        use_labels = known is not None and bool(known.any()) and label_weight > 0
+        reference = labels if use_labels else teacher.argmax(-1)
+        losses, metrics = [], {}
+        for i, logits in enumerate(outputs):
+            name = "final" if i == self.num_exits else f"exit{i}"
+            hits = (logits.detach().argmax(-1) == reference).float()
+            metrics[f"acc_{name}"] = float(hits[known].mean() if use_labels else hits.mean())
+            if not logits.requires_grad:
+                continue
+            log_probs = torch.log_softmax(logits.float() / kd_temperature, dim=-1)
+            kd = torch.nn.functional.kl_div(log_probs, target, reduction="batchmean")
+            loss = kd * kd_temperature**2
+            if use_labels:
+                ce = torch.nn.functional.cross_entropy(logits[known].float(), labels[known])
+                loss = (1.0 - label_weight) * loss + label_weight * ce
+            losses.append(loss)
+        if not losses:
+            raise RuntimeError("Nothing to train: every head and segment is frozen.")
+        total = torch.stack(losses).mean()
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
 
 def _scatter(
     output: torch.Tensor | None, index: torch.Tensor, values: torch.Tensor, batch: int

@@ -31,14 +31,21 @@ def feature_layout(shape: tuple[int, ...]) -> str:
 
 
 class ExitHead(nn.Module):
-    """A cheap classifier on an intermediate feature: pool, flatten, linear.
+    """A cheap classifier on an intermediate feature: pool, flatten, (bottleneck,) linear.
 
     Conv maps are average-pooled to `pool` x `pool` (SDN pools to a small grid rather than to
     1x1, which keeps some spatial information for shallow exits); tokens are normalised and
     averaged; vectors go straight to the linear layer.
     """
 
-    def __init__(self, shape: tuple[int, ...], num_classes: int, layout: str, pool: int = 1):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        num_classes: int,
+        layout: str,
+        pool: int = 1,
+        hidden: int | None = None,
+    ):
         super().__init__()
         if layout not in LAYOUTS:
             raise StrategyError(f"Unknown feature layout '{layout}'; one of {LAYOUTS}.")
@@ -54,14 +61,17 @@ class ExitHead(nn.Module):
         else:
             self.reduce = nn.Identity()
             features = shape[0]
-        self.classifier = nn.Linear(features, num_classes)
+        # A low-rank bottleneck keeps the head within budget when classes are many and the
+        # network is small (1000 ImageNet classes on MobileNet's 576 channels).
+        self.bottleneck = nn.Linear(features, hidden, bias=False) if hidden else nn.Identity()
+        self.classifier = nn.Linear(hidden or features, num_classes)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         if self.layout == "channels_last":
             feature = feature.permute(0, 3, 1, 2)
-        return self.classifier(self.reduce(feature))
+        return self.classifier(self.bottleneck(self.reduce(feature)))
 
 
 class _TokenMean(nn.Module):

@@ -4,7 +4,7 @@
 a torchvision data set name, or tensors. Folder and zip share one indexing routine, so the same
 images give the same classes, order and labels either way. Decoding small JPEGs costs more than a
 small network's epoch on two cores, so `to_tensor_dataset` decodes once into a uint8 tensor and
-`TensorBatchLoader` augments whole batches on tensors.
+`random_crop_flip` augments whole batches of it (`dynify.train.batches` drives the epochs).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,6 +364,11 @@ def load_dataset(
     or tensors. `num_classes`, if given, must match the classes found.
     """
     if isinstance(source, torch.Tensor | tuple | list):
+        if split is not None:
+            raise DataError(
+                f"split={split!r} selects a subfolder or a named data set's part; tensors have "
+                "none. Split the tensors yourself, or use split_dataset."
+            )
         dataset: Dataset = _from_tensors(source, transform, num_classes)
     elif isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
@@ -688,60 +693,3 @@ def normalize_batch(
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
-
-
-class TensorBatchLoader:
-    """Batches from a `TensorImageDataset` (or a subset of one), augmented on whole batches.
-
-    Replaces a DataLoader for preloaded data: each epoch reshuffles, `augment` applies
-    `random_crop_flip` with padding size//8, and images come out float and normalised. The
-    data set's per-item `transform` is not used.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        shuffle: bool = False,
-        augment: bool = False,
-        drop_last: bool = False,
-        seed: int | None = None,
-    ):
-        self.images, self.targets, self.indices = _tensor_view(dataset)
-        self.batch_size = batch_size
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.indices)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
-            idx = self.indices[order[b * self.batch_size : (b + 1) * self.batch_size]]
-            x = self.images[idx]
-            if self.augment:
-                x = random_crop_flip(x, padding=x.shape[-1] // 8, generator=self.generator)
-            yield normalize_batch(x, self.mean, self.std), self.targets[idx]
-
-
-def _tensor_view(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Base images and labels, plus the indices a (nested) Subset selects: no image copies."""
-    if isinstance(dataset, Subset):
-        images, targets, inner = _tensor_view(dataset.dataset)
-        return images, targets, inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    if not isinstance(dataset, TensorImageDataset):
-        raise DataError(
-            f"TensorBatchLoader needs a TensorImageDataset, got {type(dataset).__name__}. "
-            "Decode it first with to_tensor_dataset, or use a torch DataLoader."
-        )
-    targets = dataset.targets
-    if targets is None:
-        targets = torch.full((len(dataset),), -1, dtype=torch.long)
-    return dataset.images, targets, torch.arange(len(dataset))

@@ -1,0 +1,1 @@
+"""Fine-tuning, calibration and evaluation data for dynamic models."""

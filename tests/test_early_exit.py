@@ -1,0 +1,189 @@
+"""The early-exit strategy: exact static equivalence, real skipping, batch == per sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dynify
+from dynify.errors import InputError, StrategyError
+from dynify.models.cifar_resnet import cifar_resnet20
+from tests.conftest import randomize_bn
+
+
+def trained_heads(dyn, seed: int = 0):
+    """Random head weights: untrained (zero) heads would never exit at a real threshold."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in dyn.heads:
+            w = head.classifier.weight
+            w.copy_(torch.randn(w.shape, generator=generator) * 3.0 / w.shape[1] ** 0.5)
+    return dyn
+
+
+def test_static_mode_equals_original_exactly(tiny_model, tiny_input):
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1])
+    with torch.no_grad(), dyn.static():
+        out = dyn(tiny_input)
+    assert out.dtype == tiny_model(tiny_input).dtype
+    assert torch.equal(out, tiny_model(tiny_input))
+    assert dyn.last_macs.tolist() == [dyn.static_macs] * len(tiny_input)
+
+
+def test_freshly_converted_model_never_exits(tiny_model, tiny_input):
+    """Zero-initialised heads predict the uniform distribution, below any useful threshold."""
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1])
+    with torch.no_grad():
+        out = dyn(tiny_input)
+    assert torch.allclose(out, tiny_model(tiny_input), atol=1e-6)
+    assert dyn.last_exit.tolist() == [dyn.num_exits] * len(tiny_input)
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("resnet18", 64),
+        ("mobilenet_v3_small", 64),
+        ("efficientnet_b0", 64),
+        ("densenet121", 64),
+        ("convnext_tiny", 64),
+        ("swin_t", 64),
+        ("vit_b_16", 224),
+        ("googlenet", 64),
+    ],
+)
+def test_torchvision_models_static_equivalence(name, size):
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.get_model(name, weights=None))
+    x = torch.randn(2, 3, size, size)
+    dyn = dynify.convert(model, example_input=x[:1])
+    assert dyn.num_exits == 4
+    with torch.no_grad():
+        expected = model(x)
+        with dyn.static():
+            got = dyn(x)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert all(m < 0.02 * dyn.static_macs for m in dyn.head_macs)
+
+
+def test_cifar_resnet_with_option_a_shortcut_static_equivalence():
+    model = randomize_bn(cifar_resnet20())
+    x = torch.randn(4, 3, 32, 32)
+    dyn = dynify.convert(model, example_input=x[:1])
+    with torch.no_grad(), dyn.static():
+        assert torch.equal(dyn(x), model(x))
+    fractions = [float(r["of static"]) for r in dyn.describe()[:-1]]
+    assert fractions == sorted(fractions)
+    assert fractions[0] == pytest.approx(0.2, abs=0.1) and fractions[-1] == pytest.approx(
+        0.8, abs=0.1
+    )
+
+
+def test_threshold_zero_exits_at_first_exit_and_later_segments_never_run(tiny_model, tiny_input):
+    dyn = trained_heads(
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    )
+    calls = [0] * len(dyn.segments)
+    for i, segment in enumerate(dyn.segments):
+        segment.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    dyn.set_thresholds(0.0)
+    with torch.no_grad():
+        out = dyn(tiny_input)
+        first = dyn.heads[0](dyn.segments[0](tiny_input))
+    assert calls == [2, 0, 0]  # segment 0 ran twice (forward + the reference), nothing else
+    assert torch.allclose(out, first)
+    assert dyn.last_macs.tolist() == [dyn.segment_macs[0] + dyn.head_macs[0]] * len(tiny_input)
+
+
+def test_threshold_above_one_runs_everything_and_matches_static(tiny_model, tiny_input):
+    dyn = trained_heads(dynify.convert(tiny_model, example_input=tiny_input[:1]))
+    dyn.set_thresholds(1.01)
+    with torch.no_grad():
+        out = dyn(tiny_input)
+    assert torch.allclose(out, tiny_model(tiny_input), atol=1e-6)
+    assert dyn.last_macs.tolist() == [sum(dyn.segment_macs) + sum(dyn.head_macs)] * len(tiny_input)
+
+
+def test_mixed_batch_equals_samples_run_alone():
+    torch.manual_seed(0)
+    model = randomize_bn(cifar_resnet20())
+    x = torch.randn(16, 3, 32, 32)
+    dyn = trained_heads(dynify.convert(model, example_input=x[:1]))
+    with torch.no_grad():
+        scores = [torch.softmax(logits, -1).max(-1).values for logits in dyn.exit_logits(x)[:-1]]
+        # a threshold at each exit's median: about half the samples leave at each exit
+        dyn.set_thresholds([float(s.quantile(0.5)) for s in scores])  # between two samples
+        batch_out = dyn(x)
+        batch_exit, batch_macs = dyn.last_exit.clone(), dyn.last_macs.clone()
+        alone, alone_exit = [], []
+        for i in range(len(x)):
+            alone.append(dyn(x[i : i + 1]))
+            alone_exit.append(dyn.last_exit)
+        alone_exit = torch.cat(alone_exit)
+    assert len(set(batch_exit.tolist())) >= 3, "the batch should mix easy and hard samples"
+    assert torch.equal(batch_exit, alone_exit)
+    assert torch.allclose(batch_out, torch.cat(alone), atol=1e-5)
+    assert batch_macs.tolist() == [dyn.exit_macs()[e] for e in batch_exit.tolist()]
+
+
+def test_entropy_and_patience_policies(tiny_model, tiny_input):
+    dyn = trained_heads(
+        dynify.convert(
+            tiny_model,
+            example_input=tiny_input[:1],
+            options={"exits": 3, "policy": "patience", "patience": 2},
+        )
+    )
+    dyn.set_thresholds(0.0)
+    with torch.no_grad():
+        dyn(tiny_input)
+        predictions = [logits.argmax(-1) for logits in dyn.exit_logits(tiny_input)]
+    # patience 2: a sample leaves at the first exit whose prediction repeats the previous one
+    for sample, exit_taken in enumerate(dyn.last_exit.tolist()):
+        agree = [k for k in range(1, 3) if predictions[k][sample] == predictions[k - 1][sample]]
+        assert exit_taken == (agree[0] if agree else 3)
+    entropy = dynify.convert(
+        tiny_model, example_input=tiny_input[:1], options={"policy": "entropy"}
+    )
+    entropy.set_thresholds(0.0)
+    with torch.no_grad():
+        entropy(tiny_input)
+    assert entropy.last_exit.tolist() == [0] * len(tiny_input)
+
+
+def test_exit_placement_by_fraction_and_by_name(tiny_model, tiny_input):
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": ["relu"]})
+    assert dyn.exit_names == ["relu"]
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": [0.5]})
+    assert dyn.num_exits == 1
+    with pytest.raises(StrategyError, match="not a single-tensor cut point"):
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": ["block1_0"]})
+    with pytest.raises(StrategyError, match="Unknown early-exit option"):
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exit": 2})
+
+
+def test_wrong_input_shape_is_a_clear_error(tiny_model, tiny_input):
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1])
+    with pytest.raises(InputError, match=r"Expected an input of shape \[B, 3, 16, 16\]"):
+        dyn(torch.randn(2, 3, 32, 32))
+
+
+def test_unknown_strategy_lists_registered_ones(tiny_model):
+    with pytest.raises(StrategyError, match="Registered strategies: .*early-exit"):
+        dynify.convert(tiny_model, strategy="teleport", example_input=torch.randn(1, 3, 16, 16))
+
+
+def test_model_returning_a_tuple_is_refused():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            return y, y
+
+    with pytest.raises(StrategyError, match="one logits tensor"):
+        dynify.convert(TwoHeads(), example_input=torch.randn(1, 3, 8, 8))
