@@ -26,6 +26,16 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "convert_all.json"
 REPORT = HERE / "convert_all.md"
 EXTRA = ["cifar_resnet20", "cifar_resnet44"]
+TIMM = [
+    "timm:mobilevit_xs",
+    "timm:vit_tiny_patch16_224",
+    "timm:deit_tiny_patch16_224",
+    "timm:convnext_atto",
+    "timm:efficientnet_b0",
+    "timm:levit_128s",
+    "timm:regnetx_002",
+    "timm:resnet18d",
+]
 
 
 def measure(name: str) -> dict:
@@ -67,6 +77,8 @@ def write_report(results: dict[str, dict]) -> None:
         "`exits` are the MAC fractions at which the 4 default exits sit (each including the heads",
         "before it); `head share` is the costliest head as a fraction of the model's MACs.",
         "",
+        "The last rows are the built-in CIFAR ResNets and a sample of timm models.",
+        "",
         f"**{ok} of {len(rows)} models convert with static output within 1e-5** "
         f"({sum(r['status'] == 'ok' for r in rows)} bit-identical).",
         "",
@@ -87,7 +99,7 @@ def write_report(results: dict[str, dict]) -> None:
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    names = names or torchvision.models.list_models(module=torchvision.models) + EXTRA
+    names = names or torchvision.models.list_models(module=torchvision.models) + EXTRA + TIMM
     for name in track(names, description="Converting"):
         if name in results and "error" not in results[name]:
             continue

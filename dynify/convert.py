@@ -6,9 +6,11 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from dynify.errors import DynifyError, InputError, ModelError, StrategyError, TraceError
@@ -78,6 +80,22 @@ def read_model(
     return FrontEnd(context, options, time.perf_counter() - start)
 
 
+def write_graphs(traced: torch.fx.GraphModule, dyn: DynamicModel, folder: Path) -> list[Path]:
+    """The traced graph, then every GraphModule inside the dynamic model, as numbered .py files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = [("traced", traced)] + [
+        (name.replace(".", "_"), module)
+        for name, module in dyn.named_modules()
+        if isinstance(module, torch.fx.GraphModule)
+    ]
+    paths = []
+    for index, (name, module) in enumerate(modules):
+        path = folder / f"{index:03d}_{name}.py"
+        path.write_text(f"# {type(module).__name__}\n{module.code}")
+        paths.append(path)
+    return paths
+
+
 def _describe(output: Any) -> str:
     if isinstance(output, torch.Tensor):
         return f"a tensor of shape {list(output.shape)}"
@@ -94,12 +112,15 @@ def convert(
     num_classes: int | None = None,
     input_size: int | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
+    dump_graphs: str | Path | None = None,
 ) -> DynamicModel:
     """Convert a static classifier into a dynamic one with the named strategy.
 
     `model` is an nn.Module or a model name (see `dynify.zoo`); `weights`, `num_classes` and
     `input_size` apply to names. `options` are the strategy's (e.g. {"exits": 4} for
     early-exit). The result's `spec` records how to rebuild it from an artifact.
+    `dump_graphs` names a folder to write the traced graph and every rewritten graph module to,
+    as readable Python, for debugging a pass.
     """
     pass_ = get_strategy(strategy)
     if isinstance(model, str):
@@ -119,6 +140,8 @@ def convert(
     ref.num_classes = front.context.num_classes if ref.num_classes is None else ref.num_classes
     plan = pass_.plan(front.context, options or {})
     dyn = pass_.build(front.context, plan)
+    if dump_graphs is not None:
+        write_graphs(front.context.gm, dyn, Path(dump_graphs))
     dyn.spec = {
         "format": "dynify",
         "version": SPEC_VERSION,

@@ -94,6 +94,16 @@ def test_leaf_option_makes_untraceable_model_convert(tmp_path, monkeypatch):
     assert (tmp_path / "net.dyn").exists()
 
 
+def test_dump_graphs_writes_traced_and_segment_code(tmp_path):
+    out = tmp_path / "graphs"
+    args = ("convert", "cifar_resnet20", "--weights", "random", "--exits", "1")
+    result = run(*args, "--out", str(tmp_path / "m.dyn"), "--dump-graphs", str(out))
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["000_traced.py", "001_segments_0.py", "002_segments_1.py"]
+    assert "layer3" in (out / "002_segments_1.py").read_text()
+
+
 def test_inspect_prints_cuts_blocks_and_stages():
     result = run("inspect", "cifar_resnet20")
     assert result.exit_code == 0, result.output

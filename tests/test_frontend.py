@@ -90,3 +90,18 @@ def test_cifar_resnet_option_a_blocks_and_stages():
     assert [len(s.blocks) for s in analysis.stages] == [3, 3, 3]
     assert [s.shape for s in analysis.stages] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
     assert analysis.total_macs == pytest.approx(40.55e6, rel=0.01)  # ResNet-20: 41 M MACs
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext", "test_efficientnet", "test_maxvit"])
+def test_timm_models_convert_with_static_equivalence(name):
+    """timm's tiny test architectures: optional forward arguments, channels-last blocks."""
+    import dynify
+    from dynify.zoo import build_model
+
+    torch.manual_seed(0)
+    model, ref = build_model(f"timm:{name}", weights="random")
+    x = torch.randn(2, 3, ref.input_size, ref.input_size)
+    dyn = dynify.convert(model, example_input=x[:1])
+    with torch.no_grad(), dyn.static():
+        assert (dyn(x) - model(x)).abs().max().item() <= 1e-5
+    assert dyn.num_exits == 4

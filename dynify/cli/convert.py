@@ -61,7 +61,15 @@ def convert(
         str | None,
         typer.Option("--exits", help="early-exit: N, MAC fractions '0.25,0.5', or node names."),
     ] = None,
+    gate: Annotated[
+        str | None,
+        typer.Option("--gate", help="block-gates: function, halting or policy."),
+    ] = None,
     leaf: LeafOption = None,
+    dump_graphs: Annotated[
+        Path | None,
+        typer.Option("--dump-graphs", help="Write the traced and rewritten graphs to this folder."),
+    ] = None,
 ) -> None:
     import dynify
 
@@ -69,6 +77,8 @@ def convert(
     options = {}
     if exits is not None:
         options["exits"] = _parse_exits(exits)
+    if gate is not None:
+        options["gate"] = gate
     start = time.perf_counter()
     with console.status(f"Converting {model} with {strategy}..."):
         dyn = dynify.convert(
@@ -79,6 +89,7 @@ def convert(
             weights=weights,
             num_classes=num_classes,
             leaf_modules=_trace_leaves(leaf),
+            dump_graphs=dump_graphs,
         )
     seconds = time.perf_counter() - start
     for note in dyn.spec["model"]["notes"]:

@@ -7,6 +7,7 @@ the error can name the module and the source line, and say how to mark it a leaf
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -108,11 +109,46 @@ def symbolic_trace(model: nn.Module, options: TraceOptions | None = None) -> tor
     options = options or TraceOptions()
     tracer = DynifyTracer(options)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model))
     except Exception as exc:
         raise _trace_error(model, tracer, exc) from exc
+    _drop_specialised_inputs(graph)
     name = type(model).__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _drop_specialised_inputs(graph: torch.fx.Graph) -> None:
+    """Remove the placeholders of optional arguments fixed at their defaults.
+
+    fx keeps them, with asserts that they still hold their default; nothing else reads them, so
+    the asserts and the placeholder go, and the graph takes the one input tensor.
+    """
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder" and n.args]:
+        dependents, frontier = [], [placeholder]
+        while frontier:
+            node = frontier.pop()
+            dependents.append(node)
+            frontier.extend(node.users)
+        if any(node.op == "output" for node in dependents):
+            continue
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        for node in sorted(set(dependents), key=order.__getitem__, reverse=True):
+            graph.erase_node(node)
+
+
+def _optional_arguments(model: nn.Module) -> dict | None:
+    """forward's optional arguments (timm's `attn_mask=None`), fixed at their defaults.
+
+    A converted model takes one input; tracing with the defaults baked in keeps the graph to it.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    optional = {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return optional or None
 
 
 def _trace_error(model: nn.Module, tracer: DynifyTracer, exc: Exception) -> TraceError:
