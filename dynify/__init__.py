@@ -8,10 +8,26 @@ dynify.save(dyn, "model.dyn"); dyn = dynify.load("model.dyn")
 
 from dynify.convert import convert
 from dynify.errors import DynifyError
+from dynify.export import export_onnx, export_pt2
 from dynify.export.artifact import load, save
 from dynify.passes import strategy_names
+from dynify.report import evaluate
 from dynify.runtime.model import DynamicModel
+from dynify.train.calibrate import calibrate
+from dynify.train.distill import finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicModel", "DynifyError", "convert", "load", "save", "strategy_names"]
+__all__ = [
+    "DynamicModel",
+    "DynifyError",
+    "calibrate",
+    "convert",
+    "evaluate",
+    "export_onnx",
+    "export_pt2",
+    "finetune",
+    "load",
+    "save",
+    "strategy_names",
+]

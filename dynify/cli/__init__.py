@@ -10,5 +10,7 @@ from dynify.cli.app import app, main
 
 # Importing the command modules registers their commands on the app.
 from dynify.cli import convert as _convert  # noqa: F401  isort: skip
+from dynify.cli import export as _export  # noqa: F401  isort: skip
+from dynify.cli import train as _train  # noqa: F401  isort: skip
 
 __all__ = ["app", "main"]

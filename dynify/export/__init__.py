@@ -1,6 +1,155 @@
-"""Export dynamic networks to deployable formats.
+"""Export dynamic networks to deployable formats, verified against the eager model.
 
-`dynify.export.onnx` turns an early-exit cascade into an ONNX graph whose exits are real `If`
-nodes, so ONNX Runtime skips the later segments when a sample exits, and into a `.pt2`
-ExportedProgram that keeps the same `torch.cond` control flow.
+`export_onnx(dyn, path)` writes one ONNX graph whose skippable work sits under `If` nodes (so
+ONNX Runtime skips it), with the thresholds as a graph input defaulting to the calibrated ones;
+`export_pt2(dyn, path)` writes a `torch.export` program with the same `torch.cond` control flow.
+Both work for any DynamicModel with an `export_module()` and refuse to finish unless the export
+matches the eager model (max abs diff <= 1e-4, same decisions) on random inputs at thresholds
+that force every behaviour (every exit, all-exit-early, all-run-to-the-end, the default).
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dynify.errors import ExportError
+from dynify.export.bench import threshold_cases
+from dynify.export.onnx import (
+    PARITY_ATOL,
+    OnnxExport,
+    ParityReport,
+    verify_pt2,
+    write_onnx,
+    write_pt2,
+)
+from dynify.runtime.model import DynamicModel
+
+__all__ = ["export_onnx", "export_onnx_report", "export_pt2", "export_pt2_report"]
+
+MID_THRESHOLD = 0.5
+
+
+def export_face(dyn: DynamicModel) -> nn.Module:
+    """The model's export face (`forward(x, thresholds) -> (logits, decisions)`), in eval mode."""
+    if not isinstance(dyn, DynamicModel):
+        raise ExportError(
+            f"expected a DynamicModel (from dynify.convert), got {type(dyn).__name__}"
+        )
+    make = getattr(dyn, "export_module", None)
+    if make is None:
+        raise ExportError(
+            f"the {dyn.strategy or type(dyn).__name__} strategy has no export face "
+            "(DynamicModel.export_module), so it cannot be exported with its skipping"
+        )
+    dyn.eval()
+    return make().eval()
+
+
+def verification_cases(dyn: DynamicModel) -> tuple[list[str], list[list[float] | None]]:
+    """Labels and thresholds the export is checked at: every forced behaviour, mid, default."""
+    cases = threshold_cases(dyn)
+    k = int(dyn.thresholds.numel())
+    labels = [label for label, _ in cases] + [f"all {MID_THRESHOLD:g}", "default"]
+    thresholds: list[list[float] | None] = [thr for _, thr in cases]
+    thresholds += [[MID_THRESHOLD] * k, None]
+    return labels, thresholds
+
+
+def verification_inputs(dyn: DynamicModel, seed: int = 0) -> list[torch.Tensor]:
+    """Two single samples and a batch of 4 (random, seeded) of the model's input shape."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = dyn.input_shape
+    return [torch.randn(n, *shape, generator=gen) for n in (1, 1, 4)]
+
+
+def _default_path(dyn: DynamicModel, suffix: str) -> Path:
+    name = str(dyn.spec.get("model", {}).get("name", "model")).replace("/", "_")
+    return Path(f"{name}-{dyn.strategy or 'dynamic'}{suffix}")
+
+
+def export_onnx_report(
+    dyn: DynamicModel,
+    path: str | Path | None = None,
+    *,
+    verify: bool = True,
+    opset: int = 20,
+    atol: float = PARITY_ATOL,
+    dynamic_batch: bool = True,
+    translations: dict | None = None,
+) -> OnnxExport:
+    """`export_onnx`, returning the file with its If-node count and the parity report."""
+    module = export_face(dyn)
+    inputs = verification_inputs(dyn)
+    labels, thresholds = verification_cases(dyn)
+    example = torch.cat([inputs[0], inputs[1]])
+    return write_onnx(
+        module,
+        example,
+        _default_path(dyn, ".onnx") if path is None else path,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        verify=verify,
+        atol=atol,
+        translations=translations,
+        reference=dyn,
+        inputs=inputs if dynamic_batch else inputs[:1],
+        thresholds_list=thresholds,
+        labels=labels,
+    )
+
+
+def export_onnx(
+    dyn: DynamicModel,
+    path: str | Path | None = None,
+    *,
+    verify: bool = True,
+    opset: int = 20,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export a DynamicModel to ONNX with its skipping as `If` nodes; return the file.
+
+    Graph inputs: `x` [N, ...] (N dynamic) and `thresholds` float32 [K], which defaults to the
+    model's calibrated thresholds (omit it from the feed to use them). Outputs: `logits` [N, C]
+    and, for exit cascades, `exit_index` int64 [N] (K = the final classifier). With `verify`
+    (default) ONNX Runtime must match the eager model within 1e-4 with the same decisions at
+    every forced behaviour, else the file is deleted and ExportError raised. An op without an
+    ONNX translation raises ExportError naming the op, the graph node and the submodule.
+    """
+    return export_onnx_report(
+        dyn, path, verify=verify, opset=opset, dynamic_batch=dynamic_batch
+    ).path
+
+
+def export_pt2_report(
+    dyn: DynamicModel, path: str | Path | None = None, *, verify: bool = True
+) -> tuple[Path, ParityReport | None]:
+    """`export_pt2`, returning the parity report too."""
+    module = export_face(dyn)
+    inputs = verification_inputs(dyn)
+    labels, thresholds = verification_cases(dyn)
+    path = write_pt2(
+        module,
+        torch.cat([inputs[0], inputs[1]]),
+        _default_path(dyn, ".pt2") if path is None else path,
+    )
+    if not verify:
+        return path, None
+    report = verify_pt2(dyn, path, inputs, thresholds, labels=labels, module=module)
+    if not report.ok:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"the .pt2 program does not match eager, export refused:\n{report}")
+    return path, report
+
+
+def export_pt2(dyn: DynamicModel, path: str | Path | None = None, *, verify: bool = True) -> Path:
+    """Save a `torch.export` program (`torch.export.save`) with the skipping as `torch.cond`.
+
+    Load it without dynify: `prog = torch.export.load(path).module()`, then under
+    `torch.no_grad()`: `logits, exit_index = prog(x, thresholds)` (thresholds is required
+    there: float32 [K]). With autograd on, torch re-traces the conditionals for a backward and
+    fails on their data-dependent batch sizes.
+    """
+    return export_pt2_report(dyn, path, verify=verify)[0]

@@ -1,4 +1,8 @@
-"""Export an early-exit cascade to ONNX (and `.pt2`) with real control flow.
+"""Export a dynamic network to ONNX (and `.pt2`) with its skipping kept as real control flow.
+
+Any module whose `forward(x, thresholds)` returns `(logits, decisions)` and puts skippable work
+under `torch.cond` can be exported (`DynamicModel.export_module()` builds one); `CondCascade`
+is the early-exit one.
 
 Recipe (torch 2.14, onnxscript 0.7, onnxruntime 1.32):
 
@@ -13,15 +17,26 @@ Recipe (torch 2.14, onnxscript 0.7, onnxruntime 1.32):
 
 Why not a Python `if`: export would specialise on the example's branch and silently produce a
 static graph; `torch.cond` is the only construct both torch.export and the ONNX exporter keep.
+
+Pitfalls handled here:
+- ONNX Runtime only applies its fast NCHWc conv layout to convs whose weights are initializers
+  of their own (sub)graph; the exporter leaves all weights in the main graph, so we move them
+  into the `If` branches (`_localize_initializers`), else later segments run ~1.5x slower/MAC.
+- An ExportedProgram with unbacked sizes inside cond branches can only be decomposed once:
+  export a fresh one per consumer (ONNX, .pt2).
+- A batch-1 example with a dynamic batch dim gets specialised to 1: we widen it to 2.
+- Eager `torch.cond` goes through `torch.compile`; eager forward uses a plain `if` instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,16 +45,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynify.errors import ExportError
+from dynify.runtime.policy import POLICIES, exit_scores
+
 __all__ = [
     "CondCascade",
     "ExportError",
+    "OnnxExport",
     "ParityCase",
     "ParityReport",
     "count_executed_ops",
     "executed_op_counts",
-    "export_onnx",
-    "export_pt2",
     "verify_onnx",
+    "verify_pt2",
+    "write_onnx",
+    "write_pt2",
+    "write_static_onnx",
 ]
 
 BatchPolicy = Literal["per_sample", "batch_all"]
@@ -49,10 +70,6 @@ INPUT_NAMES = ("x", "thresholds")
 OUTPUT_NAMES = ("logits", "exit_index")
 DEFAULT_OPSET = 20
 PARITY_ATOL = 1e-4
-
-
-class ExportError(Exception):
-    """A cascade that cannot be exported with its control flow intact; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,8 +82,12 @@ class CondCascade(nn.Module):
 
     `segments[0]` maps the image to feature 1, `segments[i]` feature i to feature i+1 and
     `segments[k]` feature k to the final logits; `heads[i]` maps feature i+1 to exit-i logits.
-    Exit i is taken when `max softmax(logits_i / T_i) >= thresholds[i]`; the returned logits are
-    the raw (unscaled) head logits, and `exit_index` is `k` for samples that reach the end.
+    Exit i is taken when the exit score of `logits_i / T_i` reaches `thresholds[i]` (`>=`), with
+    the same score as the eager runtime (`dynify.runtime.policy.exit_scores`): max softmax for
+    `"confidence"`, 1 - normalised entropy for `"entropy"`; `"patience"` (PABEE) also needs the
+    last `patience` exits to agree on the class, so the previous prediction and the agreement
+    streak travel through the conditionals as tensors. The returned logits are the raw head
+    logits, and `exit_index` is `k` for samples that reach the end.
 
     Batches (N > 1): both branches of a `torch.cond` must return the same shapes, so the cond
     cannot return "only the samples that continue". The default policy `"per_sample"` keeps
@@ -91,6 +112,8 @@ class CondCascade(nn.Module):
         thresholds: Tensor | Sequence[float],
         *,
         batch_policy: BatchPolicy = "per_sample",
+        policy: str = "confidence",
+        patience: int = 2,
     ) -> None:
         super().__init__()
         k = len(heads)
@@ -101,6 +124,10 @@ class CondCascade(nn.Module):
             )
         if batch_policy not in ("per_sample", "batch_all"):
             raise ExportError(f"unknown batch_policy {batch_policy!r}")
+        if policy not in POLICIES:
+            raise ExportError(f"cannot export exit policy {policy!r}; known: {POLICIES}")
+        if policy == "patience" and batch_policy != "per_sample":
+            raise ExportError("the patience policy exports with batch_policy='per_sample' only")
         temps = torch.as_tensor(temperatures, dtype=torch.float32).detach().clone().reshape(-1)
         thrs = torch.as_tensor(thresholds, dtype=torch.float32).detach().clone().reshape(-1)
         if temps.numel() != k or thrs.numel() != k:
@@ -113,6 +140,8 @@ class CondCascade(nn.Module):
         self.segments = nn.ModuleList(segments)
         self.heads = nn.ModuleList(heads)
         self.batch_policy: BatchPolicy = batch_policy
+        self.policy = policy
+        self.patience = int(patience)
         self.register_buffer("temperatures", temps)
         self.register_buffer("thresholds", thrs)
 
@@ -123,38 +152,58 @@ class CondCascade(nn.Module):
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return `(logits [N, C], exit_index int64 [N])`; `thresholds` defaults to calibrated."""
-        thr = self.thresholds if thresholds is None else thresholds
-        return self._stage(0, self.segments[0](x), thr.to(torch.float32))
+        thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
+        feat = self.segments[0](x)
+        if self.policy != "patience":
+            return self._stage(0, feat, thr, ())
+        # PolicyState.start: no previous prediction (-1), streak 0.
+        prev = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+        return self._stage(0, feat, thr, (prev, torch.zeros_like(prev)))
 
-    def _exit_mask(self, i: int, logits: Tensor, thr: Tensor) -> Tensor:
-        """Per-sample bool [N]: does the sample leave at exit i."""
-        score = torch.softmax(logits / self.temperatures[i], dim=-1).amax(dim=-1)
-        return score >= thr[i]
+    def _exit_mask(
+        self, i: int, logits: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Per-sample bool [N]: does the sample leave at exit i; and the updated policy state."""
+        kind = "entropy" if self.policy == "entropy" else "confidence"
+        leave = exit_scores(logits, self.temperatures[i], kind) >= thr[i]
+        if self.policy != "patience":
+            return leave, state
+        prev, streak = state
+        prediction = logits.argmax(-1)
+        streak = torch.where(prediction == prev, streak + 1, torch.ones_like(streak))
+        return leave & (streak >= self.patience), (prediction, streak)
 
-    def _stage(self, i: int, feat: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
+    def _stage(
+        self, i: int, feat: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Tensor]:
         """Decide at exit i given feature i+1; `i == k` means `feat` already are final logits."""
         k = self.num_exits
         if i == k:
             return feat, _full_index(feat, k)
         logits = self.heads[i](feat)
-        leave = self._exit_mask(i, logits, thr)
+        leave, state = self._exit_mask(i, logits, thr, state)
 
-        def take_exit(feat: Tensor, logits: Tensor, leave: Tensor) -> tuple[Tensor, Tensor]:
+        def take_exit(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
             return logits.clone(), _full_index(feat, i)
 
-        def go_on_all(feat: Tensor, logits: Tensor, leave: Tensor) -> tuple[Tensor, Tensor]:
-            return self._stage(i + 1, self.segments[i + 1](feat), thr)
+        def go_on_all(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
+            return self._stage(i + 1, self.segments[i + 1](feat), thr, state)
 
-        def go_on_rest(feat: Tensor, logits: Tensor, leave: Tensor) -> tuple[Tensor, Tensor]:
+        def go_on_rest(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
             keep = torch.nonzero(~leave).squeeze(1)
+            # Not everyone left (else the true branch ran), so the sub-batch is non-empty; telling
+            # export so lets ops that branch on numel() == 0 (e.g. batch_norm) trace.
+            torch._check(keep.shape[0] >= 1)
+            torch._check(keep.shape[0] <= feat.shape[0])
+            sub_state = tuple(s.index_select(0, keep) for s in state)
             sub_logits, sub_exit = self._stage(
-                i + 1, self.segments[i + 1](feat.index_select(0, keep)), thr
+                i + 1, self.segments[i + 1](feat.index_select(0, keep)), thr, sub_state
             )
             out = logits.index_copy(0, keep, sub_logits.to(logits.dtype))
             return out, _full_index(feat, i).index_copy(0, keep, sub_exit)
 
         go_on = go_on_rest if self.batch_policy == "per_sample" else go_on_all
-        return _cond(leave.all(), take_exit, go_on, (feat, logits, leave))
+        return _cond(leave.all(), take_exit, go_on, (feat, logits, leave, *state))
 
 
 def _full_index(feat: Tensor, value: int) -> Tensor:
@@ -176,18 +225,29 @@ def _cond(
 # --------------------------------------------------------------------------------------------
 
 
-def _as_thresholds(cascade: CondCascade, thresholds: ThresholdsLike) -> Tensor:
-    """Thresholds as a float32 [k] tensor (None -> the cascade's calibrated ones)."""
+def _num_thresholds(module: nn.Module) -> int:
+    """Length of the module's `thresholds` buffer (the graph input's size)."""
+    thresholds = getattr(module, "thresholds", None)
+    if not isinstance(thresholds, Tensor):
+        raise ExportError(
+            f"{type(module).__name__} has no `thresholds` buffer; an export face needs one "
+            "(forward(x, thresholds) with the calibrated thresholds as default)"
+        )
+    return int(thresholds.numel())
+
+
+def _as_thresholds(module: nn.Module, thresholds: ThresholdsLike) -> Tensor:
+    """Thresholds as a float32 [k] tensor (None -> the module's calibrated ones)."""
     if thresholds is None:
-        return cascade.thresholds.detach().clone()
+        return module.thresholds.detach().clone().float()
     t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
-    if t.numel() != cascade.num_exits:
-        raise ExportError(f"expected {cascade.num_exits} thresholds, got {t.numel()}")
+    if t.numel() != _num_thresholds(module):
+        raise ExportError(f"expected {_num_thresholds(module)} thresholds, got {t.numel()}")
     return t
 
 
 def _example_args(
-    cascade: CondCascade, example_input: Tensor, dynamic_batch: bool
+    module: nn.Module, example_input: Tensor, dynamic_batch: bool
 ) -> tuple[Tensor, Tensor]:
     """Example (x, thresholds); batch 1 is widened to 2 so export does not specialise it."""
     if example_input.dim() < 1:
@@ -195,14 +255,17 @@ def _example_args(
     x = example_input.detach()
     if dynamic_batch and x.shape[0] < 2:
         x = x[:1].expand(2, *x.shape[1:]).contiguous()
-    return x, cascade.thresholds.detach().clone()
+    return x, _as_thresholds(module, None)
 
 
-def _dynamic_shapes(dynamic_batch: bool) -> dict[str, Any] | None:
+def _dynamic_shapes(dynamic_batch: bool, names: Sequence[str] = INPUT_NAMES) -> Any:
     """Dynamic batch for `x` only; thresholds are always [k]."""
     if not dynamic_batch:
         return None
-    return {"x": {0: torch.export.Dim("batch", min=1)}, "thresholds": None}
+    shapes: dict[str, Any] = {names[0]: {0: torch.export.Dim("batch", min=1)}}
+    for name in names[1:]:
+        shapes[name] = None
+    return shapes
 
 
 def _iter_graph_nodes(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Node]:
@@ -224,39 +287,57 @@ def _count_conds(ep: torch.export.ExportedProgram) -> int:
     )
 
 
+def _min_conds(module: nn.Module) -> int:
+    """How many conditionals the export must keep: one per exit for a cascade, else >= 1."""
+    return module.num_exits if isinstance(module, CondCascade) else 1
+
+
 def _torch_export(
-    cascade: CondCascade, example_input: Tensor, dynamic_batch: bool
+    module: nn.Module, example_input: Tensor, dynamic_batch: bool
 ) -> torch.export.ExportedProgram:
-    """`torch.export.export` the cascade and check that every exit survived as a cond."""
-    cascade.eval()
-    args = _example_args(cascade, example_input, dynamic_batch)
+    """`torch.export.export` the export face and check that its conditionals survived."""
+    module.eval()
+    args = _example_args(module, example_input, dynamic_batch)
+    names = _forward_arg_names(module)
     try:
         with torch.no_grad():
             ep = torch.export.export(
-                cascade, args, dynamic_shapes=_dynamic_shapes(dynamic_batch), strict=False
+                module, args, dynamic_shapes=_dynamic_shapes(dynamic_batch, names), strict=False
             )
     except Exception as exc:
         raise ExportError(
-            f"torch.export could not capture the cascade: {_first_line(exc)}"
+            f"torch.export could not capture {type(module).__name__}: {_first_line(exc)}"
         ) from exc
     n_cond = _count_conds(ep)
-    if n_cond < cascade.num_exits:
+    if n_cond < _min_conds(module):
         raise ExportError(
-            f"torch.export kept {n_cond} of {cascade.num_exits} exits as torch.cond; the graph "
-            "would be static, refusing to export"
+            f"torch.export kept {n_cond} torch.cond for {type(module).__name__} (needs at least "
+            f"{_min_conds(module)}); the graph would be static, refusing to export"
         )
     return ep
 
 
-def export_pt2(
-    cascade: CondCascade, example_input: Tensor, path: str | Path, *, dynamic_batch: bool = True
+def _forward_arg_names(module: nn.Module) -> tuple[str, str]:
+    """Names of forward's two arguments (dynamic_shapes is keyed by them)."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters)
+    if len(params) < 2:
+        raise ExportError(
+            f"{type(module).__name__}.forward must take (x, thresholds); it takes {params}"
+        )
+    return params[0], params[1]
+
+
+def write_pt2(
+    module: nn.Module, example_input: Tensor, path: str | Path, *, dynamic_batch: bool = True
 ) -> Path:
-    """Save the cascade as a `.pt2` ExportedProgram with its `torch.cond` exits.
+    """Save an export face as a `.pt2` ExportedProgram with its `torch.cond` control flow.
 
     Loading needs only torch: `torch.export.load(path).module()(x, thresholds)` (the thresholds
     argument is required in the loaded program; pass the calibrated ones for the default).
     """
-    ep = _torch_export(cascade, example_input, dynamic_batch)
+    ep = _torch_export(module, example_input, dynamic_batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, path)
@@ -269,6 +350,21 @@ def export_pt2(
 
 _NODE_RE = re.compile(r"translating node %(?P<node>\S+) : .*?target=(?P<target>[^\]]+)\]")
 _OVERLOAD_RE = re.compile(r"OpOverload\(op='(?P<op>[^']+)', overload='(?P<ov>[^']+)'\)")
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence the exporter's and loader's benign warnings (empty-list attributes, unused
+    unbacked symbols) for the duration of a call."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -287,21 +383,74 @@ def _exc_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _module_of(ep: torch.export.ExportedProgram, node_name: str, target: str) -> str | None:
-    """Qualified module path (e.g. `segments.1.conv`) of a node, by name then by target."""
-    nodes = list(_iter_graph_nodes(ep.graph_module))
-    by_name = [n for n in nodes if n.name == node_name]
-    short = target.removeprefix("torch.ops.")
-    by_target = [n for n in nodes if n.op == "call_function" and short in str(n.target)]
-    for n in by_name + by_target:
-        stack = n.meta.get("nn_module_stack")
-        if stack:
-            return str(list(stack.values())[-1][0])
-    return None
+def _op_basename(target: str) -> str:
+    """`torch.ops.dyn.weird.default` -> `weird` (the part that survives decompositions)."""
+    parts = target.removeprefix("torch.ops.").split(".")
+    return parts[-2] if len(parts) >= 3 else parts[-1]
 
 
-def _conversion_error(exc: BaseException, ep: torch.export.ExportedProgram) -> ExportError:
-    """Turn an exporter failure into an ExportError naming the op, node and module."""
+def _locate_op(module: nn.Module, example_input: Tensor, target: str) -> str | None:
+    """Which submodule (and fx node, inside GraphModules) runs `target`, found by running it.
+
+    Nodes inside `torch.cond` branches carry no `nn_module_stack`, so the exported graph cannot
+    say where an op came from; replaying the module eagerly (every branch taken: thresholds
+    above 1) under a dispatch recorder, with hooks keeping the module stack, can.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    base = _op_basename(target)
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if not found and base in str(func):
+                found.append(list(stack))
+            return func(*args, **(kwargs or {}))
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: Any) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(mod: nn.Module, args: Any, out: Any) -> None:  # must return None: keeps output
+        stack.pop()
+
+    handles = []
+    for name, sub in module.named_modules():
+        if name:
+            handles.append(sub.register_forward_pre_hook(enter(name)))
+            handles.append(sub.register_forward_hook(leave))
+    try:
+        full = torch.full((_num_thresholds(module),), 1.01)
+        with torch.no_grad(), _Recorder():
+            module(example_input[:1], full)
+    except Exception:  # locating is best effort; the op and graph node are already named
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found or not found[0]:
+        return None
+    names = found[0]
+    where = f"module `{names[-1]}` ({type(module.get_submodule(names[-1])).__name__})"
+    for depth in range(len(names) - 1, -1, -1):  # innermost GraphModule on the stack
+        gm = module.get_submodule(names[depth])
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        inner = names[depth + 1][len(names[depth]) + 1 :] if depth + 1 < len(names) else None
+        for node in gm.graph.nodes:
+            if (inner is not None and node.op == "call_module" and node.target == inner) or (
+                inner is None and node.op == "call_function" and base in str(node.target)
+            ):
+                return f"{where}, fx node `{node.name}` of `{names[depth]}`"
+        break
+    return where
+
+
+def _conversion_error(exc: BaseException, module: nn.Module, example_input: Tensor) -> ExportError:
+    """Turn an exporter failure into an ExportError naming the op, node and submodule."""
     node = target = None
     root = exc
     for e in _exc_chain(exc):
@@ -317,12 +466,12 @@ def _conversion_error(exc: BaseException, ep: torch.export.ExportedProgram) -> E
                 break
     if node is None or target is None:
         return ExportError(f"ONNX conversion failed: {_first_line(root)}")
-    where = _module_of(ep, node, target)
-    place = f" in `{where}`" if where else ""
+    where = _locate_op(module, example_input, target)
+    place = f" in {where}" if where else ""
     return ExportError(
         f"cannot export to ONNX: op `{target}` (graph node `{node}`{place}) has no ONNX "
-        f"translation or failed to translate: {_first_line(root)}. Replace the op or pass a "
-        "`translations={op: onnxscript_function}` table."
+        f"translation or failed to translate: {_first_line(root)}. Replace the op in the model, "
+        "or pass a `translations={op: onnxscript_function}` table to write_onnx."
     )
 
 
@@ -339,10 +488,10 @@ def _count_onnx_ops(graph: Any, op_type: str) -> int:
     return total
 
 
-def _batch_symbol(ep: torch.export.ExportedProgram) -> str:
+def _batch_symbol(ep: torch.export.ExportedProgram, name: str = INPUT_NAMES[0]) -> str:
     """Name torch.export gave the batch dimension of `x` (e.g. `s77`)."""
     for node in ep.graph_module.graph.nodes:
-        if node.op == "placeholder" and node.name == INPUT_NAMES[0]:
+        if node.op == "placeholder" and node.name == name:
             return str(node.meta["val"].shape[0])
     return ""
 
@@ -363,6 +512,69 @@ def _rename_dim(graph: Any, old: str, new: str) -> None:
                 _rename_dim(g, old, new)
 
 
+def _localize_initializers(model: Any) -> int:
+    """Move each initializer into the innermost subgraph that contains all its uses.
+
+    The exporter keeps every weight in the main graph and lets `If` branches read them from
+    the outer scope. ONNX Runtime's CPU layout optimiser (NCHWc convs) only rewrites a Conv whose
+    weights are initializers of its *own* graph, so without this the later segments run with
+    plain NCHW kernels, ~1.5x slower per MAC than the same layers in a static model.
+    """
+    root = model.graph
+    uses: dict[str, list[tuple]] = {}
+    graphs: dict[tuple, Any] = {(): root}
+
+    def walk(graph: Any, scope: tuple) -> None:
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    uses.setdefault(name, []).append(scope)
+            for attr in node.attribute:
+                subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                for j, sub in enumerate(subs):
+                    inner = (*scope, (node.name, attr.name, j))
+                    graphs[inner] = sub
+                    walk(sub, inner)
+        for out in graph.output:
+            uses.setdefault(out.name, []).append(scope)
+
+    walk(root, ())
+    graph_inputs = {i.name for i in root.input}
+    keep, moved = [], 0
+    for init in root.initializer:
+        scopes = uses.get(init.name)
+        if not scopes or init.name in graph_inputs:
+            keep.append(init)
+            continue
+        common = scopes[0]
+        for scope in scopes[1:]:
+            n = 0
+            while n < min(len(common), len(scope)) and common[n] == scope[n]:
+                n += 1
+            common = common[:n]
+        if common:
+            graphs[common].initializer.append(init)
+            moved += 1
+        else:
+            keep.append(init)
+    del root.initializer[:]
+    root.initializer.extend(keep)
+    return moved
+
+
+def _strip_metadata(graph: Any) -> None:
+    """Drop the exporter's per-node metadata (stack traces, module paths): ~5x the weights'
+    size on a small ResNet, and of no use to a runtime."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _strip_metadata(attr.g)
+            for g in attr.graphs:
+                _strip_metadata(g)
+
+
 def _set_default_thresholds(model: Any, thresholds: Tensor) -> None:
     """Give the `thresholds` input a default by adding an initializer with the same name."""
     from onnx import numpy_helper
@@ -381,8 +593,33 @@ def _set_default_thresholds(model: Any, thresholds: Tensor) -> None:
             inp.doc_string = "per-exit confidence thresholds; defaults to the calibrated ones"
 
 
-def export_onnx(
-    cascade: CondCascade,
+def _output_names(module: nn.Module, example: Tensor) -> tuple[str, str]:
+    """`(logits, exit_index)` for cascades; a module may name its own (`output_names`)."""
+    names = getattr(module, "output_names", None)
+    if names is not None:
+        return tuple(names)  # type: ignore[return-value]
+    if isinstance(module, CondCascade):
+        return OUTPUT_NAMES
+    with torch.no_grad():
+        _, aux = module(example[:1], _as_thresholds(module, None))
+    return OUTPUT_NAMES if aux.dim() == 1 else (OUTPUT_NAMES[0], "decisions")
+
+
+@dataclass
+class OnnxExport:
+    """What `write_onnx` produced: the file, its control flow and the parity check."""
+
+    path: Path
+    if_nodes: int
+    conds: int
+    input_names: tuple[str, str]
+    output_names: tuple[str, str]
+    report: ParityReport | None
+    seconds: float
+
+
+def write_onnx(
+    module: nn.Module,
     example_input: Tensor,
     path: str | Path,
     *,
@@ -391,60 +628,146 @@ def export_onnx(
     verify: bool = True,
     atol: float = PARITY_ATOL,
     translations: dict[Callable[..., Any], Callable[..., Any]] | None = None,
-) -> Path:
-    """Export `cascade` to ONNX with one `If` per exit; refuse if control flow or parity is lost.
+    reference: nn.Module | None = None,
+    inputs: Sequence[Tensor] | None = None,
+    thresholds_list: Sequence[ThresholdsLike] | None = None,
+    labels: Sequence[str] | None = None,
+) -> OnnxExport:
+    """Export an export face to ONNX with its conditionals as `If` nodes; refuse a static graph.
 
-    Inputs are `x` [N, ...] (N dynamic when `dynamic_batch`) and `thresholds` float32 [k] with
-    the calibrated thresholds as default; outputs are `logits` [N, C] and `exit_index` int64
-    [N]. With `verify`, ONNX Runtime is compared with eager on the example (and its first
-    sample) at thresholds 0, default and 1.01, and an export above `atol` is deleted and refused.
+    `module.forward(x, thresholds)` returns `(logits, decisions)` (a `CondCascade`, or what a
+    `DynamicModel.export_module()` returns). Inputs are `x` [N, ...] (N dynamic when
+    `dynamic_batch`) and `thresholds` float32 [k] with the module's calibrated thresholds as
+    default; outputs are `logits` [N, C] and `exit_index` int64 [N] (or the module's
+    `output_names`). With `verify`, ONNX Runtime is compared with `reference` (default: the
+    module itself; a DynamicModel is run through its eager forward) on `inputs` at every entry
+    of `thresholds_list` (defaults: the example and its first sample; thresholds 0, default,
+    1.01), and an export above `atol` or with other decisions is deleted and refused.
     """
+    import time
+
     import onnx
 
+    start = time.perf_counter()
     path = Path(path)
-    ep = _torch_export(cascade, example_input, dynamic_batch)
+    ep = _torch_export(module, example_input, dynamic_batch)
+    in_names = _forward_arg_names(module)
+    out_names = _output_names(module, example_input)
     try:
-        program = torch.onnx.export(
-            ep,
-            dynamo=True,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            opset_version=opset,
-            custom_translation_table=translations,
-            optimize=True,
-        )
+        with _quiet("onnx_ir", "onnxscript"):
+            program = torch.onnx.export(
+                ep,
+                dynamo=True,
+                input_names=list(INPUT_NAMES),
+                output_names=list(out_names),
+                opset_version=opset,
+                custom_translation_table=translations,
+                optimize=True,
+                verbose=False,  # the exporter otherwise prints its progress to stdout
+            )
     except Exception as exc:
-        raise _conversion_error(exc, ep) from exc
+        raise _conversion_error(exc, module, example_input) from exc
     if program is None:  # pragma: no cover - only the TorchScript path returns None
         raise ExportError("torch.onnx.export returned no program")
     model = program.model_proto
-    n_if = _count_onnx_ops(model.graph, "If")
-    if n_if < cascade.num_exits:
+    n_if, n_cond = _count_onnx_ops(model.graph, "If"), _count_conds(ep)
+    if n_if < max(n_cond, _min_conds(module)):
         raise ExportError(
-            f"the ONNX graph has {n_if} If nodes for {cascade.num_exits} exits; the exits were "
+            f"the ONNX graph has {n_if} If nodes for {n_cond} torch.cond; the skipping was "
             "folded into a static graph, refusing to export"
         )
-    _set_default_thresholds(model, cascade.thresholds)
+    _localize_initializers(model)
+    _strip_metadata(model.graph)
+    _set_default_thresholds(model, _as_thresholds(module, None))
     if dynamic_batch:
-        _rename_dim(model.graph, _batch_symbol(ep), "batch")
-    model.doc_string = f"dynify early-exit cascade, {cascade.num_exits} exits"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise ExportError(f"the exported ONNX model is invalid: {_first_line(exc)}") from exc
+        _rename_dim(model.graph, _batch_symbol(ep, in_names[0]), "batch")
+    model.doc_string = f"dynify {type(module).__name__}: {n_if} If nodes, thresholds input"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() >= 2**31 - 2**20:
-        onnx.save_model(model, path, save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(model, path)
+    large = model.ByteSize() >= 2**31 - 2**24  # protobuf's 2 GB limit: weights go to a side file
+    onnx.save_model(model, path, save_as_external_data=large, location=path.name + ".data")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"the exported ONNX model is invalid: {_first_line(exc)}") from exc
+    report = None
     if verify:
-        x = example_input.detach()
-        inputs = [x[:1], x] if x.shape[0] > 1 else [x]
-        k = cascade.num_exits
-        report = verify_onnx(cascade, path, inputs, [[0.0] * k, None, [1.01] * k], atol=atol)
+        if inputs is None:
+            x = example_input.detach()
+            inputs = [x[:1], x] if dynamic_batch and x.shape[0] > 1 else [x]
+        if thresholds_list is None:
+            k = _num_thresholds(module)
+            thresholds_list = [[0.0] * k, None, [1.01] * k]
+        report = verify_onnx(
+            reference if reference is not None else module,
+            path,
+            inputs,
+            thresholds_list,
+            atol=atol,
+            labels=labels,
+            module=module,
+        )
         if not report.ok:
             path.unlink(missing_ok=True)
             raise ExportError(f"ONNX Runtime does not match eager, export refused:\n{report}")
+    return OnnxExport(
+        path=path,
+        if_nodes=n_if,
+        conds=n_cond,
+        input_names=INPUT_NAMES,
+        output_names=out_names,
+        report=report,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class _StaticFace(nn.Module):
+    """A DynamicModel inside `static()`: the original network, for a static ONNX baseline."""
+
+    def __init__(self, dyn: nn.Module) -> None:
+        super().__init__()
+        self.dyn = dyn
+
+    def forward(self, x: Tensor) -> Tensor:
+        with self.dyn.static():
+            return self.dyn(x)
+
+
+def write_static_onnx(
+    dyn: nn.Module, example_input: Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET
+) -> Path:
+    """The static network of a DynamicModel (its `static()` face) as a plain ONNX graph.
+
+    The baseline latency comparisons need: same weights and graph rewrites as the dynamic export.
+    """
+    import warnings
+
+    import onnx
+
+    path = Path(path)
+    saved = {k: getattr(dyn, k) for k in ("last_macs", "last_exit") if hasattr(dyn, k)}
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir", "onnxscript"):
+            # The accounting attributes assigned in forward are not graph state; ignore them.
+            warnings.simplefilter("ignore")
+            face = _StaticFace(dyn).eval()
+            ep = torch.export.export(face, (example_input.detach(),), strict=False)
+            program = torch.onnx.export(
+                ep,
+                dynamo=True,
+                input_names=["x"],
+                output_names=["logits"],
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"the static network could not be exported: {_first_line(exc)}") from exc
+    finally:
+        for k, v in saved.items():
+            setattr(dyn, k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(program.model_proto, path)
     return path
 
 
@@ -468,6 +791,8 @@ def _session(
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # Spinning worker threads stall each other when the cores are shared with other work.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if profile_prefix is not None:
@@ -490,7 +815,8 @@ class ParityCase:
     """ORT vs eager on one (input, thresholds) pair.
 
     `max_rel_diff` is max|ort - eager| / max|eager| (relative to the largest eager logit, so
-    near-zero logits do not blow it up).
+    near-zero logits do not blow it up). `exits_*` are the per-sample decisions (exit index for
+    cascades; the module's second output flattened otherwise).
     """
 
     input_index: int
@@ -500,6 +826,7 @@ class ParityCase:
     max_rel_diff: float
     exits_onnx: tuple[int, ...]
     exits_eager: tuple[int, ...]
+    label: str = ""
 
     @property
     def exits_match(self) -> bool:
@@ -534,50 +861,138 @@ class ParityReport:
         for c in self.cases:
             thr = "default" if c.thresholds is None else [round(t, 4) for t in c.thresholds]
             mark = "" if c.exits_match else f"  EXITS DIFFER eager={list(c.exits_eager)}"
+            label = f"{c.label}: " if c.label else ""
             lines.append(
-                f"  input {c.input_index} (N={c.batch}) thresholds={thr}: "
+                f"  {label}input {c.input_index} (N={c.batch}) thresholds={thr}: "
                 f"max_abs={c.max_abs_diff:.3g} max_rel={c.max_rel_diff:.3g} "
                 f"exits={list(c.exits_onnx)}{mark}"
             )
         return "\n".join(lines)
 
 
+def _eager_reference(
+    reference: nn.Module, module: nn.Module | None
+) -> Callable[[Tensor, ThresholdsLike], tuple[Tensor, Tensor | None]]:
+    """`(x, thresholds) -> (logits, decisions)` computed in eager PyTorch.
+
+    A DynamicModel runs its own eager forward (the thing the export must match) with the
+    thresholds set temporarily; its decisions are `last_exit` where that is what the graph
+    returns, else the export face's eager decisions.
+    """
+    from dynify.runtime.model import DynamicModel
+
+    if not isinstance(reference, DynamicModel):
+
+        def run_module(x: Tensor, thr: ThresholdsLike) -> tuple[Tensor, Tensor | None]:
+            return reference(x, _as_thresholds(reference, thr))
+
+        return run_module
+
+    dyn = reference
+
+    def run_dynamic(x: Tensor, thr: ThresholdsLike) -> tuple[Tensor, Tensor | None]:
+        saved = dyn.thresholds.detach().clone()
+        try:
+            if thr is not None:
+                dyn.set_thresholds(_as_thresholds(dyn, thr).tolist())
+            logits = dyn(x)
+            t = dyn.thresholds.detach().clone()
+        finally:
+            dyn.thresholds.copy_(saved)
+        decisions = getattr(dyn, "last_exit", None)
+        if module is not None and (decisions is None or not isinstance(module, CondCascade)):
+            decisions = module(x, t)[1]
+        return logits, decisions
+
+    return run_dynamic
+
+
 def verify_onnx(
-    cascade: CondCascade,
+    reference: nn.Module,
     path: str | Path,
     inputs: Sequence[Tensor],
     thresholds_list: Sequence[ThresholdsLike],
     *,
     atol: float = PARITY_ATOL,
+    labels: Sequence[str] | None = None,
+    module: nn.Module | None = None,
 ) -> ParityReport:
     """Run every input at every thresholds vector in ORT and in eager; report the differences.
 
-    A `None` thresholds entry omits the ONNX input (exercising its default) and uses the
-    cascade's calibrated thresholds in eager.
+    `reference` is the export face (`forward(x, thresholds)`) or the DynamicModel it came from
+    (compared through its eager forward, pass its export face as `module` for the decisions of
+    non-cascade strategies). A `None` thresholds entry omits the ONNX input (exercising its
+    default) and uses the calibrated thresholds in eager. `labels` name the thresholds entries.
     """
     session = _session(path)
-    cascade.eval()
+
+    def run_onnx(x: Tensor, thr: ThresholdsLike) -> tuple[np.ndarray, np.ndarray]:
+        logits, decisions = session.run(None, _feed(x, thr))[:2]
+        return logits, decisions
+
+    return _parity(run_onnx, reference, inputs, thresholds_list, atol, labels, module)
+
+
+def verify_pt2(
+    reference: nn.Module,
+    path: str | Path,
+    inputs: Sequence[Tensor],
+    thresholds_list: Sequence[ThresholdsLike],
+    *,
+    atol: float = PARITY_ATOL,
+    labels: Sequence[str] | None = None,
+    module: nn.Module | None = None,
+) -> ParityReport:
+    """`verify_onnx` for a `.pt2` file, run through `torch.export.load(path).module()`."""
+    with _quiet("torch._export.serde.serialize"):
+        program = torch.export.load(str(path)).module()
+    default = _as_thresholds(module if module is not None else reference, None)
+
+    def run_pt2(x: Tensor, thr: ThresholdsLike) -> tuple[np.ndarray, np.ndarray]:
+        t = default if thr is None else torch.as_tensor(thr, dtype=torch.float32).reshape(-1)
+        with torch.no_grad():
+            logits, decisions = program(x, t)[:2]
+        return logits.numpy(), decisions.numpy()
+
+    return _parity(run_pt2, reference, inputs, thresholds_list, atol, labels, module)
+
+
+def _parity(
+    run_exported: Callable[[Tensor, ThresholdsLike], tuple[np.ndarray, np.ndarray]],
+    reference: nn.Module,
+    inputs: Sequence[Tensor],
+    thresholds_list: Sequence[ThresholdsLike],
+    atol: float,
+    labels: Sequence[str] | None,
+    module: nn.Module | None,
+) -> ParityReport:
+    """Compare an exported runner with eager on every (input, thresholds) pair."""
+    reference.eval()
+    run_eager = _eager_reference(reference, module)
     report = ParityReport(atol=atol)
+    labels = list(labels) if labels is not None else [""] * len(thresholds_list)
     for idx, x in enumerate(inputs):
-        for thr in thresholds_list:
-            ort_logits, ort_exit = session.run(list(OUTPUT_NAMES), _feed(x, thr))
+        for thr, label in zip(thresholds_list, labels, strict=True):
+            got_logits, got_exit = run_exported(x, thr)
             with torch.no_grad():
-                ref_logits, ref_exit = cascade(x, _as_thresholds(cascade, thr))
+                ref_logits, ref_exit = run_eager(x, thr)
             ref = ref_logits.detach().cpu().double().numpy()
-            diff = np.abs(ort_logits.astype(np.float64) - ref)
+            diff = np.abs(np.asarray(got_logits, dtype=np.float64) - ref)
             max_abs = float(diff.max()) if diff.size else 0.0
             scale = float(np.abs(ref).max()) if ref.size else 0.0
+            eager_exits = () if ref_exit is None else tuple(int(e) for e in ref_exit.reshape(-1))
             report.cases.append(
                 ParityCase(
                     input_index=idx,
                     batch=int(x.shape[0]),
                     thresholds=None
                     if thr is None
-                    else tuple(_as_thresholds(cascade, thr).tolist()),
+                    else tuple(_as_thresholds(reference, thr).tolist()),
                     max_abs_diff=max_abs,
                     max_rel_diff=max_abs / scale if scale > 0 else max_abs,
-                    exits_onnx=tuple(int(e) for e in np.asarray(ort_exit).reshape(-1)),
-                    exits_eager=tuple(int(e) for e in ref_exit.reshape(-1).tolist()),
+                    exits_onnx=tuple(int(e) for e in np.asarray(got_exit).reshape(-1)),
+                    exits_eager=eager_exits,
+                    label=label,
                 )
             )
     return report
@@ -607,5 +1022,5 @@ def executed_op_counts(
 def count_executed_ops(
     path: str | Path, x: Tensor, thresholds: ThresholdsLike = None, op_type: str = "Conv"
 ) -> int:
-    """Number of `op_type` nodes ONNX Runtime executed for one inference (see executed_op_counts)."""
+    """How many `op_type` nodes ONNX Runtime ran for one inference (see executed_op_counts)."""
     return executed_op_counts(path, x, thresholds)[op_type]

@@ -23,7 +23,10 @@ from dynify.runtime.modules import ExitHead, feature_layout
 from dynify.runtime.policy import ExitPolicy
 
 POOL_SIZES = (4, 2, 1)
-MAX_HEAD_FEATURES = 4096
+# A head's latency follows the bytes of weights it reads, not its MACs: at batch 1 a
+# 4096 x 1000 linear layer (16 MB) costs more time than its 0.1 % of ResNet-50's MACs. Capping
+# the weights keeps MACs saved turning into milliseconds saved (see benchmarks/latency.md).
+MAX_HEAD_WEIGHTS = 2**20
 # Cuts later than this leave too little work after them for an exit to save anything.
 LATEST_DEFAULT_EXIT = 0.95
 MIN_BOTTLENECK = 8
@@ -103,7 +106,8 @@ def place_exits(cuts: list[CutPoint], exits: int | list) -> list[CutPoint]:
 def choose_head(
     shape: tuple[int, ...], layout: str, num_classes: int, budget_macs: float
 ) -> tuple[int, int | None]:
-    """The largest pooled grid, and a bottleneck width if needed, that keep a head in budget."""
+    """The largest pooled grid, or a low-rank bottleneck, that keeps a head within both the
+    MAC budget and the weight cap."""
     if layout in ("channels_first", "channels_last"):
         channels = shape[0] if layout == "channels_first" else shape[-1]
         spatial = min(shape[1:] if layout == "channels_first" else shape[:2])
@@ -111,12 +115,10 @@ def choose_head(
         channels, spatial = shape[-1], 1
     for pool in POOL_SIZES if spatial > 1 else (1,):
         features = channels * pool * pool
-        fits = features <= max(MAX_HEAD_FEATURES, channels) and (
-            features * num_classes <= budget_macs
-        )
+        fits = features * num_classes <= min(budget_macs, MAX_HEAD_WEIGHTS)
         if pool <= spatial and fits:
             return pool, None
-    hidden = int(budget_macs // (channels + num_classes))
+    hidden = int(min(budget_macs, MAX_HEAD_WEIGHTS) // (channels + num_classes))
     if hidden < MIN_BOTTLENECK:
         raise StrategyError(
             f"An exit head on a {list(shape)} feature cannot fit the head budget "

@@ -107,21 +107,37 @@ class EarlyExitModel(DynamicModel):
             feature = segment(feature)
             if i == self.num_exits:
                 logits = feature
-                output = _scatter(output, remaining, logits, batch)
+                output = logits if output is None else _scatter(output, remaining, logits, batch)
                 break
             logits = self.heads[i](feature)
             done = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], state)
+            if done.all():  # all still running leave: no gather (output None: nobody left yet)
+                output = logits if output is None else _scatter(output, remaining, logits, batch)
+                exit_index[remaining] = i
+                break
             if done.any():
                 output = _scatter(output, remaining[done], logits[done], batch)
                 exit_index[remaining[done]] = i
-                if done.all():
-                    break
                 keep = ~done
                 feature, remaining, state = feature[keep], remaining[keep], state.keep(keep)
         macs = torch.tensor(exit_macs, dtype=torch.long, device=x.device)
         self.last_exit = exit_index
         self.last_macs = macs[exit_index]
         return output
+
+    def export_module(self) -> nn.Module:
+        """The export face: a `CondCascade` (forward(x, thresholds) -> (logits, exit_index))
+        with one `torch.cond` per exit and this model's exit policy, segments and heads."""
+        from dynify.export.onnx import CondCascade
+
+        return CondCascade(
+            list(self.segments),
+            list(self.heads),
+            self.temperatures,
+            self.thresholds,
+            policy=self.policy.kind,
+            patience=self.policy.patience,
+        )
 
     def _forward_static(self, x: torch.Tensor) -> torch.Tensor:
         for segment in self.segments:
@@ -177,8 +193,8 @@ class EarlyExitModel(DynamicModel):
             name = "final" if i == self.num_exits else f"exit{i}"
             hits = (logits.detach().argmax(-1) == reference).float()
             metrics[f"acc_{name}"] = float(hits[known].mean() if use_labels else hits.mean())
-            if not logits.requires_grad:
-                continue
+            if i == self.num_exits and not logits.requires_grad:
+                continue  # a frozen final classifier has nothing to learn
             log_probs = torch.log_softmax(logits.float() / kd_temperature, dim=-1)
             kd = torch.nn.functional.kl_div(log_probs, target, reduction="batchmean")
             loss = kd * kd_temperature**2
@@ -186,8 +202,6 @@ class EarlyExitModel(DynamicModel):
                 ce = torch.nn.functional.cross_entropy(logits[known].float(), labels[known])
                 loss = (1.0 - label_weight) * loss + label_weight * ce
             losses.append(loss)
-        if not losses:
-            raise RuntimeError("Nothing to train: every head and segment is frozen.")
         total = torch.stack(losses).mean()
         metrics["loss"] = float(total.detach())
         return total, metrics

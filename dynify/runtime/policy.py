@@ -60,10 +60,10 @@ class ExitPolicy:
         """A bool mask of the samples that exit here; updates `state` in place."""
         score_kind = "entropy" if self.kind == "entropy" else "confidence"
         done = exit_scores(logits, temperature, score_kind) >= threshold
-        prediction = logits.argmax(-1)
-        state.streak = torch.where(prediction == state.prediction, state.streak + 1, 1)
-        state.prediction = prediction
-        if self.kind == "patience":
+        if self.kind == "patience":  # only patience needs the history (saves ops per exit)
+            prediction = logits.argmax(-1)
+            state.streak = torch.where(prediction == state.prediction, state.streak + 1, 1)
+            state.prediction = prediction
             done &= state.streak >= self.patience
         return done
 

@@ -1,0 +1,162 @@
+"""`dynify export` and `dynify bench`: deployable files, verified; latency next to MACs."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from dynify.cli.app import ArtifactArg, command, console
+from dynify.export.onnx import PARITY_ATOL, ParityReport
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
+class BenchRuntime(str, Enum):
+    eager = "eager"
+    onnx = "onnx"
+
+
+def parity_table(report: ParityReport) -> Table:
+    """One row per thresholds setting: the worst logit difference over the inputs, the exits."""
+    table = Table(title=f"Exported vs eager (max abs diff <= {report.atol:g}, same decisions)")
+    for column in ("case", "thresholds", "N", "exits", "max |diff|", "ok"):
+        table.add_column(column, justify="left" if column in ("case", "thresholds") else "right")
+    groups: dict[str, list] = {}
+    for case in report.cases:
+        groups.setdefault(case.label or str(case.thresholds), []).append(case)
+    for label, cases in groups.items():
+        first = cases[0]
+        values = "calibrated" if first.thresholds is None else _short(first.thresholds)
+        worst = max(c.max_abs_diff for c in cases)
+        ok = all(c.max_abs_diff <= report.atol and c.exits_match for c in cases)
+        exits = sorted({e for c in cases for e in c.exits_onnx})
+        table.add_row(
+            label,
+            escape(values),
+            ",".join(str(c.batch) for c in cases),
+            ",".join(map(str, exits)),
+            f"{worst:.2e}",
+            "[green]yes[/green]" if ok else "[red]NO[/red]",
+        )
+    return table
+
+
+def _short(values: tuple[float, ...] | list[float]) -> str:
+    return "[" + ",".join(f"{v:g}" for v in values) + "]"
+
+
+@command(help="Export an artifact to ONNX (exits as If nodes, thresholds as an input) or .pt2.")
+def export(
+    artifact: ArtifactArg,
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or pt2.")
+    ] = ExportFormat.onnx,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output file (default: ARTIFACT.onnx/.pt2).")
+    ] = None,
+    atol: Annotated[
+        float, typer.Option("--atol", help="Largest logit difference accepted in the check.")
+    ] = PARITY_ATOL,
+) -> None:
+    import dynify
+    from dynify.export import export_onnx_report, export_pt2_report
+
+    dyn = dynify.load(artifact)
+    path = out or artifact.with_suffix(f".{format.value}")
+    with console.status(f"Exporting {artifact} to {format.value} and checking it..."):
+        if format is ExportFormat.onnx:
+            result = export_onnx_report(dyn, path, atol=atol)
+            report = result.report
+        else:
+            path, report = export_pt2_report(dyn, path)
+    assert report is not None  # both exports verify by default
+    console.print(parity_table(report))
+    console.print(
+        f"Parity [green]OK[/green]: max abs diff {report.max_abs_diff:.2e} <= {report.atol:g} "
+        f"and the same decisions in {len(report.cases)} cases."
+    )
+    if format is ExportFormat.onnx:
+        shape = ", ".join(map(str, dyn.input_shape))
+        default = _short(dyn.thresholds.tolist())
+        console.print(
+            escape(
+                f"If nodes: {result.if_nodes} (one per torch.cond: {result.conds}); inputs "
+                f"x [batch, {shape}] and thresholds [{dyn.thresholds.numel()}] (default "
+                f"{default}); outputs {', '.join(result.output_names)}."
+            )
+        )
+    size = path.stat().st_size / 2**20
+    console.print(f"Wrote [bold]{path}[/bold] ({size:.1f} MiB).")
+
+
+@command(help="Latency at thresholds that force each exit, next to the static model, with MACs.")
+def bench(
+    artifact: ArtifactArg,
+    format: Annotated[
+        BenchRuntime, typer.Option("--format", "-f", help="eager (PyTorch) or onnx (ONNX Runtime).")
+    ] = BenchRuntime.eager,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Batch size.")] = 1,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed rounds (median).")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds first.")] = 5,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Intra-op threads (default: torch's).")
+    ] = None,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last", help="eager: model and input in channels-last format."),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")
+    ] = None,
+) -> None:
+    import dynify
+    from dynify.export.bench import bench as run_bench
+
+    dyn = dynify.load(artifact)
+    with console.status(f"Timing {artifact} in {format.value} ({runs} rounds)..."):
+        result = run_bench(
+            dyn,
+            runtime=format.value,
+            batch=batch,
+            runs=runs,
+            warmup=warmup,
+            threads=threads,
+            channels_last=channels_last,
+        )
+    layout = ", channels-last" if result.channels_last else ""
+    table = Table(
+        title=f"{artifact.name}: {format.value}{layout}, batch {batch}, {result.threads} "
+        f"thread(s), median of {runs} interleaved rounds"
+    )
+    for column in ("config", "thresholds", "exits", "MACs", "MAC ratio", "latency ms"):
+        table.add_column(column, justify="left" if column in ("config", "thresholds") else "right")
+    table.add_column("latency ratio", justify="right")
+    table.add_column("latency / MAC ratio", justify="right")
+    for row in result.rows:
+        table.add_row(
+            row.label,
+            "" if row.thresholds is None else escape(_short(row.thresholds)),
+            ",".join(map(str, row.exits)),
+            f"{row.macs_fraction * result.static_macs / 1e6:.1f} M",
+            f"{row.macs_fraction:.3f}",
+            f"{row.latency_ms:.2f}",
+            f"{row.latency_ratio:.3f}",
+            f"{row.ratio_to_macs:.2f}",
+        )
+    console.print(table)
+    console.print(
+        f"Worst latency / MAC ratio: {result.worst_ratio_to_macs:.2f} (1.00 = every saved MAC is "
+        "saved time; above 1 the dynamic model saves less time than MACs)."
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        console.print(f"Wrote {json_out}.")

@@ -1,0 +1,253 @@
+"""Latency of a dynamic model next to its static network: do saved MACs become saved time?
+
+For each behaviour worth timing (every exit forced in turn, or a threshold sweep) and for the
+static network, one forward pass is timed per round, the configurations interleaved within the
+round (in a rotating order), so machine noise from other processes hits all of them alike; the
+figure is the median over rounds after warm-up. Eager PyTorch runs the DynamicModel itself;
+ONNX Runtime runs the exported graph (thresholds fed as an input) against the static network
+exported from the same model's `static()` face.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from dynify.errors import ExportError
+from dynify.runtime.model import DynamicModel
+
+Runtime = Literal["eager", "onnx"]
+RUNTIMES = ("eager", "onnx")
+NEVER = 1.01  # above every exit score: the exit never fires
+SWEEP = (0.0, 0.5, NEVER)
+STATIC = "static"
+
+
+def threshold_cases(dyn: DynamicModel) -> list[tuple[str, list[float]]]:
+    """Named threshold vectors that pin the model to a known behaviour, cheapest first.
+
+    A strategy may provide its own (`dyn.forcing_thresholds()` returning the same list). Exit
+    cascades (models with `exit_macs()`) get one case per exit: exit i is forced by never firing
+    the exits before it (threshold 1.01) and always firing it (threshold 0), and "final" runs to
+    the end. Other strategies get the sweep 0 (cheapest), 0.5, 1.01 (full compute).
+    """
+    custom = getattr(dyn, "forcing_thresholds", None)
+    if callable(custom):
+        return [(str(label), [float(t) for t in thr]) for label, thr in custom()]
+    k = int(dyn.thresholds.numel())
+    if hasattr(dyn, "exit_macs"):
+        cases = [(f"exit {i}", [NEVER] * i + [0.0] * (k - i)) for i in range(k)]
+        return [*cases, ("final", [NEVER] * k)]
+    return [(f"threshold {t:g}", [t] * k) for t in SWEEP]
+
+
+@dataclass
+class BenchRow:
+    """One configuration: its mean MACs (fraction of static) and median latency."""
+
+    label: str
+    thresholds: list[float] | None
+    macs_fraction: float
+    latency_ms: float
+    latency_ratio: float  # latency / static latency
+    ratio_to_macs: float  # latency_ratio / macs_fraction: 1.0 = time saved exactly like MACs
+    exits: list[int] = field(default_factory=list)  # distinct exit indices taken (cascades)
+
+
+@dataclass
+class BenchResult:
+    """Rows of one benchmark run and how it was measured."""
+
+    runtime: str
+    batch: int
+    threads: int
+    runs: int
+    warmup: int
+    static_macs: int
+    rows: list[BenchRow]
+    channels_last: bool = False
+
+    @property
+    def worst_ratio_to_macs(self) -> float:
+        """The largest latency-ratio / MAC-ratio over the dynamic rows."""
+        return max(r.ratio_to_macs for r in self.rows if r.label != STATIC)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _eager_macs(dyn: DynamicModel, x: torch.Tensor, thr: list[float]) -> tuple[float, list[int]]:
+    """Mean MACs fraction and distinct exits of one eager forward at `thr`."""
+    dyn.thresholds.copy_(torch.tensor(thr, dtype=torch.float32))
+    with torch.inference_mode():
+        dyn(x)
+    exits = getattr(dyn, "last_exit", None)
+    taken = sorted({int(e) for e in exits.reshape(-1)}) if exits is not None else []
+    return dyn.mean_macs_fraction(), taken
+
+
+def _eager_runners(
+    dyn: DynamicModel, x: torch.Tensor, cases: Sequence[tuple[str, list[float]]]
+) -> dict[str, Callable[[], Any]]:
+    def dynamic(thr: list[float]) -> Callable[[], Any]:
+        t = torch.tensor(thr, dtype=torch.float32)
+
+        def run() -> Any:
+            dyn.thresholds.copy_(t)
+            return dyn(x)
+
+        return run
+
+    def static() -> Any:
+        with dyn.static():
+            return dyn(x)
+
+    runners = {label: dynamic(thr) for label, thr in cases}
+    runners[STATIC] = static
+    return runners
+
+
+def _onnx_runners(
+    dyn: DynamicModel,
+    x: torch.Tensor,
+    cases: Sequence[tuple[str, list[float]]],
+    threads: int,
+    folder: Path,
+    onnx_path: Path | None,
+) -> tuple[dict[str, Callable[[], Any]], dict[str, list[int]]]:
+    from dynify.export.onnx import _session, write_onnx, write_static_onnx
+
+    example = x[:1].expand(2, *x.shape[1:]).contiguous()
+    if onnx_path is None:
+        onnx_path = write_onnx(
+            dyn.export_module(), example, folder / "dynamic.onnx", verify=False
+        ).path
+    static_path = write_static_onnx(dyn, x, folder / "static.onnx")  # fixed batch: its best case
+    dynamic_session = _session(onnx_path, threads=threads)
+    static_session = _session(static_path, threads=threads)
+    xn = x.detach().cpu().numpy()
+    feeds = {label: {"x": xn, "thresholds": np.asarray(thr, np.float32)} for label, thr in cases}
+    exits = {
+        label: sorted({int(e) for e in np.asarray(dynamic_session.run(None, feed)[1]).reshape(-1)})
+        for label, feed in feeds.items()
+    }
+    runners: dict[str, Callable[[], Any]] = {
+        label: (lambda feed=feed: dynamic_session.run(None, feed)) for label, feed in feeds.items()
+    }
+    runners[STATIC] = lambda: static_session.run(None, {"x": xn})
+    return runners, exits
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[], Any]], runs: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of every runner; each round calls each once, order rotating."""
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + runs):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runners[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def bench(
+    dyn: DynamicModel,
+    *,
+    runtime: Runtime = "eager",
+    batch: int = 1,
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+    cases: Sequence[tuple[str, list[float]]] | None = None,
+    onnx_path: str | Path | None = None,
+    seed: int = 0,
+    channels_last: bool = False,
+) -> BenchResult:
+    """Median latency per forced behaviour and of the static network, with their MACs.
+
+    `runtime` "eager" times the DynamicModel in PyTorch; "onnx" exports it (or uses
+    `onnx_path`) and the static network to ONNX and times ONNX Runtime on the CPU. `threads`
+    (default: torch.get_num_threads()) sets PyTorch's or ORT's intra-op threads. The input is
+    random (seeded): the forced thresholds fix the path, so timing does not depend on it.
+    `channels_last` (eager, 4-D inputs) runs model and input in channels-last memory format,
+    static and dynamic alike: oneDNN's fast layout on CPU, which keeps the early, wide layers
+    as fast per MAC as the later ones (in NCHW they are markedly slower per MAC).
+    """
+    if runtime not in RUNTIMES:
+        raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    if batch < 1 or runs < 1 or warmup < 0:
+        raise ExportError("batch and runs must be >= 1 and warmup >= 0")
+    threads = int(threads or torch.get_num_threads())
+    cases = list(cases) if cases is not None else threshold_cases(dyn)
+    x = torch.randn(batch, *dyn.input_shape, generator=torch.Generator().manual_seed(seed))
+    channels_last = channels_last and runtime == "eager" and x.dim() == 4
+    if channels_last:
+        dyn.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    dyn.eval()
+    saved_thresholds = dyn.thresholds.detach().clone()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        macs = {label: _eager_macs(dyn, x, thr) for label, thr in cases}
+        with tempfile.TemporaryDirectory(prefix="dynify_bench_") as tmp:
+            if runtime == "eager":
+                runners = _eager_runners(dyn, x, cases)
+                exits = {label: m[1] for label, m in macs.items()}
+                with torch.inference_mode():
+                    times = time_interleaved(runners, runs, warmup)
+            else:
+                path = None if onnx_path is None else Path(onnx_path)
+                runners, exits = _onnx_runners(dyn, x, cases, threads, Path(tmp), path)
+                for label, _ in cases:
+                    if macs[label][1] and exits[label] != macs[label][1]:
+                        raise ExportError(
+                            f"ONNX Runtime took exits {exits[label]} at '{label}' where eager "
+                            f"took {macs[label][1]}; the export does not match the model"
+                        )
+                times = time_interleaved(runners, runs, warmup)
+    finally:
+        dyn.thresholds.copy_(saved_thresholds)
+        torch.set_num_threads(saved_threads)
+        if channels_last:
+            dyn.to(memory_format=torch.contiguous_format)
+    static_s = statistics.median(times[STATIC])
+    rows = []
+    for label, thr in [*cases, (STATIC, None)]:
+        median = statistics.median(times[label])
+        fraction = 1.0 if thr is None else macs[label][0]
+        ratio = median / static_s
+        rows.append(
+            BenchRow(
+                label=label,
+                thresholds=thr,
+                macs_fraction=fraction,
+                latency_ms=median * 1e3,
+                latency_ratio=ratio,
+                ratio_to_macs=ratio / fraction if fraction > 0 else float("inf"),
+                exits=[] if thr is None else exits[label],
+            )
+        )
+    return BenchResult(
+        runtime=runtime,
+        batch=batch,
+        threads=threads,
+        runs=runs,
+        warmup=warmup,
+        static_macs=dyn.static_macs,
+        rows=rows,
+        channels_last=channels_last,
+    )

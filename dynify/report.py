@@ -1,0 +1,267 @@
+"""Evaluation: what a dynamic model buys, measured on held-out data.
+
+`evaluate` reports the static network's accuracy and MACs, the dynamic model's at its current
+(calibrated) thresholds, measured by the real dynamic forward, the accuracy-vs-MACs curve over
+thresholds, and for early exits the per-exit accuracy, the exit histogram and the oracle bound
+(each sample leaves at the first exit that is right). `EvaluationReport` prints as a table,
+saves as JSON and plots as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynify.runtime.model import DynamicModel
+from dynify.train.batches import Preprocessing
+from dynify.train.calibrate import (
+    NEVER,
+    ExitOutputs,
+    _has_exits,
+    _Problem,
+    collect_outputs,
+    data_batches,
+    measure,
+    one_thread,
+)
+
+
+@dataclass
+class CurvePoint:
+    threshold: float
+    macs_fraction: float
+    accuracy: float
+
+
+@dataclass
+class EvaluationReport:
+    """Accuracy (labels, else agreement with the static model) and MACs on one data set."""
+
+    model: str
+    strategy: str
+    samples: int
+    labels_used: bool
+    static_macs: int
+    static_accuracy: float
+    dynamic_accuracy: float
+    dynamic_macs_fraction: float
+    thresholds: list[float]
+    curve: list[CurvePoint] = field(default_factory=list)
+    exit_names: list[str] = field(default_factory=list)
+    exit_macs_fraction: list[float] = field(default_factory=list)
+    per_exit_accuracy: list[float] = field(default_factory=list)
+    exit_histogram: list[int] = field(default_factory=list)
+    oracle_accuracy: float | None = None
+    oracle_macs_fraction: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def macs_to_match(self, accuracy: float, tolerance: float = 0.005) -> float | None:
+        """The smallest MAC fraction on the curve within `tolerance` of `accuracy`, if any."""
+        fits = [p.macs_fraction for p in self.curve if p.accuracy >= accuracy - tolerance - 1e-12]
+        return min(fits) if fits else None
+
+    def table(self):
+        """A rich Table: static, dynamic, oracle, and one row per exit."""
+        from rich.table import Table
+
+        what = "accuracy" if self.labels_used else "agreement with static"
+        table = Table(title=f"{self.model} · {self.strategy} · {self.samples} samples")
+        for column in ("", what, "MACs (of static)", "share of samples"):
+            table.add_column(column, justify="left" if not column else "right")
+        table.add_row("static", f"{self.static_accuracy:.2%}", "1.000", "")
+        table.add_row(
+            "[bold]dynamic[/bold]",
+            f"[bold]{self.dynamic_accuracy:.2%}[/bold]",
+            f"[bold]{self.dynamic_macs_fraction:.3f}[/bold]",
+            "",
+        )
+        if self.oracle_accuracy is not None:
+            table.add_row(
+                "oracle", f"{self.oracle_accuracy:.2%}", f"{self.oracle_macs_fraction:.3f}", ""
+            )
+        total = max(sum(self.exit_histogram), 1)
+        for i, name in enumerate(self.exit_names):
+            acc = self.per_exit_accuracy[i] if self.per_exit_accuracy else float("nan")
+            share = self.exit_histogram[i] / total if self.exit_histogram else float("nan")
+            table.add_row(
+                f"  exit {name}", f"{acc:.2%}", f"{self.exit_macs_fraction[i]:.3f}", f"{share:.1%}"
+            )
+        return table
+
+    def plot(self, path: str | Path) -> Path:
+        """Accuracy vs MACs: the threshold curve, the static point, the calibrated point,
+        the exits on their own and the oracle bound."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        pts = sorted(self.curve, key=lambda p: p.macs_fraction)
+        ax.plot(
+            [p.macs_fraction for p in pts],
+            [100 * p.accuracy for p in pts],
+            "-",
+            color="tab:blue",
+            label="dynamic, over thresholds",
+        )
+        if self.per_exit_accuracy:
+            ax.plot(
+                self.exit_macs_fraction,
+                [100 * a for a in self.per_exit_accuracy],
+                "s",
+                color="tab:gray",
+                alpha=0.7,
+                label="each exit alone",
+            )
+        ax.plot(1.0, 100 * self.static_accuracy, "*", ms=14, color="black", label="static")
+        ax.plot(
+            self.dynamic_macs_fraction,
+            100 * self.dynamic_accuracy,
+            "o",
+            ms=9,
+            color="tab:red",
+            label="dynamic, calibrated",
+        )
+        if self.oracle_accuracy is not None:
+            ax.plot(
+                self.oracle_macs_fraction,
+                100 * self.oracle_accuracy,
+                "D",
+                ms=8,
+                color="tab:green",
+                label="oracle",
+            )
+        ax.set_xlabel("mean MACs (fraction of the static model)")
+        ax.set_ylabel("accuracy (%)" if self.labels_used else "agreement with static (%)")
+        ax.set_title(f"{self.model} · {self.strategy}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def oracle(outputs: ExitOutputs) -> tuple[float, float]:
+    """(accuracy, MAC fraction) if every sample left at the first exit that is right.
+
+    A sample no exit gets right runs to the end and counts as wrong: an upper bound on what any
+    exit rule can reach with these heads.
+    """
+    correct = outputs.correct()
+    costs = outputs.cost_fractions()
+    stops = torch.cat([correct[:-1], torch.ones_like(correct[:1])]).to(torch.uint8).argmax(0)
+    return float(correct.any(0).double().mean()), float(costs[stops].mean())
+
+
+def evaluate(
+    dyn: DynamicModel,
+    data: Any,
+    *,
+    split: str | None = None,
+    batch_size: int = 256,
+    preprocessing: Preprocessing | None = None,
+    curve_points: int = 41,
+) -> EvaluationReport:
+    """Measure `dyn` on `data` (never the data its heads or thresholds were fitted on)."""
+    batches = data_batches(
+        dyn, data, split=split, batch_size=batch_size, preprocessing=preprocessing
+    )
+    dyn.eval()
+    name = (dyn.spec.get("model") or {}).get("name", type(dyn).__name__)
+    if _has_exits(dyn):
+        return _evaluate_exits(dyn, batches, name, curve_points)
+    return _evaluate_generic(dyn, batches, name, curve_points)
+
+
+def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) -> EvaluationReport:
+    outputs = collect_outputs(dyn, batches)
+    reference = outputs.reference()
+    preds, spent, histogram = [], [], torch.zeros(dyn.num_exits + 1, dtype=torch.long)
+    with torch.no_grad():
+        for x, _ in batches.epoch(0):
+            preds.append(dyn(x).argmax(-1))
+            spent.append(dyn.last_macs.double())
+            histogram += torch.bincount(dyn.last_exit, minlength=dyn.num_exits + 1)
+    accuracy = float((torch.cat(preds) == reference).double().mean())
+    macs = float(torch.cat(spent).mean()) / dyn.static_macs
+    with one_thread():
+        problem = _Problem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
+        curve = _threshold_curve(problem, dyn.num_exits, curve_points)
+    oracle_acc, oracle_macs = oracle(outputs)
+    correct = outputs.correct().double().mean(1)
+    costs = outputs.cost_fractions()
+    return EvaluationReport(
+        model=name,
+        strategy=dyn.strategy,
+        samples=outputs.num_samples,
+        labels_used=outputs.labels is not None,
+        static_macs=dyn.static_macs,
+        static_accuracy=float(correct[-1]),
+        dynamic_accuracy=accuracy,
+        dynamic_macs_fraction=macs,
+        thresholds=[round(float(t), 6) for t in dyn.thresholds],
+        curve=curve,
+        exit_names=[*[str(i) for i in range(dyn.num_exits)], "final"],
+        exit_macs_fraction=[round(float(c), 5) for c in costs],
+        per_exit_accuracy=[float(c) for c in correct],
+        exit_histogram=[int(h) for h in histogram],
+        oracle_accuracy=oracle_acc,
+        oracle_macs_fraction=oracle_macs,
+    )
+
+
+def _threshold_curve(problem: _Problem, exits: int, points: int) -> list[CurvePoint]:
+    """One threshold shared by all exits, at quantiles of the scores (where the curve moves)."""
+    scores = problem.scores.flatten().double()
+    levels = torch.quantile(scores, torch.linspace(0, 1, points - 1, dtype=torch.float64))
+    curve = []
+    for t in sorted({0.0, *levels.float().tolist(), NEVER}):
+        acc, m = problem.evaluate(torch.full((exits,), t))
+        curve.append(CurvePoint(round(t, 6), m, acc))
+    return curve
+
+
+def _evaluate_generic(dyn: DynamicModel, batches, name: str, curve_points: int) -> EvaluationReport:
+    with torch.no_grad(), dyn.static():
+        _, _, static_pred = measure(dyn, batches)
+    labels = torch.cat([y for _, y in batches.epoch(0)])
+    labelled = bool((labels >= 0).all())
+    reference = labels if labelled else static_pred
+    static_acc = float((static_pred == reference).double().mean())
+    saved = dyn.thresholds.clone()
+    accuracy, macs, _ = measure(dyn, batches, reference)
+    curve = []
+    steps = max(curve_points // 4, 5)
+    for t in [i / steps for i in range(steps + 1)] + [NEVER]:
+        dyn.set_thresholds(t)
+        acc, m, _ = measure(dyn, batches, reference)
+        curve.append(CurvePoint(t, m, acc))
+    dyn.thresholds.copy_(saved)
+    return EvaluationReport(
+        model=name,
+        strategy=dyn.strategy,
+        samples=len(reference),
+        labels_used=labelled,
+        static_macs=dyn.static_macs,
+        static_accuracy=static_acc,
+        dynamic_accuracy=accuracy,
+        dynamic_macs_fraction=macs,
+        thresholds=[round(float(t), 6) for t in dyn.thresholds.flatten()],
+        curve=curve,
+    )

@@ -1,0 +1,290 @@
+"""From whatever data the user gives to model-ready batches, the same way for every stage.
+
+Fine-tuning, calibration and evaluation all go through `open_data` (a folder, zip, torchvision
+name, tensors or a Dataset, checked against the model's classes) and `Batches` (deterministic
+epochs, optional augmentation, sharded over DDP ranks). Small images are decoded once into a
+uint8 tensor and augmented on whole batches; large ones stream through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dynify.errors import DataError
+from dynify.runtime.model import DynamicModel
+from dynify.train.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SMALL_IMAGE_MAX,
+    TensorImageDataset,
+    load_dataset,
+    make_transforms,
+    random_crop_flip,
+    to_tensor_dataset,
+)
+
+# Decode a data set into memory up to this many bytes of uint8 pixels (CIFAR-10: 150 MB).
+DECODE_LIMIT_BYTES = 2 << 30
+
+
+@dataclass
+class Preprocessing:
+    """How raw images become model inputs: resize to `input_size`, scale to [0, 1], normalise."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+def resolve_preprocessing(
+    dyn: DynamicModel,
+    *,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocessing:
+    """Explicit values first, then what fine-tuning stored in the artifact, then the weights'
+    metadata (torchvision/timm pretrained), then ImageNet's mean and std at the model's size."""
+    stored = dyn.spec.get("preprocessing") or {}
+    meta = _weights_preprocessing(dyn.spec.get("model") or {})
+    size = input_size or stored.get("input_size") or dyn.input_shape[-1]
+    channels = dyn.input_shape[0]
+    default_mean, default_std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+    )
+    mean = mean or stored.get("mean") or meta.get("mean") or default_mean
+    std = std or stored.get("std") or meta.get("std") or default_std
+    if len(mean) != len(std) or len(mean) not in (1, channels):
+        raise DataError(
+            f"--mean and --std need one value per input channel ({channels}); got {len(mean)} "
+            f"and {len(std)}."
+        )
+    if any(s <= 0 for s in std):
+        raise DataError(f"--std values must be positive, got {list(std)}.")
+    return Preprocessing(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def _weights_preprocessing(ref: dict[str, Any]) -> dict[str, Any]:
+    if ref.get("weights") != "pretrained":
+        return {}
+    try:
+        if ref.get("kind") == "torchvision":
+            import torchvision.models as tvm
+
+            preset = tvm.get_model_weights(ref["name"]).DEFAULT.transforms()
+            return {"mean": preset.mean, "std": preset.std}
+        if ref.get("kind") == "timm":
+            import timm
+
+            cfg = timm.get_pretrained_cfg(ref["name"])
+            return {"mean": cfg.mean, "std": cfg.std} if cfg else {}
+    except Exception:  # metadata is a convenience; the defaults still apply
+        return {}
+    return {}
+
+
+def source_key(data: Any, split: str | None) -> str | None:
+    """A stable name for a path data source, to recognise the same data in a later command."""
+    if isinstance(data, str | os.PathLike):
+        path = os.path.abspath(os.path.expanduser(os.fspath(data)))
+        name = path if os.path.exists(path) else os.fspath(data)
+        return f"{name}::{split or ''}"
+    return None
+
+
+def open_data(
+    data: Any, dyn: DynamicModel, *, split: str | None = None, decode: bool = True
+) -> Dataset:
+    """A labelled (or unlabelled: label -1) data set, its classes checked against the model.
+
+    Folders, zips and torchvision names load raw images; small ones (up to 64 px) are decoded
+    once into a uint8 tensor when `decode`, which makes epochs cheap.
+    """
+    if isinstance(data, Dataset):
+        dataset = data
+        classes = _classes(dataset)
+        if classes is not None and len(classes) not in (0, dyn.num_classes):
+            raise DataError(
+                f"The data set has {len(classes)} classes but the model has {dyn.num_classes}."
+            )
+    else:
+        dataset = load_dataset(data, split=split, num_classes=dyn.num_classes)
+    if len(dataset) == 0:
+        raise DataError("The data set is empty: there is nothing to train or measure on.")
+    _check_labels(dataset, dyn.num_classes)
+    if decode and not isinstance(_base(dataset), TensorImageDataset):
+        first = dataset[0][0]
+        size = getattr(first, "size", None)
+        if isinstance(size, tuple) and max(size) <= SMALL_IMAGE_MAX:
+            pixels = len(dataset) * 3 * size[0] * size[1]
+            if pixels <= DECODE_LIMIT_BYTES:
+                dataset = to_tensor_dataset(dataset)
+    return dataset
+
+
+def _check_labels(dataset: Dataset, num_classes: int) -> None:
+    base = _base(dataset)
+    targets = getattr(base, "targets", None)
+    if isinstance(base, TensorImageDataset) and targets is not None and len(targets):
+        top = int(targets.max())
+        if top >= num_classes:
+            raise DataError(
+                f"A label is {top} but the model has {num_classes} classes (labels 0 to "
+                f"{num_classes - 1}). Remap the labels or use a model with a matching head."
+            )
+
+
+def _base(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _classes(dataset: Dataset) -> list | None:
+    return getattr(_base(dataset), "classes", None)
+
+
+def _tensor_parts(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(images, labels, indices) when the data are tensors in memory, else None."""
+    indices = None
+    while isinstance(dataset, Subset):
+        step = torch.as_tensor(dataset.indices, dtype=torch.long)
+        indices = step if indices is None else step[indices]
+        dataset = dataset.dataset
+    if not isinstance(dataset, TensorImageDataset) or dataset.transform is not None:
+        return None
+    n = len(dataset)
+    targets = dataset.targets
+    if targets is None:
+        targets = torch.full((n,), -1, dtype=torch.long)
+    return dataset.images, targets, torch.arange(n) if indices is None else indices
+
+
+class _Transformed(Dataset):
+    def __init__(self, dataset: Dataset, transform: Any):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+class Batches:
+    """Deterministic batches of (inputs, labels) for one data set.
+
+    Epoch e's order and augmentation depend only on (seed, e), so a resumed run sees exactly the
+    batches the interrupted one would have. With `world` > 1 every rank draws the same global
+    batch and keeps its own slice, so gradients averaged over ranks equal one process's.
+    uint8 tensors are scaled and normalised; float tensors are taken as ready model inputs.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        pre: Preprocessing,
+        *,
+        batch_size: int,
+        train: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+    ):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}.")
+        self.dataset, self.pre = dataset, pre
+        self.batch_size, self.train, self.augment = batch_size, train, augment
+        self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
+        self.tensors = _tensor_parts(dataset)
+        n = len(dataset)
+        self.drop_last = train and n >= batch_size
+        self.num_batches = n // batch_size if self.drop_last else math.ceil(n / batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def has_labels(self) -> bool:
+        if self.tensors is not None:
+            return bool((self.tensors[1] >= 0).any())
+        return True
+
+    def epoch(self, epoch: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of epoch `epoch`, the first `skip` of them drawn but not returned."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        source = self._tensor_epoch(generator) if self.tensors else self._loader_epoch(generator)
+        for b, (x, y) in enumerate(source):
+            if b < skip:
+                continue
+            if self.world > 1:
+                x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+            yield x, y
+
+    def _tensor_epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        images, targets, indices = self.tensors
+        n = len(indices)
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        for b in range(self.num_batches):
+            idx = indices[order[b * self.batch_size : (b + 1) * self.batch_size]]
+            x = images[idx]
+            if self.augment:
+                x = random_crop_flip(x, padding=max(1, x.shape[-1] // 8), generator=generator)
+            yield self._finish(x), targets[idx]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+            mean = torch.tensor(self.pre.mean).view(1, -1, 1, 1)
+            std = torch.tensor(self.pre.std).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        elif not x.is_floating_point():
+            raise DataError(f"Image tensors must be uint8 or float, got {x.dtype}.")
+        size = self.pre.input_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return x
+
+    def _loader_epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        pre = self.pre
+        transform = make_transforms(
+            input_size=pre.input_size, mean=pre.mean, std=pre.std, train=self.augment
+        )
+        dataset = self.dataset
+        if _needs_transform(dataset):
+            dataset = _Transformed(dataset, transform)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=self.train,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
+        for x, y in loader:
+            yield x, torch.as_tensor(y, dtype=torch.long)
+
+
+def _needs_transform(dataset: Dataset) -> bool:
+    """Raw PIL images (our loaders with transform=None) need the transforms; others are ready."""
+    sample = dataset[0][0]
+    return not isinstance(sample, torch.Tensor)
+
+
+def collect_labels(dataset: Dataset) -> torch.Tensor | None:
+    parts = _tensor_parts(dataset)
+    return None if parts is None else parts[1][parts[2]]

@@ -1,0 +1,576 @@
+"""Fine-tuning a dynamic model's new parts by self-distillation from the static network.
+
+The loop knows nothing about strategies: each batch it asks the model for
+`training_loss(x, teacher_logits, labels, budget)` and steps the optimizer. Two modes:
+
+- `heads`: the static network is frozen (eval mode, no gradients) and only the parts the
+  conversion added learn. The frozen network *is* the teacher, so for early exits one forward
+  pass gives both the teacher's logits and the features every head trains on.
+- `joint`: everything learns; a frozen copy of the model taken before training is the teacher,
+  which keeps the final exit faithful to the original network.
+
+Runs are reproducible (epoch e's batches depend only on the seed and e), write an atomic
+checkpoint after every epoch (and on Ctrl-C or SIGTERM), and resume bit-exactly. Under
+`torchrun` the loop trains with DistributedDataParallel (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from dynify.errors import DataError, DynifyError
+from dynify.runtime.model import DynamicModel
+from dynify.train.batches import (
+    Batches,
+    Preprocessing,
+    open_data,
+    resolve_preprocessing,
+    source_key,
+)
+from dynify.train.data import split_dataset
+
+MODES = ("heads", "joint")
+SCHEDULES = ("cosine", "onecycle", "constant")
+CHECKPOINT_FORMAT = "dynify-checkpoint-1"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that decides the result of a run; a resumed run must match it."""
+
+    mode: str = "heads"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float | None = None  # heads: 3e-3 (AdamW); joint: 0.01 (SGD), new parts 10x
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup: float = 0.05  # fraction of steps
+    seed: int = 0
+    augment: bool = True
+    kd_temperature: float = 3.0
+    label_weight: float = 0.5
+    budget: float | None = None
+    calibration_fraction: float = 0.1
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise DynifyError(f"Unknown fine-tuning mode '{self.mode}'; choose one of {MODES}.")
+        if self.schedule not in SCHEDULES:
+            raise DynifyError(f"Unknown schedule '{self.schedule}'; choose one of {SCHEDULES}.")
+        if self.epochs < 1:
+            raise DynifyError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.lr is not None and not self.lr > 0:
+            raise DynifyError(f"The learning rate must be positive, got {self.lr}.")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise DataError(
+                f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}."
+            )
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise DynifyError(f"budget must be in (0, 1], got {self.budget}.")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (3e-3 if self.mode == "heads" else 0.01)
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did: per-epoch metrics, wall time and the held-out calibration part."""
+
+    config: FinetuneConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    epochs_run: int = 0
+    resumed_from: int | None = None
+    calibration_data: Dataset | None = None
+    preprocessing: Preprocessing | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "history": self.history,
+            "seconds": round(self.seconds, 2),
+            "epochs_run": self.epochs_run,
+            "resumed_from": self.resumed_from,
+        }
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (`kill`) while training: handled like Ctrl-C, a checkpoint is written first."""
+
+
+def finetune(
+    dyn: DynamicModel,
+    data: Any,
+    *,
+    mode: str = "heads",
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float | None = None,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    seed: int = 0,
+    augment: bool = True,
+    teacher: nn.Module | None = None,
+    label_weight: float = 0.5,
+    kd_temperature: float = 3.0,
+    budget: float | None = None,
+    split: str | None = None,
+    calibration_fraction: float = 0.1,
+    preprocessing: Preprocessing | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    num_workers: int = 0,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `dyn` in place by self-distillation; returns the run's history.
+
+    `data`: an ImageFolder directory, a zip of one, a torchvision data set name, tensors
+    (`images` or `(images, labels)`; uint8 images are normalised, float ones used as they are)
+    or a Dataset. A deterministic `calibration_fraction` of it is held out (returned as
+    `result.calibration_data`) and never trained on; 0 trains on everything.
+
+    `mode`: "heads" (the static network frozen: fast) or "joint" (everything trains, distilled
+    from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module).
+    Labels are used where present (weight `label_weight`), never required.
+
+    `checkpoint`: a file written atomically after every epoch and on interrupt; with `resume`
+    the run continues from it and ends with exactly the weights of an uninterrupted run.
+    `callback(info)` is called after every optimizer step (info: epoch, step, metrics).
+    """
+    config = FinetuneConfig(
+        mode=mode,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        seed=seed,
+        augment=augment,
+        kd_temperature=kd_temperature,
+        label_weight=label_weight,
+        budget=budget,
+        calibration_fraction=calibration_fraction,
+    )
+    config.validate()
+    if not hasattr(dyn, "training_loss"):
+        raise DynifyError(
+            f"{type(dyn).__name__} has no training_loss(); strategy '{dyn.strategy}' cannot be "
+            "fine-tuned yet."
+        )
+    if resume and checkpoint is None:
+        raise DynifyError("resume=True needs the checkpoint path of the interrupted run.")
+    rank, world = _init_distributed()
+    if batch_size % world:
+        raise DynifyError(f"batch_size {batch_size} must be divisible by the {world} processes.")
+    pre = preprocessing or resolve_preprocessing(dyn)
+    dataset = open_data(data, dyn, split=split, decode=False)
+    fit, calibration = dataset, None
+    if calibration_fraction > 0:
+        fit, calibration = split_dataset(dataset, calibration_fraction, seed)
+    fit = open_data(fit, dyn)  # small images: decoded once, only the part that trains
+    batches = Batches(
+        fit,
+        pre,
+        batch_size=batch_size,
+        train=True,
+        augment=augment,
+        seed=seed,
+        rank=rank,
+        world=world,
+        num_workers=num_workers,
+    )
+    result = FinetuneResult(config, calibration_data=calibration, preprocessing=pre)
+    if mode == "joint" and teacher is None:
+        teacher = copy.deepcopy(dyn).eval()
+        static_teacher: Callable[[torch.Tensor], torch.Tensor] | None = _static_call(teacher)
+    elif teacher is not None:
+        static_teacher = teacher.eval()
+    else:
+        static_teacher = None  # heads mode: the frozen network is its own teacher
+    if teacher is not None:
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    flags = [p.requires_grad for p in dyn.parameters()]
+    try:
+        trainable = _set_trainable(dyn, mode)
+        optimizer = _optimizer(dyn, trainable, config)
+        total_steps = config.epochs * len(batches)
+        start_epoch, skip, step = 0, 0, 0
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        if resume and ckpt is not None:
+            state = _load_checkpoint(ckpt, config, len(fit))
+            dyn.load_state_dict(state["weights"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, skip, step = state["epoch"], state["batch"], state["step"]
+            result.history = list(state["history"])
+            result.resumed_from = start_epoch
+            torch.set_rng_state(state["rng"])
+        loss_module = _LossModule(dyn, config)
+        runner: nn.Module = loss_module
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            runner = DistributedDataParallel(
+                loss_module, find_unused_parameters=not hasattr(dyn, "exit_logits")
+            )
+        started = time.perf_counter()
+        epoch, batch = start_epoch, skip
+        with _progress(progress and rank == 0) as bar, _sigterm_raises():
+            try:
+                for epoch in range(start_epoch, config.epochs):
+                    if epoch != start_epoch or skip == 0:
+                        torch.manual_seed(config.seed * 7919 + epoch)
+                    _train_mode(dyn, mode)
+                    sums: dict[str, float] = {}
+                    seen = 0
+                    task = bar.start(epoch, config.epochs, len(batches), skip)
+                    batch = skip if epoch == start_epoch else 0
+                    for x, y in batches.epoch(epoch, skip=batch):
+                        _set_lr(optimizer, config, step, total_steps)
+                        teacher_logits = None
+                        if static_teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = static_teacher(x)
+                        loss, metrics = runner(x, teacher_logits, y)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        step += 1
+                        batch += 1
+                        seen += 1
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        shown = {k: v / seen for k, v in sums.items()}
+                        bar.advance(task, shown)
+                        if callback is not None:
+                            callback({"epoch": epoch, "step": step, "batch": batch, **metrics})
+                    record = {
+                        "epoch": epoch + 1,
+                        **{k: round(v / max(seen, 1), 5) for k, v in sums.items()},
+                    }
+                    if skip and epoch == start_epoch:
+                        record["partial_resume"] = 1.0
+                    result.history.append(record)
+                    result.epochs_run += 1
+                    batch = 0
+                    if ckpt is not None and rank == 0:
+                        _save_checkpoint(
+                            ckpt, dyn, optimizer, config, epoch + 1, 0, step, result, len(fit)
+                        )
+                    skip = 0
+            except KeyboardInterrupt:
+                if ckpt is not None and rank == 0:
+                    _save_checkpoint(
+                        ckpt, dyn, optimizer, config, epoch, batch, step, result, len(fit)
+                    )
+                raise
+    finally:
+        dyn.eval()
+        for p, flag in zip(dyn.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    result.seconds = time.perf_counter() - started
+    dyn.spec["preprocessing"] = pre.to_dict()
+    dyn.spec["finetune"] = {
+        "mode": mode,
+        "epochs": config.epochs,
+        "seed": seed,
+        "calibration_fraction": calibration_fraction,
+        "data": source_key(data, split),
+        "samples": len(fit),
+        "seconds": round(result.seconds, 1),
+    }
+    return result
+
+
+def _static_call(model: DynamicModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with model.static():
+            return model(x)
+
+    return call
+
+
+class _LossModule(nn.Module):
+    """Puts `training_loss` behind `forward`, which is what DistributedDataParallel wraps."""
+
+    def __init__(self, dyn: DynamicModel, config: FinetuneConfig):
+        super().__init__()
+        self.dyn = dyn
+        self.config = config
+
+    def forward(self, x, teacher_logits, labels):
+        kwargs = {}
+        if hasattr(self.dyn, "exit_logits"):
+            kwargs = {
+                "kd_temperature": self.config.kd_temperature,
+                "label_weight": self.config.label_weight,
+            }
+        loss, metrics = self.dyn.training_loss(
+            x, teacher_logits, labels, self.config.budget, **kwargs
+        )
+        accs = [v for k, v in metrics.items() if k.startswith("acc_") and k != "acc_final"]
+        if "acc" not in metrics and accs:
+            metrics = {**metrics, "acc": sum(accs) / len(accs)}
+        return loss, metrics
+
+
+# --- what trains -----------------------------------------------------------------------------
+
+
+def static_parameter_names(dyn: DynamicModel) -> set[str]:
+    """The parameters the static network uses: those that get a gradient inside `static()`.
+
+    A strategy may say so itself with `static_parameter_names()`; otherwise one tiny forward
+    and backward pass finds them, so any strategy's new parts are told apart from the backbone.
+    """
+    own = getattr(dyn, "static_parameter_names", None)
+    if callable(own):
+        return set(own())
+    named = [(n, p) for n, p in dyn.named_parameters()]
+    was_training = dyn.training
+    dyn.eval()
+    try:
+        x = torch.zeros(1, *dyn.input_shape)
+        with torch.enable_grad(), dyn.static():
+            out = dyn(x)
+        grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+    finally:
+        dyn.train(was_training)
+    return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
+
+
+def _set_trainable(dyn: DynamicModel, mode: str) -> list[tuple[str, nn.Parameter]]:
+    static = static_parameter_names(dyn) if mode == "heads" else set()
+    trainable = []
+    for name, p in dyn.named_parameters():
+        p.requires_grad_(name not in static)
+        if p.requires_grad:
+            trainable.append((name, p))
+    if not trainable:
+        raise DynifyError("This model has no parameters outside the static network to train.")
+    return trainable
+
+
+def _train_mode(dyn: DynamicModel, mode: str) -> None:
+    """joint: all in train mode. heads: eval everywhere (BN statistics of the frozen network
+    stay as they are) except the largest submodules whose parameters all train."""
+    if mode == "joint":
+        dyn.train()
+        return
+    dyn.eval()
+
+    def visit(module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and all(p.requires_grad for p in params):
+            module.train()
+            return
+        for child in module.children():
+            visit(child)
+
+    for child in dyn.children():
+        visit(child)
+
+
+def _optimizer(
+    dyn: DynamicModel, trainable: list[tuple[str, nn.Parameter]], config: FinetuneConfig
+) -> torch.optim.Optimizer:
+    lr = config.learning_rate
+    if config.mode == "heads":
+        params = [p for _, p in trainable]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    static = static_parameter_names(dyn)
+    backbone = [p for n, p in trainable if n in static]
+    new = [p for n, p in trainable if n not in static]
+    groups = [{"params": backbone, "lr": lr, "scale": 1.0}]
+    if new:
+        groups.append({"params": new, "lr": lr * 10, "scale": 10.0})
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> float:
+    """The learning-rate multiplier at `step` of `total` (per step, so resume needs only `step`)."""
+    t = min(step / max(total, 1), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "onecycle":
+        peak = 0.3
+        if t < peak:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * t / peak)) / 2
+        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * (t - peak) / (1 - peak))) / 2
+    if warmup > 0 and t < warmup:
+        return (t + 1 / max(total, 1)) / warmup
+    return (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-8))) / 2
+
+
+def _set_lr(
+    optimizer: torch.optim.Optimizer, config: FinetuneConfig, step: int, total: int
+) -> None:
+    factor = lr_factor(config.schedule, step, total, config.warmup)
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * group.get("scale", 1.0) * factor
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    path: Path,
+    dyn: DynamicModel,
+    optimizer: torch.optim.Optimizer,
+    config: FinetuneConfig,
+    epoch: int,
+    batch: int,
+    step: int,
+    result: FinetuneResult,
+    samples: int,
+) -> None:
+    """Tensors and plain Python values only (loads with weights_only=True); tmp + os.replace."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(config),
+        "samples": samples,
+        "epoch": epoch,
+        "batch": batch,
+        "step": step,
+        "history": [dict(h) for h in result.history],
+        "weights": {k: v.detach().clone() for k, v in dyn.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, config: FinetuneConfig, samples: int) -> dict[str, Any]:
+    if not path.is_file():
+        raise DynifyError(f"No checkpoint at '{path}' to resume from.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DynifyError(
+            f"Checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}."
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DynifyError(f"'{path}' is not a dynify fine-tuning checkpoint.")
+    saved = state["config"]
+    differs = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
+    if differs or state["samples"] != samples:
+        detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differs.items())
+        if state["samples"] != samples:
+            detail += (
+                f"{', ' if detail else ''}samples: checkpoint {state['samples']}, now {samples}"
+            )
+        raise DynifyError(
+            f"The checkpoint '{path}' belongs to a different run ({detail}). Resume with the "
+            "same data and options, or start afresh without --resume."
+        )
+    return state
+
+
+def load_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights stored in a checkpoint (to inspect or load them elsewhere)."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return state["weights"]
+
+
+# --- distributed, signals, progress ----------------------------------------------------------
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    if (
+        dist.is_available()
+        and not dist.is_initialized()
+        and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """`kill` (SIGTERM) stops the run like Ctrl-C does: checkpoint first, then exit."""
+
+    def handler(signum, frame):
+        raise Interrupted("terminated")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Bar:
+    def __init__(self, progress):
+        self.progress = progress
+
+    def start(self, epoch: int, epochs: int, total: int, done: int):
+        if self.progress is None:
+            return None
+        return self.progress.add_task(
+            f"epoch {epoch + 1}/{epochs}", total=total, completed=done, loss=float("nan"), acc=0.0
+        )
+
+    def advance(self, task, metrics: dict[str, float]) -> None:
+        if self.progress is None:
+            return
+        self.progress.update(
+            task, advance=1, loss=metrics.get("loss", float("nan")), acc=metrics.get("acc", 0.0)
+        )
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[_Bar]:
+    if not enabled:
+        yield _Bar(None)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        yield _Bar(progress)

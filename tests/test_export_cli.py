@@ -1,0 +1,231 @@
+"""`dynify export` / `dynify bench` and the public export API on converted models.
+
+One CIFAR ResNet-20 artifact (2 exits, random non-zero heads, BN statistics settled on random
+inputs so logits are O(1) like a trained model's) is exported once per module and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import dynify
+from dynify.cli import app
+from dynify.errors import ExportError
+from dynify.export import export_onnx_report, verification_inputs
+from dynify.export.bench import bench, threshold_cases
+from dynify.export.onnx import count_executed_ops, verify_onnx
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def flat(output: str) -> str:
+    """The output without rich's borders and line wrapping."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def settle(dyn: dynify.DynamicModel, head_std: float = 0.5) -> dynify.DynamicModel:
+    """BN statistics from random inputs and random heads: exits fire, logits stay O(1)."""
+    torch.manual_seed(0)
+    for module in dyn.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    dyn.train()
+    with torch.no_grad(), dyn.static():
+        dyn(torch.randn(16, *dyn.input_shape))
+    for head in dyn.heads:
+        nn.init.normal_(head.classifier.weight, std=head_std)
+    return dyn.eval()
+
+
+def convs(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    dyn = dynify.convert("cifar_resnet20", weights="random", options={"exits": 2})
+    path = tmp_path_factory.mktemp("cli") / "r20.dyn"
+    dynify.save(settle(dyn), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(artifact: Path):
+    """`dynify export ARTIFACT --format onnx` once: (result, onnx path)."""
+    out = artifact.with_name("r20-exported.onnx")
+    result = run("export", str(artifact), "--format", "onnx", "--out", str(out))
+    return result, out
+
+
+def test_export_prints_the_check_and_writes_if_nodes(exported):
+    result, path = exported
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "Parity OK" in text and "15 cases" in text  # 5 threshold settings x 3 inputs
+    assert "If nodes: 2" in text
+    for case in ("exit 0", "exit 1", "final", "all 0.5", "default"):
+        assert case in text
+    model = onnx.load(path)
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == 1  # exit 0 at the top, exit 1 nested in its else branch
+    nested = [n for a in ifs[0].attribute for n in a.g.node if n.op_type == "If"]
+    assert len(nested) == 1
+    assert [i.name for i in model.graph.input] == ["x", "thresholds"]
+
+
+def test_exported_graph_matches_eager_at_every_threshold(exported, artifact):
+    _, path = exported
+    dyn = dynify.load(artifact)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # thresholds halfway between two samples' scores split the batch
+        scores = [torch.softmax(lg, -1).amax(-1).sort().values for lg in dyn.exit_logits(x)[:2]]
+    mid = [float(s[7:9].mean()) for s in scores]
+    cases = [[0.0, 0.0], [0.5, 0.5], mid, [1.01, 1.01]]
+    report = verify_onnx(dyn, path, [x[:1], x], cases)
+    assert report.ok, str(report)
+    assert report.max_abs_diff <= 1e-4
+    batch_exits = [set(c.exits_onnx) for c in report.cases if c.batch == 16]
+    assert batch_exits[0] == {0} and batch_exits[-1] == {2}  # all-early, all-to-the-end
+    assert len(batch_exits[2]) >= 2  # mid thresholds split the batch over exits
+
+
+def test_threshold_input_decides_how_many_convs_run(exported, artifact):
+    _, path = exported
+    dyn = dynify.load(artifact)
+    per_segment = [convs(s) for s in dyn.segments]
+    assert per_segment[0] > 0 and sum(per_segment) == 19  # ResNet-20: 19 convs
+    x = torch.randn(1, 3, 32, 32)
+    assert count_executed_ops(path, x, [0.0, 0.0]) == per_segment[0]
+    assert count_executed_ops(path, x, [1.01, 0.0]) == sum(per_segment[:2])
+    assert count_executed_ops(path, x, [1.01, 1.01]) == 19
+    ran_default = count_executed_ops(path, x)  # the calibrated 0.9 from the graph's default
+    dyn(x)
+    assert ran_default == sum(per_segment[: int(dyn.last_exit[0]) + 1])
+
+
+def test_export_pt2_is_checked_and_loads_with_torch_alone(artifact):
+    out = artifact.with_name("r20.pt2")
+    result = run("export", str(artifact), "--format", "pt2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "Parity OK" in flat(result.output)
+    code = (
+        "import sys, torch; p = torch.export.load(sys.argv[1]).module(); torch.set_grad_enabled(False); "
+        "l, e = p(torch.randn(3, 3, 32, 32), torch.tensor([1.01, 0.0])); "
+        "assert 'dynify' not in sys.modules; print(tuple(l.shape), e.tolist())"
+    )
+    alone = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.split() == ["(3,", "10)", "[1,", "1,", "1]"]
+    program = torch.export.load(out).module()
+    dyn = dynify.load(artifact)
+    x = torch.randn(4, 3, 32, 32)
+    for thr in ([0.0, 0.0], [1.01, 1.01]):
+        dyn.set_thresholds(thr)
+        with torch.no_grad():
+            logits, exits = program(x, torch.tensor(thr))
+            torch.testing.assert_close(logits, dyn(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(exits, dyn.last_exit)
+
+
+def test_bench_eager_prints_a_table_with_the_static_row(artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(
+        "bench", str(artifact), "--format", "eager", "--runs", "2", "--warmup", "0",
+        "--threads", "1", "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "static" in text and "latency / MAC ratio" in text
+    rows = json.loads(out.read_text())["rows"]
+    dyn = dynify.load(artifact)
+    assert [r["label"] for r in rows] == ["exit 0", "exit 1", "final", "static"]
+    expected = [m / dyn.static_macs for m in dyn.exit_macs()] + [1.0]
+    np.testing.assert_allclose([r["macs_fraction"] for r in rows], expected, rtol=1e-9)
+    assert [r["exits"] for r in rows] == [[0], [1], [2], []]
+    assert rows[-1]["latency_ratio"] == 1.0
+    assert expected[0] < 0.5 < expected[1] < 1.0 < expected[2]  # heads cost a little extra
+    for row in rows:
+        assert row["ratio_to_macs"] == pytest.approx(row["latency_ratio"] / row["macs_fraction"])
+
+
+def test_bench_onnx_uses_the_export_and_checks_its_exits(exported, artifact):
+    _, path = exported
+    dyn = dynify.load(artifact)
+    result = bench(dyn, runtime="onnx", runs=2, warmup=0, threads=1, batch=2, onnx_path=path)
+    assert [r.label for r in result.rows] == ["exit 0", "exit 1", "final", "static"]
+    assert [r.exits for r in result.rows] == [[0], [1], [2], []]
+    assert result.batch == 2 and all(r.latency_ms > 0 for r in result.rows)
+    torch.testing.assert_close(dyn.thresholds, torch.full((2,), 0.9))  # restored
+
+
+def test_bench_channels_last_restores_the_model(artifact):
+    dyn = dynify.load(artifact)
+    result = bench(dyn, runtime="eager", runs=1, warmup=0, threads=1, channels_last=True)
+    assert result.channels_last
+    assert [r.exits for r in result.rows] == [[0], [1], [2], []]
+    conv = next(m for m in dyn.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous()  # back in the default memory format
+    fresh = dynify.load(artifact)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), dyn.static(), fresh.static():
+        torch.testing.assert_close(dyn(x), fresh(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forcing_thresholds_per_exit_and_sweep_fallback(artifact):
+    dyn = dynify.load(artifact)
+    assert threshold_cases(dyn) == [
+        ("exit 0", [0.0, 0.0]),
+        ("exit 1", [1.01, 0.0]),
+        ("final", [1.01, 1.01]),
+    ]
+
+    class Gates(dynify.DynamicModel):  # no exit_macs(): the generic sweep
+        def __init__(self):
+            super().__init__(static_macs=1, input_shape=(3,), num_classes=2)
+            self.register_buffer("thresholds", torch.zeros(3))
+
+    assert [label for label, _ in threshold_cases(Gates())] == [
+        "threshold 0",
+        "threshold 0.5",
+        "threshold 1.01",
+    ]
+
+
+def test_export_errors_are_user_errors(artifact, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ExportError("op `aten.weird` (graph node `weird_1`) has no ONNX translation")
+
+    monkeypatch.setattr("dynify.export.export_onnx_report", refuse)
+    result = run("export", str(artifact))
+    assert result.exit_code == 2
+    assert "weird_1" in flat(result.output)
+    assert run("export", str(artifact), "--format", "tflite").exit_code == 2
+
+
+def test_torchvision_resnet18_export_parity(tmp_path):
+    dyn = dynify.convert("resnet18", weights="random", input_size=64, options={"exits": 2})
+    settle(dyn, head_std=0.05)
+    result = export_onnx_report(dyn, tmp_path / "r18.onnx")
+    assert result.if_nodes == 2
+    assert result.report.ok and result.report.max_abs_diff <= 1e-4, str(result.report)
+    x = verification_inputs(dyn)[2]
+    mid = verify_onnx(dyn, result.path, [x], [[0.5, 0.5], [0.0, 1.01], [1.01, 0.0]])
+    assert mid.ok, str(mid)
+    assert [set(c.exits_onnx) for c in mid.cases][1:] == [{0}, {1}]
