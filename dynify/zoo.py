@@ -7,7 +7,7 @@ it was made (`ModelRef`), so a saved artifact can rebuild the same architecture 
 from __future__ import annotations
 
 import difflib
-import importlib
+import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,12 +85,9 @@ def resolve(name: str) -> ModelRef:
 
 
 def _import_factory(path: str):
-    module_name, _, attr = path.partition(":")
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
+        obj = pkgutil.resolve_name(path)
+    except (ImportError, AttributeError, ValueError) as exc:
         raise ModelError(
             f"Cannot import '{path}': {exc}. The form is 'package.module:factory', where the "
             "package is importable from the current directory or the installed environment."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pkgutil
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -180,16 +181,10 @@ def leaf_options(leaves: Iterable[str]) -> TraceOptions:
     resolved: list[LeafSpec] = []
     for leaf in leaves:
         if ":" in leaf:
-            import importlib
-
-            module_name, _, attr = leaf.partition(":")
             try:
-                obj = importlib.import_module(module_name)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
-            except (ImportError, AttributeError) as exc:
+                resolved.append(pkgutil.resolve_name(leaf))
+            except (ImportError, AttributeError, ValueError) as exc:
                 raise TraceError(f"Leaf module type '{leaf}' cannot be imported: {exc}.") from exc
-            resolved.append(obj)
         else:
             resolved.append(leaf)
     return TraceOptions(leaf_modules=resolved)
