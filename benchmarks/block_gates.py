@@ -1,0 +1,374 @@
+"""CIFAR-10 block-gates benchmark: pretrained CIFAR ResNet-32/-44, each gate kind.
+
+    python benchmarks/block_gates.py --data ../shared/data
+
+Per network and gate kind (function, halting, policy):
+1. convert the pretrained network (`dynify.convert(..., "block-gates")`);
+2. fine-tune jointly on a random subset of the 45k fit part of cifar10/train: the backbone with
+   SGD, the gates / halting units / policy with Adam (a few hundred steps move Adam-trained
+   gates; SGD at the backbone's rate barely moves them), loss = `dyn.training_loss` (KD from the
+   original static network + CE + the compute term towards --budget);
+3. sweep the thresholds on a held-out calibration part of cifar10/train (never test), and pick
+   the cheapest threshold whose calibration accuracy is within 1 point of the fine-tuned static
+   network (`dyn.static()`, the same fine-tuned weights with every block run);
+4. report on cifar10/test: accuracy and MACs at the chosen threshold and at its neighbours, the
+   fine-tuned static network, the original static network; batch-1 CPU latency of the dynamic
+   model at the chosen threshold against the original static module, measured interleaved in
+   the same run (median of N single-image forwards, 1 thread).
+Results go to JSON and a markdown section (benchmarks/block_gates.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import dynify
+from dynify.train.batches import Batches, Preprocessing
+from dynify.train.data import load_dataset, split_dataset, to_tensor_dataset
+from dynify.train.distill import lr_factor
+from dynify.zoo import build_model
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+WEIGHTS = {32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
+# Threshold 1.01 (every block runs) is the fine-tuned static network, measured separately.
+GRIDS = {
+    "function": [0.2, 0.35, 0.5, 0.65, 0.8, 0.9],
+    "policy": [0.2, 0.35, 0.5, 0.65, 0.8, 0.9],
+    "halting": [0.5, 0.7, 0.85, 0.95, 0.99],
+}
+# Published CIFAR-10 ResNet-110 anchors (their own training, original CIFAR images).
+ANCHORS = [
+    (
+        "ConvNet-AIG (Veit & Belongie 2018)",
+        "ResNet-110",
+        "94.2 % (static 93.6 %)",
+        "0.59 (41 % fewer)",
+    ),
+    ("BlockDrop (Wu et al. 2018)", "ResNet-110", "93.6 % (static 93.2 %)", "0.35 (65 % fewer)"),
+    ("SkipNet (Wang et al. 2018)", "ResNet-110", "~93 % (static 93.6 %)", "~0.5 (~50 % fewer)"),
+]
+
+
+def load_cifar(data_dir: Path, cache: Path):
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    zip_path = data_dir / "cifar10-jpeg.zip"
+    train = to_tensor_dataset(load_dataset(zip_path, split="cifar10/train"))
+    test = to_tensor_dataset(load_dataset(zip_path, split="cifar10/test"))
+    torch.save((train, test), cache)
+    return train, test
+
+
+@torch.no_grad()
+def measure(model, batches: Batches, dyn: bool = True) -> tuple[float, float]:
+    """(accuracy, mean MAC fraction) of the real forward pass."""
+    model.eval()
+    hits = total = 0
+    macs = 0.0
+    for x, y in batches.epoch(0):
+        out = model(x)
+        hits += int((out.argmax(-1) == y).sum())
+        total += len(y)
+        if dyn:
+            macs += float(model.last_macs.double().sum())
+    return hits / total, (macs / total / model.static_macs if dyn else 1.0)
+
+
+def train(dyn, teacher, fit, pre, args, budget: float) -> dict:
+    """Joint fine-tuning: SGD for the backbone, Adam for the decision units."""
+    batches = Batches(fit, pre, batch_size=args.batch_size, train=True, augment=True, seed=0)
+    new = [p for n, p in dyn.named_parameters() if ".decider." in n or n.startswith("policy.")]
+    new_ids = {id(p) for p in new}
+    backbone = [p for p in dyn.parameters() if id(p) not in new_ids]
+    sgd = torch.optim.SGD(backbone, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    adam = torch.optim.Adam(new, lr=args.gate_lr)
+    total = min(args.steps, len(batches))
+    start, step, history = time.perf_counter(), 0, []
+    # BN stays in eval mode: running statistics are kept (they would drift towards the gated
+    # features, which would also change `dyn.static()`), affine parameters still learn.
+    dyn.eval()
+    torch.manual_seed(0)
+    for x, y in batches.epoch(0):
+        if step >= total:
+            break
+        factor = lr_factor("cosine", step, total, 0.05)
+        for g in sgd.param_groups:
+            g["lr"] = args.lr * factor
+        for g in adam.param_groups:
+            g["lr"] = args.gate_lr * max(factor, 0.1)
+        with torch.no_grad():
+            target = teacher(x)
+        loss, metrics = dyn.training_loss(x, target, y, budget)
+        sgd.zero_grad()
+        adam.zero_grad()
+        loss.backward()
+        # Early on, closed gates make the distillation loss large; unclipped SGD at lr 0.01
+        # diverged within ten steps, so the backbone's gradient norm is clipped.
+        torch.nn.utils.clip_grad_norm_(backbone, args.clip)
+        sgd.step()
+        adam.step()
+        step += 1
+        if step % 20 == 0 or step == total:
+            history.append({"step": step, **{k: round(v, 4) for k, v in metrics.items()}})
+            print(f"    step {step}/{total}: {history[-1]}", flush=True)
+    dyn.eval()
+    return {
+        "steps": step,
+        "images": step * args.batch_size,
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": history,
+    }
+
+
+@torch.no_grad()
+def latency(static_model, dyn, images: torch.Tensor, repeats: int) -> dict:
+    """Median batch-1 latency (ms) of both models, interleaved image by image, 1 thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        static_model.eval()
+        dyn.eval()
+        for i in range(10):
+            static_model(images[i : i + 1])
+            dyn(images[i : i + 1])
+        ts, td, macs = [], [], []
+        for i in range(repeats):
+            x = images[i % len(images)].unsqueeze(0)
+            t0 = time.perf_counter()
+            static_model(x)
+            t1 = time.perf_counter()
+            dyn(x)
+            t2 = time.perf_counter()
+            ts.append(t1 - t0)
+            td.append(t2 - t1)
+            macs.append(float(dyn.last_macs[0]))
+    finally:
+        torch.set_num_threads(threads)
+    s, d = statistics.median(ts) * 1e3, statistics.median(td) * 1e3
+    return {
+        "static_ms": round(s, 3),
+        "dynamic_ms": round(d, 3),
+        "static_mean_ms": round(statistics.fmean(ts) * 1e3, 3),
+        "dynamic_mean_ms": round(statistics.fmean(td) * 1e3, 3),
+        "ratio_median": round(d / s, 4),
+        "ratio_mean": round(statistics.fmean(td) / statistics.fmean(ts), 4),
+        "macs_fraction": round(statistics.fmean(macs) / dyn.static_macs, 4),
+    }
+
+
+def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
+    name = f"cifar_resnet{depth}"
+    weights = str(args.data / "pretrained" / WEIGHTS[depth])
+    pre = data["pre"]
+    original, _ = build_model(name, weights=weights)
+    original.eval()
+    key = f"{name}/{kind}"
+    print(f"== {key}", flush=True)
+    torch.manual_seed(0)
+    options = {"gate": kind, "budget": args.budget}
+    if args.compute_weight is not None:
+        options["compute_weight"] = args.compute_weight
+    dyn = dynify.convert(name, "block-gates", weights=weights, options=options)
+    res: dict = {
+        "net": name,
+        "gate": kind,
+        "static_macs": dyn.static_macs,
+        "gated_blocks": dyn.num_gates,
+    }
+    if name not in out.setdefault("original", {}):
+        out["original"][name] = measure(original, data["test"], dyn=False)[0]
+    res["original_test_acc"] = out["original"][name]
+    res["settings"] = {"steps": args.steps, "gate_lr": args.gate_lr, "options": options}
+    res["train"] = train(dyn, original, data["fit"], pre, args, args.budget)
+    with dyn.static():
+        res["static_ft_calib_acc"] = measure(dyn, data["calib"], dyn=False)[0]
+    sweep = []
+    for t in GRIDS[kind]:
+        dyn.set_thresholds(t)
+        acc, macs = measure(dyn, data["calib"])
+        sweep.append({"threshold": t, "calib_acc": acc, "calib_macs": macs})
+        print(f"    calib t={t}: acc {acc:.4f} macs {macs:.3f}", flush=True)
+    res["calib_sweep"] = sweep
+    ok = [p for p in sweep if p["calib_acc"] >= res["static_ft_calib_acc"] - 0.01]
+    chosen = (
+        min(ok, key=lambda p: p["calib_macs"]) if ok else max(sweep, key=lambda p: p["calib_acc"])
+    )
+    res["chosen_within_1pt_on_calib"] = bool(ok)
+    res["chosen_threshold"] = chosen["threshold"]
+    with dyn.static():
+        res["static_ft_test_acc"] = measure(dyn, data["test"], dyn=False)[0]
+    grid = GRIDS[kind]
+    j = grid.index(chosen["threshold"])
+    test_points = []
+    for t in sorted({grid[max(j - 1, 0)], grid[j]}):
+        dyn.set_thresholds(t)
+        acc, macs = measure(dyn, data["test"])
+        test_points.append({"threshold": t, "test_acc": acc, "test_macs": macs})
+        print(f"    test t={t}: acc {acc:.4f} macs {macs:.3f}", flush=True)
+    res["test_curve"] = test_points
+    dyn.set_thresholds(chosen["threshold"])
+    res["chosen"] = next(p for p in test_points if p["threshold"] == chosen["threshold"])
+    res["latency"] = latency(original, dyn, data["latency_images"], args.latency_repeats)
+    print(f"    chosen {res['chosen']} latency {res['latency']}", flush=True)
+    out.setdefault("runs", {})[key] = res
+
+
+def markdown(out: dict) -> str:
+    args = out["args"]
+    lines = [
+        "## Block gates on CIFAR-10 (ResNet-32 / ResNet-44, pretrained, JPEG CIFAR-10)",
+        "",
+        f"Produced by `python benchmarks/block_gates.py {args['cmdline']}` on {out['machine']} "
+        f"({out['date']}). Fine-tuning: joint, {args['steps']} steps of batch "
+        f"{args['batch_size']} with flip/crop augmentation, drawn from the 45k fit part of "
+        f"cifar10/train (so {args['steps'] * args['batch_size']:,} images, "
+        f"{args['steps'] * args['batch_size'] / 45000:.2f} epoch), backbone SGD lr "
+        f"{args['lr']} cosine (gradient norm clipped at {args['clip']}), gates Adam lr "
+        f"{args['gate_lr']}, training budget "
+        f"{args['budget']} of the static MACs. Thresholds: swept on {args['calib']} held-out "
+        "cifar10/train images; the chosen one is the cheapest within 1 point of the fine-tuned "
+        "static network there. All accuracies below are on cifar10/test (5,000 JPEG images). "
+        "Batch-norm statistics are frozen during fine-tuning.",
+        "",
+        "'static (fine-tuned)' is `dyn.static()` after fine-tuning: the same weights with every "
+        "block run. Latency: batch 1, 1 thread, median over single images, dynamic and the "
+        "original static module interleaved in the same process; 'latency fall / MAC fall' is "
+        "(1 - latency ratio) / (1 - MAC fraction).",
+        "",
+        "| net | gate | original | static (fine-tuned) | dynamic | MACs (of static) | "
+        "threshold | batch-1 latency dyn / static | latency fall / MAC fall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for res in out.get("runs", {}).values():
+        c, lat = res["chosen"], res["latency"]
+        saved = 1 - c["test_macs"]
+        fall = f"{(1 - lat['ratio_median']) / saved:.2f}" if saved > 0.01 else "n/a"
+        lines.append(
+            f"| {res['net'].replace('cifar_', '')} | {res['gate']} | "
+            f"{res['original_test_acc']:.2%} | {res['static_ft_test_acc']:.2%} | "
+            f"{c['test_acc']:.2%} | {c['test_macs']:.3f} | {res['chosen_threshold']} | "
+            f"{lat['dynamic_ms']:.2f} / {lat['static_ms']:.2f} ms = {lat['ratio_median']:.3f} | "
+            f"{fall} |"
+        )
+    overrides = [
+        f"{r['net']}/{r['gate']}: gate lr {r['settings']['gate_lr']}, compute_weight "
+        f"{r['settings']['options'].get('compute_weight', 20.0)}"
+        for r in out.get("runs", {}).values()
+        if "settings" in r
+        and (
+            r["settings"]["gate_lr"] != args["gate_lr"]
+            or "compute_weight" in r["settings"]["options"]
+        )
+    ]
+    if overrides:
+        lines += ["", "Runs with other settings than the header's: " + "; ".join(overrides) + "."]
+    for rerun in out.get("reruns", []):
+        lines += ["", f"Re-run (replacing those rows): `python benchmarks/block_gates.py {rerun}`."]
+    lines += [
+        "",
+        "Accuracy vs MACs on cifar10/test at the chosen threshold and the next cheaper one "
+        "(threshold > 1 is the fine-tuned static column above):",
+        "",
+    ]
+    lines += [
+        "| net | gate | threshold | test accuracy | MACs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for res in out.get("runs", {}).values():
+        for p in res["test_curve"]:
+            lines.append(
+                f"| {res['net'].replace('cifar_', '')} | {res['gate']} | {p['threshold']} | "
+                f"{p['test_acc']:.2%} | {p['test_macs']:.3f} |"
+            )
+    lines += ["", "Calibration sweeps (held-out cifar10/train) are in the JSON file.", ""]
+    lines += [
+        "Published anchors (CIFAR-10 ResNet-110, trained for hundreds of epochs on the original "
+        "images; not comparable in absolute accuracy with the JPEG split used here):",
+        "",
+        "| method | network | accuracy | MACs of static |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ANCHORS]
+    return "\n".join(lines) + "\n"
+
+
+def vars_cmdline(args: argparse.Namespace) -> str:
+    return " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if k in ("nets", "gates", "steps", "gate_lr", "compute_weight")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/dynify-cifar10-uint8.pt"))
+    parser.add_argument("--nets", type=int, nargs="+", default=[32, 44])
+    parser.add_argument("--gates", nargs="+", default=["function", "halting", "policy"])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--clip", type=float, default=2.0)
+    parser.add_argument("--compute-weight", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--gate-lr", type=float, default=0.02)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--calib", type=int, default=1000)
+    parser.add_argument("--latency-repeats", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--test-limit", type=int, default=None, help="smoke runs only")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/block_gates.json"))
+    parser.add_argument("--md", type=Path, default=Path("benchmarks/block_gates.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train_set, test_set = load_cifar(args.data, args.cache)
+    fraction = args.calib / len(train_set)
+    fit, calib = split_dataset(train_set, fraction, seed=0)
+    pre = Preprocessing(32, MEAN, STD)
+    if args.test_limit:
+        test_set = torch.utils.data.Subset(test_set, list(range(args.test_limit)))
+    test_b = Batches(test_set, pre, batch_size=500)
+    latency_images = next(iter(Batches(test_set, pre, batch_size=args.latency_repeats).epoch(0)))[0]
+    data = {
+        "pre": pre,
+        "fit": fit,
+        "calib": Batches(calib, pre, batch_size=500),
+        "test": test_b,
+        "latency_images": latency_images,
+    }
+    out: dict = {
+        "args": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "cmdline": " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items()
+                if k in ("nets", "gates", "steps", "budget")
+            ),
+        },
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} threads",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    if args.json.is_file():  # accumulate runs made in several invocations
+        previous = json.loads(args.json.read_text())
+        out["runs"] = previous.get("runs", {})
+        out["original"] = previous.get("original", {})
+        out["args"] = previous.get("args", out["args"])  # the header describes the first run
+        out.setdefault("reruns", previous.get("reruns", [])).append(vars_cmdline(args))
+    for depth in args.nets:
+        for kind in args.gates:
+            run(depth, kind, args, data, out)
+            args.json.write_text(json.dumps(out, indent=1))
+            args.md.write_text(markdown(out))
+    print(markdown(out))
+
+
+if __name__ == "__main__":
+    main()

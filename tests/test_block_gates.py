@@ -1,0 +1,362 @@
+"""Block gates (function, halting, policy): static equivalence, real skipping, budgets, ONNX."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynify
+from dynify.errors import StrategyError
+from dynify.models.cifar_resnet import CifarResNet, cifar_resnet20
+from tests.conftest import randomize_bn
+
+KINDS = ("function", "halting", "policy")
+
+
+class TwoStages(nn.Module):
+    """Four residual blocks in two stages: identity shortcuts and one 1x1 projection."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b0 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.b2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16))
+        self.down = nn.Conv2d(8, 16, 1, stride=2)
+        self.b3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.b4 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.b0(x))
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(self.down(x) + self.b2(x))
+        x = torch.relu(x + self.b3(x))
+        x = torch.relu(x + self.b4(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def two_stages() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TwoStages())
+
+
+def spread_deciders(dyn, seed: int = 0):
+    """Random, sample-dependent decision units (fresh gates are open for every sample)."""
+    generator = torch.Generator().manual_seed(seed)
+    units = [g.decider for g in dyn.gates if g.decider is not None]
+    if dyn.policy is not None:
+        units.append(dyn.policy.fc)
+    with torch.no_grad():
+        for unit in units:
+            for name, p in unit.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 4.0 / p.shape[-1] ** 0.5)
+    return dyn
+
+
+def branch_conv_calls(dyn) -> tuple[dict[int, list[int]], list[int]]:
+    """Per gate, a counter of calls to the convs of its branch and of its shortcut."""
+    calls: dict[int, list[int]] = {}
+    short: list[int] = [0]
+    for gate in dyn.gates:
+        counter = calls.setdefault(gate.index, [0])
+        for module in gate.branch.modules():
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_hook(lambda *_, c=counter: c.__setitem__(0, c[0] + 1))
+        if gate.shortcut is not None:
+            for module in gate.shortcut.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.register_forward_hook(lambda *_: short.__setitem__(0, short[0] + 1))
+    return calls, short
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_and_threshold_above_one_equal_the_original(kind):
+    model = randomize_bn(cifar_resnet20())
+    x = torch.randn(4, 3, 32, 32)
+    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
+    with torch.no_grad():
+        expected = model(x)
+        with dyn.static():
+            static = dyn(x)
+        assert dyn.last_macs.tolist() == [dyn.static_macs] * 4
+        dyn.set_thresholds(1.01)
+        full = dyn(x)
+    assert torch.equal(static, expected)
+    assert torch.equal(full, expected)
+    assert dyn.last_macs.tolist() == [dyn.static_macs] * 4
+    assert dyn.last_gates.all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_gates_shut_runs_no_branch(kind):
+    """Threshold 0: no gated branch runs (hook counts); projection shortcuts still do."""
+    model = two_stages()
+    x = torch.randn(3, 3, 16, 16)
+    dyn = dynify.convert(model, "block-gates", x[:1], options={"gate": kind})
+    calls, short = branch_conv_calls(dyn)
+    dyn.set_thresholds(0.0)
+    with torch.no_grad():
+        out = dyn(x)
+    assert all(c == [0] for c in calls.values())
+    assert not dyn.last_gates.any()
+    if kind == "halting":  # the first block of each stage always runs (ACT)
+        assert dyn.gate_names == ["add_1", "add_3", "add_4"]
+        assert dyn.last_macs.tolist() == [dyn.last_macs[0].item()] * 3
+    else:
+        assert len(dyn.gates) == 5
+        assert short == [1]  # block b2 was skipped, its 1x1 projection ran alone
+        assert dyn.last_macs.tolist() == [dyn.min_macs()] * 3
+        # what the skipped network computes, written out by hand
+        with torch.no_grad():
+            h = model.stem(x)
+            h = torch.relu(torch.relu(h))
+            h = torch.relu(torch.relu(model.down(h)))
+            expected = model.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_batch_equals_samples_run_alone(kind):
+    model = randomize_bn(CifarResNet((3, 3, 3)))
+    x = torch.randn(12, 3, 16, 16) * torch.exp(torch.randn(12, 1, 1, 1))
+    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
+    dyn.set_thresholds(0.6 if kind == "halting" else 0.5)
+    with torch.no_grad():
+        batch_out = dyn(x)
+        batch_gates, batch_macs = dyn.last_gates.clone(), dyn.last_macs.clone()
+        alone, alone_gates = [], []
+        for i in range(len(x)):
+            alone.append(dyn(x[i : i + 1]))
+            alone_gates.append(dyn.last_gates)
+    per_sample = batch_gates.sum(1)
+    assert len(set(per_sample.tolist())) >= 2, "samples should take different paths"
+    assert 0 < per_sample.sum() < batch_gates.numel()
+    assert torch.equal(batch_gates, torch.cat(alone_gates))
+    assert torch.allclose(batch_out, torch.cat(alone), atol=1e-5)
+    # what each sample spent: the fixed part, its decision units, and the branches it ran
+    branch = torch.tensor(dyn.branch_macs(), dtype=torch.long)
+    overhead = batch_macs - (batch_gates.long() * branch).sum(1) - dyn.fixed_macs
+    if kind == "halting":  # a halting unit is evaluated only while the sample is running
+        assert (overhead >= 0).all() and (overhead <= sum(g.decider_macs for g in dyn.gates)).all()
+    else:
+        assert overhead.tolist() == [dyn.min_macs() - dyn.fixed_macs] * len(x)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "function",
+        pytest.param("halting", marks=pytest.mark.slow),
+        pytest.param("policy", marks=pytest.mark.slow),
+    ],
+)
+def test_trained_gate_reaches_its_budget(kind):
+    """Fine-tuning the decision units alone steers inference MACs to the budget (5 points)."""
+    torch.manual_seed(0)
+    model = randomize_bn(CifarResNet((5, 5, 5)))
+    budget = 0.6
+    dyn = dynify.convert(
+        model, "block-gates", torch.randn(1, 3, 8, 8), options={"gate": kind, "budget": budget}
+    ).eval()
+    params = [p for n, p in dyn.named_parameters() if ".decider." in n or n.startswith("policy.")]
+    optimizer = torch.optim.Adam(params, lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(n):  # images of varying contrast: some samples need more depth than others
+        scale = torch.exp(torch.randn(n, 1, 1, 1, generator=generator))
+        return torch.randn(n, 3, 8, 8, generator=generator) * scale
+
+    for _ in range(250):
+        x = batch(32)
+        with torch.no_grad():
+            teacher = model(x)
+        loss, metrics = dyn.training_loss(x, teacher)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert set(metrics) >= {"loss", "distill", "compute", "macs_fraction"}
+    with torch.no_grad():
+        dyn(batch(512))
+    assert dyn.mean_macs_fraction() == pytest.approx(budget, abs=0.05)
+
+
+def test_training_loss_reaches_every_decision_unit_and_uses_labels():
+    model = two_stages()
+    x = torch.randn(8, 3, 16, 16)
+    for kind, estimator in [("function", "gumbel"), ("halting", "gumbel"), ("policy", "reinforce")]:
+        dyn = dynify.convert(
+            model, "block-gates", x[:1], options={"gate": kind, "estimator": estimator}
+        )
+        loss, metrics = dyn.training_loss(x, model(x).detach(), labels=torch.arange(8) % 5)
+        loss.backward()
+        assert torch.isfinite(loss) and "ce" in metrics
+        units = [g.decider for g in dyn.gates if g.decider is not None] or [dyn.policy]
+        for unit in units:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unit.parameters())
+        convs = [m for m in dyn.gates[0].branch.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(c.weight.grad is not None for c in convs)  # the backbone learns too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_artifact_round_trip(kind, tmp_path):
+    model = two_stages()
+    x = torch.randn(4, 3, 16, 16)
+    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
+    dyn.set_thresholds(0.7)
+    path = dynify.save(dyn, tmp_path / "g.dyn")
+    back = dynify.load(path, model=TwoStages())
+    with torch.no_grad():
+        assert torch.equal(back(x), dyn(x))
+        assert torch.equal(back.last_gates, dyn.last_gates)
+        with back.static():
+            assert torch.equal(back(x), model(x))
+    assert back.thresholds.tolist() == pytest.approx(dyn.thresholds.tolist())
+
+
+def test_model_without_residual_blocks_gets_a_clear_error():
+    vgg = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    with pytest.raises(
+        StrategyError, match="no residual blocks.*apply to this model: .*early-exit"
+    ):
+        dynify.convert(vgg, "block-gates", torch.randn(1, 3, 8, 8))
+
+
+def test_bad_options_are_clear_errors():
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(StrategyError, match="Unknown gate 'maybe'"):
+        dynify.convert(two_stages(), "block-gates", x, options={"gate": "maybe"})
+    with pytest.raises(StrategyError, match="Unknown block-gates option"):
+        dynify.convert(two_stages(), "block-gates", x, options={"gates": "function"})
+    with pytest.raises(StrategyError, match="not residual joins"):
+        dynify.convert(two_stages(), "block-gates", x, options={"blocks": ["relu"]})
+
+
+# --- ONNX -------------------------------------------------------------------------------------
+
+
+def _executed_convs(path: str, feed: dict) -> int:
+    """Conv nodes ONNX Runtime ran (profiling, no graph rewrites): proves the If skipped."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "p")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return sum(
+        1
+        for e in events
+        if e.get("cat") == "Node"
+        and e.get("name", "").endswith("_kernel_time")
+        and e.get("args", {}).get("op_name") == "Conv"
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_onnx_export_parity_and_skipping(kind, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model = two_stages()
+    x = torch.randn(3, 3, 16, 16) * torch.exp(torch.randn(3, 1, 1, 1))
+    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
+    face = dyn.export_module().eval()
+    ep = torch.export.export(
+        face,
+        (x[:2], dyn.thresholds.clone()),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}, "thresholds": None},
+        strict=False,
+    )
+    program = torch.onnx.export(
+        ep, dynamo=True, input_names=["x", "thresholds"], output_names=["logits", "executed"]
+    )
+    path = str(tmp_path / "gates.onnx")
+    program.save(path)
+    graph = onnx.load(path).graph
+    assert sum(n.op_type == "If" for n in graph.node) == dyn.num_gates
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    runs = set()
+    for t in (0.0, 0.5, 0.8, 1.01):
+        thresholds = torch.full_like(dyn.thresholds, t)
+        dyn.set_thresholds(t)
+        for xb in (x[:1], x):
+            logits, executed = session.run(
+                None, {"x": xb.numpy(), "thresholds": thresholds.numpy()}
+            )
+            with torch.no_grad():
+                eager = dyn(xb)
+            assert np.abs(logits - eager.numpy()).max() <= 1e-4
+            assert np.array_equal(executed.astype(bool), dyn.last_gates.numpy())
+            runs.add(int(executed.sum()))
+    assert len(runs) >= 2
+    x1 = x[:1].numpy()
+    policy_convs = 2 if kind == "policy" else 0
+    shut = _executed_convs(path, {"x": x1, "thresholds": np.zeros(len(dyn.thresholds), "f4")})
+    full = _executed_convs(path, {"x": x1, "thresholds": np.full(len(dyn.thresholds), 1.01, "f4")})
+    assert full - shut == dyn.num_gates  # each gated branch (one conv) skipped at threshold 0
+    assert full == 7 + policy_convs  # stem + 5 branches + projection (+ policy)
+
+
+# --- the rest of the pipeline: CLI, fine-tuning loop, calibration ----------------------------
+
+
+def test_cli_convert_with_gate_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    out = tmp_path / "r20.dyn"
+    result = CliRunner().invoke(
+        app,
+        ["convert", "cifar_resnet20", "--weights", "random", "--strategy", "block-gates",
+         "--gate", "halting", "--out", str(out)],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    dyn = dynify.load(out)
+    assert dyn.kind == "halting" and dyn.num_gates == 6 and len(dyn.thresholds) == 3
+
+
+def test_generic_finetune_and_calibrate_work_on_block_gates():
+    """dynify.finetune (heads mode: only the gates learn) and the scalar-sweep calibration."""
+    from dynify.train.calibrate import calibrate
+    from dynify.train.distill import finetune
+
+    model = two_stages()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 16, 16, generator=generator)
+    y = model(x).argmax(-1).detach()
+    dyn = dynify.convert(model, "block-gates", x[:1], options={"gate": "function"})
+    before = {k: v.clone() for k, v in dyn.state_dict().items()}
+    finetune(
+        dyn, (x, y), mode="heads", epochs=2, batch_size=16, lr=0.05, budget=0.5,
+        calibration_fraction=0.0, augment=False, progress=False,
+    )  # fmt: skip
+    after = dyn.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".decider." in k for k in changed)  # the backbone stayed frozen
+    with torch.no_grad(), dyn.static():
+        assert torch.equal(dyn(x), model(x))
+    result = calibrate(dyn, (x, y), budget=0.7)
+    assert result.macs_fraction <= 0.7 + 1e-9
+    with torch.no_grad():
+        dyn(x)
+    assert dyn.mean_macs_fraction() == pytest.approx(result.macs_fraction, abs=1e-6)
