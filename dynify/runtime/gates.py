@@ -302,20 +302,23 @@ class BlockGate(nn.Module):
             return None if run.plan is None else run.plan[:, self.index]
         return self._halt_decide(entry, run)
 
+    def _halt_state(self, entry: torch.Tensor, run: GateRun) -> HaltState:
+        """The stage's halting state, started at its first gated block."""
+        if self.group not in run.halt:
+            batch = entry.shape[0]
+            run.halt[self.group] = HaltState(
+                cum=entry.new_zeros(batch, dtype=torch.float32),
+                halted=torch.zeros(batch, dtype=torch.bool, device=entry.device),
+                acc=torch.zeros_like(entry),
+            )
+        return run.halt[self.group]
+
     def _halt_decide(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor | None:
         """Score block l's output (this block's entry); halted samples skip the rest of the stage."""
         threshold = run.thresholds[self.group]
         if run.mode == "eager" and float(threshold) > 1.0:
             return None
-        state = run.halt.get(self.group)
-        batch = entry.shape[0]
-        if state is None:
-            state = HaltState(
-                cum=entry.new_zeros(batch, dtype=torch.float32),
-                halted=torch.zeros(batch, dtype=torch.bool, device=entry.device),
-                acc=torch.zeros_like(entry),
-            )
-            run.halt[self.group] = state
+        state = self._halt_state(entry, run)
         active = ~state.halted
         if run.mode == "export":
             h = torch.sigmoid(self.decider(entry).float())
@@ -390,15 +393,7 @@ class BlockGate(nn.Module):
 
     def _halt_train(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
         """ACT with the training threshold; returns the straight-through 'still running' weight."""
-        state = run.halt.get(self.group)
-        batch = entry.shape[0]
-        if state is None:
-            state = HaltState(
-                cum=entry.new_zeros(batch, dtype=torch.float32),
-                halted=torch.zeros(batch, dtype=torch.bool, device=entry.device),
-                acc=torch.zeros_like(entry),
-            )
-            run.halt[self.group] = state
+        state = self._halt_state(entry, run)
         active = ~state.halted
         h = torch.sigmoid(self.decider(entry.detach()).float())
         run.gate_probs.append(h)
