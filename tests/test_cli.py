@@ -104,6 +104,32 @@ def test_dump_graphs_writes_traced_and_segment_code(tmp_path):
     assert "layer3" in (out / "002_segments_1.py").read_text()
 
 
+def test_strategy_options_reach_the_plan(tmp_path):
+    out = tmp_path / "masks.dyn"
+    result = run(
+        "convert",
+        "cifar_resnet20",
+        "--weights",
+        "random",
+        "--strategy",
+        "spatial-masks",
+        "--granularity",
+        "pixel",
+        "--budget",
+        "0.4",
+        "--option",
+        "sparsity_weight=5",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    options = dynify.load(out).spec["plan"]["options"]
+    assert options["granularity"] == "pixel" and options["budget"] == 0.4
+    assert options["sparsity_weight"] == 5
+    bad = run("convert", "cifar_resnet20", "--weights", "random", "--option", "nonsense")
+    assert bad.exit_code == 2 and "KEY=VALUE" in flat(bad.output)
+
+
 def test_inspect_prints_cuts_blocks_and_stages():
     result = run("inspect", "cifar_resnet20")
     assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,20 @@ def _parse_exits(value: str | None) -> int | list[float] | list[str] | None:
         return parts
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    """'--option epsilon=0.05' -> {'epsilon': 0.05}; values are JSON when they parse."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DynifyError(f"--option takes KEY=VALUE, got '{pair}'.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def _trace_leaves(leaf: list[str] | None):
     from dynify.frontend.trace import leaf_options
 
@@ -65,6 +80,24 @@ def convert(
         str | None,
         typer.Option("--gate", help="block-gates: function, halting or policy."),
     ] = None,
+    granularity: Annotated[
+        str | None,
+        typer.Option("--granularity", help="spatial-masks: pixel or region."),
+    ] = None,
+    tile: Annotated[
+        int | None, typer.Option("--tile", help="spatial-masks, region: tile size in pixels.")
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option("--budget", help="block-gates, spatial-masks: target MAC fraction."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="Any strategy option as KEY=VALUE (VALUE read as JSON if it parses). Repeatable.",
+        ),
+    ] = None,
     leaf: LeafOption = None,
     dump_graphs: Annotated[
         Path | None,
@@ -74,11 +107,10 @@ def convert(
     import dynify
 
     get_strategy(strategy)  # an unknown strategy fails before any model is built
-    options = {}
-    if exits is not None:
-        options["exits"] = _parse_exits(exits)
-    if gate is not None:
-        options["gate"] = gate
+    options = _parse_options(option or [])
+    named = {"exits": _parse_exits(exits), "gate": gate, "granularity": granularity}
+    named |= {"tile": tile, "budget": budget}
+    options |= {key: value for key, value in named.items() if value is not None}
     start = time.perf_counter()
     with console.status(f"Converting {model} with {strategy}..."):
         dyn = dynify.convert(

@@ -8,14 +8,29 @@ plan, so the same decisions are never taken twice differently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.fx
 
+from dynify.errors import StrategyError
 from dynify.frontend.analysis import GraphAnalysis
 from dynify.runtime.model import DynamicModel
+
+OptionsT = TypeVar("OptionsT")
+
+
+def options_from_dict(cls: type[OptionsT], data: dict[str, Any] | None, strategy: str) -> OptionsT:
+    """A strategy's typed options from a plain dict, refusing keys it does not know."""
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise StrategyError(
+            f"Unknown {strategy} option(s) {unknown}; known options: {sorted(known)}."
+        )
+    return cls(**data)
 
 
 @dataclass

@@ -11,7 +11,7 @@ a GatedModel. A skipped block with a projection or option-A shortcut still runs 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from dynify.errors import StrategyError
 from dynify.frontend.analysis import ResidualBlock
 from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy, strategy_names
-from dynify.passes.base import ConversionContext
+from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
 from dynify.runtime.gates import (
     ESTIMATORS,
@@ -66,14 +66,7 @@ class BlockGatesOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> BlockGatesOptions:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise StrategyError(
-                f"Unknown block-gates option(s) {unknown}; known options: {sorted(known)}."
-            )
-        opts = cls(**data)
+        opts = options_from_dict(cls, data, "block-gates")
         if opts.gate not in GATE_KINDS:
             raise StrategyError(
                 f"Unknown gate '{opts.gate}'; choose one of {', '.join(GATE_KINDS)}."

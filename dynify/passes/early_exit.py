@@ -7,7 +7,7 @@ segments and hand them, with the heads, to an EarlyExitModel.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from dynify.errors import StrategyError
 from dynify.frontend.analysis import CutPoint
 from dynify.frontend.cost import MACS, module_macs
 from dynify.passes import register_strategy
-from dynify.passes.base import ConversionContext
+from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.modules import ExitHead, feature_layout
@@ -46,18 +46,10 @@ class EarlyExitOptions:
     patience: int = 2
     threshold: float = 0.9
     head_budget: float = 0.02
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EarlyExitOptions:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)} - {"extra"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise StrategyError(
-                f"Unknown early-exit option(s) {unknown}; known options: {sorted(known)}."
-            )
-        return cls(**data)
+        return options_from_dict(cls, data, "early-exit")
 
 
 def candidate_cuts(cuts: list[CutPoint], latest: float = 1.0) -> list[CutPoint]:
@@ -143,7 +135,7 @@ class EarlyExit:
             pool, hidden = choose_head(cut.shape, layout, ctx.num_classes, budget)
             exits.append({"node": cut.node, "layout": layout, "pool": pool, "hidden": hidden})
         plan = {"exits": exits, "policy": ExitPolicy(opts.policy, opts.patience).to_dict()}
-        plan["options"] = {k: v for k, v in asdict(opts).items() if k != "extra"}
+        plan["options"] = asdict(opts)
         return plan
 
     def build(self, ctx: ConversionContext, plan: dict[str, Any]) -> EarlyExitModel:

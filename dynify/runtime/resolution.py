@@ -1,0 +1,278 @@
+"""ResolutionModel: low resolution first, full resolution only for the samples that need it.
+
+After RANet (Yang et al. 2020), reduced to what a trained static network allows: the same
+network, with the same convolution weights, first classifies an input downscaled by `scale`
+(average pooling, `scale`^2 times fewer MACs for a fully convolutional network); samples whose
+low-resolution prediction is confident enough (an `ExitPolicy` on temperature-scaled logits)
+stop there, and the rest are run again at full resolution, batch narrowed to them.
+
+Batch-norm statistics depend on the input resolution, so the low-resolution pass can use its own
+copy of every batch norm (`low_bn`, per-resolution BN as in slimmable / resolution-switchable
+networks): affine parameters and running statistics of its own, recalibrated or fine-tuned on
+low-resolution inputs, and optionally its own copy of the final linear classifier (`low_head`,
+RANet gives every resolution its classifier), while the full-resolution pass stays the static
+network unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynify.runtime.masks import distillation
+from dynify.runtime.model import DynamicModel
+from dynify.runtime.policy import ExitPolicy
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def downscale(x: Tensor, scale: int) -> Tensor:
+    """Average-pool by an integer factor (exactly antialiased bilinear for factor 2)."""
+    return x if scale == 1 else F.avg_pool2d(x, scale)
+
+
+def _bn_key(target: str) -> str:
+    return target.replace(".", "__")
+
+
+def shadow_network(
+    net: torch.fx.GraphModule, replacements: dict[str, nn.Module]
+) -> torch.fx.GraphModule:
+    """The same graph over the same modules, except `replacements` (target -> module)."""
+    root: dict[str, object] = {}
+    for node in net.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            value = replacements.get(node.target)
+            if value is None:
+                value = net
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+            root[node.target] = value
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(net.graph, {}))
+    return torch.fx.GraphModule(root, graph, "LowResolutionNet")
+
+
+class LowResolutionHead(nn.Module):
+    """x -> logits of the low-resolution pass (the 'exit head' of the export cascade)."""
+
+    def __init__(self, low_net: nn.Module, scale: int):
+        super().__init__()
+        self.low_net = low_net
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.low_net(downscale(x, self.scale))
+
+
+class ResolutionModel(DynamicModel):
+    """Two exits: the network at 1/`scale` resolution (exit 0), then at full resolution (exit 1).
+
+    Mirrors EarlyExitModel's interface (`num_exits`, `exit_macs`, `exit_logits`, `policy`,
+    `temperatures`, `thresholds`, `last_exit`), so the same calibration applies.
+    """
+
+    strategy = "resolution"
+
+    def __init__(
+        self,
+        net: torch.fx.GraphModule,
+        *,
+        scale: int,
+        low_bn: bool,
+        low_head: bool = False,
+        low_macs: int,
+        policy: ExitPolicy,
+        threshold: float,
+        static_macs: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        distill_temperature: float = 4.0,
+    ):
+        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        self.net = net
+        self.scale = int(scale)
+        self.low_macs = int(low_macs)
+        self.policy = policy
+        self.distill_temperature = float(distill_temperature)
+        self.register_buffer("thresholds", torch.tensor([float(threshold)]))
+        self.register_buffer("temperatures", torch.ones(1))
+        self.low_bn = nn.ModuleDict()
+        self.low_head = nn.ModuleDict()
+        modules = [n.target for n in net.graph.nodes if n.op == "call_module"]
+        for target in modules:
+            module = net.get_submodule(target)
+            if low_bn and isinstance(module, _BN_TYPES):
+                self.low_bn[_bn_key(target)] = copy.deepcopy(module)
+        last = modules[-1] if modules else None
+        if low_head and last is not None and isinstance(net.get_submodule(last), nn.Linear):
+            self.low_head[_bn_key(last)] = copy.deepcopy(net.get_submodule(last))
+        private = {**self.low_bn, **self.low_head}
+        # Not a registered submodule: it only re-uses `net`'s modules and the private ones.
+        object.__setattr__(
+            self,
+            "_low_net",
+            shadow_network(net, {k.replace("__", "."): v for k, v in private.items()}),
+        )
+        self.last_exit: Tensor | None = None
+
+    @property
+    def low_net(self) -> torch.fx.GraphModule:
+        return self._low_net
+
+    @property
+    def num_exits(self) -> int:
+        return 1
+
+    def exit_macs(self) -> list[int]:
+        """MACs of a sample that stops at low resolution, and of one that goes on."""
+        return [self.low_macs, self.low_macs + self.static_macs]
+
+    def describe(self) -> list[dict[str, str]]:
+        rows = []
+        for i, macs in enumerate(self.exit_macs()):
+            rows.append(
+                {
+                    "exit": "final" if i else "0",
+                    "node": "full resolution" if i else f"1/{self.scale} resolution",
+                    "MACs": f"{macs / 1e6:.1f} M",
+                    "of static": f"{macs / self.static_macs:.3f}",
+                    "threshold": "" if i else f"{float(self.thresholds[0]):.3f}",
+                }
+            )
+        return rows
+
+    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
+        values = [float(thresholds)] if isinstance(thresholds, (int, float)) else list(thresholds)
+        if len(values) != 1:
+            raise ValueError(f"a resolution cascade has 1 threshold, got {len(values)}")
+        self.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
+
+    def train(self, mode: bool = True) -> ResolutionModel:
+        """Only the low-resolution batch norms change mode; the full network stays frozen."""
+        super().train(False)
+        self.low_bn.train(mode)
+        self.low_head.train(mode)
+        self.training = mode
+        return self
+
+    def low_parameters(self) -> list[nn.Parameter]:
+        """The low-resolution pass's own parameters: its batch norms' and classifier's."""
+        return [*self.low_bn.parameters(), *self.low_head.parameters()]
+
+    def low_logits(self, x: Tensor) -> Tensor:
+        return self._low_net(downscale(x, self.scale))
+
+    def exit_logits(self, x: Tensor) -> list[Tensor]:
+        """Low- and full-resolution logits for every sample (calibration, training)."""
+        self.check_input(x)
+        return [self.low_logits(x), self.net(x)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        batch = x.shape[0]
+        if self._static:
+            self.last_exit = torch.ones(batch, dtype=torch.long)
+            self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
+            return self.net(x)
+        logits = self.low_logits(x)
+        state = self.policy.start(batch, x.device)
+        done = self.policy.decide(logits, self.temperatures[0], self.thresholds[0], state)
+        output = logits
+        if not bool(done.all()):
+            rest = torch.nonzero(~done).squeeze(1)
+            output = logits.index_copy(0, rest, self.net(x.index_select(0, rest)).to(logits.dtype))
+        self.last_exit = (~done).long().cpu()
+        macs = torch.tensor(self.exit_macs(), dtype=torch.long)
+        self.last_macs = macs[self.last_exit]
+        return output
+
+    @torch.no_grad()
+    def recalibrate_low_bn(self, batches: Iterable[Tensor], max_batches: int | None = None) -> int:
+        """Re-estimate the low-resolution BN statistics as exact averages over `batches`.
+
+        Cheap (forward passes at low resolution only) and often most of the gain of per-
+        resolution BN. Returns the number of batches used.
+        """
+        if not len(self.low_bn):
+            raise ValueError("this model shares its batch norms across resolutions (low_bn=False)")
+        saved = {}
+        for name, bn in self.low_bn.items():
+            saved[name] = bn.momentum
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average: the exact mean over the batches
+        was_training = self.training
+        self.train(True)
+        used = 0
+        try:
+            for x in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                x = x[0] if isinstance(x, (tuple, list)) else x
+                self.low_logits(x)
+                used += 1
+        finally:
+            self.train(was_training)
+            for name, bn in self.low_bn.items():
+                bn.momentum = saved[name]
+        return used
+
+    def training_loss(
+        self,
+        x: Tensor,
+        teacher_logits: Tensor | None,
+        labels: Tensor | None = None,
+        budget: float | None = None,
+        *,
+        kd_temperature: float | None = None,
+        label_weight: float = 0.5,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Distil the low-resolution logits towards the teacher (mixed with labels if given).
+
+        With per-resolution BN the low pass has trainable state of its own (`low_parameters`).
+        When the shared network trains too (joint fine-tuning: any of its parameters requires
+        grad) or the batch norms are shared, the full-resolution logits are distilled as well
+        (the two losses add), so the full path learns with the low one instead of drifting. No
+        compute term: the threshold (calibration) meets the budget. Without `teacher_logits` the
+        full network (before this step) teaches.
+        """
+        self.check_input(x)
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits = self.net(x)
+        t = kd_temperature or self.distill_temperature
+        loss, stats = distillation(self.low_logits(x), teacher_logits, labels, t, label_weight)
+        stats = {f"{k}_low": v for k, v in stats.items()}
+        if not len(self.low_bn) or any(p.requires_grad for p in self.net.parameters()):
+            full, full_stats = distillation(self.net(x), teacher_logits, labels, t, label_weight)
+            loss = loss + full
+            stats.update({f"{k}_full": v for k, v in full_stats.items()})
+        stats["acc"] = stats["acc_low"]
+        stats["loss"] = float(loss.detach())
+        return loss, stats
+
+    def export_module(self) -> nn.Module:
+        """The cascade with `torch.cond`: forward(x, thresholds) -> (logits, exit_index).
+
+        The full-resolution pass sits in the false branch of an ONNX `If`, on the samples that
+        did not exit (see dynify.export.onnx.CondCascade).
+        """
+        from dynify.errors import ExportError
+        from dynify.export.onnx import CondCascade
+
+        if self.policy.kind != "confidence":
+            raise ExportError(
+                f"The ONNX cascade scores exits by max-softmax confidence; this model uses the "
+                f"'{self.policy.kind}' policy. Convert with policy='confidence' to export it."
+            )
+        return CondCascade(
+            [nn.Identity(), self.net],
+            [LowResolutionHead(self._low_net, self.scale)],
+            self.temperatures,
+            self.thresholds,
+        )
