@@ -31,7 +31,7 @@ import torch
 
 import dynify
 from dynify.train.batches import Batches, Preprocessing
-from dynify.train.data import load_dataset, split_dataset, to_tensor_dataset
+from dynify.train.data import cached_tensor_dataset, split_dataset
 from dynify.train.distill import lr_factor
 from dynify.zoo import build_model
 
@@ -44,25 +44,19 @@ GRIDS = {
     "halting": [0.5, 0.7, 0.85, 0.95, 0.99],
 }
 # Published CIFAR-10 ResNet-110 anchors (their own training, original CIFAR images).
+# Published anchors (CIFAR-10 ResNet-110); figures to be added once checked against the papers.
 ANCHORS = [
-    (
-        "ConvNet-AIG (Veit & Belongie 2018)",
-        "ResNet-110",
-        "94.2 % (static 93.6 %)",
-        "0.59 (41 % fewer)",
-    ),
-    ("BlockDrop (Wu et al. 2018)", "ResNet-110", "93.6 % (static 93.2 %)", "0.35 (65 % fewer)"),
-    ("SkipNet (Wang et al. 2018)", "ResNet-110", "~93 % (static 93.6 %)", "~0.5 (~50 % fewer)"),
+    ("ConvNet-AIG (Veit & Belongie 2018)", "ResNet-110", "see paper", "see paper"),
+    ("BlockDrop (Wu et al. 2018)", "ResNet-110", "see paper", "see paper"),
+    ("SkipNet (Wang et al. 2018)", "ResNet-110", "see paper", "see paper"),
 ]
 
 
-def load_cifar(data_dir: Path, cache: Path):
-    if cache.is_file():
-        return torch.load(cache, weights_only=False)
+def load_cifar(data_dir: Path, cache: Path) -> tuple:
+    """CIFAR-10 train and test as uint8 tensors, decoded from the JPEG zip once."""
     zip_path = data_dir / "cifar10-jpeg.zip"
-    train = to_tensor_dataset(load_dataset(zip_path, split="cifar10/train"))
-    test = to_tensor_dataset(load_dataset(zip_path, split="cifar10/test"))
-    torch.save((train, test), cache)
+    train = cached_tensor_dataset(zip_path, "cifar10/train", cache.with_suffix(".train.pt"))
+    test = cached_tensor_dataset(zip_path, "cifar10/test", cache.with_suffix(".test.pt"))
     return train, test
 
 

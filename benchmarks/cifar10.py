@@ -28,7 +28,7 @@ import dynify
 from dynify.report import evaluate, oracle
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.calibrate import calibrate, collect_outputs, simulate
-from dynify.train.data import load_dataset, split_dataset, to_tensor_dataset
+from dynify.train.data import cached_tensor_dataset, split_dataset
 from dynify.train.distill import finetune, lr_factor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,12 +37,10 @@ BUDGETS = [round(0.1 + 0.025 * i, 3) for i in range(37)]  # 0.1 .. 1.0
 
 
 def load_cifar(data_dir: Path, cache: Path) -> tuple:
-    if cache.is_file():
-        return torch.load(cache, weights_only=False)
+    """CIFAR-10 train and test as uint8 tensors, decoded from the JPEG zip once."""
     zip_path = data_dir / "cifar10-jpeg.zip"
-    train = to_tensor_dataset(load_dataset(zip_path, split="cifar10/train"))
-    test = to_tensor_dataset(load_dataset(zip_path, split="cifar10/test"))
-    torch.save((train, test), cache)
+    train = cached_tensor_dataset(zip_path, "cifar10/train", cache.with_suffix(".train.pt"))
+    test = cached_tensor_dataset(zip_path, "cifar10/test", cache.with_suffix(".test.pt"))
     return train, test
 
 

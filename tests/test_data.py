@@ -384,3 +384,15 @@ def test_transforms_from_weights_uses_metadata():
     assert transforms_from_weights(None)(Image.new("RGB", (300, 260))).shape == (3, 224, 224)
     with pytest.raises(DataError, match="not a torchvision weights name"):
         transforms_from_weights("NoSuch_Weights.X")
+
+
+def test_cached_tensor_dataset_round_trips_without_unpickling(folder, tmp_path):
+    from dynify.train.data import cached_tensor_dataset
+
+    cache = tmp_path / "cache" / "train.pt"
+    first = cached_tensor_dataset(folder, None, cache)
+    assert cache.is_file()
+    torch.load(cache, weights_only=True)  # plain tensors and strings only
+    again = cached_tensor_dataset(folder, None, cache)
+    assert torch.equal(again.images, first.images) and torch.equal(again.targets, first.targets)
+    assert again.classes == first.classes == load_dataset(folder).classes

@@ -669,6 +669,26 @@ def to_tensor_dataset(
     )
 
 
+def cached_tensor_dataset(source: Any, split: str | None, cache: str | Path) -> TensorImageDataset:
+    """`to_tensor_dataset(load_dataset(source, split=split))`, decoded once and kept in `cache`.
+
+    The cache holds plain tensors and class names, read back with `weights_only=True`: nothing
+    is unpickled, so a cache file from elsewhere cannot run code.
+    """
+    cache = Path(cache)
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return TensorImageDataset(saved["images"], saved["targets"], saved["classes"])
+    dataset = to_tensor_dataset(load_dataset(source, split=split))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(cache.suffix + ".tmp")
+    torch.save(
+        {"images": dataset.images, "targets": dataset.targets, "classes": dataset.classes}, tmp
+    )
+    os.replace(tmp, cache)
+    return dataset
+
+
 def random_crop_flip(
     images: torch.Tensor, *, padding: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
