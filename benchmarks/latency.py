@@ -89,7 +89,7 @@ def time_batch_policies(meta: dict, folder: Path, name: str, runs: int) -> dict:
 
     from dynify.export.bench import time_interleaved
 
-    x = torch.load(folder / f"{name}-batch8.pt")
+    x = torch.load(folder / f"{name}-batch8.pt", weights_only=True)
     feed = {"x": x.numpy(), "thresholds": np.asarray(meta["batch8"]["thresholds"], np.float32)}
     sessions = {p: _session(path, threads=1) for p, path in meta["batch8"]["paths"].items()}
     times = time_interleaved(

@@ -192,7 +192,7 @@ def load_cifar(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from dynify.train.data import load_dataset, to_tensor_dataset
 
     if CACHE.exists():
-        return torch.load(CACHE)
+        return torch.load(CACHE, weights_only=True)
     archive = Path(data) / "cifar10-jpeg.zip"
     out = {}
     for split in ("train", "test"):
