@@ -18,12 +18,12 @@ import dynify
 from dynify.errors import DynifyError, ExportError
 from dynify.export import export_onnx as export_dynamic_onnx
 from dynify.export.onnx import (
-    CondCascade,
     count_executed_ops,
     verify_onnx,
     write_onnx,
     write_pt2,
 )
+from dynify.runtime.cascade import CondCascade
 from tests.conftest import TinyResNet, randomize_bn
 
 NUM_CLASSES = 5

@@ -128,7 +128,7 @@ class EarlyExitModel(DynamicModel):
     def export_module(self) -> nn.Module:
         """The export face: a `CondCascade` (forward(x, thresholds) -> (logits, exit_index))
         with one `torch.cond` per exit and this model's exit policy, segments and heads."""
-        from dynify.export.onnx import CondCascade
+        from dynify.runtime.cascade import CondCascade
 
         return CondCascade(
             list(self.segments),

@@ -743,7 +743,7 @@ class _ExportResidual(nn.Module):
         self.units: Tensor | None = None
 
     def forward(self, x: Tensor, thresholds: Tensor) -> Tensor:
-        from dynify.export.onnx import _cond
+        from dynify.runtime.cascade import cond as _cond
 
         w = self.wrapper
         active = torch.sigmoid(w.mask_unit(x)) > 1.0 - thresholds[self.index]

@@ -260,10 +260,10 @@ class ResolutionModel(DynamicModel):
         """The cascade with `torch.cond`: forward(x, thresholds) -> (logits, exit_index).
 
         The full-resolution pass sits in the false branch of an ONNX `If`, on the samples that
-        did not exit (see dynify.export.onnx.CondCascade).
+        did not exit (see dynify.runtime.cascade.CondCascade).
         """
         from dynify.errors import ExportError
-        from dynify.export.onnx import CondCascade
+        from dynify.runtime.cascade import CondCascade
 
         if self.policy.kind != "confidence":
             raise ExportError(

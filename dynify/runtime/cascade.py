@@ -1,0 +1,163 @@
+"""CondCascade: the export face of an early-exit network, one `torch.cond` per exit.
+
+`torch.export` keeps each `torch.cond` and the ONNX exporter turns it into an `If` whose branches
+are subgraphs, so a deployed model runs a later segment only when a sample needs it. Eager
+`torch.cond` with a tensor predicate goes through `torch.compile`, so outside export `cond`
+below uses a plain `if` instead; both compute the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dynify.errors import ExportError
+from dynify.runtime.policy import POLICIES, exit_scores
+
+BatchPolicy = Literal["per_sample", "batch_all"]
+
+
+class CondCascade(nn.Module):
+    """Early-exit cascade written with `torch.cond` so export keeps the exits as control flow.
+
+    `segments[0]` maps the image to feature 1, `segments[i]` feature i to feature i+1 and
+    `segments[k]` feature k to the final logits; `heads[i]` maps feature i+1 to exit-i logits.
+    Exit i is taken when the exit score of `logits_i / T_i` reaches `thresholds[i]` (`>=`), with
+    the same score as the eager runtime (`dynify.runtime.policy.exit_scores`): max softmax for
+    `"confidence"`, 1 - normalised entropy for `"entropy"`; `"patience"` (PABEE) also needs the
+    last `patience` exits to agree on the class, so the previous prediction and the agreement
+    streak travel through the conditionals as tensors. The returned logits are the raw head
+    logits, and `exit_index` is `k` for samples that reach the end.
+
+    Batches (N > 1): both branches of a `torch.cond` must return the same shapes, so the cond
+    cannot return "only the samples that continue". The default policy `"per_sample"` keeps
+    shapes fixed anyway: the predicate is "every sample exits here"; otherwise the false branch
+    gathers the samples that did not exit (`nonzero` + `index_select`, a data-dependent size
+    that torch.export and ONNX handle inside the branch), runs the rest of the network on them
+    only and scatters their logits back (`index_copy`) into the full [N, C] tensor. Every sample
+    gets exactly its own eager decision and logits, later segments run only on the samples that
+    need them, and they are skipped entirely when all exit. `"batch_all"` (exit only when all
+    samples are confident, everyone leaves together) is kept as a fallback for runtimes without
+    NonZero/ScatterND; for N = 1 the two policies are identical.
+
+    Outside of export/compile the conditionals run as plain Python `if`s: eager `torch.cond`
+    would go through `torch.compile` and recompile for every new closure.
+    """
+
+    def __init__(
+        self,
+        segments: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        temperatures: Tensor | Sequence[float],
+        thresholds: Tensor | Sequence[float],
+        *,
+        batch_policy: BatchPolicy = "per_sample",
+        policy: str = "confidence",
+        patience: int = 2,
+    ) -> None:
+        super().__init__()
+        k = len(heads)
+        if k < 1 or len(segments) != k + 1:
+            raise ExportError(
+                f"a cascade needs k >= 1 heads and k + 1 segments; got {len(heads)} heads "
+                f"and {len(segments)} segments"
+            )
+        if batch_policy not in ("per_sample", "batch_all"):
+            raise ExportError(f"unknown batch_policy {batch_policy!r}")
+        if policy not in POLICIES:
+            raise ExportError(f"cannot export exit policy {policy!r}; known: {POLICIES}")
+        if policy == "patience" and batch_policy != "per_sample":
+            raise ExportError("the patience policy exports with batch_policy='per_sample' only")
+        temps = torch.as_tensor(temperatures, dtype=torch.float32).detach().clone().reshape(-1)
+        thrs = torch.as_tensor(thresholds, dtype=torch.float32).detach().clone().reshape(-1)
+        if temps.numel() != k or thrs.numel() != k:
+            raise ExportError(
+                f"expected {k} temperatures and {k} thresholds, got {temps.numel()} and "
+                f"{thrs.numel()}"
+            )
+        if bool((temps <= 0).any()):
+            raise ExportError(f"temperatures must be > 0, got {temps.tolist()}")
+        self.segments = nn.ModuleList(segments)
+        self.heads = nn.ModuleList(heads)
+        self.batch_policy: BatchPolicy = batch_policy
+        self.policy = policy
+        self.patience = int(patience)
+        self.register_buffer("temperatures", temps)
+        self.register_buffer("thresholds", thrs)
+
+    @property
+    def num_exits(self) -> int:
+        """Number of early exits k (the final classifier is exit index k)."""
+        return len(self.heads)
+
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return `(logits [N, C], exit_index int64 [N])`; `thresholds` defaults to calibrated."""
+        thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
+        feat = self.segments[0](x)
+        if self.policy != "patience":
+            return self._stage(0, feat, thr, ())
+        # PolicyState.start: no previous prediction (-1), streak 0.
+        prev = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+        return self._stage(0, feat, thr, (prev, torch.zeros_like(prev)))
+
+    def _exit_mask(
+        self, i: int, logits: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Per-sample bool [N]: does the sample leave at exit i; and the updated policy state."""
+        kind = "entropy" if self.policy == "entropy" else "confidence"
+        leave = exit_scores(logits, self.temperatures[i], kind) >= thr[i]
+        if self.policy != "patience":
+            return leave, state
+        prev, streak = state
+        prediction = logits.argmax(-1)
+        streak = torch.where(prediction == prev, streak + 1, torch.ones_like(streak))
+        return leave & (streak >= self.patience), (prediction, streak)
+
+    def _stage(
+        self, i: int, feat: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """Decide at exit i given feature i+1; `i == k` means `feat` already are final logits."""
+        k = self.num_exits
+        if i == k:
+            return feat, _full_index(feat, k)
+        logits = self.heads[i](feat)
+        leave, state = self._exit_mask(i, logits, thr, state)
+
+        def take_exit(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
+            return logits.clone(), _full_index(feat, i)
+
+        def go_on_all(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
+            return self._stage(i + 1, self.segments[i + 1](feat), thr, state)
+
+        def go_on_rest(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
+            keep = torch.nonzero(~leave).squeeze(1)
+            # Not everyone left (else the true branch ran), so the sub-batch is non-empty; telling
+            # export so lets ops that branch on numel() == 0 (e.g. batch_norm) trace.
+            torch._check(keep.shape[0] >= 1)
+            torch._check(keep.shape[0] <= feat.shape[0])
+            sub_state = tuple(s.index_select(0, keep) for s in state)
+            sub_logits, sub_exit = self._stage(
+                i + 1, self.segments[i + 1](feat.index_select(0, keep)), thr, sub_state
+            )
+            out = logits.index_copy(0, keep, sub_logits.to(logits.dtype))
+            return out, _full_index(feat, i).index_copy(0, keep, sub_exit)
+
+        go_on = go_on_rest if self.batch_policy == "per_sample" else go_on_all
+        return cond(leave.all(), take_exit, go_on, (feat, logits, leave, *state))
+
+
+def _full_index(feat: Tensor, value: int) -> Tensor:
+    """Exit-index tensor [N] filled with `value` (int64, on feat's device)."""
+    return torch.full((feat.shape[0],), value, dtype=torch.int64, device=feat.device)
+
+
+def cond(
+    pred: Tensor, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: tuple
+) -> Any:
+    """`torch.cond` while exporting/compiling (kept as control flow), a plain `if` in eager."""
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
