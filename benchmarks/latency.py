@@ -27,7 +27,7 @@ from torch import nn
 import dynify
 from dynify.export import export_onnx_report
 from dynify.export.bench import bench
-from dynify.export.onnx import _session
+from dynify.export.verify import _session
 from dynify.runtime.cascade import CondCascade
 
 HERE = Path(__file__).parent

@@ -23,7 +23,7 @@ from dynify.cli import app
 from dynify.errors import ExportError
 from dynify.export import export_onnx_report, verification_inputs
 from dynify.export.bench import bench, threshold_cases
-from dynify.export.onnx import count_executed_ops, verify_onnx
+from dynify.export.verify import count_executed_ops, verify_onnx
 
 runner = CliRunner()
 

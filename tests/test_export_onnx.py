@@ -17,12 +17,8 @@ from torch import nn
 import dynify
 from dynify.errors import DynifyError, ExportError
 from dynify.export import export_onnx as export_dynamic_onnx
-from dynify.export.onnx import (
-    count_executed_ops,
-    verify_onnx,
-    write_onnx,
-    write_pt2,
-)
+from dynify.export.onnx import write_onnx, write_pt2
+from dynify.export.verify import count_executed_ops, verify_onnx
 from dynify.runtime.cascade import CondCascade
 from tests.conftest import TinyResNet, randomize_bn
 

@@ -174,7 +174,8 @@ def test_options_are_checked(model):
 
 
 def test_export_puts_the_full_pass_under_an_if(model, x, tmp_path):
-    from dynify.export.onnx import count_executed_ops, write_onnx
+    from dynify.export.onnx import write_onnx
+    from dynify.export.verify import count_executed_ops
 
     dyn = convert(model)
     result = write_onnx(dyn.export_module(), x[:2], tmp_path / "r.onnx", reference=dyn)

@@ -304,7 +304,7 @@ def test_wrapper_is_a_sparse_residual(model):
 
 @pytest.mark.slow
 def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
-    from dynify.export.onnx import count_executed_ops
+    from dynify.export.verify import count_executed_ops
     from dynify.runtime.masks import export_spatial_onnx
 
     dyn = convert(model)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynify.cli.app import ArtifactArg, command, console
-from dynify.export.onnx import PARITY_ATOL, ParityReport
+from dynify.export.verify import PARITY_ATOL, ParityReport
 
 
 class ExportFormat(str, Enum):

@@ -17,14 +17,8 @@ from torch import nn
 
 from dynify.errors import ExportError
 from dynify.export.bench import threshold_cases
-from dynify.export.onnx import (
-    PARITY_ATOL,
-    OnnxExport,
-    ParityReport,
-    verify_pt2,
-    write_onnx,
-    write_pt2,
-)
+from dynify.export.onnx import OnnxExport, write_onnx, write_pt2
+from dynify.export.verify import PARITY_ATOL, ParityReport, verify_pt2
 from dynify.runtime.model import DynamicModel
 
 __all__ = ["export_onnx", "export_onnx_report", "export_pt2", "export_pt2_report"]

@@ -123,7 +123,8 @@ def _onnx_runners(
     folder: Path,
     onnx_path: Path | None,
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, list[int]]]:
-    from dynify.export.onnx import _session, write_onnx, write_static_onnx
+    from dynify.export.onnx import write_onnx, write_static_onnx
+    from dynify.export.verify import _session
 
     example = x[:1].expand(2, *x.shape[1:]).contiguous()
     if onnx_path is None:
