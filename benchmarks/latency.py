@@ -28,7 +28,6 @@ import dynify
 from dynify.export import export_onnx_report
 from dynify.export.bench import bench
 from dynify.export.verify import _session
-from dynify.runtime.cascade import CondCascade
 
 HERE = Path(__file__).parent
 MODELS = [("resnet18", 224), ("resnet50", 224), ("cifar_resnet44", 32)]
@@ -67,13 +66,7 @@ def export_batch_policies(dyn: dynify.DynamicModel, folder: Path, name: str) -> 
         scores = [torch.softmax(lg, -1).amax(-1) for lg in dyn.exit_logits(x)[:-1]]
     thr = torch.stack([s.median() for s in scores])
     cascade = dyn.export_module()
-    together = CondCascade(
-        cascade.segments,
-        cascade.heads,
-        cascade.temperatures,
-        cascade.thresholds,
-        batch_policy="batch_all",
-    ).eval()
+    together = cascade.with_batch_policy("batch_all").eval()
     paths = {}
     for policy, module in (("per_sample", cascade), ("batch_all", together)):
         result = write_onnx(

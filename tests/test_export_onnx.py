@@ -253,13 +253,7 @@ def test_bad_cascade_shapes_are_rejected():
 
 
 def test_batch_all_policy_exits_together(cascade, batch, mixed_thresholds):
-    together = CondCascade(
-        cascade.segments,
-        cascade.heads,
-        cascade.temperatures,
-        cascade.thresholds,
-        batch_policy="batch_all",
-    ).eval()
+    together = cascade.with_batch_policy("batch_all").eval()
     with torch.no_grad():
         _, exits = together(batch, mixed_thresholds)
         _, per_sample_exits = cascade(batch, mixed_thresholds)

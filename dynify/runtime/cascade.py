@@ -88,6 +88,19 @@ class CondCascade(nn.Module):
         self.register_buffer("temperatures", temps)
         self.register_buffer("thresholds", thrs)
 
+    def with_batch_policy(self, batch_policy: BatchPolicy) -> CondCascade:
+        """The same cascade (shared segments and heads, same exit policy) deciding per batch
+        differently, e.g. to compare "per_sample" with "batch_all" on one model."""
+        return CondCascade(
+            self.segments,
+            self.heads,
+            self.temperatures,
+            self.thresholds,
+            batch_policy=batch_policy,
+            policy=self.policy,
+            patience=self.patience,
+        ).train(self.training)
+
     @property
     def num_exits(self) -> int:
         """Number of early exits k (the final classifier is exit index k)."""
