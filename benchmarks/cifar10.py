@@ -103,10 +103,7 @@ def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> 
     report = evaluate(dyn, test_batches)  # the real dynamic forward at these thresholds
     sim_acc, sim_macs, _ = simulate(dyn, test_out)
     o_acc, o_macs = oracle(test_out)
-    within = {}
-    for name, base in baselines.items():
-        fits = [p["test_macs"] for p in curve if p["test_acc"] >= base - 0.005 - 1e-12]
-        within[name] = min(fits) if fits else None
+    within = within_half_point(curve, baselines)
     return {
         "curve": curve,
         "max_drop_0.005": {
@@ -129,6 +126,31 @@ def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> 
     }
 
 
+def log_every(steps: int):
+    """A finetune callback printing progress every `steps` optimizer steps (logs of long runs)."""
+    start = time.perf_counter()
+
+    def callback(info: dict) -> None:
+        if info["step"] % steps == 0:
+            loss = info.get("loss", float("nan"))
+            print(
+                f"    epoch {info['epoch']} step {info['step']}: loss {loss:.3f}, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+
+    return callback
+
+
+def within_half_point(curve: list[dict], baselines: dict) -> dict:
+    """Per baseline, the cheapest test MAC fraction on the curve within 0.5 points of it."""
+    within = {}
+    for name, base in baselines.items():
+        fits = [p["test_macs"] for p in curve if p["test_acc"] >= base - 0.005 - 1e-12]
+        within[name] = min(fits) if fits else None
+    return within
+
+
 def run_net(depth, args, train, test, out: dict) -> None:
     pre = Preprocessing(32, MEAN, STD)
     fit, calib = split_dataset(train, 0.1, seed=args.seed)
@@ -140,20 +162,26 @@ def run_net(depth, args, train, test, out: dict) -> None:
     weights = str(args.data / "pretrained" / WEIGHTS[depth])
     name = f"cifar_resnet{depth}"
     torch.manual_seed(args.seed)
-    dyn = dynify.convert(name, "early-exit", options={"exits": args.exits}, weights=weights)
+    options = {"exits": args.exits, "head": args.head}
+    dyn = dynify.convert(name, "early-exit", options=options, weights=weights)
     res: dict = {"net": name, "static_macs": dyn.static_macs, "exits": args.exits}
+    res["head"] = args.head
+    res["train_images"] = len(fit)
     with dyn.static():
         res["static_original_acc"] = static_accuracy(dyn, test_b)
     print(f"{name}: original static {res['static_original_acc']:.4f}", flush=True)
 
     static_ft = dynify.zoo.build_model(name, weights=weights)[0]
-    if args.static_epochs:
+    if args.static_epochs and "static" in args.parts:
         res["static_ft_seconds"] = finetune_static(
             static_ft, fit, pre, args.static_epochs, args.batch_size, args.seed
         )
         res["static_ft_acc"] = static_accuracy(static_ft, test_b)
         res["static_ft_epochs"] = args.static_epochs
         print(f"  static fine-tuned {res['static_ft_acc']:.4f}", flush=True)
+    if "heads" not in args.parts:
+        out[name] = res
+        return
 
     ft = finetune(
         dyn,
@@ -165,6 +193,7 @@ def run_net(depth, args, train, test, out: dict) -> None:
         calibration_fraction=0.0,
         preprocessing=pre,
         progress=False,
+        callback=log_every(100),
     )
     res["heads"] = {"epochs": args.epochs, "seconds": ft.seconds, "history": ft.history}
     print(f"  heads: {ft.seconds:.0f} s, last epoch {ft.history[-1]}", flush=True)
@@ -188,6 +217,7 @@ def run_net(depth, args, train, test, out: dict) -> None:
             calibration_fraction=0.0,
             preprocessing=pre,
             progress=False,
+            callback=log_every(100),
         )
         calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
         joint = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
@@ -248,7 +278,7 @@ def render_markdown(results: dict) -> str:
             within = m["macs_within_0.5"]
             lines.append(
                 f"| {net} | {_pct(r['static_original_acc'])} | {_pct(r.get('static_ft_acc'))} "
-                f"| {mode} ({m['epochs']} ep) | {_pct(drop['test_acc'])} % at "
+                f"| {mode} ({m['epochs']} ep, {r.get('train_images', '?')} images) | {_pct(drop['test_acc'])} % at "
                 f"{drop['test_macs']:.3f} | {_frac(within.get('original'))} | "
                 f"{_frac(within.get('static_fine_tuned'))} | {_pct(m['oracle']['acc'])} % at "
                 f"{m['oracle']['macs']:.3f} | {m['seconds']:.0f} s |"
@@ -393,11 +423,40 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One result from runs that split the work (e.g. static baselines in another process):
+    per network the union of what each run measured; commands joined, wall time the longest."""
+    merged: dict = {"command": " && ".join(p["command"] for p in parts)}
+    merged["args"], merged["machine"] = parts[0]["args"], parts[0]["machine"]
+    merged["total_seconds"] = max(p.get("total_seconds", 0.0) for p in parts)
+    for part in parts:
+        for key, value in part.items():
+            if key.startswith("cifar_resnet"):
+                merged.setdefault(key, {}).update(value)
+    for net in (v for k, v in merged.items() if k.startswith("cifar_resnet")):
+        baselines = {"original": net["static_original_acc"]}
+        if "static_ft_acc" in net:
+            baselines["static_fine_tuned"] = net["static_ft_acc"]
+        for mode in ("heads", "joint"):
+            if mode in net:
+                net[mode]["macs_within_0.5"] = within_half_point(net[mode]["curve"], baselines)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--nets", type=int, nargs="+", default=[20, 32, 44])
-    parser.add_argument("--exits", type=int, default=6)
+    parser.add_argument("--exits", type=int, default=5)
+    parser.add_argument("--head", default="auto", help="exit head kind: auto, linear or conv")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["static", "heads"],
+        help="what to run: static (fine-tuned baseline), heads (heads mode, then joint for "
+        "--joint nets); split a run over processes and --merge the JSON files",
+    )
+    parser.add_argument("--merge", type=Path, nargs="+", help="render from these JSON files")
     parser.add_argument("--epochs", type=int, default=3, help="heads-mode epochs")
     parser.add_argument("--static-epochs", type=int, default=3)
     parser.add_argument("--joint", type=int, nargs="*", default=[44])
@@ -417,6 +476,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "cifar10.json")
     args = parser.parse_args()
     markdown = Path(__file__).parent / "cifar10.md"
+    if args.merge:
+        merged = merge_results([json.loads(p.read_text()) for p in args.merge])
+        args.json.write_text(json.dumps(merged, indent=1, default=float))
+        markdown.write_text(render_markdown(merged))
+        return
     if args.render_only:
         markdown.write_text(render_markdown(json.loads(args.json.read_text())))
         return

@@ -187,3 +187,28 @@ def test_model_returning_a_tuple_is_refused():
 
     with pytest.raises(StrategyError, match="one logits tensor"):
         dynify.convert(TwoHeads(), example_input=torch.randn(1, 3, 8, 8))
+
+
+def test_head_kinds_conv_where_it_fits_linear_on_imagenet_maps():
+    small = dynify.convert(cifar_resnet20(), example_input=torch.zeros(1, 3, 32, 32))
+    conv = [head.reduce[0] for head in small.heads]
+    assert all(isinstance(c, nn.Conv2d) and c.stride == (2, 2) for c in conv)
+    assert all(c.out_channels in (c.in_channels, 2 * c.in_channels) for c in conv)
+    budget = 0.02 * small.static_macs
+    assert all(m <= budget for m in small.head_macs)  # the conv counts in the head budget
+
+    linear = dynify.convert(
+        cifar_resnet20(), example_input=torch.zeros(1, 3, 32, 32), options={"head": "linear"}
+    )
+    assert not any(isinstance(m, nn.Conv2d) for m in linear.heads.modules())
+    # ImageNet-sized early maps are too large for a useful conv within 2 %: auto stays linear
+    big = dynify.convert(torchvision.models.resnet18(), example_input=torch.zeros(1, 3, 224, 224))
+    assert not any(isinstance(m, nn.Conv2d) for m in big.heads.modules())
+
+
+def test_conv_head_on_tokens_and_unknown_head_kind_are_clear_errors(tiny_model, tiny_input):
+    with pytest.raises(StrategyError, match="one of"):
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"head": "mlp"})
+    vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)
+    with pytest.raises(StrategyError, match="needs a conv map"):
+        dynify.convert(vit, example_input=torch.zeros(1, 3, 32, 32), options={"head": "conv"})

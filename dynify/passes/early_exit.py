@@ -30,6 +30,7 @@ MAX_HEAD_WEIGHTS = 2**20
 # Cuts later than this leave too little work after them for an exit to save anything.
 LATEST_DEFAULT_EXIT = 0.95
 MIN_BOTTLENECK = 8
+HEAD_KINDS = ("auto", "linear", "conv")
 
 
 @dataclass
@@ -38,7 +39,9 @@ class EarlyExitOptions:
 
     exits: how many exits to spread over cumulative MACs (int), or where to put them: MAC
     fractions in (0, 1) or cut-point node names. head_budget: the most one head may cost, as a
-    fraction of the static model's MACs.
+    fraction of the static model's MACs. head: 'linear' (pool + linear), 'conv' (a strided
+    3x3 conv first, on conv maps) or 'auto' (conv where it fits the budget with at least as
+    many channels as its input, else linear).
     """
 
     exits: int | list[float] | list[str] = 4
@@ -46,6 +49,7 @@ class EarlyExitOptions:
     patience: int = 2
     threshold: float = 0.9
     head_budget: float = 0.02
+    head: str = "auto"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EarlyExitOptions:
@@ -120,6 +124,59 @@ def choose_head(
     return 1, hidden
 
 
+def _map_size(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
+    """(channels, height, width) of a conv map in either layout."""
+    if layout == "channels_first":
+        return shape[0], shape[1], shape[2]
+    return shape[2], shape[0], shape[1]
+
+
+def conv_output(shape: tuple[int, ...], layout: str, conv: int) -> tuple[int, ...]:
+    """The feature shape after a head's strided 3x3 conv (same layout as its input)."""
+    _, h, w = _map_size(shape, layout)
+    h, w = (h + 1) // 2, (w + 1) // 2
+    return (conv, h, w) if layout == "channels_first" else (h, w, conv)
+
+
+def conv_macs(shape: tuple[int, ...], layout: str, conv: int) -> int:
+    channels, h, w = _map_size(shape, layout)
+    return channels * conv * 9 * ((h + 1) // 2) * ((w + 1) // 2)
+
+
+def choose_conv(shape: tuple[int, ...], layout: str, budget_macs: float, kind: str) -> int | None:
+    """Channels of the head's strided conv, or None for a linear head.
+
+    'auto' takes twice the input's channels, or as many, when that conv stays within 3/4 of the
+    head budget (the rest is for the classifier) and the weight cap: true of CIFAR-sized
+    networks, not of ImageNet ResNets, whose early maps are too large for any useful conv.
+    'conv' also tries half and a quarter of the channels before giving up.
+    """
+    if kind not in HEAD_KINDS:
+        raise StrategyError(f"Unknown exit head '{kind}'; one of {HEAD_KINDS}.")
+    if kind == "linear" or layout not in ("channels_first", "channels_last"):
+        if kind == "conv":
+            raise StrategyError(
+                f"A conv exit head needs a conv map; this cut is laid out as {layout}. "
+                "Use head='linear' or 'auto'."
+            )
+        return None
+    channels, h, w = _map_size(shape, layout)
+    widths = [2 * channels, channels]
+    if kind == "conv":
+        widths += [channels // 2, channels // 4]
+    limit = budget_macs * (0.75 if kind == "auto" else 1.0)
+    for width in widths:
+        fits = conv_macs(shape, layout, width) <= limit
+        if width >= 1 and min(h, w) >= 4 and fits and channels * width * 9 <= MAX_HEAD_WEIGHTS:
+            return width
+    if kind == "conv":
+        raise StrategyError(
+            f"No conv exit head on a {list(shape)} feature fits the head budget "
+            f"({budget_macs / 1e3:.0f} K MACs). Raise head_budget or use head='linear'."
+        )
+    return None
+
+
 @register_strategy
 class EarlyExit:
     name = "early-exit"
@@ -132,8 +189,17 @@ class EarlyExit:
         exits = []
         for cut in place_exits(ctx.analysis.cuts, opts.exits):
             layout = feature_layout(cut.shape)
-            pool, hidden = choose_head(cut.shape, layout, ctx.num_classes, budget)
-            exits.append({"node": cut.node, "layout": layout, "pool": pool, "hidden": hidden})
+            conv = choose_conv(cut.shape, layout, budget, opts.head)
+            shape, rest = cut.shape, budget
+            if conv:
+                shape, rest = (
+                    conv_output(cut.shape, layout, conv),
+                    budget - conv_macs(cut.shape, layout, conv),
+                )
+            pool, hidden = choose_head(shape, layout, ctx.num_classes, rest)
+            exits.append(
+                {"node": cut.node, "layout": layout, "pool": pool, "hidden": hidden, "conv": conv}
+            )
         plan = {"exits": exits, "policy": ExitPolicy(opts.policy, opts.patience).to_dict()}
         plan["options"] = asdict(opts)
         return plan
@@ -164,7 +230,14 @@ class EarlyExit:
         heads, head_macs = [], []
         for spec in exits:
             shape = tuple(ctx.node(spec["node"]).meta["tensor_meta"].shape[1:])
-            head = ExitHead(shape, ctx.num_classes, spec["layout"], spec["pool"], spec["hidden"])
+            head = ExitHead(
+                shape,
+                ctx.num_classes,
+                spec["layout"],
+                spec["pool"],
+                spec["hidden"],
+                spec.get("conv"),
+            )
             heads.append(head)
             head_macs.append(module_macs(head.eval(), torch.zeros(1, *shape)))
         options = plan.get("options", {})

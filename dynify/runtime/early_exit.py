@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dynify.runtime.model import DynamicModel
-from dynify.runtime.policy import ExitPolicy
+from dynify.runtime.policy import ExitPolicy, exit_scores
 
 
 class EarlyExitModel(DynamicModel):
@@ -97,6 +97,8 @@ class EarlyExitModel(DynamicModel):
         if self._static:
             return self._forward_static(x)
         batch = x.shape[0]
+        if batch == 1 and self.policy.kind != "patience":
+            return self._forward_one(x)
         exit_macs = self.exit_macs()
         remaining = torch.arange(batch, device=x.device)
         exit_index = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
@@ -124,6 +126,24 @@ class EarlyExitModel(DynamicModel):
         self.last_exit = exit_index
         self.last_macs = macs[exit_index]
         return output
+
+    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One sample: the same decisions as `forward` without its index bookkeeping (arange,
+        gathers, scatters, per-exit masks), which costs ~0.1 ms per exit passed: 2 % of a CIFAR
+        ResNet per exit, enough to keep saved MACs from becoming saved milliseconds."""
+        kind = "entropy" if self.policy.kind == "entropy" else "confidence"
+        taken, feature = self.num_exits, x
+        for i, segment in enumerate(self.segments):
+            feature = segment(feature)
+            if i == self.num_exits:
+                break
+            logits = self.heads[i](feature)
+            if bool(exit_scores(logits, self.temperatures[i], kind)[0] >= self.thresholds[i]):
+                taken, feature = i, logits
+                break
+        self.last_exit = torch.tensor([taken], device=x.device)
+        self.last_macs = torch.tensor([self.exit_macs()[taken]], device=x.device)
+        return feature
 
     def export_module(self) -> nn.Module:
         """The export face: a `CondCascade` (forward(x, thresholds) -> (logits, exit_index))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, JointRecipe
 
 GATE_KINDS = ("function", "halting", "policy")
 ESTIMATORS = ("reinforce", "gumbel")
@@ -454,6 +454,8 @@ class GatedModel(DynamicModel):
     """The rewritten graph (`gm`) with `gate_<k>` wrappers, plus the policy network if any."""
 
     strategy = "block-gates"
+    # benchmarks/block_gates.py: unclipped SGD diverged within ten steps; SGD barely moved gates
+    joint_recipe = JointRecipe(new_parts="adam", clip_grad_norm=2.0, freeze_batchnorm=True)
 
     def __init__(
         self,
@@ -495,7 +497,9 @@ class GatedModel(DynamicModel):
         self.distill_temperature = float(distill_temperature)
         self.compute_weight = float(compute_weight)
         self.budget_rate = float(budget_rate)
-        self._budget_multiplier = 0.0  # the compute price, learnt during fine-tuning
+        # The compute price, learnt during fine-tuning: a buffer, so a checkpoint (and a resumed
+        # run) carries it; as a Python float a resumed run restarted it from zero.
+        self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
         self.estimator = estimator
         self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
         self.last_gates: torch.Tensor | None = None
@@ -685,8 +689,8 @@ class GatedModel(DynamicModel):
         # ascent on the budget constraint), so it keeps pushing until the mean sits on budget.
         greedy_fraction = float(run.greedy_macs.mean()) / self.static_macs
         gap = greedy_fraction - budget
-        multiplier = self._budget_multiplier
-        self._budget_multiplier = max(-10.0, min(10.0, multiplier + self.budget_rate * gap))
+        multiplier = float(self.budget_multiplier)
+        self.budget_multiplier.fill_(max(-10.0, min(10.0, multiplier + self.budget_rate * gap)))
         price = self.compute_weight * gap + multiplier
         if log_prob is not None:
             reward = -task.detach() - price * fraction.detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,10 +19,29 @@ from torch import nn
 from dynify.errors import InputError
 
 
+@dataclass(frozen=True)
+class JointRecipe:
+    """How joint fine-tuning treats a strategy's new parts, which the strategy knows best.
+
+    Exit heads learn well with the backbone's SGD at 10x its rate. Gates do not: a few hundred
+    SGD steps barely move them, closed gates make the first losses large enough to blow up an
+    unclipped backbone, and batch-norm statistics drift towards gated features (which would
+    also change `dyn.static()`). So a strategy may ask for Adam on its new parts, a clipped
+    backbone gradient and frozen batch-norm statistics.
+    """
+
+    new_parts: str = "sgd"  # "sgd": with the backbone at new_lr_scale x; "adam": at new_lr
+    new_lr_scale: float = 10.0
+    new_lr: float = 0.02
+    clip_grad_norm: float | None = None
+    freeze_batchnorm: bool = False
+
+
 class DynamicModel(nn.Module):
     """Base class of the networks the passes build."""
 
     strategy: ClassVar[str] = ""
+    joint_recipe: ClassVar[JointRecipe] = JointRecipe()
 
     def __init__(self, *, static_macs: int, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()

@@ -31,11 +31,13 @@ def feature_layout(shape: tuple[int, ...]) -> str:
 
 
 class ExitHead(nn.Module):
-    """A cheap classifier on an intermediate feature: pool, flatten, (bottleneck,) linear.
+    """A cheap classifier on an intermediate feature: (conv,) pool, flatten, (bottleneck,) linear.
 
     Conv maps are average-pooled to `pool` x `pool` (SDN pools to a small grid rather than to
     1x1, which keeps some spatial information for shallow exits); tokens are normalised and
-    averaged; vectors go straight to the linear layer.
+    averaged; vectors go straight to the linear layer. With `conv` channels, a strided 3x3
+    conv + BN + ReLU runs first (MSDNet's classifiers): shallow features are too low-level for
+    a linear classifier, and one non-linear layer lifts an early exit far more than its MACs.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ExitHead(nn.Module):
         layout: str,
         pool: int = 1,
         hidden: int | None = None,
+        conv: int | None = None,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -53,7 +56,17 @@ class ExitHead(nn.Module):
         self.pool = pool
         if layout in ("channels_first", "channels_last"):
             channels = shape[0] if layout == "channels_first" else shape[-1]
-            self.reduce: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(1))
+            layers: list[nn.Module] = []
+            if conv:
+                layers += [
+                    nn.Conv2d(channels, conv, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(conv),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = conv
+            self.reduce: nn.Module = nn.Sequential(
+                *layers, nn.AdaptiveAvgPool2d(pool), nn.Flatten(1)
+            )
             features = channels * pool * pool
         elif layout == "tokens":
             self.reduce = _TokenMean(shape[-1])

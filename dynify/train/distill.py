@@ -45,7 +45,7 @@ from dynify.train.data import split_dataset
 
 MODES = ("heads", "joint")
 SCHEDULES = ("cosine", "onecycle", "constant")
-CHECKPOINT_FORMAT = "dynify-checkpoint-1"
+CHECKPOINT_FORMAT = "dynify-checkpoint-2"  # 2: param groups carry base_lr (and clip)
 
 
 @dataclass
@@ -250,6 +250,7 @@ def finetune(
                         loss, metrics = runner(x, teacher_logits, y)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
+                        _clip_gradients(optimizer)
                         optimizer.step()
                         step += 1
                         batch += 1
@@ -372,6 +373,10 @@ def _train_mode(dyn: DynamicModel, mode: str) -> None:
     stay as they are) except the largest submodules whose parameters all train."""
     if mode == "joint":
         dyn.train()
+        if dyn.joint_recipe.freeze_batchnorm:
+            for module in dyn.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # running statistics stay; affine parameters still learn
         return
     dyn.eval()
 
@@ -387,22 +392,66 @@ def _train_mode(dyn: DynamicModel, mode: str) -> None:
         visit(child)
 
 
+class _Optimizers:
+    """Several optimizers stepped as one (SGD for the backbone, Adam for the new parts), with
+    one state dict, so checkpoints and resume treat them like a single optimizer."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for o, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            o.load_state_dict(state)
+
+
+Optimizer = torch.optim.Optimizer | _Optimizers
+
+
 def _optimizer(
     dyn: DynamicModel, trainable: list[tuple[str, nn.Parameter]], config: FinetuneConfig
-) -> torch.optim.Optimizer:
+) -> Optimizer:
     lr = config.learning_rate
     if config.mode == "heads":
         params = [p for _, p in trainable]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        group = {"params": params, "lr": lr, "base_lr": lr}
+        return torch.optim.AdamW([group], lr=lr, weight_decay=config.weight_decay)
+    recipe = dyn.joint_recipe
     static = static_parameter_names(dyn)
     backbone = [p for n, p in trainable if n in static]
     new = [p for n, p in trainable if n not in static]
-    groups = [{"params": backbone, "lr": lr, "scale": 1.0}]
-    if new:
-        groups.append({"params": new, "lr": lr * 10, "scale": 10.0})
-    return torch.optim.SGD(
+    groups = [{"params": backbone, "lr": lr, "base_lr": lr, "clip": recipe.clip_grad_norm}]
+    if new and recipe.new_parts == "sgd":
+        scaled = lr * recipe.new_lr_scale
+        groups.append({"params": new, "lr": scaled, "base_lr": scaled})
+    sgd = torch.optim.SGD(
         groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
     )
+    if not new or recipe.new_parts == "sgd":
+        return sgd
+    # Adam's rate decays to a tenth, not to zero: decisions keep adapting to the backbone.
+    adam_group = {"params": new, "lr": recipe.new_lr, "base_lr": recipe.new_lr, "floor": 0.1}
+    return _Optimizers(sgd, torch.optim.Adam([adam_group], lr=recipe.new_lr))
+
+
+def _clip_gradients(optimizer: Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if group.get("clip"):
+            torch.nn.utils.clip_grad_norm_(group["params"], group["clip"])
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> float:
@@ -420,12 +469,10 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> flo
     return (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-8))) / 2
 
 
-def _set_lr(
-    optimizer: torch.optim.Optimizer, config: FinetuneConfig, step: int, total: int
-) -> None:
+def _set_lr(optimizer: Optimizer, config: FinetuneConfig, step: int, total: int) -> None:
     factor = lr_factor(config.schedule, step, total, config.warmup)
     for group in optimizer.param_groups:
-        group["lr"] = config.learning_rate * group.get("scale", 1.0) * factor
+        group["lr"] = group["base_lr"] * max(factor, group.get("floor", 0.0))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -434,7 +481,7 @@ def _set_lr(
 def _save_checkpoint(
     path: Path,
     dyn: DynamicModel,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     config: FinetuneConfig,
     epoch: int,
     batch: int,
