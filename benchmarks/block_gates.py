@@ -25,14 +25,15 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 import dynify
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.data import cached_tensor_dataset, split_dataset
-from dynify.train.distill import lr_factor
 from dynify.zoo import build_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -75,48 +76,37 @@ def measure(model, batches: Batches, dyn: bool = True) -> tuple[float, float]:
     return hits / total, (macs / total / model.static_macs if dyn else 1.0)
 
 
-def train(dyn, teacher, fit, pre, args, budget: float) -> dict:
-    """Joint fine-tuning: SGD for the backbone, Adam for the decision units."""
-    batches = Batches(fit, pre, batch_size=args.batch_size, train=True, augment=True, seed=0)
-    new = [p for n, p in dyn.named_parameters() if ".decider." in n or n.startswith("policy.")]
-    new_ids = {id(p) for p in new}
-    backbone = [p for p in dyn.parameters() if id(p) not in new_ids]
-    sgd = torch.optim.SGD(backbone, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    adam = torch.optim.Adam(new, lr=args.gate_lr)
-    total = min(args.steps, len(batches))
-    start, step, history = time.perf_counter(), 0, []
-    # BN stays in eval mode: running statistics are kept (they would drift towards the gated
-    # features, which would also change `dyn.static()`), affine parameters still learn.
-    dyn.eval()
-    torch.manual_seed(0)
-    for x, y in batches.epoch(0):
-        if step >= total:
-            break
-        factor = lr_factor("cosine", step, total, 0.05)
-        for g in sgd.param_groups:
-            g["lr"] = args.lr * factor
-        for g in adam.param_groups:
-            g["lr"] = args.gate_lr * max(factor, 0.1)
-        with torch.no_grad():
-            target = teacher(x)
-        loss, metrics = dyn.training_loss(x, target, y, budget)
-        sgd.zero_grad()
-        adam.zero_grad()
-        loss.backward()
-        # Early on, closed gates make the distillation loss large; unclipped SGD at lr 0.01
-        # diverged within ten steps, so the backbone's gradient norm is clipped.
-        torch.nn.utils.clip_grad_norm_(backbone, args.clip)
-        sgd.step()
-        adam.step()
-        step += 1
-        if step % 20 == 0 or step == total:
-            history.append({"step": step, **{k: round(v, 4) for k, v in metrics.items()}})
-            print(f"    step {step}/{total}: {history[-1]}", flush=True)
-    dyn.eval()
+def train(dyn, fit, pre, args, budget: float) -> dict:
+    """Joint fine-tuning with `dynify.finetune` on the first `--steps` batches' worth of a
+    seeded shuffle of the fit part: the gates' recipe (clipped SGD for the backbone, Adam for
+    the decision units, BN statistics frozen) is the library's (`GatedModel.joint_recipe`)."""
+    images = min(args.steps * args.batch_size, len(fit))
+    order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))[:images]
+    history: list[dict] = []
+
+    def log(info: dict) -> None:
+        if info["step"] % 20 == 0:
+            keep = ("loss", "distill", "macs_fraction", "greedy_macs_fraction", "compute_price")
+            history.append({"step": info["step"], **{k: round(info[k], 4) for k in keep}})
+            print(f"    step {info['step']}: {history[-1]}", flush=True)
+
+    result = dynify.finetune(
+        dyn,
+        Subset(fit, order.tolist()),
+        mode="joint",
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        budget=budget,
+        calibration_fraction=0.0,
+        preprocessing=pre,
+        progress=False,
+        callback=log,
+    )
     return {
-        "steps": step,
-        "images": step * args.batch_size,
-        "seconds": round(time.perf_counter() - start, 1),
+        "steps": images // args.batch_size,
+        "images": images,
+        "seconds": round(result.seconds, 1),
         "history": history,
     }
 
@@ -179,8 +169,8 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     if name not in out.setdefault("original", {}):
         out["original"][name] = measure(original, data["test"], dyn=False)[0]
     res["original_test_acc"] = out["original"][name]
-    res["settings"] = {"steps": args.steps, "gate_lr": args.gate_lr, "options": options}
-    res["train"] = train(dyn, original, data["fit"], pre, args, args.budget)
+    res["settings"] = {"steps": args.steps, "recipe": asdict(dyn.joint_recipe), "options": options}
+    res["train"] = train(dyn, data["fit"], pre, args, args.budget)
     with dyn.static():
         res["static_ft_calib_acc"] = measure(dyn, data["calib"], dyn=False)[0]
     sweep = []
@@ -223,9 +213,9 @@ def markdown(out: dict) -> str:
         f"({out['date']}). Fine-tuning: joint, {args['steps']} steps of batch "
         f"{args['batch_size']} with flip/crop augmentation, drawn from the 45k fit part of "
         f"cifar10/train (so {args['steps'] * args['batch_size']:,} images, "
-        f"{args['steps'] * args['batch_size'] / 45000:.2f} epoch), backbone SGD lr "
-        f"{args['lr']} cosine (gradient norm clipped at {args['clip']}), gates Adam lr "
-        f"{args['gate_lr']}, training budget "
+        f"{args['steps'] * args['batch_size'] / 45000:.2f} epoch) with `dynify.finetune(..., "
+        f"mode='joint')`: backbone SGD lr {args['lr']} cosine, gradient norm clipped at 2, "
+        "decision units Adam (lr 0.02, halting 0.008: `GatedModel.joint_recipe`), training budget "
         f"{args['budget']} of the static MACs. Thresholds: swept on {args['calib']} held-out "
         "cifar10/train images; the chosen one is the cheapest within 1 point of the fine-tuned "
         "static network there. All accuracies below are on cifar10/test (5,000 JPEG images). "
@@ -252,14 +242,9 @@ def markdown(out: dict) -> str:
             f"{fall} |"
         )
     overrides = [
-        f"{r['net']}/{r['gate']}: gate lr {r['settings']['gate_lr']}, compute_weight "
-        f"{r['settings']['options'].get('compute_weight', 20.0)}"
+        f"{r['net']}/{r['gate']}: compute_weight {r['settings']['options']['compute_weight']}"
         for r in out.get("runs", {}).values()
-        if "settings" in r
-        and (
-            r["settings"]["gate_lr"] != args["gate_lr"]
-            or "compute_weight" in r["settings"]["options"]
-        )
+        if "compute_weight" in r.get("settings", {}).get("options", {})
     ]
     if overrides:
         lines += ["", "Runs with other settings than the header's: " + "; ".join(overrides) + "."]
@@ -297,7 +282,7 @@ def vars_cmdline(args: argparse.Namespace) -> str:
     return " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if k in ("nets", "gates", "steps", "gate_lr", "compute_weight")
+        if k in ("nets", "gates", "steps", "compute_weight", "budget")
     )
 
 
@@ -308,11 +293,9 @@ def main() -> None:
     parser.add_argument("--nets", type=int, nargs="+", default=[32, 44])
     parser.add_argument("--gates", nargs="+", default=["function", "halting", "policy"])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--clip", type=float, default=2.0)
     parser.add_argument("--compute-weight", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--gate-lr", type=float, default=0.02)
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--calib", type=int, default=1000)
     parser.add_argument("--latency-repeats", type=int, default=300)

@@ -26,7 +26,7 @@ from torch import nn
 
 import dynify
 from dynify.export import export_onnx_report
-from dynify.export.bench import bench
+from dynify.export.bench import bench, settle_batch_norm
 from dynify.export.verify import _session
 
 HERE = Path(__file__).parent
@@ -38,20 +38,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {}
 # (runtime, channels_last)
 CONFIGS = [("eager", False), ("eager", True), ("onnx", False)]
 TARGET = 1.15
-
-
-def settle_batch_norm(dyn: dynify.DynamicModel, batches: int = 2, size: int = 8) -> None:
-    """Running statistics from random inputs: random-weight logits stay O(1), like trained
-    ones, so the 1e-4 parity check of the export is meaningful."""
-    for module in dyn.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    dyn.train()
-    with torch.no_grad(), dyn.static():
-        for _ in range(batches):
-            dyn(torch.randn(size, *dyn.input_shape))
-    dyn.eval()
 
 
 def export_batch_policies(dyn: dynify.DynamicModel, folder: Path, name: str) -> dict:

@@ -22,7 +22,7 @@ import dynify
 from dynify.cli import app
 from dynify.errors import ExportError
 from dynify.export import export_onnx_report, verification_inputs
-from dynify.export.bench import bench, threshold_cases
+from dynify.export.bench import bench, settle_batch_norm, threshold_cases
 from dynify.export.verify import count_executed_ops, verify_onnx
 
 runner = CliRunner()
@@ -40,13 +40,7 @@ def flat(output: str) -> str:
 def settle(dyn: dynify.DynamicModel, head_std: float = 0.5) -> dynify.DynamicModel:
     """BN statistics from random inputs and random heads: exits fire, logits stay O(1)."""
     torch.manual_seed(0)
-    for module in dyn.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    dyn.train()
-    with torch.no_grad(), dyn.static():
-        dyn(torch.randn(16, *dyn.input_shape))
+    settle_batch_norm(dyn, batches=1, size=16)
     for head in dyn.heads:
         nn.init.normal_(head.classifier.weight, std=head_std)
     return dyn.eval()
@@ -109,13 +103,18 @@ def test_threshold_input_decides_how_many_convs_run(exported, artifact):
     dyn = dynify.load(artifact)
     per_segment = [convs(s) for s in dyn.segments]
     assert per_segment[0] > 0 and sum(per_segment) == 19  # ResNet-20: 19 convs
+    heads = [convs(h) for h in dyn.heads]  # a CIFAR-sized head has one conv of its own
+
+    def expected(exit_taken: int) -> int:  # the segments run and the heads passed
+        return sum(per_segment[: exit_taken + 1]) + sum(heads[: exit_taken + 1])
+
     x = torch.randn(1, 3, 32, 32)
-    assert count_executed_ops(path, x, [0.0, 0.0]) == per_segment[0]
-    assert count_executed_ops(path, x, [1.01, 0.0]) == sum(per_segment[:2])
-    assert count_executed_ops(path, x, [1.01, 1.01]) == 19
+    assert count_executed_ops(path, x, [0.0, 0.0]) == expected(0)
+    assert count_executed_ops(path, x, [1.01, 0.0]) == expected(1)
+    assert count_executed_ops(path, x, [1.01, 1.01]) == expected(2) == 19 + sum(heads)
     ran_default = count_executed_ops(path, x)  # the calibrated 0.9 from the graph's default
     dyn(x)
-    assert ran_default == sum(per_segment[: int(dyn.last_exit[0]) + 1])
+    assert ran_default == expected(int(dyn.last_exit[0]))
 
 
 def test_export_pt2_is_checked_and_loads_with_torch_alone(artifact):

@@ -31,6 +31,21 @@ SWEEP = (0.0, 0.5, NEVER)
 STATIC = "static"
 
 
+def settle_batch_norm(dyn: DynamicModel, batches: int = 2, size: int = 8) -> DynamicModel:
+    """Batch-norm running statistics from random inputs, for timing random-weight models: their
+    logits then stay O(1) like trained ones, so exits fire at ordinary thresholds and a 1e-4
+    parity check of an export means something. Only the static network's BN layers move."""
+    for module in dyn.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batches
+    dyn.train()
+    with torch.no_grad(), dyn.static():
+        for _ in range(batches):
+            dyn(torch.randn(size, *dyn.input_shape))
+    return dyn.eval()
+
+
 def threshold_cases(dyn: DynamicModel) -> list[tuple[str, list[float]]]:
     """Named threshold vectors that pin the model to a known behaviour, cheapest first.
 

@@ -1,0 +1,51 @@
+"""Data sets for calibration, fine-tuning and evaluation, from whatever the user already has.
+
+`load_dataset` accepts an ImageFolder directory, a `.zip` of one (read in place, member by member),
+a torchvision data set name, or tensors. Folder and zip share one indexing routine, so the same
+images give the same classes, order and labels either way. Decoding small JPEGs costs more than a
+small network's epoch on two cores, so `to_tensor_dataset` decodes once into a uint8 tensor and
+`random_crop_flip` augments whole batches of it (`dynify.train.batches` drives the epochs).
+"""
+
+from dynify.train.data.datasets import (
+    ImageFolderDataset,
+    TensorImageDataset,
+    ZipImageFolder,
+)
+from dynify.train.data.layout import IMAGE_EXTENSIONS
+from dynify.train.data.loading import DataSource, data_home, load_dataset
+from dynify.train.data.splits import LabeledSubset, dataset_targets, split_dataset
+from dynify.train.data.tensors import cached_tensor_dataset, to_tensor_dataset
+from dynify.train.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SMALL_IMAGE_MAX,
+    Transform,
+    make_transforms,
+    normalize_batch,
+    random_crop_flip,
+    transforms_from_weights,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "SMALL_IMAGE_MAX",
+    "DataSource",
+    "ImageFolderDataset",
+    "LabeledSubset",
+    "TensorImageDataset",
+    "Transform",
+    "ZipImageFolder",
+    "cached_tensor_dataset",
+    "data_home",
+    "dataset_targets",
+    "load_dataset",
+    "make_transforms",
+    "normalize_batch",
+    "random_crop_flip",
+    "split_dataset",
+    "to_tensor_dataset",
+    "transforms_from_weights",
+]
