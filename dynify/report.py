@@ -18,16 +18,15 @@ import torch
 
 from dynify.runtime.model import DynamicModel
 from dynify.train.batches import Preprocessing
-from dynify.train.calibrate import (
-    NEVER,
+from dynify.train.exit_outputs import (
     ExitOutputs,
     _has_exits,
-    _Problem,
     collect_outputs,
     data_batches,
-    measure,
     one_thread,
 )
+from dynify.train.scalar_sweep import measure
+from dynify.train.threshold_search import NEVER, _Problem
 
 
 @dataclass

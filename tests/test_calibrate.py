@@ -13,12 +13,12 @@ from dynify.runtime.model import DynamicModel
 from dynify.train.calibrate import (
     NEVER,
     ExitOutputs,
-    _Problem,
     calibrate,
     collect_outputs,
     fit_temperature,
     simulate,
 )
+from dynify.train.threshold_search import _Problem
 from tests.conftest import TinyResNet, randomize_bn
 
 # Budgets hold on held-out data from the same distribution within this many MAC fractions

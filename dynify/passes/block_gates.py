@@ -23,16 +23,15 @@ from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy, strategy_names
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
-from dynify.runtime.gates import (
+from dynify.runtime.block_gate import BlockGate, HaltMix
+from dynify.runtime.gate_units import (
     ESTIMATORS,
     GATE_KINDS,
-    BlockGate,
-    GatedModel,
     GateFunction,
     HaltingUnit,
-    HaltMix,
     PolicyNetwork,
 )
+from dynify.runtime.gates import GatedModel
 from dynify.runtime.modules import feature_layout
 
 # Strategies that need residual blocks; the others apply to any network.

@@ -1,7 +1,7 @@
 """Spatial masks (DynConv, SACT): compute each residual branch only where the image needs it.
 
 Plan: every residual block whose branch is a stride-1 chain of "same" convs and position-wise
-layers gets a mask (see `runtime.masks.check_branch`); the others, ResNet's downsampling blocks
+layers gets a mask (see `runtime.mask_geometry.check_branch`); the others, ResNet's downsampling blocks
 among them, are listed under `skipped` with the reason. Build: lift each chosen branch, wrap it
 in a `SparseResidual`, and rewrite the parent graph so the block calls the wrapper instead.
 """

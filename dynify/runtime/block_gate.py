@@ -1,0 +1,314 @@
+"""`BlockGate`, the wrapper that runs a residual branch only for the samples whose gate is open,
+and the per-forward state (`GateRun`) that all wrappers of one forward pass share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynify.runtime.gate_units import straight_through_gumbel
+
+# --- per-forward state ------------------------------------------------------------------------
+
+
+@dataclass
+class HaltState:
+    """ACT bookkeeping of one halting stage for the whole batch."""
+
+    cum: torch.Tensor  # [B] cumulative halting score, capped at 1
+    halted: torch.Tensor  # [B] bool
+    acc: torch.Tensor | None = None  # [B, ...] the halting-weighted mix of outputs so far
+    raw: torch.Tensor | None = None  # training: the unclamped sum of halting scores
+
+
+@dataclass
+class GateRun:
+    """What the wrappers of one forward pass share."""
+
+    mode: str  # "static" | "eager" | "train" | "export"
+    thresholds: torch.Tensor
+    macs: torch.Tensor  # [B] float: MACs spent per sample (train: straight-through)
+    executed: torch.Tensor  # [B, K] bool: which gated branches ran
+    plan: torch.Tensor | None = None  # policy: [B, K] run decision (float 0/1 in training)
+    greedy_plan: torch.Tensor | None = None  # policy, training: the deterministic plan
+    greedy_macs: torch.Tensor | None = None  # training: MACs of the deterministic decisions
+    halt: dict[int, HaltState] = field(default_factory=dict)
+    # batch 1 in eager mode: decisions and costs as Python scalars (no tensor bookkeeping)
+    scalar: bool = False
+    thr: list[float] = field(default_factory=list)
+    plan_list: list[bool] | None = None
+    flags: list[bool] = field(default_factory=list)
+    extra_macs: float = 0.0
+    halt_one: dict[int, list] = field(default_factory=dict)
+    train_threshold: float = 0.99
+    temperature: float = 1.0
+    gate_probs: list[torch.Tensor] = field(default_factory=list)
+
+
+def _cond(pred: torch.Tensor, true_fn: Callable, false_fn: Callable, operands: tuple) -> Any:
+    """`torch.cond` under export/compile (kept as control flow), a Python `if` in eager."""
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+# --- the wrappers -----------------------------------------------------------------------------
+
+
+class BlockGate(nn.Module):
+    """A residual block whose branch runs only for the samples whose gate is open.
+
+    `branch` and `shortcut` are the lifted arms (GraphModules sharing the original parameters);
+    `shortcut` is None for an identity shortcut. `decider` is the block's GateFunction
+    (function), HaltingUnit (halting) or None (policy: the plan comes from the GateRun).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        kind: str,
+        branch: nn.Module,
+        shortcut: nn.Module | None,
+        *,
+        branch_macs: int,
+        decider: nn.Module | None = None,
+        decider_macs: int = 0,
+        group: int = -1,
+    ):
+        super().__init__()
+        self.index = index
+        self.kind = kind
+        self.branch = branch
+        self.shortcut = shortcut
+        self.decider = decider
+        self.branch_macs = int(branch_macs)
+        self.decider_macs = int(decider_macs)
+        self.group = group  # halting: the stage's index (its threshold)
+        self.run: GateRun | None = None
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, kind={self.kind}, branch_macs={self.branch_macs}"
+
+    def _short(self, entry: torch.Tensor) -> torch.Tensor:
+        return entry if self.shortcut is None else self.shortcut(entry)
+
+    def forward(self, entry: torch.Tensor) -> torch.Tensor:
+        run = self.run
+        if run is None or run.mode == "static":
+            return self.branch(entry) + self._short(entry)
+        if run.mode == "train":
+            return self._train(entry, run)
+        if run.scalar:
+            return self._one(entry, run)
+        mask = self._decide(entry, run)
+        if mask is None:  # every sample runs: the static computation, no gathering
+            run.executed[:, self.index] = True
+            run.macs += self.branch_macs
+            return self.branch(entry) + self._short(entry)
+        run.executed[:, self.index] = mask
+        if run.mode == "export":
+            return self._export(entry, mask)
+        run.macs += mask.to(run.macs.dtype) * self.branch_macs
+        out = self._short(entry)
+        index = torch.nonzero(mask).squeeze(1)
+        if index.numel() == entry.shape[0]:
+            return self.branch(entry) + out
+        if index.numel():
+            out = out.index_add(0, index, self.branch(entry.index_select(0, index)))
+        return out
+
+    def _one(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
+        """Batch 1, the latency case: the same rules on Python scalars, one sync per gate."""
+        if self.kind == "function":
+            threshold = run.thr[self.index]
+            go = threshold > 1.0
+            if not go:
+                run.extra_macs += self.decider_macs
+                go = _sigmoid(self.decider.logit_one(entry)) > 1.0 - threshold
+        elif self.kind == "policy":
+            go = True if run.plan_list is None else run.plan_list[self.index]
+        else:
+            go = self._halt_one(entry, run)
+        run.flags[self.index] = go
+        if go:
+            run.extra_macs += self.branch_macs
+            return self.branch.forward(entry) + self._short(entry)
+        return self._short(entry)
+
+    def _halt_one(self, entry: torch.Tensor, run: GateRun) -> bool:
+        threshold = run.thr[self.group]
+        if threshold > 1.0:
+            return True
+        state = run.halt_one.setdefault(self.group, [0.0, False, None])
+        cum, halted, acc = state
+        if halted:
+            return False
+        run.extra_macs += self.decider_macs
+        h = _sigmoid(self.decider.logit_one(entry))
+        new_cum = min(cum + h, 1.0)
+        stop = new_cum >= threshold
+        weight = (1.0 - cum) if stop else h
+        state[:] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
+        return not stop
+
+    # eager and export decisions: a bool mask [B], or None when everything runs
+    def _decide(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor | None:
+        eager = run.mode == "eager"
+        if self.kind == "function":
+            threshold = run.thresholds[self.index]
+            if eager and float(threshold) > 1.0:
+                return None
+            run.macs += self.decider_macs
+            return torch.sigmoid(self.decider(entry).float()) > 1.0 - threshold
+        if self.kind == "policy":
+            return None if run.plan is None else run.plan[:, self.index]
+        return self._halt_decide(entry, run)
+
+    def _halt_state(self, entry: torch.Tensor, run: GateRun) -> HaltState:
+        """The stage's halting state, started at its first gated block."""
+        if self.group not in run.halt:
+            batch = entry.shape[0]
+            run.halt[self.group] = HaltState(
+                cum=entry.new_zeros(batch, dtype=torch.float32),
+                halted=torch.zeros(batch, dtype=torch.bool, device=entry.device),
+                acc=torch.zeros_like(entry),
+            )
+        return run.halt[self.group]
+
+    def _halt_decide(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor | None:
+        """Score block l's output (this block's entry); halted samples skip the rest of the stage."""
+        threshold = run.thresholds[self.group]
+        if run.mode == "eager" and float(threshold) > 1.0:
+            return None
+        state = self._halt_state(entry, run)
+        active = ~state.halted
+        if run.mode == "export":
+            h = torch.sigmoid(self.decider(entry).float())
+            new_cum = torch.clamp(state.cum + h, max=1.0)
+            stop = (new_cum >= threshold) & active
+            weight = torch.where(stop, 1.0 - state.cum, h) * active
+            state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
+            state.cum = torch.where(active, new_cum, state.cum)
+            state.halted = state.halted | stop
+            return ~state.halted
+        if not bool(active.any()):  # the whole batch has halted: skip without bookkeeping
+            return active
+        index = torch.nonzero(active).squeeze(1)
+        sub = entry.index_select(0, index)
+        h = torch.sigmoid(self.decider(sub).float())
+        run.macs.index_add_(
+            0, index, torch.full_like(h, float(self.decider_macs), dtype=run.macs.dtype)
+        )
+        old = state.cum.index_select(0, index)
+        new_cum = torch.clamp(old + h, max=1.0)
+        stop = new_cum >= threshold
+        weight = torch.where(stop, 1.0 - old, h).to(entry.dtype)
+        state.acc = state.acc.index_add(0, index, _expand(weight, sub) * sub)
+        state.cum = state.cum.index_copy(0, index, new_cum)
+        state.halted = state.halted.index_copy(0, index, stop)
+        return ~state.halted
+
+    def _export(self, entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The branch under `torch.cond`: skipped entirely when no sample needs it.
+
+        Batch 1: the predicate is the sample's own decision. Batch N: the predicate is "any
+        sample runs"; inside, the running samples are gathered (nonzero), the branch runs on
+        them alone and its output is scattered back, so each sample gets its own result.
+        """
+
+        def run_some(entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            index = torch.nonzero(mask).squeeze(1)
+            # the predicate guarantees a non-empty gather; export needs to be told so
+            torch._check(index.shape[0] >= 1)
+            torch._check(index.shape[0] <= entry.shape[0])
+            return self._short(entry).index_add(0, index, self.branch(entry.index_select(0, index)))
+
+        def skip(entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self._short(entry).clone()
+
+        return _cond(mask.any(), run_some, skip, (entry, mask))
+
+    def _train(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
+        """Every sample runs the branch; a straight-through 0/1 weight scales it.
+
+        Decision units read a detached entry: otherwise the compute term's gradient reaches the
+        backbone through the gate inputs and trains the features to close the gates (it
+        diverged within ten steps on a pretrained ResNet-32).
+        """
+        branch, short = self.branch(entry), self._short(entry)
+        if self.kind == "function":
+            logits = self.decider(entry.detach()).float()
+            run.gate_probs.append(torch.sigmoid(logits))
+            weight = straight_through_gumbel(logits, run.temperature)
+            run.macs = run.macs + self.decider_macs
+            greedy = logits.detach() > 0.0
+        elif self.kind == "policy":
+            weight = run.plan[:, self.index]
+            greedy = run.greedy_plan[:, self.index]
+        else:
+            self._halt_train(entry, run)
+            return branch + short  # halted samples' later outputs are ignored by the mix
+        run.executed[:, self.index] = weight.detach() > 0.5
+        run.greedy_macs += greedy.to(run.greedy_macs.dtype) * self.branch_macs
+        run.macs = run.macs + weight * self.branch_macs
+        return _expand(weight.to(branch.dtype), branch) * branch + short
+
+    def _halt_train(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
+        """ACT with the training threshold; returns the straight-through 'still running' weight."""
+        state = self._halt_state(entry, run)
+        active = ~state.halted
+        h = torch.sigmoid(self.decider(entry.detach()).float())
+        run.gate_probs.append(h)
+        run.macs = run.macs + active.float() * self.decider_macs
+        new_cum = torch.clamp(state.cum + h, max=1.0)
+        stop = (new_cum >= run.train_threshold) & active
+        weight = torch.where(stop, 1.0 - state.cum, h) * active
+        state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
+        state.cum = torch.where(active, new_cum, state.cum)
+        state.halted = state.halted | stop
+        running = (~state.halted).float()
+        # The mass still running, 1 - sum h, unclamped so the compute gradient never vanishes
+        # on a saturated stage (the clamped cumulative score has none).
+        state.raw = h if state.raw is None else state.raw + h
+        soft = 1.0 - state.raw
+        weight = running + soft - soft.detach()
+        run.executed[:, self.index] = ~state.halted
+        run.macs = run.macs + weight * self.branch_macs
+        run.greedy_macs += running.to(run.greedy_macs.dtype) * self.branch_macs
+        return weight
+
+
+class HaltMix(nn.Module):
+    """End of a halting stage: halted samples take the ACT mix, the others the last output."""
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+        self.run: GateRun | None = None
+
+    def forward(self, last: torch.Tensor) -> torch.Tensor:
+        run = self.run
+        if run is None or run.mode == "static":
+            return last
+        if run.scalar:
+            state = run.halt_one.get(self.group)
+            return state[2] if state is not None and state[1] else last
+        state = run.halt.get(self.group)
+        if state is None or state.acc is None:  # halting was off (threshold > 1)
+            return last
+        return torch.where(_expand(state.halted, last), state.acc, last)
+
+
+def _sigmoid(x: float) -> float:
+    """Sigmoid of a Python float (double precision; the batched path's float32 result can only
+    differ within ~1e-7 of a threshold)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))

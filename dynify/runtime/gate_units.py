@@ -1,0 +1,114 @@
+"""The decision units that gate residual blocks: a per-block gate (SkipNet, ConvNet-AIG), a halting
+unit (SACT) and a policy network (BlockDrop), plus the straight-through sampler that trains them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynify.errors import StrategyError
+
+GATE_KINDS = ("function", "halting", "policy")
+ESTIMATORS = ("reinforce", "gumbel")
+
+
+def pool_feature(feature: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, ...] feature -> [B, D] by global average pooling over its spatial or token axes."""
+    if layout == "channels_first":
+        return feature.mean(dim=tuple(range(2, feature.dim())))
+    if layout == "channels_last":
+        return feature.mean(dim=tuple(range(1, feature.dim() - 1)))
+    if layout == "tokens":
+        return feature.mean(1)
+    return feature.flatten(1)
+
+
+class GateFunction(nn.Module):
+    """ConvNet-AIG / SkipNet gate: global pool -> linear -> ReLU -> linear -> one logit.
+
+    The last bias starts at `open_bias` so a fresh gate is open (sigmoid(3) = 0.95): the
+    converted model starts as the static one and fine-tuning learns what to close.
+    """
+
+    def __init__(self, channels: int, layout: str, hidden: int = 16, open_bias: float = 3.0):
+        super().__init__()
+        self.layout = layout
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.constant_(self.fc2.bias, open_bias)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(pool_feature(feature, self.layout)))).squeeze(1)
+
+    def logit_one(self, feature: torch.Tensor) -> float:
+        """The logit of a batch of one as a float: the same arithmetic, without module calls."""
+        hidden = F.relu(
+            F.linear(pool_feature(feature, self.layout), self.fc1.weight, self.fc1.bias)
+        )
+        return float(F.linear(hidden, self.fc2.weight, self.fc2.bias))
+
+
+class HaltingUnit(nn.Module):
+    """SACT's halting score of a block output: global pool -> linear -> one logit.
+
+    Starts at sigmoid(-3) = 0.05 per block, far from halting, i.e. close to the static network.
+    """
+
+    def __init__(self, channels: int, layout: str, bias: float = -3.0):
+        super().__init__()
+        self.layout = layout
+        self.fc = nn.Linear(channels, 1)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.constant_(self.fc.bias, bias)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.fc(pool_feature(feature, self.layout)).squeeze(1)
+
+    def logit_one(self, feature: torch.Tensor) -> float:
+        return float(F.linear(pool_feature(feature, self.layout), self.fc.weight, self.fc.bias))
+
+
+class PolicyNetwork(nn.Module):
+    """BlockDrop's policy: a small CNN on the downsampled image emits one logit per block."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_blocks: int, size: int = 16, width: int = 16
+    ):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise StrategyError(
+                f"The policy gate reads an image [C, H, W]; this model's input is "
+                f"{list(input_shape)}. Use --gate function or --gate halting instead."
+            )
+        channels, height, _ = input_shape
+        self.size = min(size, height)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+        )
+        self.fc = nn.Linear(2 * width, num_blocks)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.constant_(self.fc.bias, 3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.adaptive_avg_pool2d(x, self.size)
+        return self.fc(self.features(x))
+
+
+def straight_through_gumbel(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Binary Gumbel-softmax, hard in the forward pass, soft gradient (Jang et al. 2017)."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    noise = torch.log(u) - torch.log1p(-u)  # the difference of two Gumbels is logistic
+    soft = torch.sigmoid((logits + noise) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()

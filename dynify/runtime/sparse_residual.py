@@ -1,0 +1,368 @@
+"""The gather-run-scatter wrapper that computes a residual branch only at its active units.
+
+How the region (valid convs on halo'd tiles) and pixel (im2col of the needed positions) paths
+equal `branch(x) * mask`: docs/spatial.md, "Real sparsity, the same function".
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.node import map_arg
+
+from dynify.runtime.mask_geometry import (
+    GRANULARITIES,
+    branch_halo,
+    conv_radius,
+    expand_mask,
+    fit_tile,
+    tile_branch,
+)
+
+INIT_BIAS = 3.0  # sigmoid(3) = 0.95: a fresh mask unit keeps (almost) every position
+
+
+class MaskUnit(nn.Module):
+    """Scores where a block's branch is needed: a 1x1 conv on the block input.
+
+    For regions, the input is average-pooled to one value per tile first (which, the conv being
+    linear, equals pooling the pixel scores). Scores are logits; sigmoid gives P(active).
+    """
+
+    def __init__(self, channels: int, granularity: str, tile: int):
+        super().__init__()
+        self.granularity = granularity
+        self.tile = tile
+        self.conv = nn.Conv2d(channels, 1, 1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.constant_(self.conv.bias, INIT_BIAS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.granularity == "region":
+            x = F.avg_pool2d(x, self.tile, ceil_mode=True)
+        return self.conv(x)[:, 0]
+
+
+def gumbel_sigmoid_st(logits: Tensor, tau: float = 1.0) -> Tensor:
+    """A hard 0/1 sample with the straight-through gradient of its relaxed sigmoid."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class SparseResidual(nn.Module):
+    """A residual branch computed only where its mask unit says so.
+
+    Modes: static (the dense branch, the original network), training (dense branch times a
+    Gumbel straight-through mask), and eager inference (the sparse gather-run-scatter). The
+    DynamicModel sets `threshold` and `static` before each forward; `fixed_mask` ([B, h, w]
+    bool), when set, replaces the mask unit's decision (benchmarks, tests).
+    """
+
+    def __init__(
+        self,
+        branch: torch.fx.GraphModule,
+        *,
+        in_channels: int,
+        out_channels: int,
+        granularity: str,
+        tile: int,
+        branch_macs: int,
+        spatial: tuple[int, int],
+    ):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}")
+        self.branch = branch
+        self.tile = fit_tile(tile, spatial) if granularity == "region" else 1
+        self.mask_unit = MaskUnit(in_channels, granularity, self.tile)
+        self.granularity = granularity
+        self.halo = branch_halo(branch)
+        self.out_channels = out_channels
+        self.branch_macs = int(branch_macs)
+        self.spatial = spatial
+        self.static = False
+        self.threshold: Tensor | float = 0.5
+        self.fixed_mask: Tensor | None = None
+        self.dense_when_full = True
+        self.last_macs: Tensor | None = None
+        self.last_density: Tensor | None = None  # [B], fraction of units computed
+        self.train_density: Tensor | None = None  # differentiable mean density (training)
+        self._nodes = list(branch.graph.nodes)
+        self._convs = self._conv_plan()
+        self._inside_cache: dict[tuple, Tensor] = {}
+        # Not registered: it re-uses the branch's modules (no second copy in the state dict).
+        object.__setattr__(self, "tile_branch", tile_branch(branch))
+        h, w = spatial
+        self.mask_macs = in_channels * math.ceil(h / self.tile) * math.ceil(w / self.tile)
+
+    # -- the plan of the branch's convs ------------------------------------------------------
+
+    def _conv_plan(self) -> dict[str, dict[str, Any]]:
+        """Per conv node: its radius, the radius of the convs after it, and its MACs/position."""
+        convs = [
+            n
+            for n in self._nodes
+            if n.op == "call_module" and isinstance(self.branch.get_submodule(n.target), nn.Conv2d)
+        ]
+        plan, after = {}, 0
+        for node in reversed(convs):
+            conv = self.branch.get_submodule(node.target)
+            k = conv.kernel_size[0]
+            plan[node.name] = {
+                "radius": conv_radius(conv),
+                "after": after,
+                "macs": conv.out_channels * conv.in_channels // conv.groups * k * k,
+                "first": node is convs[0],
+            }
+            after += conv_radius(conv)
+        return plan
+
+    def tile_macs(self) -> int:
+        """MACs of the branch on one halo'd tile (valid convs shrink it layer by layer)."""
+        size, total = self.tile + 2 * self.halo, 0
+        for node in self._nodes:
+            if node.name in self._convs:
+                spec = self._convs[node.name]
+                size -= 2 * spec["radius"]
+                total += spec["macs"] * size * size
+        return total
+
+    def units(self) -> tuple[int, int]:
+        h, w = self.spatial
+        return math.ceil(h / self.tile), math.ceil(w / self.tile)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def decide(self, x: Tensor) -> Tensor:
+        """Bool [B, h, w]: which units to compute (`fixed_mask` overrides the mask unit)."""
+        if self.fixed_mask is not None:
+            return self.fixed_mask.to(torch.bool)
+        score = torch.sigmoid(self.mask_unit(x))
+        return score > 1.0 - self.threshold
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        if self.static:
+            self.last_macs = torch.full((batch,), self.branch_macs, dtype=torch.long)
+            self.last_density = torch.ones(batch)
+            return self.branch(x)
+        if self.mask_unit.training:
+            return self._forward_train(x)
+        active = self.decide(x)
+        counts = active.flatten(1).sum(1)
+        self.last_density = counts.float() / active[0].numel()
+        unit = 0 if self.fixed_mask is not None else self.mask_macs  # a forced mask costs nothing
+        if self.dense_when_full and bool(active.all()):
+            self.last_macs = torch.full((batch,), self.branch_macs + unit)
+            return self.branch(x)
+        if self.granularity == "region":
+            out = self.tile_forward(x, active)
+            self.last_macs = counts * self.tile_macs() + unit
+        else:
+            out, macs = self.pixel_forward(x, active)
+            self.last_macs = macs + unit
+        return out
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        """Dense branch times a Gumbel straight-through mask: differentiable in the mask unit."""
+        mask = gumbel_sigmoid_st(self.mask_unit(x))
+        self.train_density = mask.mean()
+        self.last_density = mask.detach().flatten(1).mean(1)
+        self.last_macs = torch.full((x.shape[0],), self.branch_macs + self.mask_macs)
+        out = self.branch(x)
+        return out * expand_mask(mask, self.tile, out.shape[-2:])
+
+    def dense_masked(self, x: Tensor, active: Tensor) -> Tensor:
+        """The reference: the dense branch times the mask (what the sparse paths must equal)."""
+        out = self.branch(x)
+        return out * expand_mask(active.to(out.dtype), self.tile, out.shape[-2:])
+
+    # -- the branch, run by hand so convs can be replaced ------------------------------------
+
+    def _run_branch(
+        self, value: Tensor, conv_fn: Callable[[torch.fx.Node, nn.Conv2d, Tensor], Tensor]
+    ):
+        env: dict[torch.fx.Node, Any] = {}
+        for node in self._nodes:
+            if node.op == "placeholder":
+                env[node] = value
+                continue
+            if node.op == "output":
+                return env[node.args[0]]
+            args = map_arg(node.args, env.__getitem__)
+            kwargs = map_arg(node.kwargs, env.__getitem__)
+            if node.op == "get_attr":
+                env[node] = operator.attrgetter(node.target)(self.branch)
+            elif node.op == "call_module":
+                module = self.branch.get_submodule(node.target)
+                if node.name in self._convs:
+                    env[node] = conv_fn(node, module, args[0])
+                else:
+                    env[node] = module(*args, **kwargs)
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            else:
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise RuntimeError("branch graph has no output")
+
+    # -- region granularity -------------------------------------------------------------------
+
+    def _inside(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        """Per tile [nH * nW, 1, th, tw]: 1 where the halo'd tile lies inside the image."""
+        key = (size, device)
+        if key not in self._inside_cache:
+            h, w = size
+            t, halo = self.tile, self.halo
+            n_h, n_w = math.ceil(h / t), math.ceil(w / t)
+            canvas = torch.zeros(1, 1, n_h * t + 2 * halo, n_w * t + 2 * halo, device=device)
+            canvas[..., halo : halo + h, halo : halo + w] = 1.0
+            tiles = canvas.unfold(2, t + 2 * halo, t).unfold(3, t + 2 * halo, t)
+            self._inside_cache[key] = tiles.reshape(n_h * n_w, 1, t + 2 * halo, t + 2 * halo)
+        return self._inside_cache[key]
+
+    def _tile_columns(self, batch: int, size: tuple[int, int], device: torch.device):
+        """Where every tile's pixels live, as columns of the [C, B*H*W] view of the input.
+
+        Returns (input columns [B*nH*nW, th*tw] with out-of-image positions clamped to the
+        border, output columns [B*nH*nW, t*t] of the [C, B*nH*t*nW*t] canvas, and border
+        [B*nH*nW] bool: the halo'd tile reaches outside the image).
+        """
+        key = ("columns", batch, size, device)
+        if key not in self._inside_cache:
+            h, w = size
+            t, halo = self.tile, self.halo
+            n_h, n_w = math.ceil(h / t), math.ceil(w / t)
+            tile = torch.arange(batch * n_h * n_w, device=device)
+            b, i, j = tile // (n_h * n_w), (tile // n_w) % n_h, tile % n_w
+            r = torch.arange(t + 2 * halo, device=device) - halo
+            ys = (i[:, None] * t + r[None, :]).clamp(0, h - 1)
+            xs = (j[:, None] * t + r[None, :]).clamp(0, w - 1)
+            cols_in = (b[:, None, None] * h + ys[:, :, None]) * w + xs[:, None, :]
+            r = torch.arange(t, device=device)
+            ys, xs = i[:, None] * t + r[None, :], j[:, None] * t + r[None, :]
+            cols_out = (b[:, None, None] * n_h * t + ys[:, :, None]) * (n_w * t) + xs[:, None, :]
+            border = (self._inside(size, device).flatten(1) < 1).any(1).repeat(batch)
+            self._inside_cache[key] = (cols_in.flatten(1), cols_out.flatten(1), border)
+        return self._inside_cache[key]
+
+    def tile_forward(self, x: Tensor, active: Tensor) -> Tensor:
+        """Gather the active halo'd tiles, run the branch on them with valid convs, scatter.
+
+        The tiles are gathered straight from the unpadded input (one `index_select` over its
+        [C, B*H*W] view, positions outside the image clamped to the border and zeroed before
+        every conv that reads them) and written back with one `index_copy_`: no copy of the
+        whole input, and apart from zero-filling the output all work follows the active tiles.
+        """
+        batch, channels, h, w = x.shape
+        t, halo = self.tile, self.halo
+        n_h, n_w = active.shape[1:]
+        index = active.flatten().nonzero().squeeze(1)
+        if index.numel() == 0:
+            return x.new_zeros(batch, self.out_channels, h, w)
+        n, size = index.numel(), t + 2 * halo
+        cols_in, cols_out, border = self._tile_columns(batch, (h, w), x.device)
+        flat = x.transpose(0, 1).reshape(channels, -1)  # a view for batch 1
+        tiles = flat.index_select(1, cols_in[index].flatten()).view(channels, n, size, size)
+        tiles = tiles.transpose(0, 1).contiguous()
+        inside = None
+        if bool(border[index].any()):
+            inside = self._inside((h, w), x.device).index_select(0, index % (n_h * n_w))
+        result = self.tile_branch(tiles, inside)
+        out = x.new_zeros(self.out_channels, batch * n_h * t * n_w * t)
+        values = result.transpose(0, 1).reshape(self.out_channels, -1).to(out.dtype)
+        out.index_copy_(1, cols_out[index].flatten(), values)
+        out = out.view(self.out_channels, batch, n_h * t, n_w * t).transpose(0, 1)
+        return out[..., :h, :w]
+
+    # -- pixel granularity --------------------------------------------------------------------
+
+    def pixel_forward(self, x: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """Compute each conv at the positions the output needs (DynConv): im2col of those only.
+
+        Returns the [B, C, H, W] output (zeros where inactive) and the MACs per sample.
+        """
+        batch, _, h, w = x.shape
+        masks: dict[int, Tensor] = {}
+        flat: dict[int, Tensor] = {}
+        macs = torch.zeros(batch, dtype=torch.long, device=x.device)
+
+        def positions(radius: int) -> Tensor:
+            if radius not in flat:
+                m = active.to(x.dtype)[:, None]
+                if radius:
+                    m = F.max_pool2d(m, 2 * radius + 1, stride=1, padding=radius)
+                masks[radius] = m[:, 0] > 0
+                flat[radius] = masks[radius].flatten().nonzero().squeeze(1)
+            return flat[radius]
+
+        def gather_conv(node: torch.fx.Node, conv: nn.Conv2d, inp: Tensor) -> Tensor:
+            nonlocal macs
+            spec = self._convs[node.name]
+            r, target = spec["radius"], positions(spec["after"])
+            n = target.numel()
+            macs = macs + masks[spec["after"]].flatten(1).sum(1) * spec["macs"]
+            c_in = conv.in_channels
+            dense_input = spec["first"]
+            if r == 0 and not dense_input:
+                rows = inp.reshape(n, c_in)
+                return _pointwise(rows, conv).view(n, -1, 1, 1)
+            if dense_input:
+                canvas = F.pad(inp, (r, r, r, r)).permute(0, 2, 3, 1).reshape(-1, c_in)
+            else:
+                canvas = inp.new_zeros(batch * (h + 2 * r) * (w + 2 * r), c_in)
+                centre = _padded_index(positions(spec["after"] + r), h, w, r) + r * (w + 2 * r) + r
+                canvas.index_copy_(0, centre, inp.reshape(-1, c_in))
+            base = _padded_index(target, h, w, r)
+            if r == 0:
+                return _pointwise(canvas.index_select(0, base), conv).view(n, -1, 1, 1)
+            d, k = conv.dilation[0], conv.kernel_size[0]
+            steps = torch.arange(k, device=x.device) * d
+            offsets = (steps[:, None] * (w + 2 * r) + steps[None, :]).flatten()
+            window = (base[:, None] + offsets[None, :]).flatten()
+            patches = canvas.index_select(0, window).view(n, k * k, c_in)
+            return _im2col_conv(patches, conv).view(n, -1, 1, 1)
+
+        if not positions(0).numel():
+            return x.new_zeros(batch, self.out_channels, h, w), macs
+        rows = self._run_branch(x, gather_conv)
+        out = x.new_zeros(batch * h * w, self.out_channels)
+        out.index_copy_(0, positions(0), rows.reshape(-1, self.out_channels).to(out.dtype))
+        return out.view(batch, h, w, -1).permute(0, 3, 1, 2), macs
+
+
+def _padded_index(flat: Tensor, h: int, w: int, r: int) -> Tensor:
+    """Flat (b, y, x) indices into a [B, H, W] grid -> the top-left of their window in [B, H+2r, W+2r]."""
+    b, rest = flat // (h * w), flat % (h * w)
+    y, x = rest // w, rest % w
+    return (b * (h + 2 * r) + y) * (w + 2 * r) + x
+
+
+def _pointwise(rows: Tensor, conv: nn.Conv2d) -> Tensor:
+    if conv.groups == 1:
+        return F.linear(rows, conv.weight.flatten(1), conv.bias)
+    patches = rows[:, None, :]
+    return _im2col_conv(patches, conv)
+
+
+def _im2col_conv(patches: Tensor, conv: nn.Conv2d) -> Tensor:
+    """patches [n, k*k, C_in] x conv weight -> [n, C_out], for dense or depthwise convs."""
+    n, kk, c_in = patches.shape
+    weight = conv.weight
+    if conv.groups == 1:
+        out = patches.reshape(n, kk * c_in) @ weight.permute(0, 2, 3, 1).reshape(-1, kk * c_in).T
+    elif conv.groups == c_in == conv.out_channels:
+        out = (patches * weight.reshape(c_in, kk).T[None]).sum(1)
+    else:  # check_branch refuses these for pixel granularity
+        raise NotImplementedError("grouped convs other than depthwise have no pixel path")
+    return out if conv.bias is None else out + conv.bias

@@ -1,0 +1,120 @@
+"""Every exit's logits on a data set, collected in one pass: all that calibration and
+evaluation of early exits need, so neither runs the network again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dynify.errors import DataError, StrategyError
+from dynify.runtime.model import DynamicModel
+from dynify.train.batches import Batches, Preprocessing, open_data, resolve_preprocessing
+
+
+@dataclass
+class ExitOutputs:
+    """The logits of every exit (the last: the final classifier) on a data set, with labels.
+
+    Without labels (`labels` None) accuracy means agreement with the final classifier.
+    """
+
+    logits: list[torch.Tensor]
+    labels: torch.Tensor | None
+    exit_macs: list[int]
+    static_macs: int
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.logits[0].shape[0])
+
+    def reference(self) -> torch.Tensor:
+        return self.labels if self.labels is not None else self.logits[-1].argmax(-1)
+
+    def correct(self) -> torch.Tensor:
+        """[exits + 1, N] bool: is exit i right on sample n."""
+        ref = self.reference()
+        return torch.stack([lg.argmax(-1) == ref for lg in self.logits])
+
+    def cost_fractions(self) -> torch.Tensor:
+        return torch.tensor(self.exit_macs, dtype=torch.float64) / self.static_macs
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Thousands of tiny tensor ops run faster on one thread than fighting over several."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _has_exits(dyn: DynamicModel) -> bool:
+    return all(hasattr(dyn, a) for a in ("exit_logits", "exit_macs", "policy", "temperatures"))
+
+
+def data_batches(
+    dyn: DynamicModel,
+    data: Any,
+    *,
+    split: str | None = None,
+    batch_size: int = 256,
+    preprocessing: Preprocessing | None = None,
+) -> Batches:
+    """Evaluation batches (no augmentation, fixed order) over `data`."""
+    if isinstance(data, Batches):
+        return data
+    pre = preprocessing or resolve_preprocessing(dyn)
+    return Batches(open_data(data, dyn, split=split), pre, batch_size=batch_size)
+
+
+@torch.no_grad()
+def collect_outputs(
+    dyn: DynamicModel,
+    data: Any,
+    *,
+    split: str | None = None,
+    batch_size: int = 256,
+    preprocessing: Preprocessing | None = None,
+) -> ExitOutputs:
+    """One pass over `data` keeping every exit's logits (early-exit models)."""
+    if not _has_exits(dyn):
+        raise StrategyError(f"{type(dyn).__name__} has no exits whose logits could be collected.")
+    batches = (
+        data
+        if isinstance(data, Batches)
+        else data_batches(
+            dyn, data, split=split, batch_size=batch_size, preprocessing=preprocessing
+        )
+    )
+    was_training = dyn.training
+    dyn.eval()
+    per_exit: list[list[torch.Tensor]] = []
+    labels = []
+    try:
+        for x, y in batches.epoch(0):
+            outs = dyn.exit_logits(x)
+            if not per_exit:
+                per_exit = [[] for _ in outs]
+            for store, out in zip(per_exit, outs, strict=True):
+                store.append(out.float())
+            labels.append(y)
+    finally:
+        dyn.train(was_training)
+    if not per_exit:
+        raise DataError("The data set is empty: there is nothing to calibrate on.")
+    y = torch.cat(labels)
+    known = y >= 0
+    if known.any() and not known.all():
+        raise DataError("Some samples have labels and some do not; label all or none.")
+    return ExitOutputs(
+        [torch.cat(s) for s in per_exit],
+        y if bool(known.all()) else None,
+        list(dyn.exit_macs()),
+        dyn.static_macs,
+    )
