@@ -102,8 +102,9 @@ def finetune(
     out: OutOption = None,
 ) -> None:
     import dynify
-    from dynify.train.distill import FinetuneConfig, _init_distributed
+    from dynify.train.distill import FinetuneConfig
     from dynify.train.distill import finetune as run_finetune
+    from dynify.train.run_env import init_distributed
 
     FinetuneConfig(
         mode=mode,
@@ -119,7 +120,7 @@ def finetune(
     ckpt = checkpoint or artifact.with_suffix(".ckpt")
     if resume and not ckpt.is_file():
         raise DynifyError(f"--resume: there is no checkpoint at {ckpt} to continue from.")
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     if rank == 0:
         console.print(
             f"Fine-tuning [bold]{artifact}[/bold] ({mode}, {epochs} epochs"

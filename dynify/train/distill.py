@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -41,11 +37,14 @@ from dynify.train.batches import (
     resolve_preprocessing,
     source_key,
 )
+from dynify.train.checkpoint import load_checkpoint, save_checkpoint
 from dynify.train.data import split_dataset
+from dynify.train.run_env import Interrupted, init_distributed, progress_bar, sigterm_raises
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "Interrupted", "finetune", "lr_factor"]
 
 MODES = ("heads", "joint")
 SCHEDULES = ("cosine", "onecycle", "constant")
-CHECKPOINT_FORMAT = "dynify-checkpoint-2"  # 2: param groups carry base_lr (and clip)
 
 
 @dataclass
@@ -107,10 +106,6 @@ class FinetuneResult:
             "epochs_run": self.epochs_run,
             "resumed_from": self.resumed_from,
         }
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (`kill`) while training: handled like Ctrl-C, a checkpoint is written first."""
 
 
 def finetune(
@@ -175,7 +170,7 @@ def finetune(
         )
     if resume and checkpoint is None:
         raise DynifyError("resume=True needs the checkpoint path of the interrupted run.")
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     if batch_size % world:
         raise DynifyError(f"batch_size {batch_size} must be divisible by the {world} processes.")
     pre = preprocessing or resolve_preprocessing(dyn)
@@ -214,7 +209,7 @@ def finetune(
         start_epoch, skip, step = 0, 0, 0
         ckpt = Path(checkpoint) if checkpoint is not None else None
         if resume and ckpt is not None:
-            state = _load_checkpoint(ckpt, config, len(fit))
+            state = load_checkpoint(ckpt, config, len(fit))
             dyn.load_state_dict(state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, skip, step = state["epoch"], state["batch"], state["step"]
@@ -231,7 +226,7 @@ def finetune(
             )
         started = time.perf_counter()
         epoch, batch = start_epoch, skip
-        with _progress(progress and rank == 0) as bar, _sigterm_raises():
+        with progress_bar(progress and rank == 0) as bar, sigterm_raises():
             try:
                 for epoch in range(start_epoch, config.epochs):
                     if epoch != start_epoch or skip == 0:
@@ -271,13 +266,13 @@ def finetune(
                     result.epochs_run += 1
                     batch = 0
                     if ckpt is not None and rank == 0:
-                        _save_checkpoint(
+                        save_checkpoint(
                             ckpt, dyn, optimizer, config, epoch + 1, 0, step, result, len(fit)
                         )
                     skip = 0
             except KeyboardInterrupt:
                 if ckpt is not None and rank == 0:
-                    _save_checkpoint(
+                    save_checkpoint(
                         ckpt, dyn, optimizer, config, epoch, batch, step, result, len(fit)
                     )
                 raise
@@ -473,151 +468,3 @@ def _set_lr(optimizer: Optimizer, config: FinetuneConfig, step: int, total: int)
     factor = lr_factor(config.schedule, step, total, config.warmup)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * max(factor, group.get("floor", 0.0))
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-
-
-def _save_checkpoint(
-    path: Path,
-    dyn: DynamicModel,
-    optimizer: Optimizer,
-    config: FinetuneConfig,
-    epoch: int,
-    batch: int,
-    step: int,
-    result: FinetuneResult,
-    samples: int,
-) -> None:
-    """Tensors and plain Python values only (loads with weights_only=True); tmp + os.replace."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "config": asdict(config),
-        "samples": samples,
-        "epoch": epoch,
-        "batch": batch,
-        "step": step,
-        "history": [dict(h) for h in result.history],
-        "weights": {k: v.detach().clone() for k, v in dyn.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _load_checkpoint(path: Path, config: FinetuneConfig, samples: int) -> dict[str, Any]:
-    if not path.is_file():
-        raise DynifyError(f"No checkpoint at '{path}' to resume from.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DynifyError(
-            f"Checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}."
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise DynifyError(f"'{path}' is not a dynify fine-tuning checkpoint.")
-    saved = state["config"]
-    differs = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
-    if differs or state["samples"] != samples:
-        detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differs.items())
-        if state["samples"] != samples:
-            detail += (
-                f"{', ' if detail else ''}samples: checkpoint {state['samples']}, now {samples}"
-            )
-        raise DynifyError(
-            f"The checkpoint '{path}' belongs to a different run ({detail}). Resume with the "
-            "same data and options, or start afresh without --resume."
-        )
-    return state
-
-
-def load_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights stored in a checkpoint (to inspect or load them elsewhere)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return state["weights"]
-
-
-# --- distributed, signals, progress ----------------------------------------------------------
-
-
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
-    if (
-        dist.is_available()
-        and not dist.is_initialized()
-        and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    ):
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """`kill` (SIGTERM) stops the run like Ctrl-C does: checkpoint first, then exit."""
-
-    def handler(signum, frame):
-        raise Interrupted("terminated")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class _Bar:
-    def __init__(self, progress):
-        self.progress = progress
-
-    def start(self, epoch: int, epochs: int, total: int, done: int):
-        if self.progress is None:
-            return None
-        return self.progress.add_task(
-            f"epoch {epoch + 1}/{epochs}", total=total, completed=done, loss=float("nan"), acc=0.0
-        )
-
-    def advance(self, task, metrics: dict[str, float]) -> None:
-        if self.progress is None:
-            return
-        self.progress.update(
-            task, advance=1, loss=metrics.get("loss", float("nan")), acc=metrics.get("acc", 0.0)
-        )
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[_Bar]:
-    if not enabled:
-        yield _Bar(None)
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        yield _Bar(progress)
