@@ -213,6 +213,14 @@ def calibrate(
     temperature: Annotated[
         bool, typer.Option("--temperature/--no-temperature", help="Fit temperatures first.")
     ] = True,
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble",
+            help="Early exits: each exit answers with a fitted ensemble of the heads so far "
+            "(Zero Time Waste).",
+        ),
+    ] = False,
     batch_size: BatchOption = 256,
     input_size: InputSizeOption = None,
     mean: MeanOption = None,
@@ -240,6 +248,7 @@ def calibrate(
             fit_temperature_scaling=temperature,
             batch_size=batch_size,
             preprocessing=pre,
+            ensemble=ensemble,
         )
     table = Table(title=f"Calibration ({result.method}, {result.samples} images)")
     for column in ("exit", "threshold", "temperature"):

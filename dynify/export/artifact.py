@@ -151,7 +151,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> DynamicModel:
             "not match the artifact's weights."
         ) from exc
     # Tensors shared between modules were stored once; any other gap is a real mismatch.
-    missing = [k for k in missing if not _is_alias(dyn, k)]
+    # Buffers added after an artifact was written keep their defaults (e.g. no exit ensemble).
+    missing = [k for k in missing if not _is_alias(dyn, k) and k not in dyn.optional_state]
     if missing or unexpected:
         raise ArtifactError(
             f"'{path}' does not fit its architecture: missing {missing[:5]}, unexpected "

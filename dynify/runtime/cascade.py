@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dynify.errors import ExportError
-from dynify.runtime.policy import POLICIES, exit_scores
+from dynify.runtime.policy import POLICIES, ensemble_logits, exit_scores
 
 BatchPolicy = Literal["per_sample", "batch_all"]
 
@@ -57,6 +57,7 @@ class CondCascade(nn.Module):
         batch_policy: BatchPolicy = "per_sample",
         policy: str = "confidence",
         patience: int = 2,
+        ensemble: Tensor | None = None,
     ) -> None:
         super().__init__()
         k = len(heads)
@@ -87,6 +88,11 @@ class CondCascade(nn.Module):
         self.patience = int(patience)
         self.register_buffer("temperatures", temps)
         self.register_buffer("thresholds", thrs)
+        # ZTW's ensemble (see EarlyExitModel.combine): the heads' log-probabilities so far
+        # travel through the conditionals next to the policy state.
+        self.register_buffer(
+            "ensemble", None if ensemble is None else ensemble.detach().clone().float()
+        )
 
     def with_batch_policy(self, batch_policy: BatchPolicy) -> CondCascade:
         """The same cascade (shared segments and heads, same exit policy) deciding per batch
@@ -99,6 +105,7 @@ class CondCascade(nn.Module):
             batch_policy=batch_policy,
             policy=self.policy,
             patience=self.patience,
+            ensemble=self.ensemble,
         ).train(self.training)
 
     @property
@@ -111,10 +118,10 @@ class CondCascade(nn.Module):
         thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
         feat = self.segments[0](x)
         if self.policy != "patience":
-            return self._stage(0, feat, thr, ())
+            return self._stage(0, feat, thr, (), ())
         # PolicyState.start: no previous prediction (-1), streak 0.
         prev = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-        return self._stage(0, feat, thr, (prev, torch.zeros_like(prev)))
+        return self._stage(0, feat, thr, (prev, torch.zeros_like(prev)), ())
 
     def _exit_mask(
         self, i: int, logits: Tensor, thr: Tensor, state: tuple[Tensor, ...]
@@ -130,36 +137,52 @@ class CondCascade(nn.Module):
         return leave & (streak >= self.patience), (prediction, streak)
 
     def _stage(
-        self, i: int, feat: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+        self,
+        i: int,
+        feat: Tensor,
+        thr: Tensor,
+        state: tuple[Tensor, ...],
+        log_probs: tuple[Tensor, ...],
     ) -> tuple[Tensor, Tensor]:
-        """Decide at exit i given feature i+1; `i == k` means `feat` already are final logits."""
+        """Decide at exit i given feature i+1; `i == k` means `feat` already are final logits.
+        `state`: the patience policy's tensors; `log_probs`: the ensemble's, one per head."""
         k = self.num_exits
         if i == k:
             return feat, _full_index(feat, k)
         logits = self.heads[i](feat)
+        if self.ensemble is not None:
+            log_probs = (*log_probs, torch.log_softmax(logits.float(), -1))
+            logits = ensemble_logits(self.ensemble[i], log_probs)
         leave, state = self._exit_mask(i, logits, thr, state)
+        n_state = len(state)
 
-        def take_exit(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
+        def take_exit(feat: Tensor, logits: Tensor, leave: Tensor, *carried: Tensor) -> tuple:
             return logits.clone(), _full_index(feat, i)
 
-        def go_on_all(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
-            return self._stage(i + 1, self.segments[i + 1](feat), thr, state)
+        def go_on_all(feat: Tensor, logits: Tensor, leave: Tensor, *carried: Tensor) -> tuple:
+            return self._stage(
+                i + 1, self.segments[i + 1](feat), thr, carried[:n_state], carried[n_state:]
+            )
 
-        def go_on_rest(feat: Tensor, logits: Tensor, leave: Tensor, *state: Tensor) -> tuple:
+        def go_on_rest(feat: Tensor, logits: Tensor, leave: Tensor, *carried: Tensor) -> tuple:
             keep = torch.nonzero(~leave).squeeze(1)
             # Not everyone left (else the true branch ran), so the sub-batch is non-empty; telling
             # export so lets ops that branch on numel() == 0 (e.g. batch_norm) trace.
             torch._check(keep.shape[0] >= 1)
             torch._check(keep.shape[0] <= feat.shape[0])
-            sub_state = tuple(s.index_select(0, keep) for s in state)
+            sub = tuple(c.index_select(0, keep) for c in carried)
             sub_logits, sub_exit = self._stage(
-                i + 1, self.segments[i + 1](feat.index_select(0, keep)), thr, sub_state
+                i + 1,
+                self.segments[i + 1](feat.index_select(0, keep)),
+                thr,
+                sub[:n_state],
+                sub[n_state:],
             )
             out = logits.index_copy(0, keep, sub_logits.to(logits.dtype))
             return out, _full_index(feat, i).index_copy(0, keep, sub_exit)
 
         go_on = go_on_rest if self.batch_policy == "per_sample" else go_on_all
-        return cond(leave.all(), take_exit, go_on, (feat, logits, leave, *state))
+        return cond(leave.all(), take_exit, go_on, (feat, logits, leave, *state, *log_probs))
 
 
 def _full_index(feat: Tensor, value: int) -> Tensor:

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from dynify.runtime.model import DynamicModel
-from dynify.runtime.policy import ExitPolicy, exit_scores
+from dynify.runtime.policy import ExitPolicy, ensemble_logits, exit_scores
 
 
 class EarlyExitModel(DynamicModel):
     strategy = "early-exit"
+    optional_state = ("ensemble",)
 
     def __init__(
         self,
@@ -45,6 +46,8 @@ class EarlyExitModel(DynamicModel):
         self.policy = policy
         self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
         self.register_buffer("temperatures", torch.ones(len(heads)))
+        # ZTW's geometric ensemble, fitted by calibration (all zero: off, heads stand alone)
+        self.register_buffer("ensemble", torch.zeros(len(heads), len(heads)))
         self.last_exit: torch.Tensor | None = None
 
     @property
@@ -82,6 +85,27 @@ class EarlyExitModel(DynamicModel):
             )
         return rows
 
+    @property
+    def ensembled(self) -> bool:
+        """Whether exits answer with an ensemble of the heads so far (see `combine`)."""
+        return bool(self.ensemble.any())
+
+    def combine(self, logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """What each exit answers, from the raw logits of every head (and the final output).
+
+        Without an ensemble, each head's own logits. With one (Zero Time Waste, Wolczyk et al.
+        2021), exit i answers `sum_j<=i ensemble[i, j] * log_softmax(head_j)`: a weighted
+        geometric mean of the heads so far, so the work of heads a sample passed is not wasted.
+        The final classifier always answers alone (the static network's output).
+        """
+        if not self.ensembled:
+            return list(logits)
+        log_probs = [torch.log_softmax(lg.float(), -1) for lg in logits[:-1]]
+        mixed = [
+            ensemble_logits(self.ensemble[i], log_probs[: i + 1]) for i in range(len(log_probs))
+        ]
+        return [*mixed, logits[-1]]
+
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
         values = (
             [float(thresholds)] * self.num_exits
@@ -104,7 +128,7 @@ class EarlyExitModel(DynamicModel):
         exit_index = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
         state = self.policy.start(batch, x.device)
         output: torch.Tensor | None = None
-        feature = x
+        feature, ensembled, log_probs = x, self.ensembled, []
         for i, segment in enumerate(self.segments):
             feature = segment(feature)
             if i == self.num_exits:
@@ -112,6 +136,9 @@ class EarlyExitModel(DynamicModel):
                 output = logits if output is None else _scatter(output, remaining, logits, batch)
                 break
             logits = self.heads[i](feature)
+            if ensembled:
+                log_probs.append(torch.log_softmax(logits.float(), -1))
+                logits = ensemble_logits(self.ensemble[i], log_probs)
             done = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], state)
             if done.all():  # all still running leave: no gather (output None: nobody left yet)
                 output = logits if output is None else _scatter(output, remaining, logits, batch)
@@ -122,6 +149,7 @@ class EarlyExitModel(DynamicModel):
                 exit_index[remaining[done]] = i
                 keep = ~done
                 feature, remaining, state = feature[keep], remaining[keep], state.keep(keep)
+                log_probs = [lp[keep] for lp in log_probs]
         macs = torch.tensor(exit_macs, dtype=torch.long, device=x.device)
         self.last_exit = exit_index
         self.last_macs = macs[exit_index]
@@ -132,12 +160,15 @@ class EarlyExitModel(DynamicModel):
         gathers, scatters, per-exit masks), which costs ~0.1 ms per exit passed: 2 % of a CIFAR
         ResNet per exit, enough to keep saved MACs from becoming saved milliseconds."""
         kind = "entropy" if self.policy.kind == "entropy" else "confidence"
-        taken, feature = self.num_exits, x
+        taken, feature, ensembled, log_probs = self.num_exits, x, self.ensembled, []
         for i, segment in enumerate(self.segments):
             feature = segment(feature)
             if i == self.num_exits:
                 break
             logits = self.heads[i](feature)
+            if ensembled:
+                log_probs.append(torch.log_softmax(logits.float(), -1))
+                logits = ensemble_logits(self.ensemble[i], log_probs)
             if bool(exit_scores(logits, self.temperatures[i], kind)[0] >= self.thresholds[i]):
                 taken, feature = i, logits
                 break
@@ -157,6 +188,7 @@ class EarlyExitModel(DynamicModel):
             self.thresholds,
             policy=self.policy.kind,
             patience=self.policy.patience,
+            ensemble=self.ensemble if self.ensembled else None,
         )
 
     def _forward_static(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,15 +198,16 @@ class EarlyExitModel(DynamicModel):
         self.last_macs = torch.full((x.shape[0],), sum(self.segment_macs), dtype=torch.long)
         return x
 
-    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits at every exit and at the end, for all samples (training and calibration)."""
+    def exit_logits(self, x: torch.Tensor, *, raw: bool = False) -> list[torch.Tensor]:
+        """Logits at every exit and at the end, for all samples (training and calibration):
+        what each exit answers (`combine`), or with `raw` each head's own logits."""
         self.check_input(x)
         outputs = []
         feature = x
         for i, segment in enumerate(self.segments):
             feature = segment(feature)
             outputs.append(self.heads[i](feature) if i < self.num_exits else feature)
-        return outputs
+        return outputs if raw else self.combine(outputs)
 
     def training_loss(
         self,

@@ -47,6 +47,7 @@ class GatedModel(DynamicModel):
     """The rewritten graph (`gm`) with `gate_<k>` wrappers, plus the policy network if any."""
 
     strategy = "block-gates"
+    optional_state = ("budget_multiplier",)
 
     def __init__(
         self,

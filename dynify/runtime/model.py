@@ -42,6 +42,8 @@ class DynamicModel(nn.Module):
 
     strategy: ClassVar[str] = ""
     joint_recipe: ClassVar[JointRecipe] = JointRecipe()
+    # State entries an older artifact may lack; they keep their initial values when loaded.
+    optional_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, static_macs: int, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()

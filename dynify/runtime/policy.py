@@ -9,6 +9,7 @@ policies alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,14 @@ def exit_scores(logits: torch.Tensor, temperature: torch.Tensor | float, kind: s
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
         return 1.0 - entropy / math.log(probs.shape[-1])
     return probs.max(-1).values
+
+
+def ensemble_logits(weights: torch.Tensor, log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`sum_j weights[j] * log_probs[j]` over the heads so far (a row of the ensemble)."""
+    mixed = weights[0] * log_probs[0]
+    for j in range(1, len(log_probs)):
+        mixed = mixed + weights[j] * log_probs[j]
+    return mixed
 
 
 @dataclass

@@ -20,13 +20,15 @@ The parts: `exit_outputs` (collecting logits), `temperature`, `threshold_search`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from dynify.errors import DataError
+from dynify.errors import DataError, StrategyError
 from dynify.runtime.model import DynamicModel
 from dynify.train.batches import Preprocessing
+from dynify.train.ensemble import fit_ensemble
 from dynify.train.exit_outputs import (
     ExitOutputs,
     _has_exits,
@@ -49,6 +51,7 @@ __all__ = [
     "check_target",
     "collect_outputs",
     "data_batches",
+    "fit_ensemble",
     "fit_temperature",
     "fit_temperatures",
     "measure",
@@ -69,6 +72,7 @@ def calibrate(
     split: str | None = None,
     batch_size: int = 256,
     preprocessing: Preprocessing | None = None,
+    ensemble: bool = False,
 ) -> CalibrationResult:
     """Set `dyn`'s thresholds (and temperatures) from calibration data; returns what they reach.
 
@@ -77,6 +81,8 @@ def calibrate(
     against its own static network (MACs are minimised under it). `mac_cap` (a fraction of the
     static MACs) caps every sample's MACs: anytime inference; alone, it only sets the cap.
     `data` is never trained on: pass the calibration split (or precomputed `ExitOutputs`).
+    `ensemble` first fits Zero Time Waste's ensemble of the heads (`dynify.train.ensemble`) on
+    the same data, so each exit answers with the evidence of every head before it.
     """
     check_target(budget, max_drop, mac_cap)
     if not _has_exits(dyn):
@@ -87,9 +93,19 @@ def calibrate(
         data
         if isinstance(data, ExitOutputs)
         else collect_outputs(
-            dyn, data, split=split, batch_size=batch_size, preprocessing=preprocessing
+            dyn,
+            data,
+            split=split,
+            batch_size=batch_size,
+            preprocessing=preprocessing,
+            raw=ensemble,
         )
     )
+    if ensemble:
+        if not hasattr(dyn, "ensemble"):
+            raise StrategyError(f"{type(dyn).__name__} has no exit ensemble to fit.")
+        dyn.ensemble.copy_(fit_ensemble(outputs))
+        outputs = replace(outputs, logits=dyn.combine(outputs.logits), raw=False)
     if outputs.num_samples < 20:
         raise DataError(
             f"Only {outputs.num_samples} calibration samples; thresholds chosen on so few would "

@@ -26,6 +26,7 @@ class ExitOutputs:
     labels: torch.Tensor | None
     exit_macs: list[int]
     static_macs: int
+    raw: bool = True  # each head's own logits (False: what an ensembled model's exits answer)
 
     @property
     def num_samples(self) -> int:
@@ -81,8 +82,10 @@ def collect_outputs(
     split: str | None = None,
     batch_size: int = 256,
     preprocessing: Preprocessing | None = None,
+    raw: bool = False,
 ) -> ExitOutputs:
-    """One pass over `data` keeping every exit's logits (early-exit models)."""
+    """One pass over `data` keeping every exit's logits (early-exit models): what each exit
+    answers, or with `raw` each head's own logits (to fit an ensemble on)."""
     if not _has_exits(dyn):
         raise StrategyError(f"{type(dyn).__name__} has no exits whose logits could be collected.")
     batches = (
@@ -98,7 +101,7 @@ def collect_outputs(
     labels = []
     try:
         for x, y in batches.epoch(0):
-            outs = dyn.exit_logits(x)
+            outs = dyn.exit_logits(x, raw=True) if raw else dyn.exit_logits(x)
             if not per_exit:
                 per_exit = [[] for _ in outs]
             for store, out in zip(per_exit, outs, strict=True):
@@ -117,4 +120,5 @@ def collect_outputs(
         y if bool(known.all()) else None,
         list(dyn.exit_macs()),
         dyn.static_macs,
+        raw=raw or not getattr(dyn, "ensembled", False),
     )
