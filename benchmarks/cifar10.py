@@ -30,9 +30,11 @@ from dynify.train.batches import Batches, Preprocessing
 from dynify.train.calibrate import calibrate, collect_outputs, simulate
 from dynify.train.data import cached_tensor_dataset, split_dataset
 from dynify.train.distill import finetune, lr_factor
+from dynify.train.ensemble import fit_ensemble
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
+MODES = ("heads", "heads+ensemble", "joint", "joint+ensemble")
 BUDGETS = [round(0.1 + 0.025 * i, 3) for i in range(37)]  # 0.1 .. 1.0
 
 
@@ -190,26 +192,43 @@ def run_net(depth, args, train, test, out: dict) -> None:
     if depth in args.joint and args.joint_epochs:
         phases.append(("joint", args.joint_epochs))
     for mode, epochs in phases:  # joint mode continues from the heads trained before it
-        ft = finetune(
-            dyn,
-            fit,
-            mode=mode,
-            epochs=epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            calibration_fraction=0.0,
-            preprocessing=pre,
-            progress=False,
-            callback=log_every(100),
-        )
-        calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
-        result = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
-        result.pop("report").plot(args.out_dir / f"cifar10-{name}-{mode}.png")
-        res[mode] = {"epochs": epochs, "seconds": ft.seconds, "history": ft.history, **result}
-        if args.save_dir:  # the trained model, to re-evaluate or export without retraining
-            args.save_dir.mkdir(parents=True, exist_ok=True)
-            dynify.save(dyn, args.save_dir / f"{name}-{mode}.dyn")
-        print(f"  {mode}: {ft.seconds:.0f} s, within 0.5: {result['macs_within_0.5']}", flush=True)
+        if args.from_artifacts:  # trained by an earlier run with --save-dir
+            dyn = dynify.load(args.from_artifacts / f"{name}-{mode}.dyn")
+            trained = dyn.spec.get("finetune", {})
+            seconds, epochs = float(trained.get("seconds", 0.0)), int(trained.get("epochs", epochs))
+        else:
+            ft = finetune(
+                dyn,
+                fit,
+                mode=mode,
+                epochs=epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                calibration_fraction=0.0,
+                preprocessing=pre,
+                progress=False,
+                callback=log_every(100),
+            )
+            seconds = ft.seconds
+            calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
+            result = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
+            result.pop("report").plot(args.out_dir / f"cifar10-{name}-{mode}.png")
+            res[mode] = {"epochs": epochs, "seconds": seconds, "history": ft.history, **result}
+            if args.save_dir:  # the trained model, to re-evaluate or export without retraining
+                args.save_dir.mkdir(parents=True, exist_ok=True)
+                dynify.save(dyn, args.save_dir / f"{name}-{mode}.dyn")
+            print(f"  {mode}: {seconds:.0f} s, within 0.5: {result['macs_within_0.5']}", flush=True)
+        if args.ensemble:  # the same heads, each exit answering with those before it (ZTW)
+            dyn.ensemble.copy_(fit_ensemble(collect_outputs(dyn, calib_b, raw=True)))
+            calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
+            result = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
+            result.pop("report").plot(args.out_dir / f"cifar10-{name}-{mode}-ensemble.png")
+            res[f"{mode}+ensemble"] = {"epochs": epochs, "seconds": seconds, **result}
+            res[f"{mode}+ensemble"]["ensemble"] = dyn.ensemble.tolist()
+            if args.save_dir:
+                dynify.save(dyn, args.save_dir / f"{name}-{mode}-ensemble.dyn")
+            dyn.ensemble.zero_()
+            print(f"  {mode}+ensemble: within 0.5: {result['macs_within_0.5']}", flush=True)
     out[name] = res
 
 
@@ -251,7 +270,7 @@ def render_markdown(results: dict) -> str:
     ]
     for net in nets:
         r = results[net]
-        for mode in ("heads", "joint"):
+        for mode in MODES:
             if mode not in r:
                 continue
             m = r[mode]
@@ -286,7 +305,7 @@ def render_markdown(results: dict) -> str:
             f"{_pct(r.get('static_ft_acc'))} % ({r.get('static_ft_seconds', 0):.0f} s)."
         )
         lines.append("")
-        for mode in ("heads", "joint"):
+        for mode in MODES:
             if mode not in r:
                 continue
             m = r[mode]
@@ -335,7 +354,7 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
     r44 = results.get("cifar_resnet44")
     if r44:
         best = {"original": None, "static_fine_tuned": None}
-        for mode in ("heads", "joint"):
+        for mode in MODES:
             for k, v in r44.get(mode, {}).get("macs_within_0.5", {}).items():
                 if v is not None and (best.get(k) is None or v < best[k]):
                     best[k] = v
@@ -355,9 +374,7 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
             f"points of the original static model at {_frac(best['original'])} (target <= 0.40). "
             "The first exit (about 16 % of the MACs) gets "
             + ", ".join(
-                f"{_pct(r44[m]['per_exit_test_acc'][0])} % ({m})"
-                for m in ("heads", "joint")
-                if m in r44
+                f"{_pct(r44[m]['per_exit_test_acc'][0])} % ({m})" for m in MODES if m in r44
             )
             + f" alone. Joint fine-tuning ran {r44.get('joint', {}).get('epochs', 0)} epochs "
             f"over {r44.get('train_images', '?')} images on one CPU thread."
@@ -368,7 +385,7 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
             f"{_pct(results[n][m]['oracle']['acc'])} % at {results[n][m]['oracle']['macs']:.2f} "
             f"({n.removeprefix('cifar_')} {m})"
             for n in nets
-            for m in ("heads", "joint")
+            for m in MODES
             if m in results[n]
         )
         + ": the heads know the answer early far more often than max-softmax confidence can "
@@ -387,7 +404,7 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
         f"{100 * (results[n][m]['final_exit_test_acc'] - results[n][m]['max_drop_0.005']['test_acc']):.2f}"
         f" ({n.removeprefix('cifar_')} {m})"
         for n in nets
-        for m in ("heads", "joint")
+        for m in MODES
         if m in results[n]
     )
     lines.append(
@@ -433,7 +450,7 @@ def merge_results(parts: list[dict]) -> dict:
         baselines = {"original": net["static_original_acc"]}
         if "static_ft_acc" in net:
             baselines["static_fine_tuned"] = net["static_ft_acc"]
-        for mode in ("heads", "joint"):
+        for mode in MODES:
             if mode in net:
                 net[mode]["macs_within_0.5"] = within_half_point(net[mode]["curve"], baselines)
     return merged
@@ -454,6 +471,16 @@ def main() -> None:
     )
     parser.add_argument("--merge", type=Path, nargs="+", help="render from these JSON files")
     parser.add_argument("--save-dir", type=Path, help="save each trained model (.dyn) here")
+    parser.add_argument(
+        "--from-artifacts",
+        type=Path,
+        help="no training: load the models a --save-dir run wrote (use with --ensemble)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also report each mode with a ZTW ensemble of the heads fitted on calibration",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="heads-mode epochs")
     parser.add_argument("--static-epochs", type=int, default=3)
     parser.add_argument("--joint", type=int, nargs="*", default=[44])
