@@ -392,7 +392,7 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
         "tell. Better exit rules and stronger heads, not more exits, are where the gain is."
     )
     shifts = []
-    for n in nets:
+    for n in (n for n in nets if "heads" in results[n]):
         m = results[n]["heads"]
         full = m["curve"][-1]
         dev = max(abs(p["test_macs"] - p["calib_macs"]) for p in m["curve"])
@@ -529,8 +529,8 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1, default=float))
     results["total_seconds"] = time.perf_counter() - start
     args.json.write_text(json.dumps(results, indent=1, default=float))
-    if not args.limit:
-        markdown.write_text(render_markdown(results))
+    if not args.limit and args.parts == ["static", "heads"] and not args.from_artifacts:
+        markdown.write_text(render_markdown(results))  # a partial run: --merge renders
     print(f"total {results['total_seconds']:.0f} s", flush=True)
 
 
