@@ -206,14 +206,15 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
 
 def markdown(out: dict) -> str:
     args = out["args"]
+    first = next(iter(out.get("runs", {}).values()), {"train": {"steps": 0, "images": 0}})
+    steps, images = first["train"]["steps"], first["train"]["images"]
     lines = [
         "## Block gates on CIFAR-10 (ResNet-32 / ResNet-44, pretrained, JPEG CIFAR-10)",
         "",
         f"Produced by `python benchmarks/block_gates.py {args['cmdline']}` on {out['machine']} "
-        f"({out['date']}). Fine-tuning: joint, {args['steps']} steps of batch "
-        f"{args['batch_size']} with flip/crop augmentation, drawn from the 45k fit part of "
-        f"cifar10/train (so {args['steps'] * args['batch_size']:,} images, "
-        f"{args['steps'] * args['batch_size'] / 45000:.2f} epoch) with `dynify.finetune(..., "
+        f"({out['date']}). Fine-tuning: joint, {steps} steps of batch "
+        f"{args['batch_size']} with flip/crop augmentation over {images:,} images of the fit "
+        f"part of cifar10/train ({images / 45000:.2f} x 45k) with `dynify.finetune(..., "
         f"mode='joint')`: backbone SGD lr {args['lr']} cosine, gradient norm clipped at 2, "
         "decision units Adam (lr 0.02, halting 0.008: `GatedModel.joint_recipe`), training budget "
         f"{args['budget']} of the static MACs. Thresholds: swept on {args['calib']} held-out "
