@@ -60,6 +60,17 @@ def _cond(pred: torch.Tensor, true_fn: Callable, false_fn: Callable, operands: t
 # --- the wrappers -----------------------------------------------------------------------------
 
 
+class RunContext:
+    """The forward pass a model's wrappers are part of: one object shared by all of them, so
+    starting a pass is one assignment, not an `nn.Module.__setattr__` per block (those cost
+    ~0.15 ms per forward on ResNet-44, 4 % of it at batch 1)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self) -> None:
+        self.run: GateRun | None = None
+
+
 class BlockGate(nn.Module):
     """A residual block whose branch runs only for the samples whose gate is open.
 
@@ -89,7 +100,7 @@ class BlockGate(nn.Module):
         self.branch_macs = int(branch_macs)
         self.decider_macs = int(decider_macs)
         self.group = group  # halting: the stage's index (its threshold)
-        self.run: GateRun | None = None
+        self.context = RunContext()  # GatedModel shares one among all its wrappers
 
     def extra_repr(self) -> str:
         return f"index={self.index}, kind={self.kind}, branch_macs={self.branch_macs}"
@@ -98,7 +109,7 @@ class BlockGate(nn.Module):
         return entry if self.shortcut is None else self.shortcut(entry)
 
     def forward(self, entry: torch.Tensor) -> torch.Tensor:
-        run = self.run
+        run = self.context.run
         if run is None or run.mode == "static":
             return self.branch(entry) + self._short(entry)
         if run.mode == "train":
@@ -289,10 +300,10 @@ class HaltMix(nn.Module):
     def __init__(self, group: int):
         super().__init__()
         self.group = group
-        self.run: GateRun | None = None
+        self.context = RunContext()
 
     def forward(self, last: torch.Tensor) -> torch.Tensor:
-        run = self.run
+        run = self.context.run
         if run is None or run.mode == "static":
             return last
         if run.scalar:

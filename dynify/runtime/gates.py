@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
-from dynify.runtime.block_gate import BlockGate, GateRun, HaltMix
+from dynify.runtime.block_gate import BlockGate, GateRun, HaltMix, RunContext
 from dynify.runtime.gate_units import ESTIMATORS, GATE_KINDS, straight_through_gumbel
 from dynify.runtime.model import DynamicModel, JointRecipe
 
@@ -77,6 +77,9 @@ class GatedModel(DynamicModel):
         if estimator not in ESTIMATORS:
             raise StrategyError(f"Unknown estimator '{estimator}'; choose one of {ESTIMATORS}.")
         self.gm = gm
+        self._context = RunContext()
+        for wrapper in self._wrappers():
+            wrapper.context = self._context
         self.kind = kind
         self.gate_names = list(gate_names)  # the join node each gate replaced
         self.policy = policy
@@ -155,8 +158,7 @@ class GatedModel(DynamicModel):
 
     # running -----------------------------------------------------------------------------
     def _bind(self, run: GateRun | None) -> None:
-        for module in self._wrappers():
-            module.run = run
+        self._context.run = run
 
     def _run_graph(self, x: torch.Tensor, run: GateRun) -> torch.Tensor:
         self._bind(run)
