@@ -116,6 +116,8 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int) -> dict:
     """Median batch-1 latency (ms) of both models, interleaved image by image, 1 thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # inference: no autograd bookkeeping for either model
     try:
         static_model.eval()
         dyn.eval()
@@ -135,6 +137,7 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int) -> dict:
             macs.append(float(dyn.last_macs[0]))
     finally:
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
     s, d = statistics.median(ts) * 1e3, statistics.median(td) * 1e3
     return {
         "static_ms": round(s, 3),
