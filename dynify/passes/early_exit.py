@@ -99,14 +99,21 @@ def place_exits(cuts: list[CutPoint], exits: int | list) -> list[CutPoint]:
     return sorted(chosen, key=lambda c: c.position)
 
 
+def _map_size(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
+    """(channels, height, width) of a conv map in either layout."""
+    if layout == "channels_first":
+        return shape[0], shape[1], shape[2]
+    return shape[2], shape[0], shape[1]
+
+
 def choose_head(
     shape: tuple[int, ...], layout: str, num_classes: int, budget_macs: float
 ) -> tuple[int, int | None]:
     """The largest pooled grid, or a low-rank bottleneck, that keeps a head within both the
     MAC budget and the weight cap."""
     if layout in ("channels_first", "channels_last"):
-        channels = shape[0] if layout == "channels_first" else shape[-1]
-        spatial = min(shape[1:] if layout == "channels_first" else shape[:2])
+        channels, h, w = _map_size(shape, layout)
+        spatial = min(h, w)
     else:
         channels, spatial = shape[-1], 1
     for pool in POOL_SIZES if spatial > 1 else (1,):
@@ -122,13 +129,6 @@ def choose_head(
             "(e.g. options={'head_budget': 0.05}) or place fewer, later exits."
         )
     return 1, hidden
-
-
-def _map_size(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
-    """(channels, height, width) of a conv map in either layout."""
-    if layout == "channels_first":
-        return shape[0], shape[1], shape[2]
-    return shape[2], shape[0], shape[1]
 
 
 def conv_output(shape: tuple[int, ...], layout: str, conv: int) -> tuple[int, ...]:

@@ -127,8 +127,7 @@ class CondCascade(nn.Module):
         self, i: int, logits: Tensor, thr: Tensor, state: tuple[Tensor, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Per-sample bool [N]: does the sample leave at exit i; and the updated policy state."""
-        kind = "entropy" if self.policy == "entropy" else "confidence"
-        leave = exit_scores(logits, self.temperatures[i], kind) >= thr[i]
+        leave = exit_scores(logits, self.temperatures[i], self.policy) >= thr[i]
         if self.policy != "patience":
             return leave, state
         prev, streak = state

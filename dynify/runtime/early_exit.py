@@ -159,7 +159,7 @@ class EarlyExitModel(DynamicModel):
         """One sample: the same decisions as `forward` without its index bookkeeping (arange,
         gathers, scatters, per-exit masks), which costs ~0.1 ms per exit passed: 2 % of a CIFAR
         ResNet per exit, enough to keep saved MACs from becoming saved milliseconds."""
-        kind = "entropy" if self.policy.kind == "entropy" else "confidence"
+        kind = self.policy.kind
         taken, feature, ensembled, log_probs = self.num_exits, x, self.ensembled, []
         for i, segment in enumerate(self.segments):
             feature = segment(feature)

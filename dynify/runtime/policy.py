@@ -20,7 +20,8 @@ POLICIES = ("confidence", "entropy", "patience")
 
 
 def exit_scores(logits: torch.Tensor, temperature: torch.Tensor | float, kind: str) -> torch.Tensor:
-    """Certainty of each sample's prediction, in [0, 1]."""
+    """Certainty of each sample's prediction, in [0, 1], for the exit policy `kind`: normalised
+    entropy for "entropy", max softmax otherwise (patience adds its agreement rule on top)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if kind == "entropy":
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
@@ -67,8 +68,7 @@ class ExitPolicy:
         state: PolicyState,
     ) -> torch.Tensor:
         """A bool mask of the samples that exit here; updates `state` in place."""
-        score_kind = "entropy" if self.kind == "entropy" else "confidence"
-        done = exit_scores(logits, temperature, score_kind) >= threshold
+        done = exit_scores(logits, temperature, self.kind) >= threshold
         if self.kind == "patience":  # only patience needs the history (saves ops per exit)
             prediction = logits.argmax(-1)
             state.streak = torch.where(prediction == state.prediction, state.streak + 1, 1)

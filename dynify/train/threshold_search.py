@@ -34,10 +34,9 @@ class _Problem:
     @classmethod
     def build(cls, dyn: DynamicModel, outputs: ExitOutputs, temperatures: list[float]) -> _Problem:
         policy = dyn.policy
-        kind = "entropy" if policy.kind == "entropy" else "confidence"
         scores = torch.stack(
             [
-                exit_scores(lg, torch.tensor(t, dtype=torch.float32), kind)
+                exit_scores(lg, torch.tensor(t, dtype=torch.float32), policy.kind)
                 for lg, t in zip(outputs.logits[:-1], temperatures, strict=True)
             ]
         )
