@@ -29,14 +29,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+# a sibling script (benchmarks/ is on sys.path when a script here runs): one CIFAR loader
+from cifar10 import MEAN, STD, load_cifar
 from torch.utils.data import Subset
 
 import dynify
 from dynify.train.batches import Batches, Preprocessing
-from dynify.train.data import cached_tensor_dataset, split_dataset
+from dynify.train.data import split_dataset
 from dynify.zoo import build_model
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS = {32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
 # Threshold 1.01 (every block runs) is the fine-tuned static network, measured separately.
 GRIDS = {
@@ -51,14 +53,6 @@ ANCHORS = [
     ("BlockDrop (Wu et al. 2018)", "ResNet-110", "see paper", "see paper"),
     ("SkipNet (Wang et al. 2018)", "ResNet-110", "see paper", "see paper"),
 ]
-
-
-def load_cifar(data_dir: Path, cache: Path) -> tuple:
-    """CIFAR-10 train and test as uint8 tensors, decoded from the JPEG zip once."""
-    zip_path = data_dir / "cifar10-jpeg.zip"
-    train = cached_tensor_dataset(zip_path, "cifar10/train", cache.with_suffix(".train.pt"))
-    test = cached_tensor_dataset(zip_path, "cifar10/test", cache.with_suffix(".test.pt"))
-    return train, test
 
 
 @torch.no_grad()
