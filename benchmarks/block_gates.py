@@ -106,12 +106,11 @@ def train(dyn, fit, pre, args, budget: float) -> dict:
 
 
 @torch.no_grad()
+@torch.no_grad()  # inference: no autograd bookkeeping for either model
 def latency(static_model, dyn, images: torch.Tensor, repeats: int) -> dict:
     """Median batch-1 latency (ms) of both models, interleaved image by image, 1 thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)  # inference: no autograd bookkeeping for either model
     try:
         static_model.eval()
         dyn.eval()
@@ -131,7 +130,6 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int) -> dict:
             macs.append(float(dyn.last_macs[0]))
     finally:
         torch.set_num_threads(threads)
-        torch.set_grad_enabled(grad)
     s, d = statistics.median(ts) * 1e3, statistics.median(td) * 1e3
     return {
         "static_ms": round(s, 3),
