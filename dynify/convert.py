@@ -17,6 +17,7 @@ from dynify.errors import DynifyError, InputError, ModelError, StrategyError, Tr
 from dynify.frontend import TraceOptions, analyse, profile, symbolic_trace
 from dynify.frontend.trace import LeafSpec
 from dynify.passes import ConversionContext, get_strategy
+from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
 from dynify.zoo import ModelRef, build_model
 
@@ -139,7 +140,7 @@ def convert(
     front = read_model(model, example_input, leaf_modules)
     ref.num_classes = front.context.num_classes if ref.num_classes is None else ref.num_classes
     plan = pass_.plan(front.context, options or {})
-    dyn = pass_.build(front.context, plan)
+    dyn = bind_children(pass_.build(front.context, plan))
     if dump_graphs is not None:
         write_graphs(front.context.gm, dyn, Path(dump_graphs))
     dyn.spec = {

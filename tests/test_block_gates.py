@@ -404,3 +404,46 @@ def test_joint_finetune_uses_the_gates_recipe_and_resumes_exactly(tmp_path):
     finetune(resumed, (x, y), checkpoint=ckpt, resume=True, **kwargs)
     for (k, a), b in zip(after.items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_policy_folds_batch_norm_at_inference_only():
+    """Eval + no_grad runs the policy with BN folded into its convs: the same logits, a cache
+    that follows weight changes, and training still sees the unfolded network."""
+    options = {"gate": "policy"}
+    dyn = dynify.convert(two_stages(), "block-gates", torch.randn(1, 3, 16, 16), options=options)
+    policy = dyn.policy
+    randomize_bn(policy)
+    with torch.no_grad():
+        policy.fc.weight.normal_()
+    x = torch.randn(3, 3, 16, 16)
+    policy.eval()
+    unfolded = policy(x)  # grad enabled: the module path
+    with torch.no_grad():
+        torch.testing.assert_close(policy(x), unfolded.detach(), atol=1e-5, rtol=1e-5)
+        policy.features[1].running_mean.add_(0.5)  # in place: the cache must notice
+        moved = policy(x)
+    torch.testing.assert_close(moved, policy(x).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moved, unfolded.detach())
+    policy.train()
+    policy(x).sum().backward()
+    assert policy.features[0].weight.grad is not None
+
+
+def test_converted_graphs_keep_children_as_plain_attributes():
+    """`bind_children`: a traced graph's path lookups skip `Module.__getattr__`; the state dict,
+    a replaced child and a deep copy stay consistent."""
+    import copy
+
+    from dynify.runtime.fast_access import bind_children
+
+    model = cifar_resnet20()
+    dyn = dynify.convert(model, "block-gates", torch.randn(1, 3, 32, 32))
+    branch = dyn.gates[0].branch
+    assert "layer1" in branch.__dict__ and "gm" in dyn.__dict__
+    assert list(dyn.state_dict()) == list(bind_children(copy.deepcopy(dyn)).state_dict())
+    clone = copy.deepcopy(dyn)  # copies alias the copied children (GraphModules drop theirs)
+    assert clone.__dict__["gm"] is clone._modules["gm"] is not dyn.gm
+    assert clone.gm.__dict__.get("gate_0", clone.gm.gate_0) is clone.gm._modules["gate_0"]
+    replacement = nn.Identity()
+    dyn.gm.bn1 = replacement  # nn.Module.__setattr__ drops the stale instance entry
+    assert dyn.gm.bn1 is replacement

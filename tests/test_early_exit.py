@@ -212,3 +212,26 @@ def test_conv_head_on_tokens_and_unknown_head_kind_are_clear_errors(tiny_model, 
     vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)
     with pytest.raises(StrategyError, match="needs a conv map"):
         dynify.convert(vit, example_input=torch.zeros(1, 3, 32, 32), options={"head": "conv"})
+
+
+def test_conv_head_folds_batch_norm_at_inference_only():
+    """Eval + no_grad: the conv head runs with its BN folded into the conv, giving the module
+    path's logits; the cache follows in-place weight changes; training keeps gradients."""
+    from dynify.runtime.modules import ExitHead
+
+    torch.manual_seed(0)
+    head = randomize_bn(ExitHead((16, 8, 8), 10, "channels_first", pool=2, conv=24))
+    with torch.no_grad():
+        head.classifier.weight.normal_()
+    feature = torch.randn(3, 16, 8, 8)
+    head.eval()
+    reference = head(feature).detach()  # autograd on: the module path
+    with torch.no_grad():
+        torch.testing.assert_close(head(feature), reference, atol=1e-5, rtol=1e-5)
+        head.reduce[1].weight.mul_(2.0)
+        changed = head(feature)
+    torch.testing.assert_close(changed, head(feature).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, reference)
+    head.train()
+    head(feature).sum().backward()
+    assert head.reduce[0].weight.grad is not None

@@ -20,6 +20,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from dynify.errors import ArtifactError, DynifyError
+from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
 
 SPEC_NAME = "spec.json"
@@ -141,7 +142,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> DynamicModel:
     architecture = model if model is not None else rebuild(ref)
     front = read_model(architecture, torch.zeros(1, *input_shape), leaves)
     try:
-        dyn = strategy.build(front.context, plan)
+        dyn = bind_children(strategy.build(front.context, plan))
         missing, unexpected = dyn.load_state_dict(load_safetensors(weights), strict=False)
     except DynifyError:
         raise

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
+from dynify.runtime.folding import folded_conv_bn, use_folded
 
 GATE_KINDS = ("function", "halting", "policy")
 ESTIMATORS = ("reinforce", "gumbel")
@@ -102,7 +103,16 @@ class PolicyNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.adaptive_avg_pool2d(x, self.size)
-        return self.fc(self.features(x))
+        if not use_folded(self):
+            return self.fc(self.features(x))
+        # the policy runs once per image before the backbone: at batch 1 its eleven small ops
+        # cost ~0.11 ms on a CPU, and folding its BNs halves that (benchmarks/block_gates.md)
+        (w1, b1), (w2, b2) = folded_conv_bn(
+            self, [(self.features[0], self.features[1]), (self.features[3], self.features[4])]
+        )
+        x = F.relu(F.conv2d(x, w1, b1, stride=2, padding=1))
+        x = F.relu(F.conv2d(x, w2, b2, stride=2, padding=1))
+        return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
 
 
 def straight_through_gumbel(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,9 +8,11 @@ until its heads are trained.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
+from dynify.runtime.folding import folded_conv_bn, use_folded
 
 LAYOUTS = ("channels_first", "channels_last", "tokens", "vector")
 
@@ -54,6 +56,7 @@ class ExitHead(nn.Module):
             raise StrategyError(f"Unknown feature layout '{layout}'; one of {LAYOUTS}.")
         self.layout = layout
         self.pool = pool
+        self.has_conv = bool(conv) and layout in ("channels_first", "channels_last")
         if layout in ("channels_first", "channels_last"):
             channels = shape[0] if layout == "channels_first" else shape[-1]
             layers: list[nn.Module] = []
@@ -84,6 +87,12 @@ class ExitHead(nn.Module):
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         if self.layout == "channels_last":
             feature = feature.permute(0, 3, 1, 2)
+        if self.has_conv and use_folded(self):  # inference: BN folded into the conv
+            conv = self.reduce[0]
+            ((weight, bias),) = folded_conv_bn(self, [(conv, self.reduce[1])])
+            x = F.relu(F.conv2d(feature, weight, bias, conv.stride, conv.padding))
+            x = torch.flatten(F.adaptive_avg_pool2d(x, self.pool), 1)
+            return self.classifier(self.bottleneck(x))
         return self.classifier(self.bottleneck(self.reduce(feature)))
 
 

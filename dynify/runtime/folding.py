@@ -1,0 +1,45 @@
+"""Batch norm folded into the preceding convolution, for the small modules dynify inserts.
+
+Exit heads and the policy network run at batch 1 on the latency path, where each op costs a few
+microseconds of dispatch whatever its size: folding BN into its conv saves one op per pair and
+its module call. The folded weights are cached on the module and rebuilt when any source tensor
+changes (storage or in-place version), so training, `load_state_dict` and `.to()` need no hook.
+Autograd, training mode and export keep the unfolded modules: gradients must reach the real
+parameters, and exported graphs stay the modules' own (ONNX Runtime folds BN itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+
+def use_folded(module: nn.Module) -> bool:
+    """True when `module` may run its folded inference form."""
+    if module.training or torch.is_grad_enabled():
+        return False
+    return not (torch.compiler.is_exporting() or torch.compiler.is_compiling())
+
+
+def folded_conv_bn(
+    owner: nn.Module, pairs: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bias) of each conv with its BN folded in, cached on `owner`."""
+    tensors = [
+        t for conv, bn in pairs for t in (*conv.parameters(), *bn.parameters(), *bn.buffers())
+    ]
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = owner.__dict__.get("_folded_conv_bn")
+    if cached is None or cached[0] != key:
+        folded = []
+        for conv, bn in pairs:
+            weight, bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
+            folded.append((weight.detach(), bias.detach()))
+        cached = (key, folded)
+        owner.__dict__["_folded_conv_bn"] = cached
+    return cached[1]
