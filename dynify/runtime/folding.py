@@ -28,10 +28,13 @@ def folded_conv_bn(
     owner: nn.Module, pairs: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(weight, bias) of each conv with its BN folded in, cached on `owner`."""
-    tensors = [
-        t for conv, bn in pairs for t in (*conv.parameters(), *bn.parameters(), *bn.buffers())
-    ]
-    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    # read through the registries, not attributes: this check runs on every forward
+    key = tuple(
+        (t.data_ptr(), t._version)
+        for conv, bn in pairs
+        for t in (*conv._parameters.values(), *bn._parameters.values(), *bn._buffers.values())
+        if t is not None
+    )
     cached = owner.__dict__.get("_folded_conv_bn")
     if cached is None or cached[0] != key:
         folded = []
