@@ -110,8 +110,8 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int, block: int = 
     dynamic model in static mode, each timed as a server runs a model: in runs of `block`
     consecutive images (the first call of a run, just after switching models, is not timed).
     The models take turns run by run over the same images, so drift in the machine's speed hits
-    all alike. Timing them image by image instead hands each model the other's cache state:
-    the original module and the fine-tuned model hold different copies of the weights.
+    all alike. (Alternating image by image, each call follows the other model's, with its own
+    weights and code cold: that moved the ratio by ~0.04 on ResNet-44, docs/block_gates.md.)
 
     The headline ratio is of means, like the MAC fraction it is compared with: with per-image
     plans the median image is not the mean one.

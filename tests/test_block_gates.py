@@ -447,3 +447,23 @@ def test_converted_graphs_keep_children_as_plain_attributes():
     replacement = nn.Identity()
     dyn.gm.bn1 = replacement  # nn.Module.__setattr__ drops the stale instance entry
     assert dyn.gm.bn1 is replacement
+
+
+def test_skipped_identity_block_after_a_relu_costs_no_op():
+    """The wrapper takes over the ReLU after the join, so at batch 1 a skipped identity block
+    whose input is a ReLU's output hands that very tensor on (no add, no ReLU)."""
+    dyn = dynify.convert(cifar_resnet20(), "block-gates", torch.randn(1, 3, 32, 32))
+    dyn.eval().set_thresholds(0.0)  # every gate shut
+    assert all(g.relu_after for g in dyn.gates)
+    seen = []
+    hooks = [
+        g.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0] is out)))
+        for g in dyn.gates
+    ]
+    with torch.no_grad():
+        dyn(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == dyn.num_gates
+    for gate, passed_on in seen:
+        assert passed_on == (gate.shortcut is None), gate

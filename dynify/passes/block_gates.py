@@ -93,6 +93,32 @@ def block_exit(gm: torch.fx.GraphModule, join: str) -> str:
     return node.name
 
 
+_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+
+
+def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether the node is a ReLU (so its output is non-negative); a gated block that took over
+    the ReLU after its join counts."""
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, torch.nn.ReLU) or (
+            isinstance(module, BlockGate) and module.relu_after
+        )
+    return False
+
+
+def _trailing_relu(gm: torch.fx.GraphModule, join: torch.fx.Node) -> torch.fx.Node | None:
+    """The ReLU that is the join's only user and reads nothing else, if there is one."""
+    if len(join.users) != 1:
+        return None
+    user = next(iter(join.users))
+    return user if _is_relu(gm, user) and user.all_input_nodes == [join] else None
+
+
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -218,11 +244,23 @@ class BlockGates:
             )
             gm.add_submodule(f"gate_{k}", wrapper)
             join, entry = nodes[block.join], nodes[block.entry]
-            with graph.inserting_before(join):
-                call = graph.call_module(f"gate_{k}", (entry,))
-            call.meta = dict(join.meta)
-            join.replace_all_uses_with(call)
-            graph.erase_node(join)
+            relu = _trailing_relu(gm, join) if kind != "halting" else None
+            if relu is not None:
+                # The wrapper takes over the ReLU after the join: a skipped identity block whose
+                # input is already non-negative then costs no op at all (~8 us each at batch 1).
+                # The ReLU node becomes the call, so its name, which a later block may use as
+                # its entry, stays valid.
+                wrapper.relu_after = True
+                wrapper.skip_returns_entry = block.identity and _is_relu(gm, entry)
+                relu.op, relu.target, relu.kwargs = "call_module", f"gate_{k}", {}
+                relu.args = (entry,)
+                graph.erase_node(join)
+            else:
+                with graph.inserting_before(join):
+                    call = graph.call_module(f"gate_{k}", (entry,))
+                call.meta = dict(join.meta)
+                join.replace_all_uses_with(call)
+                graph.erase_node(join)
             for name in reversed([*block.branch, *block.shortcut]):
                 if not nodes[name].users:
                     graph.erase_node(nodes[name])

@@ -101,9 +101,17 @@ class BlockGate(nn.Module):
         self.decider_macs = int(decider_macs)
         self.group = group  # halting: the stage's index (its threshold)
         self.context = RunContext()  # GatedModel shares one among all its wrappers
+        # Set by the pass when the block's join was followed by a ReLU: the wrapper applies it,
+        # and a skipped identity block whose input is a ReLU's output returns it untouched.
+        self.relu_after = False
+        self.skip_returns_entry = False
 
     def extra_repr(self) -> str:
-        return f"index={self.index}, kind={self.kind}, branch_macs={self.branch_macs}"
+        relu = ", relu_after=True" if self.relu_after else ""
+        return f"index={self.index}, kind={self.kind}, branch_macs={self.branch_macs}{relu}"
+
+    def _out(self, joined: torch.Tensor) -> torch.Tensor:
+        return torch.relu(joined) if self.relu_after else joined
 
     def _short(self, entry: torch.Tensor) -> torch.Tensor:
         # `.forward`, not `__call__`: a GraphModule's call wrapper costs ~10 us per block at
@@ -113,27 +121,27 @@ class BlockGate(nn.Module):
     def forward(self, entry: torch.Tensor) -> torch.Tensor:
         run = self.context.run
         if run is None or run.mode == "static":
-            return self.branch.forward(entry) + self._short(entry)
+            return self._out(self.branch.forward(entry) + self._short(entry))
         if run.mode == "train":
-            return self._train(entry, run)
+            return self._out(self._train(entry, run))
         if run.scalar:
             return self._one(entry, run)
         mask = self._decide(entry, run)
         if mask is None:  # every sample runs: the static computation, no gathering
             run.executed[:, self.index] = True
             run.macs += self.branch_macs
-            return self.branch(entry) + self._short(entry)
+            return self._out(self.branch(entry) + self._short(entry))
         run.executed[:, self.index] = mask
         if run.mode == "export":
-            return self._export(entry, mask)
+            return self._out(self._export(entry, mask))
         run.macs += mask.to(run.macs.dtype) * self.branch_macs
         out = self._short(entry)
         index = torch.nonzero(mask).squeeze(1)
         if index.numel() == entry.shape[0]:
-            return self.branch(entry) + out
+            return self._out(self.branch(entry) + out)
         if index.numel():
             out = out.index_add(0, index, self.branch(entry.index_select(0, index)))
-        return out
+        return self._out(out)
 
     def _one(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
         """Batch 1, the latency case: the same rules on Python scalars, one sync per gate."""
@@ -150,8 +158,8 @@ class BlockGate(nn.Module):
         run.flags[self.index] = go
         if go:
             run.extra_macs += self.branch_macs
-            return self.branch.forward(entry) + self._short(entry)
-        return self._short(entry)
+            return self._out(self.branch.forward(entry) + self._short(entry))
+        return entry if self.skip_returns_entry else self._out(self._short(entry))
 
     def _halt_one(self, entry: torch.Tensor, run: GateRun) -> bool:
         threshold = run.thr[self.group]
