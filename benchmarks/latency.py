@@ -27,7 +27,7 @@ from torch import nn
 import dynify
 from dynify.export import export_onnx_report
 from dynify.export.bench import bench, settle_batch_norm
-from dynify.export.verify import _session
+from dynify.export.verify import ort_session
 
 HERE = Path(__file__).parent
 MODELS = [("resnet18", 224), ("resnet50", 224), ("cifar_resnet44", 32)]
@@ -73,7 +73,7 @@ def time_batch_policies(meta: dict, folder: Path, name: str, runs: int) -> dict:
 
     x = torch.load(folder / f"{name}-batch8.pt", weights_only=True)
     feed = {"x": x.numpy(), "thresholds": np.asarray(meta["batch8"]["thresholds"], np.float32)}
-    sessions = {p: _session(path, threads=1) for p, path in meta["batch8"]["paths"].items()}
+    sessions = {p: ort_session(path, threads=1) for p, path in meta["batch8"]["paths"].items()}
     times = time_interleaved(
         {p: (lambda s=s: s.run(None, feed)) for p, s in sessions.items()}, runs, 3
     )

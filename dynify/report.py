@@ -20,13 +20,13 @@ from dynify.runtime.model import DynamicModel
 from dynify.train.batches import Preprocessing
 from dynify.train.exit_outputs import (
     ExitOutputs,
-    _has_exits,
     collect_outputs,
     data_batches,
+    has_exits,
     one_thread,
 )
 from dynify.train.scalar_sweep import measure
-from dynify.train.threshold_search import NEVER, _Problem
+from dynify.train.threshold_search import NEVER, ExitProblem
 
 
 @dataclass
@@ -183,7 +183,7 @@ def evaluate(
     )
     dyn.eval()
     name = (dyn.spec.get("model") or {}).get("name", type(dyn).__name__)
-    if _has_exits(dyn):
+    if has_exits(dyn):
         return _evaluate_exits(dyn, batches, name, curve_points)
     return _evaluate_generic(dyn, batches, name, curve_points)
 
@@ -200,7 +200,7 @@ def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) ->
     accuracy = float((torch.cat(preds) == reference).double().mean())
     macs = float(torch.cat(spent).mean()) / dyn.static_macs
     with one_thread():
-        problem = _Problem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
+        problem = ExitProblem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
         curve = _threshold_curve(problem, dyn.num_exits, curve_points)
     oracle_acc, oracle_macs = oracle(outputs)
     correct = outputs.correct().double().mean(1)
@@ -225,7 +225,7 @@ def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) ->
     )
 
 
-def _threshold_curve(problem: _Problem, exits: int, points: int) -> list[CurvePoint]:
+def _threshold_curve(problem: ExitProblem, exits: int, points: int) -> list[CurvePoint]:
     """One threshold shared by all exits, at quantiles of the scores (where the curve moves)."""
     scores = problem.scores.flatten().double()
     levels = torch.quantile(scores, torch.linspace(0, 1, points - 1, dtype=torch.float64))

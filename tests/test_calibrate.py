@@ -18,7 +18,7 @@ from dynify.train.calibrate import (
     fit_temperature,
     simulate,
 )
-from dynify.train.threshold_search import _Problem
+from dynify.train.threshold_search import ExitProblem
 from tests.conftest import TinyResNet, randomize_bn
 
 # Budgets hold on held-out data from the same distribution within this many MAC fractions
@@ -65,7 +65,7 @@ def test_fit_temperature_recovers_the_true_temperature():
 def test_sweep_equals_one_evaluation_per_candidate():
     _, dyn = _model(exits=3, policy="patience")
     outputs = collect_outputs(dyn, (_data(300, 1), torch.randint(0, 5, (300,))))
-    problem = _Problem.build(dyn, outputs, [0.7, 1.0, 1.5])
+    problem = ExitProblem.build(dyn, outputs, [0.7, 1.0, 1.5])
     current = torch.tensor([0.4, 0.6, 0.3])
     candidates = torch.tensor([0.0, 0.2, 0.35, 0.5, 0.9, NEVER])
     for i in range(3):
@@ -82,7 +82,7 @@ def test_simulation_matches_the_real_dynamic_forward(policy):
     x, y = _labelled(model, 400, 3)
     dyn.temperatures.copy_(torch.tensor([0.8, 1.3, 1.0]))
     outputs = collect_outputs(dyn, (x, y))
-    scores = _Problem.build(dyn, outputs, dyn.temperatures.tolist()).scores
+    scores = ExitProblem.build(dyn, outputs, dyn.temperatures.tolist()).scores
     dyn.set_thresholds(torch.quantile(scores, 0.7, dim=1).tolist())  # ~30% leave at each exit
     acc, macs, exits = simulate(dyn, outputs)
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_budget_search_beats_a_shared_threshold():
     data = _labelled(model, 1500, 20)
     outputs = collect_outputs(dyn, data)
     result = calibrate(dyn, outputs, budget=0.6)
-    problem = _Problem.build(dyn, outputs, result.temperatures)
+    problem = ExitProblem.build(dyn, outputs, result.temperatures)
     shared = [
         problem.evaluate(torch.full((3,), t)) for t in [*torch.linspace(0, 1, 201).tolist(), NEVER]
     ]

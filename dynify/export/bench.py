@@ -139,7 +139,7 @@ def _onnx_runners(
     onnx_path: Path | None,
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, list[int]]]:
     from dynify.export.onnx import write_onnx, write_static_onnx
-    from dynify.export.verify import _session
+    from dynify.export.verify import ort_session
 
     example = x[:1].expand(2, *x.shape[1:]).contiguous()
     if onnx_path is None:
@@ -147,8 +147,8 @@ def _onnx_runners(
             dyn.export_module(), example, folder / "dynamic.onnx", verify=False
         ).path
     static_path = write_static_onnx(dyn, x, folder / "static.onnx")  # fixed batch: its best case
-    dynamic_session = _session(onnx_path, threads=threads)
-    static_session = _session(static_path, threads=threads)
+    dynamic_session = ort_session(onnx_path, threads=threads)
+    static_session = ort_session(static_path, threads=threads)
     xn = x.detach().cpu().numpy()
     feeds = {label: {"x": xn, "thresholds": np.asarray(thr, np.float32)} for label, thr in cases}
     exits = {

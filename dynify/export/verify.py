@@ -80,7 +80,7 @@ def _quiet(*names: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _session(
+def ort_session(
     path: str | Path,
     *,
     threads: int | None = None,
@@ -228,7 +228,7 @@ def verify_onnx(
     non-cascade strategies). A `None` thresholds entry omits the ONNX input (exercising its
     default) and uses the calibrated thresholds in eager. `labels` name the thresholds entries.
     """
-    session = _session(path)
+    session = ort_session(path)
 
     def run_onnx(x: Tensor, thr: ThresholdsLike) -> tuple[np.ndarray, np.ndarray]:
         logits, decisions = session.run(None, _feed(x, thr))[:2]
@@ -312,7 +312,7 @@ def executed_op_counts(
     profile when their branch ran, which is what proves the skipping without a clock.
     """
     with tempfile.TemporaryDirectory(prefix="dynify_ort_prof_") as tmp:
-        session = _session(path, optimize=False, profile_prefix=str(Path(tmp) / "profile"))
+        session = ort_session(path, optimize=False, profile_prefix=str(Path(tmp) / "profile"))
         session.run(None, _feed(x, thresholds))
         profile = Path(session.end_profiling())
         events = json.loads(profile.read_text())

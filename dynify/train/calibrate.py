@@ -31,12 +31,12 @@ from dynify.train.batches import Preprocessing
 from dynify.train.ensemble import fit_ensemble
 from dynify.train.exit_outputs import (
     ExitOutputs,
-    _has_exits,
     collect_outputs,
     data_batches,
+    has_exits,
     one_thread,
 )
-from dynify.train.scalar_sweep import _calibrate_by_sweep, measure
+from dynify.train.scalar_sweep import calibrate_by_sweep, measure
 from dynify.train.targets import CalibrationResult, check_target
 from dynify.train.temperature import fit_temperature, fit_temperatures
 from dynify.train.threshold_search import NEVER, ThresholdSearch, search_thresholds, simulate
@@ -85,8 +85,8 @@ def calibrate(
     the same data, so each exit answers with the evidence of every head before it.
     """
     check_target(budget, max_drop, mac_cap)
-    if not _has_exits(dyn):
-        return _calibrate_by_sweep(
+    if not has_exits(dyn):
+        return calibrate_by_sweep(
             dyn, data, budget, max_drop, mac_cap, split, batch_size, preprocessing
         )
     outputs = (

@@ -55,7 +55,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _has_exits(dyn: DynamicModel) -> bool:
+def has_exits(dyn: DynamicModel) -> bool:
     return all(hasattr(dyn, a) for a in ("exit_logits", "exit_macs", "policy", "temperatures"))
 
 
@@ -86,7 +86,7 @@ def collect_outputs(
 ) -> ExitOutputs:
     """One pass over `data` keeping every exit's logits (early-exit models): what each exit
     answers, or with `raw` each head's own logits (to fit an ensemble on)."""
-    if not _has_exits(dyn):
+    if not has_exits(dyn):
         raise StrategyError(f"{type(dyn).__name__} has no exits whose logits could be collected.")
     batches = (
         data

@@ -12,7 +12,7 @@ from dynify.errors import StrategyError
 from dynify.runtime.model import DynamicModel
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.exit_outputs import data_batches
-from dynify.train.targets import CalibrationResult, _choose, _pareto
+from dynify.train.targets import CalibrationResult, choose_point, pareto_front
 from dynify.train.threshold_search import NEVER
 
 
@@ -34,7 +34,7 @@ def measure(
     return acc, float(torch.cat(macs).mean()) / dyn.static_macs, pred
 
 
-def _calibrate_by_sweep(
+def calibrate_by_sweep(
     dyn: DynamicModel,
     data: Any,
     budget: float | None,
@@ -90,7 +90,7 @@ def _calibrate_by_sweep(
         keys = list(points)
         accs = torch.tensor([points[k][0] for k in keys], dtype=torch.float64)
         costs = torch.tensor([points[k][1] for k in keys], dtype=torch.float64)
-        j = _choose(accs, costs, budget, max_drop, static_acc)
+        j = choose_point(accs, costs, budget, max_drop, static_acc)
         t, acc, macs = keys[j], float(accs[j]), float(costs[j])
     else:
         t = float(dyn.thresholds.flatten()[0]) if dyn.thresholds.numel() else 0.0
@@ -111,7 +111,7 @@ def _calibrate_by_sweep(
         samples=len(reference),
         method="scalar-sweep",
         labels_used=reference is labels,
-        frontier=_pareto(
+        frontier=pareto_front(
             torch.tensor([m for _, m in points.values()]),
             torch.tensor([a for a, _ in points.values()]),
         ),

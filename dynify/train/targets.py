@@ -59,7 +59,7 @@ def check_target(
         )
 
 
-def _choose(
+def choose_point(
     accuracy: torch.Tensor,
     macs: torch.Tensor,
     budget: float | None,
@@ -88,7 +88,7 @@ def _choose(
     return 0
 
 
-def _pareto(macs: torch.Tensor, accuracy: torch.Tensor) -> list[tuple[float, float]]:
+def pareto_front(macs: torch.Tensor, accuracy: torch.Tensor) -> list[tuple[float, float]]:
     """(MACs, accuracy) points no other point beats on both."""
     frontier, best = [], -1.0
     order = sorted(zip(macs.tolist(), accuracy.tolist(), strict=True), key=lambda p: (p[0], -p[1]))

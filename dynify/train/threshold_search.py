@@ -11,7 +11,7 @@ from dynify.errors import DynifyError, StrategyError
 from dynify.runtime.model import DynamicModel
 from dynify.runtime.policy import exit_scores
 from dynify.train.exit_outputs import ExitOutputs, one_thread
-from dynify.train.targets import CalibrationResult, _choose, _pareto, check_target
+from dynify.train.targets import CalibrationResult, check_target, choose_point, pareto_front
 from dynify.train.temperature import fit_temperatures
 
 NEVER = 1.01  # a threshold above every score in [0, 1]: this exit never fires
@@ -22,7 +22,7 @@ PRICES = (0.0, *[10 ** (k / 6) for k in range(-21, 4)])  # 1e-3.5 .. 3.2
 
 
 @dataclass
-class _Problem:
+class ExitProblem:
     scores: torch.Tensor  # [K, N] float32, as the runtime computes them
     allowed: torch.Tensor  # [K, N] bool: patience satisfied (all True otherwise)
     correct: torch.Tensor  # [K + 1, N] bool
@@ -32,7 +32,9 @@ class _Problem:
         self.correct_f = self.correct.double()
 
     @classmethod
-    def build(cls, dyn: DynamicModel, outputs: ExitOutputs, temperatures: list[float]) -> _Problem:
+    def build(
+        cls, dyn: DynamicModel, outputs: ExitOutputs, temperatures: list[float]
+    ) -> ExitProblem:
         policy = dyn.policy
         scores = torch.stack(
             [
@@ -102,7 +104,7 @@ def simulate(
     dyn: DynamicModel, outputs: ExitOutputs, thresholds: list[float] | None = None
 ) -> tuple[float, float, torch.Tensor]:
     """(accuracy, mean MAC fraction, exit per sample) the runtime would reach on `outputs`."""
-    problem = _Problem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
+    problem = ExitProblem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
     t = dyn.thresholds.clone() if thresholds is None else torch.tensor(thresholds)
     acc, macs = problem.evaluate(t)
     return acc, macs, problem.exits(t)
@@ -112,7 +114,7 @@ def simulate(
 
 
 def _search(
-    problem: _Problem, forced: int | None
+    problem: ExitProblem, forced: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every configuration the Lagrangian coordinate ascent visits, with (accuracy, MACs)."""
     k = problem.scores.shape[0]
@@ -180,7 +182,7 @@ class ThresholdSearch:
         self, *, budget: float | None = None, max_drop: float | None = None
     ) -> CalibrationResult:
         check_target(budget, max_drop, self.mac_cap)
-        j = _choose(self.accuracy, self.macs, budget, max_drop, self.static_accuracy)
+        j = choose_point(self.accuracy, self.macs, budget, max_drop, self.static_accuracy)
         target = {
             k: v
             for k, v in (("budget", budget), ("max_drop", max_drop), ("mac_cap", self.mac_cap))
@@ -197,7 +199,7 @@ class ThresholdSearch:
             method=self.method,
             forced_exit=self.forced_exit,
             labels_used=self.labels_used,
-            frontier=_pareto(self.macs, self.accuracy),
+            frontier=pareto_front(self.macs, self.accuracy),
         )
 
 
@@ -223,7 +225,7 @@ def _search_thresholds(dyn, outputs, mac_cap, fit_temperature_scaling, keep, for
         if fit_temperature_scaling
         else [float(t) for t in dyn.temperatures]
     )
-    problem = _Problem.build(dyn, outputs, temperatures)
+    problem = ExitProblem.build(dyn, outputs, temperatures)
     if keep:
         thresholds = dyn.thresholds.clone().float()
         if forced is not None:
