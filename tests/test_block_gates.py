@@ -429,7 +429,7 @@ def test_policy_folds_batch_norm_at_inference_only():
     assert policy.features[0].weight.grad is not None
 
 
-def test_converted_graphs_keep_children_as_plain_attributes():
+def test_converted_graphs_keep_children_as_plain_attributes(tmp_path):
     """`bind_children`: a traced graph's path lookups skip `Module.__getattr__`; the state dict,
     a replaced child and a deep copy stay consistent."""
     import copy
@@ -444,6 +444,8 @@ def test_converted_graphs_keep_children_as_plain_attributes():
     clone = copy.deepcopy(dyn)  # copies alias the copied children (GraphModules drop theirs)
     assert clone.__dict__["gm"] is clone._modules["gm"] is not dyn.gm
     assert clone.gm.__dict__.get("gate_0", clone.gm.gate_0) is clone.gm._modules["gate_0"]
+    dynify.save(dyn, tmp_path / "g.dyn")
+    assert "layer1" in dynify.load(tmp_path / "g.dyn").gates[0].branch.__dict__
     replacement = nn.Identity()
     dyn.gm.bn1 = replacement  # nn.Module.__setattr__ drops the stale instance entry
     assert dyn.gm.bn1 is replacement
