@@ -445,7 +445,8 @@ def test_converted_graphs_keep_children_as_plain_attributes(tmp_path):
     assert clone.__dict__["gm"] is clone._modules["gm"] is not dyn.gm
     assert clone.gm.__dict__.get("gate_0", clone.gm.gate_0) is clone.gm._modules["gate_0"]
     dynify.save(dyn, tmp_path / "g.dyn")
-    assert "layer1" in dynify.load(tmp_path / "g.dyn").gates[0].branch.__dict__
+    loaded = dynify.load(tmp_path / "g.dyn", model=cifar_resnet20())
+    assert "layer1" in loaded.gates[0].branch.__dict__
     replacement = nn.Identity()
     dyn.gm.bn1 = replacement  # nn.Module.__setattr__ drops the stale instance entry
     assert dyn.gm.bn1 is replacement
