@@ -210,8 +210,6 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     print(f"== {key}", flush=True)
     torch.manual_seed(0)
     options = {"gate": kind, "budget": args.budget}
-    if kind == "policy" and args.policy_net != "cnn":
-        options["policy_net"] = args.policy_net
     if args.compute_weight is not None:
         options["compute_weight"] = args.compute_weight
     dyn = dynify.convert(name, "block-gates", weights=weights, options=options)
@@ -358,8 +356,7 @@ def vars_cmdline(args: argparse.Namespace) -> str:
     return " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if k
-        in ("nets", "gates", "steps", "compute_weight", "budget", "from_artifacts", "policy_net")
+        if k in ("nets", "gates", "steps", "compute_weight", "budget", "from_artifacts")
         and v is not None
     )
 
@@ -372,7 +369,6 @@ def main() -> None:
     parser.add_argument("--gates", nargs="+", default=["function", "halting", "policy"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--compute-weight", type=float, default=None)
-    parser.add_argument("--policy-net", default="cnn", help="policy gate: cnn or linear")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--budget", type=float, default=0.6)

@@ -470,28 +470,3 @@ def test_skipped_identity_block_after_a_relu_costs_no_op():
     assert len(seen) == dyn.num_gates
     for gate, passed_on in seen:
         assert passed_on == (gate.shortcut is None), gate
-
-
-def test_linear_policy_net_decides_per_sample_and_exports(tmp_path):
-    """`policy_net="linear"`: one linear layer on the pooled image; batches equal samples run
-    alone, the cost counts its MACs, ONNX export verifies, an unknown net is refused."""
-    model = two_stages()
-    x = torch.randn(6, 3, 16, 16) * torch.exp(torch.randn(6, 1, 1, 1))
-    options = {"gate": "policy", "policy_net": "linear", "policy_size": 8}
-    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options=options)).eval()
-    assert dyn.policy_macs == 3 * 8 * 8 * dyn.num_gates
-    with torch.no_grad():
-        batch_out, batch_gates = dyn(x), dyn.last_gates.clone()
-        alone, alone_gates = [], []
-        for i in range(len(x)):
-            alone.append(dyn(x[i : i + 1]))
-            alone_gates.append(dyn.last_gates)
-    assert 0 < batch_gates.sum() < batch_gates.numel()
-    assert torch.allclose(batch_out, torch.cat(alone), atol=1e-5)
-    assert torch.equal(batch_gates, torch.cat(alone_gates))
-    from dynify.export import export_onnx_report
-
-    report = export_onnx_report(dyn, tmp_path / "linear.onnx")
-    assert report.if_nodes == dyn.num_gates and report.report.max_abs_diff <= 1e-4
-    with pytest.raises(StrategyError, match="policy_net"):
-        dynify.convert(model, "block-gates", x[:1], options={"gate": "policy", "policy_net": "x"})

@@ -27,9 +27,9 @@ from dynify.runtime.block_gate import BlockGate, HaltMix
 from dynify.runtime.gate_units import (
     ESTIMATORS,
     GATE_KINDS,
-    POLICY_NETS,
     GateFunction,
     HaltingUnit,
+    PolicyNetwork,
 )
 from dynify.runtime.gates import GatedModel
 from dynify.runtime.modules import feature_layout
@@ -47,8 +47,7 @@ class BlockGatesOptions:
     halting margin (a stage halts at cumulative score 1 - epsilon). threshold: the initial
     decision threshold (function/policy: run when p > 1 - threshold; halting: 1 - epsilon).
     blocks: join node names to gate (default: every block). estimator: policy training,
-    reinforce (BlockDrop) or gumbel. policy_net: BlockDrop's small CNN ("cnn") or one linear
-    layer on the pooled image ("linear", three ops at inference).
+    reinforce (BlockDrop) or gumbel.
     """
 
     gate: str = "function"
@@ -62,7 +61,6 @@ class BlockGatesOptions:
     budget_rate: float = 0.1
     estimator: str = "gumbel"
     policy_size: int = 16
-    policy_net: str = "cnn"
     blocks: list[str] | None = None
 
     @classmethod
@@ -74,10 +72,6 @@ class BlockGatesOptions:
             )
         if opts.estimator not in ESTIMATORS:
             raise StrategyError(f"Unknown estimator '{opts.estimator}'; one of {ESTIMATORS}.")
-        if opts.policy_net not in POLICY_NETS:
-            raise StrategyError(
-                f"Unknown policy_net '{opts.policy_net}'; one of {', '.join(POLICY_NETS)}."
-            )
         if not 0.0 < opts.budget <= 1.0:
             raise StrategyError(
                 f"budget is a fraction of the static MACs in (0, 1]; got {opts.budget}."
@@ -289,8 +283,7 @@ class BlockGates:
         policy, policy_macs = None, 0
         input_shape = tuple(ctx.example_input.shape[1:])
         if kind == "policy":
-            network = POLICY_NETS[opts.policy_net]
-            policy = network(input_shape, len(gated), size=opts.policy_size)
+            policy = PolicyNetwork(input_shape, len(gated), size=opts.policy_size)
             policy_macs = module_macs(policy.eval(), torch.zeros(1, *input_shape))
         if kind == "halting":
             threshold = 1.0 - opts.epsilon if opts.threshold is None else opts.threshold

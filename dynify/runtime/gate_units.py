@@ -115,34 +115,6 @@ class PolicyNetwork(nn.Module):
         return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
 
 
-class LinearPolicy(nn.Module):
-    """A one-layer policy: a linear map of the image average-pooled to `size` x `size`.
-
-    Three ops at inference instead of the CNN's nine: at batch 1 a policy costs its op count,
-    not its MACs, and on CIFAR ResNet-44 the trained CNN policy had collapsed to a handful of
-    plans anyway (benchmarks/block_gates.md, run 5).
-    """
-
-    def __init__(self, input_shape: Sequence[int], num_blocks: int, size: int = 16):
-        super().__init__()
-        if len(input_shape) != 3:
-            raise StrategyError(
-                f"The policy gate reads an image [C, H, W]; this model's input is "
-                f"{list(input_shape)}. Use --gate function or --gate halting instead."
-            )
-        channels, height, _ = input_shape
-        self.size = min(size, height)
-        self.fc = nn.Linear(channels * self.size * self.size, num_blocks)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.constant_(self.fc.bias, 3.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, self.size), 1))
-
-
-POLICY_NETS = {"cnn": PolicyNetwork, "linear": LinearPolicy}
-
-
 def straight_through_gumbel(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Binary Gumbel-softmax, hard in the forward pass, soft gradient (Jang et al. 2017)."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
