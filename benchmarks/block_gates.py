@@ -37,6 +37,7 @@ from cifar10 import MEAN, STD, load_cifar
 from torch.utils.data import Subset
 
 import dynify
+from dynify.models.cifar_resnet import BasicBlock
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.data import split_dataset
 from dynify.zoo import build_model
@@ -193,7 +194,7 @@ def without_blocks(model: torch.nn.Module, skipped: list[int]) -> torch.nn.Modul
     """A copy of a CIFAR ResNet with the given residual blocks (in order) removed: the
     physical floor for skipping them, no decision or Python of any kind."""
     model = copy.deepcopy(model)
-    names = [n for n, m in model.named_modules() if type(m).__name__ == "BasicBlock"]
+    names = [n for n, m in model.named_modules() if isinstance(m, BasicBlock)]
     for k in skipped:
         parent, child = names[k].rsplit(".", 1)
         setattr(model.get_submodule(parent), child, torch.nn.Identity())

@@ -253,14 +253,13 @@ class BlockGates:
                 wrapper.relu_after = True
                 wrapper.skip_returns_entry = block.identity and _is_relu(gm, entry)
                 relu.op, relu.target, relu.kwargs = "call_module", f"gate_{k}", {}
-                relu.args = (entry,)
-                graph.erase_node(join)
+                relu.args = (entry,)  # the join loses its only user
             else:
                 with graph.inserting_before(join):
                     call = graph.call_module(f"gate_{k}", (entry,))
                 call.meta = dict(join.meta)
                 join.replace_all_uses_with(call)
-                graph.erase_node(join)
+            graph.erase_node(join)
             for name in reversed([*block.branch, *block.shortcut]):
                 if not nodes[name].users:
                     graph.erase_node(nodes[name])
