@@ -429,6 +429,26 @@ def test_policy_folds_batch_norm_at_inference_only():
     assert policy.features[0].weight.grad is not None
 
 
+def test_batch_one_policy_plan_equals_the_tensor_plan_at_ties():
+    """The batch-1 plan (Python floats) is the float32 tensor plan, also for thresholds placed
+    exactly on, or one float32 step beside, a gate's probability."""
+    dyn = dynify.convert(
+        two_stages(), "block-gates", torch.randn(1, 3, 16, 16), options={"gate": "policy"}
+    ).eval()
+    randomize_bn(dyn.policy)
+    with torch.no_grad():
+        dyn.policy.fc.weight.normal_()
+        x = torch.randn(1, 3, 16, 16)
+        probs = torch.sigmoid(dyn.policy(x).float())[0]
+        for step in (None, 0.0, 2.0):
+            on_tie = 1.0 - probs  # float32: 1 - t lands on or next to the probability
+            if step is not None:
+                on_tie = torch.nextafter(on_tie, torch.full_like(on_tie, step))
+            dyn.set_thresholds(on_tie.tolist())
+            exact = (torch.sigmoid(dyn.policy(x).float())[0] > 1.0 - dyn.thresholds).tolist()
+            assert dyn._plan_one(x, dyn.thresholds.tolist()) == exact
+
+
 def test_converted_graphs_keep_children_as_plain_attributes(tmp_path):
     """`bind_children`: a traced graph's path lookups skip `Module.__getattr__`; the state dict,
     a replaced child and a deep copy stay consistent."""

@@ -235,3 +235,69 @@ def test_conv_head_folds_batch_norm_at_inference_only():
     head.train()
     head(feature).sum().backward()
     assert head.reduce[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("shape, pool, hidden", [((16, 8, 8), 2, None), ((16, 10, 10), 3, 12)])
+def test_folded_head_pools_and_bottleneck_like_the_module_path(shape, pool, hidden):
+    """The folded fast path (channels-last conv, plain or adaptive pool, bottleneck) computes
+    the module path's logits, also when the map does not divide by the pool size."""
+    from dynify.runtime.modules import ExitHead
+
+    torch.manual_seed(1)
+    head = randomize_bn(ExitHead(shape, 10, "channels_first", pool=pool, hidden=hidden, conv=24))
+    with torch.no_grad():
+        head.classifier.weight.normal_()
+    head.eval()
+    feature = torch.randn(2, *shape)
+    reference = head(feature).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(head(feature), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["confidence", "entropy"])
+def test_python_exit_score_equals_the_tensor_path(kind):
+    from dynify.runtime.policy import exit_score_one, exit_scores
+
+    logits = torch.randn(200, 10) * torch.rand(200, 1) * 8
+    logits[0] = 0.0  # uniform: entropy score 0, confidence 1 / C
+    for temperature in (0.5, 1.0, 2.3):
+        tensor = exit_scores(logits, torch.tensor(temperature), kind)
+        python = [exit_score_one(row, temperature, kind) for row in logits.tolist()]
+        torch.testing.assert_close(
+            torch.tensor(python, dtype=torch.float64), tensor.double(), atol=1e-6, rtol=0
+        )
+
+
+def test_batch_one_decides_a_tie_exactly_like_the_tensor_path():
+    """A threshold equal to the sample's float32 score exits it (>=), one a float32 step above
+    does not: the batch-1 path decides in Python floats but settles ties with `exit_scores`."""
+    from dynify.runtime.policy import exit_scores
+
+    torch.manual_seed(0)
+    model = randomize_bn(cifar_resnet20())
+    x = torch.randn(1, 3, 32, 32)
+    dyn = trained_heads(dynify.convert(model, example_input=x, options={"exits": 2})).eval()
+    with torch.no_grad():
+        score = exit_scores(dyn.exit_logits(x)[0], dyn.temperatures[0], "confidence")[0]
+        above = torch.nextafter(score, torch.tensor(2.0))
+        for threshold, exits_first in ((score, True), (above, False)):
+            dyn.set_thresholds([float(threshold), 1.01])
+            dyn(x)
+            assert (dyn.last_exit.tolist() == [0]) == exits_first
+
+
+def test_batch_one_records_are_read_back_and_replaced(tiny_model, tiny_input):
+    """A batch-1 forward's last_exit / last_macs (kept as ints until read) are right, and a
+    later batch forward's values replace them."""
+    dyn = trained_heads(dynify.convert(tiny_model, example_input=tiny_input[:1]))
+    dyn.set_thresholds(0.0)
+    with torch.no_grad():
+        dyn(tiny_input[:1])
+        assert dyn.last_exit.tolist() == [0]
+        assert dyn.last_macs.tolist() == [dyn.exit_macs()[0]]
+        dyn(tiny_input[:1])
+        dyn.set_thresholds(1.01)
+        dyn(tiny_input[:3])
+    assert dyn.last_exit.tolist() == [dyn.num_exits] * 3
+    assert dyn.last_macs.tolist() == [dyn.exit_macs()[-1]] * 3
+    assert dyn.mean_macs_fraction() == dyn.exit_macs()[-1] / dyn.static_macs

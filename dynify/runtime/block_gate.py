@@ -32,8 +32,9 @@ class GateRun:
 
     mode: str  # "static" | "eager" | "train" | "export"
     thresholds: torch.Tensor
-    macs: torch.Tensor  # [B] float: MACs spent per sample (train: straight-through)
-    executed: torch.Tensor  # [B, K] bool: which gated branches ran
+    # [B] float: MACs spent per sample (train: straight-through); None in scalar runs
+    macs: torch.Tensor | None = None
+    executed: torch.Tensor | None = None  # [B, K] bool: which gated branches ran
     plan: torch.Tensor | None = None  # policy: [B, K] run decision (float 0/1 in training)
     greedy_plan: torch.Tensor | None = None  # policy, training: the deterministic plan
     greedy_macs: torch.Tensor | None = None  # training: MACs of the deterministic decisions
@@ -150,7 +151,7 @@ class BlockGate(nn.Module):
             go = threshold > 1.0
             if not go:
                 run.extra_macs += self.decider_macs
-                go = _sigmoid(self.decider.logit_one(entry)) > 1.0 - threshold
+                go = sigmoid_one(self.decider.logit_one(entry)) > 1.0 - threshold
         elif self.kind == "policy":
             go = True if run.plan_list is None else run.plan_list[self.index]
         else:
@@ -170,7 +171,7 @@ class BlockGate(nn.Module):
         if halted:
             return False
         run.extra_macs += self.decider_macs
-        h = _sigmoid(self.decider.logit_one(entry))
+        h = sigmoid_one(self.decider.logit_one(entry))
         new_cum = min(cum + h, 1.0)
         stop = new_cum >= threshold
         weight = (1.0 - cum) if stop else h
@@ -325,7 +326,7 @@ class HaltMix(nn.Module):
         return torch.where(_expand(state.halted, last), state.acc, last)
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid_one(x: float) -> float:
     """Sigmoid of a Python float (double precision; the batched path's float32 result can only
     differ within ~1e-7 of a threshold)."""
     return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0

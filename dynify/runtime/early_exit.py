@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from dynify.runtime.model import DynamicModel
-from dynify.runtime.policy import ExitPolicy, ensemble_logits, exit_scores
+from dynify.runtime.policy import (
+    FLOAT32_TIE,
+    ExitPolicy,
+    ensemble_logits,
+    exit_score_one,
+    exit_scores,
+)
 
 
 class EarlyExitModel(DynamicModel):
@@ -48,7 +54,6 @@ class EarlyExitModel(DynamicModel):
         self.register_buffer("temperatures", torch.ones(len(heads)))
         # ZTW's geometric ensemble, fitted by calibration (all zero: off, heads stand alone)
         self.register_buffer("ensemble", torch.zeros(len(heads), len(heads)))
-        self.last_exit: torch.Tensor | None = None
 
     @property
     def num_exits(self) -> int:
@@ -158,9 +163,11 @@ class EarlyExitModel(DynamicModel):
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample: the same decisions as `forward` without its index bookkeeping (arange,
         gathers, scatters, per-exit masks), which costs ~0.1 ms per exit passed: 2 % of a CIFAR
-        ResNet per exit, enough to keep saved MACs from becoming saved milliseconds."""
-        kind = self.policy.kind
-        taken, feature, ensembled, log_probs = self.num_exits, x, self.ensembled, []
+        ResNet per exit, enough to keep saved MACs from becoming saved milliseconds. Without an
+        ensemble the decision is taken in Python floats (`exit_score_one`), as the tensor path
+        takes it: a score within `FLOAT32_TIE` of its threshold is recomputed by that path."""
+        kind, ensembled, temperatures, thresholds = self._decision_constants()
+        taken, feature, log_probs = self.num_exits, x, []
         for i, segment in enumerate(self.segments):
             feature = segment(feature)
             if i == self.num_exits:
@@ -169,12 +176,35 @@ class EarlyExitModel(DynamicModel):
             if ensembled:
                 log_probs.append(torch.log_softmax(logits.float(), -1))
                 logits = ensemble_logits(self.ensemble[i], log_probs)
-            if bool(exit_scores(logits, self.temperatures[i], kind)[0] >= self.thresholds[i]):
+                leave = bool(exit_scores(logits, self.temperatures[i], kind)[0] >= thresholds[i])
+            else:
+                score = exit_score_one(logits.tolist()[0], temperatures[i], kind)
+                if abs(score - thresholds[i]) < FLOAT32_TIE:
+                    score = float(exit_scores(logits, self.temperatures[i], kind)[0])
+                leave = score >= thresholds[i]
+            if leave:
                 taken, feature = i, logits
                 break
-        self.last_exit = torch.tensor([taken], device=x.device)
-        self.last_macs = torch.tensor([self.exit_macs()[taken]], device=x.device)
+        self.record_one(self.exit_macs()[taken], taken, x.device)
         return feature
+
+    def _decision_constants(self) -> tuple[str, bool, list[float], list[float]]:
+        """(policy kind, ensembled, temperatures, thresholds) as Python values, cached until a
+        buffer changes (in place or replaced): reading them from tensors costs ops per exit."""
+        buffers = self._buffers  # not Module.__getattr__: this runs on every forward
+        key = [self.policy.kind]
+        for name in ("temperatures", "thresholds", "ensemble"):
+            key += (buffers[name].data_ptr(), buffers[name]._version)
+        cached = self.__dict__.get("_constants")
+        if cached is None or cached[0] != key:
+            values = (
+                self.policy.kind,
+                self.ensembled,
+                self.temperatures.tolist(),
+                self.thresholds.tolist(),
+            )
+            cached = self.__dict__["_constants"] = (key, values)
+        return cached[1]
 
     def export_module(self) -> nn.Module:
         """The export face: a `CondCascade` (forward(x, thresholds) -> (logits, exit_index))

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
-from dynify.runtime.block_gate import BlockGate, GateRun, HaltMix, RunContext
+from dynify.runtime.block_gate import BlockGate, GateRun, HaltMix, RunContext, sigmoid_one
 from dynify.runtime.gate_units import ESTIMATORS, GATE_KINDS, straight_through_gumbel
 from dynify.runtime.model import DynamicModel, JointRecipe
+from dynify.runtime.policy import FLOAT32_TIE
 
 
 class GatedModel(DynamicModel):
@@ -203,20 +204,28 @@ class GatedModel(DynamicModel):
         run = GateRun(
             mode="eager",
             thresholds=self.thresholds,
-            macs=torch.zeros(1, dtype=torch.float64),
-            executed=torch.zeros(1, 0, dtype=torch.bool),
             scalar=True,
             thr=thr,
             flags=[True] * self.num_gates,
         )
         if self.kind == "policy" and min(thr) <= 1.0:
             run.extra_macs += self.policy_macs
-            probs = torch.sigmoid(self.policy(x).float())[0]
-            run.plan_list = (probs > 1.0 - self.thresholds).tolist()
+            run.plan_list = self._plan_one(x, thr)
         out = self._run_graph(x, run)
-        self.last_macs = torch.tensor([round(self.fixed_macs + run.extra_macs)], dtype=torch.long)
+        self.record_one(round(self.fixed_macs + run.extra_macs), None, x.device)
         self.last_gates = torch.tensor([run.flags], dtype=torch.bool)
         return out
+
+    def _plan_one(self, x: torch.Tensor, thr: list[float]) -> list[bool]:
+        """The policy's run/skip plan for one image, decided in Python floats: at batch 1 the
+        tensor form (sigmoid, compare, convert) costs more than the comparisons themselves.
+        Probabilities within `FLOAT32_TIE` of a threshold are settled by the float32 tensor path."""
+        logits = self.policy(x)
+        probs = [sigmoid_one(value) for value in logits.tolist()[0]]
+        if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thr, strict=True)):
+            exact = torch.sigmoid(logits.float())[0] > 1.0 - self.thresholds
+            return exact.tolist()
+        return [p > 1.0 - t for p, t in zip(probs, thr, strict=True)]
 
     def gate_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """[B, K] each gate's open probability (policy, function) with every block run."""

@@ -17,6 +17,9 @@ import torch
 from dynify.errors import StrategyError
 
 POLICIES = ("confidence", "entropy", "patience")
+# Batch-1 paths decide in Python floats (double); a score closer than this to its threshold is
+# settled by the float32 tensor path, so both paths always take the same decision.
+FLOAT32_TIE = 1e-5
 
 
 def exit_scores(logits: torch.Tensor, temperature: torch.Tensor | float, kind: str) -> torch.Tensor:
@@ -27,6 +30,24 @@ def exit_scores(logits: torch.Tensor, temperature: torch.Tensor | float, kind: s
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
         return 1.0 - entropy / math.log(probs.shape[-1])
     return probs.max(-1).values
+
+
+def exit_score_one(logits: Sequence[float], temperature: float, kind: str) -> float:
+    """`exit_scores` of one sample, in Python floats (double precision).
+
+    At batch 1 the decision is a handful of tensor ops on 10 numbers, each costing more to
+    dispatch than to compute (and several times more right after a convolution): one
+    `.tolist()` and this are cheaper. Double precision differs from the float32 tensor path
+    by ~1e-7, so callers settle scores that close to a threshold with `exit_scores`.
+    """
+    top = max(logits)
+    shifted = [(value - top) / temperature for value in logits]
+    total = sum(math.exp(value) for value in shifted)
+    if kind != "entropy":
+        return 1.0 / total
+    log_total = math.log(total)
+    entropy = -sum(math.exp(value - log_total) * (value - log_total) for value in shifted)
+    return 1.0 - entropy / math.log(len(logits))
 
 
 def ensemble_logits(weights: torch.Tensor, log_probs: Sequence[torch.Tensor]) -> torch.Tensor:

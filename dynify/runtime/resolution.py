@@ -119,7 +119,6 @@ class ResolutionModel(DynamicModel):
             "_low_net",
             shadow_network(net, {k.replace("__", "."): v for k, v in private.items()}),
         )
-        self.last_exit: Tensor | None = None
 
     @property
     def low_net(self) -> torch.fx.GraphModule:
