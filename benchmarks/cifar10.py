@@ -330,6 +330,16 @@ def render_markdown(results: dict) -> str:
             lines += [
                 f"### {mode} mode, {m['epochs']} epochs, {m['seconds']:.0f} s",
                 "",
+                *(
+                    [
+                        "Polish: heads mode on the joint model, its backbone frozen: the exits "
+                        "retrained on the backbone as joint fine-tuning left it (the backbone "
+                        "trains no longer than the static baseline's). Seconds: this phase only.",
+                        "",
+                    ]
+                    if mode == "polish"
+                    else []
+                ),
                 "| exit | MACs | test accuracy alone | test share at max-drop 0.5 pt |",
                 "| --- | --- | --- | --- |",
             ]
@@ -398,7 +408,14 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
                 f"{_pct(r44[m]['per_exit_test_acc'][0])} % ({m})" for m in MODES if m in r44
             )
             + f" alone. Joint fine-tuning ran {r44.get('joint', {}).get('epochs', 0)} epochs "
-            f"over {r44.get('train_images', '?')} images on one CPU thread."
+            f"over {r44.get('train_images', '?')} images on one CPU thread"
+            + (
+                f", then {r44['polish']['epochs']} polish epochs; all phases together "
+                f"{sum(r44[m]['seconds'] for m in ('heads', 'joint', 'polish') if m in r44) / 60:.0f}"
+                " min."
+                if "polish" in r44
+                else "."
+            )
         )
         half = [
             (p, m)
