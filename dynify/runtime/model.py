@@ -37,6 +37,28 @@ class JointRecipe:
     freeze_batchnorm: bool = False
 
 
+class _Recorded:
+    """A per-forward record of a DynamicModel (`last_macs`, `last_exit`): a tensor, or None.
+
+    A batch-1 forward records plain ints (`DynamicModel.record_one`) and the tensors are built
+    when read: two one-element tensors cost ~20 us per forward, 2 % of a small network's early
+    exit, and most forwards are never asked.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_{name}"
+
+    def __get__(self, model: DynamicModel | None, owner: type) -> torch.Tensor | None:
+        if model is None:
+            return self  # type: ignore[return-value]
+        model._unpack_one()
+        return model.__dict__.get(self.key)
+
+    def __set__(self, model: DynamicModel, value: torch.Tensor | None) -> None:
+        model._unpack_one()
+        model.__dict__[self.key] = value
+
+
 class DynamicModel(nn.Module):
     """Base class of the networks the passes build."""
 
@@ -51,7 +73,7 @@ class DynamicModel(nn.Module):
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
         self.spec: dict[str, Any] = {}
-        self.last_macs: torch.Tensor | None = None
+        self.last_macs = None
         self._static = False
 
     @property
@@ -59,29 +81,9 @@ class DynamicModel(nn.Module):
         return self._static
 
     # What the last forward spent (`last_macs`) and, for strategies with exits, where each
-    # sample left (`last_exit`). A batch-1 forward records plain ints (`record_one`) and the
-    # tensors are built when read: two one-element tensors cost ~20 us per forward, 2 % of a
-    # small network's early exit, and most forwards are never asked.
-
-    @property
-    def last_macs(self) -> torch.Tensor | None:
-        self._unpack_one()
-        return self.__dict__.get("_last_macs")
-
-    @last_macs.setter
-    def last_macs(self, value: torch.Tensor | None) -> None:
-        self._unpack_one()
-        self.__dict__["_last_macs"] = value
-
-    @property
-    def last_exit(self) -> torch.Tensor | None:
-        self._unpack_one()
-        return self.__dict__.get("_last_exit")
-
-    @last_exit.setter
-    def last_exit(self, value: torch.Tensor | None) -> None:
-        self._unpack_one()
-        self.__dict__["_last_exit"] = value
+    # sample left (`last_exit`); see `_Recorded`.
+    last_macs = _Recorded()
+    last_exit = _Recorded()
 
     def record_one(self, macs: int, exit_index: int | None, device: torch.device) -> None:
         """A batch-1 forward's `last_macs` (and `last_exit`, unless None), as Python ints."""
