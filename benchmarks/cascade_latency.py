@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from cifar10 import MEAN, STD, WEIGHTS, load_cifar
 
 import dynify
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.calibrate import calibrate, collect_outputs
 from dynify.train.data import split_dataset
-
-from cifar10 import MEAN, STD, WEIGHTS, load_cifar  # noqa: I001  (a sibling script)
 
 
 def alternating_means(models: dict, images: torch.Tensor, repeats: int, block: int = 10):
@@ -78,7 +77,9 @@ def main() -> None:
         cal = calibrate(dyn, calib_out, budget=budget)
         rounds = []
         for _ in range(args.rounds):
-            means, macs = alternating_means({"static": static, "dynamic": dyn}, images, args.repeats)
+            means, macs = alternating_means(
+                {"static": static, "dynamic": dyn}, images, args.repeats
+            )
             ratio, fraction = means["dynamic"] / means["static"], macs / dyn.static_macs
             rounds.append(
                 {

@@ -80,7 +80,14 @@ def _cpu_timer(fn) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def latency(model_name: str, granularity: str, tile: int, reps: int, seed: int) -> dict:
+def latency(
+    model_name: str,
+    granularity: str,
+    tile: int,
+    reps: int,
+    seed: int,
+    densities: tuple[float, ...] = DENSITIES,
+) -> dict:
     import torchvision
 
     torch.manual_seed(seed)
@@ -96,7 +103,7 @@ def latency(model_name: str, granularity: str, tile: int, reps: int, seed: int) 
     for h in hooks:
         h.remove()
     rows = []
-    cases = [(d, False) for d in DENSITIES] + [(1.0, True)]
+    cases = [(d, False) for d in densities] + [(1.0, True)]
     for density, fallback in cases:
         masks = fixed_masks(dyn, density, seed)
         dense_t, sparse_t, err = 0.0, 0.0, 0.0
@@ -670,6 +677,13 @@ def main(argv: list[str] | None = None) -> None:
     lat.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     lat.add_argument("--granularities", nargs="+", default=["region", "pixel"])
     lat.add_argument("--tile", type=int, default=8)
+    lat.add_argument(
+        "--densities",
+        nargs="+",
+        type=float,
+        default=list(DENSITIES),
+        help="target mask densities (region tiles round: see the realized column)",
+    )
     lat.add_argument("--reps", type=int, default=15)
     lat.add_argument("--threads", type=int, default=1)
     lat.add_argument("--out", default="/tmp/spatial_latency.json")
@@ -704,7 +718,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "latency":
         for model in args.models:
             for granularity in args.granularities:
-                results.append(latency(model, granularity, args.tile, args.reps, seed=0))
+                results.append(
+                    latency(model, granularity, args.tile, args.reps, 0, tuple(args.densities))
+                )
     else:
         results = run_cifar(args)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv}
