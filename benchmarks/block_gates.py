@@ -34,6 +34,7 @@ import torch
 
 # a sibling script (benchmarks/ is on sys.path when a script here runs): one CIFAR loader
 from cifar10 import MEAN, STD, load_cifar
+from timing import alternating_runs
 from torch.utils.data import Subset
 
 import dynify
@@ -130,26 +131,18 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int, block: int = 
     skipped = [k for k, run in enumerate(plan) if not run]
     if all(dyn.gates[k].shortcut is None for k in skipped):  # relu(x + 0) = x: removable
         models["removed"] = without_blocks(static_model, skipped).eval()
-    times: dict[str, list[float]] = {name: [] for name in models}
     macs, plans = [], set()
+
+    def record(name: str) -> None:
+        if name == "dynamic":
+            macs.append(float(dyn.last_macs[0]))
+            plans.add(tuple(dyn.last_gates[0].tolist()))
+
     try:
         for i in range(10):
             for model in models.values():
                 model(images[i : i + 1])
-        start = 0
-        while len(times["static"]) < repeats:
-            for name, model in models.items():
-                for j in range(block + 1):
-                    x = images[(start + j) % len(images)].unsqueeze(0)
-                    t0 = time.perf_counter()
-                    model(x)
-                    elapsed = time.perf_counter() - t0
-                    if j:
-                        times[name].append(elapsed)
-                        if name == "dynamic":
-                            macs.append(float(dyn.last_macs[0]))
-                            plans.add(tuple(dyn.last_gates[0].tolist()))
-            start += block
+        times = alternating_runs(models, images, repeats, block, after=record)
     finally:
         torch.set_num_threads(threads)
     mean = {k: statistics.fmean(v) * 1e3 for k, v in times.items()}

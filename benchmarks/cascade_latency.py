@@ -16,39 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from cifar10 import MEAN, STD, WEIGHTS, load_cifar
+from timing import alternating_runs
 
 import dynify
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.calibrate import calibrate, collect_outputs
 from dynify.train.data import split_dataset
-
-
-def alternating_means(models: dict, images: torch.Tensor, repeats: int, block: int = 10):
-    """Mean batch-1 seconds per model, and the dynamic model's mean MACs, over `repeats`
-    images: runs of `block` consecutive images per model (the first call of a run untimed),
-    the models taking turns run by run."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    macs: list[float] = []
-    start = 0
-    with torch.no_grad():
-        while len(times["static"]) < repeats:
-            for name, model in models.items():
-                for j in range(block + 1):
-                    x = images[(start + j) % len(images)].unsqueeze(0)
-                    t0 = time.perf_counter()
-                    model(x)
-                    elapsed = time.perf_counter() - t0
-                    if j:
-                        times[name].append(elapsed)
-                        if name == "dynamic":
-                            macs.append(float(model.last_macs[0]))
-            start += block
-    return {k: statistics.fmean(v) for k, v in times.items()}, statistics.fmean(macs)
 
 
 def main() -> None:
@@ -77,10 +54,18 @@ def main() -> None:
         cal = calibrate(dyn, calib_out, budget=budget)
         rounds = []
         for _ in range(args.rounds):
-            means, macs = alternating_means(
-                {"static": static, "dynamic": dyn}, images, args.repeats
+            macs: list[float] = []
+
+            def record(name: str, macs: list[float] = macs) -> None:
+                if name == "dynamic":
+                    macs.append(float(dyn.last_macs[0]))
+
+            times = alternating_runs(
+                {"static": static, "dynamic": dyn}, images, args.repeats, after=record
             )
-            ratio, fraction = means["dynamic"] / means["static"], macs / dyn.static_macs
+            means = {name: statistics.fmean(v) for name, v in times.items()}
+            ratio = means["dynamic"] / means["static"]
+            fraction = statistics.fmean(macs) / dyn.static_macs
             rounds.append(
                 {
                     "static_ms": means["static"] * 1e3,
