@@ -31,6 +31,8 @@ from dynify.train.calibrate import calibrate, collect_outputs, simulate
 from dynify.train.data import cached_tensor_dataset, split_dataset
 from dynify.train.distill import finetune, lr_factor
 from dynify.train.ensemble import fit_ensemble
+from dynify.train.exit_outputs import has_exits
+from dynify.train.scalar_sweep import measure
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
@@ -128,6 +130,43 @@ def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> 
     }
 
 
+@torch.no_grad()
+def sweep_results(dyn, calib_b, test_b, baselines: dict, budgets: list[float]) -> dict:
+    """Strategies without exits (spatial masks): the scalar threshold calibrated on the
+    calibration split for each MAC budget (`dynify.calibrate`'s sweep), measured on test."""
+    curve = []
+    for budget in budgets:
+        try:
+            cal = calibrate(dyn, calib_b, budget=budget)
+        except dynify.DynifyError:
+            continue
+        acc, macs, _ = measure(dyn, test_b)
+        curve.append(
+            {
+                "budget": budget,
+                "threshold": cal.thresholds[0],
+                "calib_macs": cal.macs_fraction,
+                "calib_acc": cal.accuracy,
+                "test_macs": macs,
+                "test_acc": acc,
+            }
+        )
+    report = evaluate(dyn, test_b)  # the test curve over thresholds, and the static accuracy
+    return {
+        "curve": curve,
+        "macs_within_0.5": within_half_point(curve, baselines),
+        "final_exit_test_acc": report.static_accuracy,
+        "report": report,
+    }
+
+
+def phase_results(dyn, calib_b, test_b, baselines: dict, args) -> dict:
+    if not has_exits(dyn):
+        return sweep_results(dyn, calib_b, test_b, baselines, args.sweep_budgets)
+    calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
+    return dynamic_results(dyn, calib_out, test_out, test_b, baselines)
+
+
 def log_every(steps: int):
     """A finetune callback printing progress every `steps` optimizer steps (logs of long runs)."""
     start = time.perf_counter()
@@ -160,14 +199,19 @@ def run_net(depth, args, train, test, out: dict) -> None:
         order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(args.seed))
         fit = Subset(fit, order[: args.train_images].tolist())
     test_b = Batches(test, pre, batch_size=500)
+    if args.calib_images and args.calib_images < len(calib):  # sweeps run a forward per point
+        calib = Subset(calib, list(range(args.calib_images)))
     calib_b = Batches(calib, pre, batch_size=500)
     weights = str(args.data / "pretrained" / WEIGHTS[depth])
     name = f"cifar_resnet{depth}"
     torch.manual_seed(args.seed)
     # resolution (RANet-style cascade): its defaults, a 16x16 pass with its own BN and classifier
     options = {"exits": args.exits, "head": args.head} if args.strategy == "early-exit" else {}
+    if args.strategy == "spatial-masks":  # pixel masks; region tiles do not fit 8x8 maps
+        options = {"granularity": "pixel"}
     dyn = dynify.convert(name, args.strategy, options=options, weights=weights)
-    res: dict = {"net": name, "static_macs": dyn.static_macs, "exits": dyn.num_exits}
+    res: dict = {"net": name, "static_macs": dyn.static_macs}
+    res["exits"] = getattr(dyn, "num_exits", 0)
     res["strategy"] = args.strategy
     res["head"] = args.head
     res["train_images"] = len(fit)
@@ -205,8 +249,7 @@ def run_net(depth, args, train, test, out: dict) -> None:
             trained = dyn.spec.get("finetune", {})
             seconds, epochs = float(trained.get("seconds", 0.0)), int(trained.get("epochs", epochs))
             if args.reevaluate:
-                calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
-                result = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
+                result = phase_results(dyn, calib_b, test_b, baselines, args)
                 result.pop("report").plot(args.out_dir / f"cifar10-{name}-{phase}.png")
                 res[phase] = {"epochs": epochs, "seconds": seconds, **result}
                 print(f"  {phase} (loaded): within 0.5: {result['macs_within_0.5']}", flush=True)
@@ -222,10 +265,10 @@ def run_net(depth, args, train, test, out: dict) -> None:
                 preprocessing=pre,
                 progress=False,
                 callback=log_every(100),
+                budget=args.train_budget,
             )
             seconds = ft.seconds
-            calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
-            result = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
+            result = phase_results(dyn, calib_b, test_b, baselines, args)
             result.pop("report").plot(args.out_dir / f"cifar10-{name}-{phase}.png")
             res[phase] = {"epochs": epochs, "seconds": seconds, "history": ft.history, **result}
             if args.save_dir:  # the trained model, to re-evaluate or export without retraining
@@ -532,8 +575,19 @@ def main() -> None:
     parser.add_argument(
         "--strategy",
         default="early-exit",
-        choices=["early-exit", "resolution"],
-        help="resolution: the RANet-style cascade, trained and evaluated the same way",
+        choices=["early-exit", "resolution", "spatial-masks"],
+        help="resolution: the RANet-style cascade, trained and evaluated the same way; "
+        "spatial-masks: pixel masks, their threshold calibrated per budget by a sweep",
+    )
+    parser.add_argument(
+        "--train-budget",
+        type=float,
+        default=None,
+        help="fine-tuning's compute target (fraction of the static MACs; masks, gates)",
+    )
+    parser.add_argument("--sweep-budgets", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
+    parser.add_argument(
+        "--calib-images", type=int, default=0, help="calibrate on this many (0: all 5,000)"
     )
     parser.add_argument("--exits", type=int, default=5)
     parser.add_argument("--head", default="auto", help="exit head kind: auto, linear or conv")
