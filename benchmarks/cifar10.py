@@ -85,24 +85,32 @@ def finetune_static(model, fit, pre, epochs, batch_size, seed, lr=0.01) -> float
     return time.perf_counter() - start
 
 
-def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> dict:
-    """Calibrate on the calibration split for each budget; report on test."""
+def calibrated_curve(dyn, calib_data, budgets, on_test) -> list[dict]:
+    """For each MAC budget: thresholds chosen on the calibration data, then `on_test()`'s
+    (accuracy, MAC fraction) at them. Budgets the calibration cannot meet are left out."""
     curve = []
-    for budget in BUDGETS:
+    for budget in budgets:
         try:
-            cal = calibrate(dyn, calib_out, budget=budget)
+            cal = calibrate(dyn, calib_data, budget=budget)
         except dynify.DynifyError:
             continue
-        acc, macs, _ = simulate(dyn, test_out)
+        acc, macs = on_test()
         curve.append(
             {
                 "budget": budget,
+                "thresholds": cal.thresholds,
                 "calib_macs": cal.macs_fraction,
                 "calib_acc": cal.accuracy,
                 "test_macs": macs,
                 "test_acc": acc,
             }
         )
+    return curve
+
+
+def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> dict:
+    """Calibrate on the calibration split for each budget; report on test."""
+    curve = calibrated_curve(dyn, calib_out, BUDGETS, lambda: simulate(dyn, test_out)[:2])
     drop = calibrate(dyn, calib_out, max_drop=0.005)
     report = evaluate(dyn, test_batches)  # the real dynamic forward at these thresholds
     sim_acc, sim_macs, _ = simulate(dyn, test_out)
@@ -134,23 +142,7 @@ def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> 
 def sweep_results(dyn, calib_b, test_b, baselines: dict, budgets: list[float]) -> dict:
     """Strategies without exits (spatial masks): the scalar threshold calibrated on the
     calibration split for each MAC budget (`dynify.calibrate`'s sweep), measured on test."""
-    curve = []
-    for budget in budgets:
-        try:
-            cal = calibrate(dyn, calib_b, budget=budget)
-        except dynify.DynifyError:
-            continue
-        acc, macs, _ = measure(dyn, test_b)
-        curve.append(
-            {
-                "budget": budget,
-                "threshold": cal.thresholds[0],
-                "calib_macs": cal.macs_fraction,
-                "calib_acc": cal.accuracy,
-                "test_macs": macs,
-                "test_acc": acc,
-            }
-        )
+    curve = calibrated_curve(dyn, calib_b, budgets, lambda: measure(dyn, test_b)[:2])
     report = evaluate(dyn, test_b)  # the test curve over thresholds, and the static accuracy
     return {
         "curve": curve,
