@@ -21,6 +21,7 @@ from dynify.runtime.policy import (
     exit_score_one,
     exit_scores,
 )
+from dynify.runtime.tensor_cache import cached_on_tensors
 
 
 class EarlyExitModel(DynamicModel):
@@ -192,19 +193,18 @@ class EarlyExitModel(DynamicModel):
         """(policy kind, ensembled, temperatures, thresholds) as Python values, cached until a
         buffer changes (in place or replaced): reading them from tensors costs ops per exit."""
         buffers = self._buffers  # not Module.__getattr__: this runs on every forward
-        key = [self.policy.kind]
-        for name in ("temperatures", "thresholds", "ensemble"):
-            key += (buffers[name].data_ptr(), buffers[name]._version)
-        cached = self.__dict__.get("_constants")
-        if cached is None or cached[0] != key:
-            values = (
+        return cached_on_tensors(
+            self,
+            "_decision_cache",
+            (buffers["temperatures"], buffers["thresholds"], buffers["ensemble"]),
+            lambda: (
                 self.policy.kind,
                 self.ensembled,
                 self.temperatures.tolist(),
                 self.thresholds.tolist(),
-            )
-            cached = self.__dict__["_constants"] = (key, values)
-        return cached[1]
+            ),
+            extra=(self.policy.kind,),
+        )
 
     def export_module(self) -> nn.Module:
         """The export face: a `CondCascade` (forward(x, thresholds) -> (logits, exit_index))

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from dynify.runtime.tensor_cache import cached_on_tensors
+
 
 def use_folded(module: nn.Module) -> bool:
     """True when `module` may run its folded inference form."""
@@ -38,19 +40,18 @@ def folded_conv_bn(
     """
     # This check runs on every forward: read the registries (no Module.__getattr__) and only
     # the tensors folding uses (not num_batches_tracked).
-    key = [memory_format]
-    for conv, bn in pairs:
-        buffers = bn._buffers
+    sources = [
+        t
+        for conv, bn in pairs
         for t in (
             *conv._parameters.values(),
             *bn._parameters.values(),
-            buffers["running_mean"],
-            buffers["running_var"],
-        ):
-            if t is not None:
-                key += (t.data_ptr(), t._version)
-    cached = owner.__dict__.get("_folded_conv_bn")
-    if cached is None or cached[0] != key:
+            bn._buffers["running_mean"],
+            bn._buffers["running_var"],
+        )
+    ]
+
+    def fold() -> list[tuple[torch.Tensor, torch.Tensor]]:
         folded = []
         for conv, bn in pairs:
             weight, bias = fuse_conv_bn_weights(
@@ -58,6 +59,6 @@ def folded_conv_bn(
             )
             weight = weight.detach().contiguous(memory_format=memory_format)
             folded.append((weight, bias.detach()))
-        cached = (key, folded)
-        owner.__dict__["_folded_conv_bn"] = cached
-    return cached[1]
+        return folded
+
+    return cached_on_tensors(owner, "_folded_conv_bn", sources, fold, extra=(memory_format,))

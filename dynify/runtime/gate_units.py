@@ -11,6 +11,7 @@ from torch import nn
 
 from dynify.errors import StrategyError
 from dynify.runtime.folding import folded_conv_bn, use_folded
+from dynify.runtime.modules import pool_to
 
 GATE_KINDS = ("function", "halting", "policy")
 ESTIMATORS = ("reinforce", "gumbel")
@@ -101,13 +102,7 @@ class PolicyNetwork(nn.Module):
         nn.init.constant_(self.fc.bias, 3.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        if height == width == self.size:
-            pass
-        elif height % self.size == 0 and width % self.size == 0:  # same values, a cheaper op
-            x = F.avg_pool2d(x, (height // self.size, width // self.size))
-        else:
-            x = F.adaptive_avg_pool2d(x, self.size)
+        x = pool_to(x, self.size)
         if not use_folded(self):
             return self.fc(self.features(x))
         # the policy runs once per image before the backbone: at batch 1 its eleven small ops

@@ -32,6 +32,17 @@ def feature_layout(shape: tuple[int, ...]) -> str:
     raise StrategyError(f"No exit head fits a feature of shape {list(shape)}.")
 
 
+def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average-pool an [N, C, H, W] map to size x size: adaptive pooling's values, with no op
+    when the map already has that size and a plain average pool (cheaper) when it divides."""
+    height, width = x.shape[-2:]
+    if height == width == size:
+        return x
+    if height % size == 0 and width % size == 0:
+        return F.avg_pool2d(x, (height // size, width // size))
+    return F.adaptive_avg_pool2d(x, size)
+
+
 class ExitHead(nn.Module):
     """A cheap classifier on an intermediate feature: (conv,) pool, flatten, (bottleneck,) linear.
 
@@ -100,12 +111,7 @@ class ExitHead(nn.Module):
             self, [(conv, self.reduce[1])], memory_format=torch.channels_last
         )
         x = F.conv2d(feature, weight, bias, conv.stride, conv.padding).relu_()
-        height, width = x.shape[-2:]
-        if height % self.pool == 0 and width % self.pool == 0:
-            x = F.avg_pool2d(x, (height // self.pool, width // self.pool))
-        else:
-            x = F.adaptive_avg_pool2d(x, self.pool)
-        x = torch.flatten(x, 1)
+        x = torch.flatten(pool_to(x, self.pool), 1)
         if not isinstance(self.bottleneck, nn.Identity):
             x = F.linear(x, self.bottleneck.weight)
         return F.linear(x, self.classifier.weight, self.classifier.bias)
