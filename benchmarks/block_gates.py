@@ -108,13 +108,16 @@ def train(dyn, fit, pre, args, budget: float) -> dict:
 
 
 @torch.no_grad()  # inference: no autograd bookkeeping for any model
-def latency(static_model, dyn, images: torch.Tensor, repeats: int, block: int = 10) -> dict:
+def latency(
+    static_model, dyn, images: torch.Tensor, repeats: int, rounds: int = 1, block: int = 10
+) -> list[dict]:
     """Batch-1 latency (ms, 1 thread) of the original static module, the dynamic model and the
     dynamic model in static mode, each timed as a server runs a model: in runs of `block`
     consecutive images (the first call of a run, just after switching models, is not timed).
     The models take turns run by run over the same images, so drift in the machine's speed hits
     all alike. (Alternating image by image, each call follows the other model's, with its own
     weights and code cold: that moved the ratio by ~0.04 on ResNet-44, docs/block_gates.md.)
+    One result per round of `repeats` images; the models are built once.
 
     The headline ratio is of means, like the MAC fraction it is compared with: with per-image
     plans the median image is not the mean one.
@@ -131,6 +134,16 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int, block: int = 
     skipped = [k for k, run in enumerate(plan) if not run]
     if all(dyn.gates[k].shortcut is None for k in skipped):  # relu(x + 0) = x: removable
         models["removed"] = without_blocks(static_model, skipped).eval()
+    try:
+        for i in range(10):
+            for model in models.values():
+                model(images[i : i + 1])
+        return [_latency_round(models, dyn, images, repeats, block, skipped) for _ in range(rounds)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _latency_round(models: dict, dyn, images, repeats: int, block: int, skipped: list) -> dict:
     macs, plans = [], set()
 
     def record(name: str) -> None:
@@ -138,13 +151,7 @@ def latency(static_model, dyn, images: torch.Tensor, repeats: int, block: int = 
             macs.append(float(dyn.last_macs[0]))
             plans.add(tuple(dyn.last_gates[0].tolist()))
 
-    try:
-        for i in range(10):
-            for model in models.values():
-                model(images[i : i + 1])
-        times = alternating_runs(models, images, repeats, block, after=record)
-    finally:
-        torch.set_num_threads(threads)
+    times = alternating_runs(models, images, repeats, block, after=record)
     mean = {k: statistics.fmean(v) * 1e3 for k, v in times.items()}
     median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     removed = {}
@@ -255,21 +262,22 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
         dynify.save(dyn, args.save_dir / f"{name}-{kind}.dyn")
     # Timing on a shared 2-core VM scatters by several percent from minute to minute: measure
     # several rounds and report the one with the median ratio, with the others' falls.
-    rounds = [
-        latency(original, dyn, data["latency_images"], args.latency_repeats)
-        for _ in range(args.latency_rounds)
-    ]
+    rounds = latency(
+        original, dyn, data["latency_images"], args.latency_repeats, args.latency_rounds
+    )
     rounds.sort(key=lambda r: r["ratio_mean"])
     res["latency"] = rounds[len(rounds) // 2]
-    res["latency"]["round_falls"] = [round(_fall(r), 3) for r in rounds]
+    res["latency"]["round_falls"] = [
+        round(_fall(r["ratio_mean"], r["macs_fraction"]), 3) for r in rounds
+    ]
     print(f"    chosen {res['chosen']} latency {res['latency']}", flush=True)
     out.setdefault("runs", {})[key] = res
 
 
-def _fall(lat: dict) -> float:
+def _fall(latency_ratio: float, macs_fraction: float) -> float:
     """Latency fall over MAC fall: (1 - latency ratio) / (1 - MAC fraction)."""
-    saved = 1 - lat["macs_fraction"]
-    return (1 - lat["ratio_mean"]) / saved if saved > 0.01 else float("nan")
+    saved = 1 - macs_fraction
+    return (1 - latency_ratio) / saved if saved > 0.01 else float("nan")
 
 
 def markdown(out: dict) -> str:
@@ -303,7 +311,7 @@ def markdown(out: dict) -> str:
     ]
     for res in out.get("runs", {}).values():
         c, lat = res["chosen"], res["latency"]
-        fall = f"{_fall(lat):.2f}"
+        fall = f"{_fall(lat['ratio_mean'], lat['macs_fraction']):.2f}"
         if len(lat.get("round_falls", [])) > 1:
             fall += f" (median of rounds {', '.join(f'{f:.2f}' for f in lat['round_falls'])})"
         lines.append(
@@ -316,7 +324,7 @@ def markdown(out: dict) -> str:
     for res in out.get("runs", {}).values():
         lat = res["latency"]
         if "ratio_removed" in lat:
-            saved = 1 - lat["removed_macs_fraction"]
+            ceiling = _fall(lat["ratio_removed"], lat["removed_macs_fraction"])
             lines += [
                 "",
                 f"{res['net']}/{res['gate']}: the original network with the blocks of the "
@@ -324,7 +332,7 @@ def markdown(out: dict) -> str:
                 f"{lat['distinct_plans']} distinct plans over the timed images) runs in "
                 f"{lat['removed_ms']:.2f} ms = {lat['ratio_removed']:.3f} of the original at "
                 f"{lat['removed_macs_fraction']:.3f} of its MACs: "
-                f"{(1 - lat['ratio_removed']) / saved:.2f} of the MAC fall, the ceiling for "
+                f"{ceiling:.2f} of the MAC fall, the ceiling for "
                 "skipping those blocks.",
             ]
     overrides = [
