@@ -159,6 +159,7 @@ def main() -> None:
                     threads=threads,
                     onnx_path=args.folder / f"{name}.onnx",
                     channels_last=channels_last,
+                    prefixes=True,
                 )
                 entry["runs"].append(res.to_dict())
                 rows = ", ".join(
@@ -209,7 +210,33 @@ def write_markdown(results: dict, path: Path) -> None:
                     f"| {row['label']} | {row['macs_fraction']:.3f} | " + " | ".join(cells) + " |"
                 )
             lines.append("")
+            lines += _split_table(runs, heads)
     path.write_text("\n".join(lines))
+
+
+def _split_table(runs: list[dict], heads: list[str]) -> list[str]:
+    """Each exit's lat./MAC split: the static network cut there (no head, no decision) over
+    its MAC share, and the exit's latency over that cut network's."""
+    if not any(row.get("prefix_ms") for row in runs[0]["rows"]):
+        return []
+    lines = [
+        "Split (network lat./MAC, exit overhead): "
+        + "; ".join(heads)
+        + ". The first is the static network cut at the exit, no head: what the network "
+        "itself allows.",
+        "",
+        "| exit | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(runs),
+    ]
+    for i, row in enumerate(runs[0]["rows"]):
+        if row.get("prefix_ms") is None:
+            continue
+        cells = [
+            f"{r['rows'][i]['prefix_ratio_to_macs']:.2f}, {r['rows'][i]['exit_overhead']:.2f}"
+            for r in runs
+        ]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

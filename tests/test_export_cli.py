@@ -22,7 +22,13 @@ import dynify
 from dynify.cli import app
 from dynify.errors import ExportError
 from dynify.export import export_onnx_report, verification_inputs
-from dynify.export.bench import bench, settle_batch_norm, threshold_cases
+from dynify.export.bench import (
+    StaticPrefix,
+    bench,
+    prefix_cases,
+    settle_batch_norm,
+    threshold_cases,
+)
 from dynify.export.verify import count_executed_ops, verify_onnx
 
 runner = CliRunner()
@@ -172,6 +178,60 @@ def test_bench_onnx_uses_the_export_and_checks_its_exits(exported, artifact):
     assert [r.exits for r in result.rows] == [[0], [1], [2], []]
     assert result.batch == 2 and all(r.latency_ms > 0 for r in result.rows)
     torch.testing.assert_close(dyn.thresholds, torch.full((2,), 0.9))  # restored
+
+
+def test_static_prefix_is_the_network_cut_at_each_exit(artifact, tmp_path):
+    """A prefix runs the static network's first segments, no head: the last one composed with
+    the final segment is the static network; its ONNX graph computes the same feature."""
+    import onnxruntime as ort
+
+    from dynify.export.onnx import write_plain_onnx
+
+    dyn = dynify.load(artifact)
+    cases = prefix_cases(dyn)
+    spent = np.cumsum(dyn.segment_macs[:-1]) / dyn.static_macs
+    assert [(label, i) for label, i, _ in cases] == [("exit 0", 0), ("exit 1", 1)]
+    np.testing.assert_allclose([f for *_, f in cases], spent)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), dyn.static():
+        last = StaticPrefix(dyn, 1).eval()
+        assert torch.equal(dyn.segments[-1](last(x)), dyn(x))
+        first = StaticPrefix(dyn, 0).eval()
+        path = write_plain_onnx(first, x, tmp_path / "prefix0.onnx", output_name="feature")
+        (feature,) = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(feature, first(x).numpy(), atol=1e-4)
+    assert not any(n.op_type == "If" for n in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "onnx"])
+def test_bench_prefixes_split_each_exit_into_network_and_overhead(exported, artifact, runtime):
+    _, path = exported
+    dyn = dynify.load(artifact)
+    onnx_path = path if runtime == "onnx" else None
+    result = bench(dyn, runtime=runtime, runs=2, warmup=0, threads=1, prefixes=True,
+                   onnx_path=onnx_path)  # fmt: skip
+    fractions = {label: f for label, _, f in prefix_cases(dyn)}
+    for row in result.rows:
+        if row.label not in fractions:  # final, static: nothing to split
+            assert row.prefix_ms is row.exit_overhead is row.prefix_ratio_to_macs is None
+            continue
+        assert row.prefix_ms > 0
+        assert row.exit_overhead == pytest.approx(row.latency_ms / row.prefix_ms)
+        static_ms = result.rows[-1].latency_ms
+        network = row.prefix_ms / static_ms / fractions[row.label]
+        assert row.prefix_ratio_to_macs == pytest.approx(network)
+        # the split multiplies back to the exit's own ratio (heads cost the MAC difference)
+        assert row.ratio_to_macs == pytest.approx(
+            network * row.exit_overhead * fractions[row.label] / row.macs_fraction
+        )
+
+
+def test_bench_cli_prefixes_adds_the_split_columns(artifact):
+    result = run("bench", str(artifact), "--runs", "1", "--warmup", "0", "--threads", "1",
+                 "--prefixes")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "network lat./MAC" in text and "the static network cut where the exit sits" in text
 
 
 def test_bench_channels_last_restores_the_model(artifact):

@@ -114,6 +114,14 @@ def bench(
         bool,
         typer.Option("--channels-last", help="eager: model and input in channels-last format."),
     ] = False,
+    prefixes: Annotated[
+        bool,
+        typer.Option(
+            "--prefixes",
+            help="exit cascades: also time the static network cut at each exit, to split each "
+            "exit's latency / MAC ratio into the network's own and the exit's overhead.",
+        ),
+    ] = False,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")
     ] = None,
@@ -131,6 +139,7 @@ def bench(
             warmup=warmup,
             threads=threads,
             channels_last=channels_last,
+            prefixes=prefixes,
         )
     layout = ", channels-last" if result.channels_last else ""
     table = Table(
@@ -141,7 +150,16 @@ def bench(
         table.add_column(column, justify="left" if column in ("config", "thresholds") else "right")
     table.add_column("latency ratio", justify="right")
     table.add_column("latency / MAC ratio", justify="right")
+    split = any(row.prefix_ms is not None for row in result.rows)
+    if split:
+        table.add_column("network lat./MAC", justify="right")
+        table.add_column("exit overhead", justify="right")
     for row in result.rows:
+        extra = []
+        if split:
+            extra = ["", ""]
+            if row.prefix_ms is not None:
+                extra = [f"{row.prefix_ratio_to_macs:.2f}", f"{row.exit_overhead:.2f}"]
         table.add_row(
             row.label,
             "" if row.thresholds is None else escape(_short(row.thresholds)),
@@ -151,8 +169,15 @@ def bench(
             f"{row.latency_ms:.2f}",
             f"{row.latency_ratio:.3f}",
             f"{row.ratio_to_macs:.2f}",
+            *extra,
         )
     console.print(table)
+    if split:
+        console.print(
+            "network lat./MAC: the static network cut where the exit sits (no head, no "
+            "decision), its latency ratio over its MAC ratio: what the network itself allows. "
+            "exit overhead: the exit's latency over that cut network's."
+        )
     console.print(
         f"Worst latency / MAC ratio: {result.worst_ratio_to_macs:.2f} (1.00 = every saved MAC is "
         "saved time; above 1 the dynamic model saves less time than MACs)."

@@ -6,6 +6,10 @@ round (in a rotating order), so machine noise from other processes hits all of t
 figure is the median over rounds after warm-up. Eager PyTorch runs the DynamicModel itself;
 ONNX Runtime runs the exported graph (thresholds fed as an input) against the static network
 exported from the same model's `static()` face.
+
+With `prefixes`, an exit cascade's static network is also timed cut where each exit sits (no
+head, no decision): that splits an exit's latency / MAC ratio into what the network itself
+allows (its early layers may be slower per MAC than its late ones) and what the exit adds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from dynify.errors import ExportError
 from dynify.runtime.model import DynamicModel
@@ -75,6 +80,10 @@ class BenchRow:
     latency_ratio: float  # latency / static latency
     ratio_to_macs: float  # latency_ratio / macs_fraction: 1.0 = time saved exactly like MACs
     exits: list[int] = field(default_factory=list)  # distinct exit indices taken (cascades)
+    # with prefixes, on "exit i" rows: the static network cut at exit i, no head or decision
+    prefix_ms: float | None = None
+    prefix_ratio_to_macs: float | None = None  # the network's own latency / MAC ratio to there
+    exit_overhead: float | None = None  # latency_ms / prefix_ms: what the exit itself costs
 
 
 @dataclass
@@ -109,8 +118,41 @@ def _eager_macs(dyn: DynamicModel, x: torch.Tensor, thr: list[float]) -> tuple[f
     return dyn.mean_macs_fraction(), taken
 
 
+class StaticPrefix(nn.Module):
+    """An exit cascade's static network up to exit i's cut point: its first i + 1 segments,
+    without heads or decisions. The fastest an exit there could possibly be."""
+
+    def __init__(self, dyn: DynamicModel, exit_index: int) -> None:
+        super().__init__()
+        self.segments = nn.ModuleList(list(dyn.segments)[: exit_index + 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for segment in self.segments:
+            x = segment(x)
+        return x
+
+
+def prefix_cases(dyn: DynamicModel) -> list[tuple[str, int, float]]:
+    """(row label, exit index, MAC fraction of the prefix) for every exit of a cascade; none
+    for strategies without segments."""
+    if not hasattr(dyn, "segments") or not hasattr(dyn, "segment_macs"):
+        return []
+    cases, spent = [], 0
+    for i in range(dyn.num_exits):
+        spent += dyn.segment_macs[i]
+        cases.append((f"exit {i}", i, spent / dyn.static_macs))
+    return cases
+
+
+def _prefix_label(exit_label: str) -> str:
+    return f"prefix of {exit_label}"
+
+
 def _eager_runners(
-    dyn: DynamicModel, x: torch.Tensor, cases: Sequence[tuple[str, list[float]]]
+    dyn: DynamicModel,
+    x: torch.Tensor,
+    cases: Sequence[tuple[str, list[float]]],
+    prefixes: Sequence[tuple[str, int, float]] = (),
 ) -> dict[str, Callable[[], Any]]:
     def dynamic(thr: list[float]) -> Callable[[], Any]:
         t = torch.tensor(thr, dtype=torch.float32)
@@ -127,6 +169,9 @@ def _eager_runners(
 
     runners = {label: dynamic(thr) for label, thr in cases}
     runners[STATIC] = static
+    for label, i, _ in prefixes:
+        prefix = StaticPrefix(dyn, i).eval()
+        runners[_prefix_label(label)] = lambda prefix=prefix: prefix(x)
     return runners
 
 
@@ -137,8 +182,9 @@ def _onnx_runners(
     threads: int,
     folder: Path,
     onnx_path: Path | None,
+    prefixes: Sequence[tuple[str, int, float]] = (),
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, list[int]]]:
-    from dynify.export.onnx import write_onnx, write_static_onnx
+    from dynify.export.onnx import write_onnx, write_plain_onnx, write_static_onnx
     from dynify.export.verify import ort_session
 
     example = x[:1].expand(2, *x.shape[1:]).contiguous()
@@ -159,6 +205,12 @@ def _onnx_runners(
         label: (lambda feed=feed: dynamic_session.run(None, feed)) for label, feed in feeds.items()
     }
     runners[STATIC] = lambda: static_session.run(None, {"x": xn})
+    for label, i, _ in prefixes:
+        path = write_plain_onnx(
+            StaticPrefix(dyn, i), x, folder / f"prefix{i}.onnx", output_name="feature"
+        )
+        session = ort_session(path, threads=threads)
+        runners[_prefix_label(label)] = lambda s=session: s.run(None, {"x": xn})
     return runners, exits
 
 
@@ -191,6 +243,7 @@ def bench(
     onnx_path: str | Path | None = None,
     seed: int = 0,
     channels_last: bool = False,
+    prefixes: bool = False,
 ) -> BenchResult:
     """Median latency per forced behaviour and of the static network, with their MACs.
 
@@ -201,6 +254,8 @@ def bench(
     `channels_last` (eager, 4-D inputs) runs model and input in channels-last memory format,
     static and dynamic alike: oneDNN's fast layout on CPU, which keeps the early, wide layers
     as fast per MAC as the later ones (in NCHW they are markedly slower per MAC).
+    `prefixes` (exit cascades) also times the static network cut at each exit (`StaticPrefix`)
+    and fills each exit row's `prefix_ms`, `prefix_ratio_to_macs` and `exit_overhead`.
     """
     if runtime not in RUNTIMES:
         raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
@@ -208,6 +263,8 @@ def bench(
         raise ExportError("batch and runs must be >= 1 and warmup >= 0")
     threads = int(threads or torch.get_num_threads())
     cases = list(cases) if cases is not None else threshold_cases(dyn)
+    labels = {label for label, _ in cases}
+    cuts = [c for c in prefix_cases(dyn) if c[0] in labels] if prefixes else []
     x = torch.randn(batch, *dyn.input_shape, generator=torch.Generator().manual_seed(seed))
     channels_last = channels_last and runtime == "eager" and x.dim() == 4
     if channels_last:
@@ -221,13 +278,13 @@ def bench(
         macs = {label: _eager_macs(dyn, x, thr) for label, thr in cases}
         with tempfile.TemporaryDirectory(prefix="dynify_bench_") as tmp:
             if runtime == "eager":
-                runners = _eager_runners(dyn, x, cases)
+                runners = _eager_runners(dyn, x, cases, cuts)
                 exits = {label: m[1] for label, m in macs.items()}
                 with torch.inference_mode():
                     times = time_interleaved(runners, runs, warmup)
             else:
                 path = None if onnx_path is None else Path(onnx_path)
-                runners, exits = _onnx_runners(dyn, x, cases, threads, Path(tmp), path)
+                runners, exits = _onnx_runners(dyn, x, cases, threads, Path(tmp), path, cuts)
                 for label, _ in cases:
                     if macs[label][1] and exits[label] != macs[label][1]:
                         raise ExportError(
@@ -257,6 +314,12 @@ def bench(
                 exits=[] if thr is None else exits[label],
             )
         )
+    for label, _, fraction in cuts:
+        row = next(r for r in rows if r.label == label)
+        prefix_s = statistics.median(times[_prefix_label(label)])
+        row.prefix_ms = prefix_s * 1e3
+        row.prefix_ratio_to_macs = prefix_s / static_s / fraction
+        row.exit_overhead = row.latency_ms / row.prefix_ms
     return BenchResult(
         runtime=runtime,
         batch=batch,

@@ -53,7 +53,14 @@ from dynify.export.verify import (
 )
 from dynify.runtime.cascade import CondCascade
 
-__all__ = ["ExportError", "OnnxExport", "write_onnx", "write_pt2", "write_static_onnx"]
+__all__ = [
+    "ExportError",
+    "OnnxExport",
+    "write_onnx",
+    "write_plain_onnx",
+    "write_pt2",
+    "write_static_onnx",
+]
 
 OUTPUT_NAMES = ("logits", "exit_index")
 DEFAULT_OPSET = 20
@@ -543,32 +550,45 @@ def write_static_onnx(
 
     The baseline latency comparisons need: same weights and graph rewrites as the dynamic export.
     """
+    saved = {k: getattr(dyn, k) for k in ("last_macs", "last_exit") if hasattr(dyn, k)}
+    try:
+        # The accounting attributes assigned in forward are not graph state; restored below.
+        return write_plain_onnx(_StaticFace(dyn), example_input, path, opset=opset)
+    finally:
+        for k, v in saved.items():
+            setattr(dyn, k, v)
+
+
+def write_plain_onnx(
+    module: nn.Module,
+    example_input: Tensor,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    output_name: str = "logits",
+) -> Path:
+    """A module without control flow (x -> logits) as an ONNX graph with a fixed input shape:
+    the static baselines of latency comparisons (the whole network, or a prefix of it)."""
     import warnings
 
     import onnx
 
     path = Path(path)
-    saved = {k: getattr(dyn, k) for k in ("last_macs", "last_exit") if hasattr(dyn, k)}
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir", "onnxscript"):
-            # The accounting attributes assigned in forward are not graph state; ignore them.
             warnings.simplefilter("ignore")
-            face = _StaticFace(dyn).eval()
-            ep = torch.export.export(face, (example_input.detach(),), strict=False)
+            ep = torch.export.export(module.eval(), (example_input.detach(),), strict=False)
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
                 input_names=["x"],
-                output_names=["logits"],
+                output_names=[output_name],
                 opset_version=opset,
                 optimize=True,
                 verbose=False,
             )
     except Exception as exc:
         raise ExportError(f"the static network could not be exported: {_first_line(exc)}") from exc
-    finally:
-        for k, v in saved.items():
-            setattr(dyn, k, v)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(program.model_proto, path)
     return path
