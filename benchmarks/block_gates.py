@@ -9,10 +9,12 @@ Per network and gate kind (function, halting, policy):
    gates; SGD at the backbone's rate barely moves them), loss = `dyn.training_loss` (KD from the
    original static network + CE + the compute term towards --budget);
 3. sweep the thresholds on a held-out calibration part of cifar10/train (never test), and pick
-   the cheapest threshold whose calibration accuracy is within 1 point of the fine-tuned static
-   network (`dyn.static()`, the same fine-tuned weights with every block run);
-4. report on cifar10/test: accuracy and MACs at the chosen threshold and at its neighbours, the
-   fine-tuned static network, the original static network; batch-1 CPU latency (1 thread) of
+   the most accurate threshold there whose MACs stay within `--max-macs` (0.70: the issue's
+   "30 % fewer MACs"). Calibration accuracy alone cannot place the operating point: the
+   pretrained weights saw these images, so on them the dynamic model loses nothing;
+4. report on cifar10/test: accuracy and MACs at every threshold of the sweep, the fine-tuned
+   static network (`dyn.static()`, the same fine-tuned weights with every block run), the
+   original static network; batch-1 CPU latency (1 thread) of
    the dynamic model at the chosen threshold against the original static module, each timed in
    runs of consecutive test images, the two alternating (`latency`).
 `--save-dir` keeps the trained models; `--from-artifacts` measures them again without training.
@@ -46,9 +48,9 @@ from dynify.zoo import build_model
 WEIGHTS = {32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
 # Threshold 1.01 (every block runs) is the fine-tuned static network, measured separately.
 GRIDS = {
-    "function": [0.2, 0.35, 0.5, 0.65, 0.8, 0.9],
-    "policy": [0.2, 0.35, 0.5, 0.65, 0.8, 0.9],
-    "halting": [0.5, 0.7, 0.85, 0.95, 0.99],
+    "function": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    "policy": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    "halting": [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99],
 }
 # Published anchors (ConvNet-AIG, BlockDrop, SkipNet on CIFAR-10 ResNet-110) are named, not
 # quoted: their tables could not be checked here, and a misquoted anchor is worse than none.
@@ -90,7 +92,7 @@ def train(dyn, fit, pre, args, budget: float) -> dict:
         dyn,
         Subset(fit, order.tolist()),
         mode="joint",
-        epochs=1,
+        epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         budget=budget,
@@ -238,18 +240,13 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
         sweep.append({"threshold": t, "calib_acc": acc, "calib_macs": macs})
         print(f"    calib t={t}: acc {acc:.4f} macs {macs:.3f}", flush=True)
     res["calib_sweep"] = sweep
-    ok = [p for p in sweep if p["calib_acc"] >= res["static_ft_calib_acc"] - 0.01]
-    chosen = (
-        min(ok, key=lambda p: p["calib_macs"]) if ok else max(sweep, key=lambda p: p["calib_acc"])
-    )
-    res["chosen_within_1pt_on_calib"] = bool(ok)
+    chosen = choose_threshold(sweep, args.max_macs)
     res["chosen_threshold"] = chosen["threshold"]
+    res["max_macs"] = args.max_macs
     with dyn.static():
         res["static_ft_test_acc"] = measure(dyn, data["test"], dyn=False)[0]
-    grid = GRIDS[kind]
-    j = grid.index(chosen["threshold"])
     test_points = []
-    for t in sorted({grid[max(j - 1, 0)], grid[j]}):
+    for t in GRIDS[kind]:  # the whole curve is reported; only calibration chose the point
         dyn.set_thresholds(t)
         acc, macs = measure(dyn, data["test"])
         test_points.append({"threshold": t, "test_acc": acc, "test_macs": macs})
@@ -274,6 +271,14 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     out.setdefault("runs", {})[key] = res
 
 
+def choose_threshold(sweep: list[dict], max_macs: float) -> dict:
+    """The most accurate sweep point (on calibration) within `max_macs`, else the cheapest."""
+    within = [p for p in sweep if p["calib_macs"] <= max_macs]
+    if not within:
+        return min(sweep, key=lambda p: p["calib_macs"])
+    return max(within, key=lambda p: (p["calib_acc"], -p["calib_macs"]))
+
+
 def _fall(latency_ratio: float, macs_fraction: float) -> float:
     """Latency fall over MAC fall: (1 - latency ratio) / (1 - MAC fraction)."""
     saved = 1 - macs_fraction
@@ -288,15 +293,17 @@ def markdown(out: dict) -> str:
         "## Block gates on CIFAR-10 (ResNet-32 / ResNet-44, pretrained, JPEG CIFAR-10)",
         "",
         f"Produced by `python benchmarks/block_gates.py {args['cmdline']}` on {out['machine']} "
-        f"({out['date']}). Fine-tuning: joint, {steps} steps of batch "
+        f"({out['date']}). Fine-tuning: joint, {args.get('epochs', 1)} epoch(s) of {steps} steps of batch "
         f"{args['batch_size']} with flip/crop augmentation over {images:,} images of the fit "
         f"part of cifar10/train ({images / 45000:.2f} x 45k) with `dynify.finetune(..., "
         f"mode='joint')`: backbone SGD lr {args['lr']} cosine, gradient norm clipped at 2, "
         "decision units Adam (lr 0.02, halting 0.008: `GatedModel.joint_recipe`), training budget "
         f"{args['budget']} of the static MACs. Thresholds: swept on {args['calib']} held-out "
-        "cifar10/train images; the chosen one is the cheapest within 1 point of the fine-tuned "
-        "static network there. All accuracies below are on cifar10/test (5,000 JPEG images). "
-        "Batch-norm statistics are frozen during fine-tuning.",
+        "cifar10/train images; the chosen one is the most accurate there within "
+        f"{args.get('max_macs', 0.7)} of the static MACs (the pretrained weights saw those "
+        "images, so calibration accuracy is no guide to the accuracy cost). All accuracies "
+        "below are on cifar10/test (5,000 JPEG images). Batch-norm statistics are frozen "
+        "during fine-tuning.",
         "",
         "'static (fine-tuned)' is `dyn.static()` after fine-tuning: the same weights with every "
         "block run. Latency: batch 1, 1 thread, mean over test images, the dynamic model against "
@@ -346,8 +353,8 @@ def markdown(out: dict) -> str:
         lines += ["", f"Re-run (replacing those rows): `python benchmarks/block_gates.py {rerun}`."]
     lines += [
         "",
-        "Accuracy vs MACs on cifar10/test at the chosen threshold and the next cheaper one "
-        "(threshold > 1 is the fine-tuned static column above):",
+        "Accuracy vs MACs on cifar10/test at every threshold of the sweep (threshold > 1 is the "
+        "fine-tuned static column above):",
         "",
     ]
     lines += [
@@ -373,7 +380,7 @@ def vars_cmdline(args: argparse.Namespace) -> str:
     return " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if k in ("nets", "gates", "steps", "compute_weight", "budget", "from_artifacts")
+        if k in ("nets", "gates", "steps", "epochs", "compute_weight", "budget", "from_artifacts")
         and v is not None
     )
 
@@ -384,12 +391,16 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/dynify-cifar10-uint8.pt"))
     parser.add_argument("--nets", type=int, nargs="+", default=[32, 44])
     parser.add_argument("--gates", nargs="+", default=["function", "halting", "policy"])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="batches' worth of fit images")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over those images")
     parser.add_argument("--compute-weight", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--calib", type=int, default=1000)
+    parser.add_argument(
+        "--max-macs", type=float, default=0.7, help="operating point: MACs cap on calibration"
+    )
     parser.add_argument("--latency-repeats", type=int, default=300)
     parser.add_argument(
         "--latency-rounds", type=int, default=3, help="timing rounds; the median one is reported"
@@ -428,7 +439,7 @@ def main() -> None:
             "cmdline": " ".join(
                 f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                 for k, v in vars(args).items()
-                if k in ("nets", "gates", "steps", "budget")
+                if k in ("nets", "gates", "steps", "epochs", "budget", "calib", "max_macs")
             ),
         },
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
