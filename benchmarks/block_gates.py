@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 # a sibling script (benchmarks/ is on sys.path when a script here runs): one CIFAR loader
-from cifar10 import MEAN, STD, load_cifar
+from cifar10 import MEAN, STD, finetune_static, load_cifar, static_accuracy
 from timing import alternating_runs
 from torch.utils.data import Subset
 
@@ -72,6 +72,18 @@ def measure(model, batches: Batches, dyn: bool = True) -> tuple[float, float]:
         if dyn:
             macs += float(model.last_macs.double().sum())
     return hits / total, (macs / total / model.static_macs if dyn else 1.0)
+
+
+@torch.no_grad()
+def plan_diversity(dyn, batches: Batches) -> dict:
+    """How many distinct run/skip plans the test images take, and the commonest one's share:
+    a policy that collapsed to one plan is block removal, not a per-sample decision."""
+    counts: dict[tuple, int] = {}
+    for x, _ in batches.epoch(0):
+        dyn(x)
+        for row in dyn.last_gates.tolist():
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return {"distinct": len(counts), "commonest_share": max(counts.values()) / sum(counts.values())}
 
 
 def train(dyn, fit, pre, args, budget: float) -> dict:
@@ -135,7 +147,8 @@ def latency(
     plan = common_plan(dyn, images[:100])
     skipped = [k for k, run in enumerate(plan) if not run]
     if all(dyn.gates[k].shortcut is None for k in skipped):  # relu(x + 0) = x: removable
-        models["removed"] = without_blocks(static_model, skipped).eval()
+        blocks = [gated_block(dyn.gates[k]) for k in skipped]
+        models["removed"] = without_blocks(static_model, blocks).eval()
     try:
         for i in range(10):
             for model in models.values():
@@ -159,7 +172,7 @@ def _latency_round(models: dict, dyn, images, repeats: int, block: int, skipped:
     removed = {}
     if "removed" in models:
         removed = {
-            "removed_blocks": skipped,
+            "removed_blocks": [gated_block(dyn.gates[k]) for k in skipped],
             "removed_ms": round(mean["removed"], 3),
             "ratio_removed": round(mean["removed"] / mean["static"], 4),
             "removed_macs_fraction": round(
@@ -192,13 +205,22 @@ def common_plan(dyn, images: torch.Tensor) -> list[bool]:
     return list(max(plans, key=plans.get))
 
 
-def without_blocks(model: torch.nn.Module, skipped: list[int]) -> torch.nn.Module:
-    """A copy of a CIFAR ResNet with the given residual blocks (in order) removed: the
-    physical floor for skipping them, no decision or Python of any kind."""
+def gated_block(gate) -> str:
+    """The qualified name of the residual block a gate wraps (its lifted branch keeps the
+    original module paths: 'layer2.3.conv1' -> 'layer2.3'). Gate k is not the k-th block:
+    halting never gates a stage's first block."""
+    conv = next(n for n, m in gate.branch.named_modules() if isinstance(m, torch.nn.Conv2d))
+    return conv.rsplit(".", 1)[0]
+
+
+def without_blocks(model: torch.nn.Module, blocks: list[str]) -> torch.nn.Module:
+    """A copy of a CIFAR ResNet with the named residual blocks removed: the physical floor
+    for skipping them, no decision or Python of any kind."""
     model = copy.deepcopy(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, BasicBlock)]
-    for k in skipped:
-        parent, child = names[k].rsplit(".", 1)
+    for name in blocks:
+        if not isinstance(model.get_submodule(name), BasicBlock):
+            raise ValueError(f"{name} is not a residual block of {type(model).__name__}")
+        parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, torch.nn.Identity())
     return model
 
@@ -225,10 +247,13 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     if name not in out.setdefault("original", {}):
         out["original"][name] = measure(original, data["test"], dyn=False)[0]
     res["original_test_acc"] = out["original"][name]
+    if name in out.get("static_ft", {}):
+        res["static_separate"] = out["static_ft"][name]
     res["settings"] = {"steps": args.steps, "recipe": asdict(dyn.joint_recipe), "options": options}
     if args.from_artifacts is not None:  # measure again what a --save-dir run trained
         dyn = dynify.load(args.from_artifacts / f"{name}-{kind}.dyn")
-        res["train"] = out.get("runs", {})[key]["train"]
+        # what the training run recorded (a run that crashed after saving recorded nothing)
+        res["train"] = out.get("runs", {}).get(key, {}).get("train") or {"recorded": False}
     else:
         res["train"] = train(dyn, data["fit"], pre, args, args.budget)
     with dyn.static():
@@ -254,6 +279,7 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     res["test_curve"] = test_points
     dyn.set_thresholds(chosen["threshold"])
     res["chosen"] = next(p for p in test_points if p["threshold"] == chosen["threshold"])
+    res["plans"] = plan_diversity(dyn, data["test"])
     if args.save_dir is not None:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         dynify.save(dyn, args.save_dir / f"{name}-{kind}.dyn")
@@ -271,12 +297,37 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     out.setdefault("runs", {})[key] = res
 
 
+def static_baseline(depth: int, args, data: dict, out: dict) -> None:
+    """The static network fine-tuned alone for as many epochs over the same images
+    (`cifar10.finetune_static`: the early-exit benchmark's baseline), once per network."""
+    name = f"cifar_resnet{depth}"
+    if name in out.setdefault("static_ft", {}):
+        return
+    model, _ = build_model(name, weights=str(args.data / "pretrained" / WEIGHTS[depth]))
+    seconds = finetune_static(
+        model, data["fit"], data["pre"], args.static_epochs, args.batch_size, 0
+    )
+    out["static_ft"][name] = {
+        "test_acc": static_accuracy(model, data["test"]),
+        "epochs": args.static_epochs,
+        "seconds": round(seconds, 1),
+    }
+    print(f"== {name} static fine-tuned: {out['static_ft'][name]}", flush=True)
+
+
 def choose_threshold(sweep: list[dict], max_macs: float) -> dict:
     """The most accurate sweep point (on calibration) within `max_macs`, else the cheapest."""
     within = [p for p in sweep if p["calib_macs"] <= max_macs]
     if not within:
         return min(sweep, key=lambda p: p["calib_macs"])
     return max(within, key=lambda p: (p["calib_acc"], -p["calib_macs"]))
+
+
+def _plans(res: dict) -> str:
+    plans = res.get("plans")
+    if plans is None:
+        return "-"
+    return f"{plans['distinct']} ({plans['commonest_share']:.0%} take the commonest)"
 
 
 def _fall(latency_ratio: float, macs_fraction: float) -> float:
@@ -287,7 +338,8 @@ def _fall(latency_ratio: float, macs_fraction: float) -> float:
 
 def markdown(out: dict) -> str:
     args = out["args"]
-    first = next(iter(out.get("runs", {}).values()), {"train": {"steps": 0, "images": 0}})
+    recorded = [r for r in out.get("runs", {}).values() if "steps" in r["train"]]
+    first = recorded[0] if recorded else {"train": {"steps": 0, "images": 0}}
     steps, images = first["train"]["steps"], first["train"]["images"]
     lines = [
         "## Block gates on CIFAR-10 (ResNet-32 / ResNet-44, pretrained, JPEG CIFAR-10)",
@@ -305,28 +357,31 @@ def markdown(out: dict) -> str:
         "below are on cifar10/test (5,000 JPEG images). Batch-norm statistics are frozen "
         "during fine-tuning.",
         "",
-        "'static (fine-tuned)' is `dyn.static()` after fine-tuning: the same weights with every "
-        "block run. Latency: batch 1, 1 thread, mean over test images, the dynamic model against "
+        "'every block' is `dyn.static()` after fine-tuning: the same weights with every block "
+        "run; 'static fine-tuned' is the original network fine-tuned alone on the same images "
+        "for as many epochs (`--static-epochs`, the early-exit benchmark's baseline). Latency: batch 1, 1 thread, mean over test images, the dynamic model against "
         "the original static module, each timed in runs of consecutive images as a server runs "
         "it, the two alternating run by run (`latency()` in the script); 'latency fall / MAC "
         "fall' is (1 - latency ratio) / (1 - MAC fraction), both on the timed images.",
         "",
-        "| net | gate | original | static (fine-tuned) | dynamic | MACs (of static) | "
+        "| net | gate | original | static fine-tuned | every block | dynamic | MACs (of static) | "
         "threshold | batch-1 latency dyn / static (MACs on the timed images) | "
-        "latency fall / MAC fall |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "latency fall / MAC fall | distinct plans on test |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in out.get("runs", {}).values():
         c, lat = res["chosen"], res["latency"]
         fall = f"{_fall(lat['ratio_mean'], lat['macs_fraction']):.2f}"
         if len(lat.get("round_falls", [])) > 1:
             fall += f" (median of rounds {', '.join(f'{f:.2f}' for f in lat['round_falls'])})"
+        separate = out.get("static_ft", {}).get(res["net"], {}).get("test_acc")
+        separate = "-" if separate is None else f"{separate:.2%}"
         lines.append(
             f"| {res['net'].replace('cifar_', '')} | {res['gate']} | "
-            f"{res['original_test_acc']:.2%} | {res['static_ft_test_acc']:.2%} | "
+            f"{res['original_test_acc']:.2%} | {separate} | {res['static_ft_test_acc']:.2%} | "
             f"{c['test_acc']:.2%} | {c['test_macs']:.3f} | {res['chosen_threshold']} | "
             f"{lat['dynamic_ms']:.2f} / {lat['static_ms']:.2f} ms = {lat['ratio_mean']:.3f} "
-            f"({lat['macs_fraction']:.3f}) | {fall} |"
+            f"({lat['macs_fraction']:.3f}) | {fall} | {_plans(res)} |"
         )
     for res in out.get("runs", {}).values():
         lat = res["latency"]
@@ -354,7 +409,7 @@ def markdown(out: dict) -> str:
     lines += [
         "",
         "Accuracy vs MACs on cifar10/test at every threshold of the sweep (threshold > 1 is the "
-        "fine-tuned static column above):",
+        "'every block' column above):",
         "",
     ]
     lines += [
@@ -390,9 +445,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/dynify-cifar10-uint8.pt"))
     parser.add_argument("--nets", type=int, nargs="+", default=[32, 44])
-    parser.add_argument("--gates", nargs="+", default=["function", "halting", "policy"])
+    parser.add_argument("--gates", nargs="*", default=["function", "halting", "policy"])
     parser.add_argument("--steps", type=int, default=100, help="batches' worth of fit images")
     parser.add_argument("--epochs", type=int, default=1, help="passes over those images")
+    parser.add_argument(
+        "--static-epochs",
+        type=int,
+        default=0,
+        help="also fine-tune the static network alone this long (the baseline); --gates may "
+        "then be empty",
+    )
     parser.add_argument("--compute-weight", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -450,9 +512,13 @@ def main() -> None:
         previous = json.loads(args.json.read_text())
         out["runs"] = previous.get("runs", {})
         out["original"] = previous.get("original", {})
+        out["static_ft"] = previous.get("static_ft", {})
         out["args"] = previous.get("args", out["args"])  # the header describes the first run
         out.setdefault("reruns", previous.get("reruns", [])).append(vars_cmdline(args))
     for depth in args.nets:
+        if args.static_epochs:
+            static_baseline(depth, args, data, out)
+            args.json.write_text(json.dumps(out, indent=1))
         for kind in args.gates:
             run(depth, kind, args, data, out)
             args.json.write_text(json.dumps(out, indent=1))
