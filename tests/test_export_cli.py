@@ -28,6 +28,7 @@ from dynify.export.bench import (
     prefix_cases,
     settle_batch_norm,
     threshold_cases,
+    time_interleaved,
 )
 from dynify.export.verify import count_executed_ops, verify_onnx
 
@@ -149,6 +150,21 @@ def test_export_pt2_is_checked_and_loads_with_torch_alone(artifact):
         assert torch.equal(exits, dyn.last_exit)
 
 
+@pytest.mark.parametrize("consecutive", [1, 4])
+def test_time_interleaved_runs_each_configuration_in_runs_of_calls(consecutive):
+    """Each round calls every runner `consecutive` times in a row after one untimed call (one
+    call, timed, when consecutive is 1), rotating which runner goes first."""
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(runners, runs=3, warmup=1, consecutive=consecutive)
+    per_run = 1 if consecutive == 1 else consecutive + 1
+    assert {name: len(t) for name, t in times.items()} == {n: 3 * consecutive for n in "abc"}
+    assert len(calls) == 4 * 3 * per_run
+    firsts = calls[::per_run][:3], calls[3 * per_run :: per_run][:3]
+    assert firsts == (["a", "b", "c"], ["b", "c", "a"])  # the order rotates round by round
+    assert all(len(set(calls[i : i + per_run])) == 1 for i in range(0, len(calls), per_run))
+
+
 def test_bench_eager_prints_a_table_with_the_static_row(artifact, tmp_path):
     out = tmp_path / "bench.json"
     result = run(
@@ -173,7 +189,10 @@ def test_bench_eager_prints_a_table_with_the_static_row(artifact, tmp_path):
 def test_bench_onnx_uses_the_export_and_checks_its_exits(exported, artifact):
     _, path = exported
     dyn = dynify.load(artifact)
-    result = bench(dyn, runtime="onnx", runs=2, warmup=0, threads=1, batch=2, onnx_path=path)
+    result = bench(
+        dyn, runtime="onnx", runs=2, warmup=0, threads=1, batch=2, onnx_path=path, consecutive=3
+    )
+    assert result.consecutive == 3
     assert [r.label for r in result.rows] == ["exit 0", "exit 1", "final", "static"]
     assert [r.exits for r in result.rows] == [[0], [1], [2], []]
     assert result.batch == 2 and all(r.latency_ms > 0 for r in result.rows)

@@ -106,6 +106,15 @@ def bench(
     ] = BenchRuntime.eager,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Batch size.")] = 1,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed rounds (median).")] = 30,
+    consecutive: Annotated[
+        int,
+        typer.Option(
+            "--consecutive",
+            min=1,
+            help="Timed calls in a row per configuration and round, after an untimed one, as a "
+            "server runs a model (1: one call each, the configurations interleaved call by call).",
+        ),
+    ] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds first.")] = 5,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="Intra-op threads (default: torch's).")
@@ -130,7 +139,9 @@ def bench(
     from dynify.export.bench import bench as run_bench
 
     dyn = dynify.load(artifact)
-    with console.status(f"Timing {artifact} in {format.value} ({runs} rounds)..."):
+    with console.status(
+        f"Timing {artifact} in {format.value} ({runs} rounds x {consecutive} calls)..."
+    ):
         result = run_bench(
             dyn,
             runtime=format.value,
@@ -140,11 +151,12 @@ def bench(
             threads=threads,
             channels_last=channels_last,
             prefixes=prefixes,
+            consecutive=consecutive,
         )
     layout = ", channels-last" if result.channels_last else ""
     table = Table(
         title=f"{artifact.name}: {format.value}{layout}, batch {batch}, {result.threads} "
-        f"thread(s), median of {runs} interleaved rounds"
+        f"thread(s), median of {runs} interleaved rounds x {consecutive} call(s) in a row"
     )
     for column in ("config", "thresholds", "exits", "MACs", "MAC ratio", "latency ms"):
         table.add_column(column, justify="left" if column in ("config", "thresholds") else "right")

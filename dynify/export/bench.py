@@ -1,9 +1,11 @@
 """Latency of a dynamic model next to its static network: do saved MACs become saved time?
 
 For each behaviour worth timing (every exit forced in turn, or a threshold sweep) and for the
-static network, one forward pass is timed per round, the configurations interleaved within the
-round (in a rotating order), so machine noise from other processes hits all of them alike; the
-figure is the median over rounds after warm-up. Eager PyTorch runs the DynamicModel itself;
+static network, each round runs every configuration in a rotating order, so machine noise from
+other processes hits all of them alike: one call each, or a run of `consecutive` calls after an
+untimed one, as a server runs a model (its heads and decision units stay warm; timed right
+after another configuration, their small ops pay for it). The figure is the median over all
+timed calls after the warm-up rounds. Eager PyTorch runs the DynamicModel itself;
 ONNX Runtime runs the exported graph (thresholds fed as an input) against the static network
 exported from the same model's `static()` face.
 
@@ -98,6 +100,7 @@ class BenchResult:
     static_macs: int
     rows: list[BenchRow]
     channels_last: bool = False
+    consecutive: int = 1  # timed calls in a row per configuration and round
 
     @property
     def worst_ratio_to_macs(self) -> float:
@@ -215,19 +218,22 @@ def _onnx_runners(
 
 
 def time_interleaved(
-    runners: dict[str, Callable[[], Any]], runs: int, warmup: int
+    runners: dict[str, Callable[[], Any]], runs: int, warmup: int, consecutive: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds per call of every runner; each round calls each once, order rotating."""
+    """Seconds per call of every runner. Each round calls each runner in a rotating order:
+    once, or (`consecutive` > 1) once untimed and then `consecutive` timed times in a row."""
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
+    calls = 1 if consecutive <= 1 else consecutive + 1
     for r in range(warmup + runs):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runners[name]()
-            elapsed = time.perf_counter() - start
-            if r >= warmup:
-                times[name].append(elapsed)
+            for call in range(calls):
+                start = time.perf_counter()
+                runners[name]()
+                elapsed = time.perf_counter() - start
+                if r >= warmup and (calls == 1 or call > 0):
+                    times[name].append(elapsed)
     return times
 
 
@@ -244,6 +250,7 @@ def bench(
     seed: int = 0,
     channels_last: bool = False,
     prefixes: bool = False,
+    consecutive: int = 1,
 ) -> BenchResult:
     """Median latency per forced behaviour and of the static network, with their MACs.
 
@@ -256,11 +263,13 @@ def bench(
     as fast per MAC as the later ones (in NCHW they are markedly slower per MAC).
     `prefixes` (exit cascades) also times the static network cut at each exit (`StaticPrefix`)
     and fills each exit row's `prefix_ms`, `prefix_ratio_to_macs` and `exit_overhead`.
+    `consecutive` > 1 times runs of that many calls per configuration and round (see the
+    module's docstring); `runs` counts rounds either way.
     """
     if runtime not in RUNTIMES:
         raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
-    if batch < 1 or runs < 1 or warmup < 0:
-        raise ExportError("batch and runs must be >= 1 and warmup >= 0")
+    if batch < 1 or runs < 1 or warmup < 0 or consecutive < 1:
+        raise ExportError("batch, runs and consecutive must be >= 1 and warmup >= 0")
     threads = int(threads or torch.get_num_threads())
     cases = list(cases) if cases is not None else threshold_cases(dyn)
     labels = {label for label, _ in cases}
@@ -281,7 +290,7 @@ def bench(
                 runners = _eager_runners(dyn, x, cases, cuts)
                 exits = {label: m[1] for label, m in macs.items()}
                 with torch.inference_mode():
-                    times = time_interleaved(runners, runs, warmup)
+                    times = time_interleaved(runners, runs, warmup, consecutive)
             else:
                 path = None if onnx_path is None else Path(onnx_path)
                 runners, exits = _onnx_runners(dyn, x, cases, threads, Path(tmp), path, cuts)
@@ -291,7 +300,7 @@ def bench(
                             f"ONNX Runtime took exits {exits[label]} at '{label}' where eager "
                             f"took {macs[label][1]}; the export does not match the model"
                         )
-                times = time_interleaved(runners, runs, warmup)
+                times = time_interleaved(runners, runs, warmup, consecutive)
     finally:
         dyn.thresholds.copy_(saved_thresholds)
         torch.set_num_threads(saved_threads)
@@ -329,4 +338,5 @@ def bench(
         static_macs=dyn.static_macs,
         rows=rows,
         channels_last=channels_last,
+        consecutive=max(1, consecutive),
     )

@@ -567,8 +567,8 @@ def write_plain_onnx(
     opset: int = DEFAULT_OPSET,
     output_name: str = "logits",
 ) -> Path:
-    """A module without control flow (x -> logits) as an ONNX graph with a fixed input shape:
-    the static baselines of latency comparisons (the whole network, or a prefix of it)."""
+    """A module without control flow (`x` -> one tensor) as an ONNX graph with a fixed input
+    shape: the static baselines of latency comparisons (the whole network, or a prefix of it)."""
     import warnings
 
     import onnx
