@@ -126,6 +126,12 @@ def main() -> None:
     parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--consecutive",
+        type=int,
+        default=10,
+        help="timed calls in a row per configuration and round (1: call by call)",
+    )
     parser.add_argument("--folder", type=Path, default=Path("/tmp/dynify_latency"))
     parser.add_argument(
         "--export-only", action="store_true", help="Export (no lock needed), do not time."
@@ -137,6 +143,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available",
         "runs": args.runs,
         "warmup": args.warmup,
+        "consecutive": args.consecutive,
         "models": {},
     }
     for name in args.models:
@@ -160,6 +167,7 @@ def main() -> None:
                     onnx_path=args.folder / f"{name}.onnx",
                     channels_last=channels_last,
                     prefixes=True,
+                    consecutive=args.consecutive,
                 )
                 entry["runs"].append(res.to_dict())
                 rows = ", ".join(
@@ -173,7 +181,7 @@ def main() -> None:
         results["models"][name] = entry
         args.out.write_text(json.dumps(results, indent=1))
     if not args.export_only:
-        write_markdown(results, args.folder / "latency.tables.md")
+        write_markdown(results, args.out.with_suffix(".tables.md"))
 
 
 def write_markdown(results: dict, path: Path) -> None:
