@@ -85,6 +85,18 @@ def finetune_static(model, fit, pre, epochs, batch_size, seed, lr=0.01) -> float
     return time.perf_counter() - start
 
 
+# What cifar10.md holds below this line is written by hand (readings, other strategies' summaries)
+# and survives a re-render of the tables above it.
+HAND_WRITTEN = "<!-- written by hand below this line: kept when the tables above are rendered -->"
+
+
+def write_markdown(path: Path, rendered: str) -> None:
+    """`rendered` in place of the generated part of `path`, its hand-written tail kept."""
+    old = path.read_text() if path.exists() else ""
+    tail = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else HAND_WRITTEN + "\n"
+    path.write_text(rendered.rstrip("\n") + "\n\n" + tail)
+
+
 def calibrated_curve(dyn, calib_data, budgets, on_test) -> list[dict]:
     """For each MAC budget: thresholds chosen on the calibration data, then `on_test()`'s
     (accuracy, MAC fraction) at them. Budgets the calibration cannot meet are left out."""
@@ -635,10 +647,10 @@ def main() -> None:
     if args.merge:
         merged = merge_results([json.loads(p.read_text()) for p in args.merge])
         args.json.write_text(json.dumps(merged, indent=1, default=float))
-        markdown.write_text(render_markdown(merged))
+        write_markdown(markdown, render_markdown(merged))
         return
     if args.render_only:
-        markdown.write_text(render_markdown(json.loads(args.json.read_text())))
+        write_markdown(markdown, render_markdown(json.loads(args.json.read_text())))
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -662,7 +674,7 @@ def main() -> None:
     results["total_seconds"] = time.perf_counter() - start
     args.json.write_text(json.dumps(results, indent=1, default=float))
     if not args.limit and args.parts == ["static", "heads"] and not args.from_artifacts:
-        markdown.write_text(render_markdown(results))  # a partial run: --merge renders
+        write_markdown(markdown, render_markdown(results))  # a partial run: --merge renders
     print(f"total {results['total_seconds']:.0f} s", flush=True)
 
 
