@@ -78,6 +78,7 @@ ANCHORS = [
 ]
 
 
+@torch.no_grad()
 def measure(model, batches: Batches, dyn: bool = True) -> tuple[float, float]:
     """(accuracy, mean MAC fraction) of the real forward pass."""
     model.eval()
