@@ -4,12 +4,15 @@ For ResNet-18 and ResNet-50 at 224x224 and CIFAR ResNet-44 at 32x32 (random weig
 forced thresholds fix the path, so timing does not depend on what the heads predict), batch 1,
 in eager PyTorch and in ONNX Runtime, at 1 and 2 threads: the median latency when every sample
 leaves at exit i (thresholds [1.01]*i + [0, ...]), when it runs to the end, and of the static
-network, all interleaved round by round (dynify.export.bench). The ONNX files are exported and
-verified by dynify.export (ONNX Runtime vs eager, max abs diff <= 1e-4).
+network, all interleaved round by round (dynify.export.bench; `--consecutive N`: runs of N calls
+per configuration and round), and of the static network cut at each exit (the split of each
+exit's lat./MAC into the network's own and the exit's overhead). The ONNX files are exported
+and verified by dynify.export (ONNX Runtime vs eager, max abs diff <= 1e-4).
 
 Run under the shared CPU lock:
     nohup flock /tmp/dynify-cpu.lock .venv/bin/python benchmarks/latency.py > /tmp/latency.log 2>&1 &
-Writes benchmarks/latency.json and benchmarks/latency.md.
+Writes `--out` (default benchmarks/latency.json) and its tables next to it (X.tables.md), which
+benchmarks/latency.md quotes.
 """
 
 from __future__ import annotations
