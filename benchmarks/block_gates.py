@@ -29,6 +29,7 @@ import json
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -97,12 +98,17 @@ def measure(model, batches: Batches, dyn: bool = True) -> tuple[float, float]:
 def plan_diversity(dyn, batches: Batches) -> dict:
     """How many distinct run/skip plans the test images take, and the commonest one's share:
     a policy that collapsed to one plan is block removal, not a per-sample decision."""
-    counts: dict[tuple, int] = {}
-    for x, _ in batches.epoch(0):
-        dyn(x)
-        for row in dyn.last_gates.tolist():
-            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    counts = plan_counts(dyn, (x for x, _ in batches.epoch(0)))
     return {"distinct": len(counts), "commonest_share": max(counts.values()) / sum(counts.values())}
+
+
+def plan_counts(dyn, inputs) -> Counter:
+    """How many samples of the input batches take each run/skip plan (current thresholds)."""
+    counts: Counter = Counter()
+    for x in inputs:
+        dyn(x)
+        counts.update(tuple(row) for row in dyn.last_gates.tolist())
+    return counts
 
 
 def train(dyn, fit, pre, args, budget: float) -> dict:
@@ -216,12 +222,8 @@ def _latency_round(models: dict, dyn, images, repeats: int, block: int, skipped:
 
 def common_plan(dyn, images: torch.Tensor) -> list[bool]:
     """The run/skip plan the most images of `images` take (batch 1, current thresholds)."""
-    plans: dict[tuple, int] = {}
-    for i in range(len(images)):
-        dyn(images[i : i + 1])
-        key = tuple(dyn.last_gates[0].tolist())
-        plans[key] = plans.get(key, 0) + 1
-    return list(max(plans, key=plans.get))
+    counts = plan_counts(dyn, (images[i : i + 1] for i in range(len(images))))
+    return list(counts.most_common(1)[0][0])
 
 
 def gated_block(gate) -> str:
@@ -266,8 +268,6 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
     if name not in out.setdefault("original", {}):
         out["original"][name] = measure(original, data["test"], dyn=False)[0]
     res["original_test_acc"] = out["original"][name]
-    if name in out.get("static_ft", {}):
-        res["static_separate"] = out["static_ft"][name]
     res["settings"] = {"steps": args.steps, "recipe": asdict(dyn.joint_recipe), "options": options}
     if args.from_artifacts is not None:  # measure again what a --save-dir run trained
         dyn = dynify.load(args.from_artifacts / f"{name}-{kind}.dyn")
