@@ -72,7 +72,7 @@ def time_batch_policies(meta: dict, folder: Path, name: str, runs: int) -> dict:
     """Median ORT latency (1 thread, interleaved) and mean MACs of both batch policies."""
     import numpy as np
 
-    from dynify.export.bench import time_interleaved
+    from dynify.export.timing import time_interleaved
 
     x = torch.load(folder / f"{name}-batch8.pt", weights_only=True)
     feed = {"x": x.numpy(), "thresholds": np.asarray(meta["batch8"]["thresholds"], np.float32)}
@@ -102,7 +102,7 @@ def export_model(name: str, folder: Path) -> dict:
     settle_batch_norm(dyn)
     dynify.save(dyn, folder / f"{name}.dyn")
     start = time.perf_counter()
-    export = export_onnx_report(dyn, folder / f"{name}.onnx")
+    export = export_onnx_report(dyn, folder / f"{name}.onnx", batch=1)  # as the static graph
     meta = {
         "input": list(dyn.input_shape),
         "static_macs": dyn.static_macs,

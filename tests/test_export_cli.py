@@ -28,8 +28,8 @@ from dynify.export.bench import (
     prefix_cases,
     settle_batch_norm,
     threshold_cases,
-    time_interleaved,
 )
+from dynify.export.timing import time_interleaved, time_onnx
 from dynify.export.verify import count_executed_ops, verify_onnx
 
 runner = CliRunner()
@@ -307,3 +307,28 @@ def test_torchvision_resnet18_export_parity(tmp_path):
     mid = verify_onnx(dyn, result.path, [x], [[0.5, 0.5], [0.0, 1.01], [1.01, 0.0]])
     assert mid.ok, str(mid)
     assert [set(c.exits_onnx) for c in mid.cases][1:] == [{0}, {1}]
+
+
+def test_export_cli_fixes_the_batch_on_request(artifact, tmp_path):
+    out = tmp_path / "one.onnx"
+    result = run("export", str(artifact), "--batch", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "x [1, 3, 32, 32]" in flat(result.output) and "Parity OK" in flat(result.output)
+    assert onnx.load(out).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    refused = run("export", str(artifact), "--format", "pt2", "--batch", "1")
+    assert refused.exit_code != 0 and "--batch applies to --format onnx only" in refused.output
+
+
+def test_time_onnx_times_each_graph_in_a_child_process(exported, tmp_path):
+    _, path = exported
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    runs_of = {
+        "never": (path, {"x": x, "thresholds": np.full(2, 1.01, np.float32)}),
+        "default": (path, {"x": x}),
+    }
+    times = time_onnx(runs_of, threads=1, runs=2, warmup=1, consecutive=3, folder=tmp_path)
+    assert {label: len(t) for label, t in times.items()} == {"never": 6, "default": 6}
+    assert all(t > 0 for ts in times.values() for t in ts)
+    with pytest.raises(ExportError, match="ONNX Runtime timing failed"):
+        time_onnx({"missing": (tmp_path / "missing.onnx", {"x": x})}, threads=1, runs=1,
+                  warmup=0, consecutive=1, folder=tmp_path)  # fmt: skip

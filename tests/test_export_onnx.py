@@ -350,3 +350,41 @@ def test_unsupported_op_through_the_public_api(tmp_path):
     assert "graph node" in message  # the exported graph's node
     assert "module `segments." in message and "fx node `no_onnx" in message  # where in the model
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_branches_enter_through_an_identity_pool(onnx_path, cascade):
+    """Each branch that goes on starts with a 1x1 max-pool (ONNX Runtime's layout pass keeps the
+    branch's residual blocks in its blocked layout from there); eager skips it."""
+    from dynify.runtime.cascade import branch_entry
+
+    pools = []
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            pools.extend([node] if node.op_type == "MaxPool" else [])
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    collect(attr.g)
+
+    collect(onnx.load(onnx_path).graph)
+    assert len(pools) == cascade.num_exits
+    for pool in pools:
+        attrs = {a.name: list(a.ints) for a in pool.attribute}
+        assert attrs["kernel_shape"] == [1, 1] and attrs.get("strides", [1, 1]) == [1, 1]
+    x = torch.randn(2, 8, 4, 4)
+    assert branch_entry(x) is x
+
+
+def test_a_graph_for_batch_one_has_no_per_sample_bookkeeping(onnx_path, cascade, batch, tmp_path):
+    """At a fixed batch of 1, a sample that does not leave is the whole batch: the branches
+    run the next segment directly, without NonZero/gather/scatter, with the same results."""
+    one = write_onnx(cascade, batch[:1], tmp_path / "one.onnx", dynamic_batch=False).path
+    model = onnx.load(one)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert _count(model.graph, "If") == cascade.num_exits
+    assert _count(model.graph, "NonZero") == _count(model.graph, "ScatterND") == 0
+    assert _count(onnx.load(onnx_path).graph, "NonZero") == cascade.num_exits  # any batch
+    thresholds = [[0.0, 0.0], [1.01, 0.0], [1.01, 1.01], None]
+    report = verify_onnx(cascade, one, [batch[:1], batch[1:2], batch[2:3]], thresholds)
+    assert report.ok, str(report)
+    assert {e for c in report.cases for e in c.exits_onnx} == {0, 1, 2}

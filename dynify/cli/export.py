@@ -66,15 +66,27 @@ def export(
     atol: Annotated[
         float, typer.Option("--atol", help="Largest logit difference accepted in the check.")
     ] = PARITY_ATOL,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            "-b",
+            min=1,
+            help="ONNX: fix the batch size (default: any). At 1 the exits skip their per-sample "
+            "gather/scatter.",
+        ),
+    ] = None,
 ) -> None:
     import dynify
     from dynify.export import export_onnx_report, export_pt2_report
 
+    if batch is not None and format is not ExportFormat.onnx:
+        raise typer.BadParameter("--batch applies to --format onnx only", param_hint="--batch")
     dyn = dynify.load(artifact)
     path = out or artifact.with_suffix(f".{format.value}")
     with console.status(f"Exporting {artifact} to {format.value} and checking it..."):
         if format is ExportFormat.onnx:
-            result = export_onnx_report(dyn, path, atol=atol)
+            result = export_onnx_report(dyn, path, atol=atol, batch=batch)
             report = result.report
         else:
             path, report = export_pt2_report(dyn, path)
@@ -90,7 +102,7 @@ def export(
         console.print(
             escape(
                 f"If nodes: {result.if_nodes} (one per torch.cond: {result.conds}); inputs "
-                f"x [batch, {shape}] and thresholds [{dyn.thresholds.numel()}] (default "
+                f"x [{batch or 'batch'}, {shape}] and thresholds [{dyn.thresholds.numel()}] (default "
                 f"{default}); outputs {', '.join(result.output_names)}."
             )
         )

@@ -52,11 +52,14 @@ def verification_cases(dyn: DynamicModel) -> tuple[list[str], list[list[float] |
     return labels, thresholds
 
 
-def verification_inputs(dyn: DynamicModel, seed: int = 0) -> list[torch.Tensor]:
-    """Two single samples and a batch of 4 (random, seeded) of the model's input shape."""
+def verification_inputs(
+    dyn: DynamicModel, seed: int = 0, batch: int | None = None
+) -> list[torch.Tensor]:
+    """Random (seeded) inputs of the model's shape: two single samples and a batch of 4, or
+    two batches of `batch` samples for a graph fixed to that size."""
     gen = torch.Generator().manual_seed(seed)
-    shape = dyn.input_shape
-    return [torch.randn(n, *shape, generator=gen) for n in (1, 1, 4)]
+    sizes = (1, 1, 4) if batch is None else (batch, batch)
+    return [torch.randn(n, *dyn.input_shape, generator=gen) for n in sizes]
 
 
 def _default_path(dyn: DynamicModel, suffix: str) -> Path:
@@ -71,25 +74,26 @@ def export_onnx_report(
     verify: bool = True,
     opset: int = 20,
     atol: float = PARITY_ATOL,
-    dynamic_batch: bool = True,
+    batch: int | None = None,
     translations: dict | None = None,
 ) -> OnnxExport:
     """`export_onnx`, returning the file with its If-node count and the parity report."""
+    if batch is not None and batch < 1:
+        raise ExportError(f"batch must be >= 1 (or None for any batch size), got {batch}")
     module = export_face(dyn)
-    inputs = verification_inputs(dyn)
+    inputs = verification_inputs(dyn, batch=batch)
     labels, thresholds = verification_cases(dyn)
-    example = torch.cat([inputs[0], inputs[1]])
     return write_onnx(
         module,
-        example,
+        torch.cat(inputs[:2]) if batch is None else inputs[0],
         _default_path(dyn, ".onnx") if path is None else path,
         opset=opset,
-        dynamic_batch=dynamic_batch,
+        dynamic_batch=batch is None,
         verify=verify,
         atol=atol,
         translations=translations,
         reference=dyn,
-        inputs=inputs if dynamic_batch else inputs[:1],
+        inputs=inputs,
         thresholds_list=thresholds,
         labels=labels,
     )
@@ -101,20 +105,20 @@ def export_onnx(
     *,
     verify: bool = True,
     opset: int = 20,
-    dynamic_batch: bool = True,
+    batch: int | None = None,
 ) -> Path:
     """Export a DynamicModel to ONNX with its skipping as `If` nodes; return the file.
 
-    Graph inputs: `x` [N, ...] (N dynamic) and `thresholds` float32 [K], which defaults to the
+    Graph inputs: `x` [N, ...] and `thresholds` float32 [K], which defaults to the
     model's calibrated thresholds (omit it from the feed to use them). Outputs: `logits` [N, C]
     and, for exit cascades, `exit_index` int64 [N] (K = the final classifier). With `verify`
     (default) ONNX Runtime must match the eager model within 1e-4 with the same decisions at
     every forced behaviour, else the file is deleted and ExportError raised. An op without an
     ONNX translation raises ExportError naming the op, the graph node and the submodule.
+    N is dynamic unless `batch` fixes it: a graph for one batch size, which at batch 1 leaves
+    out the per-sample gather/scatter of every exit (one sample either leaves or goes on).
     """
-    return export_onnx_report(
-        dyn, path, verify=verify, opset=opset, dynamic_batch=dynamic_batch
-    ).path
+    return export_onnx_report(dyn, path, verify=verify, opset=opset, batch=batch).path
 
 
 def export_pt2_report(

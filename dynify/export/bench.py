@@ -7,7 +7,9 @@ untimed one, as a server runs a model (its heads and decision units stay warm; t
 after another configuration, their small ops pay for it). The figure is the median over all
 timed calls after the warm-up rounds. Eager PyTorch runs the DynamicModel itself;
 ONNX Runtime runs the exported graph (thresholds fed as an input) against the static network
-exported from the same model's `static()` face.
+exported from the same model's `static()` face, both fixed to the timed batch size, all
+sessions on the process's one shared thread pool (as a deployed model runs; see
+`ort_session`), so ONNX timings of another thread count need another process.
 
 With `prefixes`, an exit cascade's static network is also timed cut where each exit sits (no
 head, no decision): that splits an exit's latency / MAC ratio into what the network itself
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from dynify.errors import ExportError
+from dynify.export.timing import time_interleaved, time_onnx
 from dynify.runtime.model import DynamicModel
 
 Runtime = Literal["eager", "onnx"]
@@ -178,63 +180,41 @@ def _eager_runners(
     return runners
 
 
-def _onnx_runners(
+def _onnx_runs(
     dyn: DynamicModel,
     x: torch.Tensor,
     cases: Sequence[tuple[str, list[float]]],
-    threads: int,
     folder: Path,
     onnx_path: Path | None,
-    prefixes: Sequence[tuple[str, int, float]] = (),
-) -> tuple[dict[str, Callable[[], Any]], dict[str, list[int]]]:
+    prefixes: Sequence[tuple[str, int, float]],
+) -> tuple[dict[str, tuple[Path, dict[str, np.ndarray]]], dict[str, list[int]]]:
+    """What to time in ONNX Runtime, {label: (graph, feed)}: each case, the static graph and
+    the prefixes; and the exits the dynamic graph took in each case."""
     from dynify.export.onnx import write_onnx, write_plain_onnx, write_static_onnx
     from dynify.export.verify import ort_session
 
-    example = x[:1].expand(2, *x.shape[1:]).contiguous()
-    if onnx_path is None:
+    if onnx_path is None:  # fixed to the timed batch, as the static graph below
         onnx_path = write_onnx(
-            dyn.export_module(), example, folder / "dynamic.onnx", verify=False
+            dyn.export_module(), x, folder / "dynamic.onnx", verify=False, dynamic_batch=False
         ).path
     static_path = write_static_onnx(dyn, x, folder / "static.onnx")  # fixed batch: its best case
-    dynamic_session = ort_session(onnx_path, threads=threads)
-    static_session = ort_session(static_path, threads=threads)
     xn = x.detach().cpu().numpy()
     feeds = {label: {"x": xn, "thresholds": np.asarray(thr, np.float32)} for label, thr in cases}
+    session = ort_session(onnx_path, threads=1)
     exits = {
-        label: sorted({int(e) for e in np.asarray(dynamic_session.run(None, feed)[1]).reshape(-1)})
+        label: sorted({int(e) for e in np.asarray(session.run(None, feed)[1]).reshape(-1)})
         for label, feed in feeds.items()
     }
-    runners: dict[str, Callable[[], Any]] = {
-        label: (lambda feed=feed: dynamic_session.run(None, feed)) for label, feed in feeds.items()
+    runs_of: dict[str, tuple[Path, dict[str, np.ndarray]]] = {
+        label: (Path(onnx_path), feed) for label, feed in feeds.items()
     }
-    runners[STATIC] = lambda: static_session.run(None, {"x": xn})
+    runs_of[STATIC] = (static_path, {"x": xn})
     for label, i, _ in prefixes:
         path = write_plain_onnx(
             StaticPrefix(dyn, i), x, folder / f"prefix{i}.onnx", output_name="feature"
         )
-        session = ort_session(path, threads=threads)
-        runners[_prefix_label(label)] = lambda s=session: s.run(None, {"x": xn})
-    return runners, exits
-
-
-def time_interleaved(
-    runners: dict[str, Callable[[], Any]], runs: int, warmup: int, consecutive: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per call of every runner. Each round calls each runner in a rotating order:
-    once, or (`consecutive` > 1) once untimed and then `consecutive` timed times in a row."""
-    names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    calls = 1 if consecutive <= 1 else consecutive + 1
-    for r in range(warmup + runs):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            for call in range(calls):
-                start = time.perf_counter()
-                runners[name]()
-                elapsed = time.perf_counter() - start
-                if r >= warmup and (calls == 1 or call > 0):
-                    times[name].append(elapsed)
-    return times
+        runs_of[_prefix_label(label)] = (path, {"x": xn})
+    return runs_of, exits
 
 
 def bench(
@@ -293,14 +273,17 @@ def bench(
                     times = time_interleaved(runners, runs, warmup, consecutive)
             else:
                 path = None if onnx_path is None else Path(onnx_path)
-                runners, exits = _onnx_runners(dyn, x, cases, threads, Path(tmp), path, cuts)
+                runs_of, exits = _onnx_runs(dyn, x, cases, Path(tmp), path, cuts)
                 for label, _ in cases:
                     if macs[label][1] and exits[label] != macs[label][1]:
                         raise ExportError(
                             f"ONNX Runtime took exits {exits[label]} at '{label}' where eager "
                             f"took {macs[label][1]}; the export does not match the model"
                         )
-                times = time_interleaved(runners, runs, warmup, consecutive)
+                times = time_onnx(
+                    runs_of, threads=threads, runs=runs, warmup=warmup,
+                    consecutive=consecutive, folder=tmp,
+                )  # fmt: skip
     finally:
         dyn.thresholds.copy_(saved_thresholds)
         torch.set_num_threads(saved_threads)

@@ -49,6 +49,7 @@ from dynify.export.verify import (
     _as_thresholds,
     _num_thresholds,
     _quiet,
+    first_line,
     verify_onnx,
 )
 from dynify.runtime.cascade import CondCascade
@@ -131,7 +132,7 @@ def _torch_export(
             )
     except Exception as exc:
         raise ExportError(
-            f"torch.export could not capture {type(module).__name__}: {_first_line(exc)}"
+            f"torch.export could not capture {type(module).__name__}: {first_line(exc)}"
         ) from exc
     n_cond = _count_conds(ep)
     if n_cond < _min_conds(module):
@@ -175,12 +176,6 @@ def write_pt2(
 
 _NODE_RE = re.compile(r"translating node %(?P<node>\S+) : .*?target=(?P<target>[^\]]+)\]")
 _OVERLOAD_RE = re.compile(r"OpOverload\(op='(?P<op>[^']+)', overload='(?P<ov>[^']+)'\)")
-
-
-def _first_line(exc: BaseException) -> str:
-    """Short form of an exception for error messages."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _exc_chain(exc: BaseException) -> list[BaseException]:
@@ -275,12 +270,12 @@ def _conversion_error(exc: BaseException, module: nn.Module, example_input: Tens
                 target = f"{m['op']}.{m['ov']}"
                 break
     if node is None or target is None:
-        return ExportError(f"ONNX conversion failed: {_first_line(root)}")
+        return ExportError(f"ONNX conversion failed: {first_line(root)}")
     where = _locate_op(module, example_input, target)
     place = f" in {where}" if where else ""
     return ExportError(
         f"cannot export to ONNX: op `{target}` (graph node `{node}`{place}) has no ONNX "
-        f"translation or failed to translate: {_first_line(root)}. Replace the op in the model, "
+        f"translation or failed to translate: {first_line(root)}. Replace the op in the model, "
         "or pass a `translations={op: onnxscript_function}` table to write_onnx."
     )
 
@@ -499,7 +494,7 @@ def write_onnx(
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         path.unlink(missing_ok=True)
-        raise ExportError(f"the exported ONNX model is invalid: {_first_line(exc)}") from exc
+        raise ExportError(f"the exported ONNX model is invalid: {first_line(exc)}") from exc
     report = None
     if verify:
         if inputs is None:
@@ -588,7 +583,7 @@ def write_plain_onnx(
                 verbose=False,
             )
     except Exception as exc:
-        raise ExportError(f"the static network could not be exported: {_first_line(exc)}") from exc
+        raise ExportError(f"the static network could not be exported: {first_line(exc)}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(program.model_proto, path)
     return path

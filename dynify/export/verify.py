@@ -80,6 +80,12 @@ def _quiet(*names: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def first_line(exc: BaseException) -> str:
+    """Short form of an exception for error messages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 def ort_session(
     path: str | Path,
     *,
@@ -87,7 +93,12 @@ def ort_session(
     optimize: bool = True,
     profile_prefix: str | None = None,
 ) -> Any:
-    """A CPU ONNX Runtime session, optionally with profiling and without graph rewrites."""
+    """A CPU ONNX Runtime session, optionally with profiling and without graph rewrites.
+
+    With `threads`, the session gets its own pool whose workers do not spin (they would stall
+    other work on shared cores); for timing, `dynify.export.timing` runs sessions the way a
+    deployed model runs instead.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
