@@ -7,7 +7,9 @@ leaves at exit i (thresholds [1.01]*i + [0, ...]), when it runs to the end, and 
 network, all interleaved round by round (dynify.export.bench; `--consecutive N`: runs of N calls
 per configuration and round), and of the static network cut at each exit (the split of each
 exit's lat./MAC into the network's own and the exit's overhead). The ONNX files are exported
-and verified by dynify.export (ONNX Runtime vs eager, max abs diff <= 1e-4).
+for batch 1, as the static graphs they are timed against, and verified by dynify.export (ONNX
+Runtime vs eager, max abs diff <= 1e-4); ONNX Runtime is timed in a child process on one
+shared thread pool (dynify.export.timing).
 
 Run under the shared CPU lock:
     nohup flock /tmp/dynify-cpu.lock .venv/bin/python benchmarks/latency.py > /tmp/latency.log 2>&1 &
