@@ -388,3 +388,55 @@ def test_a_graph_for_batch_one_has_no_per_sample_bookkeeping(onnx_path, cascade,
     report = verify_onnx(cascade, one, [batch[:1], batch[1:2], batch[2:3]], thresholds)
     assert report.ok, str(report)
     assert {e for c in report.cases for e in c.exits_onnx} == {0, 1, 2}
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+def _branch_adds_after_ort_layout(path: Path, tmp_path: Path) -> tuple[int, int]:
+    """(plain `Add`s inside `If` branches, NCHWc nodes anywhere) of ORT's optimized graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    adds = nchwc = 0
+
+    def walk(graph: onnx.GraphProto, in_branch: bool) -> None:
+        nonlocal adds, nchwc
+        for node in graph.node:
+            adds += in_branch and node.op_type == "Add" and node.domain in ("", "ai.onnx")
+            nchwc += node.domain == "com.microsoft.nchwc"
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g, True)
+
+    walk(onnx.load(tmp_path / "optimized.onnx").graph, False)
+    return adds, nchwc
+
+
+def test_branch_residual_blocks_stay_in_ort_fast_layout(tmp_path, monkeypatch):
+    """With the entry pool, ONNX Runtime's NCHWc pass fuses every residual `Add` of the
+    branches into its convolutions; without it the `Add`s stay plain (reorders around each)."""
+    import dynify.runtime.cascade as cascade_module
+
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+    last = nn.Sequential(_Residual(16), _head(16))
+    cascade = CondCascade([stem, _Residual(16), last], [_head(16), _head(16)], [1, 1], [0.5, 0.5])
+    x = torch.randn(1, 3, 16, 16)
+    with_pool = write_onnx(cascade.eval(), x, tmp_path / "pool.onnx", dynamic_batch=False).path
+    adds, nchwc = _branch_adds_after_ort_layout(with_pool, tmp_path)
+    if nchwc == 0:
+        pytest.skip("ONNX Runtime's NCHWc layout pass is not active on this CPU")
+    assert adds == 0
+    monkeypatch.setattr(cascade_module, "branch_entry", lambda feat: feat)
+    plain = write_onnx(cascade, x, tmp_path / "plain.onnx", dynamic_batch=False).path
+    assert _branch_adds_after_ort_layout(plain, tmp_path)[0] == 2  # one per branch block
