@@ -332,3 +332,13 @@ def test_time_onnx_times_each_graph_in_a_child_process(exported, tmp_path):
     with pytest.raises(ExportError, match="ONNX Runtime timing failed"):
         time_onnx({"missing": (tmp_path / "missing.onnx", {"x": x})}, threads=1, runs=1,
                   warmup=0, consecutive=1, folder=tmp_path)  # fmt: skip
+
+
+def test_bench_cli_times_a_given_onnx_file(exported, artifact):
+    _, path = exported
+    common = ("--runs", "1", "--warmup", "0", "--threads", "1", "--consecutive", "1")
+    result = run("bench", str(artifact), "--format", "onnx", "--onnx", str(path), *common)
+    assert result.exit_code == 0, result.output
+    assert "exit 0" in result.output and "static" in result.output
+    eager = run("bench", str(artifact), "--onnx", str(path), *common)
+    assert eager.exit_code != 0 and "--onnx needs --format onnx" in eager.output

@@ -146,10 +146,22 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")
     ] = None,
+    onnx_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx",
+            exists=True,
+            dir_okay=False,
+            help="onnx: time this exported file (e.g. the one you deploy) instead of a graph "
+            "exported for the timed batch.",
+        ),
+    ] = None,
 ) -> None:
     import dynify
     from dynify.export.bench import bench as run_bench
 
+    if onnx_file is not None and format is not BenchRuntime.onnx:
+        raise typer.BadParameter("--onnx needs --format onnx", param_hint="--onnx")
     dyn = dynify.load(artifact)
     with console.status(
         f"Timing {artifact} in {format.value} ({runs} rounds x {consecutive} calls)..."
@@ -164,6 +176,7 @@ def bench(
             channels_last=channels_last,
             prefixes=prefixes,
             consecutive=consecutive,
+            onnx_path=onnx_file,
         )
     layout = ", channels-last" if result.channels_last else ""
     table = Table(
