@@ -7,9 +7,9 @@ untimed one, as a server runs a model (its heads and decision units stay warm; t
 after another configuration, their small ops pay for it). The figure is the median over all
 timed calls after the warm-up rounds. Eager PyTorch runs the DynamicModel itself;
 ONNX Runtime runs the exported graph (thresholds fed as an input) against the static network
-exported from the same model's `static()` face, both fixed to the timed batch size, all
-sessions on the process's one shared thread pool (as a deployed model runs; see
-`ort_session`), so ONNX timings of another thread count need another process.
+exported from the same model's `static()` face, both fixed to the timed batch size, timed in
+a child process whose sessions share one thread pool, as a deployed model runs
+(`dynify.export.timing.time_onnx`).
 
 With `prefixes`, an exit cascade's static network is also timed cut where each exit sits (no
 head, no decision): that splits an exit's latency / MAC ratio into what the network itself
