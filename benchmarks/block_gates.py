@@ -235,14 +235,20 @@ def gated_block(gate) -> str:
 
 
 def without_blocks(model: torch.nn.Module, blocks: list[str]) -> torch.nn.Module:
-    """A copy of a CIFAR ResNet with the named residual blocks removed: the physical floor
-    for skipping them, no decision or Python of any kind."""
+    """A copy of a CIFAR ResNet with the named residual blocks' branches removed: the physical
+    floor for skipping them, no decision or Python of any kind. A block keeps what a skipped
+    gated block still computes: nothing with an identity shortcut, ReLU(shortcut) with the
+    downsampling one (function and policy gates also gate a stage's first block)."""
     model = copy.deepcopy(model)
     for name in blocks:
-        if not isinstance(model.get_submodule(name), BasicBlock):
+        block = model.get_submodule(name)
+        if not isinstance(block, BasicBlock):
             raise ValueError(f"{name} is not a residual block of {type(model).__name__}")
         parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, torch.nn.Identity())
+        rest = block.shortcut
+        if not isinstance(rest, torch.nn.Identity):
+            rest = torch.nn.Sequential(rest, torch.nn.ReLU())
+        setattr(model.get_submodule(parent), child, rest)
     return model
 
 

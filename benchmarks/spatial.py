@@ -82,6 +82,14 @@ def fixed_masks(dyn: SpatialMaskModel, density: float, seed: int) -> list[torch.
     return masks
 
 
+def realized_density(dyn: SpatialMaskModel, masks: list[torch.Tensor]) -> float:
+    """The MAC-weighted share of the masked blocks' work that `masks` keep."""
+    kept = sum(
+        float(m.float().mean()) * w.branch_macs for m, w in zip(masks, dyn.wrappers, strict=True)
+    )
+    return kept / sum(w.branch_macs for w in dyn.wrappers)
+
+
 def _cpu_timer(fn) -> tuple[float, float]:
     """(wall seconds, this thread's CPU seconds) of one call."""
     wall, cpu = time.perf_counter(), time.thread_time()
@@ -172,11 +180,7 @@ def latency(
                 "blocks_sparse_cpu_ms": 1e3 * sparse_cpu,
                 "cpu_speedup": dense_cpu / sparse_cpu,
                 "macs_fraction": spent / block_macs,
-                "realized_density": sum(
-                    float(m.float().mean()) * w.branch_macs
-                    for m, w in zip(masks, dyn.wrappers, strict=True)
-                )
-                / block_macs,
+                "realized_density": realized_density(dyn, masks),
                 "partial_blocks": sum(0 < int(m.sum()) < m.numel() for m in masks),
                 "partial_density": partial["active_macs"] / max(partial["macs"], 1),
                 "partial_cpu_speedup": partial["dense_cpu"] / partial["sparse_cpu"]
