@@ -342,3 +342,10 @@ def test_bench_cli_times_a_given_onnx_file(exported, artifact):
     assert "exit 0" in result.output and "static" in result.output
     eager = run("bench", str(artifact), "--onnx", str(path), *common)
     assert eager.exit_code != 0 and "--onnx needs --format onnx" in eager.output
+
+
+def test_bench_refuses_a_graph_fixed_to_another_batch(artifact, tmp_path):
+    dyn = dynify.load(artifact)
+    one = export_onnx_report(dyn, tmp_path / "one.onnx", batch=1).path
+    with pytest.raises(ExportError, match="exported for batch 1; time it with batch=1"):
+        bench(dyn, runtime="onnx", runs=1, warmup=0, threads=1, batch=2, onnx_path=one)

@@ -201,6 +201,12 @@ def _onnx_runs(
     xn = x.detach().cpu().numpy()
     feeds = {label: {"x": xn, "thresholds": np.asarray(thr, np.float32)} for label, thr in cases}
     session = ort_session(onnx_path, threads=1)
+    fixed = session.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed != len(x):
+        raise ExportError(
+            f"{onnx_path} is exported for batch {fixed}; time it with batch={fixed} "
+            f"(`--batch {fixed}`), or export a graph for batch {len(x)}"
+        )
     exits = {
         label: sorted({int(e) for e in np.asarray(session.run(None, feed)[1]).reshape(-1)})
         for label, feed in feeds.items()
