@@ -203,8 +203,7 @@ def branch_entry(feat: Tensor) -> Tensor:
     blocked layout from their first `Add`; its own cost is one copy. Identity in value, and
     skipped outside export.
     """
-    exporting = torch.compiler.is_exporting() or torch.compiler.is_compiling()
-    if not exporting or feat.dim() != 4 or not feat.is_floating_point():
+    if not _tracing() or feat.dim() != 4 or not feat.is_floating_point():
         return feat
     return torch.nn.functional.max_pool2d(feat, 1)
 
@@ -218,6 +217,11 @@ def cond(
     pred: Tensor, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: tuple
 ) -> Any:
     """`torch.cond` while exporting/compiling (kept as control flow), a plain `if` in eager."""
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+    if _tracing():
         return torch.cond(pred, true_fn, false_fn, operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def _tracing() -> bool:
+    """True while torch.export or torch.compile traces the module."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
