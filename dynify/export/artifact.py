@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from dynify.errors import ArtifactError, DynifyError
+from dynify.files import atomic_output
 from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
 
@@ -55,17 +54,9 @@ def save(dyn: DynamicModel, path: str | Path, extra: dict[str, Any] | None = Non
     spec["state"] = _readable_state(dyn)
     if extra:
         spec.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w") as archive:
-            archive.writestr(SPEC_NAME, json.dumps(spec, indent=2, sort_keys=True))
-            archive.writestr(WEIGHTS_NAME, weights)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        archive.writestr(SPEC_NAME, json.dumps(spec, indent=2, sort_keys=True))
+        archive.writestr(WEIGHTS_NAME, weights)
     return path
 
 

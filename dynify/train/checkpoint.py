@@ -3,7 +3,6 @@ as tensors and plain values only (so `torch.load(..., weights_only=True)` reads 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dynify.errors import DynifyError
+from dynify.files import atomic_output
 from dynify.runtime.model import DynamicModel
 
 if TYPE_CHECKING:
@@ -43,13 +43,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": torch.get_rng_state(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, config: FinetuneConfig, samples: int) -> dict[str, Any]:

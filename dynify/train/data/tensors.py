@@ -4,7 +4,6 @@ costs more than a small network's epoch on two cores.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from dynify.errors import DataError
+from dynify.files import atomic_output
 from dynify.train.data.datasets import TensorImageDataset
 from dynify.train.data.loading import load_dataset
 from dynify.train.data.splits import _classes_of
@@ -74,10 +74,9 @@ def cached_tensor_dataset(source: Any, split: str | None, cache: str | Path) -> 
         saved = torch.load(cache, weights_only=True)
         return TensorImageDataset(saved["images"], saved["targets"], saved["classes"])
     dataset = to_tensor_dataset(load_dataset(source, split=split))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(cache.suffix + ".tmp")
-    torch.save(
-        {"images": dataset.images, "targets": dataset.targets, "classes": dataset.classes}, tmp
-    )
-    os.replace(tmp, cache)
+    with atomic_output(cache) as tmp:
+        torch.save(
+            {"images": dataset.images, "targets": dataset.targets, "classes": dataset.classes},
+            tmp,
+        )
     return dataset
