@@ -107,7 +107,8 @@ def test_resume_after_interrupt_reproduces_uninterrupted_weights(tmp_path, mode)
     with pytest.raises(KeyboardInterrupt):  # mid-epoch 2 (5 batches of 32 per epoch)
         finetune(dyn, (x, y), checkpoint=ckpt, callback=_interrupt_at(7), **kwargs)
     state = torch.load(ckpt, weights_only=True)  # tensors and plain values only
-    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 7)
+    position = state["position"]
+    assert (position["epoch"], position["batch"], position["step"]) == (1, 2, 7)
     _, resumed, _, _ = _problem()  # a fresh process would reload the artifact
     result = finetune(resumed, (x, y), checkpoint=ckpt, resume=True, **kwargs)
     assert result.resumed_from == 1
@@ -129,7 +130,9 @@ def test_kill_writes_a_checkpoint_and_resume_completes_the_run(tmp_path):
 
     with pytest.raises(Interrupted):
         finetune(dyn, (x, y), checkpoint=ckpt, callback=kill, **_kwargs())
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers removed again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert torch.load(ckpt, weights_only=True)["position"]["step"] == 4  # the batch finished
     _, resumed, _, _ = _problem()
     finetune(resumed, (x, y), checkpoint=ckpt, resume=True, **_kwargs())
     for (k, a), b in zip(

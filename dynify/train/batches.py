@@ -8,6 +8,7 @@ uint8 tensor and augmented on whole batches; large ones stream through a DataLoa
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -70,8 +71,11 @@ def resolve_preprocessing(
             f"--mean and --std need one value per input channel ({channels}); got {len(mean)} "
             f"and {len(std)}."
         )
-    if any(s <= 0 for s in std):
-        raise DataError(f"--std values must be positive, got {list(std)}.")
+    if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
+        raise DataError(
+            f"--mean values must be finite and --std values positive and finite, got mean "
+            f"{list(mean)} and std {list(std)}."
+        )
     return Preprocessing(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
@@ -172,15 +176,22 @@ def _tensor_parts(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 class _Transformed(Dataset):
-    def __init__(self, dataset: Dataset, transform: Any):
-        self.dataset, self.transform = dataset, transform
+    """`transform` applied to every image; with `seed`, random transforms draw from a seed
+    of their own per image (torchvision's draw from the global generator, which is restored)."""
+
+    def __init__(self, dataset: Dataset, transform: Any, seed: int | None = None):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, label = self.dataset[index]
-        return self.transform(image), label
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed + index * 1_000_003) % 2**63)
+            return self.transform(image), label
 
 
 class Batches:
@@ -226,10 +237,12 @@ class Batches:
     def epoch(self, epoch: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of epoch `epoch`, the first `skip` of them drawn but not returned."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        source = self._tensor_epoch(generator) if self.tensors else self._loader_epoch(generator)
-        for b, (x, y) in enumerate(source):
-            if b < skip:
-                continue
+        if self.tensors:
+            # Skipped batches are drawn all the same: their augmentation advances `generator`.
+            source = itertools.islice(self._tensor_epoch(generator), skip, None)
+        else:
+            source = self._loader_epoch(generator, skip)
+        for x, y in source:
             if self.world > 1:
                 x, y = x[self.rank :: self.world], y[self.rank :: self.world]
             yield x, y
@@ -258,22 +271,29 @@ class Batches:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         return x
 
-    def _loader_epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _loader_epoch(
+        self, generator: torch.Generator, skip: int
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Streamed batches. The order comes from `generator`, each image's augmentation from its
+        own seed (the epoch's seed and its index), so neither touches the global random state
+        that dropout draws from, nor depends on the worker count; skipped batches are not read."""
         pre = self.pre
         transform = make_transforms(
             input_size=pre.input_size, mean=pre.mean, std=pre.std, train=self.augment
         )
         dataset = self.dataset
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        augment_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         if _needs_transform(dataset):
-            dataset = _Transformed(dataset, transform)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            dataset = _Transformed(dataset, transform, augment_seed if self.augment else None)
+        end = self.num_batches * self.batch_size if self.drop_last else n
         loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=self.train,
-            drop_last=self.drop_last,
+            sampler=order[skip * self.batch_size : end].tolist(),
             num_workers=self.num_workers,
-            generator=generator,
+            generator=generator,  # the loader's own seed draw must not use the global state
         )
         for x, y in loader:
             yield x, torch.as_tensor(y, dtype=torch.long)

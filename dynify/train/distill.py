@@ -9,8 +9,10 @@ The loop knows nothing about strategies: each batch it asks the model for
 - `joint`: everything learns; a frozen copy of the model taken before training is the teacher,
   which keeps the final exit faithful to the original network.
 
-Runs are reproducible (epoch e's batches depend only on the seed and e), write an atomic
-checkpoint after every epoch (and on Ctrl-C or SIGTERM), and resume bit-exactly. Under
+Runs are reproducible (epoch e's batches depend only on the seed and e) and write an atomic
+checkpoint after every epoch. Ctrl-C or SIGTERM only asks the loop to stop: it finishes the
+batch in flight, checkpoints and raises `Interrupted`, and a resumed run ends bit for bit where
+an uninterrupted one would. A non-finite loss stops the run with the last finite weights. Under
 `torchrun` the loop trains with DistributedDataParallel (gloo on CPU, nccl on GPU).
 """
 
@@ -37,9 +39,22 @@ from dynify.train.batches import (
     resolve_preprocessing,
     source_key,
 )
-from dynify.train.checkpoint import load_checkpoint, save_checkpoint
+from dynify.train.checkpoint import (
+    Position,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from dynify.train.data import split_dataset
-from dynify.train.run_env import Interrupted, init_distributed, progress_bar, sigterm_raises
+from dynify.train.run_env import (
+    Interrupted,
+    StopRequest,
+    init_distributed,
+    interrupt_hook,
+    progress_bar,
+    stop_signals,
+)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "Interrupted", "finetune", "lr_factor"]
 
@@ -72,8 +87,10 @@ class FinetuneConfig:
             raise DynifyError(f"Unknown schedule '{self.schedule}'; choose one of {SCHEDULES}.")
         if self.epochs < 1:
             raise DynifyError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.lr is not None and not self.lr > 0:
-            raise DynifyError(f"The learning rate must be positive, got {self.lr}.")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise DynifyError(f"The learning rate must be a positive number, got {self.lr}.")
+        if not 0 <= self.weight_decay < math.inf:
+            raise DynifyError(f"weight_decay must be a number >= 0, got {self.weight_decay}.")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise DataError(
                 f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}."
@@ -144,9 +161,13 @@ def finetune(
     from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module).
     Labels are used where present (weight `label_weight`), never required.
 
-    `checkpoint`: a file written atomically after every epoch and on interrupt; with `resume`
-    the run continues from it and ends with exactly the weights of an uninterrupted run.
+    `checkpoint`: a file written atomically after every epoch and when Ctrl-C or SIGTERM
+    stops the run (at the next batch boundary; `Interrupted` is raised then). With `resume` the
+    run continues from it and ends with exactly the weights of an uninterrupted run; `dyn` must
+    then hold the weights the run started from (e.g. the artifact loaded again).
     `callback(info)` is called after every optimizer step (info: epoch, step, metrics).
+    A non-finite loss, or a step that makes weights non-finite, raises DynifyError and leaves
+    `dyn` with its weights from before that step.
     """
     config = FinetuneConfig(
         mode=mode,
@@ -202,20 +223,19 @@ def finetune(
         for p in teacher.parameters():
             p.requires_grad_(False)
     flags = [p.requires_grad for p in dyn.parameters()]
+    started = time.perf_counter()
     try:
         trainable = _set_trainable(dyn, mode)
         optimizer = _optimizer(dyn, trainable, config)
-        total_steps = config.epochs * len(batches)
-        start_epoch, skip, step = 0, 0, 0
         ckpt = Path(checkpoint) if checkpoint is not None else None
+        origin = weights_fingerprint(dyn) if ckpt is not None else ""
+        position = Position()
         if resume and ckpt is not None:
-            state = load_checkpoint(ckpt, config, len(fit))
-            dyn.load_state_dict(state["weights"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, skip, step = state["epoch"], state["batch"], state["step"]
+            state = load_checkpoint(ckpt, config, len(fit), dyn, origin)
+            _restore(ckpt, dyn, optimizer, state)
+            position = Position(**state["position"])
             result.history = list(state["history"])
-            result.resumed_from = start_epoch
-            torch.set_rng_state(state["rng"])
+            result.resumed_from = position.epoch
         loss_module = _LossModule(dyn, config)
         runner: nn.Module = loss_module
         if world > 1:
@@ -224,58 +244,23 @@ def finetune(
             runner = DistributedDataParallel(
                 loss_module, find_unused_parameters=not hasattr(dyn, "exit_logits")
             )
-        started = time.perf_counter()
-        epoch, batch = start_epoch, skip
-        with progress_bar(progress and rank == 0) as bar, sigterm_raises():
-            try:
-                for epoch in range(start_epoch, config.epochs):
-                    if epoch != start_epoch or skip == 0:
-                        torch.manual_seed(config.seed * 7919 + epoch)
-                    _train_mode(dyn, mode)
-                    sums: dict[str, float] = {}
-                    seen = 0
-                    task = bar.start(epoch, config.epochs, len(batches), skip)
-                    batch = skip if epoch == start_epoch else 0
-                    for x, y in batches.epoch(epoch, skip=batch):
-                        _set_lr(optimizer, config, step, total_steps)
-                        teacher_logits = None
-                        if static_teacher is not None:
-                            with torch.no_grad():
-                                teacher_logits = static_teacher(x)
-                        loss, metrics = runner(x, teacher_logits, y)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        _clip_gradients(optimizer)
-                        optimizer.step()
-                        step += 1
-                        batch += 1
-                        seen += 1
-                        for k, v in metrics.items():
-                            sums[k] = sums.get(k, 0.0) + v
-                        shown = {k: v / seen for k, v in sums.items()}
-                        bar.advance(task, shown)
-                        if callback is not None:
-                            callback({"epoch": epoch, "step": step, "batch": batch, **metrics})
-                    record = {
-                        "epoch": epoch + 1,
-                        **{k: round(v / max(seen, 1), 5) for k, v in sums.items()},
-                    }
-                    if skip and epoch == start_epoch:
-                        record["partial_resume"] = 1.0
-                    result.history.append(record)
-                    result.epochs_run += 1
-                    batch = 0
-                    if ckpt is not None and rank == 0:
-                        save_checkpoint(
-                            ckpt, dyn, optimizer, config, epoch + 1, 0, step, result, len(fit)
-                        )
-                    skip = 0
-            except KeyboardInterrupt:
-                if ckpt is not None and rank == 0:
-                    save_checkpoint(
-                        ckpt, dyn, optimizer, config, epoch, batch, step, result, len(fit)
-                    )
-                raise
+        loop = _Loop(
+            dyn=dyn,
+            config=config,
+            optimizer=optimizer,
+            runner=runner,
+            teacher=static_teacher,
+            batches=batches,
+            trainable=[p for _, p in trainable],
+            result=result,
+            checkpoint=ckpt if rank == 0 else None,
+            samples=len(fit),
+            origin=origin,
+            world=world,
+            callback=callback,
+        )
+        with progress_bar(progress and rank == 0) as bar, stop_signals() as stop:
+            loop.run(position, bar, stop)
     finally:
         dyn.eval()
         for p, flag in zip(dyn.parameters(), flags, strict=True):
@@ -468,3 +453,182 @@ def _set_lr(optimizer: Optimizer, config: FinetuneConfig, step: int, total: int)
     factor = lr_factor(config.schedule, step, total, config.warmup)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * max(factor, group.get("floor", 0.0))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def _restore(path: Path, dyn: DynamicModel, optimizer: Optimizer, state: dict[str, Any]) -> None:
+    """Weights, optimizer and random states from a checkpoint `load_checkpoint` accepted."""
+    try:
+        dyn.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise DynifyError(
+            f"The checkpoint '{path}' does not fit this run ({type(exc).__name__}: {exc}); "
+            "start afresh without --resume."
+        ) from exc
+
+
+class _Snapshot:
+    """The state one batch changes before it is committed (trainable weights, buffers such as
+    batch-norm statistics), copied at the batch start so a failed batch can be undone."""
+
+    def __init__(self, dyn: DynamicModel, trainable: list[nn.Parameter]):
+        self.live = [p.data for p in trainable] + list(dyn.buffers())
+        self.saved = [t.detach().clone() for t in self.live]
+
+    def take(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.saved, self.live)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.live, self.saved)
+
+
+class _Loop:
+    """Epochs of batches, committed one at a time.
+
+    A batch is drawn, run forward and backward, stepped and then counted; a stop request
+    (signal) is acted on only once the batch is counted, so every checkpoint describes a state
+    between two batches. A non-finite loss, or weights made non-finite by a step, undoes the
+    batch and stops the run with the weights it had before.
+    """
+
+    def __init__(
+        self,
+        *,
+        dyn: DynamicModel,
+        config: FinetuneConfig,
+        optimizer: Optimizer,
+        runner: nn.Module,
+        teacher: Callable[[torch.Tensor], torch.Tensor] | None,
+        batches: Batches,
+        trainable: list[nn.Parameter],
+        result: FinetuneResult,
+        checkpoint: Path | None,
+        samples: int,
+        origin: str,
+        world: int,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ):
+        self.dyn, self.config, self.optimizer, self.runner = dyn, config, optimizer, runner
+        self.teacher, self.batches, self.trainable = teacher, batches, trainable
+        self.result, self.checkpoint, self.samples, self.origin = (
+            result,
+            checkpoint,
+            samples,
+            origin,
+        )
+        self.world, self.callback = world, callback
+        self.device = trainable[0].device
+        self.snapshot = _Snapshot(dyn, trainable)
+        self.at = Position()
+        self.in_batch = False  # drawn but not counted yet: its effects are undone on an error
+
+    def run(self, position: Position, bar: Any, stop: StopRequest) -> None:
+        self.at = position
+        try:
+            while self.at.epoch < self.config.epochs:
+                self._epoch(bar, stop)
+                self._save()  # the epoch is counted: (epoch + 1, batch 0)
+                if stop.agreed(self.world, self.device):
+                    raise Interrupted("stopped after the epoch's checkpoint")
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            # Raised by a callback or by code inside the batch, not by a signal (those only set
+            # the flag), or a second signal (give up: the last checkpoint written stays).
+            if stop.signals > 1:
+                raise
+            if self.in_batch:
+                self.snapshot.restore()
+                self.in_batch = False
+            self._save()
+            raise
+
+    def _epoch(self, bar: Any, stop: StopRequest) -> None:
+        at, config, batches = self.at, self.config, self.batches
+        if at.batch == 0:  # else the checkpoint restored the random state mid-epoch
+            torch.manual_seed(config.seed * 7919 + at.epoch)
+        _train_mode(self.dyn, config.mode)
+        task = bar.start(at.epoch, config.epochs, len(batches), at.batch)
+        for x, y in batches.epoch(at.epoch, skip=at.batch):
+            metrics = self._batch(x, y)
+            for k, v in metrics.items():
+                at.sums[k] = at.sums.get(k, 0.0) + v
+            bar.advance(task, {k: v / at.seen for k, v in at.sums.items()})
+            if self.callback is not None:
+                self.callback({"epoch": at.epoch, "step": at.step, "batch": at.batch, **metrics})
+            interrupt_hook("batch_end", at.step)
+            if at.batch < len(batches) and stop.agreed(self.world, self.device):
+                self._save()
+                raise Interrupted("stopped between two batches")
+        record = {"epoch": at.epoch + 1}
+        record.update({k: round(v / max(at.seen, 1), 5) for k, v in at.sums.items()})
+        self.result.history.append(record)
+        self.result.epochs_run += 1
+        self.at = Position(epoch=at.epoch + 1, batch=0, step=at.step)
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        at, optimizer = self.at, self.optimizer
+        current = at.step + 1  # the hooks name the step in progress
+        interrupt_hook("batch_start", current)
+        self.snapshot.take()
+        self.in_batch = True
+        _set_lr(optimizer, self.config, at.step, self.config.epochs * len(self.batches))
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+        loss, metrics = self.runner(x, teacher_logits, y)
+        interrupt_hook("forward", current)
+        if not self._agreed_finite(loss):
+            self._stop_non_finite(f"the loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _clip_gradients(optimizer)
+        optimizer.step()
+        interrupt_hook("after_step", current)
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):
+            self._stop_non_finite("the optimizer step made weights infinite or NaN")
+        at.step, at.batch, at.seen = at.step + 1, at.batch + 1, at.seen + 1
+        self.in_batch = False
+        return metrics
+
+    def _agreed_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _stop_non_finite(self, what: str) -> None:
+        self.snapshot.restore()
+        self.in_batch = False
+        config = self.config
+        pre = self.result.preprocessing
+        norm = f" (now {list(pre.mean)} and {list(pre.std)})" if pre is not None else ""
+        raise DynifyError(
+            f"Fine-tuning stopped at epoch {self.at.epoch + 1}, step {self.at.step + 1}: {what}. "
+            "The model keeps its weights from before that step and nothing is saved. Try a "
+            f"smaller learning rate (--lr, now {config.learning_rate:g}), check --mean and "
+            f"--std{norm}, and check that the data holds no NaN or infinite values."
+        )
+
+    def _save(self) -> None:
+        if self.checkpoint is None:
+            return
+        save_checkpoint(
+            self.checkpoint,
+            self.dyn,
+            self.optimizer,
+            self.config,
+            self.at,
+            self.result.history,
+            samples=self.samples,
+            origin=self.origin,
+        )

@@ -1,5 +1,6 @@
-"""What surrounds a training run: the torchrun process group, SIGTERM handled like Ctrl-C (so
-a killed run still writes its checkpoint), and the rich progress bar."""
+"""What surrounds a training run: the torchrun process group, stop signals that only ask the
+loop to stop at the next batch boundary, a test hook that signals the process at a named moment,
+and the rich progress bar."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from dynify.errors import DynifyError
+
+TEST_INTERRUPT_ENV = "DYNIFY_TEST_INTERRUPT"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (`kill`) while training: handled like Ctrl-C, a checkpoint is written first."""
+    """Ctrl-C or SIGTERM stopped the run at a batch boundary, after writing its checkpoint."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -30,22 +36,75 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+class StopRequest:
+    """Set by SIGINT / SIGTERM; read by the loop only between batches.
+
+    A signal never raises inside a batch, so a stopped run is always at a clean boundary: the
+    batch in flight finishes (forward, backward, step, counters) before the checkpoint is taken.
+    A second signal gives up at once, without a checkpoint (the last one written stays valid).
+    """
+
+    def __init__(self) -> None:
+        self.signals = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signals > 0
+
+    def handler(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Under DDP every rank must stop at the same batch, or the others wait forever."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """`kill` (SIGTERM) stops the run like Ctrl-C does: checkpoint first, then exit."""
-
-    def handler(signum, frame):
-        raise Interrupted("terminated")
-
+def stop_signals() -> Iterator[StopRequest]:
+    """Ctrl-C and `kill` (SIGTERM) set a flag for the duration of the run; outside the main
+    thread (no signal handlers there) the flag simply never rises."""
+    stop = StopRequest()
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, stop.handler)
+    except ValueError:  # not the main thread: signals are delivered to the main thread anyway
+        pass
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupt_hook(point: str, step: int) -> None:
+    """`DYNIFY_TEST_INTERRUPT=point:step[:SIGNAL]` makes the process send itself SIGNAL
+    (default SIGTERM) when the loop reaches `point` with `step` optimizer steps done.
+
+    Tests use it to interrupt a real process at exact moments instead of timed ones. Points:
+    `batch_start` (batch drawn), `forward` (loss computed, batch-norm statistics updated),
+    `after_step` (optimizer stepped, counters not yet), `batch_end`, `checkpoint_write` (the
+    new checkpoint complete in its temporary file, not yet renamed over the old one).
+    """
+    spec = os.environ.get(TEST_INTERRUPT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    try:
+        name, at = parts[0], int(parts[1])
+        signum = signal.Signals[parts[2]] if len(parts) > 2 else signal.SIGTERM
+    except (IndexError, KeyError, ValueError):
+        raise DynifyError(
+            f"{TEST_INTERRUPT_ENV}='{spec}' is not point:step[:SIGNAL] (e.g. after_step:3:SIGINT)."
+        ) from None
+    if name == point and at == step:
+        os.kill(os.getpid(), signum)
 
 
 class _Bar:
