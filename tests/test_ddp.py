@@ -1,5 +1,6 @@
 """Multi-process fine-tuning: `torchrun` with 2 CPU processes (gloo) finishes, both ranks end
-with the same weights, and they equal a single process's run with the same global batch."""
+with the same weights, and they equal a single process's run with the same global batch; a stop
+signal that reaches one rank stops both at the same batch, and the run resumes exactly."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
+import os
 import sys
 from pathlib import Path
 
@@ -27,14 +29,21 @@ from dynify.train.distill import finetune
 from tests.conftest import TinyResNet, randomize_bn
 
 out = Path(sys.argv[1])
+resume = sys.argv[2:] == ["resume"]
+if os.environ.get("RANK") == "1" and os.environ.get("STOP_RANK_1"):  # only this rank is signalled
+    os.environ["DYNIFY_TEST_INTERRUPT"] = os.environ["STOP_RANK_1"]
 torch.manual_seed(0)
 model = randomize_bn(TinyResNet())
 dyn = dynify.convert(model, "early-exit", torch.zeros(1, 3, 16, 16), options={{"exits": 2}})
 x = torch.randn(128, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 with torch.no_grad():
     y = model(x).argmax(-1)
-result = finetune(dyn, (x, y), epochs=2, batch_size=32, lr=1e-2, seed=0, progress=False,
-                  calibration_fraction=0.0, checkpoint=out / "run.ckpt")
+try:
+    result = finetune(dyn, (x, y), epochs=2, batch_size=32, lr=1e-2, seed=0, progress=False,
+                      calibration_fraction=0.0, checkpoint=out / "run.ckpt", resume=resume)
+except KeyboardInterrupt:
+    dist.destroy_process_group()
+    sys.exit(130)
 rank = dist.get_rank() if dist.is_initialized() else "single"
 torch.save({{"weights": dyn.state_dict(), "loss": result.history[-1]["loss"]}},
            out / f"rank{{rank}}.pt")
@@ -86,3 +95,33 @@ def test_two_process_torchrun_agrees_with_itself_and_with_one_process(tmp_path):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_gloo_backend_is_available_on_cpu():
     assert torch.distributed.is_gloo_available()
+
+
+def _torchrun(script: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(out), *args]
+    return subprocess.run(
+        command, env={**_env(), **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_a_stop_on_one_rank_stops_both_at_one_batch_and_resumes_exactly(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    reference.mkdir()
+    run.mkdir()
+    assert _torchrun(script, reference).returncode == 0
+    stopped = _torchrun(script, run, STOP_RANK_1="after_step:3:SIGTERM")
+    assert stopped.returncode != 0
+    assert not list(run.glob("rank*.pt"))  # neither rank went on to finish
+    position = torch.load(run / "run.ckpt", weights_only=True)["position"]
+    assert (position["epoch"], position["batch"], position["step"]) == (0, 3, 3)
+    resumed = _torchrun(script, run, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(reference / "rank0.pt", weights_only=True)["weights"]
+    for rank in (0, 1):
+        weights = torch.load(run / f"rank{rank}.pt", weights_only=True)["weights"]
+        for key, value in expected.items():
+            assert torch.equal(weights[key], value), (rank, key)

@@ -535,7 +535,7 @@ class _Loop:
                 self._epoch(bar, stop)
                 self._save()  # the epoch is counted: (epoch + 1, batch 0)
                 if stop.agreed(self.world, self.device):
-                    raise Interrupted("stopped after the epoch's checkpoint")
+                    self._stop("stopped after the epoch's checkpoint")
         except Interrupted:
             raise
         except KeyboardInterrupt:
@@ -565,7 +565,7 @@ class _Loop:
             interrupt_hook("batch_end", at.step)
             if at.batch < len(batches) and stop.agreed(self.world, self.device):
                 self._save()
-                raise Interrupted("stopped between two batches")
+                self._stop("stopped between two batches")
         record = {"epoch": at.epoch + 1}
         record.update({k: round(v / max(at.seen, 1), 5) for k, v in at.sums.items()})
         self.result.history.append(record)
@@ -618,6 +618,13 @@ class _Loop:
             f"smaller learning rate (--lr, now {config.learning_rate:g}), check --mean and "
             f"--std{norm}, and check that the data holds no NaN or infinite values."
         )
+
+    def _stop(self, why: str) -> None:
+        if self.world > 1:  # torchrun ends every rank once one exits: rank 0 must have saved
+            import torch.distributed as dist
+
+            dist.barrier()
+        raise Interrupted(why)
 
     def _save(self) -> None:
         if self.checkpoint is None:
