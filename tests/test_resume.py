@@ -138,6 +138,7 @@ def _chain(workspace, tmp_path, mode, interrupts):
         resume = ["--resume"]
     assert _finetune(workspace, mode, artifact, *resume) == 0
     assert not checkpoint.exists()  # removed once the artifact is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.dyn"]  # no temporaries left
     _assert_same_weights(artifact, _reference(workspace, mode))
 
 
@@ -337,3 +338,85 @@ def test_a_nan_batch_stops_the_run_with_the_last_finite_weights(mode):
     for k, v in dyn.state_dict().items():  # weights and batch-norm statistics of the last step
         assert torch.equal(v, after_step[last][k]), k
     assert all(p.requires_grad for p in dyn.parameters())  # restored for the caller
+
+
+# --- the same moments inside one process (the API) -------------------------------------------
+
+IN_PROCESS = [
+    ("batch_start:4:SIGINT", (0, 4, 4)),
+    ("forward:4:SIGTERM", (0, 4, 4)),
+    ("after_step:4:SIGINT", (0, 4, 4)),
+    ("batch_end:6:SIGTERM", (1, 0, 6)),  # the epoch's last batch: its end is recorded first
+    ("checkpoint_write:6:SIGTERM", (1, 0, 6)),
+]
+_api_references: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _api_run(mode: str, **kwargs):
+    from dynify.train.distill import finetune
+
+    x = torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(96) % 5
+    dyn = _tiny()
+    options = dict(mode=mode, epochs=2, batch_size=16, calibration_fraction=0.0, progress=False)
+    result = finetune(dyn, (x, y), **options, **kwargs)
+    return dyn, result
+
+
+def _api_reference(mode: str) -> dict[str, torch.Tensor]:
+    if mode not in _api_references:
+        _api_references[mode] = _api_run(mode)[0].state_dict()
+    return _api_references[mode]
+
+
+@pytest.mark.parametrize("mode", ["heads", "joint"])
+@pytest.mark.parametrize("spec, position", IN_PROCESS)
+def test_api_stops_at_a_batch_boundary_and_resumes_exactly(
+    tmp_path, monkeypatch, mode, spec, position
+):
+    from dynify.train.run_env import Interrupted
+
+    checkpoint = tmp_path / "run.ckpt"
+    monkeypatch.setenv(TEST_INTERRUPT_ENV, spec)
+    with pytest.raises(Interrupted):
+        _api_run(mode, checkpoint=checkpoint)
+    monkeypatch.delenv(TEST_INTERRUPT_ENV)
+    assert _position(checkpoint) == position
+    weights = torch.load(checkpoint, weights_only=True)["weights"]
+    counters = {int(v) for k, v in weights.items() if k.endswith("num_batches_tracked")}
+    if mode == "joint":
+        assert counters == {position[2]}  # batch-norm statistics saw exactly the batches done
+    dyn, result = _api_run(mode, checkpoint=checkpoint, resume=True)
+    assert result.resumed_from == position[0]
+    reference = _api_reference(mode)
+    for k, v in dyn.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_an_interrupt_raised_inside_the_forward_pass_undoes_the_batch(tmp_path):
+    """Not a signal (those only set a flag) but user code raising KeyboardInterrupt mid-batch:
+    the batch's batch-norm updates are undone and the checkpoint is at the batch's start."""
+    from dynify.train import distill
+
+    calls = {"n": 0}
+    original = distill._LossModule.forward
+
+    def forward(self, *args):
+        out = original(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return out
+
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill._LossModule, "forward", forward)
+        with pytest.raises(KeyboardInterrupt):
+            _api_run("joint", checkpoint=checkpoint)
+    assert _position(checkpoint) == (0, 4, 4)
+    weights = torch.load(checkpoint, weights_only=True)["weights"]
+    assert {int(v) for k, v in weights.items() if k.endswith("num_batches_tracked")} == {4}
+    dyn, _ = _api_run("joint", checkpoint=checkpoint, resume=True)
+    reference = _api_reference("joint")
+    for k, v in dyn.state_dict().items():
+        assert torch.equal(v, reference[k]), k

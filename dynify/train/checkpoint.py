@@ -155,6 +155,15 @@ def _check_belongs(
         )
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Temporary files `atomic_output` left beside `path` when a process writing it was killed
+    outright (SIGKILL, power loss): the checkpoint itself was never replaced by them."""
+    stale = sorted(path.parent.glob(f".{path.stem}.*.tmp{path.suffix}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights stored in a checkpoint (to inspect or load them elsewhere)."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)

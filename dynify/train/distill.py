@@ -42,6 +42,7 @@ from dynify.train.batches import (
 from dynify.train.checkpoint import (
     Position,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
     weights_fingerprint,
@@ -229,6 +230,8 @@ def finetune(
         optimizer = _optimizer(dyn, trainable, config)
         ckpt = Path(checkpoint) if checkpoint is not None else None
         origin = weights_fingerprint(dyn) if ckpt is not None else ""
+        if ckpt is not None and rank == 0:
+            remove_stale_temporaries(ckpt)
         position = Position()
         if resume and ckpt is not None:
             state = load_checkpoint(ckpt, config, len(fit), dyn, origin)
