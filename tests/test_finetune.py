@@ -163,10 +163,21 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(DynifyError, match="Cannot write the checkpoint.*disk full"):
         finetune(dyn, (x, y), checkpoint=ckpt, **_kwargs(epochs=1))
     assert ckpt.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]
+
+
+def test_an_unwritable_checkpoint_fails_before_training(tmp_path):
+    _, dyn, x, y = _problem()
+    before = {k: v.clone() for k, v in dyn.state_dict().items()}
+    (tmp_path / "dir.ckpt").mkdir()
+    with pytest.raises(DynifyError, match="Cannot write the checkpoint"):
+        finetune(dyn, (x, y), checkpoint=tmp_path / "dir.ckpt", **_kwargs(epochs=1))
+    for k, v in dyn.state_dict().items():
+        assert torch.equal(v, before[k]), k  # not one step was taken
+    assert [p.name for p in tmp_path.iterdir()] == ["dir.ckpt"]
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -164,6 +164,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_weights(workspace, tmp_pat
 
 SLOW = {
     "heads": [
+        ("after_step:2:SIGKILL", KILLED, (0, 0, 0)),  # the checkpoint written at the start
         ("batch_start:1:SIGTERM", STOPPED, (0, 1, 1)),
         ("forward:2:SIGINT", STOPPED, (0, 2, 2)),
         ("batch_end:3:SIGINT", STOPPED, (1, 0, 3)),  # the epoch's last batch: epoch end first

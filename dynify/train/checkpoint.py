@@ -74,9 +74,15 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": capture_rng(),
     }
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-        interrupt_hook("checkpoint_write", position.step)
+    try:
+        with atomic_output(path) as tmp:
+            torch.save(state, tmp)
+            interrupt_hook("checkpoint_write", position.step)
+    except OSError as exc:
+        raise DynifyError(
+            f"Cannot write the checkpoint '{path}' ({exc.strerror or exc}). Free some space or "
+            "choose another file with --checkpoint; the previous checkpoint, if any, is intact."
+        ) from exc
 
 
 def load_checkpoint(

@@ -162,9 +162,9 @@ def finetune(
     from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module).
     Labels are used where present (weight `label_weight`), never required.
 
-    `checkpoint`: a file written atomically after every epoch and when Ctrl-C or SIGTERM
-    stops the run (at the next batch boundary; `Interrupted` is raised then). With `resume` the
-    run continues from it and ends with exactly the weights of an uninterrupted run; `dyn` must
+    `checkpoint`: a file written atomically at the start, after every epoch and when Ctrl-C or
+    SIGTERM stops the run (at the next batch boundary; `Interrupted` is raised then). With
+    `resume` the run continues from it and ends with exactly the weights of an uninterrupted run; `dyn` must
     then hold the weights the run started from (e.g. the artifact loaded again).
     `callback(info)` is called after every optimizer step (info: epoch, step, metrics).
     A non-finite loss, or a step that makes weights non-finite, raises DynifyError and leaves
@@ -262,6 +262,8 @@ def finetune(
             world=world,
             callback=callback,
         )
+        if not resume:
+            loop.save()  # an unwritable checkpoint fails now, not after an epoch's work
         with progress_bar(progress and rank == 0) as bar, stop_signals() as stop:
             loop.run(position, bar, stop)
     finally:
@@ -536,7 +538,7 @@ class _Loop:
         try:
             while self.at.epoch < self.config.epochs:
                 self._epoch(bar, stop)
-                self._save()  # the epoch is counted: (epoch + 1, batch 0)
+                self.save()  # the epoch is counted: (epoch + 1, batch 0)
                 if stop.agreed(self.world, self.device):
                     self._stop("stopped after the epoch's checkpoint")
         except Interrupted:
@@ -549,7 +551,7 @@ class _Loop:
             if self.in_batch:
                 self.snapshot.restore()
                 self.in_batch = False
-            self._save()
+            self.save()
             raise
 
     def _epoch(self, bar: Any, stop: StopRequest) -> None:
@@ -567,7 +569,7 @@ class _Loop:
                 self.callback({"epoch": at.epoch, "step": at.step, "batch": at.batch, **metrics})
             interrupt_hook("batch_end", at.step)
             if at.batch < len(batches) and stop.agreed(self.world, self.device):
-                self._save()
+                self.save()
                 self._stop("stopped between two batches")
         record = {"epoch": at.epoch + 1}
         record.update({k: round(v / max(at.seen, 1), 5) for k, v in at.sums.items()})
@@ -629,7 +631,7 @@ class _Loop:
             dist.barrier()
         raise Interrupted(why)
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.checkpoint is None:
             return
         save_checkpoint(
