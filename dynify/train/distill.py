@@ -521,13 +521,8 @@ class _Loop:
     ):
         self.dyn, self.config, self.optimizer, self.runner = dyn, config, optimizer, runner
         self.teacher, self.batches, self.trainable = teacher, batches, trainable
-        self.result, self.checkpoint, self.samples, self.origin = (
-            result,
-            checkpoint,
-            samples,
-            origin,
-        )
-        self.world, self.callback = world, callback
+        self.result, self.checkpoint = result, checkpoint
+        self.samples, self.origin, self.world, self.callback = samples, origin, world, callback
         self.device = trainable[0].device
         self.snapshot = _Snapshot(dyn, trainable)
         self.at = Position()
@@ -562,8 +557,6 @@ class _Loop:
         task = bar.start(at.epoch, config.epochs, len(batches), at.batch)
         for x, y in batches.epoch(at.epoch, skip=at.batch):
             metrics = self._batch(x, y)
-            for k, v in metrics.items():
-                at.sums[k] = at.sums.get(k, 0.0) + v
             bar.advance(task, {k: v / at.seen for k, v in at.sums.items()})
             if self.callback is not None:
                 self.callback({"epoch": at.epoch, "step": at.step, "batch": at.batch, **metrics})
@@ -599,7 +592,10 @@ class _Loop:
         interrupt_hook("after_step", current)
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):
             self._stop_non_finite("the optimizer step made weights infinite or NaN")
+        # Counted: from here on the batch belongs to the run, whatever happens next.
         at.step, at.batch, at.seen = at.step + 1, at.batch + 1, at.seen + 1
+        for k, v in metrics.items():
+            at.sums[k] = at.sums.get(k, 0.0) + v
         self.in_batch = False
         return metrics
 
@@ -619,9 +615,10 @@ class _Loop:
         norm = f" (now {list(pre.mean)} and {list(pre.std)})" if pre is not None else ""
         raise DynifyError(
             f"Fine-tuning stopped at epoch {self.at.epoch + 1}, step {self.at.step + 1}: {what}. "
-            "The model keeps its weights from before that step and nothing is saved. Try a "
-            f"smaller learning rate (--lr, now {config.learning_rate:g}), check --mean and "
-            f"--std{norm}, and check that the data holds no NaN or infinite values."
+            "The model keeps its weights from before that step; no checkpoint or artifact is "
+            f"written for it. Try a smaller learning rate (--lr, now {config.learning_rate:g}), "
+            f"check --mean and --std{norm}, and check that the data holds no NaN or infinite "
+            "values."
         )
 
     def _stop(self, why: str) -> None:
