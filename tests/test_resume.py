@@ -421,3 +421,30 @@ def test_an_interrupt_raised_inside_the_forward_pass_undoes_the_batch(tmp_path):
     reference = _api_reference("joint")
     for k, v in dyn.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_streamed_batches_leave_the_global_random_state_alone(workspace):
+    """Streamed augmentation draws from a seed per image: the batches are the same with 0 or 2
+    DataLoader workers, skipping batches (as a resume does) gives the rest unchanged, and the
+    global generator dropout draws from is not touched."""
+    from dynify.train.batches import Batches, Preprocessing, open_data
+
+    dyn = dynify.load(workspace / "large.dyn")
+    data = open_data(str(workspace / "large_data"), dyn)
+    pre = Preprocessing(72, (0.5,) * 3, (0.25,) * 3)
+
+    def epoch(workers: int, skip: int = 0) -> list[torch.Tensor]:
+        batches = Batches(
+            data, pre, batch_size=4, train=True, augment=True, seed=1, num_workers=workers
+        )
+        return [x for x, _ in batches.epoch(1, skip=skip)]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    alone = epoch(0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(alone) == 4
+    assert all(torch.equal(a, b) for a, b in zip(alone, epoch(2), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(alone[2:], epoch(0, skip=2), strict=True))
+    batches = Batches(data, pre, batch_size=4, train=True, augment=True, seed=1)
+    assert not torch.equal(next(batches.epoch(2))[0], alone[0])  # another epoch, other crops
