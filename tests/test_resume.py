@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -448,3 +449,24 @@ def test_streamed_batches_leave_the_global_random_state_alone(workspace):
     assert all(torch.equal(a, b) for a, b in zip(alone[2:], epoch(0, skip=2), strict=True))
     batches = Batches(data, pre, batch_size=4, train=True, augment=True, seed=1)
     assert not torch.equal(next(batches.epoch(2))[0], alone[0])  # another epoch, other crops
+
+
+@pytest.mark.parametrize(
+    "signals, gives_up",
+    [((signal.SIGINT, signal.SIGINT), True), ((signal.SIGINT, signal.SIGTERM), False)],
+)
+def test_a_second_ctrl_c_gives_up_without_a_checkpoint(tmp_path, signals, gives_up):
+    """Ctrl-C twice: stop now, keeping the last checkpoint (the run's start). Ctrl-C then
+    SIGTERM (what torchrun's workers get) is still one request to stop at the boundary."""
+    from dynify.train.run_env import Interrupted
+
+    def send(info):
+        if info["step"] == 3:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        _api_run("heads", checkpoint=checkpoint, callback=send)
+    assert isinstance(stopped.value, Interrupted) is not gives_up
+    assert _position(checkpoint) == ((0, 0, 0) if gives_up else (0, 3, 3))

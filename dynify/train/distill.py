@@ -540,8 +540,8 @@ class _Loop:
             raise
         except KeyboardInterrupt:
             # Raised by a callback or by code inside the batch, not by a signal (those only set
-            # the flag), or a second signal (give up: the last checkpoint written stays).
-            if stop.signals > 1:
+            # the flag), or a second Ctrl-C (give up: the last checkpoint written stays).
+            if stop.gave_up:
                 raise
             if self.in_batch:
                 self.snapshot.restore()

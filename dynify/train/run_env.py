@@ -41,11 +41,14 @@ class StopRequest:
 
     A signal never raises inside a batch, so a stopped run is always at a clean boundary: the
     batch in flight finishes (forward, backward, step, counters) before the checkpoint is taken.
-    A second signal gives up at once, without a checkpoint (the last one written stays valid).
+    A second Ctrl-C gives up at once, without a checkpoint (the last one written stays valid).
+    SIGTERM never does: torchrun, told to stop with Ctrl-C, sends its workers SIGTERM as well.
     """
 
     def __init__(self) -> None:
         self.signals = 0
+        self.sigints = 0
+        self.gave_up = False
 
     @property
     def requested(self) -> bool:
@@ -53,8 +56,11 @@ class StopRequest:
 
     def handler(self, signum, frame) -> None:
         self.signals += 1
-        if self.signals > 1:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+        if signum == signal.SIGINT and self.sigints > 0:
+            self.gave_up = True
+            raise KeyboardInterrupt("Ctrl-C pressed twice")
+        if signum == signal.SIGINT:
+            self.sigints += 1
 
     def agreed(self, world: int, device: torch.device) -> bool:
         """Under DDP every rank must stop at the same batch, or the others wait forever."""
