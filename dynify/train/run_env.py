@@ -91,12 +91,13 @@ def stop_signals() -> Iterator[StopRequest]:
 
 def interrupt_hook(point: str, step: int) -> None:
     """`DYNIFY_TEST_INTERRUPT=point:step[:SIGNAL]` makes the process send itself SIGNAL
-    (default SIGTERM) when the loop reaches `point` with `step` optimizer steps done.
+    (default SIGTERM) when the loop reaches `point` of optimizer step number `step`.
 
-    Tests use it to interrupt a real process at exact moments instead of timed ones. Points:
-    `batch_start` (batch drawn), `forward` (loss computed, batch-norm statistics updated),
-    `after_step` (optimizer stepped, counters not yet), `batch_end`, `checkpoint_write` (the
-    new checkpoint complete in its temporary file, not yet renamed over the old one).
+    Tests use it to interrupt a real process at exact moments instead of timed ones. Points of
+    the step in progress: `batch_start` (batch drawn), `forward` (loss computed, batch-norm
+    statistics updated), `after_step` (optimizer stepped, not yet counted); then `batch_end`
+    (counted) and `checkpoint_write` (a checkpoint recording that step, complete in its
+    temporary file, not yet renamed over the old one).
     """
     spec = os.environ.get(TEST_INTERRUPT_ENV)
     if not spec:
