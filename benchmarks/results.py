@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -89,15 +89,9 @@ def collect_metadata(argv: list[str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
-        "cpu_count": _cpu_count(),
+        "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
     }
-
-
-def _cpu_count() -> int | None:
-    import os
-
-    return os.cpu_count()
 
 
 def result_path(name: str, folder: Path | None = None) -> Path:
@@ -163,7 +157,3 @@ def describe_metadata(meta: dict[str, Any]) -> str:
         f"commit {commit}, {meta.get('date', '?')}; {versions}; {meta.get('threads')} torch "
         f"thread(s) on {meta.get('cpu', '?')} ({meta.get('cpu_count')} cores)."
     )
-
-
-if __name__ == "__main__":  # pragma: no cover - a quick look at this machine's metadata
-    print(json.dumps(collect_metadata(sys.argv[1:]), indent=1))
