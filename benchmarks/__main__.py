@@ -7,9 +7,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from benchmarks import SUITES
 from benchmarks.report import write_report
-from benchmarks.results import RESULTS, command_line, read_result, write_result
+from benchmarks.results import (
+    RESULTS,
+    collect_metadata,
+    command_line,
+    read_result,
+    write_result,
+)
 
 
 def list_suites() -> str:
@@ -64,15 +72,16 @@ def run_suite(name: str, argv: list[str]) -> list[Path]:
         args.results = args.results or Path(tempfile.mkdtemp(prefix=f"dynify-bench-{name}-"))
     folder = args.results or RESULTS
     written = []
-    for result_name, data in module.run(args).items():
-        extra = None
+    started = collect_metadata([name, *argv])  # the code as it was when the run started
+    outputs = module.run(args)
+    started["threads"] = torch.get_num_threads()  # as the suite set them
+    for result_name, data in outputs.items():
+        extra = dict(started)
         previous = read_result(result_name, folder) if getattr(args, "add", False) else None
         if previous is not None:
             data = module.merge(previous.data, data)
-            extra = {
-                "command": f"{previous.command} && {command_line([name, *argv])}",
-                "added_to": previous.metadata,
-            }
+            extra["command"] = f"{previous.command} && {command_line([name, *argv])}"
+            extra["added_to"] = previous.metadata
         written.append(write_result(result_name, name, data, [name, *argv], folder, extra))
         print(f"wrote {written[-1]}", flush=True)
     if not args.quick and not args.no_render and folder == RESULTS:

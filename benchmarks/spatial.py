@@ -397,6 +397,18 @@ def mask_headline(data: dict) -> list[str]:
     ]
 
 
+def _baseline_note(meta: dict) -> list[str]:
+    """A baseline measured by another run than the rest of the results file."""
+    base = meta.get("baseline")
+    if not base:
+        return []
+    return [
+        f"The baseline ({base['what']}) was measured by a separate run, recorded in commit "
+        f"{base['recorded_in_commit']}: `{base['command']}`.",
+        "",
+    ]
+
+
 def resolution_section() -> list[str]:
     result = read_result(RESULTS["resolution"])
     lines = ["## The resolution cascade on CIFAR ResNet-44, trained like the early exits", ""]
@@ -417,6 +429,7 @@ def resolution_section() -> list[str]:
         f"original network {pct(r['static_original_acc'])} %.",
         "",
         *provenance(result),
+        *_baseline_note(result.metadata),
         "| model (cifar10/test) | accuracy | MACs (of static) |",
         "| --- | --- | --- |",
         f"| original static network | {pct(r['static_original_acc'])} % | 1.000 |",
