@@ -43,7 +43,7 @@ from benchmarks.results import Result, read_result
 NAME = "cifar10"
 MODES = ("heads", "heads+ensemble", "joint", "joint+ensemble", "polish")
 BUDGETS = [round(0.1 + 0.0125 * i, 4) for i in range(73)]  # 0.1 .. 1.0
-QUICK_BUDGETS = [0.3, 0.5, 0.75, 1.0]
+QUICK_BUDGETS = [0.5, 0.8]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
