@@ -326,7 +326,7 @@ def cascade_latency(args: argparse.Namespace) -> dict:
 
 
 def _partial_cell(row: dict) -> str:
-    """The blocks neither all on nor all off (runs before session 5 did not record them)."""
+    """The blocks neither all on nor all off (older results files do not record them)."""
     if not row.get("partial_blocks"):
         return "-"
     return (
