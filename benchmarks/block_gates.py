@@ -1,52 +1,52 @@
-"""CIFAR-10 block-gates benchmark: pretrained CIFAR ResNet-32/-44, each gate kind.
+"""Block gates on pretrained CIFAR ResNet-32/-44, each decider: accuracy, MACs, latency.
 
-    python benchmarks/block_gates.py --data ../shared/data
+    python -m benchmarks block_gates --data ../shared/data --nets 32 44 \
+        --gates policy function halting --steps 352 --epochs 2 --budget 0.65 --calib 5000 \
+        --max-macs 0.7 --static-epochs 2 --halting-compute-weight 5 --threads 1
 
-Per network and gate kind (function, halting, policy):
-1. convert the pretrained network (`dynify.convert(..., "block-gates")`);
-2. fine-tune jointly on a random subset of the 45k fit part of cifar10/train: the backbone with
-   SGD, the gates / halting units / policy with Adam (a few hundred steps move Adam-trained
-   gates; SGD at the backbone's rate barely moves them), loss = `dyn.training_loss` (KD from the
-   original static network + CE + the compute term towards --budget);
-3. sweep the thresholds on a held-out calibration part of cifar10/train (never test), and pick
-   the most accurate threshold there whose MACs stay within `--max-macs` (0.70: the issue's
-   "30 % fewer MACs"). Calibration accuracy alone cannot place the operating point: the
-   pretrained weights saw these images, so on them the dynamic model loses nothing;
-4. report on cifar10/test: accuracy and MACs at every threshold of the sweep, the fine-tuned
-   static network (`dyn.static()`, the same fine-tuned weights with every block run), the
-   original static network; batch-1 CPU latency (1 thread) of
-   the dynamic model at the chosen threshold against the original static module, each timed in
-   runs of consecutive test images, the two alternating (`latency`).
-`--save-dir` keeps the trained models; `--from-artifacts` measures them again without training.
-Results go to JSON and a markdown section (benchmarks/block_gates.md).
+Per network and gate kind (function, halting, policy), through the public API:
+1. `dynify.convert(..., "block-gates")` from the pretrained weights;
+2. `dynify.finetune(..., mode="joint")` on a seeded subset of the 45k fit part of cifar10/train
+   (the gates' recipe: clipped SGD for the backbone, Adam for the decision units, BN statistics
+   frozen), towards the MAC `--budget`;
+3. `dynify.operating_points` over a grid of thresholds on a held-out calibration part of
+   cifar10/train and on cifar10/test, and `dynify.choose_operating_point`: the most accurate
+   point on calibration within `--max-macs` (calibration accuracy alone cannot place it: the
+   pretrained weights saw those images);
+4. the fair baseline `dynify.finetune_static` (the static network fine-tuned as long), and
+   batch-1 CPU latency (1 thread) of the dynamic model at the chosen threshold against the
+   original network, each timed in runs of consecutive test images, the two alternating.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
-import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
-# a sibling script (benchmarks/ is on sys.path when a script here runs): one CIFAR loader
-from cifar10 import MEAN, STD, finetune_static, load_cifar, static_accuracy
-from timing import alternating_runs
 from torch.utils.data import Subset
 
 import dynify
+from benchmarks.cifar_data import (
+    DEFAULT_CACHE,
+    INPUT_SIZE,
+    accuracy,
+    fit_and_calibration,
+    load_cifar,
+    normalized_images,
+    subsample,
+    weights_path,
+)
+from benchmarks.report import missing, provenance
+from benchmarks.results import read_result
+from benchmarks.timing import alternating_runs
 from dynify.models.cifar_resnet import BasicBlock
-from dynify.train.batches import Batches, Preprocessing
-from dynify.train.data import split_dataset
-from dynify.zoo import build_model
 
-WEIGHTS = {32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
+NAME = "block_gates"
 # Threshold 1.01 (every block runs) is the fine-tuned static network, measured separately.
 GRIDS = {
     "function": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
@@ -79,26 +79,46 @@ ANCHORS = [
 ]
 
 
-@torch.no_grad()
-def measure(model, batches: Batches, dyn: bool = True) -> tuple[float, float]:
-    """(accuracy, mean MAC fraction) of the real forward pass."""
-    model.eval()
-    hits = total = 0
-    macs = 0.0
-    for x, y in batches.epoch(0):
-        out = model(x)
-        hits += int((out.argmax(-1) == y).sum())
-        total += len(y)
-        if dyn:
-            macs += float(model.last_macs.double().sum())
-    return hits / total, (macs / total / model.static_macs if dyn else 1.0)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--nets", type=int, nargs="+", default=[32, 44])
+    parser.add_argument("--gates", nargs="*", default=["policy", "function", "halting"])
+    parser.add_argument("--steps", type=int, default=352, help="batches' worth of fit images")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over those images")
+    parser.add_argument("--static-epochs", type=int, default=2, help="the baseline (0: none)")
+    parser.add_argument("--compute-weight", type=float, default=None)
+    parser.add_argument(
+        "--halting-compute-weight", type=float, default=5.0, help="compute weight for halting"
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--budget", type=float, default=0.65)
+    parser.add_argument("--calib", type=int, default=5000, help="calibration images")
+    parser.add_argument("--max-macs", type=float, default=0.7, help="operating point MAC cap")
+    parser.add_argument("--latency-repeats", type=int, default=300)
+    parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--test-images", type=int, default=0, help="quick runs only (0: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-dir", type=Path, default=None, help="save each trained model")
+    parser.add_argument(
+        "--from-artifacts", type=Path, default=None, help="measure models a --save-dir run wrote"
+    )
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.nets = [32] if args.nets == [32, 44] else args.nets[:1]
+    args.gates = args.gates[:1] or ["policy"]
+    args.steps, args.epochs, args.static_epochs = 4, 1, 1
+    args.calib, args.test_images = 256, 256
+    args.latency_repeats, args.latency_rounds = 20, 1
 
 
 @torch.no_grad()
-def plan_diversity(dyn, batches: Batches) -> dict:
+def plan_diversity(dyn, batches: list[torch.Tensor]) -> dict:
     """How many distinct run/skip plans the test images take, and the commonest one's share:
     a policy that collapsed to one plan is block removal, not a per-sample decision."""
-    counts = plan_counts(dyn, (x for x, _ in batches.epoch(0)))
+    counts = plan_counts(dyn, batches)
     return {"distinct": len(counts), "commonest_share": max(counts.values()) / sum(counts.values())}
 
 
@@ -111,42 +131,6 @@ def plan_counts(dyn, inputs) -> Counter:
     return counts
 
 
-def train(dyn, fit, pre, args, budget: float) -> dict:
-    """Joint fine-tuning with `dynify.finetune` on the first `--steps` batches' worth of a
-    seeded shuffle of the fit part: the gates' recipe (clipped SGD for the backbone, Adam for
-    the decision units, BN statistics frozen) is the library's (`GatedModel.joint_recipe`)."""
-    images = min(args.steps * args.batch_size, len(fit))
-    order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))[:images]
-    history: list[dict] = []
-
-    def log(info: dict) -> None:
-        if info["step"] % 20 == 0:
-            keep = ("loss", "distill", "macs_fraction", "greedy_macs_fraction", "compute_price")
-            history.append({"step": info["step"], **{k: round(info[k], 4) for k in keep}})
-            print(f"    step {info['step']}: {history[-1]}", flush=True)
-
-    result = dynify.finetune(
-        dyn,
-        Subset(fit, order.tolist()),
-        mode="joint",
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        budget=budget,
-        calibration_fraction=0.0,
-        preprocessing=pre,
-        progress=False,
-        callback=log,
-    )
-    return {
-        "steps": images // args.batch_size,
-        "images": images,
-        "seconds": round(result.seconds, 1),
-        "history": history,
-    }
-
-
-@torch.no_grad()  # inference: no autograd bookkeeping for any model
 def latency(
     static_model, dyn, images: torch.Tensor, repeats: int, rounds: int = 1, block: int = 10
 ) -> list[dict]:
@@ -252,18 +236,53 @@ def without_blocks(model: torch.nn.Module, blocks: list[str]) -> torch.nn.Module
     return model
 
 
-def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
+def train(dyn, fit, args) -> dict:
+    """Joint fine-tuning with `dynify.finetune` on the first `--steps` batches' worth of a
+    seeded shuffle of the fit part."""
+    images = min(args.steps * args.batch_size, len(fit))
+    order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))[:images]
+    history: list[dict] = []
+
+    def log(info: dict) -> None:
+        if info["step"] % 20 == 0:
+            keep = ("loss", "distill", "macs_fraction", "greedy_macs_fraction", "compute_price")
+            history.append(
+                {"step": info["step"], **{k: round(info[k], 4) for k in keep if k in info}}
+            )
+            print(f"    step {info['step']}: {history[-1]}", flush=True)
+
+    result = dynify.finetune(
+        dyn,
+        Subset(fit, order.tolist()),
+        mode="joint",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        budget=args.budget,
+        calibration_fraction=0.0,
+        progress=False,
+        callback=log,
+    )
+    steps = images // args.batch_size
+    return {
+        "steps": steps,
+        "images": images,
+        "seconds": round(result.seconds, 1),
+        "history": history,
+    }
+
+
+def run_gate(depth: int, kind: str, args, data: dict, out: dict) -> None:
     name = f"cifar_resnet{depth}"
-    weights = str(args.data / "pretrained" / WEIGHTS[depth])
-    pre = data["pre"]
-    original, _ = build_model(name, weights=weights)
-    original.eval()
+    weights = weights_path(args.data, depth)
+    original, _ = dynify.build_model(name, weights=weights)
     key = f"{name}/{kind}"
     print(f"== {key}", flush=True)
     torch.manual_seed(0)
     options = {"gate": kind, "budget": args.budget}
-    if args.compute_weight is not None:
-        options["compute_weight"] = args.compute_weight
+    weight = args.halting_compute_weight if kind == "halting" else args.compute_weight
+    if weight is not None:
+        options["compute_weight"] = weight
     dyn = dynify.convert(name, "block-gates", weights=weights, options=options)
     res: dict = {
         "net": name,
@@ -272,39 +291,42 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
         "gated_blocks": dyn.num_gates,
     }
     if name not in out.setdefault("original", {}):
-        out["original"][name] = measure(original, data["test"], dyn=False)[0]
+        out["original"][name] = accuracy(original, data["test"])
     res["original_test_acc"] = out["original"][name]
     res["settings"] = {"steps": args.steps, "recipe": asdict(dyn.joint_recipe), "options": options}
     if args.from_artifacts is not None:  # measure again what a --save-dir run trained
         dyn = dynify.load(args.from_artifacts / f"{name}-{kind}.dyn")
-        # what the training run recorded (a run that crashed after saving recorded nothing)
-        res["train"] = out.get("runs", {}).get(key, {}).get("train") or {"recorded": False}
+        res["train"] = {"recorded": False}
     else:
-        res["train"] = train(dyn, data["fit"], pre, args, args.budget)
+        res["train"] = train(dyn, data["fit"], args)
     with dyn.static():
-        res["static_ft_calib_acc"] = measure(dyn, data["calib"], dyn=False)[0]
-    sweep = []
-    for t in GRIDS[kind]:
-        dyn.set_thresholds(t)
-        acc, macs = measure(dyn, data["calib"])
-        sweep.append({"threshold": t, "calib_acc": acc, "calib_macs": macs})
-        print(f"    calib t={t}: acc {acc:.4f} macs {macs:.3f}", flush=True)
-    res["calib_sweep"] = sweep
-    chosen = choose_threshold(sweep, args.max_macs)
-    res["chosen_threshold"] = chosen["threshold"]
+        res["static_ft_calib_acc"] = accuracy(dyn, data["calib"])
+        res["static_ft_test_acc"] = accuracy(dyn, data["test"])
+    points = dynify.operating_points(
+        dyn, data["calib"], data["test"], thresholds=GRIDS[kind], batch_size=500
+    )
+    res["calib_sweep"] = [
+        {
+            "threshold": p.target["threshold"],
+            "calib_acc": p.calibration_accuracy,
+            "calib_macs": p.calibration_macs,
+        }
+        for p in points
+    ]
+    res["test_curve"] = [
+        {"threshold": p.target["threshold"], "test_acc": p.test_accuracy, "test_macs": p.test_macs}
+        for p in points
+    ]
+    chosen = dynify.choose_operating_point(points, max_macs=args.max_macs)
+    res["chosen_threshold"] = chosen.target["threshold"]
     res["max_macs"] = args.max_macs
-    with dyn.static():
-        res["static_ft_test_acc"] = measure(dyn, data["test"], dyn=False)[0]
-    test_points = []
-    for t in GRIDS[kind]:  # the whole curve is reported; only calibration chose the point
-        dyn.set_thresholds(t)
-        acc, macs = measure(dyn, data["test"])
-        test_points.append({"threshold": t, "test_acc": acc, "test_macs": macs})
-        print(f"    test t={t}: acc {acc:.4f} macs {macs:.3f}", flush=True)
-    res["test_curve"] = test_points
-    dyn.set_thresholds(chosen["threshold"])
-    res["chosen"] = next(p for p in test_points if p["threshold"] == chosen["threshold"])
-    res["plans"] = plan_diversity(dyn, data["test"])
+    res["chosen"] = {
+        "threshold": chosen.target["threshold"],
+        "test_acc": chosen.test_accuracy,
+        "test_macs": chosen.test_macs,
+    }
+    dyn.set_thresholds(chosen.target["threshold"])
+    res["plans"] = plan_diversity(dyn, data["test_batches"])
     if args.save_dir is not None:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         dynify.save(dyn, args.save_dir / f"{name}-{kind}.dyn")
@@ -323,29 +345,58 @@ def run(depth: int, kind: str, args, data: dict, out: dict) -> None:
 
 
 def static_baseline(depth: int, args, data: dict, out: dict) -> None:
-    """The static network fine-tuned alone for as many epochs over the same images
-    (`cifar10.finetune_static`: the early-exit benchmark's baseline), once per network."""
+    """The static network fine-tuned alone for as many epochs over the same images."""
     name = f"cifar_resnet{depth}"
-    if name in out.setdefault("static_ft", {}):
-        return
-    model, _ = build_model(name, weights=str(args.data / "pretrained" / WEIGHTS[depth]))
-    seconds = finetune_static(
-        model, data["fit"], data["pre"], args.static_epochs, args.batch_size, 0
+    model, _ = dynify.build_model(name, weights=weights_path(args.data, depth))
+    fit = data["fit"]
+    images = args.steps * args.batch_size
+    if images < len(fit):  # the images the gates train on (all of them at the defaults)
+        order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))[:images]
+        fit = Subset(fit, order.tolist())
+    result = dynify.finetune_static(
+        model,
+        fit,
+        epochs=args.static_epochs,
+        input_size=INPUT_SIZE,
+        batch_size=args.batch_size,
+        seed=0,
     )
-    out["static_ft"][name] = {
-        "test_acc": static_accuracy(model, data["test"]),
+    out.setdefault("static_ft", {})[name] = {
+        "test_acc": accuracy(model, data["test"]),
         "epochs": args.static_epochs,
-        "seconds": round(seconds, 1),
+        "seconds": round(result.seconds, 1),
     }
     print(f"== {name} static fine-tuned: {out['static_ft'][name]}", flush=True)
 
 
-def choose_threshold(sweep: list[dict], max_macs: float) -> dict:
-    """The most accurate sweep point (on calibration) within `max_macs`, else the cheapest."""
-    within = [p for p in sweep if p["calib_macs"] <= max_macs]
-    if not within:
-        return min(sweep, key=lambda p: p["calib_macs"])
-    return max(within, key=lambda p: (p["calib_acc"], -p["calib_macs"]))
+def _test_batches(test, size: int):
+    """Normalised test images in batches (for counting plans) and the first `size` alone."""
+    images = normalized_images(test)
+    return [images[i : i + 500] for i in range(0, len(images), 500)], images[:size]
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    torch.set_num_threads(args.threads)
+    train_set, test_set = load_cifar(args.data, args.cache)
+    fit, calib = fit_and_calibration(train_set, 0, calib_images=args.calib)
+    test_set = subsample(test_set, args.test_images)
+    batches, latency_images = _test_batches(test_set, args.latency_repeats)
+    data = {
+        "fit": fit,
+        "calib": calib,
+        "test": test_set,
+        "test_batches": batches,
+        "latency_images": latency_images,
+    }
+    out: dict = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    }
+    for depth in args.nets:
+        if args.static_epochs:
+            static_baseline(depth, args, data, out)
+        for kind in args.gates:
+            run_gate(depth, kind, args, data, out)
+    return {NAME: out}
 
 
 def _plans(res: dict) -> str:
@@ -361,33 +412,57 @@ def _fall(latency_ratio: float, macs_fraction: float) -> float:
     return (1 - latency_ratio) / saved if saved > 0.01 else float("nan")
 
 
-def markdown(out: dict) -> str:
-    args = out["args"]
-    recorded = [r for r in out.get("runs", {}).values() if "steps" in r["train"]]
-    first = recorded[0] if recorded else {"train": {"steps": 0, "images": 0}}
-    steps, images = first["train"]["steps"], first["train"]["images"]
-    lines = [
-        "## Block gates on CIFAR-10 (ResNet-32 / ResNet-44, pretrained, JPEG CIFAR-10)",
+def headline(out: dict) -> list[str]:
+    lines = []
+    for res in out.get("runs", {}).values():
+        if res["gate"] != "policy":
+            continue
+        c, lat = res["chosen"], res["latency"]
+        base = out.get("static_ft", {}).get(res["net"], {}).get("test_acc")
+        delta = (
+            ""
+            if base is None
+            else f", {100 * (c['test_acc'] - base):+.2f} points from the static network fine-tuned as long ({base:.2%})"
+        )
+        lines.append(
+            f"- {res['net']}, policy network (BlockDrop): {c['test_acc']:.2%} at "
+            f"**{c['test_macs']:.3f} of the MACs**{delta}; batch-1 eager latency falls "
+            f"**{_fall(lat['ratio_mean'], lat['macs_fraction']):.2f}** as much as the MACs."
+        )
+    if not lines:
+        return []
+    return [
+        "**Current result** (target: at least 30 % fewer MACs within 1 point of the static "
+        "network fine-tuned as long, latency falling at least 0.85 as much as the MACs):",
         "",
-        f"Produced by `python benchmarks/block_gates.py {args['cmdline']}` on {out['machine']} "
-        f"({out['date']}). Fine-tuning: joint, {args.get('epochs', 1)} epoch(s) of {steps} steps of batch "
-        f"{args['batch_size']} with flip/crop augmentation over {images:,} images of the fit "
-        f"part of cifar10/train ({images / 45000:.2f} x 45k) with `dynify.finetune(..., "
-        f"mode='joint')`: backbone SGD lr {args['lr']} cosine, gradient norm clipped at 2, "
-        "decision units Adam (lr 0.02, halting 0.008: `GatedModel.joint_recipe`), training budget "
-        f"{args['budget']} of the static MACs. Thresholds: swept on {args['calib']} held-out "
-        "cifar10/train images; the chosen one is the most accurate there within "
-        f"{args.get('max_macs', 0.7)} of the static MACs (the pretrained weights saw those "
-        "images, so calibration accuracy is no guide to the accuracy cost). All accuracies "
-        "below are on cifar10/test (5,000 JPEG images). Batch-norm statistics are frozen "
-        "during fine-tuning.",
+        *lines,
+        "",
+    ]
+
+
+def render() -> str:
+    lines = ["# Block gates on CIFAR-10 (pretrained CIFAR ResNets, JPEG CIFAR-10)", ""]
+    result = read_result(NAME)
+    if result is None:
+        return "\n".join(lines + missing(NAME, "python -m benchmarks block_gates"))
+    out = result.data
+    lines += headline(out)
+    lines += provenance(result)
+    lines += [
+        "Fine-tuning: joint (`dynify.finetune(..., mode='joint')`), flip/crop augmentation, "
+        "backbone SGD cosine with the gradient norm clipped at 2, decision units Adam "
+        "(`GatedModel.joint_recipe`), towards a training budget of the static MACs; batch-norm "
+        "statistics frozen. Thresholds: swept on held-out cifar10/train images; the chosen one "
+        "is the most accurate there within the MAC cap (`dynify.choose_operating_point`). All "
+        "accuracies below are on cifar10/test (5,000 JPEG images).",
         "",
         "'every block' is `dyn.static()` after fine-tuning: the same weights with every block "
         "run; 'static fine-tuned' is the original network fine-tuned alone on the same images "
-        "for as many epochs (`--static-epochs`, the early-exit benchmark's baseline). Latency: batch 1, 1 thread, mean over test images, the dynamic model against "
-        "the original static module, each timed in runs of consecutive images as a server runs "
-        "it, the two alternating run by run (`latency()` in the script); 'latency fall / MAC "
-        "fall' is (1 - latency ratio) / (1 - MAC fraction), both on the timed images.",
+        "for as many epochs (`dynify.finetune_static`, the early-exit benchmark's baseline). "
+        "Latency: batch 1, 1 thread, mean over test images, the dynamic model against the "
+        "original static module, each timed in runs of consecutive images as a server runs it, "
+        "the two alternating run by run; 'latency fall / MAC fall' is (1 - latency ratio) / "
+        "(1 - MAC fraction), both on the timed images.",
         "",
         "| net | gate | original | static fine-tuned | every block | dynamic | MACs (of static) | "
         "threshold | batch-1 latency dyn / static (MACs on the timed images) | "
@@ -429,8 +504,6 @@ def markdown(out: dict) -> str:
     ]
     if overrides:
         lines += ["", "Runs with other settings than the header's: " + "; ".join(overrides) + "."]
-    for rerun in out.get("reruns", []):
-        lines += ["", f"Re-run (replacing those rows): `python benchmarks/block_gates.py {rerun}`."]
     lines += [
         "",
         "Accuracy vs MACs on cifar10/test at every threshold of the sweep (threshold > 1 is the "
@@ -457,102 +530,3 @@ def markdown(out: dict) -> str:
         *(f"| {name} | {figure} | {source} |" for name, figure, source in ANCHORS),
     ]
     return "\n".join(lines) + "\n"
-
-
-def vars_cmdline(args: argparse.Namespace) -> str:
-    return " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items()
-        if k in ("nets", "gates", "steps", "epochs", "compute_weight", "budget", "from_artifacts")
-        and v is not None
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/dynify-cifar10-uint8.pt"))
-    parser.add_argument("--nets", type=int, nargs="+", default=[32, 44])
-    parser.add_argument("--gates", nargs="*", default=["function", "halting", "policy"])
-    parser.add_argument("--steps", type=int, default=100, help="batches' worth of fit images")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over those images")
-    parser.add_argument(
-        "--static-epochs",
-        type=int,
-        default=0,
-        help="also fine-tune the static network alone this long (the baseline); --gates may "
-        "then be empty",
-    )
-    parser.add_argument("--compute-weight", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--calib", type=int, default=1000)
-    parser.add_argument(
-        "--max-macs", type=float, default=0.7, help="operating point: MACs cap on calibration"
-    )
-    parser.add_argument("--latency-repeats", type=int, default=300)
-    parser.add_argument(
-        "--latency-rounds", type=int, default=3, help="timing rounds; the median one is reported"
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--test-limit", type=int, default=None, help="smoke runs only")
-    parser.add_argument("--save-dir", type=Path, default=None, help="save each trained model")
-    parser.add_argument(
-        "--from-artifacts",
-        type=Path,
-        default=None,
-        help="no training: load the models a --save-dir run wrote (same --json) and measure",
-    )
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/block_gates.json"))
-    parser.add_argument("--md", type=Path, default=Path("benchmarks/block_gates.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    train_set, test_set = load_cifar(args.data, args.cache)
-    fraction = args.calib / len(train_set)
-    fit, calib = split_dataset(train_set, fraction, seed=0)
-    pre = Preprocessing(32, MEAN, STD)
-    if args.test_limit:
-        test_set = torch.utils.data.Subset(test_set, list(range(args.test_limit)))
-    test_b = Batches(test_set, pre, batch_size=500)
-    latency_images = next(iter(Batches(test_set, pre, batch_size=args.latency_repeats).epoch(0)))[0]
-    data = {
-        "pre": pre,
-        "fit": fit,
-        "calib": Batches(calib, pre, batch_size=500),
-        "test": test_b,
-        "latency_images": latency_images,
-    }
-    out: dict = {
-        "args": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "cmdline": " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items()
-                if k in ("nets", "gates", "steps", "epochs", "budget", "calib", "max_macs")
-            ),
-        },
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads",
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-    }
-    if args.json.is_file():  # accumulate runs made in several invocations
-        previous = json.loads(args.json.read_text())
-        out["runs"] = previous.get("runs", {})
-        out["original"] = previous.get("original", {})
-        out["static_ft"] = previous.get("static_ft", {})
-        out["args"] = previous.get("args", out["args"])  # the header describes the first run
-        out.setdefault("reruns", previous.get("reruns", [])).append(vars_cmdline(args))
-    for depth in args.nets:
-        if args.static_epochs:
-            static_baseline(depth, args, data, out)
-            args.json.write_text(json.dumps(out, indent=1))
-        for kind in args.gates:
-            run(depth, kind, args, data, out)
-            args.json.write_text(json.dumps(out, indent=1))
-            args.md.write_text(markdown(out))
-    print(markdown(out))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,178 +1,102 @@
-"""CIFAR-10 early-exit benchmark: pretrained CIFAR ResNets, fine-tuned on JPEG CIFAR-10.
+"""Early exits on pretrained CIFAR ResNets: accuracy against MACs on JPEG CIFAR-10.
 
-    python benchmarks/cifar10.py --data ../shared/data
+    python -m benchmarks cifar10 --data ../shared/data --nets 44 --epochs 3 --joint 44 \
+        --joint-epochs 10 --polish-epochs 8 --static-epochs 10 --threads 1
 
-For each network: the original static accuracy on cifar10/test; early exits trained in `heads`
-mode (backbone frozen) on 45k of cifar10/train; thresholds calibrated on the other 5k for a grid
-of MAC budgets and for --max-drop 0.005, reported on cifar10/test; the oracle; the static network
-fine-tuned with the same data, epochs and loss (so adapting to JPEG is not credited to the
-exits); optionally `joint` fine-tuning of the dynamic model. Results go to a JSON file and
-benchmarks/cifar10.md.
+Per network, through the public API only: the original network's accuracy on cifar10/test;
+`dynify.convert` with early exits; `dynify.finetune` in heads mode (backbone frozen), then, for
+the `--joint` networks, joint mode and optionally heads again on the joint backbone ("polish");
+after each phase `dynify.operating_points` (thresholds calibrated on a held-out 10 % of
+cifar10/train for every MAC budget of a grid, each measured on cifar10/test), `dynify.calibrate`
+for `max_drop=0.005` and `dynify.evaluate` (the real dynamic forward, per-exit accuracy, the
+oracle). The fair baseline: `dynify.finetune_static`, the static network fine-tuned with the
+same data and epochs, so adapting to JPEG is not credited to the exits.
+
+`--strategy resolution` / `spatial-masks` run the same pipeline for those strategies (the
+spatial suite's CIFAR-10 figures).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import platform
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Subset
 
 import dynify
-from dynify.report import evaluate, oracle
-from dynify.train.batches import Batches, Preprocessing
-from dynify.train.calibrate import calibrate, collect_outputs, simulate
-from dynify.train.data import cached_tensor_dataset, split_dataset
-from dynify.train.distill import finetune, lr_factor
-from dynify.train.ensemble import fit_ensemble
-from dynify.train.exit_outputs import has_exits
-from dynify.train.scalar_sweep import measure
+from benchmarks.cifar_data import (
+    DEFAULT_CACHE,
+    INPUT_SIZE,
+    accuracy,
+    fit_and_calibration,
+    load_cifar,
+    subsample,
+    weights_path,
+)
+from benchmarks.report import frac as _frac
+from benchmarks.report import missing, provenance
+from benchmarks.report import pct as _pct
+from benchmarks.results import Result, read_result
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-WEIGHTS = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
+NAME = "cifar10"
 MODES = ("heads", "heads+ensemble", "joint", "joint+ensemble", "polish")
 BUDGETS = [round(0.1 + 0.0125 * i, 4) for i in range(73)]  # 0.1 .. 1.0
+QUICK_BUDGETS = [0.5, 0.8]
 
 
-def load_cifar(data_dir: Path, cache: Path) -> tuple:
-    """CIFAR-10 train and test as uint8 tensors, decoded from the JPEG zip once."""
-    zip_path = data_dir / "cifar10-jpeg.zip"
-    train = cached_tensor_dataset(zip_path, "cifar10/train", cache.with_suffix(".train.pt"))
-    test = cached_tensor_dataset(zip_path, "cifar10/test", cache.with_suffix(".test.pt"))
-    return train, test
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--nets", type=int, nargs="+", default=[20, 32, 44])
+    parser.add_argument(
+        "--strategy", default="early-exit", choices=["early-exit", "resolution", "spatial-masks"]
+    )
+    parser.add_argument("--exits", type=int, default=5)
+    parser.add_argument("--head", default="auto", help="exit head kind: auto, linear or conv")
+    parser.add_argument("--epochs", type=int, default=3, help="heads-mode epochs")
+    parser.add_argument("--static-epochs", type=int, default=3, help="0: no static baseline")
+    parser.add_argument("--joint", type=int, nargs="*", default=[44], help="nets trained jointly")
+    parser.add_argument("--joint-epochs", type=int, default=2)
+    parser.add_argument(
+        "--polish-epochs", type=int, default=0, help="after joint: heads mode on its backbone"
+    )
+    parser.add_argument("--train-budget", type=float, default=None, help="masks: MAC target")
+    parser.add_argument("--sweep-budgets", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-images", type=int, default=0, help="of the 45k fit part (0: all)")
+    parser.add_argument("--calib-images", type=int, default=0, help="of the 5k (0: all)")
+    parser.add_argument("--test-images", type=int, default=0, help="quick runs only (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-dir", type=Path, help="save each trained model (.dyn) here")
+    parser.add_argument(
+        "--from-artifacts", type=Path, help="load the models a --save-dir run wrote, not train"
+    )
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--name", default=None, help="results name (default: by strategy)")
 
 
-@torch.no_grad()
-def static_accuracy(model, batches: Batches) -> float:
-    model.eval()
-    hits = total = 0
-    for x, y in batches.epoch(0):
-        hits += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return hits / total
+def apply_quick(args: argparse.Namespace) -> None:
+    args.nets = args.nets if args.nets != [20, 32, 44] else [20]
+    args.joint, args.polish_epochs = [], 0
+    args.epochs = min(args.epochs, 1)
+    args.static_epochs = min(args.static_epochs, 1)
+    args.train_images = args.train_images or 512
+    args.calib_images = args.calib_images or 256
+    args.test_images = args.test_images or 256
+    args.quick_budgets = True
 
 
-def finetune_static(model, fit, pre, epochs, batch_size, seed, lr=0.01) -> float:
-    """The baseline: the static network trained like the dynamic one's final exit in joint mode
-    (same data, augmentation, schedule, SGD settings and 0.5 KD + 0.5 CE loss)."""
-    teacher = copy.deepcopy(model).eval()
-    batches = Batches(fit, pre, batch_size=batch_size, train=True, augment=True, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    total, step, start = epochs * len(batches), 0, time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        torch.manual_seed(seed * 7919 + epoch)
-        for x, y in batches.epoch(epoch):
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor("cosine", step, total)
-            with torch.no_grad():
-                target = torch.softmax(teacher(x) / 3.0, -1)
-            out = model(x)
-            kd = F.kl_div(torch.log_softmax(out / 3.0, -1), target, reduction="batchmean") * 9
-            loss = 0.5 * kd + 0.5 * F.cross_entropy(out, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-        print(f"  static fine-tune epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
-    model.eval()
-    return time.perf_counter() - start
-
-
-# What cifar10.md holds below this line is written by hand (readings, other strategies' summaries)
-# and survives a re-render of the tables above it.
-HAND_WRITTEN = "<!-- written by hand below this line: kept when the tables above are rendered -->"
-
-
-def write_markdown(path: Path, rendered: str) -> None:
-    """`rendered` in place of the generated part of `path`, its hand-written tail kept."""
-    old = path.read_text() if path.exists() else ""
-    tail = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else HAND_WRITTEN + "\n"
-    path.write_text(rendered.rstrip("\n") + "\n\n" + tail)
-
-
-def calibrated_curve(dyn, calib_data, budgets, on_test) -> list[dict]:
-    """For each MAC budget: thresholds chosen on the calibration data, then `on_test()`'s
-    (accuracy, MAC fraction) at them. Budgets the calibration cannot meet are left out."""
-    curve = []
-    for budget in budgets:
-        try:
-            cal = calibrate(dyn, calib_data, budget=budget)
-        except dynify.DynifyError:
-            continue
-        acc, macs = on_test()
-        curve.append(
-            {
-                "budget": budget,
-                "thresholds": cal.thresholds,
-                "calib_macs": cal.macs_fraction,
-                "calib_acc": cal.accuracy,
-                "test_macs": macs,
-                "test_acc": acc,
-            }
-        )
-    return curve
-
-
-def dynamic_results(dyn, calib_out, test_out, test_batches, baselines: dict) -> dict:
-    """Calibrate on the calibration split for each budget; report on test."""
-    curve = calibrated_curve(dyn, calib_out, BUDGETS, lambda: simulate(dyn, test_out)[:2])
-    drop = calibrate(dyn, calib_out, max_drop=0.005)
-    report = evaluate(dyn, test_batches)  # the real dynamic forward at these thresholds
-    sim_acc, sim_macs, _ = simulate(dyn, test_out)
-    o_acc, o_macs = oracle(test_out)
-    within = within_half_point(curve, baselines)
-    return {
-        "curve": curve,
-        "max_drop_0.005": {
-            "thresholds": drop.thresholds,
-            "temperatures": drop.temperatures,
-            "calib_acc": drop.accuracy,
-            "calib_macs": drop.macs_fraction,
-            "test_acc": report.dynamic_accuracy,
-            "test_macs": report.dynamic_macs_fraction,
-            "simulated_test_acc": sim_acc,
-            "simulated_test_macs": sim_macs,
-            "exit_histogram": report.exit_histogram,
-        },
-        "per_exit_test_acc": report.per_exit_accuracy,
-        "exit_macs": report.exit_macs_fraction,
-        "oracle": {"acc": o_acc, "macs": o_macs},
-        "final_exit_test_acc": report.static_accuracy,
-        "macs_within_0.5": within,
-        "report": report,
-    }
-
-
-@torch.no_grad()
-def sweep_results(dyn, calib_b, test_b, baselines: dict, budgets: list[float]) -> dict:
-    """Strategies without exits (spatial masks): the scalar threshold calibrated on the
-    calibration split for each MAC budget (`dynify.calibrate`'s sweep), measured on test."""
-    curve = calibrated_curve(dyn, calib_b, budgets, lambda: measure(dyn, test_b)[:2])
-    report = evaluate(dyn, test_b)  # the test curve over thresholds, and the static accuracy
-    return {
-        "curve": curve,
-        "macs_within_0.5": within_half_point(curve, baselines),
-        "final_exit_test_acc": report.static_accuracy,
-        "report": report,
-    }
-
-
-def phase_results(dyn, calib_b, test_b, baselines: dict, args) -> dict:
-    if not has_exits(dyn):
-        return sweep_results(dyn, calib_b, test_b, baselines, args.sweep_budgets)
-    calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
-    return dynamic_results(dyn, calib_out, test_out, test_b, baselines)
+def result_name(args: argparse.Namespace) -> str:
+    if args.name:
+        return args.name
+    return {"early-exit": NAME, "resolution": "resolution_cifar10"}.get(
+        args.strategy, "spatial_masks_cifar10"
+    )
 
 
 def log_every(steps: int):
-    """A finetune callback printing progress every `steps` optimizer steps (logs of long runs)."""
     start = time.perf_counter()
 
     def callback(info: dict) -> None:
@@ -196,51 +120,107 @@ def within_half_point(curve: list[dict], baselines: dict) -> dict:
     return within
 
 
-def run_net(depth, args, train, test, out: dict) -> None:
-    pre = Preprocessing(32, MEAN, STD)
-    fit, calib = split_dataset(train, 0.1, seed=args.seed)
-    if args.train_images and args.train_images < len(fit):
-        order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(args.seed))
-        fit = Subset(fit, order[: args.train_images].tolist())
-    test_b = Batches(test, pre, batch_size=500)
-    if args.calib_images and args.calib_images < len(calib):  # sweeps run a forward per point
-        calib = Subset(calib, list(range(args.calib_images)))
-    calib_b = Batches(calib, pre, batch_size=500)
-    weights = str(args.data / "pretrained" / WEIGHTS[depth])
+def _curve(points: list[dynify.OperatingPoint]) -> list[dict]:
+    return [
+        {
+            "budget": p.target["budget"],
+            "thresholds": p.thresholds,
+            "calib_macs": p.calibration_macs,
+            "calib_acc": p.calibration_accuracy,
+            "test_macs": p.test_macs,
+            "test_acc": p.test_accuracy,
+        }
+        for p in points
+        if "budget" in p.target
+    ]
+
+
+def phase_results(dyn, calib, test, baselines: dict, budgets: list[float], out_dir) -> dict:
+    """The calibrated curve, the max-drop point (real forward) and the per-exit figures."""
+    exits = getattr(dyn, "num_exits", 0) > 0 and hasattr(dyn, "exit_logits")
+    points = dynify.operating_points(
+        dyn, calib, test, budgets=budgets, max_drops=[0.005] if exits else []
+    )
+    curve = _curve(points)
+    result: dict[str, Any] = {
+        "curve": curve,
+        "macs_within_0.5": within_half_point(curve, baselines),
+    }
+    if not exits:
+        result["final_exit_test_acc"] = dynify.evaluate(dyn, test).static_accuracy
+        return result
+    simulated = next(p for p in points if "max_drop" in p.target)
+    drop = dynify.calibrate(dyn, calib, max_drop=0.005)
+    report = dynify.evaluate(dyn, test)  # the real dynamic forward at these thresholds
+    if out_dir is not None:
+        report.plot(out_dir)
+    result.update(
+        {
+            "max_drop_0.005": {
+                "thresholds": drop.thresholds,
+                "temperatures": drop.temperatures,
+                "calib_acc": drop.accuracy,
+                "calib_macs": drop.macs_fraction,
+                "test_acc": report.dynamic_accuracy,
+                "test_macs": report.dynamic_macs_fraction,
+                "simulated_test_acc": simulated.test_accuracy,
+                "simulated_test_macs": simulated.test_macs,
+                "exit_histogram": report.exit_histogram,
+            },
+            "per_exit_test_acc": report.per_exit_accuracy,
+            "exit_macs": report.exit_macs_fraction,
+            "oracle": {"acc": report.oracle_accuracy, "macs": report.oracle_macs_fraction},
+            "final_exit_test_acc": report.static_accuracy,
+        }
+    )
+    return result
+
+
+def run_net(depth: int, args, train, test, plots: Path | None) -> dict:
+    fit, calib = fit_and_calibration(train, args.seed, args.train_images, args.calib_images)
+    test = subsample(test, args.test_images)
     name = f"cifar_resnet{depth}"
+    weights = weights_path(args.data, depth)
     torch.manual_seed(args.seed)
-    # resolution (RANet-style cascade): its defaults, a 16x16 pass with its own BN and classifier
-    options = {"exits": args.exits, "head": args.head} if args.strategy == "early-exit" else {}
-    if args.strategy == "spatial-masks":  # pixel masks; region tiles do not fit 8x8 maps
+    options: dict[str, Any] = {}
+    if args.strategy == "early-exit":
+        options = {"exits": args.exits, "head": args.head}
+    elif args.strategy == "spatial-masks":  # region tiles do not fit CIFAR's 8x8 maps
         options = {"granularity": "pixel"}
     dyn = dynify.convert(name, args.strategy, options=options, weights=weights)
-    res: dict = {"net": name, "static_macs": dyn.static_macs}
-    res["exits"] = getattr(dyn, "num_exits", 0)
-    res["strategy"] = args.strategy
-    res["head"] = args.head
-    res["train_images"] = len(fit)
-    with dyn.static():
-        res["static_original_acc"] = static_accuracy(dyn, test_b)
+    original, _ = dynify.build_model(name, weights=weights)
+    res: dict[str, Any] = {
+        "net": name,
+        "static_macs": dyn.static_macs,
+        "exits": getattr(dyn, "num_exits", 0),
+        "strategy": args.strategy,
+        "head": args.head,
+        "train_images": len(fit),
+        "calib_images": len(calib),
+        "test_images": len(test),
+        "static_original_acc": accuracy(original, test),
+    }
     print(f"{name}: original static {res['static_original_acc']:.4f}", flush=True)
-
-    static_ft = dynify.zoo.build_model(name, weights=weights)[0]
-    if args.static_epochs and "static" in args.parts:
-        res["static_ft_seconds"] = finetune_static(
-            static_ft, fit, pre, args.static_epochs, args.batch_size, args.seed
+    if args.static_epochs:
+        baseline = dynify.finetune_static(
+            original,
+            fit,
+            epochs=args.static_epochs,
+            input_size=INPUT_SIZE,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
-        res["static_ft_acc"] = static_accuracy(static_ft, test_b)
+        res["static_ft_acc"] = accuracy(original, test)
         res["static_ft_epochs"] = args.static_epochs
+        res["static_ft_seconds"] = baseline.seconds
         print(f"  static fine-tuned {res['static_ft_acc']:.4f}", flush=True)
-    if "heads" not in args.parts:
-        out[name] = res
-        return
-
     baselines = {"original": res["static_original_acc"]}
     if "static_ft_acc" in res:
         baselines["static_fine_tuned"] = res["static_ft_acc"]
-    # (phase, fine-tuning mode, epochs); each phase continues from the one before it.
-    # "polish": heads mode after joint, the heads retrained on the joint backbone, now frozen
-    # (fair to the static baseline: the backbone gets no more training than it did).
+    budgets = QUICK_BUDGETS if getattr(args, "quick_budgets", False) else BUDGETS
+    if args.strategy == "spatial-masks":
+        budgets = args.sweep_budgets
+    # (phase, fine-tuning mode, epochs); each phase continues from the one before it
     phases = [("heads", "heads", args.epochs)]
     if depth in args.joint and args.joint_epochs:
         phases.append(("joint", "joint", args.joint_epochs))
@@ -248,84 +228,92 @@ def run_net(depth, args, train, test, out: dict) -> None:
             phases.append(("polish", "heads", args.polish_epochs))
     for phase, mode, epochs in phases:
         saved = args.from_artifacts and args.from_artifacts / f"{name}-{phase}.dyn"
+        history: list = []
         if saved and saved.exists():  # trained by an earlier run with --save-dir
             dyn = dynify.load(saved)
             trained = dyn.spec.get("finetune", {})
             seconds, epochs = float(trained.get("seconds", 0.0)), int(trained.get("epochs", epochs))
-            if args.reevaluate:
-                result = phase_results(dyn, calib_b, test_b, baselines, args)
-                result.pop("report").plot(args.out_dir / f"cifar10-{name}-{phase}.png")
-                res[phase] = {"epochs": epochs, "seconds": seconds, **result}
-                print(f"  {phase} (loaded): within 0.5: {result['macs_within_0.5']}", flush=True)
         else:
-            ft = finetune(
+            ft = dynify.finetune(
                 dyn,
                 fit,
                 mode=mode,
                 epochs=epochs,
                 batch_size=args.batch_size,
                 seed=args.seed,
-                calibration_fraction=0.0,
-                preprocessing=pre,
+                calibration_fraction=0.0,  # the calibration part is held out above
                 progress=False,
                 callback=log_every(100),
                 budget=args.train_budget,
             )
-            seconds = ft.seconds
-            result = phase_results(dyn, calib_b, test_b, baselines, args)
-            result.pop("report").plot(args.out_dir / f"cifar10-{name}-{phase}.png")
-            res[phase] = {"epochs": epochs, "seconds": seconds, "history": ft.history, **result}
-            if args.save_dir:  # the trained model, to re-evaluate or export without retraining
-                args.save_dir.mkdir(parents=True, exist_ok=True)
-                dynify.save(dyn, args.save_dir / f"{name}-{phase}.dyn")
-            print(
-                f"  {phase}: {seconds:.0f} s, within 0.5: {result['macs_within_0.5']}", flush=True
+            seconds, history = ft.seconds, ft.history
+        plot = plots / f"cifar10-{name}-{phase}.png" if plots else None
+        result = phase_results(dyn, calib, test, baselines, budgets, plot)
+        if args.save_dir and not (saved and saved.exists()):  # calibrated at max_drop 0.005
+            dynify.save(dyn, args.save_dir / f"{name}-{phase}.dyn")
+        res[phase] = {"epochs": epochs, "seconds": seconds, "history": history, **result}
+        print(f"  {phase}: {seconds:.0f} s, within 0.5: {result['macs_within_0.5']}", flush=True)
+    return res
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    train, test = load_cifar(args.data, args.cache)
+    # the published report's plots (a run under another name writes none)
+    published = not args.quick and result_name(args) == NAME
+    plots = Path(__file__).resolve().parent if published else None
+    out: dict[str, Any] = {}
+    for depth in args.nets:
+        out[f"cifar_resnet{depth}"] = run_net(depth, args, train, test, plots)
+    out["total_seconds"] = time.perf_counter() - start
+    return {result_name(args): out}
+
+
+def merge(previous: dict, new: dict) -> dict:
+    """Networks measured by separate runs (`--add`): the new run's networks replace the old."""
+    merged = {**previous, **new}
+    merged["total_seconds"] = previous.get("total_seconds", 0.0) + new.get("total_seconds", 0.0)
+    return merged
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def headline(results: dict) -> list[str]:
+    """The current figure: ResNet-44's best MAC fractions within 0.5 points of each baseline."""
+    r44 = results.get("cifar_resnet44")
+    if not r44:
+        return []
+    best: dict[str, tuple[float, str] | None] = {"original": None, "static_fine_tuned": None}
+    for mode in MODES:
+        for k, v in r44.get(mode, {}).get("macs_within_0.5", {}).items():
+            if v is not None and (best.get(k) is None or v < best[k][0]):
+                best[k] = (v, mode)
+    parts = []
+    for key, label, target in (
+        ("original", f"the original network ({_pct(r44['static_original_acc'])} %)", 0.40),
+        (
+            "static_fine_tuned",
+            f"the static network fine-tuned as long ({_pct(r44.get('static_ft_acc'))} %)",
+            0.50,
+        ),
+    ):
+        got = best.get(key)
+        if got is None:
+            parts.append(f"within 0.5 points of {label}: not reached (target <= {target:.2f})")
+        else:
+            verdict = "met" if got[0] <= target else "missed"
+            parts.append(
+                f"within 0.5 points of {label} at **{got[0]:.3f} of the MACs** ({got[1]}; "
+                f"target <= {target:.2f}: {verdict})"
             )
-        if args.ensemble and phase != "polish":  # each exit answering with those before (ZTW)
-            dyn.ensemble.copy_(fit_ensemble(collect_outputs(dyn, calib_b, raw=True)))
-            calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
-            result = dynamic_results(dyn, calib_out, test_out, test_b, baselines)
-            result.pop("report").plot(args.out_dir / f"cifar10-{name}-{mode}-ensemble.png")
-            res[f"{mode}+ensemble"] = {"epochs": epochs, "seconds": seconds, **result}
-            res[f"{mode}+ensemble"]["ensemble"] = dyn.ensemble.tolist()
-            if args.save_dir:
-                dynify.save(dyn, args.save_dir / f"{name}-{mode}-ensemble.dyn")
-            dyn.ensemble.zero_()
-            print(f"  {mode}+ensemble: within 0.5: {result['macs_within_0.5']}", flush=True)
-    out[name] = res
+    return [f"**Current result, ResNet-44 on cifar10/test:** {'; '.join(parts)}.", ""]
 
 
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}"
-
-
-def _frac(v) -> str:
-    return "not reached" if v is None else f"{v:.3f}"
-
-
-def render_markdown(results: dict) -> str:
-    """benchmarks/cifar10.md from the JSON results."""
+def render_tables(results: dict) -> list[str]:
     nets = [k for k in results if k.startswith("cifar_resnet")]
     lines = [
-        "# CIFAR-10: early exits on pretrained CIFAR ResNets",
-        "",
-        "Produced by `benchmarks/cifar10.py` (the command below; a run split over processes "
-        "lists each part, joined by `&&`, and was rendered with `--merge` of their JSON files) "
-        "on the JPEG CIFAR-10 of "
-        "`../shared/data` with the pretrained ResNet-20/32/44 weights there. Heads, joint "
-        "fine-tuning and the static baseline train on a seeded part of `cifar10/train`; "
-        "temperatures and thresholds are fitted on a disjoint 5,000-image calibration split of "
-        "`cifar10/train`; every figure below is measured on `cifar10/test` (5,000 images), "
-        "which nothing was tuned on.",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
-        f"Machine: {results['machine']}. Total wall time "
-        f"{results.get('total_seconds', float('nan')) / 60:.0f} min (shared machine; times "
-        "are indicative).",
-        "",
         "## Summary (cifar10/test)",
         "",
         "| network | static (original) | static fine-tuned | mode | dynamic @ max-drop 0.5 pt "
@@ -355,10 +343,17 @@ def render_markdown(results: dict) -> str:
         "the cheapest point of the calibrated curve (thresholds chosen on the calibration split "
         "for budgets 0.1000, 0.1125, ..., 1.0000) whose test accuracy is at least X - 0.5 points. "
         "Static fine-tuned: the static network trained with the same images, augmentation, "
-        "schedule, optimizer and loss (0.5 KD + 0.5 CE) as joint mode's final exit, for "
-        "the epochs given in the command, so adapting to JPEG is not credited to the exits.",
+        "schedule, optimizer and loss (0.5 KD + 0.5 CE) as joint mode's final exit "
+        "(`dynify.finetune_static`), for the epochs given in the command, so adapting to JPEG "
+        "is not credited to the exits.",
         "",
     ]
+    return lines
+
+
+def render_details(results: dict) -> list[str]:
+    nets = [k for k in results if k.startswith("cifar_resnet")]
+    lines: list[str] = []
     for net in nets:
         r = results[net]
         lines += [f"## {net}", ""]
@@ -423,8 +418,7 @@ def render_markdown(results: dict) -> str:
                 f"![{net} {mode}](cifar10-{net}-{mode}.png)",
                 "",
             ]
-    lines += _findings(results, nets)
-    return "\n".join(lines) + "\n"
+    return lines + _findings(results, nets)
 
 
 def _findings(results: dict, nets: list[str]) -> list[str]:
@@ -532,10 +526,21 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
         f"given, and `--max-drop 0.005` cost {drops} points on test against the model's own "
         "final exit. Absolute accuracies on the calibration split are not test accuracies."
     )
+    drops_all = [results[n][m]["max_drop_0.005"] for n in nets for m in MODES if m in results[n]]
+    agree = all(
+        d["test_acc"] == d["simulated_test_acc"]
+        and abs(d["test_macs"] - d["simulated_test_macs"]) < 1e-6
+        for d in drops_all
+    )
     lines.append(
-        "- **Simulation equals the runtime.** Thresholds are searched by simulating the exit "
+        "- **Simulation against the runtime.** Thresholds are searched by simulating the exit "
         "rule on cached logits; the test numbers at the --max-drop thresholds were also measured "
-        "with the real dynamic forward and agree exactly in every row above."
+        "with the real dynamic forward and "
+        + (
+            "agree exactly in every row above."
+            if agree
+            else "differ in some rows (see each mode's max-drop line)."
+        )
     )
     lines.append(
         "- **Published anchors.** Shallow-Deep Networks (Kaya et al. 2019, "
@@ -552,131 +557,71 @@ def _findings(results: dict, nets: list[str]) -> list[str]:
     return [*lines, ""]
 
 
-def merge_results(parts: list[dict]) -> dict:
-    """One result from runs that split the work (e.g. static baselines in another process):
-    per network the union of what each run measured; commands joined, wall time the longest."""
-    merged: dict = {"command": " && ".join(p["command"] for p in parts)}
-    merged["args"], merged["machine"] = parts[0]["args"], parts[0]["machine"]
-    merged["total_seconds"] = max(p.get("total_seconds", 0.0) for p in parts)
-    for part in parts:
-        for key, value in part.items():
-            if key.startswith("cifar_resnet"):
-                merged.setdefault(key, {}).update(value)
-    for net in (v for k, v in merged.items() if k.startswith("cifar_resnet")):
-        baselines = {"original": net["static_original_acc"]}
-        if "static_ft_acc" in net:
-            baselines["static_fine_tuned"] = net["static_ft_acc"]
-        for mode in MODES:
-            if mode in net:
-                net[mode]["macs_within_0.5"] = within_half_point(net[mode]["curve"], baselines)
-    return merged
+def render() -> str:
+    lines = [
+        "# CIFAR-10: early exits on pretrained CIFAR ResNets",
+        "",
+        "Pretrained CIFAR ResNet-20/32/44 (the weights of `../shared/data/pretrained`) on the "
+        "JPEG CIFAR-10 of `../shared/data`. Heads, joint fine-tuning and the static baseline "
+        "train on a seeded part of `cifar10/train`; temperatures and thresholds are fitted on a "
+        "disjoint 5,000-image calibration split of `cifar10/train`; every figure below is "
+        "measured on `cifar10/test` (5,000 images), which nothing was tuned on.",
+        "",
+    ]
+    result = read_result(NAME)
+    if result is None:
+        return "\n".join(lines + missing(NAME, "python -m benchmarks cifar10"))
+    results = result.data
+    lines += headline(results)
+    lines += provenance(result)
+    lines += render_tables(results)
+    lines += render_details(results)
+    short = read_result("cifar10_resnet20_short")
+    if short is not None:
+        lines += render_short(short)
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--nets", type=int, nargs="+", default=[20, 32, 44])
-    parser.add_argument(
-        "--strategy",
-        default="early-exit",
-        choices=["early-exit", "resolution", "spatial-masks"],
-        help="resolution: the RANet-style cascade, trained and evaluated the same way; "
-        "spatial-masks: pixel masks, their threshold calibrated per budget by a sweep",
-    )
-    parser.add_argument(
-        "--train-budget",
-        type=float,
-        default=None,
-        help="fine-tuning's compute target (fraction of the static MACs; masks, gates)",
-    )
-    parser.add_argument("--sweep-budgets", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
-    parser.add_argument(
-        "--calib-images", type=int, default=0, help="calibrate on this many (0: all 5,000)"
-    )
-    parser.add_argument("--exits", type=int, default=5)
-    parser.add_argument("--head", default="auto", help="exit head kind: auto, linear or conv")
-    parser.add_argument(
-        "--parts",
-        nargs="+",
-        default=["static", "heads"],
-        help="what to run: static (fine-tuned baseline), heads (heads mode, then joint for "
-        "--joint nets); split a run over processes and --merge the JSON files",
-    )
-    parser.add_argument("--merge", type=Path, nargs="+", help="render from these JSON files")
-    parser.add_argument("--save-dir", type=Path, help="save each trained model (.dyn) here")
-    parser.add_argument(
-        "--from-artifacts",
-        type=Path,
-        help="load the models a --save-dir run wrote instead of training them; train the rest",
-    )
-    parser.add_argument(
-        "--reevaluate",
-        action="store_true",
-        help="with --from-artifacts: calibrate and evaluate the loaded models again",
-    )
-    parser.add_argument(
-        "--ensemble",
-        action="store_true",
-        help="also report each mode with a ZTW ensemble of the heads fitted on calibration",
-    )
-    parser.add_argument("--epochs", type=int, default=3, help="heads-mode epochs")
-    parser.add_argument("--static-epochs", type=int, default=3)
-    parser.add_argument("--joint", type=int, nargs="*", default=[44])
-    parser.add_argument("--joint-epochs", type=int, default=2)
-    parser.add_argument(
-        "--polish-epochs",
-        type=int,
-        default=0,
-        help="after joint: heads-mode epochs on the joint backbone, frozen ('polish')",
-    )
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument(
-        "--train-images", type=int, default=0, help="train on this many of the 45k (0: all)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=0, help="smoke test: first N images")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--render-only", action="store_true", help="rewrite cifar10.md from the JSON"
-    )
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/dynify-cifar10-uint8.pt"))
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "cifar10.json")
-    args = parser.parse_args()
-    markdown = Path(__file__).parent / "cifar10.md"
-    if args.merge:
-        merged = merge_results([json.loads(p.read_text()) for p in args.merge])
-        args.json.write_text(json.dumps(merged, indent=1, default=float))
-        write_markdown(markdown, render_markdown(merged))
-        return
-    if args.render_only:
-        write_markdown(markdown, render_markdown(json.loads(args.json.read_text())))
-        return
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    train, test = load_cifar(args.data, args.cache)
-    if args.limit:
-        train = Subset(train, torch.randperm(len(train))[: args.limit].tolist())
-        test = Subset(test, list(range(0, len(test), max(1, len(test) // args.limit))))
-    print(
-        f"data: {len(train)} train, {len(test)} test, {time.perf_counter() - start:.0f} s",
-        flush=True,
-    )
-    results: dict = {
-        "command": "python benchmarks/cifar10.py " + " ".join(sys.argv[1:]),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
-        f"torch {torch.__version__}",
-    }
-    for depth in args.nets:
-        run_net(depth, args, train, test, results)
-        args.json.write_text(json.dumps(results, indent=1, default=float))
-    results["total_seconds"] = time.perf_counter() - start
-    args.json.write_text(json.dumps(results, indent=1, default=float))
-    if not args.limit and args.parts == ["static", "heads"] and not args.from_artifacts:
-        write_markdown(markdown, render_markdown(results))  # a partial run: --merge renders
-    print(f"total {results['total_seconds']:.0f} s", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+def render_short(result: Result) -> list[str]:
+    """A shortened re-run through this suite: the same code path at reduced settings."""
+    lines = ["## Shortened re-run through the suite", ""]
+    for net, r in result.data.items():
+        if not net.startswith("cifar_resnet") or "heads" not in r:
+            continue
+        m = r["heads"]
+        d = m.get("max_drop_0.005", {})
+        within = m["macs_within_0.5"].get("original")
+        reach = (
+            f"within 0.5 points of the original at {within:.3f} of the MACs"
+            if within is not None
+            else "no point of the calibrated curve within 0.5 points of the original"
+        )
+        half = max(
+            (p for p in m["curve"] if p["test_macs"] <= 0.505),
+            key=lambda p: p["test_acc"],
+            default=None,
+        )
+        at_half = (
+            f"; at half the MACs ({half['test_macs']:.3f}) {_pct(half['test_acc'])} %"
+            if half
+            else ""
+        )
+        base = (
+            f", the static network fine-tuned as long {_pct(r['static_ft_acc'])} %"
+            if "static_ft_acc" in r
+            else ""
+        )
+        lines.append(
+            f"**{net}, {m['epochs']} heads epoch(s) on {r['train_images']} images** of the fit "
+            f"part, calibrated on {r['calib_images']}, measured on {r['test_images']} test "
+            f"images: original {_pct(r['static_original_acc'])} %{base}; at `max_drop=0.005` "
+            f"{_pct(d.get('test_acc'))} % at {d.get('test_macs', float('nan')):.3f} of the "
+            f"MACs{at_half}; {reach}; oracle {_pct(m['oracle']['acc'])} % at "
+            f"{m['oracle']['macs']:.3f}; per exit "
+            + ", ".join(f"{_pct(a)} %" for a in m["per_exit_test_acc"])
+            + ". Not comparable with the tables above (5,000 of the 45,000 images, one epoch: the "
+            "heads are barely trained); it shows the published pipeline running end to end on "
+            "the code dynify ships."
+        )
+        lines.append("")
+    return lines + provenance(result)

@@ -1,30 +1,27 @@
-"""Convert every torchvision classification model (and the CIFAR ResNets) with early exits.
+"""Convert every torchvision classification model (and the CIFAR ResNets, a sample of timm).
 
-For each: the conversion time, the exits placed, and the largest difference between the static
-model and `with dyn.static(): dyn(x)` on one random input. Results go to a JSON file as they
-come (an interrupted run keeps what it measured and resumes) and to benchmarks/convert_all.md.
+    python -m benchmarks convert_all                       # all models, random weights
+    python -m benchmarks convert_all --models resnet18 vit_b_16
 
-    python benchmarks/convert_all.py            # all models, random weights
-    python benchmarks/convert_all.py resnet18 vit_b_16
+For each, through the public API: `dynify.build_model` (random weights) and `dynify.convert` with
+the default early exits; the conversion time, the exits placed, and the largest difference
+between the original model and `with dyn.static(): dyn(x)` on one random input. A failure is
+recorded with its message, never hidden.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import argparse
 import time
-from pathlib import Path
 
 import torch
 import torchvision
-from rich.progress import track
 
 import dynify
-from dynify.zoo import build_model
+from benchmarks.report import missing, provenance
+from benchmarks.results import read_result
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "convert_all.json"
-REPORT = HERE / "convert_all.md"
+NAME = "convert_all"
 EXTRA = ["cifar_resnet20", "cifar_resnet44"]
 TIMM = [
     "timm:mobilevit_xs",
@@ -38,9 +35,20 @@ TIMM = [
 ]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="*", default=None, help="default: every model")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the models results/convert_all.json has"
+    )
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.models = args.models or ["cifar_resnet20", "resnet18"]
+
+
 def measure(name: str) -> dict:
     torch.manual_seed(0)
-    model, ref = build_model(name, weights="random")
+    model, ref = dynify.build_model(name, weights="random")
     x = torch.randn(1, 3, ref.input_size, ref.input_size)
     start = time.perf_counter()
     dyn = dynify.convert(model, example_input=x)
@@ -65,22 +73,41 @@ def measure(name: str) -> dict:
     }
 
 
-def write_report(results: dict[str, dict]) -> None:
-    rows = sorted(results.values(), key=lambda r: r["model"])
-    ok = sum(r["status"] in ("ok", "close") for r in rows)
-    lines = [
-        "# Early-exit conversion of every torchvision classification model",
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    torch.set_num_threads(1)
+    previous = read_result(NAME) if args.resume else None
+    results: dict[str, dict] = dict(previous.data) if previous else {}
+    names = args.models or torchvision.models.list_models(module=torchvision.models) + EXTRA + TIMM
+    for name in names:
+        if name in results and "error" not in results[name]:
+            continue
+        try:
+            results[name] = measure(name)
+        except Exception as exc:  # recorded, not hidden: the table shows every failure
+            results[name] = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        print(f"{name}: {results[name].get('status', results[name].get('error'))}", flush=True)
+    return {NAME: results}
+
+
+def render() -> str:
+    lines = ["# Early-exit conversion of every torchvision classification model", ""]
+    result = read_result(NAME)
+    if result is None:
+        return "\n".join(lines + missing(NAME, "python -m benchmarks convert_all"))
+    rows = sorted(result.data.values(), key=lambda r: r["model"])
+    ok = sum(r.get("status") in ("ok", "close") for r in rows)
+    exact = sum(r.get("status") == "ok" for r in rows)
+    lines += [
+        f"**Current result: {ok} of {len(rows)} models convert with static output within 1e-5** "
+        f"({exact} bit-identical).",
         "",
-        "Produced by `python benchmarks/convert_all.py` (random weights, one random input at the",
-        "model's default resolution, 1 CPU thread, this 2-core machine). `static diff` is the",
-        "largest absolute difference between the original model and `with dyn.static(): dyn(x)`;",
-        "`exits` are the MAC fractions at which the 4 default exits sit (each including the heads",
-        "before it); `head share` is the costliest head as a fraction of the model's MACs.",
-        "",
-        "The last rows are the built-in CIFAR ResNets and a sample of timm models.",
-        "",
-        f"**{ok} of {len(rows)} models convert with static output within 1e-5** "
-        f"({sum(r['status'] == 'ok' for r in rows)} bit-identical).",
+        *provenance(result),
+        "Random weights, one random input at the model's default resolution, 1 CPU thread. "
+        "`static diff` is the largest absolute difference between the original model and "
+        "`with dyn.static(): dyn(x)`; `exits` are the MAC fractions at which the 4 default exits "
+        "sit (each including the heads before it); `head share` is the costliest head as a "
+        "fraction of the model's MACs. The last rows are the built-in CIFAR ResNets and a "
+        "sample of timm models.",
         "",
         "| model | input | GMACs | exits (MAC fraction) | head share | static diff | convert s | status |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -93,24 +120,4 @@ def write_report(results: dict[str, dict]) -> None:
             f"| {r['model']} | {r['input']} | {r['gmacs']:.2f} | {', '.join(f'{e:.2f}' for e in r['exits'])} "
             f"| {r['head_share']:.2%} | {r['max_abs_diff']:.1e} | {r['convert_s']:.1f} | {r['status']} |"
         )
-    REPORT.write_text("\n".join(lines) + "\n")
-
-
-def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    names = names or torchvision.models.list_models(module=torchvision.models) + EXTRA + TIMM
-    for name in track(names, description="Converting"):
-        if name in results and "error" not in results[name]:
-            continue
-        try:
-            results[name] = measure(name)
-        except Exception as exc:  # recorded, not hidden: the table shows every failure
-            results[name] = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        RESULTS.write_text(json.dumps(results, indent=1))
-    write_report(results)
-    print(REPORT.read_text())
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return "\n".join(lines) + "\n"

@@ -1,28 +1,28 @@
-"""Do saved MACs become saved milliseconds? Early-exit latency vs the static network.
+"""Do saved MACs become saved milliseconds? Early-exit latency against the static network.
+
+    python -m benchmarks latency --models resnet18 resnet50 --runs 12
+    python -m benchmarks latency --models cifar_resnet44 --runs 40
+    (each again with --consecutive 1: call by call)
 
 For ResNet-18 and ResNet-50 at 224x224 and CIFAR ResNet-44 at 32x32 (random weights: the
 forced thresholds fix the path, so timing does not depend on what the heads predict), batch 1,
-in eager PyTorch and in ONNX Runtime, at 1 and 2 threads: the median latency when every sample
-leaves at exit i (thresholds [1.01]*i + [0, ...]), when it runs to the end, and of the static
-network, all interleaved round by round (dynify.export.bench; `--consecutive N`: runs of N calls
+in eager PyTorch (NCHW and channels-last) and in ONNX Runtime, at 1 and 2 threads: the median
+latency when every sample leaves at exit i (thresholds [1.01]*i + [0, ...]), when it runs to the
+end, and of the static network, interleaved round by round (`--consecutive N`: runs of N calls
 per configuration and round), and of the static network cut at each exit (the split of each
-exit's lat./MAC into the network's own and the exit's overhead). The ONNX files are exported
-for batch 1, as the static graphs they are timed against, and verified by dynify.export (ONNX
-Runtime vs eager, max abs diff <= 1e-4); ONNX Runtime is timed in a child process on one
-shared thread pool (dynify.export.timing).
+exit's lat./MAC into the network's own and the exit's overhead). The ONNX files are exported for
+batch 1, as the static graphs they are timed against, and verified against eager (max abs diff
+<= 1e-4); ONNX Runtime is timed in a child process on one shared thread pool.
 
-Run under the shared CPU lock:
-    nohup flock /tmp/dynify-cpu.lock .venv/bin/python benchmarks/latency.py > /tmp/latency.log 2>&1 &
-Writes `--out` (default benchmarks/latency.json) and its tables next to it (X.tables.md), which
-benchmarks/latency.md quotes.
+Time on an otherwise idle machine: other processes' load moves the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +34,8 @@ from dynify.export import export_onnx_report
 from dynify.export.bench import bench, settle_batch_norm
 from dynify.export.verify import ort_session
 
-HERE = Path(__file__).parent
-MODELS = [("resnet18", 224), ("resnet50", 224), ("cifar_resnet44", 32)]
+NAME = "latency"
+MODELS = [("resnet18", 224), ("resnet50", 224), ("cifar_resnet44", 32), ("cifar_resnet20", 32)]
 # Variants with non-default options, {label: (model, options)}. Since the early-exit pass caps a
 # head at 2**20 weights (heads are matrix-vector products whose time follows their weight bytes,
 # not their MACs), the default heads are the small ones; none is needed now.
@@ -125,11 +125,12 @@ def export_model(name: str, folder: Path) -> dict:
     return meta
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=[m for m, _ in MODELS] + list(VARIANTS))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="*", default=[m for m, _ in MODELS[:3]] + list(VARIANTS))
     parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
-    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument(
+        "--runs", type=int, default=None, help="rounds (default: 12 at 224x224, 40 at 32x32)"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
         "--consecutive",
@@ -141,11 +142,25 @@ def main() -> None:
     parser.add_argument(
         "--export-only", action="store_true", help="Export (no lock needed), do not time."
     )
-    parser.add_argument("--out", type=Path, default=HERE / "latency.json")
-    args = parser.parse_args()
-    args.folder.mkdir(exist_ok=True)
+    parser.add_argument(
+        "--no-batch8", dest="batch8", action="store_false", help="skip the batch-8 policies"
+    )
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.models = ["cifar_resnet20"]
+    args.threads, args.runs, args.warmup, args.consecutive = [1], 2, 1, 2
+    args.folder = Path(tempfile.mkdtemp(prefix="dynify-latency-"))
+    args.batch8 = False
+
+
+def result_name(args: argparse.Namespace) -> str:
+    return NAME if args.consecutive > 1 else f"{NAME}_call_by_call"
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    args.folder.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available",
         "runs": args.runs,
         "warmup": args.warmup,
         "consecutive": args.consecutive,
@@ -159,6 +174,7 @@ def main() -> None:
         if args.export_only:
             continue
         dyn = dynify.load(args.folder / f"{name}.dyn")
+        runs = args.runs or (12 if meta["input"][-1] >= 224 else 40)
         entry = {**meta, "runs": []}
         for threads in args.threads:
             for runtime, channels_last in CONFIGS:
@@ -166,7 +182,7 @@ def main() -> None:
                     dyn,
                     runtime=runtime,
                     batch=1,
-                    runs=args.runs,
+                    runs=runs,
                     warmup=args.warmup,
                     threads=threads,
                     onnx_path=args.folder / f"{name}.onnx",
@@ -180,25 +196,23 @@ def main() -> None:
                 )
                 layout = "-cl" if channels_last else ""
                 print(f"{name} {runtime}{layout} t={threads}: {rows}", flush=True)
-        if "batch8" in meta:
-            entry["batch8"] = time_batch_policies(meta, args.folder, name, args.runs)
+        if "batch8" in meta and args.batch8:
+            entry["batch8"] = time_batch_policies(meta, args.folder, name, runs)
             print(f"{name} batch 8: {entry['batch8']}", flush=True)
         results["models"][name] = entry
-        args.out.write_text(json.dumps(results, indent=1))
-    if not args.export_only:
-        write_markdown(results, args.out.with_suffix(".tables.md"))
+    return {result_name(args): results}
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    """The tables for latency.md: per model and thread count, each runtime's median latency,
-    latency ratio to static and that ratio divided by the MAC ratio (bold above TARGET)."""
+def tables(results: dict, level: str = "####") -> list[str]:
+    """Per model and thread count, each runtime's median latency, latency ratio to static and
+    that ratio divided by the MAC ratio (bold above TARGET), then the network/exit split."""
     lines = []
     for name, entry in results["models"].items():
         shape = "x".join(map(str, entry["input"]))
         for threads in sorted({r["threads"] for r in entry["runs"]}):
             runs = [r for r in entry["runs"] if r["threads"] == threads]
             lines.append(
-                f"#### {name} ({shape}, {entry['static_macs'] / 1e6:.0f} M MACs), batch 1, "
+                f"{level} {name} ({shape}, {entry['static_macs'] / 1e6:.0f} M MACs), batch 1, "
                 f"{threads} thread(s)\n"
             )
             heads = [
@@ -224,7 +238,7 @@ def write_markdown(results: dict, path: Path) -> None:
                 )
             lines.append("")
             lines += _split_table(runs, heads)
-    path.write_text("\n".join(lines))
+    return lines
 
 
 def _split_table(runs: list[dict], heads: list[str]) -> list[str]:
@@ -252,5 +266,150 @@ def _split_table(runs: list[dict], heads: list[str]) -> list[str]:
     return [*lines, ""]
 
 
-if __name__ == "__main__":
-    main()
+# --- the report --------------------------------------------------------------------------------
+
+RUNTIMES = {(False, "eager"): "eager NCHW", (True, "eager"): "eager channels-last"}
+
+
+def _parts(data: dict) -> list[dict]:
+    """A results file holds one run, or several (one per group of models) keyed by models."""
+    return [data] if "models" in data else list(data.values())
+
+
+def worst_ratios(data: dict) -> dict[tuple[str, int, str], tuple[float, str]]:
+    """(model, threads, runtime) -> the worst lat./MAC over the exits, and which exit."""
+    worst: dict[tuple[str, int, str], tuple[float, str]] = {}
+    for part in _parts(data):
+        for model, entry in part["models"].items():
+            for run in entry["runs"]:
+                runtime = RUNTIMES.get(
+                    (bool(run.get("channels_last")), run["runtime"]), "ONNX Runtime"
+                )
+                rows = [r for r in run["rows"] if r["label"].startswith("exit")]
+                top = max(rows, key=lambda r: r["ratio_to_macs"])
+                worst[(model, run["threads"], runtime)] = (top["ratio_to_macs"], top["label"])
+    return worst
+
+
+def summary(consecutive: dict, call_by_call: dict | None) -> list[str]:
+    a = worst_ratios(consecutive)
+    b = worst_ratios(call_by_call) if call_by_call else {}
+    runtimes = ["eager NCHW", "eager channels-last", "ONNX Runtime"]
+    lines = [
+        "| model, threads | " + " | ".join(runtimes) + " |",
+        "| --- | --- | --- | --- |",
+    ]
+    for model, threads in sorted({(m, t) for m, t, _ in a}, key=lambda k: (k[0], k[1])):
+        cells = []
+        for runtime in runtimes:
+            key = (model, threads, runtime)
+            if key not in a:
+                cells.append("-")
+                continue
+            parts = []
+            for source in (a, b):
+                if key in source:
+                    v = source[key][0]
+                    mark = "**" if v > TARGET else ""
+                    parts.append(f"{mark}{v:.2f}{mark}")
+            cells.append(" / ".join(parts) + f" ({a[key][1]})")
+        lines.append(f"| {model}, {threads} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def headline(consecutive: dict, call_by_call: dict | None) -> list[str]:
+    ort = [
+        v
+        for src in (consecutive, call_by_call or {})
+        for (m, t, r), (v, _) in worst_ratios(src).items()
+        if r == "ONNX Runtime"
+    ]
+    if not ort:
+        return []
+    verdict = "met" if max(ort) <= TARGET else "missed"
+    return [
+        f"**Current result:** in ONNX Runtime the worst latency ratio / MAC ratio over every "
+        f"exit of every timed network, at every thread count and in both protocols, is "
+        f"**{max(ort):.2f}** (target <= {TARGET}: {verdict}). Eager PyTorch: the table below.",
+        "",
+    ]
+
+
+def any_batch_table(data: dict) -> list[str]:
+    lines = ["| graph, threads | lat./MAC at exits 0-3 |", "| --- | --- |"]
+    for label, rows in data.items():
+        ratios = [f"{r[2]:.2f}" for r in rows if str(r[0]).startswith("exit")]
+        lines.append(f"| {label} | {' / '.join(ratios)} |")
+    return [*lines, ""]
+
+
+def render() -> str:
+    from benchmarks.report import missing, provenance
+    from benchmarks.results import read_result
+
+    lines = [
+        "# Do saved MACs become saved milliseconds? Early-exit latency, eager and ONNX Runtime",
+        "",
+    ]
+    consecutive = read_result(NAME)
+    if consecutive is None:
+        return "\n".join(lines + missing(NAME, "python -m benchmarks latency"))
+    call = read_result(f"{NAME}_call_by_call")
+    lines += headline(consecutive.data, call.data if call else None)
+    lines += [
+        "## Worst lat./MAC over the exits (target <= 1.15)",
+        "",
+        "Latency ratio (the exit's median latency / the static network's) over MAC ratio (the "
+        "exit's MACs, heads passed included / the static network's), the worst exit of each "
+        "network; runs of 10 consecutive calls"
+        + (" / call by call" if call else "")
+        + ", bold above the target. Where the table misses, the split in the full tables "
+        "shows whether the network's own layers before the exit (the first number) or the "
+        "exit's overhead (the second) is the cause.",
+        "",
+        *summary(consecutive.data, call.data if call else None),
+    ]
+    lines += provenance(consecutive, "(runs of 10 consecutive calls)")
+    if call:
+        lines += provenance(call, "(call by call)")
+    for part in _parts(consecutive.data):
+        for entry in part["models"].values():
+            b8 = entry.get("batch8")
+            if b8 and "per_sample" in b8 and "latency_ms" in b8["per_sample"]:
+                ps, ba = b8["per_sample"], b8["batch_all"]
+                lines += [
+                    "## Batch 8: per-sample exits against one decision for the batch",
+                    "",
+                    "CIFAR ResNet-44, ONNX Runtime, one thread, a batch of 8 with mixed "
+                    "confidences (thresholds between the 4th and 5th score of each exit):",
+                    "",
+                    "| policy | exits | MACs (of static) | latency |",
+                    "| --- | --- | --- | --- |",
+                    f"| per-sample (default): gather the undecided samples into each `If` "
+                    f"branch, scatter back | {','.join(map(str, ps['exits']))} | "
+                    f"{ps['macs_fraction']:.3f} | {ps['latency_ms']:.2f} ms |",
+                    f'| `batch_policy="batch_all"`: leave only when the whole batch is '
+                    f"confident | {','.join(map(str, ba['exits']))} | {ba['macs_fraction']:.3f} "
+                    f"| {ba['latency_ms']:.2f} ms |",
+                    "",
+                ]
+    any_batch = read_result(f"{NAME}_any_batch_graph")
+    if any_batch:
+        lines += [
+            "## The default export (any batch size) at batch 1",
+            "",
+            "CIFAR ResNet-44 in ONNX Runtime, the graph exported for batch 1 (`--batch 1`, as in "
+            "the tables) against the default any-batch graph, whose exits carry the per-sample "
+            "gather/scatter:",
+            "",
+            *any_batch_table(any_batch.data),
+            *provenance(any_batch),
+        ]
+    lines += ["## Full tables, runs of 10 consecutive calls", ""]
+    for part in _parts(consecutive.data):
+        lines += tables(part)
+    if call:
+        lines += ["## Full tables, call by call", ""]
+        for part in _parts(call.data):
+            lines += tables(part)
+    return "\n".join(lines) + "\n"

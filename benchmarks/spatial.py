@@ -1,27 +1,32 @@
-"""Benchmarks of the spatial strategies (issue 6): writes the numbers in benchmarks/spatial.md.
+"""Spatial strategies: masked-block latency, and the resolution cascade and pixel masks on
+CIFAR-10.
 
-    python benchmarks/spatial.py latency --models resnet18 resnet50      # masked-block latency
-    python benchmarks/spatial.py cifar --data ../shared/data             # accuracy vs MACs
+    python -m benchmarks spatial --part latency --models resnet18 resnet50 --reps 15
+    python -m benchmarks spatial --part resolution --data ../shared/data --nets 44 --epochs 1 \
+        --joint 44 --joint-epochs 6 --static-epochs 6 --threads 1 --save-dir DIR
+    python -m benchmarks spatial --part resolution-latency --artifact DIR/cifar_resnet44-joint.dyn
+    python -m benchmarks spatial --part masks --data ../shared/data --nets 44 --epochs 2 \
+        --joint-epochs 0 --train-budget 0.6 --calib-images 2000 --threads 2
 
 `latency`: torchvision ResNets with random weights at 224x224, batch 1. Every maskable block gets
-a fixed random mask of the given density (region: exactly round(d * tiles) tiles; pixel: a
-smooth random blob mask, thresholded at the d-quantile, as learned masks are spatially
-coherent). Dense branch and sparse wrapper are timed interleaved, block by block, on the same
-captured block inputs, and the medians are summed over the masked blocks; the whole network is
-timed the same way. Ratios are within one run, so machine load affects both sides alike.
+a fixed random mask of the given density (region: random tiles, drawn from the coarsest tiles to
+the finest so the MAC-weighted density is the target; pixel: a smooth random blob mask
+thresholded at the density quantile, as learned masks are spatially coherent). Dense branch and
+sparse wrapper are timed interleaved, block by block, on the same captured block inputs, and
+the medians are summed over the masked blocks; the whole network is timed the same way.
+(This part drives the mask wrappers directly: a fixed mask is a measurement device, not a
+user-facing operation.)
 
-`cifar`: the pretrained CIFAR ResNets on the JPEG CIFAR-10 of ../shared/data: spatial masks
-trained with Gumbel straight-through + sparsity + distillation, and the resolution cascade with
-per-resolution batch norm, each calibrated on a held-out part of `train` and reported on `test`.
+`resolution` and `masks`: the early-exit suite's CIFAR-10 pipeline (benchmarks/cifar10.py) with
+`--strategy resolution` / `spatial-masks`. `resolution-latency`: batch-1 eager latency of a
+trained cascade at thresholds `dynify.calibrate` chooses for `--latency-budgets`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +34,66 @@ import torch
 import torch.nn.functional as F
 
 import dynify
-from dynify.runtime.masks import SpatialMaskModel
+from benchmarks import cifar10
+from benchmarks.cifar_data import fit_and_calibration, load_cifar, normalized_images, weights_path
+from benchmarks.report import missing, pct, provenance
+from benchmarks.results import read_result
+from benchmarks.timing import alternating_runs
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
+PARTS = ("latency", "resolution", "resolution-latency", "masks")
+RESULTS = {
+    "latency": "spatial_masks_latency",
+    "resolution": "resolution_cifar10",
+    "resolution-latency": "resolution_latency",
+    "masks": "spatial_masks_cifar10",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--part", choices=PARTS, default="latency")
+    cifar10.add_arguments(parser)  # resolution and masks: the CIFAR-10 pipeline's options
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--granularities", nargs="+", default=["region", "pixel"])
+    parser.add_argument("--tile", type=int, default=8)
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--artifact", type=Path, help="resolution-latency: the trained cascade")
+    parser.add_argument("--latency-budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6])
+    parser.add_argument("--latency-repeats", type=int, default=600)
+    parser.add_argument("--latency-rounds", type=int, default=3)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    if args.part == "latency":
+        args.models, args.granularities, args.reps = ["resnet18"], ["region"], 2
+        args.densities = [0.25]
+    elif args.part == "resolution-latency":
+        args.latency_repeats, args.latency_rounds, args.latency_budgets = 20, 1, [0.5]
+        args.calib_images = args.calib_images or 256
+    else:
+        cifar10.apply_quick(args)
+        args.strategy = "resolution" if args.part == "resolution" else "spatial-masks"
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    name = RESULTS[args.part]
+    torch.set_num_threads(args.threads)
+    if args.part == "latency":
+        results = [
+            mask_latency(m, g, args.tile, args.reps, seed=0, densities=tuple(args.densities))
+            for m in args.models
+            for g in args.granularities
+        ]
+        return {name: {"results": results}}
+    if args.part == "resolution-latency":
+        return {name: cascade_latency(args)}
+    args.strategy = "resolution" if args.part == "resolution" else "spatial-masks"
+    args.name = name
+    return cifar10.run(args)
+
+
+# --- masked-block latency ----------------------------------------------------------------------
 
 
 def _timer(fn) -> float:
@@ -40,7 +102,7 @@ def _timer(fn) -> float:
     return time.perf_counter() - start
 
 
-def fixed_masks(dyn: SpatialMaskModel, density: float, seed: int) -> list[torch.Tensor]:
+def fixed_masks(dyn: dynify.DynamicModel, density: float, seed: int) -> list[torch.Tensor]:
     """One [1, h, w] bool mask per wrapper, with a MAC-weighted density of `density`.
 
     Region: random tiles; the blocks are visited from the coarsest tiles to the finest, each
@@ -82,7 +144,7 @@ def fixed_masks(dyn: SpatialMaskModel, density: float, seed: int) -> list[torch.
     return masks
 
 
-def realized_density(dyn: SpatialMaskModel, masks: list[torch.Tensor]) -> float:
+def realized_density(dyn: dynify.DynamicModel, masks: list[torch.Tensor]) -> float:
     """The MAC-weighted share of the masked blocks' work that `masks` keep."""
     kept = sum(
         float(m.float().mean()) * w.branch_macs for m, w in zip(masks, dyn.wrappers, strict=True)
@@ -98,7 +160,7 @@ def _cpu_timer(fn) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def latency(
+def mask_latency(
     model_name: str,
     granularity: str,
     tile: int,
@@ -208,403 +270,63 @@ def latency(
     }
 
 
-# --- CIFAR-10 (JPEG) ------------------------------------------------------------------------
-
-WEIGHTS = {
-    "cifar_resnet20": "resnet20-12fca82f.th",
-    "cifar_resnet32": "resnet32-d509ac18.th",
-    "cifar_resnet44": "resnet44-014dd654.th",
-}
-CACHE = Path("/tmp/dynify_cifar10_uint8.pt")
-# Confidences pile up near 1: resolve the end of the range finely.
-FINE_THRESHOLDS = [i / 100 for i in range(0, 100, 2)] + [0.95, 0.98, 0.99, 0.995, 0.999, 1.0, 1.01]
+# --- the resolution cascade's latency ----------------------------------------------------------
 
 
-def load_cifar(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 tensors of the JPEG CIFAR-10 train and test splits, decoded once and cached."""
-    from dynify.train.data import load_dataset, to_tensor_dataset
+def cascade_latency(args: argparse.Namespace) -> dict:
+    """Batch-1 eager latency of a trained cascade against the original network, at the
+    thresholds `dynify.calibrate` chooses on the calibration split for each budget; runs of
+    consecutive test images, the two models alternating; the median of the rounds."""
+    if args.artifact is None:
+        raise SystemExit("--part resolution-latency needs --artifact (a trained cascade).")
+    train, test = load_cifar(args.data, args.cache)
+    _, calib = fit_and_calibration(train, args.seed, calib_images=args.calib_images)
+    dyn = dynify.load(args.artifact).eval()
+    net = dyn.spec["model"]["name"]
+    static, _ = dynify.build_model(
+        net, weights=weights_path(args.data, int(net.removeprefix("cifar_resnet")))
+    )
+    images = normalized_images(test)[: args.latency_repeats]
+    torch.set_num_threads(1)
+    results: dict = {"artifact": str(args.artifact), "strategy": dyn.strategy, "budgets": []}
+    for budget in args.latency_budgets:
+        cal = dynify.calibrate(dyn, calib, budget=budget)
+        rounds = []
+        for _ in range(args.latency_rounds):
+            macs: list[float] = []
 
-    if CACHE.exists():
-        return torch.load(CACHE, weights_only=True)
-    archive = Path(data) / "cifar10-jpeg.zip"
-    out = {}
-    for split in ("train", "test"):
-        ds = to_tensor_dataset(load_dataset(archive, split=f"cifar10/{split}"))
-        out[split] = (ds.images, ds.targets)
-    torch.save(out, CACHE)
-    return out
+            def record(name: str, macs: list[float] = macs) -> None:
+                if name == "dynamic":
+                    macs.append(float(dyn.last_macs[0]))
 
-
-def _norm(images: torch.Tensor) -> torch.Tensor:
-    from dynify.train.data import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
-
-    return normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def _batches(images, labels, size):
-    for i in range(0, len(images), size):
-        yield _norm(images[i : i + size]), labels[i : i + size]
-
-
-@torch.no_grad()
-def _logits(fn, images, size=500) -> torch.Tensor:
-    return torch.cat([fn(x) for x, _ in _batches(images, torch.zeros(len(images)), size)])
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean())
-
-
-def cascade_curve(low, full, labels, low_frac, thresholds):
-    """Accuracy and MAC fraction of the resolution cascade at each threshold, from logits."""
-    conf = torch.softmax(low, -1).amax(-1)
-    rows = []
-    for t in thresholds:
-        done = conf >= t
-        pred = torch.where(done, low.argmax(-1), full.argmax(-1))
-        macs = low_frac + (~done).float().mean() * 1.0
-        rows.append(
-            {
-                "threshold": float(t),
-                "accuracy": float((pred == labels).float().mean()),
-                "macs_fraction": float(macs),
-                "exit_low": float(done.float().mean()),
-            }
-        )
-    return rows
-
-
-def choose_threshold(rows, static_acc, margin):
-    """The cheapest threshold whose accuracy is within `margin` of the static model's."""
-    ok = [r for r in rows if r["accuracy"] >= static_acc - margin]
-    return min(ok, key=lambda r: r["macs_fraction"]) if ok else rows[-1]
-
-
-def _latency_ms(fns: dict, images, reps: int) -> dict[str, float]:
-    """Mean batch-1 latency per function over the same images, interleaved per image.
-
-    Wall-clock, and the CPU time of this thread (`cpu_*`: with one torch thread, the work
-    done, insensitive to other processes preempting us on a shared machine).
-    """
-    times = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # batch-1 latency on one core; thread time then counts all work
-    with torch.no_grad():
-        for i in range(reps):
-            x = _norm(images[i : i + 1])
-            for k, fn in fns.items():
-                fn(x)  # warm (first call per shape builds caches)
-                start = time.thread_time()
-                times[k].append(_timer(lambda fn=fn, x=x: fn(x)))
-                cpu[k].append(time.thread_time() - start)
-    torch.set_num_threads(threads)
-    out = {k: 1e3 * statistics.mean(v) for k, v in times.items()}
-    out.update({f"cpu_{k}": 1e3 * statistics.mean(v) for k, v in cpu.items()})
-    return out
-
-
-@torch.no_grad()
-def adapt_bn(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
-    """A copy of `model` whose BN running statistics are exact averages over `images`."""
-    import copy
-
-    model = copy.deepcopy(model)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    for x, _ in _batches(images, torch.zeros(len(images)), 250):
-        model(x)
-    for bn in bns:
-        bn.momentum = 0.1
-    return model.eval()
-
-
-def joint_resolution(static, teacher, fit_x, fit_y, cal_x, cal_y, test_x, test_y, thresholds, args):
-    """Joint fine-tuning of the shared weights for both resolutions, against a static model
-    fine-tuned with the same images, epochs, optimiser and loss (the fair baseline).
-
-    Both start from the BN-adapted static network; batch-norm statistics stay frozen in both
-    (eval mode), their affine parameters train. The dynamic model distils both resolutions
-    (per-resolution BN and classifier for the low one); the static one distils its logits.
-    """
-    import copy
-
-    from dynify.runtime.masks import distillation
-
-    start = time.perf_counter()
-    baseline = copy.deepcopy(static).eval()
-    dyn = dynify.convert(static, "resolution", torch.zeros(1, 3, 32, 32)).eval()
-    dyn.recalibrate_low_bn(x for x, _ in _batches(fit_x[-2000:], fit_y, 250))
-    dyn.train()
-    runs = {
-        "static": (baseline, lambda x, t, y: distillation(baseline(x), t, y, 4.0, 0.5)[0]),
-        "cascade": (dyn, lambda x, t, y: dyn.training_loss(x, t, y)[0]),
-    }
-    for model, loss_fn in runs.values():
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=args.joint_lr, momentum=0.9, weight_decay=5e-4)
-        steps = args.joint_epochs * ((len(fit_x) + 127) // 128)
-        step = 0
-        for epoch in range(args.joint_epochs):
-            order = torch.randperm(len(fit_x), generator=torch.Generator().manual_seed(epoch))
-            for i in range(0, len(fit_x), 128):
-                idx = order[i : i + 128]
-                for group in opt.param_groups:
-                    group["lr"] = args.joint_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                loss = loss_fn(_norm(fit_x[idx]), teacher[idx], fit_y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-    dyn.eval()
-    base_test, base_cal = _logits(baseline, test_x), _logits(baseline, cal_x)
-    low_test, low_cal = _logits(dyn.low_logits, test_x), _logits(dyn.low_logits, cal_x)
-    full_test, full_cal = _logits(dyn.net, test_x), _logits(dyn.net, cal_x)
-    low_frac = dyn.low_macs / dyn.static_macs
-    cal_rows = cascade_curve(low_cal, full_cal, cal_y, low_frac, thresholds)
-    pick = choose_threshold(cal_rows, _accuracy(base_cal, cal_y), args.margin)
-    test_rows = cascade_curve(low_test, full_test, test_y, low_frac, thresholds)
-    out = {
-        "finetuned_static_test_accuracy": _accuracy(base_test, test_y),
-        "joint_full_test_accuracy": _accuracy(full_test, test_y),
-        "joint_low_test_accuracy": _accuracy(low_test, test_y),
-        "chosen_on_calibration": pick,
-        "test_at_chosen": next(r for r in test_rows if r["threshold"] == pick["threshold"]),
-        "test_curve": [r for k, r in enumerate(test_rows) if k % 5 == 0 or r["threshold"] >= 0.9],
-        "images": len(fit_x),
-        "epochs": args.joint_epochs,
-        "seconds": time.perf_counter() - start,
-    }
-    print("joint resolution", {k: v for k, v in out.items() if k != "test_curve"}, flush=True)
-    return out
-
-
-def run_cifar(args) -> list[dict]:
-    from dynify.train.data import TensorImageDataset, split_dataset
-    from dynify.zoo import build_model
-
-    start = time.perf_counter()
-    data = load_cifar(args.data)
-    print(f"data ready in {time.perf_counter() - start:.0f}s", flush=True)
-    train_x, train_y = data["train"]
-    test_x, test_y = data["test"]
-    if args.test_images:  # smoke runs only; reported figures use the whole test split
-        test_x, test_y = test_x[: args.test_images], test_y[: args.test_images]
-    fit, cal = split_dataset(TensorImageDataset(train_x, train_y), 0.1, seed=0)
-    fit_idx = torch.as_tensor(fit.indices)[
-        torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))
-    ]
-    cal_idx = torch.as_tensor(cal.indices)
-    if args.test_images:
-        cal_idx = cal_idx[: args.test_images]
-    kd_idx = fit_idx[: args.train_images]
-    results = []
-    for name in args.models:
-        t0 = time.perf_counter()
-        weights = str(Path(args.data) / "pretrained" / WEIGHTS[name])
-        original, _ = build_model(name, weights=weights)
-        original.eval()
-        res: dict = {"model": name}
-        res["original_test_accuracy"] = _accuracy(_logits(original, test_x), test_y)
-        # The fine-tuned static baseline: batch-norm statistics re-estimated on JPEG `train`
-        # (the JPEG images shift them); every dynamic model is converted from this one.
-        static = adapt_bn(original, train_x[fit_idx[-args.bn_images :]])
-        test_full = _logits(static, test_x)
-        cal_full = _logits(static, train_x[cal_idx])
-        res["static_test_accuracy"] = _accuracy(test_full, test_y)
-        res["static_cal_accuracy"] = _accuracy(cal_full, train_y[cal_idx])
-        teacher = _logits(static, train_x[kd_idx])
-        print(
-            name,
-            "static",
-            res["static_test_accuracy"],
-            f"{time.perf_counter() - t0:.0f}s",
-            flush=True,
-        )
-
-        if args.joint_only:
-            res["resolution"] = {
-                "joint": joint_resolution(
-                    static,
-                    teacher,
-                    train_x[kd_idx],
-                    train_y[kd_idx],
-                    train_x[cal_idx],
-                    train_y[cal_idx],
-                    test_x,
-                    test_y,
-                    FINE_THRESHOLDS,
-                    args,
-                )
-            }
-            results.append(res)
-            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
-            continue
-
-        # --- resolution cascade ---
-        dyn = dynify.convert(static, "resolution", torch.zeros(1, 3, 32, 32)).eval()
-        low_frac = dyn.low_macs / dyn.static_macs
-        res["resolution"] = {"low_macs_fraction": low_frac, "variants": {}}
-        shared = lambda x, net=static: net(F.avg_pool2d(x, 2))  # noqa: E731
-        recal_batches = (x for x, _ in _batches(train_x[fit_idx[-2000:]], train_y, 250))
-        cal_x = train_x[cal_idx]
-        lows = {"shared_bn": (_logits(shared, test_x), _logits(shared, cal_x))}
-        dyn.recalibrate_low_bn(recal_batches)
-        lows["recalibrated_bn"] = (_logits(dyn.low_logits, test_x), _logits(dyn.low_logits, cal_x))
-        for p in dyn.net.parameters():
-            p.requires_grad_(False)
-        dyn.train()
-        opt = torch.optim.Adam(dyn.low_parameters(), lr=2e-3)
-        kd_x, kd_y = train_x[kd_idx], train_y[kd_idx]
-        for i in range(0, len(kd_idx), 128):
-            x = _norm(kd_x[i : i + 128])
-            loss, stats = dyn.training_loss(x, teacher[i : i + 128], kd_y[i : i + 128])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        dyn.eval()
-        lows["finetuned_bn"] = (_logits(dyn.low_logits, test_x), _logits(dyn.low_logits, cal_x))
-        thresholds = [i / 100 for i in range(0, 101, 2)] + [1.01]
-        for key, (low, cal_low) in lows.items():
-            cal_rows = cascade_curve(cal_low, cal_full, train_y[cal_idx], low_frac, thresholds)
-            pick = choose_threshold(cal_rows, res["static_cal_accuracy"], args.margin)
-            test_rows = cascade_curve(low, test_full, test_y, low_frac, thresholds)
-            chosen = next(r for r in test_rows if r["threshold"] == pick["threshold"])
-            res["resolution"]["variants"][key] = {
-                "low_test_accuracy": _accuracy(low, test_y),
-                "chosen_on_calibration": pick,
-                "test_at_chosen": chosen,
-                "test_curve": [*test_rows[::5], test_rows[-1]],
-            }
-            print(name, "resolution", key, _accuracy(low, test_y), chosen, flush=True)
-        if name in args.joint_models:
-            res["resolution"]["joint"] = joint_resolution(
-                static,
-                teacher,
-                train_x[kd_idx],
-                train_y[kd_idx],
-                train_x[cal_idx],
-                train_y[cal_idx],
-                test_x,
-                test_y,
-                thresholds,
-                args,
+            times = alternating_runs(
+                {"static": static, "dynamic": dyn}, images, args.latency_repeats, after=record
             )
-        pick = res["resolution"]["variants"]["finetuned_bn"]["chosen_on_calibration"]
-        dyn.set_thresholds(pick["threshold"])
-        correct, spent = 0, 0
-        with torch.no_grad():
-            for x, y in _batches(test_x, test_y, 500):
-                correct += int((dyn(x).argmax(-1) == y).sum())
-                spent += int(dyn.last_macs.sum())
-        res["resolution"]["eager_check"] = {
-            "accuracy": correct / len(test_y),
-            "macs_fraction": spent / len(test_y) / dyn.static_macs,
-        }
-        print(
-            name,
-            "resolution eager",
-            res["resolution"]["eager_check"],
-            f"{time.perf_counter() - t0:.0f}s",
-            flush=True,
-        )
-        latency_fns = {"static": static, "resolution": dyn}
-
-        # --- spatial masks ---
-        res["spatial_masks"] = {}
-        mask_idx = fit_idx[: min(args.mask_train_images, args.train_images)]
-        for gran in args.mask_granularities:
-            sm = dynify.convert(
-                static,
-                "spatial-masks",
-                torch.zeros(1, 3, 32, 32),
-                options={
-                    "granularity": gran,
-                    "tile": 4,
-                    "budget": args.mask_budget,
-                    "sparsity_weight": 10.0,
-                },
+            means = {name: statistics.fmean(v) for name, v in times.items()}
+            ratio = means["dynamic"] / means["static"]
+            fraction = statistics.fmean(macs) / dyn.static_macs
+            rounds.append(
+                {
+                    "static_ms": means["static"] * 1e3,
+                    "dynamic_ms": means["dynamic"] * 1e3,
+                    "ratio": ratio,
+                    "macs_fraction": fraction,
+                    "fall": (1 - ratio) / (1 - fraction),
+                }
             )
-            for p in sm.parameters():
-                p.requires_grad_(False)
-            for p in sm.mask_parameters():
-                p.requires_grad_(True)
-            sm.train()
-            opt = torch.optim.Adam(sm.mask_parameters(), lr=args.mask_lr)
-            trace = []
-            mx, my, mt = train_x[mask_idx], train_y[mask_idx], teacher[: len(mask_idx)]
-            for i in range(0, len(mask_idx), 32):
-                x = _norm(mx[i : i + 32])
-                loss, stats = sm.training_loss(x, mt[i : i + 32], my[i : i + 32])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                trace.append(stats["density"])
-            sm.eval()
-            rows = []
-            for t in args.mask_thresholds:
-                sm.set_thresholds(t)
-                correct, spent, dens = 0, 0, 0.0
-                with torch.no_grad():
-                    for x, y in _batches(test_x, test_y, 250):
-                        correct += int((sm(x).argmax(-1) == y).sum())
-                        spent += int(sm.last_macs.sum())
-                        dens += float(sm.densities().mean(1).sum())
-                rows.append(
-                    {
-                        "threshold": t,
-                        "accuracy": correct / len(test_y),
-                        "macs_fraction": spent / len(test_y) / sm.static_macs,
-                        "mean_density": dens / len(test_y),
-                    }
-                )
-                print(name, "masks", gran, rows[-1], flush=True)
-            res["spatial_masks"][gran] = {
-                "masked_blocks": sm.num_masks,
-                "masked_share_of_macs": 1 - sm.fixed_macs / sm.static_macs,
-                "train_density_first_last": [trace[0], trace[-1]],
-                "test": rows,
-            }
-            sm.set_thresholds(0.5)
-            latency_fns[f"masks_{gran}"] = sm
-        res["latency_ms_batch1"] = _latency_ms(latency_fns, test_x, args.latency_images)
-        res["seconds"] = time.perf_counter() - t0
-        print(name, "latency", res["latency_ms_batch1"], flush=True)
-        results.append(res)
-        Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+        rounds.sort(key=lambda r: r["ratio"])
+        row = {"budget": budget, "thresholds": cal.thresholds, **rounds[len(rounds) // 2]}
+        row["round_falls"] = [round(r["fall"], 3) for r in rounds]
+        results["budgets"].append(row)
+        print(json.dumps(row), flush=True)
     return results
 
 
-def _joint_lines(joint: dict) -> list[str]:
-    """Markdown for the joint fine-tuning comparison of the resolution cascade."""
-    lines: list[str] = []
-    c = joint["test_at_chosen"]
-    lines += [
-        "",
-        f"Joint fine-tuning ({joint['images']} images x {joint['epochs']} epochs, "
-        f"{joint['seconds']:.0f} s for both runs): fine-tuned static "
-        f"{joint['finetuned_static_test_accuracy']:.2%}; cascade full path "
-        f"{joint['joint_full_test_accuracy']:.2%}, low path "
-        f"{joint['joint_low_test_accuracy']:.2%}; at the threshold chosen on "
-        f"calibration ({c['threshold']:.2f}): {c['accuracy']:.2%} at "
-        f"{c['macs_fraction']:.3f} of the MACs ({c['exit_low']:.1%} exit low).",
-        "",
-        "| threshold | test acc | MACs | exit at low res |",
-        "|---|---|---|---|",
-    ]
-    for c in joint["test_curve"]:
-        lines.append(
-            f"| {c['threshold']:.2f} | {c['accuracy']:.2%} | "
-            f"{c['macs_fraction']:.3f} | {c['exit_low']:.1%} |"
-        )
-    return lines
+# --- the report --------------------------------------------------------------------------------
 
 
 def _partial_cell(row: dict) -> str:
-    """The blocks neither all on nor all off (runs before session 5 did not record them)."""
+    """The blocks neither all on nor all off (older results files do not record them)."""
     if not row.get("partial_blocks"):
         return "-"
     return (
@@ -612,158 +334,197 @@ def _partial_cell(row: dict) -> str:
     )
 
 
-def render(latency_json: str | None, cifar_json: str | None) -> str:
-    """Markdown tables of the results (what benchmarks/spatial.md shows)."""
+def latency_tables(data: dict) -> list[str]:
     lines: list[str] = []
-    if latency_json:
-        data = json.loads(Path(latency_json).read_text())
-        for res in data["results"]:
-            lines += [
-                f"#### {res['model']}, {res['granularity']} masks "
-                f"({res['masked_blocks']} masked blocks = {res['masked_share_of_macs']:.0%} of "
-                f"the MACs; tiles {sorted(set(res['tiles']))}; skipped {res['skipped_blocks']})",
-                "",
-                "| density (realized) | block MACs | masked blocks dense / sparse, CPU ms | "
-                "speed-up CPU (wall) | ideal 1/MACs | partially masked blocks: count, "
-                "density, speed-up | whole net dense / dynamic, CPU ms |",
-                "|---|---|---|---|---|---|---|",
-            ]
+    for res in data["results"]:
+        lines += [
+            f"#### {res['model']}, {res['granularity']} masks "
+            f"({res['masked_blocks']} masked blocks = {res['masked_share_of_macs']:.0%} of "
+            f"the MACs; tiles {sorted(set(res['tiles']))}; skipped {res['skipped_blocks']})",
+            "",
+            "| density (realized) | block MACs | masked blocks dense / sparse, CPU ms | "
+            "speed-up CPU (wall) | ideal 1/MACs | partially masked blocks: count, "
+            "density, speed-up | whole net dense / dynamic, CPU ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["rows"]:
+            for key in ("blocks_dense", "blocks_sparse", "net_dense", "net_dynamic"):
+                r.setdefault(f"{key}_cpu_ms", r[f"{key}_ms"])  # wall-only older runs
+            r.setdefault("cpu_speedup", r["speedup"])
+            name = f"{r['density']:.2f} ({r['realized_density']:.2f})"
+            if r["dense_fallback"]:
+                name += ", dense fallback"
+            lines.append(
+                f"| {name} | {r['macs_fraction']:.2f} | {r['blocks_dense_cpu_ms']:.1f} / "
+                f"{r['blocks_sparse_cpu_ms']:.1f} | **{r['cpu_speedup']:.2f}x** "
+                f"({r['speedup']:.2f}x) | {1 / max(r['macs_fraction'], 1e-9):.2f}x | "
+                f"{_partial_cell(r)} | "
+                f"{r['net_dense_cpu_ms']:.1f} / {r['net_dynamic_cpu_ms']:.1f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _row_at(data: dict, model: str, granularity: str, density: float) -> dict | None:
+    for res in data["results"]:
+        if res["model"] == model and res["granularity"] == granularity:
             for r in res["rows"]:
-                for key in ("blocks_dense", "blocks_sparse", "net_dense", "net_dynamic"):
-                    r.setdefault(f"{key}_cpu_ms", r[f"{key}_ms"])  # wall-only older runs
-                r.setdefault("cpu_speedup", r["speedup"])
-                name = f"{r['density']:.2f} ({r['realized_density']:.2f})"
-                if r["dense_fallback"]:
-                    name += ", dense fallback"
-                lines.append(
-                    f"| {name} | {r['macs_fraction']:.2f} | {r['blocks_dense_cpu_ms']:.1f} / "
-                    f"{r['blocks_sparse_cpu_ms']:.1f} | **{r['cpu_speedup']:.2f}x** "
-                    f"({r['speedup']:.2f}x) | {1 / max(r['macs_fraction'], 1e-9):.2f}x | "
-                    f"{_partial_cell(r)} | "
-                    f"{r['net_dense_cpu_ms']:.1f} / {r['net_dynamic_cpu_ms']:.1f} |"
-                )
-            lines.append("")
-    if cifar_json:
-        data = json.loads(Path(cifar_json).read_text())
-        for res in data["results"]:
-            if "variants" not in res["resolution"]:  # a --joint-only run
-                lines += [f"#### {res['model']}", ""]
-                lines += [
-                    f"Static: original weights {res['original_test_accuracy']:.2%}, BN-adapted "
-                    f"{res['static_test_accuracy']:.2%} on test."
-                ]
-                lines += [*_joint_lines(res["resolution"]["joint"]), ""]
-                continue
-            lines += [
-                f"#### {res['model']}",
-                "",
-                f"Static: original weights {res['original_test_accuracy']:.2%}, BN-adapted "
-                f"(the baseline below) {res['static_test_accuracy']:.2%} on test.",
-                "",
-                "| resolution variant | low-res test acc | threshold (chosen on calib.) | "
-                "test acc | MACs | exit at low res |",
-                "|---|---|---|---|---|---|",
-            ]
-            for key, v in res["resolution"]["variants"].items():
-                c = v["test_at_chosen"]
-                lines.append(
-                    f"| {key} | {v['low_test_accuracy']:.2%} | {c['threshold']:.2f} | "
-                    f"{c['accuracy']:.2%} | {c['macs_fraction']:.3f} | {c['exit_low']:.1%} |"
-                )
-            lines += ["", "Resolution cascade (fine-tuned low BN + head), test curve:", ""]
-            lines += ["| threshold | test acc | MACs | exit at low res |", "|---|---|---|---|"]
-            for c in res["resolution"]["variants"]["finetuned_bn"]["test_curve"]:
-                lines.append(
-                    f"| {c['threshold']:.2f} | {c['accuracy']:.2%} | {c['macs_fraction']:.3f} | "
-                    f"{c['exit_low']:.1%} |"
-                )
-            if res["resolution"].get("joint"):
-                lines += _joint_lines(res["resolution"]["joint"])
-            e = res["resolution"]["eager_check"]
-            lines += [
-                "",
-                f"Eager cascade at the chosen threshold (real forward, real `last_macs`): "
-                f"{e['accuracy']:.2%}, MACs {e['macs_fraction']:.3f}.",
-                "",
-                "| spatial masks | threshold | test acc | MACs (real, incl. halo/mask units) | "
-                "mean density |",
-                "|---|---|---|---|---|",
-            ]
-            for gran, v in res["spatial_masks"].items():
-                for r in v["test"]:
-                    lines.append(
-                        f"| {gran} ({v['masked_blocks']} blocks, {v['masked_share_of_macs']:.0%} "
-                        f"of MACs) | {r['threshold']:.2f} | {r['accuracy']:.2%} | "
-                        f"{r['macs_fraction']:.3f} | {r['mean_density']:.2f} |"
-                    )
-            lat = res["latency_ms_batch1"]
-            names = [k for k in lat if not k.startswith("cpu_")]
-            lines += [
-                "",
-                "Batch-1 latency, mean over test images, CPU ms (wall ms): "
-                + ", ".join(f"{k} {lat['cpu_' + k]:.2f} ({lat[k]:.2f})" for k in names),
-                "",
-            ]
-    return "\n".join(lines)
+                if r["density"] == density and not r["dense_fallback"]:
+                    return r
+    return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    lat = sub.add_parser("latency")
-    lat.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    lat.add_argument("--granularities", nargs="+", default=["region", "pixel"])
-    lat.add_argument("--tile", type=int, default=8)
-    lat.add_argument(
-        "--densities",
-        nargs="+",
-        type=float,
-        default=list(DENSITIES),
-        help="target mask densities (region tiles round: see the realized column)",
-    )
-    lat.add_argument("--reps", type=int, default=15)
-    lat.add_argument("--threads", type=int, default=1)
-    lat.add_argument("--out", default="/tmp/spatial_latency.json")
-    cif = sub.add_parser("cifar")
-    cif.add_argument("--data", default="../shared/data")
-    cif.add_argument("--models", nargs="+", default=["cifar_resnet32", "cifar_resnet44"])
-    cif.add_argument("--train-images", type=int, default=5000, help="KD images per model")
-    cif.add_argument("--mask-train-images", type=int, default=3000)
-    cif.add_argument("--mask-granularities", nargs="+", default=["pixel", "region"])
-    cif.add_argument("--latency-images", type=int, default=100)
-    cif.add_argument("--mask-budget", type=float, default=0.5)
-    cif.add_argument("--mask-lr", type=float, default=0.05)
-    cif.add_argument("--bn-images", type=int, default=2000)
-    cif.add_argument("--joint-models", nargs="*", default=["cifar_resnet44"])
-    cif.add_argument("--joint-epochs", type=int, default=2)
-    cif.add_argument("--joint-lr", type=float, default=0.001)
-    cif.add_argument("--joint-only", action="store_true", help="static baseline + joint only")
-    cif.add_argument("--mask-thresholds", nargs="+", type=float, default=[0.5, 0.3])
-    cif.add_argument("--margin", type=float, default=0.002, help="accuracy slack on calibration")
-    cif.add_argument("--test-images", type=int, default=0, help="0: all (smoke runs only)")
-    cif.add_argument("--threads", type=int, default=2)
-    cif.add_argument("--out", default="/tmp/spatial_cifar.json")
-    rep = sub.add_parser("report")
-    rep.add_argument("--latency")
-    rep.add_argument("--cifar")
-    args = parser.parse_args(argv)
-    if args.command == "report":
-        print(render(args.latency, args.cifar))
-        return
-    torch.set_num_threads(args.threads)
-    results = []
-    if args.command == "latency":
-        for model in args.models:
-            for granularity in args.granularities:
-                results.append(
-                    latency(model, granularity, args.tile, args.reps, 0, tuple(args.densities))
-                )
+def mask_headline(data: dict) -> list[str]:
+    cells = []
+    for model in ("resnet18", "resnet50"):
+        r = _row_at(data, model, "region", 0.25)
+        if r is not None:
+            part = (
+                f", partially masked blocks alone {r['partial_cpu_speedup']:.2f}x"
+                if r.get("partial_blocks")
+                else ""
+            )
+            cells.append(
+                f"{model} **{r['cpu_speedup']:.2f}x** (realized density "
+                f"{r['realized_density']:.2f}{part})"
+            )
+    if not cells:
+        return []
+    return [
+        "**Current result:** region masks at a MAC-weighted density of 0.25, 224x224, batch 1: "
+        "the masked blocks run " + "; ".join(cells) + " faster than dense (target 1.5x).",
+        "",
+    ]
+
+
+def _baseline_note(meta: dict) -> list[str]:
+    """A baseline measured by another run than the rest of the results file."""
+    base = meta.get("baseline")
+    if not base:
+        return []
+    return [
+        f"The baseline ({base['what']}) was measured by a separate run, recorded in commit "
+        f"{base['recorded_in_commit']}: `{base['command']}`.",
+        "",
+    ]
+
+
+def resolution_section() -> list[str]:
+    result = read_result(RESULTS["resolution"])
+    lines = ["## The resolution cascade on CIFAR ResNet-44, trained like the early exits", ""]
+    if result is None:
+        return lines + missing(
+            RESULTS["resolution"], "python -m benchmarks spatial --part resolution"
+        )
+    r = result.data["cifar_resnet44"]
+    base = r.get("static_ft_acc")
+    phase = r.get("joint") or r["heads"]
+    within = cifar10.within_half_point(phase["curve"], {"ft": base} if base else {})
+    best = within.get("ft")
+    lines += [
+        f"**Current result:** within 0.5 points of the static network fine-tuned as long "
+        f"({pct(base)} %, {r.get('static_ft_epochs')} epochs) at **{cifar10._frac(best)} of the "
+        "MACs** (target: at <= 0.60); the low-resolution pass alone "
+        f"{pct(phase['per_exit_test_acc'][0])} % at {phase['exit_macs'][0]:.2f} of the MACs; "
+        f"original network {pct(r['static_original_acc'])} %.",
+        "",
+        *provenance(result),
+        *_baseline_note(result.metadata),
+        "| model (cifar10/test) | accuracy | MACs (of static) |",
+        "| --- | --- | --- |",
+        f"| original static network | {pct(r['static_original_acc'])} % | 1.000 |",
+        f"| static network fine-tuned {r.get('static_ft_epochs')} epochs (the baseline) | {pct(base)} % | 1.000 |",
+    ]
+    for name in ("heads", "joint"):
+        if name in r:
+            m = r[name]
+            lines.append(
+                f"| cascade after {name} ({m['epochs']} ep): low-resolution pass alone | "
+                f"{pct(m['per_exit_test_acc'][0])} % | {m['exit_macs'][0]:.3f} |"
+            )
+            lines.append(
+                f"| cascade after {name}: full-resolution pass alone | "
+                f"{pct(m['per_exit_test_acc'][-1])} % | 1.000 |"
+            )
+    for p in phase["curve"]:
+        if p["budget"] in (0.4, 0.6):
+            lines.append(
+                f"| cascade at budget {p['budget']} (thresholds chosen on calibration) | "
+                f"{pct(p['test_acc'])} % | {p['test_macs']:.3f} |"
+            )
+    d = phase.get("max_drop_0.005")
+    if d:
+        lines.append(
+            f"| cascade at `max_drop=0.005` (calibration) | {pct(d['test_acc'])} % | {d['test_macs']:.3f} |"
+        )
+    lines += [
+        "",
+        "Calibrated curve (budget on the calibration split -> test):",
+        "",
+        "| budget | calib MACs | calib acc | test MACs | test acc |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in phase["curve"]:
+        if round(p["budget"] * 40) == p["budget"] * 40 and p["budget"] >= 0.3:
+            lines.append(
+                f"| {p['budget']:.4g} | {p['calib_macs']:.3f} | {pct(p['calib_acc'])} | "
+                f"{p['test_macs']:.3f} | {pct(p['test_acc'])} |"
+            )
+    lines.append("")
+    lat = read_result(RESULTS["resolution-latency"])
+    if lat is not None:
+        lines += [
+            "Batch-1 eager latency (one thread, runs of 10 consecutive test images per model, "
+            "alternating with the original network, median of the rounds) at thresholds "
+            "calibrated for each budget:",
+            "",
+            "| budget | MACs | latency dyn / static | latency fall / MAC fall |",
+            "| --- | --- | --- | --- |",
+        ]
+        for b in lat.data["budgets"]:
+            lines.append(
+                f"| {b['budget']} | {b['macs_fraction']:.3f} | {b['dynamic_ms']:.2f} / "
+                f"{b['static_ms']:.2f} ms = {b['ratio']:.3f} | {b['fall']:.2f} |"
+            )
+        lines += ["", *provenance(lat)]
+    return lines
+
+
+def masks_section() -> list[str]:
+    result = read_result(RESULTS["masks"])
+    lines = ["## Pixel masks on CIFAR ResNet-44, mask units trained on 45,000 images", ""]
+    if result is None:
+        return lines + missing(RESULTS["masks"], "python -m benchmarks spatial --part masks")
+    r = result.data["cifar_resnet44"]
+    m = r["heads"]
+    lines += [
+        f"Original network {pct(r['static_original_acc'])} %. Pixel masks, the mask units alone "
+        f"trained by `dynify.finetune` in heads mode ({m['epochs']} epochs over "
+        f"{r['train_images']} fit images), the mask threshold calibrated for each budget by "
+        "`dynify.calibrate`'s sweep, then the real sparse forward on `cifar10/test`:",
+        "",
+        "| budget | threshold | calibration MACs / acc. | test MACs | test accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in m["curve"]:
+        thr = p.get("threshold", p.get("thresholds", [None])[0])
+        lines.append(
+            f"| {p['budget']} | {thr:.3f} | {p['calib_macs']:.3f} / {pct(p['calib_acc'])} % | "
+            f"{p['test_macs']:.3f} | {pct(p['test_acc'])} % |"
+        )
+    return [*lines, "", *provenance(result)]
+
+
+def render() -> str:
+    lines = ["# Spatial strategies: spatial masks and the resolution cascade", ""]
+    lat = read_result(RESULTS["latency"])
+    lines += ["## Masked-block latency at 224x224, batch 1", ""]
+    if lat is None:
+        lines += missing(RESULTS["latency"], "python -m benchmarks spatial --part latency")
     else:
-        results = run_cifar(args)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print("wrote", args.out)
-
-
-if __name__ == "__main__":
-    main()
+        lines += mask_headline(lat.data)
+        lines += provenance(lat)
+        lines += latency_tables(lat.data)
+    lines += resolution_section()
+    lines += masks_section()
+    return "\n".join(lines) + "\n"

@@ -13,21 +13,29 @@ from dynify.export.artifact import load, save
 from dynify.passes import strategy_names
 from dynify.report import evaluate
 from dynify.runtime.model import DynamicModel
+from dynify.train.baseline import finetune_static
 from dynify.train.calibrate import calibrate
 from dynify.train.distill import finetune
+from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
+from dynify.zoo import build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DynamicModel",
     "DynifyError",
+    "OperatingPoint",
+    "build_model",
     "calibrate",
+    "choose_operating_point",
     "convert",
     "evaluate",
     "export_onnx",
     "export_pt2",
     "finetune",
+    "finetune_static",
     "load",
+    "operating_points",
     "save",
     "strategy_names",
 ]

@@ -1,0 +1,73 @@
+"""dynify's benchmark suite: thin scripts over the public API, results with their metadata,
+reports rendered from the results.
+
+    python -m benchmarks --list              # every suite and the report it writes
+    python -m benchmarks NAME [options]      # run one suite; results/NAME*.json, then its report
+    python -m benchmarks NAME --quick        # a tiny end-to-end run (results to a temp folder)
+    python -m benchmarks render [NAME ...]   # rewrite the reports from results/
+
+A suite is a module of this package with `add_arguments(parser)`, `apply_quick(args)`,
+`run(args) -> {result name: figures}` and `render() -> markdown`; it is registered in `SUITES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A registered suite: its module, the report it renders and what it measures."""
+
+    name: str
+    report: str
+    measures: str
+
+    @property
+    def report_path(self) -> Path:
+        return HERE / self.report
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"benchmarks.{self.name}")
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in [
+        Suite(
+            "convert_all",
+            "convert_all.md",
+            "every torchvision classification model (and the CIFAR ResNets, a sample of timm) "
+            "converts with early exits; static mode equals the original",
+        ),
+        Suite(
+            "latency",
+            "latency.md",
+            "batch-1 latency at each forced early exit against its MAC share, eager PyTorch "
+            "and ONNX Runtime",
+        ),
+        Suite(
+            "cifar10",
+            "cifar10.md",
+            "early exits on pretrained CIFAR ResNets: accuracy vs MACs on JPEG CIFAR-10, "
+            "against the static network fine-tuned as long",
+        ),
+        Suite(
+            "block_gates",
+            "block_gates.md",
+            "block gates (function, halting, policy) on CIFAR ResNet-32/44: accuracy, MACs "
+            "and batch-1 latency at a calibrated operating point",
+        ),
+        Suite(
+            "spatial",
+            "spatial.md",
+            "spatial masks: masked-block latency at fixed densities; the resolution cascade "
+            "and pixel masks trained and calibrated on CIFAR-10",
+        ),
+    ]
+}

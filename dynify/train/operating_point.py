@@ -1,0 +1,157 @@
+"""Operating points: thresholds chosen on calibration data, what they reach on test data,
+and the rule that picks the one to report.
+
+`calibrate` sets one operating point; a benchmark (or a deployment choosing its trade-off)
+needs the whole curve measured honestly: each point is chosen on the calibration data alone and
+then measured on data nothing was fitted on. Early-exit models are measured from one pass of
+cached exit logits per data set (the runtime's rule simulated exactly); other strategies by real
+forward passes through the contract's scalar threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dynify.errors import DynifyError
+from dynify.runtime.model import DynamicModel
+from dynify.train.batches import Preprocessing
+from dynify.train.calibrate import calibrate
+from dynify.train.exit_outputs import collect_outputs, data_batches, has_exits
+from dynify.train.scalar_sweep import measure
+from dynify.train.threshold_search import simulate
+
+__all__ = ["OperatingPoint", "choose_operating_point", "operating_points"]
+
+
+@dataclass
+class OperatingPoint:
+    """Thresholds chosen for `target` on calibration data, and what they reach on both sets."""
+
+    target: dict[str, float]
+    thresholds: list[float]
+    temperatures: list[float]
+    calibration_accuracy: float
+    calibration_macs: float
+    test_accuracy: float
+    test_macs: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def operating_points(
+    dyn: DynamicModel,
+    calibration: Any,
+    test: Any,
+    *,
+    budgets: Iterable[float] = (),
+    max_drops: Iterable[float] = (),
+    thresholds: Iterable[float] = (),
+    batch_size: int = 256,
+    preprocessing: Preprocessing | None = None,
+) -> list[OperatingPoint]:
+    """One point per target: per MAC `budget` and per `max_drop` the thresholds `calibrate`
+    chooses on `calibration`, per scalar threshold in `thresholds` that threshold itself; each
+    measured on `calibration` and `test`. Targets the calibration data cannot meet are left
+    out. `dyn`'s thresholds and temperatures are restored afterwards."""
+    cal = data_batches(dyn, calibration, batch_size=batch_size, preprocessing=preprocessing)
+    tst = data_batches(dyn, test, batch_size=batch_size, preprocessing=preprocessing)
+    exits = has_exits(dyn)
+    if exits:
+        cal_out, test_out = collect_outputs(dyn, cal), collect_outputs(dyn, tst)
+
+        def reach(_: Any) -> tuple[float, float]:
+            acc, macs, _ = simulate(dyn, test_out)
+            return acc, macs
+
+        def reach_cal() -> tuple[float, float]:
+            acc, macs, _ = simulate(dyn, cal_out)
+            return acc, macs
+    else:
+        cal_out = cal
+
+        def reach(_: Any) -> tuple[float, float]:
+            acc, macs, _ = measure(dyn, tst)
+            return acc, macs
+
+        def reach_cal() -> tuple[float, float]:
+            acc, macs, _ = measure(dyn, cal)
+            return acc, macs
+
+    saved_thresholds = dyn.thresholds.clone()
+    temperatures = getattr(dyn, "temperatures", None)
+    saved_temperatures = temperatures.clone() if temperatures is not None else None
+    points: list[OperatingPoint] = []
+    targets = [{"budget": float(b)} for b in budgets] + [{"max_drop": float(d)} for d in max_drops]
+    try:
+        for target in targets:
+            try:
+                result = calibrate(dyn, cal_out, **target)
+            except DynifyError:
+                continue
+            test_acc, test_macs = reach(None)
+            points.append(
+                OperatingPoint(
+                    target,
+                    [float(t) for t in result.thresholds],
+                    [float(t) for t in result.temperatures],
+                    result.accuracy,
+                    result.macs_fraction,
+                    test_acc,
+                    test_macs,
+                )
+            )
+        if saved_temperatures is not None:
+            dyn.temperatures.copy_(saved_temperatures)
+        for t in thresholds:
+            dyn.set_thresholds(float(t))
+            cal_acc, cal_macs = reach_cal()
+            test_acc, test_macs = reach(None)
+            points.append(
+                OperatingPoint(
+                    {"threshold": float(t)},
+                    [float(v) for v in dyn.thresholds.flatten()],
+                    [float(v) for v in temperatures] if temperatures is not None else [],
+                    cal_acc,
+                    cal_macs,
+                    test_acc,
+                    test_macs,
+                )
+            )
+    finally:
+        dyn.thresholds.copy_(saved_thresholds)
+        if saved_temperatures is not None:
+            dyn.temperatures.copy_(saved_temperatures)
+    return points
+
+
+def choose_operating_point(
+    points: Sequence[OperatingPoint],
+    *,
+    max_macs: float | None = None,
+    min_accuracy: float | None = None,
+) -> OperatingPoint:
+    """The point to report, judged on calibration figures only (never on test).
+
+    `max_macs`: the most accurate point within that MAC fraction (a tie goes to fewer MACs);
+    if none fits, the cheapest. `min_accuracy`: the cheapest point at least that accurate; if
+    none is, the most accurate. Exactly one of the two.
+    """
+    if (max_macs is None) == (min_accuracy is None):
+        raise DynifyError("Choose an operating point by exactly one of max_macs or min_accuracy.")
+    if not points:
+        raise DynifyError("There are no operating points to choose from.")
+    if max_macs is not None:
+        within = [p for p in points if p.calibration_macs <= max_macs]
+        if not within:
+            return min(points, key=lambda p: p.calibration_macs)
+        return max(within, key=lambda p: (p.calibration_accuracy, -p.calibration_macs))
+    good = [p for p in points if p.calibration_accuracy >= min_accuracy]
+    if not good:
+        return max(points, key=lambda p: (p.calibration_accuracy, -p.calibration_macs))
+    return min(good, key=lambda p: (p.calibration_macs, -p.calibration_accuracy))

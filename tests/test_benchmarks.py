@@ -1,0 +1,140 @@
+"""The benchmark suite: its runner lists every suite with its report, a quick run goes end to
+end on data the test makes and writes results with their metadata, reports keep their
+hand-written part, and the suites' measurement helpers (which block a gate wraps, blocks
+removed for the latency ceiling, masks of a target density) are sound."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import dynify
+from benchmarks import SUITES, block_gates, spatial
+from benchmarks.__main__ import list_suites, main
+from benchmarks.report import HAND_WRITTEN, write_report
+from dynify.models.cifar_resnet import BasicBlock, cifar_resnet20
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def test_list_names_every_suite_with_the_report_it_writes(capsys):
+    main(["--list"])
+    out = capsys.readouterr().out
+    assert out.strip() == list_suites().strip()
+    for name in ("convert_all", "latency", "cifar10", "block_gates", "spatial"):
+        assert name in SUITES
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert f"benchmarks/{SUITES[name].report}" in line
+        assert SUITES[name].report_path.exists()
+        assert callable(SUITES[name].module().render)
+
+
+def test_unknown_suite_is_refused_with_the_list():
+    with pytest.raises(SystemExit, match="Unknown suite 'nope'"):
+        main(["nope"])
+
+
+def _jpeg(seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cifar_like(tmp_path: Path) -> Path:
+    """A tiny stand-in for the shared data folder: the zip layout and a ResNet-20 checkpoint."""
+    with zipfile.ZipFile(tmp_path / "cifar10-jpeg.zip", "w") as zf:
+        for split, per_class in (("train", 30), ("test", 6)):
+            for c, name in enumerate(CLASSES):
+                for i in range(per_class):
+                    zf.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", _jpeg(c * 1000 + i))
+    (tmp_path / "pretrained").mkdir()
+    state = {f"module.{k}": v for k, v in cifar_resnet20().state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "pretrained" / "resnet20-12fca82f.th")
+    return tmp_path
+
+
+def test_quick_cifar10_runs_end_to_end_and_records_its_metadata(cifar_like, tmp_path):
+    report = SUITES["cifar10"].report_path
+    before = report.read_text()
+    results = tmp_path / "results"
+    argv = ["cifar10", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--static-epochs", "0"])
+    payload = json.loads((results / "cifar10.json").read_text())
+    meta = payload["metadata"]
+    assert payload["suite"] == "cifar10"
+    assert meta["command"].startswith("python -m benchmarks cifar10 --quick --data ")
+    for key in ("commit", "torch", "torchvision", "onnxruntime", "threads", "cpu", "date"):
+        assert meta[key], key
+    assert meta["torch"] == torch.__version__
+    net = payload["data"]["cifar_resnet20"]
+    assert net["train_images"] == 270 and net["calib_images"] == 30 and net["test_images"] == 60
+    assert 0.0 <= net["static_original_acc"] <= 1.0 and "static_ft_acc" not in net
+    heads = net["heads"]
+    assert heads["epochs"] == 1 and heads["curve"]
+    for point in heads["curve"]:  # thresholds chosen on calibration, measured on test
+        assert 0.0 < point["test_macs"] <= 1.1 and 0.0 <= point["test_acc"] <= 1.0
+    drop = heads["max_drop_0.005"]
+    assert sum(drop["exit_histogram"]) == 60
+    assert report.read_text() == before  # a quick run never replaces a published report
+
+
+def test_a_report_keeps_its_hand_written_part(tmp_path):
+    path = tmp_path / "r.md"
+    path.write_text("old generated\n\n" + HAND_WRITTEN + "\n\nreading by hand\n")
+    write_report(path, "# New figures\n")
+    text = path.read_text()
+    assert "old generated" not in text and "# New figures" in text
+    assert text.endswith(HAND_WRITTEN + "\n\nreading by hand\n")
+
+
+def test_every_published_report_renders_from_results_with_its_command():
+    for suite in SUITES.values():
+        rendered = suite.module().render()
+        assert "Reproduce" in rendered and "```" in rendered, suite.name
+        assert "session" not in rendered.lower(), suite.name
+
+
+@pytest.mark.parametrize("kind", ["function", "halting", "policy"])
+def test_each_gate_maps_to_the_residual_block_it_wraps(kind):
+    model = cifar_resnet20().eval()
+    dyn = dynify.convert(model, "block-gates", torch.randn(1, 3, 32, 32), options={"gate": kind})
+    blocks = [block_gates.gated_block(gate) for gate in dyn.gates]
+    assert len(set(blocks)) == len(blocks)
+    assert all(isinstance(model.get_submodule(b), BasicBlock) for b in blocks)
+    if kind == "halting":  # a stage's first block is never gated under halting
+        assert not any(b.endswith(".0") for b in blocks)
+    ceiling = block_gates.without_blocks(model, blocks)
+    assert not any(isinstance(ceiling.get_submodule(b), BasicBlock) for b in blocks)
+    assert isinstance(model.get_submodule(blocks[0]), BasicBlock)  # the original is untouched
+    # the ceiling computes what the gated model computes with those blocks skipped
+    dyn.thresholds.fill_(0.0)  # every gate closed (halting: every stage halts at once)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        skipped = dyn(x)
+        assert dyn.last_gates.sum() == 0
+        torch.testing.assert_close(ceiling(x), skipped)
+    with pytest.raises(ValueError, match="not a residual block"):
+        block_gates.without_blocks(model, ["layer1.0.conv1"])
+
+
+@pytest.mark.parametrize("granularity", ["region", "pixel"])
+@pytest.mark.parametrize("density", [0.25, 0.5])
+def test_fixed_masks_realize_the_target_mac_weighted_density(granularity, density):
+    dyn = dynify.convert(
+        "cifar_resnet20", "spatial-masks", weights="random", options={"granularity": granularity}
+    )
+    masks = spatial.fixed_masks(dyn, density, seed=0)
+    assert [m.shape[1:] for m in masks] == [tuple(w.units()) for w in dyn.wrappers]
+    total = sum(w.branch_macs for w in dyn.wrappers)
+    coarsest_tile = max(w.branch_macs / (w.units()[0] * w.units()[1]) for w in dyn.wrappers)
+    assert abs(spatial.realized_density(dyn, masks) - density) <= coarsest_tile / total
+    assert spatial.fixed_masks(dyn, density, seed=0)[0].equal(masks[0])  # seeded
