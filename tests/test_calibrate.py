@@ -202,9 +202,7 @@ class ScalarKnob(DynamicModel):
     strategy = "toy"
 
     def __init__(self, model):
-        super().__init__(
-            static_macs=100, input_shape=(3, 16, 16), num_classes=5, thresholds=[0.5]
-        )
+        super().__init__(static_macs=100, input_shape=(3, 16, 16), num_classes=5, thresholds=[0.5])
         self.model = model
 
     def describe(self):
