@@ -278,7 +278,7 @@ def test_onnx_export_parity_and_skipping(kind, tmp_path):
     model = two_stages()
     x = torch.randn(3, 3, 16, 16) * torch.exp(torch.randn(3, 1, 1, 1))
     dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
-    face = dyn.export_module().eval()
+    face = dyn.export_face().eval()
     ep = torch.export.export(
         face,
         (x[:2], dyn.thresholds.clone()),

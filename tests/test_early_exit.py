@@ -217,7 +217,7 @@ def test_conv_head_on_tokens_and_unknown_head_kind_are_clear_errors(tiny_model, 
 def test_conv_head_folds_batch_norm_at_inference_only():
     """Eval + no_grad: the conv head runs with its BN folded into the conv, giving the module
     path's logits; the cache follows in-place weight changes; training keeps gradients."""
-    from dynify.runtime.modules import ExitHead
+    from dynify.runtime.heads import ExitHead
 
     torch.manual_seed(0)
     head = randomize_bn(ExitHead((16, 8, 8), 10, "channels_first", pool=2, conv=24))
@@ -241,7 +241,7 @@ def test_conv_head_folds_batch_norm_at_inference_only():
 def test_folded_head_pools_and_bottleneck_like_the_module_path(shape, pool, hidden):
     """The folded fast path (channels-last conv, plain or adaptive pool, bottleneck) computes
     the module path's logits, also when the map does not divide by the pool size."""
-    from dynify.runtime.modules import ExitHead
+    from dynify.runtime.heads import ExitHead
 
     torch.manual_seed(1)
     head = randomize_bn(ExitHead(shape, 10, "channels_first", pool=pool, hidden=hidden, conv=24))
@@ -256,7 +256,7 @@ def test_folded_head_pools_and_bottleneck_like_the_module_path(shape, pool, hidd
 
 @pytest.mark.parametrize("kind", ["confidence", "entropy"])
 def test_python_exit_score_equals_the_tensor_path(kind):
-    from dynify.runtime.policy import exit_score_one, exit_scores
+    from dynify.runtime.decisions import exit_score_one, exit_scores
 
     logits = torch.randn(200, 10) * torch.rand(200, 1) * 8
     logits[0] = 0.0  # uniform: entropy score 0, confidence 1 / C
@@ -271,7 +271,7 @@ def test_python_exit_score_equals_the_tensor_path(kind):
 def test_batch_one_decides_a_tie_exactly_like_the_tensor_path():
     """A threshold equal to the sample's float32 score exits it (>=), one a float32 step above
     does not: the batch-1 path decides in Python floats but settles ties with `exit_scores`."""
-    from dynify.runtime.policy import exit_scores
+    from dynify.runtime.decisions import exit_scores
 
     torch.manual_seed(0)
     model = randomize_bn(cifar_resnet20())
@@ -301,3 +301,118 @@ def test_batch_one_records_are_read_back_and_replaced(tiny_model, tiny_input):
     assert dyn.last_exit.tolist() == [dyn.num_exits] * 3
     assert dyn.last_macs.tolist() == [dyn.exit_macs()[-1]] * 3
     assert dyn.mean_macs_fraction() == dyn.exit_macs()[-1] / dyn.static_macs
+
+
+def test_last_macs_is_what_flop_counter_counts_for_the_work_that_ran(tiny_model, tiny_input):
+    """The cost ledger: per-sample MACs charged from the front end's counts add up to what
+    FlopCounterMode counts for the segments and heads that really ran, sample by sample and
+    for a batch whose samples leave at different exits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dyn = trained_heads(
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    ).eval()
+    with torch.no_grad():
+        scores = [torch.softmax(lg, -1).max(-1).values for lg in dyn.exit_logits(tiny_input)]
+    dyn.set_thresholds([float(s.median()) for s in scores[:-1]])
+    for x in [tiny_input[:1], tiny_input[1:2], tiny_input]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dyn(x)
+        assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2
+    assert len(set(dyn.last_exit.tolist())) > 1  # the batch did split
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, dyn.static():
+        dyn(tiny_input)
+    assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("policy", ["confidence", "entropy"])
+def test_non_finite_scores_leave_and_a_forced_exit_holds_for_every_input(
+    tiny_model, tiny_input, policy
+):
+    """NaN, inf and huge inputs make the exit scores NaN: that counts as certain, so such a
+    sample leaves at the first exit that is switched on, and a forced exit (a MAC cap) holds,
+    batched and at batch 1 alike."""
+    dyn = trained_heads(
+        dynify.convert(
+            tiny_model, example_input=tiny_input[:1], options={"exits": 2, "policy": policy}
+        )
+    ).eval()
+    x = tiny_input.clone()
+    for i, value in enumerate([float("nan"), float("inf"), float("-inf"), 3e38]):
+        x[i, 0, 3, 3] = value
+    cap = dyn.exit_macs()[1]
+    for thresholds, expected in [([1.01, 0.0], 1), ([1.01, 1.01], 2)]:
+        dyn.set_thresholds(thresholds)
+        with torch.no_grad():
+            dyn(x)
+            batched = dyn.last_exit.tolist()
+            alone = []
+            for sample in x:
+                dyn(sample[None])
+                alone.append(int(dyn.last_exit[0]))
+        assert batched == alone
+        if expected == 1:
+            assert batched == [1] * len(x) and int(dyn.last_macs.max()) <= cap
+    dyn.set_thresholds([0.99, 0.99])
+    with torch.no_grad():
+        dyn(x[:4])
+    assert dyn.last_exit.tolist() == [0, 0, 0, 0]
+
+
+def test_set_thresholds_refuses_a_wrong_count_and_non_finite_values(tiny_model, tiny_input):
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    before = dyn.thresholds.clone()
+    for bad in ([0.5], [0.5, 0.5, 0.5], [0.5, float("nan")], float("inf")):
+        with pytest.raises(StrategyError):
+            dyn.set_thresholds(bad)
+    assert torch.equal(dyn.thresholds, before)
+    dyn.set_thresholds(torch.tensor([0.2, 0.3]))
+    assert dyn.thresholds.tolist() == pytest.approx([0.2, 0.3])
+
+
+def test_static_mode_and_records_are_per_thread(tiny_model, tiny_input):
+    """A thread inside `static()` leaves other threads' calls dynamic, and `last_macs` /
+    `last_exit` read after a call are that call's, with calls running concurrently."""
+    import copy
+    import threading
+
+    dyn = trained_heads(
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    ).eval()
+    dyn.set_thresholds(0.0)  # dynamic: everyone leaves at exit 0
+    with torch.no_grad():
+        dynamic_out = {n: dyn(tiny_input[:n]) for n in (1, 3)}
+        with dyn.static():
+            static_out = dyn(tiny_input)
+    assert not torch.allclose(dynamic_out[3], static_out[:3])
+    inside, errors = threading.Event(), []
+
+    def hold_static() -> None:
+        with torch.no_grad(), dyn.static():
+            inside.set()
+            for _ in range(20):
+                if not torch.equal(dyn(tiny_input), static_out):
+                    errors.append("static thread got a dynamic output")
+                if dyn.last_macs.tolist() != [dyn.static_macs] * len(tiny_input):
+                    errors.append("static thread read another call's last_macs")
+
+    def run_dynamic(n: int) -> None:
+        inside.wait()
+        x = tiny_input[:n]
+        with torch.no_grad():
+            for _ in range(20):
+                if not torch.equal(dyn(x), dynamic_out[n]):
+                    errors.append("dynamic thread got a static output")
+                if dyn.last_exit.tolist() != [0] * n:
+                    errors.append("dynamic thread read another call's last_exit")
+
+    threads = [threading.Thread(target=hold_static)]
+    threads += [threading.Thread(target=run_dynamic, args=(n,)) for n in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not dyn.is_static
+    twin = copy.deepcopy(dyn)  # the per-thread records do not travel with a copy
+    assert twin.last_macs is None and not twin.is_static

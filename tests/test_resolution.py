@@ -178,9 +178,51 @@ def test_export_puts_the_full_pass_under_an_if(model, x, tmp_path):
     from dynify.export.verify import count_executed_ops
 
     dyn = convert(model)
-    result = write_onnx(dyn.export_module(), x[:2], tmp_path / "r.onnx", reference=dyn)
+    result = write_onnx(dyn.export_face(), x[:2], tmp_path / "r.onnx", reference=dyn)
     assert result.report.ok  # ORT == the eager cascade, at thresholds 0, default and 1.01
     assert result.if_nodes >= 1
     low_only = count_executed_ops(result.path, x[:1], [0.0])
     both = count_executed_ops(result.path, x[:1], [1.01])
     assert both == 2 * low_only
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.01])
+def test_last_macs_is_what_flop_counter_counts_for_the_work_that_ran(model, x, threshold):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dyn = convert(model, low_head=True)
+    dyn.set_thresholds(threshold)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dyn(x)
+    assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("policy", ["confidence", "entropy"])
+def test_export_face_decides_like_the_eager_model_for_every_policy(model, x, policy):
+    from dynify.runtime.decisions import exit_scores
+
+    dyn = convert(model, policy=policy)
+    with torch.no_grad():
+        low = dyn.low_logits(x)
+    median = float(exit_scores(low, dyn.temperatures[0], policy).median())
+    face = dyn.export_face().eval()
+    for threshold in (0.0, median, 1.01):
+        dyn.set_thresholds(threshold)
+        with torch.no_grad():
+            eager = dyn(x)
+            logits, decisions = face(x, torch.tensor([threshold]))
+        assert torch.equal(decisions, dyn.last_exit)
+        torch.testing.assert_close(logits, eager)
+
+
+def test_training_loss_uses_its_own_temperature_unless_the_config_sets_one(model, x):
+    from dynify.train.losses import LossConfig
+
+    dyn = convert(model, distill_temperature=5.0)
+    teacher = torch.randn(len(x), 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        own = dyn.training_loss(x, teacher)[0]
+        same = dyn.training_loss(x, teacher, None, LossConfig(kd_temperature=5.0))[0]
+        other = dyn.training_loss(x, teacher, None, LossConfig(kd_temperature=3.0))[0]
+    assert torch.equal(own, same)
+    assert not torch.allclose(own, other)

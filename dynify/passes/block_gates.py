@@ -32,7 +32,7 @@ from dynify.runtime.gate_units import (
     PolicyNetwork,
 )
 from dynify.runtime.gates import GatedModel
-from dynify.runtime.modules import feature_layout
+from dynify.runtime.heads import feature_layout
 
 # Strategies that need residual blocks; the others apply to any network.
 _NEEDS_BLOCKS = {"block-gates", "spatial-masks"}

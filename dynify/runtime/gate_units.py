@@ -11,7 +11,7 @@ from torch import nn
 
 from dynify.errors import StrategyError
 from dynify.runtime.folding import folded_conv_bn, use_folded
-from dynify.runtime.modules import pool_to
+from dynify.runtime.heads import pool_to
 
 GATE_KINDS = ("function", "halting", "policy")
 ESTIMATORS = ("reinforce", "gumbel")

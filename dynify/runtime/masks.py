@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynify.runtime.mask_geometry import GRANULARITIES, check_branch, fit_tile
 from dynify.runtime.masks_export import SpatialMaskExport, export_spatial_onnx
 from dynify.runtime.model import DynamicModel
 from dynify.runtime.sparse_residual import MaskUnit, SparseResidual, gumbel_sigmoid_st
+from dynify.train.losses import LossConfig, density_term, distillation
 
 __all__ = [
     "GRANULARITIES",
@@ -25,41 +25,10 @@ __all__ = [
     "SpatialMaskExport",
     "SpatialMaskModel",
     "check_branch",
-    "distillation",
     "export_spatial_onnx",
     "fit_tile",
     "gumbel_sigmoid_st",
 ]
-
-
-def distillation(
-    logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor | None,
-    temperature: float,
-    label_weight: float,
-) -> tuple[Tensor, dict[str, float]]:
-    """KL to the teacher's softened distribution (x T^2), mixed with cross-entropy on labels
-    (>= 0) as (1 - label_weight) * kd + label_weight * ce, as the early-exit loss does."""
-    teacher = teacher_logits.detach().float()
-    kd = F.kl_div(
-        F.log_softmax(logits.float() / temperature, -1),
-        F.softmax(teacher / temperature, -1),
-        reduction="batchmean",
-    ) * (temperature**2)
-    known = None if labels is None else labels >= 0
-    use_labels = known is not None and bool(known.any()) and label_weight > 0
-    reference = labels if use_labels else teacher.argmax(-1)
-    hits = (logits.detach().argmax(-1) == reference).float()
-    stats = {
-        "kd": float(kd.detach()),
-        "acc": float(hits[known].mean() if use_labels else hits.mean()),
-    }
-    if not use_labels:
-        return kd, stats
-    ce = F.cross_entropy(logits[known].float(), labels[known])
-    stats["ce"] = float(ce.detach())
-    return (1.0 - label_weight) * kd + label_weight * ce, stats
 
 
 class SpatialMaskModel(DynamicModel):
@@ -87,7 +56,12 @@ class SpatialMaskModel(DynamicModel):
         distill_temperature: float = 4.0,
         sparsity_weight: float = 10.0,
     ):
-        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            static_macs=static_macs,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            thresholds=thresholds,
+        )
         self.net = net
         self.wrapper_names = list(wrapper_names)
         self.block_names = list(block_names)
@@ -95,7 +69,6 @@ class SpatialMaskModel(DynamicModel):
         self.budget = float(budget)
         self.distill_temperature = float(distill_temperature)
         self.sparsity_weight = float(sparsity_weight)
-        self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
         self.fixed_macs = self.static_macs - sum(w.branch_macs for w in self.wrappers)
 
     @property
@@ -105,16 +78,6 @@ class SpatialMaskModel(DynamicModel):
     @property
     def num_masks(self) -> int:
         return len(self.wrapper_names)
-
-    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
-        values = (
-            [float(thresholds)] * self.num_masks
-            if isinstance(thresholds, (int, float))
-            else [float(v) for v in thresholds]
-        )
-        if len(values) != self.num_masks:
-            raise ValueError(f"expected {self.num_masks} thresholds, got {len(values)}")
-        self.thresholds.copy_(torch.tensor(values))
 
     def train(self, mode: bool = True) -> SpatialMaskModel:
         """Only the mask units change mode: the backbone's batch norm keeps its statistics."""
@@ -183,10 +146,7 @@ class SpatialMaskModel(DynamicModel):
         x: Tensor,
         teacher_logits: Tensor | None,
         labels: Tensor | None = None,
-        budget: float | None = None,
-        *,
-        kd_temperature: float | None = None,
-        label_weight: float = 0.5,
+        config: LossConfig | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Distillation (+ labels) + sparsity_weight * (MAC-weighted density - target)^2.
 
@@ -196,21 +156,21 @@ class SpatialMaskModel(DynamicModel):
         option is the target density. Without `teacher_logits` the static network teaches.
         """
         self.check_input(x)
+        config = config or LossConfig()
         if teacher_logits is None:
             with torch.no_grad(), self.static():
                 teacher_logits = self(x)
         for wrapper in self.wrappers:
             wrapper.train_density = None
         logits = self(x)
-        loss, stats = distillation(
-            logits, teacher_logits, labels, kd_temperature or self.distill_temperature, label_weight
-        )
+        t = config.temperature(self.distill_temperature)
+        loss, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
         densities = [w.train_density for w in self.wrappers]
         if any(d is None for d in densities):
             raise RuntimeError("training_loss needs the mask units in train mode (call train()).")
         weights = torch.tensor([w.branch_macs for w in self.wrappers], dtype=torch.float32)
         mean_density = (torch.stack(densities) * weights).sum() / weights.sum()
-        sparsity = (mean_density - self.budget_density(budget)) ** 2
+        sparsity = density_term(mean_density, self.budget_density(config.budget), 1.0)
         loss = loss + self.sparsity_weight * sparsity
         stats.update(
             density=float(mean_density.detach()),
@@ -219,7 +179,7 @@ class SpatialMaskModel(DynamicModel):
         )
         return loss, stats
 
-    def export_module(self) -> nn.Module:
+    def export_face(self) -> SpatialMaskExport:
         """The export face: forward(x, thresholds) -> (logits, active units [B, num_masks]).
 
         Region masks export their real sparse path (NonZero, Gather, Conv on the gathered

@@ -13,6 +13,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynify.runtime.control import cond
+from dynify.runtime.model import ExportFace
+
 if TYPE_CHECKING:
     from dynify.runtime.masks import SpatialMaskModel
     from dynify.runtime.sparse_residual import SparseResidual
@@ -29,13 +32,11 @@ class _ExportResidual(nn.Module):
         self.units: Tensor | None = None
 
     def forward(self, x: Tensor, thresholds: Tensor) -> Tensor:
-        from dynify.runtime.cascade import cond as _cond
-
         w = self.wrapper
         active = torch.sigmoid(w.mask_unit(x)) > 1.0 - thresholds[self.index]
         self.units = active.flatten(1).sum(1)
         if w.granularity == "pixel":  # dense masked product, skipped when no pixel is active
-            return _cond(
+            return cond(
                 active.any(),
                 lambda x, active: w.dense_masked(x, active),
                 lambda x, active: x.new_zeros((x.shape[0], w.out_channels, *x.shape[-2:])),
@@ -68,14 +69,14 @@ class _ExportResidual(nn.Module):
         def skip(x: Tensor, active: Tensor, inside: Tensor) -> Tensor:
             return x.new_zeros(out_shape)
 
-        return _cond(active.any(), sparse, skip, (x, active, inside))
+        return cond(active.any(), sparse, skip, (x, active, inside))
 
 
-class SpatialMaskExport(nn.Module):
+class SpatialMaskExport(ExportFace):
     """The whole masked network for export, thresholds as an input."""
 
     def __init__(self, dyn: SpatialMaskModel):
-        super().__init__()
+        super().__init__(dyn.thresholds)
         replacements = {
             name: _ExportResidual(w, i)
             for i, (name, w) in enumerate(zip(dyn.wrapper_names, dyn.wrappers, strict=True))
@@ -98,14 +99,10 @@ class SpatialMaskExport(nn.Module):
                 root[node.target] = operator.attrgetter(node.target)(dyn.net)
         self.net = torch.fx.GraphModule(root, graph, "SpatialMaskExportNet")
         self.residuals = list(replacements.values())
-        self.register_buffer("thresholds", dyn.thresholds.detach().clone())
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        thr = self.thresholds if thresholds is None else thresholds
-        logits = self.net(x, thr.to(torch.float32))
+        logits = self.net(x, self.thresholds_or_default(thresholds))
         return logits, torch.stack([r.units for r in self.residuals], 1)
-
-    output_names = ("logits", "active_units")
 
 
 def export_spatial_onnx(
@@ -121,5 +118,5 @@ def export_spatial_onnx(
     from dynify.export.onnx import write_onnx
 
     return write_onnx(
-        dyn.export_module().eval(), example_input, path, dynamic_batch=dynamic_batch, reference=dyn
+        dyn.export_face().eval(), example_input, path, dynamic_batch=dynamic_batch, reference=dyn
     )

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from dynify.errors import DynifyError
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
-from dynify.train.exit_outputs import collect_outputs, data_batches, has_exits
+from dynify.train.exit_outputs import collect_outputs, data_batches
 from dynify.train.scalar_sweep import measure
 from dynify.train.threshold_search import simulate
 
@@ -61,7 +61,7 @@ def operating_points(
     out. `dyn`'s thresholds and temperatures are restored afterwards."""
     cal = data_batches(dyn, calibration, batch_size=batch_size, preprocessing=preprocessing)
     tst = data_batches(dyn, test, batch_size=batch_size, preprocessing=preprocessing)
-    exits = has_exits(dyn)
+    exits = isinstance(dyn, ExitCascade)
     if exits:
         cal_out, test_out = collect_outputs(dyn, cal), collect_outputs(dyn, tst)
 
@@ -84,8 +84,7 @@ def operating_points(
             return acc, macs
 
     saved_thresholds = dyn.thresholds.clone()
-    temperatures = getattr(dyn, "temperatures", None)
-    saved_temperatures = temperatures.clone() if temperatures is not None else None
+    saved_temperatures = dyn.temperatures.clone() if isinstance(dyn, ExitCascade) else None
     points: list[OperatingPoint] = []
     targets = [{"budget": float(b)} for b in budgets] + [{"max_drop": float(d)} for d in max_drops]
     try:
@@ -116,7 +115,7 @@ def operating_points(
                 OperatingPoint(
                     {"threshold": float(t)},
                     [float(v) for v in dyn.thresholds.flatten()],
-                    [float(v) for v in temperatures] if temperatures is not None else [],
+                    [float(v) for v in saved_temperatures] if saved_temperatures is not None else [],
                     cal_acc,
                     cal_macs,
                     test_acc,
