@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 import dynify
-from dynify.report import evaluate, oracle
+from dynify.evaluate import evaluate, oracle
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.calibrate import calibrate, collect_outputs, simulate
 from dynify.train.data import cached_tensor_dataset, split_dataset

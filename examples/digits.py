@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import dynify
-from dynify.report import evaluate
+from dynify.evaluate import evaluate
 from dynify.train.calibrate import calibrate
 from dynify.train.distill import finetune
 
