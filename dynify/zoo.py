@@ -66,7 +66,9 @@ def resolve(name: str) -> ModelRef:
     for kind, names in (("timm", _timm_names), ("torchvision", _torchvision_names)):
         if name.startswith(f"{kind}:"):
             model, known = name.removeprefix(f"{kind}:"), names()
-            if model not in known:  # never let a library look a name up on the network
+            # timm: "resnet50.a1_in1k" is an architecture and a pretrained tag
+            architecture = model.partition(".")[0] if kind == "timm" else model
+            if architecture not in known:  # never let a library look a name up on the network
                 close = difflib.get_close_matches(model, known, n=5)
                 hint = f" Did you mean: {', '.join(close)}?" if close else ""
                 raise ModelError(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
+import resource
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -256,3 +260,22 @@ def test_cli_and_examples_import_only_the_public_api():
                 if internal and name != "dynify.errors":
                     reached.setdefault(path.name, []).append(name)
     assert reached == {}
+
+
+def test_a_full_disk_is_one_paragraph_and_exit_2_leaving_nothing(tmp_path):
+    """`ulimit -f`: the write fails part-way; no traceback, no half-written file."""
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "x.dyn"
+    command = [sys.executable, "-m", "dynify", *NAMED, "--exits", "1", "-o", str(out)]
+    root = Path(dynify.__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, preexec_fn=limit_file_size, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "File too large" in flat(done.stderr) and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
