@@ -137,7 +137,7 @@ def _curve(points: list[dynify.OperatingPoint]) -> list[dict]:
 
 def phase_results(dyn, calib, test, baselines: dict, budgets: list[float], out_dir) -> dict:
     """The calibrated curve, the max-drop point (real forward) and the per-exit figures."""
-    exits = getattr(dyn, "num_exits", 0) > 0 and hasattr(dyn, "exit_logits")
+    exits = isinstance(dyn, dynify.ExitCascade) and dyn.num_exits > 0
     points = dynify.operating_points(
         dyn, calib, test, budgets=budgets, max_drops=[0.005] if exits else []
     )
@@ -192,7 +192,7 @@ def run_net(depth: int, args, train, test, plots: Path | None) -> dict:
     res: dict[str, Any] = {
         "net": name,
         "static_macs": dyn.static_macs,
-        "exits": getattr(dyn, "num_exits", 0),
+        "exits": dyn.num_exits if isinstance(dyn, dynify.ExitCascade) else 0,
         "strategy": args.strategy,
         "head": args.head,
         "train_images": len(fit),

@@ -1,41 +1,94 @@
 """dynify: turn a trained static PyTorch network into a dynamic one.
 
-dyn = dynify.convert(model, strategy="early-exit", example_input=torch.randn(1, 3, 224, 224))
+dyn = dynify.convert(model, "early-exit", torch.randn(1, 3, 224, 224),
+                     options=dynify.EarlyExitOptions(exits=4))
 with dyn.static():
     assert torch.equal(dyn(x), model(x))   # the original network, exactly
+dynify.finetune(dyn, "train/", dynify.FinetuneConfig(epochs=5))
+dynify.calibrate(dyn, "train/", budget=0.5)  # on the part fine-tuning held out
 dynify.save(dyn, "model.dyn"); dyn = dynify.load("model.dyn")
+
+Everything the command line does goes through the names below; nothing else is public.
 """
 
+from dynify.api import (
+    StrategyInfo,
+    bench,
+    calibrate,
+    check_onnx_file,
+    finetune,
+    preprocessing,
+    save_json,
+    strategies,
+)
 from dynify.convert import convert
 from dynify.errors import DynifyError
-from dynify.export import export_onnx, export_pt2
+from dynify.evaluate import EvaluationReport, check_plot_path, evaluate
+from dynify.export import export_onnx, export_onnx_report, export_pt2, export_pt2_report
 from dynify.export.artifact import load, save
-from dynify.passes import strategy_names
-from dynify.report import evaluate
-from dynify.runtime.model import DynamicModel
+from dynify.export.bench import BenchResult
+from dynify.export.verify import PARITY_ATOL, ParityReport
+from dynify.inspect import ModelSummary, inspect
+from dynify.options import (
+    BlockGateOptions,
+    EarlyExitOptions,
+    FinetuneConfig,
+    ResolutionOptions,
+    SpatialMaskOptions,
+    StrategyOptions,
+)
+from dynify.passes import register_strategy, strategy_names
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.baseline import finetune_static
-from dynify.train.calibrate import calibrate
-from dynify.train.distill import finetune
+from dynify.train.batches import Preprocessing
+from dynify.train.distill import FinetuneResult
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
+from dynify.train.targets import CalibrationResult
 from dynify.zoo import build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PARITY_ATOL",
+    "BenchResult",
+    "BlockGateOptions",
+    "CalibrationResult",
     "DynamicModel",
     "DynifyError",
+    "EarlyExitOptions",
+    "EvaluationReport",
+    "ExitCascade",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "ModelSummary",
     "OperatingPoint",
+    "ParityReport",
+    "Preprocessing",
+    "ResolutionOptions",
+    "SpatialMaskOptions",
+    "StrategyInfo",
+    "StrategyOptions",
+    "bench",
     "build_model",
     "calibrate",
+    "check_onnx_file",
+    "check_plot_path",
     "choose_operating_point",
     "convert",
     "evaluate",
     "export_onnx",
+    "export_onnx_report",
     "export_pt2",
+    "export_pt2_report",
     "finetune",
     "finetune_static",
+    "inspect",
     "load",
     "operating_points",
+    "preprocessing",
+    "register_strategy",
     "save",
+    "save_json",
+    "strategies",
     "strategy_names",
 ]

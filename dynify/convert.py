@@ -14,8 +14,10 @@ import torch.fx
 from torch import nn
 
 from dynify.errors import DynifyError, InputError, ModelError, StrategyError, TraceError
+from dynify.files import write_text_atomic
 from dynify.frontend import TraceOptions, analyse, profile, symbolic_trace
-from dynify.frontend.trace import LeafSpec
+from dynify.frontend.trace import LeafSpec, leaf_options
+from dynify.options import StrategyOptions, options_dict
 from dynify.passes import ConversionContext, get_strategy
 from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
@@ -45,6 +47,7 @@ def read_model(
             "example_input must be a tensor with a batch dimension, e.g. [1, 3, 224, 224]."
         )
     model = copy.deepcopy(model).eval()
+    check_leaves(model, leaf_modules)
     example = example_input[:1].detach()
     try:  # eagerly first: a wrong input size fails here with the model's own message
         with torch.no_grad():
@@ -81,9 +84,31 @@ def read_model(
     return FrontEnd(context, options, time.perf_counter() - start)
 
 
+def import_leaves(leaves: Sequence[LeafSpec]) -> list[LeafSpec]:
+    """The user's leaf modules with 'pkg.mod:Class' strings imported (an explicit request)."""
+    strings = [leaf for leaf in leaves if isinstance(leaf, str)]
+    return list(leaf_options(strings).leaf_modules) + [
+        leaf for leaf in leaves if not isinstance(leaf, str)
+    ]
+
+
+def check_leaves(model: nn.Module, leaves: Sequence[LeafSpec]) -> None:
+    """Refuse a leaf name that matches no submodule: a misspelt leaf would be ignored."""
+    names = {name for name, _ in model.named_modules() if name}
+    classes = {type(m).__name__ for m in model.modules()}
+    for leaf in leaves:
+        if isinstance(leaf, str) and leaf not in names and leaf not in classes:
+            known = sorted(name for name in names if "." not in name)[:12]
+            raise TraceError(
+                f"Leaf '{leaf}' names no submodule of {type(model).__name__} (neither a qualified "
+                f"name nor a class name). Top-level submodules: {', '.join(known) or 'none'}; "
+                "`dynify inspect` shows the graph."
+            )
+
+
 def write_graphs(traced: torch.fx.GraphModule, dyn: DynamicModel, folder: Path) -> list[Path]:
     """The traced graph, then every GraphModule inside the dynamic model, as numbered .py files."""
-    folder.mkdir(parents=True, exist_ok=True)
+    check_graph_folder(folder)
     modules = [("traced", traced)] + [
         (name.replace(".", "_"), module)
         for name, module in dyn.named_modules()
@@ -92,9 +117,24 @@ def write_graphs(traced: torch.fx.GraphModule, dyn: DynamicModel, folder: Path) 
     paths = []
     for index, (name, module) in enumerate(modules):
         path = folder / f"{index:03d}_{name}.py"
-        path.write_text(f"# {type(module).__name__}\n{module.code}")
+        write_text_atomic(path, f"# {type(module).__name__}\n{module.code}")
         paths.append(path)
     return paths
+
+
+def check_graph_folder(folder: str | Path) -> Path:
+    """Create the `dump_graphs` folder, or say why it cannot be (before any work is done)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DynifyError(f"The graph folder {folder} is a file; name a folder to write into.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DynifyError(
+            f"Cannot create the graph folder {folder}: {exc.strerror or exc}. Name a folder you "
+            "can write to."
+        ) from None
+    return folder
 
 
 def _describe(output: Any) -> str:
@@ -108,7 +148,7 @@ def convert(
     strategy: str = "early-exit",
     example_input: torch.Tensor | None = None,
     *,
-    options: dict[str, Any] | None = None,
+    options: StrategyOptions | dict[str, Any] | None = None,
     weights: str | None = "auto",
     num_classes: int | None = None,
     input_size: int | None = None,
@@ -118,28 +158,38 @@ def convert(
     """Convert a static classifier into a dynamic one with the named strategy.
 
     `model` is an nn.Module or a model name (see `dynify.zoo`); `weights`, `num_classes` and
-    `input_size` apply to names. `options` are the strategy's (e.g. {"exits": 4} for
-    early-exit). The result's `spec` records how to rebuild it from an artifact.
+    `input_size` apply to names. `options` are the strategy's, as its options dataclass
+    (`EarlyExitOptions(exits=4)`) or a dict ({"exits": 4}). `leaf_modules` keeps submodules
+    whole when tracing: qualified names, class names, classes or 'pkg.mod:Class' strings.
+    The result's `spec` records how to rebuild it from an artifact.
     `dump_graphs` names a folder to write the traced graph and every rewritten graph module to,
     as readable Python, for debugging a pass.
     """
     pass_ = get_strategy(strategy)
+    options = options_dict(strategy, options)
+    if input_size is not None and input_size < 1:
+        raise InputError(f"The input size is a number of pixels, at least 1; got {input_size}.")
+    if dump_graphs is not None:
+        check_graph_folder(dump_graphs)
     if isinstance(model, str):
         model, ref = build_model(model, weights=weights, num_classes=num_classes)
-        if input_size:
-            ref.input_size = input_size
     elif isinstance(model, nn.Module):
         cls = type(model)
         ref = ModelRef("module", f"{cls.__module__}:{cls.__qualname__}", weights="given")
     else:
         raise ModelError(f"Expected an nn.Module or a model name, got {type(model).__name__}.")
+    if input_size:
+        ref.input_size = input_size
     if example_input is None:
         if ref.input_size is None:
-            raise InputError("Pass example_input= so the model can be traced and its MACs counted.")
+            raise InputError(
+                "The model's input size is not known: pass example_input= or input_size= "
+                "(--input-size on the command line) so it can be traced and its MACs counted."
+            )
         example_input = torch.randn(1, 3, ref.input_size, ref.input_size)
-    front = read_model(model, example_input, leaf_modules)
+    front = read_model(model, example_input, import_leaves(leaf_modules))
     ref.num_classes = front.context.num_classes if ref.num_classes is None else ref.num_classes
-    plan = pass_.plan(front.context, options or {})
+    plan = pass_.plan(front.context, options)
     dyn = bind_children(pass_.build(front.context, plan))
     if dump_graphs is not None:
         write_graphs(front.context.gm, dyn, Path(dump_graphs))

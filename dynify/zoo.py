@@ -63,10 +63,19 @@ def resolve(name: str) -> ModelRef:
     """Decide which library a model name belongs to, or say which names are close."""
     if ":" in name and not name.startswith(("timm:", "torchvision:")):
         return ModelRef("import", name)
-    if name.startswith("timm:"):
-        return ModelRef("timm", name.removeprefix("timm:"))
-    if name.startswith("torchvision:"):
-        return ModelRef("torchvision", name.removeprefix("torchvision:"))
+    for kind, names in (("timm", _timm_names), ("torchvision", _torchvision_names)):
+        if name.startswith(f"{kind}:"):
+            model, known = name.removeprefix(f"{kind}:"), names()
+            # timm: "resnet50.a1_in1k" is an architecture and a pretrained tag
+            architecture = model.partition(".")[0] if kind == "timm" else model
+            if architecture not in known:  # never let a library look a name up on the network
+                close = difflib.get_close_matches(model, known, n=5)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise ModelError(
+                    f"Unknown {kind} model '{model}'.{hint} Use a name from {kind}'s own list "
+                    "of models."
+                )
+            return ModelRef(kind, model)
     if name in BUILTINS:
         return ModelRef("builtin", name, input_size=BUILTIN_INPUT_SIZE)
     tv_names = _torchvision_names()

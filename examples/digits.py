@@ -23,9 +23,6 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import dynify
-from dynify.report import evaluate
-from dynify.train.calibrate import calibrate
-from dynify.train.distill import finetune
 
 console = Console()
 
@@ -113,32 +110,31 @@ def main() -> None:
     console.print(f"static accuracy on the test split: {static_acc:.2%}")
 
     console.rule("2. convert: exit heads at 3 cut points")
-    dyn = dynify.convert(model, "early-exit", torch.zeros(1, 1, 16, 16), options={"exits": 3})
+    dyn = dynify.convert(
+        model, "early-exit", torch.zeros(1, 1, 16, 16), options=dynify.EarlyExitOptions(exits=3)
+    )
     with torch.no_grad(), dyn.static():
         same = float((dyn(test[0]) - model(test[0])).abs().max())
     console.print(f"inside dyn.static() the output equals the original's (max diff {same:.1e})")
 
     console.rule("3. fine-tune the heads (self-distillation, backbone frozen)")
-    result = finetune(
-        dyn,
-        (x_train, y_train),
-        mode="heads",
-        epochs=args.epochs,
-        batch_size=64,
-        seed=0,
-        calibration_fraction=0.2,
+    config = dynify.FinetuneConfig(
+        mode="heads", epochs=args.epochs, batch_size=64, seed=0, calibration_fraction=0.2
     )
+    result = dynify.finetune(dyn, (x_train, y_train), config)
     console.print(f"{result.seconds:.1f} s; last epoch: loss {result.history[-1]['loss']:.3f}")
 
     console.rule(f"4. calibrate on the held-out part for {args.budget:.0%} of the static MACs")
-    cal = calibrate(dyn, result.calibration_data, budget=args.budget)
+    # the same data as fine-tuning: calibrate takes the 20 % it held out, never trained on
+    cal = dynify.calibrate(dyn, (x_train, y_train), budget=args.budget)
     console.print(
-        f"thresholds {cal.thresholds}, temperatures {[round(t, 2) for t in cal.temperatures]}; "
+        f"calibrated on {cal.samples} images ({cal.data}); thresholds {cal.thresholds}, "
+        f"temperatures {[round(t, 2) for t in cal.temperatures]}; "
         f"calibration accuracy {cal.accuracy:.2%} at {cal.macs_fraction:.3f} of the MACs"
     )
 
     console.rule("5. evaluate on the test split")
-    report = evaluate(dyn, test)
+    report = dynify.evaluate(dyn, test)
     console.print(report.table())
     if args.plot:
         console.print(f"plot: {report.plot(args.plot)}")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import resource
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 import dynify
@@ -140,3 +148,134 @@ def test_inspect_prints_cuts_blocks_and_stages():
 def test_strategies_lists_early_exit():
     result = run("strategies")
     assert result.exit_code == 0 and "early-exit" in result.output
+
+
+@pytest.fixture(scope="module")
+def bad_input_workspace(tmp_path_factory):
+    """An artifact, a tiny labelled folder and a text file posing as ONNX."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    dyn = dynify.convert("cifar_resnet20", "early-exit", options={"exits": 1}, weights="random")
+    dynify.save(dyn, root / "a.dyn")
+    for c in range(10):
+        (root / "data" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * c, dtype=np.uint8)).save(
+            root / "data" / f"c{c}" / "0.png"
+        )
+    (root / "notonnx.txt").write_text("hello, I am not a graph")
+    (root / "folder").mkdir()
+    return root
+
+
+NAMED = ("convert", "cifar_resnet20", "--weights", "random")
+BAD_INPUTS = [
+    # unwritable or directory outputs
+    ((*NAMED, "-o", "/proc/x.dyn"), "Cannot write the artifact /proc/x.dyn"),
+    ((*NAMED, "-o", "{root}/folder"), "is a folder"),
+    ((*NAMED, "--dump-graphs", "/proc/x"), "Cannot write the graph folder"),
+    ((*NAMED, "--dump-graphs", "{root}/a.dyn"), "is a file; name a folder"),
+    (("evaluate", "{root}/a.dyn", "--data", "{root}/data", "--json", "{root}/folder"), "folder"),
+    (("evaluate", "{root}/a.dyn", "--data", "{root}/data", "--plot", "plot.txt"), "image suffix"),
+    (("evaluate", "{root}/a.dyn", "--data", "{root}/data", "--json", "{root}/a.dyn"), "input"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--checkpoint", "/proc/x"), "/proc"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "-o", "{root}/data"), "folder"),
+    (("export", "{root}/a.dyn", "-o", "{root}/a.dyn"), "names a .dyn artifact"),
+    (("export", "{root}/a.dyn", "-f", "pt2", "-o", "{root}/b.dyn"), "another format"),
+    (("bench", "{root}/a.dyn", "--json", "{root}/a.dyn"), "also an input"),
+    # bad numbers
+    ((*NAMED, "--input-size", "-5"), "--input-size"),
+    ((*NAMED, "--input-size", "0"), "--input-size"),
+    ((*NAMED, "--option", "head_budget=NaN"), "finite number"),
+    ((*NAMED, "--option", "threshold=NaN"), "finite number"),
+    ((*NAMED, "--option", "threshold=-1"), "threshold must be 0 or more"),
+    ((*NAMED, "--option", "head_budget=2"), "in (0, 1]"),
+    ((*NAMED, "--exits", ""), "names no exit"),
+    ((*NAMED, "--exits", "0"), "no exit at all"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--calibration-fraction", "1"), "[0, 1)"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--calibration-fraction", "-1"), "[0, 1)"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--lr", "inf"), "finite"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--std", "nan,1,1"), "finite"),
+    (
+        ("calibrate", "{root}/a.dyn", "--data", "{root}/data", "--budget", "0.5",
+         "--calibration-fraction", "1"),
+        "in (0, 1)",
+    ),
+    (
+        ("calibrate", "{root}/a.dyn", "--data", "{root}/data", "--budget", "0.5",
+         "--calibration-fraction", "-1"),
+        "in (0, 1)",
+    ),
+    # names that do not exist
+    ((*NAMED, "--leaf", "nosuchmodule"), "Leaf 'nosuchmodule' names no submodule"),
+    (("convert", "timm:nonexistent"), "Unknown timm model 'nonexistent'"),
+    (("convert", "torchvision:resnet9000"), "Unknown torchvision model"),
+    (
+        ("bench", "{root}/a.dyn", "-f", "onnx", "--onnx", "{root}/notonnx.txt"),
+        "is not an ONNX model",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, phrase", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_inputs_end_in_one_paragraph_and_exit_2(
+    args, phrase, bad_input_workspace, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    artifact = bad_input_workspace / "a.dyn"
+    before = artifact.read_bytes()
+    args = [a.format(root=bad_input_workspace) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert phrase in flat(result.output), result.output
+    assert "Traceback" not in result.output
+    assert artifact.read_bytes() == before  # inputs are never touched
+    assert not list(tmp_path.iterdir())  # and nothing is written
+
+
+def test_an_existing_output_is_replaced_and_the_command_says_so(tmp_path):
+    out = tmp_path / "m.dyn"
+    out.write_bytes(b"an older file")
+    result = run(*NAMED, "--exits", "1", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"it replaced the previous {out}" in flat(result.output)
+    assert dynify.load(out).num_exits == 1
+    result = run(*NAMED, "--exits", "1", "-o", str(tmp_path / "new.dyn"))
+    assert "replaced" not in flat(result.output)
+
+
+def test_cli_and_examples_import_only_the_public_api():
+    """`dynify/cli` and `examples/` use `dynify` and `dynify.errors`, nothing inside."""
+    root = Path(dynify.__file__).parent.parent
+    files = [*(root / "dynify" / "cli").glob("*.py"), *(root / "examples").glob("*.py")]
+    assert len(files) >= 5
+    reached = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                internal = name.startswith("dynify.") and not name.startswith("dynify.cli")
+                if internal and name != "dynify.errors":
+                    reached.setdefault(path.name, []).append(name)
+    assert reached == {}
+
+
+def test_a_full_disk_is_one_paragraph_and_exit_2_leaving_nothing(tmp_path):
+    """`ulimit -f`: the write fails part-way; no traceback, no half-written file."""
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "x.dyn"
+    command = [sys.executable, "-m", "dynify", *NAMED, "--exits", "1", "-o", str(out)]
+    root = Path(dynify.__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, preexec_fn=limit_file_size, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "File too large" in flat(done.stderr) and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dynify.report import EvaluationReport, evaluate, oracle
+from dynify.evaluate import EvaluationReport, evaluate, oracle
 from dynify.train.calibrate import ExitOutputs
 from tests.test_calibrate import _labelled, _model
 

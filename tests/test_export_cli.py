@@ -291,7 +291,7 @@ def test_export_errors_are_user_errors(artifact, monkeypatch):
     def refuse(*args, **kwargs):
         raise ExportError("op `aten.weird` (graph node `weird_1`) has no ONNX translation")
 
-    monkeypatch.setattr("dynify.export.export_onnx_report", refuse)
+    monkeypatch.setattr("dynify.export_onnx_report", refuse)
     result = run("export", str(artifact))
     assert result.exit_code == 2
     assert "weird_1" in flat(result.output)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -39,6 +42,17 @@ def user_errors(command: F) -> F:
         except DynifyError as exc:
             err_console.print(Panel(str(exc), title=type(exc).__name__, border_style="red"))
             raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+        except OSError as exc:  # disk full, permissions, a path that vanished: the user's to fix
+            where = f" {exc.filename}" if exc.filename else ""
+            err_console.print(
+                Panel(
+                    f"Could not read or write{where}: {exc.strerror or exc}. Check the path, its "
+                    "permissions and the free disk space, then run the command again.",
+                    title=type(exc).__name__,
+                    border_style="red",
+                )
+            )
+            raise typer.Exit(USER_ERROR_EXIT_CODE) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/yellow]")
             raise typer.Exit(130) from None
@@ -65,7 +79,9 @@ DataOption = Annotated[
 ]
 InputSizeOption = Annotated[
     int | None,
-    typer.Option("--input-size", help="Input resolution (default: the model's own, else 224)."),
+    typer.Option(
+        "--input-size", min=1, help="Input resolution (default: the model's own, else 224)."
+    ),
 ]
 LeafOption = Annotated[
     list[str] | None,
@@ -75,6 +91,69 @@ LeafOption = Annotated[
         "pkg.mod:Class. Repeatable.",
     ),
 ]
+
+
+def check_output(path: Path, what: str, inputs: Sequence[Path | None] = ()) -> str | None:
+    """Refuse an output path before any work: a folder, a place that cannot be written, or one
+    of the command's input files (say, an artifact about to be replaced by ONNX).
+
+    Returns a note naming the file the output will replace, or None for a new file: every
+    command overwrites an existing output, atomically, and says what it replaced.
+    """
+    if path.is_dir():
+        raise DynifyError(f"The {what} {path} is a folder; name a file to write.")
+    for source in inputs:
+        if source is not None and source.exists() and path.exists() and path.samefile(source):
+            raise DynifyError(
+                f"The {what} {path} is also an input of this command; writing it would destroy "
+                "the input. Name another file."
+            )
+    _check_writable(path.parent, what, path)
+    if not path.exists():
+        return None
+    stat = path.stat()
+    when = datetime.datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%d %H:%M")
+    return f"the previous {path} ({_size(stat.st_size)}, modified {when})"
+
+
+def check_output_folder(folder: Path, what: str) -> str | None:
+    """Like `check_output`, for a folder files are written into."""
+    if folder.exists() and not folder.is_dir():
+        raise DynifyError(f"The {what} {folder} is a file; name a folder to write into.")
+    if folder.is_dir():
+        _check_writable(folder, what, folder)
+        count = sum(1 for _ in folder.iterdir())
+        return f"files of the same names among the {count} already in {folder}" if count else None
+    _check_writable(folder.parent, what, folder)
+    return None
+
+
+def _check_writable(folder: Path, what: str, target: Path) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(dir=existing, prefix=".dynify-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = f"{existing} cannot be written ({exc.strerror or exc})"
+    if problem:
+        raise DynifyError(f"Cannot write the {what} {target}: {problem}. Name a writable place.")
+
+
+def wrote(path: Path, replaced: str | None, extra: str = "") -> None:
+    """The line every command prints after writing an output."""
+    note = f"; it replaced {replaced}" if replaced else ""
+    console.print(f"Wrote [bold]{path}[/bold]{extra}{note}.")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def main() -> None:

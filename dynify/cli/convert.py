@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from dynify.cli.app import InputSizeOption, LeafOption, command, console
+import dynify
+from dynify.cli.app import (
+    InputSizeOption,
+    LeafOption,
+    check_output,
+    check_output_folder,
+    command,
+    console,
+    wrote,
+)
 from dynify.errors import DynifyError
-from dynify.passes import get_strategy, strategy_names
 
 WeightsOption = Annotated[
     str,
@@ -30,6 +38,11 @@ def _parse_exits(value: str | None) -> int | list[float] | list[str] | None:
     if value is None:
         return None
     parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise DynifyError(
+            f"--exits '{value}' names no exit: give a count (--exits 3), MAC fractions "
+            "(--exits 0.25,0.5) or cut-point names (`dynify inspect` lists them)."
+        )
     if len(parts) == 1 and parts[0].isdigit():
         return int(parts[0])
     try:
@@ -49,13 +62,10 @@ def _parse_options(pairs: list[str]) -> dict:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+        number = options[key]
+        if isinstance(number, float) and not math.isfinite(number):
+            raise DynifyError(f"--option {key}={value}: the value must be a finite number.")
     return options
-
-
-def _trace_leaves(leaf: list[str] | None):
-    from dynify.frontend.trace import leaf_options
-
-    return leaf_options(leaf or []).leaf_modules
 
 
 @command(help="Convert a static model into a dynamic one and write a .dyn artifact.")
@@ -64,13 +74,17 @@ def convert(
         str, typer.Argument(help="torchvision/timm name, built-in, or pkg.mod:factory.")
     ],
     strategy: Annotated[
-        str, typer.Option("--strategy", "-s", help=f"One of: {', '.join(strategy_names())}.")
+        str,
+        typer.Option("--strategy", "-s", help=f"One of: {', '.join(dynify.strategy_names())}."),
     ] = "early-exit",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Artifact path.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Artifact path (an existing file is replaced)."),
+    ] = None,
     weights: WeightsOption = "auto",
     input_size: InputSizeOption = None,
     num_classes: Annotated[
-        int | None, typer.Option("--num-classes", help="A fresh classifier for N labels.")
+        int | None, typer.Option("--num-classes", min=1, help="A fresh classifier for N labels.")
     ] = None,
     exits: Annotated[
         str | None,
@@ -85,7 +99,8 @@ def convert(
         typer.Option("--granularity", help="spatial-masks: pixel or region."),
     ] = None,
     tile: Annotated[
-        int | None, typer.Option("--tile", help="spatial-masks, region: tile size in pixels.")
+        int | None,
+        typer.Option("--tile", min=1, help="spatial-masks, region: tile size in pixels."),
     ] = None,
     budget: Annotated[
         float | None,
@@ -104,23 +119,29 @@ def convert(
         typer.Option("--dump-graphs", help="Write the traced and rewritten graphs to this folder."),
     ] = None,
 ) -> None:
-    import dynify
-
-    get_strategy(strategy)  # an unknown strategy fails before any model is built
+    if strategy not in dynify.strategy_names():  # fail before any model is built
+        names = ", ".join(dynify.strategy_names())
+        raise DynifyError(f"Unknown strategy '{strategy}'. Registered strategies: {names}.")
     options = _parse_options(option or [])
     named = {"exits": _parse_exits(exits), "gate": gate, "granularity": granularity}
     named |= {"tile": tile, "budget": budget}
     options |= {key: value for key, value in named.items() if value is not None}
+    out = out or Path(f"{model.replace(':', '_').replace('/', '_')}-{strategy}.dyn")
+    weights_file = Path(weights) if weights not in ("auto", "pretrained", "random") else None
+    replaced = check_output(out, "artifact", inputs=[weights_file])
+    graphs_replaced = None
+    if dump_graphs is not None:
+        graphs_replaced = check_output_folder(dump_graphs, "graph folder")
     start = time.perf_counter()
     with console.status(f"Converting {model} with {strategy}..."):
         dyn = dynify.convert(
             model,
             strategy,
-            None if input_size is None else torch.randn(1, 3, input_size, input_size),
             options=options,
             weights=weights,
             num_classes=num_classes,
-            leaf_modules=_trace_leaves(leaf),
+            input_size=input_size,
+            leaf_modules=leaf or [],
             dump_graphs=dump_graphs,
         )
     seconds = time.perf_counter() - start
@@ -128,20 +149,21 @@ def convert(
         style = "bold yellow" if "RANDOM" in note or "unavailable" in note else "dim"
         console.print(f"[{style}]weights: {note}[/{style}]")
     console.print(summary_table(dyn))
-    out = out or Path(f"{model.replace(':', '_').replace('/', '_')}-{strategy}.dyn")
+    if dump_graphs is not None:
+        wrote(dump_graphs, graphs_replaced, " (the traced and rewritten graphs)")
     dynify.save(dyn, out)
-    console.print(f"Converted in {seconds:.1f} s; wrote [bold]{out}[/bold]")
+    console.print(f"Converted in {seconds:.1f} s.")
+    wrote(out, replaced)
 
 
-def summary_table(dyn) -> Table:
+def summary_table(dyn: dynify.DynamicModel) -> Table:
     """What the conversion made, for the user to check: exits and their MAC fractions."""
     table = Table(title=f"{dyn.spec['model']['name']} · {dyn.strategy}")
-    describe = getattr(dyn, "describe", None)
-    if describe is None:
+    rows = dyn.describe()
+    if not rows:
         table.add_column("static MACs")
         table.add_row(f"{dyn.static_macs / 1e6:.1f} M")
         return table
-    rows = describe()
     for i, column in enumerate(rows[0]):
         table.add_column(column, justify="left" if i < 2 else "right")
     for row in rows:
@@ -161,60 +183,46 @@ def inspect(
         bool, typer.Option("--all-cuts", help="List every cut point, not one per MAC level.")
     ] = False,
 ) -> None:
-    from dynify.convert import read_model
-    from dynify.passes.early_exit import candidate_cuts
-    from dynify.zoo import build_model
-
-    net, ref = build_model(model, weights=weights)
-    size = input_size or ref.input_size
-    if size is None:
-        raise DynifyError("Give --input-size: the model's input resolution is not known.")
-    front = read_model(net, torch.randn(1, 3, size, size), _trace_leaves(leaf))
-    analysis = front.context.analysis
-    gm = front.context.gm
-    console.print(
-        f"[bold]{model}[/bold]: {len(gm.graph.nodes)} nodes, {analysis.total_macs / 1e6:.1f} M "
-        f"MACs at {size}x{size}, {front.context.num_classes} classes, traced in "
-        f"{front.seconds:.1f} s"
+    summary = dynify.inspect(
+        model, input_size=input_size, weights=weights, leaf_modules=leaf or [], all_cuts=all_cuts
     )
-    cuts = analysis.cuts if all_cuts else candidate_cuts(analysis.cuts)
-    table = Table(title=f"Single-tensor cut points ({len(cuts)} of {len(analysis.cuts)})")
+    size = summary.input_size
+    console.print(
+        f"[bold]{model}[/bold]: {summary.nodes} nodes, {summary.total_macs / 1e6:.1f} M "
+        f"MACs at {size}x{size}, {summary.num_classes} classes, traced in "
+        f"{summary.seconds:.1f} s"
+    )
+    table = Table(title=f"Single-tensor cut points ({len(summary.cuts)} of {summary.total_cuts})")
     for column in ("node", "shape", "MACs before", "fraction"):
         table.add_column(column)
-    for cut in cuts:
+    for cut in summary.cuts:
         table.add_row(
             cut.node, str(list(cut.shape)), f"{cut.macs_before / 1e6:.1f} M", f"{cut.fraction:.3f}"
         )
     console.print(table)
-    table = Table(
-        title=f"Residual blocks ({len(analysis.blocks)}) in {len(analysis.stages)} stages"
-    )
+    table = Table(title=f"Residual blocks ({len(summary.blocks)}) in {len(summary.stages)} stages")
     for column in ("stage", "join", "entry", "shortcut", "branch MACs", "share"):
         table.add_column(column)
-    for s, stage in enumerate(analysis.stages):
-        for block in stage.blocks:
-            shortcut = "identity" if block.identity else f"{len(block.shortcut)} ops"
-            table.add_row(
-                str(s),
-                block.join,
-                block.entry,
-                shortcut,
-                f"{block.branch_macs / 1e6:.1f} M",
-                f"{block.branch_macs / analysis.total_macs:.1%}",
-            )
+    for block in summary.blocks:
+        shortcut = "identity" if block.identity else f"{block.shortcut_ops} ops"
+        table.add_row(
+            str(block.stage),
+            block.join,
+            block.entry,
+            shortcut,
+            f"{block.branch_macs / 1e6:.1f} M",
+            f"{block.share:.1%}",
+        )
     console.print(table)
     table = Table(title="MACs by stage")
-    table.add_column("stage")
-    table.add_column("shape")
-    table.add_column("MACs")
-    table.add_column("share")
-    for s, stage in enumerate(analysis.stages):
-        macs = sum(b.branch_macs + b.shortcut_macs for b in stage.blocks)
+    for column in ("stage", "shape", "MACs", "share"):
+        table.add_column(column)
+    for stage in summary.stages:
         table.add_row(
-            str(s),
+            str(stage.index),
             str(list(stage.shape)),
-            f"{macs / 1e6:.1f} M",
-            f"{macs / analysis.total_macs:.1%}",
+            f"{stage.macs / 1e6:.1f} M",
+            f"{stage.share:.1%}",
         )
     console.print(table)
 
@@ -224,6 +232,6 @@ def strategies() -> None:
     table = Table(title="Strategies")
     table.add_column("name")
     table.add_column("what it does")
-    for name in strategy_names():
-        table.add_row(name, get_strategy(name).summary)
+    for info in dynify.strategies():
+        table.add_row(info.name, info.summary)
     console.print(table)

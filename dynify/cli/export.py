@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,8 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dynify.cli.app import ArtifactArg, command, console
-from dynify.export.verify import PARITY_ATOL, ParityReport
+import dynify
+from dynify.cli.app import ArtifactArg, check_output, command, console, wrote
+from dynify.errors import DynifyError
 
 
 class ExportFormat(str, Enum):
@@ -25,7 +25,7 @@ class BenchRuntime(str, Enum):
     onnx = "onnx"
 
 
-def parity_table(report: ParityReport) -> Table:
+def parity_table(report: dynify.ParityReport) -> Table:
     """One row per thresholds setting: the worst logit difference over the inputs, the exits."""
     table = Table(title=f"Exported vs eager (max abs diff <= {report.atol:g}, same decisions)")
     for column in ("case", "thresholds", "N", "exits", "max |diff|", "ok"):
@@ -61,11 +61,17 @@ def export(
         ExportFormat, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or pt2.")
     ] = ExportFormat.onnx,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output file (default: ARTIFACT.onnx/.pt2).")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output file (default: ARTIFACT.onnx/.pt2); an existing file is replaced only "
+            "once the new one passes the check.",
+        ),
     ] = None,
     atol: Annotated[
         float, typer.Option("--atol", help="Largest logit difference accepted in the check.")
-    ] = PARITY_ATOL,
+    ] = dynify.PARITY_ATOL,
     batch: Annotated[
         int | None,
         typer.Option(
@@ -77,20 +83,28 @@ def export(
         ),
     ] = None,
 ) -> None:
-    import dynify
-    from dynify.export import export_onnx_report, export_pt2_report
-
     if batch is not None and format is not ExportFormat.onnx:
         raise typer.BadParameter("--batch applies to --format onnx only", param_hint="--batch")
-    dyn = dynify.load(artifact)
+    if not atol >= 0:
+        raise DynifyError(
+            f"--atol is the largest logit difference accepted, 0 or more; got {atol}."
+        )
     path = out or artifact.with_suffix(f".{format.value}")
+    if path.suffix.lower() == ".dyn":
+        raise DynifyError(
+            f"--out {path} names a .dyn artifact; an {format.value} export would replace it with "
+            f"another format. Name the file .{format.value}."
+        )
+    replaced = check_output(path, f"{format.value} file", inputs=[artifact])
+    dyn = dynify.load(artifact)
     with console.status(f"Exporting {artifact} to {format.value} and checking it..."):
         if format is ExportFormat.onnx:
-            result = export_onnx_report(dyn, path, atol=atol, batch=batch)
+            result = dynify.export_onnx_report(dyn, path, atol=atol, batch=batch)
             report = result.report
         else:
-            path, report = export_pt2_report(dyn, path)
-    assert report is not None  # both exports verify by default
+            path, report = dynify.export_pt2_report(dyn, path)
+    if report is None:  # both exports verify by default
+        raise DynifyError("The export was not checked against the eager model; nothing to show.")
     console.print(parity_table(report))
     console.print(
         f"Parity [green]OK[/green]: max abs diff {report.max_abs_diff:.2e} <= {report.atol:g} "
@@ -106,8 +120,7 @@ def export(
                 f"{default}); outputs {', '.join(result.output_names)}."
             )
         )
-    size = path.stat().st_size / 2**20
-    console.print(f"Wrote [bold]{path}[/bold] ({size:.1f} MiB).")
+    wrote(path, replaced, f" ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 @command(help="Latency at thresholds that force each exit, next to the static model, with MACs.")
@@ -144,7 +157,10 @@ def bench(
         ),
     ] = False,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")
+        Path | None,
+        typer.Option(
+            "--json", help="Also write the rows to this JSON file (an existing file is replaced)."
+        ),
     ] = None,
     onnx_file: Annotated[
         Path | None,
@@ -157,16 +173,18 @@ def bench(
         ),
     ] = None,
 ) -> None:
-    import dynify
-    from dynify.export.bench import bench as run_bench
-
     if onnx_file is not None and format is not BenchRuntime.onnx:
         raise typer.BadParameter("--onnx needs --format onnx", param_hint="--onnx")
+    if onnx_file is not None:
+        dynify.check_onnx_file(onnx_file)
+    replaced = None
+    if json_out is not None:
+        replaced = check_output(json_out, "JSON file", inputs=[artifact, onnx_file])
     dyn = dynify.load(artifact)
     with console.status(
         f"Timing {artifact} in {format.value} ({runs} rounds x {consecutive} calls)..."
     ):
-        result = run_bench(
+        result = dynify.bench(
             dyn,
             runtime=format.value,
             batch=batch,
@@ -220,5 +238,4 @@ def bench(
         "saved time; above 1 the dynamic model saves less time than MACs)."
     )
     if json_out is not None:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2))
-        console.print(f"Wrote {json_out}.")
+        wrote(dynify.save_json(result, json_out), replaced)

@@ -6,13 +6,23 @@ end, atomically: a bad option or an interrupted run never leaves a damaged file 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from dynify.cli.app import ArtifactArg, DataOption, InputSizeOption, command, console
+import dynify
+from dynify.cli.app import (
+    ArtifactArg,
+    DataOption,
+    InputSizeOption,
+    check_output,
+    command,
+    console,
+    wrote,
+)
 from dynify.errors import DynifyError
 
 SplitOption = Annotated[
@@ -30,9 +40,14 @@ StdOption = Annotated[
     typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225 (default: the model's)."),
 ]
 OutOption = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Write here instead of updating ARTIFACT.")
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Write here instead of updating ARTIFACT (an existing file is replaced).",
+    ),
 ]
-BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per batch.")]
+BatchOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 FractionOption = Annotated[
     float,
     typer.Option(
@@ -52,18 +67,29 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
         raise DynifyError(f"{name} takes comma-separated numbers, got '{value}'.") from None
 
 
-def _load(artifact: Path):
-    import dynify
-
-    return dynify.load(artifact)
-
-
-def _preprocessing(dyn, input_size, mean, std):
-    from dynify.train.batches import resolve_preprocessing
-
-    return resolve_preprocessing(
+def _preprocessing(
+    dyn: dynify.DynamicModel, input_size: int | None, mean: str | None, std: str | None
+) -> dynify.Preprocessing:
+    return dynify.preprocessing(
         dyn, input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std")
     )
+
+
+def _data_path(data: str) -> Path | None:
+    """--data as a file or folder, when it is one (it must never be written over)."""
+    path = Path(data).expanduser()
+    return path if path.exists() else None
+
+
+def _artifact_output(artifact: Path, out: Path | None, data: str) -> tuple[Path, str | None]:
+    """Where a command that updates an artifact writes it, checked before any work, and a note
+    of what it replaces (ARTIFACT itself when updated in place)."""
+    target = out or artifact
+    inputs = [_data_path(data)]
+    if target.exists() and artifact.exists() and target.samefile(artifact):
+        check_output(target, "artifact", inputs=inputs)
+        return target, f"the previous {artifact} (updated in place)"
+    return target, check_output(target, "artifact", inputs=[artifact, *inputs])
 
 
 @command(help="Fine-tune an artifact's new parts by self-distillation from its static network.")
@@ -101,44 +127,39 @@ def finetune(
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     out: OutOption = None,
 ) -> None:
-    import dynify
-    from dynify.train.distill import FinetuneConfig
-    from dynify.train.distill import finetune as run_finetune
-    from dynify.train.run_env import init_distributed
-
-    FinetuneConfig(
+    config = dynify.FinetuneConfig(
         mode=mode,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         schedule=schedule,
         seed=seed,
+        augment=augment,
         calibration_fraction=calibration_fraction,
-    ).validate()
-    dyn = _load(artifact)
-    pre = _preprocessing(dyn, input_size, mean, std)
+    )
+    config.validate()
+    if lr is not None and not lr < float("inf"):
+        raise DynifyError(f"--lr must be a finite number, got {lr}.")
+    target, replaced = _artifact_output(artifact, out, data)
     ckpt = checkpoint or artifact.with_suffix(".ckpt")
     if resume and not ckpt.is_file():
         raise DynifyError(f"--resume: there is no checkpoint at {ckpt} to continue from.")
-    rank, world = init_distributed()
+    check_output(ckpt, "checkpoint", inputs=[artifact, target, _data_path(data)])
+    dyn = dynify.load(artifact)
+    pre = _preprocessing(dyn, input_size, mean, std)
+    # torchrun's variables: only the first process prints and writes
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank == 0:
         console.print(
             f"Fine-tuning [bold]{artifact}[/bold] ({mode}, {epochs} epochs"
             f"{f', {world} processes' if world > 1 else ''}); checkpoint {ckpt}"
         )
     try:
-        result = run_finetune(
+        result = dynify.finetune(
             dyn,
             data,
-            mode=mode,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            schedule=schedule,
-            seed=seed,
-            augment=augment,
+            config,
             split=split,
-            calibration_fraction=calibration_fraction,
             preprocessing=pre,
             checkpoint=ckpt,
             resume=resume,
@@ -167,15 +188,14 @@ def finetune(
             f"{row['acc_final']:.1%}" if "acc_final" in row else "",
         )
     console.print(table)
-    target = out or artifact
     dynify.save(dyn, target)
     ckpt.unlink(missing_ok=True)
     held = len(result.calibration_data) if result.calibration_data is not None else 0
     console.print(
-        f"Trained in {result.seconds:.0f} s; wrote [bold]{target}[/bold]. {held} images held "
-        f"out for `dynify calibrate {target} --data {data}"
-        f"{f' --split {split}' if split else ''}`."
+        f"Trained in {result.seconds:.0f} s. {held} images held out for `dynify calibrate "
+        f"{target} --data {data}{f' --split {split}' if split else ''}`."
     )
+    wrote(target, replaced)
 
 
 @command(help="Choose exit thresholds for a MAC budget or an accuracy target.")
@@ -227,29 +247,29 @@ def calibrate(
     std: StdOption = None,
     out: OutOption = None,
 ) -> None:
-    import dynify
-    from dynify.train.calibrate import calibrate as run_calibrate
-    from dynify.train.calibrate import check_target
-
-    check_target(budget, max_drop, mac_cap)
     if part not in ("auto", "calibration", "all"):
         raise DynifyError(f"--part is auto, calibration or all; got '{part}'.")
-    dyn = _load(artifact)
+    target, replaced = _artifact_output(artifact, out, data)
+    dyn = dynify.load(artifact)
     pre = _preprocessing(dyn, input_size, mean, std)
-    dataset, note = _calibration_part(dyn, data, split, part, calibration_fraction, seed)
-    console.print(f"Calibrating on {len(dataset)} images ({note}).")
     with console.status("Running the calibration data through every exit..."):
-        result = run_calibrate(
+        result = dynify.calibrate(
             dyn,
-            dataset,
+            data,
             budget=budget,
             max_drop=max_drop,
             mac_cap=mac_cap,
+            part=part,  # type: ignore[arg-type]
+            calibration_fraction=calibration_fraction,
+            seed=seed,
+            split=split,
             fit_temperature_scaling=temperature,
             batch_size=batch_size,
             preprocessing=pre,
             ensemble=ensemble,
         )
+    style = "yellow" if "optimistic" in result.data else "default"
+    console.print(f"[{style}]Calibrated on {result.samples} images ({result.data}).[/{style}]")
     table = Table(title=f"Calibration ({result.method}, {result.samples} images)")
     for column in ("exit", "threshold", "temperature"):
         table.add_column(column, justify="right")
@@ -263,34 +283,8 @@ def calibrate(
         f"On the calibration data: {what} {result.accuracy:.2%} at {result.macs_fraction:.3f} "
         f"of the static MACs (static: {result.static_accuracy:.2%})."
     )
-    target = out or artifact
     dynify.save(dyn, target)
-    console.print(f"Wrote [bold]{target}[/bold].")
-
-
-def _calibration_part(dyn, data, split, part, fraction, seed):
-    from dynify.train.batches import open_data, source_key
-    from dynify.train.data import split_dataset
-
-    dataset = open_data(data, dyn, split=split, decode=False)
-    tuned = dyn.spec.get("finetune") or {}
-    same = tuned.get("data") is not None and tuned.get("data") == source_key(data, split)
-    if part == "all" or (part == "auto" and not same):
-        if same:
-            console.print(
-                "[yellow]Warning: these are the images the heads were trained on; thresholds "
-                "chosen on them will be optimistic.[/yellow]"
-            )
-        return dataset, "all of --data"
-    fraction = fraction if fraction is not None else tuned.get("calibration_fraction") or 0.1
-    seed = seed if seed is not None else tuned.get("seed", 0)
-    if not fraction:
-        raise DynifyError(
-            "Fine-tuning used all of this data (--calibration-fraction 0); calibrate on other "
-            "data, or pass --part all knowing the thresholds will be optimistic."
-        )
-    _, calibration = split_dataset(dataset, fraction, seed)
-    return calibration, f"the {fraction:.0%} held out from fine-tuning, seed {seed}"
+    wrote(target, replaced)
 
 
 @command(help="Measure an artifact: static vs dynamic accuracy and MACs, curve, exits, oracle.")
@@ -309,19 +303,19 @@ def evaluate(
     mean: MeanOption = None,
     std: StdOption = None,
 ) -> None:
-    from dynify.report import evaluate as run_evaluate
-    from dynify.train.batches import source_key
-
-    dyn = _load(artifact)
+    inputs = [artifact, _data_path(data)]
+    replaced_plot = replaced_json = None
+    if plot is not None:
+        dynify.check_plot_path(plot)
+        replaced_plot = check_output(plot, "plot", inputs=inputs)
+    if json_out is not None:
+        replaced_json = check_output(json_out, "JSON report", inputs=[*inputs, plot])
+    dyn = dynify.load(artifact)
     pre = _preprocessing(dyn, input_size, mean, std)
-    tuned = (dyn.spec.get("finetune") or {}).get("data")
-    if tuned is not None and tuned == source_key(data, split):
-        console.print(
-            "[yellow]Warning: this is the fine-tuning data; evaluate on held-out data (e.g. "
-            "--split test) for figures that mean something.[/yellow]"
-        )
     with console.status("Evaluating..."):
-        report = run_evaluate(dyn, data, split=split, batch_size=batch_size, preprocessing=pre)
+        report = dynify.evaluate(dyn, data, split=split, batch_size=batch_size, preprocessing=pre)
+    if report.warning:
+        console.print(f"[yellow]Warning: {report.warning}.[/yellow]")
     console.print(report.table())
     match = report.macs_to_match(report.static_accuracy)
     if match is not None:
@@ -329,6 +323,6 @@ def evaluate(
             f"Within 0.5 points of static at {match:.3f} of its MACs (shared-threshold curve)."
         )
     if plot is not None:
-        console.print(f"Wrote {report.plot(plot)}")
+        wrote(report.plot(plot), replaced_plot)
     if json_out is not None:
-        console.print(f"Wrote {report.save_json(json_out)}")
+        wrote(report.save_json(json_out), replaced_json)

@@ -228,6 +228,15 @@ class DynamicModel(nn.Module, ABC):
                 f"converted for inputs of {shape}; resize the input, or convert again with "
                 "--input-size (example_input= in the API) matching your data."
             )
+        # The thresholds buffer follows the model's dtype and device through .to(), .half()...
+        want = self.thresholds
+        if x.dtype != want.dtype or x.device != want.device:
+            raise InputError(
+                f"Expected a {str(want.dtype).removeprefix('torch.')} input on {want.device}, "
+                f"got {str(x.dtype).removeprefix('torch.')} on {x.device}. Convert the input "
+                f"(x.to({want.device.type!r}, torch.{str(want.dtype).removeprefix('torch.')})): "
+                "images as integers are scaled and normalised first, as in training."
+            )
 
     def mean_macs_fraction(self) -> float:
         """Mean MACs of the last forward as a fraction of the static model's."""

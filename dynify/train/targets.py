@@ -25,6 +25,7 @@ class CalibrationResult:
     method: str
     forced_exit: int | None = None
     labels_used: bool = True
+    data: str = ""  # which data (or part of it) the thresholds were chosen on
     frontier: list[tuple[float, float]] = field(default_factory=list)  # (MACs, accuracy)
 
     def to_dict(self, frontier: bool = False) -> dict[str, Any]:

@@ -10,12 +10,16 @@ saves as JSON and plots as a PNG.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dynify.errors import DynifyError
+from dynify.files import atomic_output, write_text_atomic
+from dynify.heldout import is_finetune_data
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing
 from dynify.train.exit_outputs import (
@@ -26,6 +30,8 @@ from dynify.train.exit_outputs import (
 )
 from dynify.train.scalar_sweep import measure
 from dynify.train.threshold_search import NEVER, ExitProblem
+
+logger = logging.getLogger("dynify")
 
 
 @dataclass
@@ -55,15 +61,15 @@ class EvaluationReport:
     exit_histogram: list[int] = field(default_factory=list)
     oracle_accuracy: float | None = None
     oracle_macs_fraction: float | None = None
+    # Set when the data is what fine-tuning trained on: the figures are then optimistic.
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        """Write the report as JSON (atomically: a failed write leaves any old file as it was)."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     def macs_to_match(self, accuracy: float, tolerance: float = 0.005) -> float | None:
         """The smallest MAC fraction on the curve within `tolerance` of `accuracy`, if any."""
@@ -100,7 +106,9 @@ class EvaluationReport:
 
     def plot(self, path: str | Path) -> Path:
         """Accuracy vs MACs: the threshold curve, the static point, the calibrated point,
-        the exits on their own and the oracle bound."""
+        the exits on their own and the oracle bound. The suffix chooses the format (.png,
+        .pdf, .svg, .jpg)."""
+        path = check_plot_path(path)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -147,12 +155,26 @@ class EvaluationReport:
         ax.set_title(f"{self.model} · {self.strategy}")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with atomic_output(path) as tmp:
+                fig.savefig(tmp)
+        finally:
+            plt.close(fig)
         return path
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """Refuse a plot file whose suffix names no image format, before any work is done."""
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise DynifyError(
+            f"The plot file {path} has no image suffix: name it .png (or {', '.join(PLOT_FORMATS[1:])})."
+        )
+    return path
 
 
 def oracle(outputs: ExitOutputs) -> tuple[float, float]:
@@ -176,15 +198,27 @@ def evaluate(
     preprocessing: Preprocessing | None = None,
     curve_points: int = 41,
 ) -> EvaluationReport:
-    """Measure `dyn` on `data` (never the data its heads or thresholds were fitted on)."""
+    """Measure `dyn` on `data` (never the data its heads or thresholds were fitted on).
+
+    When `data` is the data `dyn` was fine-tuned on, the report's `warning` says so (and a
+    warning is logged): figures measured there are optimistic.
+    """
     batches = data_batches(
         dyn, data, split=split, batch_size=batch_size, preprocessing=preprocessing
     )
     dyn.eval()
     name = (dyn.spec.get("model") or {}).get("name", type(dyn).__name__)
     if isinstance(dyn, ExitCascade):
-        return _evaluate_exits(dyn, batches, name, curve_points)
-    return _evaluate_generic(dyn, batches, name, curve_points)
+        report = _evaluate_exits(dyn, batches, name, curve_points)
+    else:
+        report = _evaluate_generic(dyn, batches, name, curve_points)
+    if is_finetune_data(dyn, data, split):
+        report.warning = (
+            "this is the data the model was fine-tuned on, so these figures are optimistic; "
+            "evaluate on held-out data (e.g. a test split)"
+        )
+        logger.warning("dynify.evaluate: %s.", report.warning)
+    return report
 
 
 def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) -> EvaluationReport:

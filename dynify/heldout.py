@@ -1,0 +1,115 @@
+"""Which part of a data set calibrates a model: the part fine-tuning held out, when it is the
+same data.
+
+Fine-tuning holds out a deterministic share of its data (`calibration_fraction`, `seed`) and
+records in `spec["finetune"]` a key naming that data. Thresholds chosen on images the heads were
+trained on are optimistic, so calibrating on the same data uses the held-out share by default,
+in the API as on the command line. The key is the absolute path (and split) of a folder, zip or
+data set name, or a SHA-256 of the tensors; other Dataset objects cannot be recognised, and
+calibrate on all of what they hold unless `part="calibration"` asks for the held-out share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from dynify.errors import DynifyError
+from dynify.runtime.model import DynamicModel
+from dynify.train.batches import open_data, source_key
+from dynify.train.data import split_dataset
+
+Part = Literal["auto", "calibration", "all"]
+PARTS: tuple[str, ...] = ("auto", "calibration", "all")
+
+
+@dataclass
+class DataPart:
+    """The data chosen and a sentence saying which part of the given data it is."""
+
+    dataset: Dataset
+    description: str
+    held_out: bool
+    trained_on: bool  # the data (all of it) is what fine-tuning trained on
+
+
+def data_key(data: Any, split: str | None = None) -> str | None:
+    """A stable name for `data`: a path source's absolute path, or a digest of tensors."""
+    key = source_key(data, split)
+    if key is not None:
+        return key
+    tensors = _tensors(data)
+    if tensors is None:
+        return None
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{list(t.shape)}".encode())
+        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return f"tensors::sha256:{digest.hexdigest()}"
+
+
+def _tensors(data: Any) -> list[torch.Tensor] | None:
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return list(data)
+    return None
+
+
+def is_finetune_data(dyn: DynamicModel, data: Any, split: str | None = None) -> bool:
+    """Whether `data` is the data `dyn` was fine-tuned on (as far as it can be recognised)."""
+    tuned = (dyn.spec.get("finetune") or {}).get("data")
+    return tuned is not None and tuned == data_key(data, split)
+
+
+def calibration_part(
+    dyn: DynamicModel,
+    data: Any,
+    *,
+    split: str | None = None,
+    part: Part = "auto",
+    fraction: float | None = None,
+    seed: int | None = None,
+) -> DataPart:
+    """The part of `data` to calibrate on.
+
+    `part`: "auto" (the share fine-tuning held out if `data` is its data, else all of it),
+    "calibration" (the held-out share, chosen as fine-tuning chose it) or "all". `fraction` and
+    `seed` default to fine-tuning's.
+    """
+    if part not in PARTS:
+        raise DynifyError(f"part is one of {', '.join(PARTS)}; got '{part}'.")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise DynifyError(
+            f"The calibration fraction is the held-out share of the data, in (0, 1); got "
+            f"{fraction}."
+        )
+    trained_on = is_finetune_data(dyn, data, split)
+    dataset = open_data(data, dyn, split=split, decode=False)
+    if part == "all" or (part == "auto" and not trained_on):
+        what = "all of the data"
+        if trained_on:
+            what += ", which fine-tuning trained on: the thresholds will be optimistic"
+        return DataPart(dataset, what, held_out=False, trained_on=trained_on)
+    tuned = dyn.spec.get("finetune") or {}
+    if fraction is None:
+        fraction = tuned.get("calibration_fraction", 0.1) if tuned else 0.1
+    seed = seed if seed is not None else int(tuned.get("seed", 0))
+    if not fraction:
+        raise DynifyError(
+            "Fine-tuning used all of this data (calibration fraction 0), so none is held out: "
+            "calibrate on other data, or ask for all of it (--part all, part='all') knowing the "
+            "thresholds will be optimistic."
+        )
+    _, held = split_dataset(dataset, fraction, seed)
+    return DataPart(
+        held,
+        f"the {fraction:.0%} held out from fine-tuning, seed {seed}",
+        held_out=True,
+        trained_on=False,
+    )
