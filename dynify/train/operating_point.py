@@ -115,7 +115,9 @@ def operating_points(
                 OperatingPoint(
                     {"threshold": float(t)},
                     [float(v) for v in dyn.thresholds.flatten()],
-                    [float(v) for v in saved_temperatures] if saved_temperatures is not None else [],
+                    [float(v) for v in saved_temperatures]
+                    if saved_temperatures is not None
+                    else [],
                     cal_acc,
                     cal_macs,
                     test_acc,
