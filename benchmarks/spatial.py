@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import dynify
-from dynify.runtime.masks import SpatialMaskModel
+from dynify.runtime.spatial_masks import SpatialMaskModel
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
@@ -332,7 +332,7 @@ def joint_resolution(static, teacher, fit_x, fit_y, cal_x, cal_y, test_x, test_y
     """
     import copy
 
-    from dynify.runtime.masks import distillation
+    from dynify.runtime.spatial_masks import distillation
 
     start = time.perf_counter()
     baseline = copy.deepcopy(static).eval()

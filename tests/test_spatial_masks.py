@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynify
 from dynify.errors import StrategyError
-from dynify.runtime.masks import SparseResidual, SpatialMaskModel, fit_tile
+from dynify.runtime.mask_geometry import fit_tile
+from dynify.runtime.sparse_residual import SparseResidual
+from dynify.runtime.spatial_masks import SpatialMaskModel
 from tests.conftest import randomize_bn
 
 GRANULARITIES = ("region", "pixel")
@@ -304,13 +306,13 @@ def test_wrapper_is_a_sparse_residual(model):
 
 @pytest.mark.slow
 def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
+    from dynify.export.onnx import write_onnx
     from dynify.export.verify import count_executed_ops
-    from dynify.runtime.masks import export_spatial_onnx
 
     dyn = convert(model)
     randomize_mask_units(dyn)
     path = tmp_path / "m.onnx"
-    result = export_spatial_onnx(dyn, x[:2], path)
+    result = write_onnx(dyn.export_module().eval(), x[:2], path, reference=dyn)
     assert result.report.ok and result.report.max_abs_diff <= 1e-4
     assert result.if_nodes >= dyn.num_masks
     none = count_executed_ops(path, x[:1], [0.0] * 4)
@@ -321,9 +323,9 @@ def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
 
 @pytest.mark.slow
 def test_pixel_masks_export_the_dense_masked_product(model, x, tmp_path):
-    from dynify.runtime.masks import export_spatial_onnx
+    from dynify.export.onnx import write_onnx
 
     dyn = convert(model, "pixel")
     randomize_mask_units(dyn)
-    result = export_spatial_onnx(dyn, x[:2], tmp_path / "p.onnx")
+    result = write_onnx(dyn.export_module().eval(), x[:2], tmp_path / "p.onnx", reference=dyn)
     assert result.report.ok and result.if_nodes >= dyn.num_masks

@@ -24,9 +24,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynify.runtime.masks import distillation
 from dynify.runtime.model import DynamicModel
 from dynify.runtime.policy import ExitPolicy
+from dynify.runtime.spatial_masks import distillation
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 

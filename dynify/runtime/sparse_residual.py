@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.node import map_arg
 
+from dynify.runtime.cascade import cond
+from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
+from dynify.runtime.gate_wrapper import RunContext
 from dynify.runtime.mask_geometry import (
     GRANULARITIES,
     branch_halo,
@@ -25,37 +28,21 @@ from dynify.runtime.mask_geometry import (
     fit_tile,
     tile_branch,
 )
+from dynify.runtime.units import MaskUnit
 
-INIT_BIAS = 3.0  # sigmoid(3) = 0.95: a fresh mask unit keeps (almost) every position
 
+class MaskExportRun:
+    """One forward of the export face: the thresholds in, each block's active-unit counts out.
 
-class MaskUnit(nn.Module):
-    """Scores where a block's branch is needed: a 1x1 conv on the block input.
-
-    For regions, the input is average-pooled to one value per tile first (which, the conv being
-    linear, equals pooling the pixel scores). Scores are logits; sigmoid gives P(active).
+    The model's wrappers share it through their `RunContext`: binding a run changes no module
+    attribute, which torch.export refuses during tracing.
     """
 
-    def __init__(self, channels: int, granularity: str, tile: int):
-        super().__init__()
-        self.granularity = granularity
-        self.tile = tile
-        self.conv = nn.Conv2d(channels, 1, 1)
-        nn.init.normal_(self.conv.weight, std=0.01)
-        nn.init.constant_(self.conv.bias, INIT_BIAS)
+    __slots__ = ("thresholds", "units")
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.granularity == "region":
-            x = F.avg_pool2d(x, self.tile, ceil_mode=True)
-        return self.conv(x)[:, 0]
-
-
-def gumbel_sigmoid_st(logits: Tensor, tau: float = 1.0) -> Tensor:
-    """A hard 0/1 sample with the straight-through gradient of its relaxed sigmoid."""
-    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    def __init__(self, thresholds: Tensor):
+        self.thresholds = thresholds
+        self.units: dict[int, Tensor] = {}
 
 
 class SparseResidual(nn.Module):
@@ -92,6 +79,8 @@ class SparseResidual(nn.Module):
         self.static = False
         self.threshold: Tensor | float = 0.5
         self.fixed_mask: Tensor | None = None
+        self.index = 0  # this block's threshold entry (set by the model)
+        self.context = RunContext()  # the model shares one among its wrappers (export face)
         self.dense_when_full = True
         self.last_macs: Tensor | None = None
         self.last_density: Tensor | None = None  # [B], fraction of units computed
@@ -146,12 +135,15 @@ class SparseResidual(nn.Module):
         """Bool [B, h, w]: which units to compute (`fixed_mask` overrides the mask unit)."""
         if self.fixed_mask is not None:
             return self.fixed_mask.to(torch.bool)
-        score = torch.sigmoid(self.mask_unit(x))
-        return score > 1.0 - self.threshold
+        return gate_open(gate_probability(self.mask_unit(x)), self.threshold)
 
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        export = self.context.run
+        if export is not None:
+            out, export.units[self.index] = self.export_forward(x, export.thresholds[self.index])
+            return out
         batch = x.shape[0]
         if self.static:
             self.last_macs = torch.full((batch,), self.branch_macs, dtype=torch.long)
@@ -176,7 +168,7 @@ class SparseResidual(nn.Module):
 
     def _forward_train(self, x: Tensor) -> Tensor:
         """Dense branch times a Gumbel straight-through mask: differentiable in the mask unit."""
-        mask = gumbel_sigmoid_st(self.mask_unit(x))
+        mask = straight_through_gumbel(self.mask_unit(x))
         self.train_density = mask.mean()
         self.last_density = mask.detach().flatten(1).mean(1)
         self.last_macs = torch.full((x.shape[0],), self.branch_macs + self.mask_macs)
@@ -187,6 +179,52 @@ class SparseResidual(nn.Module):
         """The reference: the dense branch times the mask (what the sparse paths must equal)."""
         out = self.branch(x)
         return out * expand_mask(active.to(out.dtype), self.tile, out.shape[-2:])
+
+    def export_forward(self, x: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+        """The export face: (branch output, active units per sample [B]).
+
+        Under `torch.cond`, so ONNX gets one `If` that skips the branch when no unit is active.
+        Region masks keep their sparse path (NonZero, Gather, Conv on the gathered tiles,
+        ScatterND); pixel masks export the dense masked product.
+        """
+        active = gate_open(gate_probability(self.mask_unit(x)), threshold)
+        units = active.flatten(1).sum(1)
+        if self.granularity == "pixel":
+            out = cond(
+                active.any(),
+                lambda x, active: self.dense_masked(x, active),
+                lambda x, active: x.new_zeros((x.shape[0], self.out_channels, *x.shape[-2:])),
+                (x, active),
+            )
+            return out, units
+        n_h, n_w = active.shape[1:]
+        h, width = x.shape[-2:]
+        t, halo = self.tile, self.halo
+        size = t + 2 * halo
+        out_shape = (x.shape[0], self.out_channels, h, width)
+        # not cached: a tensor made while tracing must not outlive the export
+        inside = self._inside_tiles((h, width), x.device).repeat(x.shape[0], 1, 1, 1)
+
+        def sparse(x: Tensor, active: Tensor, inside: Tensor) -> Tensor:
+            index = torch.nonzero(active.flatten()).squeeze(1)
+            torch._check(index.shape[0] > 0)  # this branch runs only when a tile is active
+            padded = F.pad(x, (halo, n_w * t - width + halo, halo, n_h * t - h + halo))
+            tiles = padded.unfold(2, size, t).unfold(3, size, t)  # [B, C, nH, nW, s, s]
+            tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], size, size)
+            tiles = tiles.index_select(0, index)
+            result = self.tile_branch(tiles, inside.index_select(0, index))
+            canvas = result.new_zeros(x.shape[0] * n_h * n_w, self.out_channels, t, t)
+            canvas = canvas.index_copy(0, index, result)
+            out = canvas.view(x.shape[0], n_h, n_w, self.out_channels, t, t)
+            out = out.permute(0, 3, 1, 4, 2, 5).reshape(
+                x.shape[0], self.out_channels, n_h * t, n_w * t
+            )
+            return out[..., :h, :width].contiguous()
+
+        def skip(x: Tensor, active: Tensor, inside: Tensor) -> Tensor:
+            return x.new_zeros(out_shape)
+
+        return cond(active.any(), sparse, skip, (x, active, inside)), units
 
     # -- the branch, run by hand so convs can be replaced ------------------------------------
 
@@ -222,14 +260,17 @@ class SparseResidual(nn.Module):
         """Per tile [nH * nW, 1, th, tw]: 1 where the halo'd tile lies inside the image."""
         key = (size, device)
         if key not in self._inside_cache:
-            h, w = size
-            t, halo = self.tile, self.halo
-            n_h, n_w = math.ceil(h / t), math.ceil(w / t)
-            canvas = torch.zeros(1, 1, n_h * t + 2 * halo, n_w * t + 2 * halo, device=device)
-            canvas[..., halo : halo + h, halo : halo + w] = 1.0
-            tiles = canvas.unfold(2, t + 2 * halo, t).unfold(3, t + 2 * halo, t)
-            self._inside_cache[key] = tiles.reshape(n_h * n_w, 1, t + 2 * halo, t + 2 * halo)
+            self._inside_cache[key] = self._inside_tiles(size, device)
         return self._inside_cache[key]
+
+    def _inside_tiles(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        h, w = size
+        t, halo = self.tile, self.halo
+        n_h, n_w = math.ceil(h / t), math.ceil(w / t)
+        canvas = torch.zeros(1, 1, n_h * t + 2 * halo, n_w * t + 2 * halo, device=device)
+        canvas[..., halo : halo + h, halo : halo + w] = 1.0
+        tiles = canvas.unfold(2, t + 2 * halo, t).unfold(3, t + 2 * halo, t)
+        return tiles.reshape(n_h * n_w, 1, t + 2 * halo, t + 2 * halo)
 
     def _tile_columns(self, batch: int, size: tuple[int, int], device: torch.device):
         """Where every tile's pixels live, as columns of the [C, B*H*W] view of the input.

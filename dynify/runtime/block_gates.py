@@ -25,8 +25,8 @@ Faces: `forward` is eager (Python control flow, per-sample gather/run/scatter); 
 runs every branch for every sample with straight-through decisions (Gumbel for gates, REINFORCE
 or Gumbel for the policy); `export_module()` puts every skippable branch under `torch.cond`.
 
-This module holds the model and its export face; the decision units live in `gate_units.py`, the
-wrapper and the per-forward state in `block_gate.py`.
+This module holds the model and its export face; the decision units live in `units.py`, the
+wrapper and the per-forward state in `gate_wrapper.py`, the decision rules in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
-from dynify.runtime.block_gate import BlockGate, GateRun, HaltMix, RunContext, sigmoid_one
-from dynify.runtime.gate_units import ESTIMATORS, GATE_KINDS, straight_through_gumbel
+from dynify.runtime.decisions import (
+    gate_open,
+    gate_probability,
+    gates_open_one,
+    straight_through_gumbel,
+)
+from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
 from dynify.runtime.model import DynamicModel, JointRecipe
-from dynify.runtime.policy import FLOAT32_TIE
+
+GATE_KINDS = ("function", "halting", "policy")
+ESTIMATORS = ("reinforce", "gumbel")
 
 
 class GatedModel(DynamicModel):
@@ -192,8 +199,7 @@ class GatedModel(DynamicModel):
         run = self._new_run(x, "eager", self.thresholds)
         if self.kind == "policy" and bool((self.thresholds <= 1.0).any()):
             run.macs += self.policy_macs
-            probs = torch.sigmoid(self.policy(x).float())
-            run.plan = probs > 1.0 - self.thresholds
+            run.plan = gate_open(gate_probability(self.policy(x)), self.thresholds)
         out = self._run_graph(x, run)
         self.last_macs = run.macs.round().long()
         self.last_gates = run.executed.clone()
@@ -218,20 +224,14 @@ class GatedModel(DynamicModel):
 
     def _plan_one(self, x: torch.Tensor, thr: list[float]) -> list[bool]:
         """The policy's run/skip plan for one image, decided in Python floats: at batch 1 the
-        tensor form (sigmoid, compare, convert) costs more than the comparisons themselves.
-        Probabilities within `FLOAT32_TIE` of a threshold are settled by the float32 tensor path."""
-        logits = self.policy(x)
-        probs = [sigmoid_one(value) for value in logits.tolist()[0]]
-        if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thr, strict=True)):
-            exact = torch.sigmoid(logits.float())[0] > 1.0 - self.thresholds
-            return exact.tolist()
-        return [p > 1.0 - t for p, t in zip(probs, thr, strict=True)]
+        tensor form (sigmoid, compare, convert) costs more than the comparisons themselves."""
+        return gates_open_one(self.policy(x).float().tolist()[0], thr)
 
     def gate_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """[B, K] each gate's open probability (policy, function) with every block run."""
         self.check_input(x)
         if self.kind == "policy":
-            return torch.sigmoid(self.policy(x).float())
+            return gate_probability(self.policy(x))
         run = self._new_run(x, "train", self.thresholds)
         self._run_graph(x, run)
         probs = torch.stack(run.gate_probs, 1)
@@ -278,7 +278,7 @@ class GatedModel(DynamicModel):
                     actions * torch.log(explore.clamp_min(1e-6))
                     + (1 - actions) * torch.log((1 - explore).clamp_min(1e-6))
                 ).sum(1)
-            run.gate_probs.append(torch.sigmoid(logits))
+            run.gate_probs.append(gate_probability(logits))
         logits = self._run_graph(x, run)
         t = self.distill_temperature
         kd = (
@@ -357,6 +357,6 @@ class GatedExport(nn.Module):
         thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
         run = model._new_run(x, "export", thr)
         if model.kind == "policy":
-            run.plan = torch.sigmoid(model.policy(x).float()) > 1.0 - thr
+            run.plan = gate_open(gate_probability(model.policy(x)), thr)
         logits = model._run_graph(x, run)
         return logits, run.executed.to(torch.int64)

@@ -1,7 +1,9 @@
-"""Spatial masks over residual branches (DynConv, SACT): the model, its training loss.
+"""Spatial masks over residual branches (DynConv, SACT): the model, its training loss, its
+export face.
 
-Position active iff sigmoid(score) > 1 - threshold: threshold 0 computes no branch at all and a
-threshold above 1 computes every position. The wrapper lives in `sparse_residual`.
+Position active iff sigmoid(score) > 1 - threshold (`decisions.gate_open`): threshold 0 computes
+no branch at all and a threshold above 1 computes every position. The wrapper lives in
+`sparse_residual.py`, the mask unit in `units.py`.
 """
 
 from __future__ import annotations
@@ -13,23 +15,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynify.runtime.mask_geometry import GRANULARITIES, check_branch, fit_tile
-from dynify.runtime.masks_export import SpatialMaskExport, export_spatial_onnx
+from dynify.runtime.gate_wrapper import RunContext
 from dynify.runtime.model import DynamicModel
-from dynify.runtime.sparse_residual import MaskUnit, SparseResidual, gumbel_sigmoid_st
-
-__all__ = [
-    "GRANULARITIES",
-    "MaskUnit",
-    "SparseResidual",
-    "SpatialMaskExport",
-    "SpatialMaskModel",
-    "check_branch",
-    "distillation",
-    "export_spatial_onnx",
-    "fit_tile",
-    "gumbel_sigmoid_st",
-]
+from dynify.runtime.sparse_residual import MaskExportRun, SparseResidual
 
 
 def distillation(
@@ -96,6 +84,9 @@ class SpatialMaskModel(DynamicModel):
         self.distill_temperature = float(distill_temperature)
         self.sparsity_weight = float(sparsity_weight)
         self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
+        self._context = RunContext()
+        for i, wrapper in enumerate(self.wrappers):
+            wrapper.index, wrapper.context = i, self._context
         self.fixed_macs = self.static_macs - sum(w.branch_macs for w in self.wrappers)
 
     @property
@@ -227,3 +218,26 @@ class SpatialMaskModel(DynamicModel):
         active; pixel masks export the dense masked product (see docs/spatial.md).
         """
         return SpatialMaskExport(self)
+
+
+class SpatialMaskExport(nn.Module):
+    """The masked network for export, thresholds as an input: each wrapper runs its export
+    face (`SparseResidual.export_forward`) and reports how many units it computed."""
+
+    output_names = ("logits", "active_units")
+
+    def __init__(self, model: SpatialMaskModel):
+        super().__init__()
+        self.model = model
+        self.register_buffer("thresholds", model.thresholds.detach().clone())
+
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        model = self.model
+        thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
+        run = MaskExportRun(thr)
+        model._context.run = run
+        try:
+            logits = model.net(x)
+        finally:
+            model._context.run = None
+        return logits, torch.stack([run.units[i] for i in range(model.num_masks)], 1)
