@@ -26,12 +26,12 @@ from torch.utils.data import Subset
 
 import dynify
 from dynify.report import evaluate, oracle
+from dynify.runtime.model import ExitCascade
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.calibrate import calibrate, collect_outputs, simulate
 from dynify.train.data import cached_tensor_dataset, split_dataset
 from dynify.train.distill import finetune, lr_factor
 from dynify.train.ensemble import fit_ensemble
-from dynify.train.exit_outputs import has_exits
 from dynify.train.scalar_sweep import measure
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -165,7 +165,7 @@ def sweep_results(dyn, calib_b, test_b, baselines: dict, budgets: list[float]) -
 
 
 def phase_results(dyn, calib_b, test_b, baselines: dict, args) -> dict:
-    if not has_exits(dyn):
+    if not isinstance(dyn, ExitCascade):
         return sweep_results(dyn, calib_b, test_b, baselines, args.sweep_budgets)
     calib_out, test_out = collect_outputs(dyn, calib_b), collect_outputs(dyn, test_b)
     return dynamic_results(dyn, calib_out, test_out, test_b, baselines)

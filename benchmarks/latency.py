@@ -58,7 +58,7 @@ def export_batch_policies(dyn: dynify.DynamicModel, folder: Path, name: str) -> 
     # halfway between the 4th and 5th score: no sample sits on a threshold, where float noise
     # between runtimes (ORT fuses the heads' batch norms) could flip its decision
     thr = torch.stack([s.sort().values[3:5].mean() for s in scores])
-    cascade = dyn.export_module()
+    cascade = dyn.export_face()
     together = cascade.with_batch_policy("batch_all").eval()
     paths = {}
     for policy, module in (("per_sample", cascade), ("batch_all", together)):

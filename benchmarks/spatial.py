@@ -332,7 +332,7 @@ def joint_resolution(static, teacher, fit_x, fit_y, cal_x, cal_y, test_x, test_y
     """
     import copy
 
-    from dynify.runtime.spatial_masks import distillation
+    from dynify.train.losses import distillation
 
     start = time.perf_counter()
     baseline = copy.deepcopy(static).eval()

@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing
 from dynify.train.exit_outputs import (
     ExitOutputs,
     collect_outputs,
     data_batches,
-    has_exits,
     one_thread,
 )
 from dynify.train.scalar_sweep import measure
@@ -183,7 +182,7 @@ def evaluate(
     )
     dyn.eval()
     name = (dyn.spec.get("model") or {}).get("name", type(dyn).__name__)
-    if has_exits(dyn):
+    if isinstance(dyn, ExitCascade):
         return _evaluate_exits(dyn, batches, name, curve_points)
     return _evaluate_generic(dyn, batches, name, curve_points)
 

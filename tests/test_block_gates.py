@@ -15,6 +15,7 @@ from torch import nn
 import dynify
 from dynify.errors import StrategyError
 from dynify.models.cifar_resnet import CifarResNet, cifar_resnet20
+from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES
 from tests.conftest import randomize_bn
 
 KINDS = ("function", "halting", "policy")
@@ -278,7 +279,7 @@ def test_onnx_export_parity_and_skipping(kind, tmp_path):
     model = two_stages()
     x = torch.randn(3, 3, 16, 16) * torch.exp(torch.randn(3, 1, 1, 1))
     dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
-    face = dyn.export_module().eval()
+    face = dyn.export_face().eval()
     ep = torch.export.export(
         face,
         (x[:2], dyn.thresholds.clone()),
@@ -286,7 +287,7 @@ def test_onnx_export_parity_and_skipping(kind, tmp_path):
         strict=False,
     )
     program = torch.onnx.export(
-        ep, dynamo=True, input_names=["x", "thresholds"], output_names=["logits", "executed"]
+        ep, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES)
     )
     path = str(tmp_path / "gates.onnx")
     program.save(path)

@@ -202,12 +202,17 @@ class ScalarKnob(DynamicModel):
     strategy = "toy"
 
     def __init__(self, model):
-        super().__init__(static_macs=100, input_shape=(3, 16, 16), num_classes=5)
+        super().__init__(static_macs=100, input_shape=(3, 16, 16), num_classes=5, thresholds=[0.5])
         self.model = model
-        self.register_buffer("thresholds", torch.tensor([0.5]))
 
-    def set_thresholds(self, value):
-        self.thresholds.fill_(float(value if not isinstance(value, list) else value[0]))
+    def describe(self):
+        return [{"threshold": f"{float(self.thresholds[0]):.3f}"}]
+
+    def training_loss(self, x, teacher_logits=None, labels=None, config=None):
+        raise NotImplementedError  # calibration never trains
+
+    def export_face(self):
+        raise NotImplementedError  # calibration never exports
 
     def forward(self, x):
         full = self.model(x)

@@ -217,7 +217,7 @@ def test_conv_head_on_tokens_and_unknown_head_kind_are_clear_errors(tiny_model, 
 def test_conv_head_folds_batch_norm_at_inference_only():
     """Eval + no_grad: the conv head runs with its BN folded into the conv, giving the module
     path's logits; the cache follows in-place weight changes; training keeps gradients."""
-    from dynify.runtime.modules import ExitHead
+    from dynify.runtime.heads import ExitHead
 
     torch.manual_seed(0)
     head = randomize_bn(ExitHead((16, 8, 8), 10, "channels_first", pool=2, conv=24))
@@ -241,7 +241,7 @@ def test_conv_head_folds_batch_norm_at_inference_only():
 def test_folded_head_pools_and_bottleneck_like_the_module_path(shape, pool, hidden):
     """The folded fast path (channels-last conv, plain or adaptive pool, bottleneck) computes
     the module path's logits, also when the map does not divide by the pool size."""
-    from dynify.runtime.modules import ExitHead
+    from dynify.runtime.heads import ExitHead
 
     torch.manual_seed(1)
     head = randomize_bn(ExitHead(shape, 10, "channels_first", pool=pool, hidden=hidden, conv=24))
@@ -256,7 +256,7 @@ def test_folded_head_pools_and_bottleneck_like_the_module_path(shape, pool, hidd
 
 @pytest.mark.parametrize("kind", ["confidence", "entropy"])
 def test_python_exit_score_equals_the_tensor_path(kind):
-    from dynify.runtime.policy import exit_score_one, exit_scores
+    from dynify.runtime.decisions import exit_score_one, exit_scores
 
     logits = torch.randn(200, 10) * torch.rand(200, 1) * 8
     logits[0] = 0.0  # uniform: entropy score 0, confidence 1 / C
@@ -271,7 +271,7 @@ def test_python_exit_score_equals_the_tensor_path(kind):
 def test_batch_one_decides_a_tie_exactly_like_the_tensor_path():
     """A threshold equal to the sample's float32 score exits it (>=), one a float32 step above
     does not: the batch-1 path decides in Python floats but settles ties with `exit_scores`."""
-    from dynify.runtime.policy import exit_scores
+    from dynify.runtime.decisions import exit_scores
 
     torch.manual_seed(0)
     model = randomize_bn(cifar_resnet20())
@@ -301,3 +301,25 @@ def test_batch_one_records_are_read_back_and_replaced(tiny_model, tiny_input):
     assert dyn.last_exit.tolist() == [dyn.num_exits] * 3
     assert dyn.last_macs.tolist() == [dyn.exit_macs()[-1]] * 3
     assert dyn.mean_macs_fraction() == dyn.exit_macs()[-1] / dyn.static_macs
+
+
+def test_last_macs_is_what_flop_counter_counts_for_the_work_that_ran(tiny_model, tiny_input):
+    """The cost ledger: per-sample MACs charged from the front end's counts add up to what
+    FlopCounterMode counts for the segments and heads that really ran, sample by sample and
+    for a batch whose samples leave at different exits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dyn = trained_heads(
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    ).eval()
+    with torch.no_grad():
+        scores = [torch.softmax(lg, -1).max(-1).values for lg in dyn.exit_logits(tiny_input)]
+    dyn.set_thresholds([float(s.median()) for s in scores[:-1]])
+    for x in [tiny_input[:1], tiny_input[1:2], tiny_input]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dyn(x)
+        assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2
+    assert len(set(dyn.last_exit.tolist())) > 1  # the batch did split
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, dyn.static():
+        dyn(tiny_input)
+    assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2

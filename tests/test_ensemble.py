@@ -94,7 +94,7 @@ def test_ensemble_survives_onnx_and_the_artifact(tmp_path):
     calibrate(dyn, (x[:400], y[:400]), budget=0.6, ensemble=True)
     cases = [[0.0, 0.0], list(dyn.thresholds.tolist()), [0.6, 0.7], [1.01, 0.0], [1.01, 1.01]]
     result = write_onnx(
-        dyn.export_module(),
+        dyn.export_face(),
         x[:2],
         tmp_path / "ensemble.onnx",
         inputs=[x[:1], x[:16]],

@@ -146,7 +146,7 @@ def test_graph_has_nested_if_and_thresholds_input_with_default(onnx_path, cascad
     assert _count(model.graph, "If") == cascade.num_exits
     assert _count(model.graph, "Conv") == 3
     assert [i.name for i in model.graph.input] == ["x", "thresholds"]
-    assert [o.name for o in model.graph.output] == ["logits", "exit_index"]
+    assert [o.name for o in model.graph.output] == ["logits", "decisions"]
     default = {i.name: i for i in model.graph.initializer}["thresholds"]
     np.testing.assert_allclose(onnx.numpy_helper.to_array(default), [0.6, 0.6])
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -298,7 +298,7 @@ def _converted(policy: str, model: nn.Module | None = None) -> dynify.DynamicMod
 @pytest.mark.parametrize("policy", ["confidence", "entropy", "patience"])
 def test_export_module_decides_like_the_eager_model(policy):
     dyn = _converted(policy)
-    cascade = dyn.export_module()
+    cascade = dyn.export_face()
     assert isinstance(cascade, CondCascade) and cascade.policy == policy
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     seen = set()
@@ -320,7 +320,7 @@ def test_patience_policy_survives_onnx(tmp_path):
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     cases = [[0.0, 0.0], [0.5, 0.5], [1.01, 1.01]]
     result = write_onnx(
-        dyn.export_module(),
+        dyn.export_face(),
         x[:2],
         tmp_path / "patience.onnx",
         inputs=[x[:1], x],

@@ -178,9 +178,20 @@ def test_export_puts_the_full_pass_under_an_if(model, x, tmp_path):
     from dynify.export.verify import count_executed_ops
 
     dyn = convert(model)
-    result = write_onnx(dyn.export_module(), x[:2], tmp_path / "r.onnx", reference=dyn)
+    result = write_onnx(dyn.export_face(), x[:2], tmp_path / "r.onnx", reference=dyn)
     assert result.report.ok  # ORT == the eager cascade, at thresholds 0, default and 1.01
     assert result.if_nodes >= 1
     low_only = count_executed_ops(result.path, x[:1], [0.0])
     both = count_executed_ops(result.path, x[:1], [1.01])
     assert both == 2 * low_only
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.01])
+def test_last_macs_is_what_flop_counter_counts_for_the_work_that_ran(model, x, threshold):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dyn = convert(model, low_head=True)
+    dyn.set_thresholds(threshold)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dyn(x)
+    assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2

@@ -312,7 +312,7 @@ def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
     dyn = convert(model)
     randomize_mask_units(dyn)
     path = tmp_path / "m.onnx"
-    result = write_onnx(dyn.export_module().eval(), x[:2], path, reference=dyn)
+    result = write_onnx(dyn.export_face().eval(), x[:2], path, reference=dyn)
     assert result.report.ok and result.report.max_abs_diff <= 1e-4
     assert result.if_nodes >= dyn.num_masks
     none = count_executed_ops(path, x[:1], [0.0] * 4)
@@ -327,5 +327,5 @@ def test_pixel_masks_export_the_dense_masked_product(model, x, tmp_path):
 
     dyn = convert(model, "pixel")
     randomize_mask_units(dyn)
-    result = write_onnx(dyn.export_module().eval(), x[:2], tmp_path / "p.onnx", reference=dyn)
+    result = write_onnx(dyn.export_face().eval(), x[:2], tmp_path / "p.onnx", reference=dyn)
     assert result.report.ok and result.if_nodes >= dyn.num_masks

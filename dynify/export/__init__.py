@@ -3,7 +3,7 @@
 `export_onnx(dyn, path)` writes one ONNX graph whose skippable work sits under `If` nodes (so
 ONNX Runtime skips it), with the thresholds as a graph input defaulting to the calibrated ones;
 `export_pt2(dyn, path)` writes a `torch.export` program with the same `torch.cond` control flow.
-Both work for any DynamicModel with an `export_module()` and refuse to finish unless the export
+Both work for any DynamicModel (through its `export_face()`) and refuse to finish unless the export
 matches the eager model (max abs diff <= 1e-4, same decisions) on random inputs at thresholds
 that force every behaviour (every exit, all-exit-early, all-run-to-the-end, the default).
 """
@@ -32,14 +32,8 @@ def export_face(dyn: DynamicModel) -> nn.Module:
         raise ExportError(
             f"expected a DynamicModel (from dynify.convert), got {type(dyn).__name__}"
         )
-    make = getattr(dyn, "export_module", None)
-    if make is None:
-        raise ExportError(
-            f"the {dyn.strategy or type(dyn).__name__} strategy has no export face "
-            "(DynamicModel.export_module), so it cannot be exported with its skipping"
-        )
     dyn.eval()
-    return make().eval()
+    return dyn.export_face().eval()
 
 
 def verification_cases(dyn: DynamicModel) -> tuple[list[str], list[list[float] | None]]:
@@ -111,7 +105,8 @@ def export_onnx(
 
     Graph inputs: `x` [N, ...] and `thresholds` float32 [K], which defaults to the
     model's calibrated thresholds (omit it from the feed to use them). Outputs: `logits` [N, C]
-    and, for exit cascades, `exit_index` int64 [N] (K = the final classifier). With `verify`
+    and `decisions` int64: for exit cascades the exit index [N] (K = the final classifier),
+    for block gates the executed blocks [N, K], for spatial masks the active units [N, K]. With `verify`
     (default) ONNX Runtime must match the eager model within 1e-4 with the same decisions at
     every forced behaviour, else the file is deleted and ExportError raised. An op without an
     ONNX translation raises ExportError naming the op, the graph node and the submodule.
@@ -146,7 +141,7 @@ def export_pt2(dyn: DynamicModel, path: str | Path | None = None, *, verify: boo
     """Save a `torch.export` program (`torch.export.save`) with the skipping as `torch.cond`.
 
     Load it without dynify: `prog = torch.export.load(path).module()`, then under
-    `torch.no_grad()`: `logits, exit_index = prog(x, thresholds)` (thresholds is required
+    `torch.no_grad()`: `logits, decisions = prog(x, thresholds)` (thresholds is required
     there: float32 [K]). With autograd on, torch re-traces the conditionals for a backward and
     fails on their data-dependent batch sizes.
     """

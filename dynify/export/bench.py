@@ -31,7 +31,8 @@ from torch import nn
 
 from dynify.errors import ExportError
 from dynify.export.timing import time_interleaved, time_onnx
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.early_exit import EarlyExitModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 
 Runtime = Literal["eager", "onnx"]
 RUNTIMES = ("eager", "onnx")
@@ -58,16 +59,12 @@ def settle_batch_norm(dyn: DynamicModel, batches: int = 2, size: int = 8) -> Dyn
 def threshold_cases(dyn: DynamicModel) -> list[tuple[str, list[float]]]:
     """Named threshold vectors that pin the model to a known behaviour, cheapest first.
 
-    A strategy may provide its own (`dyn.forcing_thresholds()` returning the same list). Exit
-    cascades (models with `exit_macs()`) get one case per exit: exit i is forced by never firing
-    the exits before it (threshold 1.01) and always firing it (threshold 0), and "final" runs to
+    Exit cascades (`ExitCascade`) get one case per exit: exit i is forced by never firing the
+    exits before it (threshold 1.01) and always firing it (threshold 0), and "final" runs to
     the end. Other strategies get the sweep 0 (cheapest), 0.5, 1.01 (full compute).
     """
-    custom = getattr(dyn, "forcing_thresholds", None)
-    if callable(custom):
-        return [(str(label), [float(t) for t in thr]) for label, thr in custom()]
-    k = int(dyn.thresholds.numel())
-    if hasattr(dyn, "exit_macs"):
+    k = dyn.num_thresholds
+    if isinstance(dyn, ExitCascade):
         cases = [(f"exit {i}", [NEVER] * i + [0.0] * (k - i)) for i in range(k)]
         return [*cases, ("final", [NEVER] * k)]
     return [(f"threshold {t:g}", [t] * k) for t in SWEEP]
@@ -115,10 +112,10 @@ class BenchResult:
 
 def _eager_macs(dyn: DynamicModel, x: torch.Tensor, thr: list[float]) -> tuple[float, list[int]]:
     """Mean MACs fraction and distinct exits of one eager forward at `thr`."""
-    dyn.thresholds.copy_(torch.tensor(thr, dtype=torch.float32))
+    dyn.set_thresholds(thr)
     with torch.inference_mode():
         dyn(x)
-    exits = getattr(dyn, "last_exit", None)
+    exits = dyn.last_exit
     taken = sorted({int(e) for e in exits.reshape(-1)}) if exits is not None else []
     return dyn.mean_macs_fraction(), taken
 
@@ -127,7 +124,7 @@ class StaticPrefix(nn.Module):
     """An exit cascade's static network up to exit i's cut point: its first i + 1 segments,
     without heads or decisions. The fastest an exit there could possibly be."""
 
-    def __init__(self, dyn: DynamicModel, exit_index: int) -> None:
+    def __init__(self, dyn: EarlyExitModel, exit_index: int) -> None:
         super().__init__()
         self.segments = nn.ModuleList(list(dyn.segments)[: exit_index + 1])
 
@@ -140,7 +137,7 @@ class StaticPrefix(nn.Module):
 def prefix_cases(dyn: DynamicModel) -> list[tuple[str, int, float]]:
     """(row label, exit index, MAC fraction of the prefix) for every exit of a cascade; none
     for strategies without segments."""
-    if not hasattr(dyn, "segments") or not hasattr(dyn, "segment_macs"):
+    if not isinstance(dyn, EarlyExitModel):
         return []
     cases, spent = [], 0
     for i in range(dyn.num_exits):
@@ -195,7 +192,7 @@ def _onnx_runs(
 
     if onnx_path is None:  # fixed to the timed batch, as the static graph below
         onnx_path = write_onnx(
-            dyn.export_module(), x, folder / "dynamic.onnx", verify=False, dynamic_batch=False
+            dyn.export_face(), x, folder / "dynamic.onnx", verify=False, dynamic_batch=False
         ).path
     static_path = write_static_onnx(dyn, x, folder / "static.onnx")  # fixed batch: its best case
     xn = x.detach().cpu().numpy()

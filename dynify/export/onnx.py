@@ -1,8 +1,10 @@
 """Export a dynamic network to ONNX (and `.pt2`) with its skipping kept as real control flow.
 
 Any module whose `forward(x, thresholds)` returns `(logits, decisions)` and puts skippable work
-under `torch.cond` can be exported (`DynamicModel.export_module()` builds one);
-`dynify.runtime.cascade.CondCascade` is the early-exit one.
+under `torch.cond` can be exported (`DynamicModel.export_face()` builds one, an `ExportFace`);
+`dynify.runtime.cascade.CondCascade` is the early-exit one. Every graph's inputs are named
+`INPUT_NAMES` ("x", "thresholds") and its outputs `OUTPUT_NAMES` ("logits", "decisions"), for
+every strategy (`dynify.runtime.model`).
 
 Recipe (torch 2.14, onnxscript 0.7, onnxruntime 1.32):
 
@@ -42,7 +44,6 @@ from torch import Tensor, nn
 
 from dynify.errors import ExportError
 from dynify.export.verify import (
-    INPUT_NAMES,
     PARITY_ATOL,
     ParityReport,
     ThresholdsLike,
@@ -53,6 +54,7 @@ from dynify.export.verify import (
     verify_onnx,
 )
 from dynify.runtime.cascade import CondCascade
+from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES, DynamicModel
 
 __all__ = [
     "ExportError",
@@ -63,7 +65,6 @@ __all__ = [
     "write_static_onnx",
 ]
 
-OUTPUT_NAMES = ("logits", "exit_index")
 DEFAULT_OPSET = 20
 
 
@@ -398,18 +399,6 @@ def _set_default_thresholds(model: Any, thresholds: Tensor) -> None:
             inp.doc_string = "per-exit confidence thresholds; defaults to the calibrated ones"
 
 
-def _output_names(module: nn.Module, example: Tensor) -> tuple[str, str]:
-    """`(logits, exit_index)` for cascades; a module may name its own (`output_names`)."""
-    names = getattr(module, "output_names", None)
-    if names is not None:
-        return tuple(names)  # type: ignore[return-value]
-    if isinstance(module, CondCascade):
-        return OUTPUT_NAMES
-    with torch.no_grad():
-        _, aux = module(example[:1], _as_thresholds(module, None))
-    return OUTPUT_NAMES if aux.dim() == 1 else (OUTPUT_NAMES[0], "decisions")
-
-
 @dataclass
 class OnnxExport:
     """What `write_onnx` produced: the file, its control flow and the parity check."""
@@ -440,11 +429,11 @@ def write_onnx(
 ) -> OnnxExport:
     """Export an export face to ONNX with its conditionals as `If` nodes; refuse a static graph.
 
-    `module.forward(x, thresholds)` returns `(logits, decisions)` (a `CondCascade`, or what a
-    `DynamicModel.export_module()` returns). Inputs are `x` [N, ...] (N dynamic when
+    `module.forward(x, thresholds)` returns `(logits, decisions)` (what a
+    `DynamicModel.export_face()` returns). Inputs are `x` [N, ...] (N dynamic when
     `dynamic_batch`) and `thresholds` float32 [k] with the module's calibrated thresholds as
-    default; outputs are `logits` [N, C] and `exit_index` int64 [N] (or the module's
-    `output_names`). With `verify`, ONNX Runtime is compared with `reference` (default: the
+    default; outputs are `logits` [N, C] and `decisions` (int64: the exit index [N] of a
+    cascade, per-unit flags or counts [N, K] otherwise). With `verify`, ONNX Runtime is compared with `reference` (default: the
     module itself; a DynamicModel is run through its eager forward) on `inputs` at every entry
     of `thresholds_list` (defaults: the example and its first sample; thresholds 0, default,
     1.01), and an export above `atol` or with other decisions is deleted and refused.
@@ -457,7 +446,7 @@ def write_onnx(
     path = Path(path)
     ep = _torch_export(module, example_input, dynamic_batch)
     in_names = _forward_arg_names(module)
-    out_names = _output_names(module, example_input)
+    out_names = OUTPUT_NAMES
     try:
         with _quiet("onnx_ir", "onnxscript"):
             program = torch.onnx.export(
@@ -539,19 +528,18 @@ class _StaticFace(nn.Module):
 
 
 def write_static_onnx(
-    dyn: nn.Module, example_input: Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET
+    dyn: DynamicModel, example_input: Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET
 ) -> Path:
     """The static network of a DynamicModel (its `static()` face) as a plain ONNX graph.
 
     The baseline latency comparisons need: same weights and graph rewrites as the dynamic export.
     """
-    saved = {k: getattr(dyn, k) for k in ("last_macs", "last_exit") if hasattr(dyn, k)}
+    saved = (dyn.last_macs, dyn.last_exit)
     try:
         # The accounting attributes assigned in forward are not graph state; restored below.
         return write_plain_onnx(_StaticFace(dyn), example_input, path, opset=opset)
     finally:
-        for k, v in saved.items():
-            setattr(dyn, k, v)
+        dyn.last_macs, dyn.last_exit = saved
 
 
 def write_plain_onnx(

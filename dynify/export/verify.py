@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from dynify.errors import ExportError
 from dynify.runtime.cascade import CondCascade
+from dynify.runtime.model import INPUT_NAMES, DynamicModel, ExportFace
 
 ThresholdsLike = Tensor | Sequence[float] | None
 
-INPUT_NAMES = ("x", "thresholds")
 PARITY_ATOL = 1e-4
 
 __all__ = [
@@ -41,13 +41,13 @@ __all__ = [
 
 def _num_thresholds(module: nn.Module) -> int:
     """Length of the module's `thresholds` buffer (the graph input's size)."""
-    thresholds = getattr(module, "thresholds", None)
-    if not isinstance(thresholds, Tensor):
+    if not isinstance(module, ExportFace | DynamicModel):
         raise ExportError(
-            f"{type(module).__name__} has no `thresholds` buffer; an export face needs one "
-            "(forward(x, thresholds) with the calibrated thresholds as default)"
+            f"{type(module).__name__} is not an export face: subclass "
+            "dynify.runtime.model.ExportFace (forward(x, thresholds) with the calibrated "
+            "thresholds as default)"
         )
-    return int(thresholds.numel())
+    return module.num_thresholds
 
 
 def _as_thresholds(module: nn.Module, thresholds: ThresholdsLike) -> Tensor:
@@ -194,8 +194,6 @@ def _eager_reference(
     thresholds set temporarily; its decisions are `last_exit` where that is what the graph
     returns, else the export face's eager decisions.
     """
-    from dynify.runtime.model import DynamicModel
-
     if not isinstance(reference, DynamicModel):
 
         def run_module(x: Tensor, thr: ThresholdsLike) -> tuple[Tensor, Tensor | None]:
@@ -214,7 +212,7 @@ def _eager_reference(
             t = dyn.thresholds.detach().clone()
         finally:
             dyn.thresholds.copy_(saved)
-        decisions = getattr(dyn, "last_exit", None)
+        decisions = dyn.last_exit
         if module is not None and (decisions is None or not isinstance(module, CondCascade)):
             decisions = module(x, t)[1]
         return logits, decisions

@@ -25,7 +25,7 @@ from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
 from dynify.runtime.block_gates import ESTIMATORS, GATE_KINDS, GatedModel
 from dynify.runtime.gate_wrapper import BlockGate, HaltMix
-from dynify.runtime.modules import feature_layout
+from dynify.runtime.heads import feature_layout
 from dynify.runtime.units import GateFunction, HaltingUnit, PolicyNetwork
 
 # Strategies that need residual blocks; the others apply to any network.

@@ -19,7 +19,7 @@ from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
 from dynify.runtime.early_exit import EarlyExitModel
-from dynify.runtime.modules import ExitHead, feature_layout
+from dynify.runtime.heads import ExitHead, feature_layout
 from dynify.runtime.policy import ExitPolicy
 
 POOL_SIZES = (4, 2, 1)

@@ -23,7 +23,7 @@ dynify's convention: 0 is the cheapest behaviour, > 1 runs every block (the stat
 
 Faces: `forward` is eager (Python control flow, per-sample gather/run/scatter); `training_loss`
 runs every branch for every sample with straight-through decisions (Gumbel for gates, REINFORCE
-or Gumbel for the policy); `export_module()` puts every skippable branch under `torch.cond`.
+or Gumbel for the policy); `export_face()` puts every skippable branch under `torch.cond`.
 
 This module holds the model and its export face; the decision units live in `units.py`, the
 wrapper and the per-forward state in `gate_wrapper.py`, the decision rules in `decisions.py`.
@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import StrategyError
@@ -45,7 +44,15 @@ from dynify.runtime.decisions import (
     straight_through_gumbel,
 )
 from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
-from dynify.runtime.model import DynamicModel, JointRecipe
+from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe
+from dynify.train.losses import (
+    LossConfig,
+    budget_price,
+    distillation,
+    explore_actions,
+    priced_compute,
+    reinforce,
+)
 
 GATE_KINDS = ("function", "halting", "policy")
 ESTIMATORS = ("reinforce", "gumbel")
@@ -79,7 +86,12 @@ class GatedModel(DynamicModel):
         input_shape: tuple[int, ...],
         num_classes: int,
     ):
-        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            static_macs=static_macs,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            thresholds=thresholds,
+        )
         if kind not in GATE_KINDS:
             raise StrategyError(f"Unknown gate kind '{kind}'; choose one of {GATE_KINDS}.")
         if estimator not in ESTIMATORS:
@@ -104,7 +116,6 @@ class GatedModel(DynamicModel):
         # run) carries it; as a Python float a resumed run restarted it from zero.
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
         self.estimator = estimator
-        self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
         self.last_gates: torch.Tensor | None = None
 
     # structure ---------------------------------------------------------------------------
@@ -154,15 +165,6 @@ class GatedModel(DynamicModel):
                 }
             )
         return rows
-
-    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
-        k = len(self.thresholds)
-        values = (
-            [float(thresholds)] * k if isinstance(thresholds, int | float) else list(thresholds)
-        )
-        if len(values) != k:
-            raise ValueError(f"expected {k} thresholds, got {len(values)}")
-        self.thresholds.copy_(torch.tensor(values))
 
     # running -----------------------------------------------------------------------------
     def _bind(self, run: GateRun | None) -> None:
@@ -241,20 +243,24 @@ class GatedModel(DynamicModel):
     def training_loss(
         self,
         x: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
+        teacher_logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        budget: float | None = None,
+        config: LossConfig | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Distillation (+ CE on labels) under sampled decisions, plus a compute term.
 
         function / halting: straight-through Gumbel (halting: ACT's deterministic scores, a
         straight-through 'still running' weight) plus `price * mean MAC fraction`, where the
-        price follows the distance of the deterministic decisions' MACs from the budget. policy: REINFORCE as in BlockDrop (Bernoulli actions with exploration,
-        batch-mean baseline; the reward is minus the sample's distillation loss minus a cost
-        term whose sign follows the batch's distance to the budget), or Gumbel.
+        price follows the distance of the deterministic decisions' MACs from the budget
+        (`dynify.train.losses.budget_price`). policy: REINFORCE as in BlockDrop (Bernoulli
+        actions with exploration, batch-mean baseline; the reward is minus the sample's
+        distillation loss minus a cost term whose sign follows the batch's distance to the
+        budget), or Gumbel. With labels the task loss is twice `distillation`'s mix: the compute
+        weight and the controller were tuned on kd + ce, which is that at label weight 0.5.
         """
         self.check_input(x)
-        budget = self.budget if budget is None else float(budget)
+        config = config or LossConfig()
+        budget = self.budget if config.budget is None else float(config.budget)
         if teacher_logits is None:  # fine-tuning with the backbone frozen: it is the teacher
             with torch.no_grad(), self.static():
                 teacher_logits = self(x)
@@ -270,70 +276,47 @@ class GatedModel(DynamicModel):
             if self.estimator == "gumbel":
                 run.plan = straight_through_gumbel(logits, self.temperature)
             else:
-                probs = torch.sigmoid(logits)
-                explore = 0.9 * probs + 0.1 * (1 - probs)  # BlockDrop's alpha-bounded sampling
-                actions = torch.bernoulli(explore.detach())
-                run.plan = actions
-                log_prob = (
-                    actions * torch.log(explore.clamp_min(1e-6))
-                    + (1 - actions) * torch.log((1 - explore).clamp_min(1e-6))
-                ).sum(1)
+                run.plan, log_prob = explore_actions(gate_probability(logits))
             run.gate_probs.append(gate_probability(logits))
         logits = self._run_graph(x, run)
-        t = self.distill_temperature
-        kd = (
-            F.kl_div(
-                F.log_softmax(logits / t, -1),
-                F.log_softmax(teacher_logits.detach() / t, -1),
-                reduction="none",
-                log_target=True,
-            ).sum(-1)
-            * t
-            * t
+        t = config.temperature(self.distill_temperature)
+        task, stats = distillation(
+            logits, teacher_logits, labels, t, config.label_weight, per_sample=True
         )
-        task = kd
-        ce = None
-        if labels is not None:
-            ce = F.cross_entropy(logits, labels, reduction="none")
-            task = task + ce
+        if "ce" in stats:  # kd + ce, the mix the compute weight and controller were tuned on
+            task = 2.0 * task
         fraction = run.macs / self.static_macs
         mean_fraction = fraction.mean()
-        # The price of compute is a PI controller on the distance between the budget and what
-        # the deterministic (inference) decisions would spend: proportional plus integral (dual
-        # ascent on the budget constraint), so it keeps pushing until the mean sits on budget.
         greedy_fraction = float(run.greedy_macs.mean()) / self.static_macs
-        gap = greedy_fraction - budget
-        multiplier = float(self.budget_multiplier)
-        self.budget_multiplier.fill_(max(-10.0, min(10.0, multiplier + self.budget_rate * gap)))
-        price = self.compute_weight * gap + multiplier
+        price = budget_price(
+            self.budget_multiplier, greedy_fraction - budget, self.compute_weight, self.budget_rate
+        )
         if log_prob is not None:
-            reward = -task.detach() - price * fraction.detach()
-            advantage = reward - reward.mean()
-            compute = -(advantage * log_prob).mean()
+            compute = reinforce(task, fraction, price, log_prob)
         else:
-            compute = price * mean_fraction
+            compute = priced_compute(fraction, price)
         loss = task.mean() + compute
         self.last_macs = run.macs.detach().round().long()
         self.last_gates = run.executed.clone()
         metrics = {
             "loss": float(loss.detach()),
-            "distill": float(kd.mean().detach()),
+            "distill": stats["kd"],
             "compute": float(compute.detach()),
             "macs_fraction": float(mean_fraction.detach()),
             "greedy_macs_fraction": greedy_fraction,
             "compute_price": price,
         }
-        if ce is not None:
-            metrics["ce"] = float(ce.mean().detach())
+        if "ce" in stats:
+            metrics["ce"] = stats["ce"]
         return loss, metrics
 
     # export ------------------------------------------------------------------------------
-    def export_module(self) -> nn.Module:
+    def export_face(self) -> GatedExport:
         """The export face: forward(x, thresholds) -> (logits, executed [N, K] int64)."""
         return GatedExport(self)
 
 
-class GatedExport(nn.Module):
+class GatedExport(ExportFace):
     """`GatedModel` with every skippable branch under `torch.cond` (ONNX: an `If` per block).
 
     Decisions are computed outside the conditionals from `thresholds` (a graph input), so
@@ -342,19 +325,14 @@ class GatedExport(nn.Module):
     """
 
     def __init__(self, model: GatedModel):
-        super().__init__()
+        super().__init__(model.thresholds)
         self.model = model
-        self.register_buffer("thresholds", model.thresholds.detach().clone())
-
-    @property
-    def num_exits(self) -> int:  # the number of threshold entries, for generic export code
-        return len(self.thresholds)
 
     def forward(
         self, x: torch.Tensor, thresholds: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
+        thr = self.thresholds_or_default(thresholds)
         run = model._new_run(x, "export", thr)
         if model.kind == "policy":
             run.plan = gate_open(gate_probability(model.policy(x)), thr)

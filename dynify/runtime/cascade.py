@@ -1,33 +1,34 @@
 """CondCascade: the export face of an early-exit network, one `torch.cond` per exit.
 
 `torch.export` keeps each `torch.cond` and the ONNX exporter turns it into an `If` whose branches
-are subgraphs, so a deployed model runs a later segment only when a sample needs it. Eager
-`torch.cond` with a tensor predicate goes through `torch.compile`, so outside export `cond`
-below uses a plain `if` instead; both compute the same thing.
+are subgraphs, so a deployed model runs a later segment only when a sample needs it. The exit
+rule is `dynify.runtime.decisions.exit_decision`, the one the eager model applies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dynify.errors import ExportError
-from dynify.runtime.policy import POLICIES, ensemble_logits, exit_scores
+from dynify.runtime.control import cond, full_index, selected, tracing
+from dynify.runtime.decisions import POLICIES, ensemble_logits, exit_decision, start_streak
+from dynify.runtime.model import ExportFace
 
 BatchPolicy = Literal["per_sample", "batch_all"]
 
 
-class CondCascade(nn.Module):
+class CondCascade(ExportFace):
     """Early-exit cascade written with `torch.cond` so export keeps the exits as control flow.
 
     `segments[0]` maps the image to feature 1, `segments[i]` feature i to feature i+1 and
     `segments[k]` feature k to the final logits; `heads[i]` maps feature i+1 to exit-i logits.
     Exit i is taken when the exit score of `logits_i / T_i` reaches `thresholds[i]` (`>=`), with
-    the same score as the eager runtime (`dynify.runtime.policy.exit_scores`): max softmax for
+    the same rule as the eager runtime (`dynify.runtime.decisions.exit_decision`): max softmax for
     `"confidence"`, 1 - normalised entropy for `"entropy"`; `"patience"` (PABEE) also needs the
     last `patience` exits to agree on the class, so the previous prediction and the agreement
     streak travel through the conditionals as tensors. The returned logits are the raw head
@@ -60,7 +61,6 @@ class CondCascade(nn.Module):
         patience: int = 2,
         ensemble: Tensor | None = None,
     ) -> None:
-        super().__init__()
         k = len(heads)
         if k < 1 or len(segments) != k + 1:
             raise ExportError(
@@ -82,13 +82,13 @@ class CondCascade(nn.Module):
             )
         if bool((temps <= 0).any()):
             raise ExportError(f"temperatures must be > 0, got {temps.tolist()}")
+        super().__init__(thrs)
         self.segments = nn.ModuleList(segments)
         self.heads = nn.ModuleList(heads)
         self.batch_policy: BatchPolicy = batch_policy
         self.policy = policy
         self.patience = int(patience)
         self.register_buffer("temperatures", temps)
-        self.register_buffer("thresholds", thrs)
         # ZTW's ensemble (see EarlyExitModel.combine): the heads' log-probabilities so far
         # travel through the conditionals next to the policy state.
         self.register_buffer(
@@ -116,25 +116,21 @@ class CondCascade(nn.Module):
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return `(logits [N, C], exit_index int64 [N])`; `thresholds` defaults to calibrated."""
-        thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
+        thr = self.thresholds_or_default(thresholds)
         feat = self.segments[0](x)
         if self.policy != "patience":
             return self._stage(0, feat, thr, (), ())
-        # PolicyState.start: no previous prediction (-1), streak 0.
-        prev = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-        return self._stage(0, feat, thr, (prev, torch.zeros_like(prev)), ())
+        return self._stage(0, feat, thr, start_streak(x.shape[0], x.device), ())
 
     def _exit_mask(
         self, i: int, logits: Tensor, thr: Tensor, state: tuple[Tensor, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Per-sample bool [N]: does the sample leave at exit i; and the updated policy state."""
-        leave = exit_scores(logits, self.temperatures[i], self.policy) >= thr[i]
-        if self.policy != "patience":
-            return leave, state
-        prev, streak = state
-        prediction = logits.argmax(-1)
-        streak = torch.where(prediction == prev, streak + 1, torch.ones_like(streak))
-        return leave & (streak >= self.patience), (prediction, streak)
+        carried = (state[0], state[1]) if self.policy == "patience" else None
+        leave, carried = exit_decision(
+            logits, self.temperatures[i], thr[i], self.policy, self.patience, carried
+        )
+        return leave, (() if carried is None else carried)
 
     def _stage(
         self,
@@ -148,7 +144,7 @@ class CondCascade(nn.Module):
         `state`: the patience policy's tensors; `log_probs`: the ensemble's, one per head."""
         k = self.num_exits
         if i == k:
-            return feat, _full_index(feat, k)
+            return feat, full_index(feat, k)
         logits = self.heads[i](feat)
         if self.ensemble is not None:
             log_probs = (*log_probs, torch.log_softmax(logits.float(), -1))
@@ -157,7 +153,7 @@ class CondCascade(nn.Module):
         n_state = len(state)
 
         def take_exit(feat: Tensor, logits: Tensor, leave: Tensor, *carried: Tensor) -> tuple:
-            return logits.clone(), _full_index(feat, i)
+            return logits.clone(), full_index(feat, i)
 
         def go_on_all(feat: Tensor, logits: Tensor, leave: Tensor, *carried: Tensor) -> tuple:
             feat = branch_entry(feat)
@@ -166,11 +162,7 @@ class CondCascade(nn.Module):
             )
 
         def go_on_rest(feat: Tensor, logits: Tensor, leave: Tensor, *carried: Tensor) -> tuple:
-            keep = torch.nonzero(~leave).squeeze(1)
-            # Not everyone left (else the true branch ran), so the sub-batch is non-empty; telling
-            # export so lets ops that branch on numel() == 0 (e.g. batch_norm) trace.
-            torch._check(keep.shape[0] >= 1)
-            torch._check(keep.shape[0] <= feat.shape[0])
+            keep = selected(~leave)  # not everyone left (else the true branch ran)
             sub = tuple(c.index_select(0, keep) for c in carried)
             sub_logits, sub_exit = self._stage(
                 i + 1,
@@ -180,7 +172,7 @@ class CondCascade(nn.Module):
                 sub[n_state:],
             )
             out = logits.index_copy(0, keep, sub_logits.to(logits.dtype))
-            return out, _full_index(feat, i).index_copy(0, keep, sub_exit)
+            return out, full_index(feat, i).index_copy(0, keep, sub_exit)
 
         # With a batch fixed at one sample (a graph exported for batch 1), "not every sample
         # leaves" means "none does": per-sample bookkeeping would gather and scatter nothing,
@@ -203,25 +195,6 @@ def branch_entry(feat: Tensor) -> Tensor:
     blocked layout from their first `Add`; its own cost is one copy. Identity in value, and
     skipped outside export.
     """
-    if not _tracing() or feat.dim() != 4 or not feat.is_floating_point():
+    if not tracing() or feat.dim() != 4 or not feat.is_floating_point():
         return feat
     return torch.nn.functional.max_pool2d(feat, 1)
-
-
-def _full_index(feat: Tensor, value: int) -> Tensor:
-    """Exit-index tensor [N] filled with `value` (int64, on feat's device)."""
-    return torch.full((feat.shape[0],), value, dtype=torch.int64, device=feat.device)
-
-
-def cond(
-    pred: Tensor, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: tuple
-) -> Any:
-    """`torch.cond` while exporting/compiling (kept as control flow), a plain `if` in eager."""
-    if _tracing():
-        return torch.cond(pred, true_fn, false_fn, operands)
-    return true_fn(*operands) if bool(pred) else false_fn(*operands)
-
-
-def _tracing() -> bool:
-    """True while torch.export or torch.compile traces the module."""
-    return torch.compiler.is_exporting() or torch.compiler.is_compiling()

@@ -1,37 +1,116 @@
-"""Decision rules as pure tensor functions, written once and called by every face.
+"""Decision rules, written once: pure tensor functions that every face of a strategy applies.
 
-The eager forward, the batch-1 fast path, the training forward and the export face of a strategy
-all decide through these functions, so the faces cannot drift apart. Thresholds follow dynify's
-convention everywhere: 0 is the cheapest behaviour, a threshold above 1 runs everything.
+The eager forward, the `torch.cond` export face and calibration's simulation on collected logits
+all call these, so a decision cannot drift between them. Batch-1 paths decide in Python floats
+(a handful of tensor ops on ten numbers cost more to dispatch than to compute); they go through
+`decide_one`, which hands a value too close to call back to the tensor rule (`FLOAT32_TIE`).
+
+Conventions shared by every strategy: a threshold of 0 is the cheapest behaviour, one above 1
+the static network's. Exits leave when their score reaches the threshold (`score >= t`); gates
+and mask units run when their probability clears one minus it (`p > 1 - t`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-# --- the batch-1 float layer -------------------------------------------------------------------
-# At batch 1 a decision is a few tensor ops on a handful of numbers, each costing more to dispatch
-# than to compute, so the batch-1 paths decide on Python floats (double precision). Double and
-# the float32 tensor path differ by ~1e-7; a value closer than this to its boundary is settled by
-# the tensor rule, so both paths always take the same decision.
+POLICIES = ("confidence", "entropy", "patience")
+# Batch-1 paths decide in Python floats (double); a value closer than this to its boundary is
+# settled by the float32 tensor rule, so both paths always take the same decision.
 FLOAT32_TIE = 1e-5
 
-
-def sigmoid_one(x: float) -> float:
-    """Sigmoid of a Python float (double precision)."""
-    return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
+# --- exits -------------------------------------------------------------------------------------
 
 
-def near_tie(value: float, boundary: float) -> bool:
-    """True when a double-precision comparison with `boundary` may disagree with float32's."""
-    return abs(value - boundary) < FLOAT32_TIE
+def exit_scores(logits: Tensor, temperature: Tensor | float, kind: str) -> Tensor:
+    """Certainty of each sample's prediction, in [0, 1], for the exit policy `kind`: normalised
+    entropy for "entropy", max softmax otherwise (patience adds its agreement rule on top)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if kind == "entropy":
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        return 1.0 - entropy / math.log(probs.shape[-1])
+    return probs.max(-1).values
 
 
-# --- gates and masks ---------------------------------------------------------------------------
+def reaches(scores: Tensor, threshold: Tensor | float) -> Tensor:
+    """The exit rule: a sample leaves when its score reaches the threshold."""
+    return scores >= threshold
+
+
+def agreement_streak(prediction: Tensor, previous: Tensor, streak: Tensor) -> Tensor:
+    """Patience (PABEE): how many exits in a row, this one included, predicted this class.
+
+    Before the first exit `previous` is -1 and `streak` 0, so the first exit's streak is 1.
+    """
+    return torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
+
+
+def start_streak(batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(previous prediction, streak) before the first exit: no prediction (-1), streak 0."""
+    previous = torch.full((batch,), -1, dtype=torch.long, device=device)
+    return previous, torch.zeros_like(previous)
+
+
+def exit_decision(
+    logits: Tensor,
+    temperature: Tensor | float,
+    threshold: Tensor | float,
+    kind: str,
+    patience: int,
+    state: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Which samples leave at this exit (bool [N]), and the patience state after it.
+
+    `state` is `(previous prediction, streak)` for the patience policy (`start_streak` before
+    the first exit), None for the others (which keep no history).
+    """
+    leave = reaches(exit_scores(logits, temperature, kind), threshold)
+    if kind != "patience":
+        return leave, state
+    previous, streak = state if state is not None else start_streak(len(logits), logits.device)
+    prediction = logits.argmax(-1)
+    streak = agreement_streak(prediction, previous, streak)
+    return leave & (streak >= patience), (prediction, streak)
+
+
+def exits_taken(scores: Tensor, allowed: Tensor, thresholds: Tensor, only: range | None = None):
+    """The exit each sample takes from precomputed scores [K, N] (K: runs to the end).
+
+    `allowed` [K, N] is the patience condition (all True for the other policies); `only`
+    restricts the rule to some exits (the others never fire). The first exit that fires wins.
+    """
+    k, n = scores.shape
+    index = torch.full((n,), k, dtype=torch.long, device=scores.device)
+    t = thresholds.float()
+    for j in reversed(only if only is not None else range(k)):
+        index = torch.where(reaches(scores[j], t[j]) & allowed[j], j, index)
+    return index
+
+
+def patience_allowed(predictions: Tensor, patience: int) -> Tensor:
+    """[K, N] bool from every exit's predictions [K, N]: has the streak reached `patience`."""
+    previous, streak = start_streak(predictions.shape[1], predictions.device)
+    allowed = []
+    for prediction in predictions:
+        streak = agreement_streak(prediction, previous, streak)
+        previous = prediction
+        allowed.append(streak >= patience)
+    return torch.stack(allowed)
+
+
+def ensemble_logits(weights: Tensor, log_probs: Sequence[Tensor]) -> Tensor:
+    """`sum_j weights[j] * log_probs[j]` over the heads so far (a row of ZTW's ensemble)."""
+    mixed = weights[0] * log_probs[0]
+    for j in range(1, len(log_probs)):
+        mixed = mixed + weights[j] * log_probs[j]
+    return mixed
+
+
+# --- gates, halting units, mask units ----------------------------------------------------------
 
 
 def gate_probability(logits: Tensor) -> Tensor:
@@ -40,37 +119,30 @@ def gate_probability(logits: Tensor) -> Tensor:
 
 
 def gate_open(prob: Tensor, threshold: Tensor | float) -> Tensor:
-    """The open rule of gates, policy plans and spatial masks: `prob > 1 - threshold`.
-
-    Threshold 0 opens nothing, a threshold above 1 opens everything (the static network).
-    """
+    """A gate (or a mask unit, or a policy's plan entry) runs its work when p > 1 - threshold."""
     return prob > 1.0 - threshold
 
 
-def gates_open_one(logits: Sequence[float], thresholds: Sequence[float]) -> list[bool]:
-    """`gate_open(gate_probability(logits), thresholds)` for one sample, in Python floats.
+def halting_update(
+    cum: Tensor, h: Tensor, threshold: Tensor | float, active: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of ACT's halting (Graves 2016; SACT): (new cumulative score, halts now, weight).
 
-    If any probability lies within `FLOAT32_TIE` of its boundary, the float32 tensor rule decides
-    (the logits and thresholds are float32 values, so rebuilding the tensors is exact).
+    A sample halts once its cumulative score, capped at 1, reaches the threshold; the output it
+    halts on weighs the remainder 1 - cum, the others weigh h. `active` (bool [N]) masks the
+    samples that had halted before: they neither halt again nor weigh anything, and keep cum.
     """
-    probs = [sigmoid_one(v) for v in logits]
-    if any(near_tie(p, 1.0 - t) for p, t in zip(probs, thresholds, strict=True)):
-        exact = gate_open(
-            gate_probability(torch.tensor(list(logits), dtype=torch.float32)),
-            torch.tensor(list(thresholds), dtype=torch.float32),
-        )
-        return exact.tolist()
-    return [p > 1.0 - t for p, t in zip(probs, thresholds, strict=True)]
-
-
-def gate_open_one(logit: float, threshold: float) -> bool:
-    """`gates_open_one` of a single gate."""
-    return gates_open_one((logit,), (threshold,))[0]
+    capped = torch.clamp(cum + h, max=1.0)
+    stop = capped >= threshold
+    weight = torch.where(stop, 1.0 - cum, h)
+    if active is None:
+        return capped, stop, weight
+    return torch.where(active, capped, cum), stop & active, weight * active
 
 
 def straight_through_gumbel(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """A hard 0/1 sample of each gate with the gradient of its relaxed sigmoid (binary
-    Gumbel-softmax, Jang et al. 2017): how gates, policies and masks learn their decisions."""
+    """A hard 0/1 sample per gate with the gradient of its relaxed sigmoid (binary
+    Gumbel-softmax, Jang et al. 2017): how gates, policies and mask units learn to decide."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     noise = torch.log(u) - torch.log1p(-u)  # the difference of two Gumbels is logistic
     soft = torch.sigmoid((logits + noise) / temperature)
@@ -78,29 +150,78 @@ def straight_through_gumbel(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return hard + soft - soft.detach()
 
 
-# --- halting (ACT) -----------------------------------------------------------------------------
+# --- batch 1 in Python floats -----------------------------------------------------------------
 
 
-def halt_step(
-    cum: Tensor, h: Tensor, threshold: Tensor | float, active: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of ACT's halting over a stage: `(cum, stop, weight)` after adding score `h`.
+def decide_one(value: float, boundary: float, strict: bool, exact: Callable[[], bool]) -> bool:
+    """`value > boundary` (strict) or `>=`, in doubles, unless the two are within
+    `FLOAT32_TIE`: then `exact()`, the float32 tensor rule, decides (the tie rule)."""
+    if abs(value - boundary) < FLOAT32_TIE:
+        return exact()
+    return value > boundary if strict else value >= boundary
 
-    `cum` is the cumulative halting score so far (capped at 1); a sample stops once it reaches
-    `threshold`. `weight` is this step's output's share of the stage's mix: its score `h`, or at
-    the stopping step the remainder `1 - cum`. With `active` ([B] bool), samples that halted
-    earlier keep their score, do not stop again and weigh 0.
+
+def exit_score_one(logits: Sequence[float], temperature: float, kind: str) -> float:
+    """`exit_scores` of one sample, in Python floats (double precision, within ~1e-7 of the
+    float32 tensor rule: `decide_one` settles scores that close to a threshold)."""
+    top = max(logits)
+    shifted = [(value - top) / temperature for value in logits]
+    total = sum(math.exp(value) for value in shifted)
+    if kind != "entropy":
+        return 1.0 / total
+    log_total = math.log(total)
+    entropy = -sum(math.exp(value - log_total) * (value - log_total) for value in shifted)
+    return 1.0 - entropy / math.log(len(logits))
+
+
+def leaves_one(
+    logits: Tensor, temperature: float, threshold: float, kind: str, temperature_t: Tensor
+) -> bool:
+    """`exit_decision` for a batch of one without patience, decided in Python floats.
+
+    `temperature` and `threshold` are the float32 buffers' values as floats; `temperature_t` is
+    the buffer entry itself, for the tensor rule on a tie.
     """
-    new_cum = torch.clamp(cum + h, max=1.0)
-    stop = new_cum >= threshold
-    weight = torch.where(stop, 1.0 - cum, h)
-    if active is None:
-        return new_cum, stop, weight
-    return torch.where(active, new_cum, cum), stop & active, weight * active
+    score = exit_score_one(logits.tolist()[0], temperature, kind)
+    return decide_one(
+        score,
+        threshold,
+        strict=False,
+        exact=lambda: float(exit_scores(logits, temperature_t, kind)[0]) >= threshold,
+    )
 
 
-def halt_step_one(cum: float, h: float, threshold: float) -> tuple[float, bool, float]:
-    """`halt_step` of one sample in Python floats (the batch-1 path)."""
-    new_cum = min(cum + h, 1.0)
-    stop = new_cum >= threshold
-    return new_cum, stop, (1.0 - cum) if stop else h
+def sigmoid_one(x: float) -> float:
+    """Sigmoid of a Python float (double precision)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
+
+
+def gate_open_one(logit: float, threshold: float, exact: Callable[[], bool] | None = None) -> bool:
+    """`gate_open(gate_probability(logit), threshold)` in Python floats. On a tie, `exact()`
+    decides, by default the tensor rule on the float32 values (logits and thresholds come from
+    float32 tensors, so rebuilding them is exact)."""
+    if exact is None:
+        exact = lambda: bool(gates_open_tensor([logit], [threshold])[0])  # noqa: E731
+    return decide_one(sigmoid_one(logit), 1.0 - threshold, strict=True, exact=exact)
+
+
+def gates_open_one(logits: Sequence[float], thresholds: Sequence[float]) -> list[bool]:
+    """`gate_open_one` for several gates of one sample (a policy's plan). A tie anywhere hands
+    the whole plan to the tensor rule, as one [K] tensor like the batched path."""
+    probs = [sigmoid_one(v) for v in logits]
+    if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thresholds, strict=True)):
+        return gates_open_tensor(logits, thresholds).tolist()
+    return [p > 1.0 - t for p, t in zip(probs, thresholds, strict=True)]
+
+
+def gates_open_tensor(logits: Sequence[float], thresholds: Sequence[float]) -> Tensor:
+    """The tensor rule on float32 values given as Python floats (the tie case)."""
+    prob = gate_probability(torch.tensor(list(logits), dtype=torch.float32))
+    return gate_open(prob, torch.tensor(list(thresholds), dtype=torch.float32))
+
+
+def halting_update_one(cum: float, h: float, threshold: float) -> tuple[float, bool, float]:
+    """`halting_update` for one sample in Python floats."""
+    capped = min(cum + h, 1.0)
+    stop = capped >= threshold
+    return capped, stop, (1.0 - cum) if stop else h

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dynify.runtime.cascade import CondCascade
+from dynify.runtime.control import scatter_rows
+from dynify.runtime.decisions import ensemble_logits, exit_scores, leaves_one, reaches
 from dynify.runtime.model import DynamicModel
-from dynify.runtime.policy import (
-    FLOAT32_TIE,
-    ExitPolicy,
-    ensemble_logits,
-    exit_score_one,
-    exit_scores,
-)
+from dynify.runtime.policy import ExitPolicy
 from dynify.runtime.tensor_cache import cached_on_tensors
+from dynify.train.losses import LossConfig, distillation
+
+KD_TEMPERATURE = 3.0  # the exits' own distillation temperature (LossConfig.kd_temperature None)
 
 
 class EarlyExitModel(DynamicModel):
@@ -42,7 +42,12 @@ class EarlyExitModel(DynamicModel):
         input_shape: tuple[int, ...],
         num_classes: int,
     ):
-        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            static_macs=static_macs,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            thresholds=thresholds,
+        )
         if len(segments) != len(heads) + 1:
             raise ValueError("an early-exit model has one segment more than it has heads")
         self.segments = nn.ModuleList(segments)
@@ -51,7 +56,6 @@ class EarlyExitModel(DynamicModel):
         self.head_macs = [int(m) for m in head_macs]
         self.exit_names = list(exit_names)
         self.policy = policy
-        self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
         self.register_buffer("temperatures", torch.ones(len(heads)))
         # ZTW's geometric ensemble, fitted by calibration (all zero: off, heads stand alone)
         self.register_buffer("ensemble", torch.zeros(len(heads), len(heads)))
@@ -112,16 +116,6 @@ class EarlyExitModel(DynamicModel):
         ]
         return [*mixed, logits[-1]]
 
-    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
-        values = (
-            [float(thresholds)] * self.num_exits
-            if isinstance(thresholds, (int, float))
-            else list(thresholds)
-        )
-        if len(values) != self.num_exits:
-            raise ValueError(f"expected {self.num_exits} thresholds, got {len(values)}")
-        self.thresholds.copy_(torch.tensor(values))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self._static:
@@ -139,7 +133,9 @@ class EarlyExitModel(DynamicModel):
             feature = segment(feature)
             if i == self.num_exits:
                 logits = feature
-                output = logits if output is None else _scatter(output, remaining, logits, batch)
+                output = (
+                    logits if output is None else scatter_rows(output, remaining, logits, batch)
+                )
                 break
             logits = self.heads[i](feature)
             if ensembled:
@@ -147,11 +143,13 @@ class EarlyExitModel(DynamicModel):
                 logits = ensemble_logits(self.ensemble[i], log_probs)
             done = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], state)
             if done.all():  # all still running leave: no gather (output None: nobody left yet)
-                output = logits if output is None else _scatter(output, remaining, logits, batch)
+                output = (
+                    logits if output is None else scatter_rows(output, remaining, logits, batch)
+                )
                 exit_index[remaining] = i
                 break
             if done.any():
-                output = _scatter(output, remaining[done], logits[done], batch)
+                output = scatter_rows(output, remaining[done], logits[done], batch)
                 exit_index[remaining[done]] = i
                 keep = ~done
                 feature, remaining, state = feature[keep], remaining[keep], state.keep(keep)
@@ -166,7 +164,8 @@ class EarlyExitModel(DynamicModel):
         gathers, scatters, per-exit masks), which costs ~0.1 ms per exit passed: 2 % of a CIFAR
         ResNet per exit, enough to keep saved MACs from becoming saved milliseconds. Without an
         ensemble the decision is taken in Python floats (`exit_score_one`), as the tensor path
-        takes it: a score within `FLOAT32_TIE` of its threshold is recomputed by that path."""
+        takes it (`dynify.runtime.decisions.leaves_one`, whose tie rule hands a score too close to
+        its threshold to the tensor rule)."""
         kind, ensembled, temperatures, thresholds = self._decision_constants()
         taken, feature, log_probs = self.num_exits, x, []
         for i, segment in enumerate(self.segments):
@@ -177,12 +176,13 @@ class EarlyExitModel(DynamicModel):
             if ensembled:
                 log_probs.append(torch.log_softmax(logits.float(), -1))
                 logits = ensemble_logits(self.ensemble[i], log_probs)
-                leave = bool(exit_scores(logits, self.temperatures[i], kind)[0] >= thresholds[i])
+                leave = bool(
+                    reaches(exit_scores(logits, self.temperatures[i], kind), thresholds[i])
+                )
             else:
-                score = exit_score_one(logits.tolist()[0], temperatures[i], kind)
-                if abs(score - thresholds[i]) < FLOAT32_TIE:
-                    score = float(exit_scores(logits, self.temperatures[i], kind)[0])
-                leave = score >= thresholds[i]
+                leave = leaves_one(
+                    logits, temperatures[i], thresholds[i], kind, self.temperatures[i]
+                )
             if leave:
                 taken, feature = i, logits
                 break
@@ -206,11 +206,9 @@ class EarlyExitModel(DynamicModel):
             extra=(self.policy.kind,),
         )
 
-    def export_module(self) -> nn.Module:
-        """The export face: a `CondCascade` (forward(x, thresholds) -> (logits, exit_index))
-        with one `torch.cond` per exit and this model's exit policy, segments and heads."""
-        from dynify.runtime.cascade import CondCascade
-
+    def export_face(self) -> CondCascade:
+        """A `CondCascade` (forward(x, thresholds) -> (logits, exit index [N])) with one
+        `torch.cond` per exit and this model's exit policy, segments and heads."""
         return CondCascade(
             list(self.segments),
             list(self.heads),
@@ -244,55 +242,35 @@ class EarlyExitModel(DynamicModel):
         x: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        budget: float | None = None,
-        *,
-        kd_temperature: float = 3.0,
-        label_weight: float = 0.5,
+        config: LossConfig | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Self-distillation (SDN-style) over every trainable output, for one batch.
 
-        Each exit (and the final classifier when it trains) matches the teacher's softened
-        distribution (KL at `kd_temperature`, times T^2) and, where labels are given (>= 0), the
-        labels with weight `label_weight`. Segments whose parameters are all frozen run under
-        no_grad, so with a frozen backbone one pass feeds every head. Without `teacher_logits`
-        the model's own final output (detached) is the teacher: right when the backbone is
-        frozen, since it then is the static network. `budget` is unused: exits spend what the
-        thresholds let them.
+        Each exit (and the final classifier when it trains) gets `distillation` towards the
+        teacher; the losses are averaged. No compute term: exits spend what the thresholds let
+        them. Segments whose parameters are all frozen run under no_grad, so with a frozen
+        backbone one pass feeds every head. Without `teacher_logits` the model's own final
+        output (detached) is the teacher: right when the backbone is frozen, since it then is
+        the static network.
         """
         self.check_input(x)
+        config = config or LossConfig()
         outputs, feature, grad = [], x, torch.is_grad_enabled()
         for i, segment in enumerate(self.segments):
             trains = feature.requires_grad or any(p.requires_grad for p in segment.parameters())
             with torch.set_grad_enabled(grad and trains):
                 feature = segment(feature)
             outputs.append(self.heads[i](feature) if i < self.num_exits else feature)
-        teacher = (outputs[-1] if teacher_logits is None else teacher_logits).detach().float()
-        target = torch.softmax(teacher / kd_temperature, dim=-1)
-        known = None if labels is None else labels >= 0
-        use_labels = known is not None and bool(known.any()) and label_weight > 0
-        reference = labels if use_labels else teacher.argmax(-1)
+        teacher = (outputs[-1] if teacher_logits is None else teacher_logits).detach()
+        temperature = config.temperature(KD_TEMPERATURE)
         losses, metrics = [], {}
         for i, logits in enumerate(outputs):
             name = "final" if i == self.num_exits else f"exit{i}"
-            hits = (logits.detach().argmax(-1) == reference).float()
-            metrics[f"acc_{name}"] = float(hits[known].mean() if use_labels else hits.mean())
+            loss, stats = distillation(logits, teacher, labels, temperature, config.label_weight)
+            metrics[f"acc_{name}"] = stats["acc"]
             if i == self.num_exits and not logits.requires_grad:
                 continue  # a frozen final classifier has nothing to learn
-            log_probs = torch.log_softmax(logits.float() / kd_temperature, dim=-1)
-            kd = torch.nn.functional.kl_div(log_probs, target, reduction="batchmean")
-            loss = kd * kd_temperature**2
-            if use_labels:
-                ce = torch.nn.functional.cross_entropy(logits[known].float(), labels[known])
-                loss = (1.0 - label_weight) * loss + label_weight * ce
             losses.append(loss)
         total = torch.stack(losses).mean()
         metrics["loss"] = float(total.detach())
         return total, metrics
-
-
-def _scatter(
-    output: torch.Tensor | None, index: torch.Tensor, values: torch.Tensor, batch: int
-) -> torch.Tensor:
-    if output is None:
-        output = values.new_zeros((batch, *values.shape[1:]))
-    return output.index_copy(0, index, values)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dynify.runtime.cascade import cond
+from dynify.runtime.control import cond
 from dynify.runtime.decisions import (
     gate_open,
     gate_open_one,
     gate_probability,
-    halt_step,
-    halt_step_one,
+    halting_update,
+    halting_update_one,
     sigmoid_one,
     straight_through_gumbel,
 )
@@ -170,7 +170,7 @@ class BlockGate(nn.Module):
         if halted:
             return False
         run.extra_macs += self.decider_macs
-        new_cum, stop, weight = halt_step_one(
+        new_cum, stop, weight = halting_update_one(
             cum, sigmoid_one(self.decider.logit_one(entry)), threshold
         )
         state[:] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
@@ -218,7 +218,7 @@ class BlockGate(nn.Module):
         run.macs.index_add_(
             0, index, torch.full_like(h, float(self.decider_macs), dtype=run.macs.dtype)
         )
-        new_cum, stop, weight = halt_step(state.cum.index_select(0, index), h, threshold)
+        new_cum, stop, weight = halting_update(state.cum.index_select(0, index), h, threshold)
         weight = weight.to(entry.dtype)
         state.acc = state.acc.index_add(0, index, _expand(weight, sub) * sub)
         state.cum = state.cum.index_copy(0, index, new_cum)
@@ -228,7 +228,7 @@ class BlockGate(nn.Module):
     @staticmethod
     def _halt_all(entry: torch.Tensor, h: torch.Tensor, threshold, state: HaltState) -> None:
         """ACT over the whole batch (export, training): halted samples keep their state."""
-        state.cum, stop, weight = halt_step(state.cum, h, threshold, ~state.halted)
+        state.cum, stop, weight = halting_update(state.cum, h, threshold, ~state.halted)
         state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
         state.halted = state.halted | stop
 

@@ -1,22 +1,45 @@
-"""DynamicModel: what every strategy returns.
+"""DynamicModel: the contract every strategy's model fulfils, declared here and checked by type.
 
-Whatever the strategy, a dynamic model (1) computes the original network exactly inside
-`with dyn.static():`, (2) reports after each forward the MACs each sample really spent
-(`last_macs`), next to the original network's (`static_macs`), and (3) carries the `spec` that
-rebuilds it from an artifact.
+Whatever the strategy, a dynamic model
+- computes the original network exactly inside `with dyn.static():`;
+- reports after each forward the MACs each sample really spent (`last_macs`), next to the
+  original network's (`static_macs`);
+- holds its decision thresholds one way: a float32 buffer `thresholds` [K] set only through
+  `set_thresholds` (0 = the cheapest behaviour, above 1 = the static network's work);
+- describes itself as table rows (`describe()`);
+- trains through `training_loss(x, teacher_logits, labels, config)`: the one distillation loss of
+  `dynify.train.losses` plus the strategy's own compute term;
+- exports through `export_face()`: an `ExportFace` whose `forward(x, thresholds)` returns
+  `(logits, decisions)`, named `OUTPUT_NAMES` in every exported graph;
+- carries the `spec` that rebuilds it from an artifact.
+
+Narrower capabilities are protocols checked with `isinstance` (`ExitCascade`: a cascade of
+exits whose logits calibration can collect in one pass). Callers never probe with `hasattr`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from dynify.errors import InputError
+from dynify.errors import InputError, StrategyError
+
+if TYPE_CHECKING:
+    from dynify.runtime.policy import ExitPolicy
+    from dynify.train.losses import LossConfig
+
+# The names of an export face's inputs and outputs in every exported graph (ONNX, pt2).
+# `decisions` is int64: [N] exit index for exit cascades, [N, K] per-unit flags or counts
+# for block gates and spatial masks.
+INPUT_NAMES = ("x", "thresholds")
+OUTPUT_NAMES = ("logits", "decisions")
 
 
 @dataclass(frozen=True)
@@ -59,15 +82,23 @@ class _Recorded:
         model.__dict__[self.key] = value
 
 
-class DynamicModel(nn.Module):
-    """Base class of the networks the passes build."""
+class DynamicModel(nn.Module, ABC):
+    """Base class of the networks the passes build: the contract, see the module docstring."""
 
     strategy: ClassVar[str] = ""
     joint_recipe: ClassVar[JointRecipe] = JointRecipe()
     # State entries an older artifact may lack; they keep their initial values when loaded.
     optional_state: ClassVar[tuple[str, ...]] = ()
+    thresholds: torch.Tensor
 
-    def __init__(self, *, static_macs: int, input_shape: tuple[int, ...], num_classes: int):
+    def __init__(
+        self,
+        *,
+        static_macs: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        thresholds: Sequence[float] = (),
+    ):
         super().__init__()
         self.static_macs = int(static_macs)
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -75,7 +106,58 @@ class DynamicModel(nn.Module):
         self.spec: dict[str, Any] = {}
         self.last_macs = None
         self._static = False
+        values = [float(t) for t in thresholds]
+        _check_thresholds(values, len(values))
+        self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
 
+    # --- what every strategy writes -------------------------------------------------------
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dynamic forward: logits [N, C]; records `last_macs` (and the strategy's own
+        per-call records)."""
+
+    @abstractmethod
+    def describe(self) -> list[dict[str, str]]:
+        """One row per decision unit (exit, gate, mask...) for tables: same keys in every row."""
+
+    @abstractmethod
+    def training_loss(
+        self,
+        x: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        config: LossConfig | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, metrics) of one batch: `dynify.train.losses.distillation` towards the teacher
+        plus the strategy's compute term. `teacher_logits` None: the static network teaches.
+        `config` None: `LossConfig()` (the strategy's own temperature, label weight 0.5)."""
+
+    @abstractmethod
+    def export_face(self) -> ExportFace:
+        """The module `torch.export` traces: `forward(x, thresholds) -> (logits, decisions)`
+        with the skippable work under `dynify.runtime.control.cond`."""
+
+    # --- thresholds -----------------------------------------------------------------------
+    @property
+    def num_thresholds(self) -> int:
+        return int(self.thresholds.numel())
+
+    def set_thresholds(self, values: Sequence[float] | torch.Tensor | float) -> None:
+        """Set every threshold: one number for all, or exactly `num_thresholds` of them.
+
+        Refuses a wrong count and non-finite values (a NaN threshold would silently make every
+        comparison false). 0 is the cheapest behaviour, anything above 1 the static network's.
+        """
+        k = self.num_thresholds
+        if isinstance(values, torch.Tensor):
+            values = values.detach().reshape(-1).tolist()
+        if isinstance(values, int | float):
+            values = [float(values)] * k
+        values = [float(v) for v in values]
+        _check_thresholds(values, k)
+        self.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
+
+    # --- static mode and per-call records -------------------------------------------------
     @property
     def is_static(self) -> bool:
         return self._static
@@ -126,3 +208,66 @@ class DynamicModel(nn.Module):
         if self.last_macs is None:
             raise RuntimeError("No forward pass has run yet.")
         return float(self.last_macs.double().mean()) / self.static_macs
+
+
+def _check_thresholds(values: list[float], expected: int) -> None:
+    if len(values) != expected:
+        raise StrategyError(
+            f"Expected {expected} threshold{'s' if expected != 1 else ''}, got {len(values)}: "
+            "give one number for all of them or one per decision unit (see `dynify inspect`)."
+        )
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise StrategyError(
+            f"Thresholds must be finite numbers, got {bad}: use 0 for the cheapest behaviour "
+            "and a value above 1 (e.g. 1.01) for the static network's."
+        )
+
+
+class ExportFace(nn.Module, ABC):
+    """What `DynamicModel.export_face()` returns and `torch.export` traces.
+
+    `forward(x, thresholds=None) -> (logits, decisions)`; the graph's inputs and outputs are
+    named `INPUT_NAMES` and `OUTPUT_NAMES`. `thresholds` (float32 [K]) is a graph input whose
+    default is the calibrated values held in the face's `thresholds` buffer.
+    """
+
+    thresholds: torch.Tensor
+
+    def __init__(self, thresholds: torch.Tensor | Sequence[float]):
+        super().__init__()
+        values = torch.as_tensor(thresholds, dtype=torch.float32).detach().clone().reshape(-1)
+        self.register_buffer("thresholds", values)
+
+    @property
+    def num_thresholds(self) -> int:
+        return int(self.thresholds.numel())
+
+    def thresholds_or_default(self, thresholds: torch.Tensor | None) -> torch.Tensor:
+        return (self.thresholds if thresholds is None else thresholds).to(torch.float32)
+
+    @abstractmethod
+    def forward(
+        self, x: torch.Tensor, thresholds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ExitCascade(Protocol):
+    """A cascade of exits (early exits, the resolution cascade): every exit's logits come in one
+    pass, so calibration simulates the exit rule on collected logits instead of re-running.
+
+    Exit i < `num_exits` is a head; index `num_exits` is the final classifier. `exit_macs()[i]`
+    is what a sample leaving at exit i spends; `temperatures` [num_exits] scale each head's
+    logits before `policy` scores them.
+    """
+
+    temperatures: torch.Tensor
+    policy: ExitPolicy
+
+    @property
+    def num_exits(self) -> int: ...
+
+    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def exit_macs(self) -> list[int]: ...

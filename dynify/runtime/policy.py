@@ -1,61 +1,19 @@
-"""Exit decisions: when is a sample's prediction at an exit good enough to stop?
+"""Exit policies: when is a sample's prediction at an exit good enough to stop?
 
 Every policy maps an exit's logits to a score in [0, 1], higher meaning more certain, and a
 sample exits when its score reaches the exit's threshold. So for every policy a threshold of 0
 exits everything at once and a threshold above 1 never exits, and calibration can treat the
-policies alike.
+policies alike. The rules themselves are in `dynify.runtime.decisions`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dynify.errors import StrategyError
-
-POLICIES = ("confidence", "entropy", "patience")
-# Batch-1 paths decide in Python floats (double); a score closer than this to its threshold is
-# settled by the float32 tensor path, so both paths always take the same decision.
-FLOAT32_TIE = 1e-5
-
-
-def exit_scores(logits: torch.Tensor, temperature: torch.Tensor | float, kind: str) -> torch.Tensor:
-    """Certainty of each sample's prediction, in [0, 1], for the exit policy `kind`: normalised
-    entropy for "entropy", max softmax otherwise (patience adds its agreement rule on top)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if kind == "entropy":
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-        return 1.0 - entropy / math.log(probs.shape[-1])
-    return probs.max(-1).values
-
-
-def exit_score_one(logits: Sequence[float], temperature: float, kind: str) -> float:
-    """`exit_scores` of one sample, in Python floats (double precision).
-
-    At batch 1 the decision is a handful of tensor ops on 10 numbers, each costing more to
-    dispatch than to compute (and several times more right after a convolution): one
-    `.tolist()` and this are cheaper. Double precision differs from the float32 tensor path
-    by ~1e-7, so callers settle scores that close to a threshold with `exit_scores`.
-    """
-    top = max(logits)
-    shifted = [(value - top) / temperature for value in logits]
-    total = sum(math.exp(value) for value in shifted)
-    if kind != "entropy":
-        return 1.0 / total
-    log_total = math.log(total)
-    entropy = -sum(math.exp(value - log_total) * (value - log_total) for value in shifted)
-    return 1.0 - entropy / math.log(len(logits))
-
-
-def ensemble_logits(weights: torch.Tensor, log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`sum_j weights[j] * log_probs[j]` over the heads so far (a row of the ensemble)."""
-    mixed = weights[0] * log_probs[0]
-    for j in range(1, len(log_probs)):
-        mixed = mixed + weights[j] * log_probs[j]
-    return mixed
+from dynify.runtime.decisions import POLICIES, exit_decision, start_streak
 
 
 @dataclass
@@ -76,10 +34,7 @@ class ExitPolicy:
             raise StrategyError("patience must be at least 1.")
 
     def start(self, batch: int, device: torch.device) -> PolicyState:
-        return PolicyState(
-            prediction=torch.full((batch,), -1, dtype=torch.long, device=device),
-            streak=torch.zeros(batch, dtype=torch.long, device=device),
-        )
+        return PolicyState(*start_streak(batch, device))
 
     def decide(
         self,
@@ -89,12 +44,12 @@ class ExitPolicy:
         state: PolicyState,
     ) -> torch.Tensor:
         """A bool mask of the samples that exit here; updates `state` in place."""
-        done = exit_scores(logits, temperature, self.kind) >= threshold
-        if self.kind == "patience":  # only patience needs the history (saves ops per exit)
-            prediction = logits.argmax(-1)
-            state.streak = torch.where(prediction == state.prediction, state.streak + 1, 1)
-            state.prediction = prediction
-            done &= state.streak >= self.patience
+        carried = (state.prediction, state.streak) if self.kind == "patience" else None
+        done, carried = exit_decision(
+            logits, temperature, threshold, self.kind, self.patience, carried
+        )
+        if carried is not None:
+            state.prediction, state.streak = carried
         return done
 
     def to_dict(self) -> dict:

@@ -17,16 +17,17 @@ network unchanged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynify.runtime.cascade import CondCascade
 from dynify.runtime.model import DynamicModel
 from dynify.runtime.policy import ExitPolicy
-from dynify.runtime.spatial_masks import distillation
+from dynify.train.losses import LossConfig, distillation
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -94,13 +95,17 @@ class ResolutionModel(DynamicModel):
         num_classes: int,
         distill_temperature: float = 4.0,
     ):
-        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            static_macs=static_macs,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            thresholds=[threshold],
+        )
         self.net = net
         self.scale = int(scale)
         self.low_macs = int(low_macs)
         self.policy = policy
         self.distill_temperature = float(distill_temperature)
-        self.register_buffer("thresholds", torch.tensor([float(threshold)]))
         self.register_buffer("temperatures", torch.ones(1))
         self.low_bn = nn.ModuleDict()
         self.low_head = nn.ModuleDict()
@@ -145,12 +150,6 @@ class ResolutionModel(DynamicModel):
                 }
             )
         return rows
-
-    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
-        values = [float(thresholds)] if isinstance(thresholds, (int, float)) else list(thresholds)
-        if len(values) != 1:
-            raise ValueError(f"a resolution cascade has 1 threshold, got {len(values)}")
-        self.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
 
     def train(self, mode: bool = True) -> ResolutionModel:
         """Only the low-resolution batch norms change mode; the full network stays frozen."""
@@ -224,14 +223,12 @@ class ResolutionModel(DynamicModel):
     def training_loss(
         self,
         x: Tensor,
-        teacher_logits: Tensor | None,
+        teacher_logits: Tensor | None = None,
         labels: Tensor | None = None,
-        budget: float | None = None,
-        *,
-        kd_temperature: float | None = None,
-        label_weight: float = 0.5,
+        config: LossConfig | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Distil the low-resolution logits towards the teacher (mixed with labels if given).
+        """Distil the low-resolution logits towards the teacher (`distillation`, at the
+        config's temperature or else this model's `distill_temperature`).
 
         With per-resolution BN the low pass has trainable state of its own (`low_parameters`).
         When the shared network trains too (joint fine-tuning: any of its parameters requires
@@ -241,37 +238,32 @@ class ResolutionModel(DynamicModel):
         full network (before this step) teaches.
         """
         self.check_input(x)
+        config = config or LossConfig()
         if teacher_logits is None:
             with torch.no_grad():
                 teacher_logits = self.net(x)
-        t = kd_temperature or self.distill_temperature
-        loss, stats = distillation(self.low_logits(x), teacher_logits, labels, t, label_weight)
+        t, weight = config.temperature(self.distill_temperature), config.label_weight
+        loss, stats = distillation(self.low_logits(x), teacher_logits, labels, t, weight)
         stats = {f"{k}_low": v for k, v in stats.items()}
         if not len(self.low_bn) or any(p.requires_grad for p in self.net.parameters()):
-            full, full_stats = distillation(self.net(x), teacher_logits, labels, t, label_weight)
+            full, full_stats = distillation(self.net(x), teacher_logits, labels, t, weight)
             loss = loss + full
             stats.update({f"{k}_full": v for k, v in full_stats.items()})
         stats["acc"] = stats["acc_low"]
         stats["loss"] = float(loss.detach())
         return loss, stats
 
-    def export_module(self) -> nn.Module:
-        """The cascade with `torch.cond`: forward(x, thresholds) -> (logits, exit_index).
+    def export_face(self) -> CondCascade:
+        """The cascade with `torch.cond`: forward(x, thresholds) -> (logits, exit index [N]).
 
         The full-resolution pass sits in the false branch of an ONNX `If`, on the samples that
-        did not exit (see dynify.runtime.cascade.CondCascade).
+        did not exit (see dynify.runtime.cascade.CondCascade); every exit policy exports.
         """
-        from dynify.errors import ExportError
-        from dynify.runtime.cascade import CondCascade
-
-        if self.policy.kind != "confidence":
-            raise ExportError(
-                f"The ONNX cascade scores exits by max-softmax confidence; this model uses the "
-                f"'{self.policy.kind}' policy. Convert with policy='confidence' to export it."
-            )
         return CondCascade(
             [nn.Identity(), self.net],
             [LowResolutionHead(self._low_net, self.scale)],
             self.temperatures,
             self.thresholds,
+            policy=self.policy.kind,
+            patience=self.policy.patience,
         )

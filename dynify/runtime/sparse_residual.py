@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.node import map_arg
 
-from dynify.runtime.cascade import cond
+from dynify.runtime.control import cond
 from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
 from dynify.runtime.gate_wrapper import RunContext
 from dynify.runtime.mask_geometry import (

@@ -12,42 +12,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynify.runtime.gate_wrapper import RunContext
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, ExportFace
 from dynify.runtime.sparse_residual import MaskExportRun, SparseResidual
-
-
-def distillation(
-    logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor | None,
-    temperature: float,
-    label_weight: float,
-) -> tuple[Tensor, dict[str, float]]:
-    """KL to the teacher's softened distribution (x T^2), mixed with cross-entropy on labels
-    (>= 0) as (1 - label_weight) * kd + label_weight * ce, as the early-exit loss does."""
-    teacher = teacher_logits.detach().float()
-    kd = F.kl_div(
-        F.log_softmax(logits.float() / temperature, -1),
-        F.softmax(teacher / temperature, -1),
-        reduction="batchmean",
-    ) * (temperature**2)
-    known = None if labels is None else labels >= 0
-    use_labels = known is not None and bool(known.any()) and label_weight > 0
-    reference = labels if use_labels else teacher.argmax(-1)
-    hits = (logits.detach().argmax(-1) == reference).float()
-    stats = {
-        "kd": float(kd.detach()),
-        "acc": float(hits[known].mean() if use_labels else hits.mean()),
-    }
-    if not use_labels:
-        return kd, stats
-    ce = F.cross_entropy(logits[known].float(), labels[known])
-    stats["ce"] = float(ce.detach())
-    return (1.0 - label_weight) * kd + label_weight * ce, stats
+from dynify.train.losses import LossConfig, density_term, distillation
 
 
 class SpatialMaskModel(DynamicModel):
@@ -75,7 +45,12 @@ class SpatialMaskModel(DynamicModel):
         distill_temperature: float = 4.0,
         sparsity_weight: float = 10.0,
     ):
-        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            static_macs=static_macs,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            thresholds=thresholds,
+        )
         self.net = net
         self.wrapper_names = list(wrapper_names)
         self.block_names = list(block_names)
@@ -83,7 +58,6 @@ class SpatialMaskModel(DynamicModel):
         self.budget = float(budget)
         self.distill_temperature = float(distill_temperature)
         self.sparsity_weight = float(sparsity_weight)
-        self.register_buffer("thresholds", torch.tensor(list(thresholds), dtype=torch.float32))
         self._context = RunContext()
         for i, wrapper in enumerate(self.wrappers):
             wrapper.index, wrapper.context = i, self._context
@@ -96,16 +70,6 @@ class SpatialMaskModel(DynamicModel):
     @property
     def num_masks(self) -> int:
         return len(self.wrapper_names)
-
-    def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
-        values = (
-            [float(thresholds)] * self.num_masks
-            if isinstance(thresholds, (int, float))
-            else [float(v) for v in thresholds]
-        )
-        if len(values) != self.num_masks:
-            raise ValueError(f"expected {self.num_masks} thresholds, got {len(values)}")
-        self.thresholds.copy_(torch.tensor(values))
 
     def train(self, mode: bool = True) -> SpatialMaskModel:
         """Only the mask units change mode: the backbone's batch norm keeps its statistics."""
@@ -174,10 +138,7 @@ class SpatialMaskModel(DynamicModel):
         x: Tensor,
         teacher_logits: Tensor | None,
         labels: Tensor | None = None,
-        budget: float | None = None,
-        *,
-        kd_temperature: float | None = None,
-        label_weight: float = 0.5,
+        config: LossConfig | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Distillation (+ labels) + sparsity_weight * (MAC-weighted density - target)^2.
 
@@ -187,21 +148,21 @@ class SpatialMaskModel(DynamicModel):
         option is the target density. Without `teacher_logits` the static network teaches.
         """
         self.check_input(x)
+        config = config or LossConfig()
         if teacher_logits is None:
             with torch.no_grad(), self.static():
                 teacher_logits = self(x)
         for wrapper in self.wrappers:
             wrapper.train_density = None
         logits = self(x)
-        loss, stats = distillation(
-            logits, teacher_logits, labels, kd_temperature or self.distill_temperature, label_weight
-        )
+        t = config.temperature(self.distill_temperature)
+        loss, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
         densities = [w.train_density for w in self.wrappers]
         if any(d is None for d in densities):
             raise RuntimeError("training_loss needs the mask units in train mode (call train()).")
         weights = torch.tensor([w.branch_macs for w in self.wrappers], dtype=torch.float32)
         mean_density = (torch.stack(densities) * weights).sum() / weights.sum()
-        sparsity = (mean_density - self.budget_density(budget)) ** 2
+        sparsity = density_term(mean_density, self.budget_density(config.budget), 1.0)
         loss = loss + self.sparsity_weight * sparsity
         stats.update(
             density=float(mean_density.detach()),
@@ -210,7 +171,7 @@ class SpatialMaskModel(DynamicModel):
         )
         return loss, stats
 
-    def export_module(self) -> nn.Module:
+    def export_face(self) -> SpatialMaskExport:
         """The export face: forward(x, thresholds) -> (logits, active units [B, num_masks]).
 
         Region masks export their real sparse path (NonZero, Gather, Conv on the gathered
@@ -220,21 +181,18 @@ class SpatialMaskModel(DynamicModel):
         return SpatialMaskExport(self)
 
 
-class SpatialMaskExport(nn.Module):
+class SpatialMaskExport(ExportFace):
     """The masked network for export, thresholds as an input: each wrapper runs its export
-    face (`SparseResidual.export_forward`) and reports how many units it computed."""
-
-    output_names = ("logits", "active_units")
+    face (`SparseResidual.export_forward`); the decisions are the units each block computed
+    per sample, int64 [N, num_masks]."""
 
     def __init__(self, model: SpatialMaskModel):
-        super().__init__()
+        super().__init__(model.thresholds)
         self.model = model
-        self.register_buffer("thresholds", model.thresholds.detach().clone())
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         model = self.model
-        thr = (self.thresholds if thresholds is None else thresholds).to(torch.float32)
-        run = MaskExportRun(thr)
+        run = MaskExportRun(self.thresholds_or_default(thresholds))
         model._context.run = run
         try:
             logits = model.net(x)

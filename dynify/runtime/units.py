@@ -15,7 +15,7 @@ from torch import nn
 
 from dynify.errors import StrategyError
 from dynify.runtime.folding import folded_conv_bn, use_folded
-from dynify.runtime.modules import pool_to
+from dynify.runtime.heads import pool_to
 
 
 def pool_feature(feature: torch.Tensor, layout: str) -> torch.Tensor:

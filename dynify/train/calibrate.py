@@ -8,7 +8,8 @@ forward passes. The search is a Lagrangian one: for a range of prices of compute
 ascent over per-exit thresholds maximises accuracy - price * MACs; every configuration visited
 is a candidate, and the best one meeting the target is kept.
 
-Other strategies plug in through the contract alone: `set_thresholds(t)` with a scalar t
+Cascades of exits (`ExitCascade`) are searched that way; other strategies plug in through
+the contract alone: `set_thresholds(t)` with a scalar t
 (0 = cheapest, > 1 = the static network's work) swept and bisected with real forward passes.
 
 Anytime mode (`mac_cap`): the deepest exit whose cost fits the cap gets threshold 0, so every
@@ -26,14 +27,14 @@ from typing import Any
 import torch
 
 from dynify.errors import DataError, StrategyError
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.early_exit import EarlyExitModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing
 from dynify.train.ensemble import fit_ensemble
 from dynify.train.exit_outputs import (
     ExitOutputs,
     collect_outputs,
     data_batches,
-    has_exits,
     one_thread,
 )
 from dynify.train.scalar_sweep import calibrate_by_sweep, measure
@@ -85,7 +86,7 @@ def calibrate(
     the same data, so each exit answers with the evidence of every head before it.
     """
     check_target(budget, max_drop, mac_cap)
-    if not has_exits(dyn):
+    if not isinstance(dyn, ExitCascade):
         return calibrate_by_sweep(
             dyn, data, budget, max_drop, mac_cap, split, batch_size, preprocessing
         )
@@ -102,7 +103,7 @@ def calibrate(
         )
     )
     if ensemble:
-        if not hasattr(dyn, "ensemble"):
+        if not isinstance(dyn, EarlyExitModel):
             raise StrategyError(f"{type(dyn).__name__} has no exit ensemble to fit.")
         dyn.ensemble.copy_(fit_ensemble(outputs))
         outputs = replace(outputs, logits=dyn.combine(outputs.logits), raw=False)

@@ -1,7 +1,7 @@
 """Fine-tuning a dynamic model's new parts by self-distillation from the static network.
 
 The loop knows nothing about strategies: each batch it asks the model for
-`training_loss(x, teacher_logits, labels, budget)` and steps the optimizer. Two modes:
+`training_loss(x, teacher_logits, labels, LossConfig(...))` and steps the optimizer. Two modes:
 
 - `heads`: the static network is frozen (eval mode, no gradients) and only the parts the
   conversion added learn. The frozen network *is* the teacher, so for early exits one forward
@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dynify.errors import DataError, DynifyError
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import (
     Batches,
     Preprocessing,
@@ -39,6 +39,7 @@ from dynify.train.batches import (
 )
 from dynify.train.checkpoint import load_checkpoint, save_checkpoint
 from dynify.train.data import split_dataset
+from dynify.train.losses import LossConfig
 from dynify.train.run_env import Interrupted, init_distributed, progress_bar, sigterm_raises
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "Interrupted", "finetune", "lr_factor"]
@@ -60,7 +61,7 @@ class FinetuneConfig:
     warmup: float = 0.05  # fraction of steps
     seed: int = 0
     augment: bool = True
-    kd_temperature: float = 3.0
+    kd_temperature: float | None = None  # None: each strategy's own (see train/losses.py)
     label_weight: float = 0.5
     budget: float | None = None
     calibration_fraction: float = 0.1
@@ -122,7 +123,7 @@ def finetune(
     augment: bool = True,
     teacher: nn.Module | None = None,
     label_weight: float = 0.5,
-    kd_temperature: float = 3.0,
+    kd_temperature: float | None = None,
     budget: float | None = None,
     split: str | None = None,
     calibration_fraction: float = 0.1,
@@ -163,10 +164,9 @@ def finetune(
         calibration_fraction=calibration_fraction,
     )
     config.validate()
-    if not hasattr(dyn, "training_loss"):
+    if not isinstance(dyn, DynamicModel):
         raise DynifyError(
-            f"{type(dyn).__name__} has no training_loss(); strategy '{dyn.strategy}' cannot be "
-            "fine-tuned yet."
+            f"finetune needs a DynamicModel (from dynify.convert), got {type(dyn).__name__}."
         )
     if resume and checkpoint is None:
         raise DynifyError("resume=True needs the checkpoint path of the interrupted run.")
@@ -222,7 +222,7 @@ def finetune(
             from torch.nn.parallel import DistributedDataParallel
 
             runner = DistributedDataParallel(
-                loss_module, find_unused_parameters=not hasattr(dyn, "exit_logits")
+                loss_module, find_unused_parameters=not isinstance(dyn, ExitCascade)
             )
         started = time.perf_counter()
         epoch, batch = start_epoch, skip
@@ -308,18 +308,14 @@ class _LossModule(nn.Module):
     def __init__(self, dyn: DynamicModel, config: FinetuneConfig):
         super().__init__()
         self.dyn = dyn
-        self.config = config
+        self.loss_config = LossConfig(
+            kd_temperature=config.kd_temperature,
+            label_weight=config.label_weight,
+            budget=config.budget,
+        )
 
     def forward(self, x, teacher_logits, labels):
-        kwargs = {}
-        if hasattr(self.dyn, "exit_logits"):
-            kwargs = {
-                "kd_temperature": self.config.kd_temperature,
-                "label_weight": self.config.label_weight,
-            }
-        loss, metrics = self.dyn.training_loss(
-            x, teacher_logits, labels, self.config.budget, **kwargs
-        )
+        loss, metrics = self.dyn.training_loss(x, teacher_logits, labels, self.loss_config)
         accs = [v for k, v in metrics.items() if k.startswith("acc_") and k != "acc_final"]
         if "acc" not in metrics and accs:
             metrics = {**metrics, "acc": sum(accs) / len(accs)}
@@ -332,12 +328,9 @@ class _LossModule(nn.Module):
 def static_parameter_names(dyn: DynamicModel) -> set[str]:
     """The parameters the static network uses: those that get a gradient inside `static()`.
 
-    A strategy may say so itself with `static_parameter_names()`; otherwise one tiny forward
-    and backward pass finds them, so any strategy's new parts are told apart from the backbone.
+    One tiny forward and backward pass finds them, so any strategy's new parts are told apart
+    from the backbone without the strategy having to list them.
     """
-    own = getattr(dyn, "static_parameter_names", None)
-    if callable(own):
-        return set(own())
     named = [(n, p) for n, p in dyn.named_parameters()]
     was_training = dyn.training
     dyn.eval()

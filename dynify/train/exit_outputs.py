@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from dynify.errors import DataError, StrategyError
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.early_exit import EarlyExitModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Batches, Preprocessing, open_data, resolve_preprocessing
 
 
@@ -55,10 +56,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def has_exits(dyn: DynamicModel) -> bool:
-    return all(hasattr(dyn, a) for a in ("exit_logits", "exit_macs", "policy", "temperatures"))
-
-
 def data_batches(
     dyn: DynamicModel,
     data: Any,
@@ -86,7 +83,7 @@ def collect_outputs(
 ) -> ExitOutputs:
     """One pass over `data` keeping every exit's logits (early-exit models): what each exit
     answers, or with `raw` each head's own logits (to fit an ensemble on)."""
-    if not has_exits(dyn):
+    if not isinstance(dyn, ExitCascade):
         raise StrategyError(f"{type(dyn).__name__} has no exits whose logits could be collected.")
     batches = (
         data
@@ -101,7 +98,8 @@ def collect_outputs(
     labels = []
     try:
         for x, y in batches.epoch(0):
-            outs = dyn.exit_logits(x, raw=True) if raw else dyn.exit_logits(x)
+            raw_heads = raw and isinstance(dyn, EarlyExitModel)
+            outs = dyn.exit_logits(x, raw=True) if raw_heads else dyn.exit_logits(x)
             if not per_exit:
                 per_exit = [[] for _ in outs]
             for store, out in zip(per_exit, outs, strict=True):
@@ -120,5 +118,5 @@ def collect_outputs(
         y if bool(known.all()) else None,
         list(dyn.exit_macs()),
         dyn.static_macs,
-        raw=raw or not getattr(dyn, "ensembled", False),
+        raw=raw or not (isinstance(dyn, EarlyExitModel) and dyn.ensembled),
     )

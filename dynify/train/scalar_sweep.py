@@ -45,12 +45,10 @@ def calibrate_by_sweep(
     preprocessing: Preprocessing | None,
 ) -> CalibrationResult:
     if mac_cap is not None:
-        setter = getattr(dyn, "set_mac_cap", None)
-        if setter is None:
-            raise StrategyError(f"Strategy '{dyn.strategy}' has no anytime MAC cap.")
-        setter(mac_cap)
-    if not hasattr(dyn, "set_thresholds"):
-        raise StrategyError(f"Strategy '{dyn.strategy}' has no thresholds to calibrate.")
+        raise StrategyError(
+            f"Strategy '{dyn.strategy}' has no anytime MAC cap: only a cascade of exits can "
+            "promise that no sample spends more. Calibrate with --budget or --max-drop instead."
+        )
     batches = data_batches(
         dyn, data, split=split, batch_size=batch_size, preprocessing=preprocessing
     )

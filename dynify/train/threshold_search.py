@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from dynify.errors import DynifyError, StrategyError
+from dynify.runtime.decisions import exit_scores, exits_taken, patience_allowed
 from dynify.runtime.model import DynamicModel
-from dynify.runtime.policy import exit_scores
 from dynify.train.exit_outputs import ExitOutputs, one_thread
 from dynify.train.targets import CalibrationResult, check_target, choose_point, pareto_front
 from dynify.train.temperature import fit_temperatures
@@ -35,6 +35,7 @@ class ExitProblem:
     def build(
         cls, dyn: DynamicModel, outputs: ExitOutputs, temperatures: list[float]
     ) -> ExitProblem:
+        """The runtime's exit rule (`dynify.runtime.decisions`) on collected logits."""
         policy = dyn.policy
         scores = torch.stack(
             [
@@ -45,22 +46,14 @@ class ExitProblem:
         allowed = torch.ones_like(scores, dtype=torch.bool)
         if policy.kind == "patience":
             preds = torch.stack([lg.argmax(-1) for lg in outputs.logits[:-1]])
-            streak = torch.ones_like(preds)
-            for i in range(1, len(preds)):
-                streak[i] = torch.where(preds[i] == preds[i - 1], streak[i - 1] + 1, 1)
-            allowed = streak >= policy.patience
+            allowed = patience_allowed(preds, policy.patience)
         return cls(scores, allowed, outputs.correct(), outputs.cost_fractions())
 
     def exits(self, thresholds: torch.Tensor, only: range | None = None) -> torch.Tensor:
         """The exit each sample takes (K: runs to the end), as the runtime decides it.
 
         `only` restricts the rule to some exits (the others never fire)."""
-        k, n = self.scores.shape
-        index = torch.full((n,), k, dtype=torch.long)
-        t = thresholds.float()
-        for j in reversed(only if only is not None else range(k)):
-            index = torch.where((self.scores[j] >= t[j]) & self.allowed[j], j, index)
-        return index
+        return exits_taken(self.scores, self.allowed, thresholds, only)
 
     def evaluate(self, thresholds: torch.Tensor) -> tuple[float, float]:
         index = self.exits(thresholds)

@@ -1,4 +1,4 @@
-"""The small modules that passes insert: exit heads (and, later, gates and masks).
+"""Exit heads: the small classifiers the early-exit pass inserts, and the feature helpers they share.
 
 Heads start with a zero final layer: an untrained head predicts the uniform distribution, so it
 never clears a confidence threshold, and a freshly converted model behaves like the static one
