@@ -155,6 +155,30 @@ def test_mixed_batch_equals_samples_run_alone(kind):
         assert overhead.tolist() == [dyn.min_macs() - dyn.fixed_macs] * len(x)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_last_macs_is_what_flop_counter_counts(kind):
+    """Per forward, the MACs charged (front-end counts of branches and the fixed part,
+    FlopCounterMode counts of decision units) sum to what FlopCounterMode sees run: a mixed
+    batch, and each of its samples alone (the batch-1 path)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, 16, generator=generator)
+    x = x * torch.exp(torch.randn(6, 1, 1, 1, generator=generator))
+    dyn = spread_deciders(
+        dynify.convert(two_stages(), "block-gates", x[:1], options={"gate": kind})
+    )
+    dyn.set_thresholds(0.6 if kind == "halting" else 0.5)
+    ran = []
+    for xb in (x, *x.split(1)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dyn(xb)
+        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+        ran.append(dyn.last_gates.float().mean().item())
+    assert 0 < ran[0] < 1  # the batch mixed open and closed gates
+    assert any(0 < r < 1 for r in ran[1:])  # and so did single samples
+
+
 @pytest.mark.parametrize(
     "kind",
     [

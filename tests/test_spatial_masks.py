@@ -206,6 +206,23 @@ def test_mac_accounting_is_what_runs(model, x, granularity):
     assert spent[0] < spent[1] < spent[2]
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_mask_units_charge_what_runs_at_batch_one_and_more(model, x, granularity):
+    """With the mask units deciding (partly on), last_macs sums to FlopCounterMode's count
+    for the batch and for each sample alone; the mask units' own MACs are charged too."""
+    dyn = convert(model, granularity)
+    randomize_mask_units(dyn)
+    for w in dyn.wrappers:
+        w.dense_when_full = False
+    densities = []
+    for xb in (x, *x.split(1)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dyn(xb)
+        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+        densities.append(float(dyn.densities().mean()))
+    assert all(0.0 < d < 1.0 for d in densities)
+
+
 def test_per_sample_masks_give_per_sample_results(model, x):
     """A batch gives each sample exactly what it gets alone (masks differ per sample)."""
     dyn = convert(model)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.node import map_arg
 
+from dynify.frontend.cost import MACS, module_macs
 from dynify.runtime.control import cond
 from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
 from dynify.runtime.gate_wrapper import RunContext
@@ -90,13 +91,15 @@ class SparseResidual(nn.Module):
         self._inside_cache: dict[tuple, Tensor] = {}
         # Not registered: it re-uses the branch's modules (no second copy in the state dict).
         object.__setattr__(self, "tile_branch", tile_branch(branch))
-        h, w = spatial
-        self.mask_macs = in_channels * math.ceil(h / self.tile) * math.ceil(w / self.tile)
+        # counted by FlopCounterMode, as the front end counts the branch
+        self.mask_macs = module_macs(self.mask_unit, torch.zeros(1, in_channels, *spatial))
 
     # -- the plan of the branch's convs ------------------------------------------------------
 
     def _conv_plan(self) -> dict[str, dict[str, Any]]:
-        """Per conv node: its radius, the radius of the convs after it, and its MACs/position."""
+        """Per conv node: its radius, the radius of the convs after it, and its MACs/position
+        (what the front end counted for the whole map, `node.meta["macs"]`, over its positions).
+        """
         convs = [
             n
             for n in self._nodes
@@ -105,11 +108,11 @@ class SparseResidual(nn.Module):
         plan, after = {}, 0
         for node in reversed(convs):
             conv = self.branch.get_submodule(node.target)
-            k = conv.kernel_size[0]
+            positions = math.prod(node.meta["tensor_meta"].shape[2:])
             plan[node.name] = {
                 "radius": conv_radius(conv),
                 "after": after,
-                "macs": conv.out_channels * conv.in_channels // conv.groups * k * k,
+                "macs": int(node.meta[MACS]) // positions,
                 "first": node is convs[0],
             }
             after += conv_radius(conv)
