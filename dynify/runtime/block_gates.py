@@ -229,16 +229,6 @@ class GatedModel(DynamicModel):
         tensor form (sigmoid, compare, convert) costs more than the comparisons themselves."""
         return gates_open_one(self.policy(x).float().tolist()[0], thr)
 
-    def gate_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, K] each gate's open probability (policy, function) with every block run."""
-        self.check_input(x)
-        if self.kind == "policy":
-            return gate_probability(self.policy(x))
-        run = self._new_run(x, "train", self.thresholds)
-        self._run_graph(x, run)
-        probs = torch.stack(run.gate_probs, 1)
-        return probs if self.kind == "function" else probs.cumsum(1).clamp(max=1.0)
-
     # training ----------------------------------------------------------------------------
     def training_loss(
         self,
@@ -277,7 +267,6 @@ class GatedModel(DynamicModel):
                 run.plan = straight_through_gumbel(logits, self.temperature)
             else:
                 run.plan, log_prob = explore_actions(gate_probability(logits))
-            run.gate_probs.append(gate_probability(logits))
         logits = self._run_graph(x, run)
         t = config.temperature(self.distill_temperature)
         task, stats = distillation(

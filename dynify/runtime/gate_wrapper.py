@@ -54,7 +54,6 @@ class GateRun:
     halt_one: dict[int, list] = field(default_factory=dict)
     train_threshold: float = 0.99
     temperature: float = 1.0
-    gate_probs: list[torch.Tensor] = field(default_factory=list)
 
 
 # --- the wrappers -----------------------------------------------------------------------------
@@ -262,7 +261,6 @@ class BlockGate(nn.Module):
         branch, short = self.branch(entry), self._short(entry)
         if self.kind == "function":
             logits = self.decider(entry.detach()).float()
-            run.gate_probs.append(gate_probability(logits))
             weight = straight_through_gumbel(logits, run.temperature)
             run.macs = run.macs + self.decider_macs
             greedy = logits.detach() > 0.0
@@ -282,7 +280,6 @@ class BlockGate(nn.Module):
         state = self._halt_state(entry, run)
         active = ~state.halted
         h = gate_probability(self.decider(entry.detach()))
-        run.gate_probs.append(h)
         run.macs = run.macs + active.float() * self.decider_macs
         self._halt_all(entry, h, run.train_threshold, state)
         running = (~state.halted).float()
