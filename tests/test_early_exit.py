@@ -323,3 +323,96 @@ def test_last_macs_is_what_flop_counter_counts_for_the_work_that_ran(tiny_model,
     with torch.no_grad(), FlopCounterMode(display=False) as counter, dyn.static():
         dyn(tiny_input)
     assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("policy", ["confidence", "entropy"])
+def test_non_finite_scores_leave_and_a_forced_exit_holds_for_every_input(
+    tiny_model, tiny_input, policy
+):
+    """NaN, inf and huge inputs make the exit scores NaN: that counts as certain, so such a
+    sample leaves at the first exit that is switched on, and a forced exit (a MAC cap) holds,
+    batched and at batch 1 alike."""
+    dyn = trained_heads(
+        dynify.convert(
+            tiny_model, example_input=tiny_input[:1], options={"exits": 2, "policy": policy}
+        )
+    ).eval()
+    x = tiny_input.clone()
+    for i, value in enumerate([float("nan"), float("inf"), float("-inf"), 3e38]):
+        x[i, 0, 3, 3] = value
+    cap = dyn.exit_macs()[1]
+    for thresholds, expected in [([1.01, 0.0], 1), ([1.01, 1.01], 2)]:
+        dyn.set_thresholds(thresholds)
+        with torch.no_grad():
+            dyn(x)
+            batched = dyn.last_exit.tolist()
+            alone = []
+            for sample in x:
+                dyn(sample[None])
+                alone.append(int(dyn.last_exit[0]))
+        assert batched == alone
+        if expected == 1:
+            assert batched == [1] * len(x) and int(dyn.last_macs.max()) <= cap
+    dyn.set_thresholds([0.99, 0.99])
+    with torch.no_grad():
+        dyn(x[:4])
+    assert dyn.last_exit.tolist() == [0, 0, 0, 0]
+
+
+def test_set_thresholds_refuses_a_wrong_count_and_non_finite_values(tiny_model, tiny_input):
+    dyn = dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    before = dyn.thresholds.clone()
+    for bad in ([0.5], [0.5, 0.5, 0.5], [0.5, float("nan")], float("inf")):
+        with pytest.raises(StrategyError):
+            dyn.set_thresholds(bad)
+    assert torch.equal(dyn.thresholds, before)
+    dyn.set_thresholds(torch.tensor([0.2, 0.3]))
+    assert dyn.thresholds.tolist() == pytest.approx([0.2, 0.3])
+
+
+def test_static_mode_and_records_are_per_thread(tiny_model, tiny_input):
+    """A thread inside `static()` leaves other threads' calls dynamic, and `last_macs` /
+    `last_exit` read after a call are that call's, with calls running concurrently."""
+    import copy
+    import threading
+
+    dyn = trained_heads(
+        dynify.convert(tiny_model, example_input=tiny_input[:1], options={"exits": 2})
+    ).eval()
+    dyn.set_thresholds(0.0)  # dynamic: everyone leaves at exit 0
+    with torch.no_grad():
+        dynamic_out = {n: dyn(tiny_input[:n]) for n in (1, 3)}
+        with dyn.static():
+            static_out = dyn(tiny_input)
+    assert not torch.allclose(dynamic_out[3], static_out[:3])
+    inside, errors = threading.Event(), []
+
+    def hold_static() -> None:
+        with torch.no_grad(), dyn.static():
+            inside.set()
+            for _ in range(20):
+                if not torch.equal(dyn(tiny_input), static_out):
+                    errors.append("static thread got a dynamic output")
+                if dyn.last_macs.tolist() != [dyn.static_macs] * len(tiny_input):
+                    errors.append("static thread read another call's last_macs")
+
+    def run_dynamic(n: int) -> None:
+        inside.wait()
+        x = tiny_input[:n]
+        with torch.no_grad():
+            for _ in range(20):
+                if not torch.equal(dyn(x), dynamic_out[n]):
+                    errors.append("dynamic thread got a static output")
+                if dyn.last_exit.tolist() != [0] * n:
+                    errors.append("dynamic thread read another call's last_exit")
+
+    threads = [threading.Thread(target=hold_static)]
+    threads += [threading.Thread(target=run_dynamic, args=(n,)) for n in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not dyn.is_static
+    twin = copy.deepcopy(dyn)  # the per-thread records do not travel with a copy
+    assert twin.last_macs is None and not twin.is_static

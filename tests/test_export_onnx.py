@@ -440,3 +440,29 @@ def test_branch_residual_blocks_stay_in_ort_fast_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(cascade_module, "branch_entry", lambda feat: feat)
     plain = write_onnx(cascade, x, tmp_path / "plain.onnx", dynamic_batch=False).path
     assert _branch_adds_after_ort_layout(plain, tmp_path)[0] == 2  # one per branch block
+
+
+def _hostile(batch: torch.Tensor) -> torch.Tensor:
+    """Samples with one pixel NaN, +inf, -inf and huge (finite), next to normal ones."""
+    x = batch[:6].clone()
+    for i, value in enumerate([float("nan"), float("inf"), float("-inf"), 3e38]):
+        x[i, 0, 3, 3] = value
+    return x
+
+
+def test_a_forced_exit_holds_for_non_finite_and_huge_inputs(onnx_path, cascade, batch, tmp_path):
+    """A MAC cap forces an exit with threshold 0: every input leaves there at the latest, in
+    eager, ONNX Runtime and the pt2 program alike (a NaN score is certain, never skipped)."""
+    from dynify.export.verify import ort_session
+
+    x = _hostile(batch)
+    forced = torch.tensor([1.01, 0.0])  # exit 0 off, exit 1 the cap
+    session = ort_session(onnx_path)
+    program = torch.export.load(write_pt2(cascade, batch[:2], tmp_path / "c.pt2")).module()
+    with torch.no_grad():
+        eager = cascade(x, forced)[1]
+        pt2 = program(x, forced)[1]
+    onnx_exits = session.run(None, {"x": x.numpy(), "thresholds": forced.numpy()})[1]
+    assert eager.tolist() == [1] * len(x)
+    assert pt2.tolist() == [1] * len(x)
+    assert onnx_exits.tolist() == [1] * len(x)

@@ -195,3 +195,21 @@ def test_last_macs_is_what_flop_counter_counts_for_the_work_that_ran(model, x, t
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         dyn(x)
     assert int(dyn.last_macs.sum()) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("policy", ["confidence", "entropy"])
+def test_export_face_decides_like_the_eager_model_for_every_policy(model, x, policy):
+    from dynify.runtime.decisions import exit_scores
+
+    dyn = convert(model, policy=policy)
+    with torch.no_grad():
+        low = dyn.low_logits(x)
+    median = float(exit_scores(low, dyn.temperatures[0], policy).median())
+    face = dyn.export_face().eval()
+    for threshold in (0.0, median, 1.01):
+        dyn.set_thresholds(threshold)
+        with torch.no_grad():
+            eager = dyn(x)
+            logits, decisions = face(x, torch.tensor([threshold]))
+        assert torch.equal(decisions, dyn.last_exit)
+        torch.testing.assert_close(logits, eager)

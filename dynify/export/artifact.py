@@ -20,7 +20,7 @@ from torch import nn
 from dynify.errors import ArtifactError, DynifyError
 from dynify.files import atomic_output
 from dynify.runtime.fast_access import bind_children
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, ExitCascade
 
 SPEC_NAME = "spec.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -62,11 +62,9 @@ def save(dyn: DynamicModel, path: str | Path, extra: dict[str, Any] | None = Non
 
 def _readable_state(dyn: DynamicModel) -> dict[str, Any]:
     """Thresholds and temperatures, copied into the spec so a person can read them."""
-    state = {}
-    for name in ("thresholds", "temperatures"):
-        value = getattr(dyn, name, None)
-        if isinstance(value, torch.Tensor):
-            state[name] = [round(float(v), 6) for v in value]
+    state = {"thresholds": [round(float(v), 6) for v in dyn.thresholds]}
+    if isinstance(dyn, ExitCascade):
+        state["temperatures"] = [round(float(v), 6) for v in dyn.temperatures]
     return state
 
 

@@ -8,6 +8,12 @@ all call these, so a decision cannot drift between them. Batch-1 paths decide in
 Conventions shared by every strategy: a threshold of 0 is the cheapest behaviour, one above 1
 the static network's. Exits leave when their score reaches the threshold (`score >= t`); gates
 and mask units run when their probability clears one minus it (`p > 1 - t`).
+
+A score that is not a number (NaN or infinite logits, from NaN, infinite or huge inputs) is a
+decision, not a comparison that silently fails: it counts as certain (score 1), so the sample
+leaves at the first exit it reaches that is switched on (threshold <= 1), and a forced exit
+(threshold 0, e.g. the one a `mac_cap` sets) fires for every input. No input can make a sample
+spend more than the cap.
 """
 
 from __future__ import annotations
@@ -28,12 +34,16 @@ FLOAT32_TIE = 1e-5
 
 def exit_scores(logits: Tensor, temperature: Tensor | float, kind: str) -> Tensor:
     """Certainty of each sample's prediction, in [0, 1], for the exit policy `kind`: normalised
-    entropy for "entropy", max softmax otherwise (patience adds its agreement rule on top)."""
+    entropy for "entropy", max softmax otherwise (patience adds its agreement rule on top).
+    Not-a-number scores are 1 (see the module's docstring)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if kind == "entropy":
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-        return 1.0 - entropy / math.log(probs.shape[-1])
-    return probs.max(-1).values
+        classes = probs.shape[-1]
+        score = 1.0 - entropy / math.log(classes) if classes > 1 else torch.ones_like(entropy)
+    else:
+        score = probs.max(-1).values
+    return torch.where(torch.isnan(score), torch.ones_like(score), score)
 
 
 def reaches(scores: Tensor, threshold: Tensor | float) -> Tensor:
@@ -164,14 +174,18 @@ def decide_one(value: float, boundary: float, strict: bool, exact: Callable[[], 
 def exit_score_one(logits: Sequence[float], temperature: float, kind: str) -> float:
     """`exit_scores` of one sample, in Python floats (double precision, within ~1e-7 of the
     float32 tensor rule: `decide_one` settles scores that close to a threshold)."""
+    if len(logits) < 2:
+        return 1.0  # one class: nothing to be unsure about
     top = max(logits)
     shifted = [(value - top) / temperature for value in logits]
     total = sum(math.exp(value) for value in shifted)
     if kind != "entropy":
-        return 1.0 / total
-    log_total = math.log(total)
-    entropy = -sum(math.exp(value - log_total) * (value - log_total) for value in shifted)
-    return 1.0 - entropy / math.log(len(logits))
+        score = 1.0 / total
+    else:
+        log_total = math.log(total)
+        entropy = -sum(math.exp(value - log_total) * (value - log_total) for value in shifted)
+        score = 1.0 - entropy / math.log(len(logits))
+    return 1.0 if math.isnan(score) else score
 
 
 def leaves_one(

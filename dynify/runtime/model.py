@@ -20,6 +20,7 @@ exits whose logits calibration can collect in one pass). Callers never probe wit
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -60,8 +61,23 @@ class JointRecipe:
     freeze_batchnorm: bool = False
 
 
-class _Recorded:
-    """A per-forward record of a DynamicModel (`last_macs`, `last_exit`): a tensor, or None.
+class PerCall(threading.local):
+    """What one forward call leaves behind, kept per thread: `static()` and the records.
+
+    A server runs one model from several threads: a thread inside `with dyn.static():` must not
+    make another thread's calls static, and `last_macs` read after a call must be that call's.
+    A copy of the model (`copy.deepcopy`) starts with fresh records.
+    """
+
+    static = False
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class PerCallRecord:
+    """A per-forward record of a DynamicModel (`last_macs`, `last_exit`, a strategy's own):
+    a tensor or None, kept per thread (`PerCall`).
 
     A batch-1 forward records plain ints (`DynamicModel.record_one`) and the tensors are built
     when read: two one-element tensors cost ~20 us per forward, 2 % of a small network's early
@@ -69,17 +85,21 @@ class _Recorded:
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.key = f"_{name}"
+        self.key = f"record_{name}"
 
     def __get__(self, model: DynamicModel | None, owner: type) -> torch.Tensor | None:
         if model is None:
             return self  # type: ignore[return-value]
-        model._unpack_one()
-        return model.__dict__.get(self.key)
+        calls = model.per_call
+        if calls.__dict__.get("one") is not None:
+            model._unpack_one()
+        return calls.__dict__.get(self.key)
 
     def __set__(self, model: DynamicModel, value: torch.Tensor | None) -> None:
-        model._unpack_one()
-        model.__dict__[self.key] = value
+        calls = model.per_call
+        if calls.__dict__.get("one") is not None:
+            model._unpack_one()
+        calls.__dict__[self.key] = value
 
 
 class DynamicModel(nn.Module, ABC):
@@ -100,12 +120,11 @@ class DynamicModel(nn.Module, ABC):
         thresholds: Sequence[float] = (),
     ):
         super().__init__()
+        self.per_call = PerCall()
         self.static_macs = int(static_macs)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
         self.spec: dict[str, Any] = {}
-        self.last_macs = None
-        self._static = False
         values = [float(t) for t in thresholds]
         _check_thresholds(values, len(values))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
@@ -157,38 +176,43 @@ class DynamicModel(nn.Module, ABC):
         _check_thresholds(values, k)
         self.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
 
-    # --- static mode and per-call records -------------------------------------------------
+    # --- static mode and per-call records (per thread: `PerCall`) -------------------------
     @property
     def is_static(self) -> bool:
-        return self._static
+        return self.per_call.static
 
-    # What the last forward spent (`last_macs`) and, for strategies with exits, where each
-    # sample left (`last_exit`); see `_Recorded`.
-    last_macs = _Recorded()
-    last_exit = _Recorded()
+    @property
+    def _static(self) -> bool:
+        return self.per_call.static
+
+    # What the last forward of this thread spent (`last_macs`) and, for strategies with exits,
+    # where each sample left (`last_exit`); see `PerCallRecord`.
+    last_macs = PerCallRecord()
+    last_exit = PerCallRecord()
 
     def record_one(self, macs: int, exit_index: int | None, device: torch.device) -> None:
         """A batch-1 forward's `last_macs` (and `last_exit`, unless None), as Python ints."""
-        self.__dict__["_last_one"] = (macs, exit_index, device)
+        self.per_call.one = (macs, exit_index, device)
 
     def _unpack_one(self) -> None:
-        one = self.__dict__.pop("_last_one", None)
-        if one is not None:
-            macs, exit_index, device = one
-            self.__dict__["_last_macs"] = torch.tensor([macs], dtype=torch.long, device=device)
-            if exit_index is not None:
-                self.__dict__["_last_exit"] = torch.tensor(
-                    [exit_index], dtype=torch.long, device=device
-                )
+        records = self.per_call.__dict__
+        macs, exit_index, device = records.pop("one")
+        records["record_last_macs"] = torch.tensor([macs], dtype=torch.long, device=device)
+        if exit_index is not None:
+            records["record_last_exit"] = torch.tensor(
+                [exit_index], dtype=torch.long, device=device
+            )
 
     @contextmanager
     def static(self) -> Iterator[DynamicModel]:
-        """Within this block the model computes exactly the original network."""
-        previous, self._static = self._static, True
+        """Within this block the model computes exactly the original network (in this
+        thread only: other threads' calls stay dynamic)."""
+        calls = self.per_call
+        previous, calls.static = calls.static, True
         try:
             yield self
         finally:
-            self._static = previous
+            calls.static = previous
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the cost accounting and the plan were not made for."""

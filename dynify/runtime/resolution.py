@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynify.runtime.cascade import CondCascade
+from dynify.runtime.control import run_on, selected
 from dynify.runtime.model import DynamicModel
 from dynify.runtime.policy import ExitPolicy
 from dynify.train.losses import LossConfig, distillation
@@ -182,9 +183,8 @@ class ResolutionModel(DynamicModel):
         state = self.policy.start(batch, x.device)
         done = self.policy.decide(logits, self.temperatures[0], self.thresholds[0], state)
         output = logits
-        if not bool(done.all()):
-            rest = torch.nonzero(~done).squeeze(1)
-            output = logits.index_copy(0, rest, self.net(x.index_select(0, rest)).to(logits.dtype))
+        if not bool(done.all()):  # the full pass on the samples that did not exit
+            output = run_on(self.net, x, selected(~done), logits)
         self.last_exit = (~done).long().cpu()
         macs = torch.tensor(self.exit_macs(), dtype=torch.long)
         self.last_macs = macs[self.last_exit]
