@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynify
 from dynify.errors import StrategyError
 from dynify.runtime.mask_geometry import fit_tile
+from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES
 from dynify.runtime.sparse_residual import SparseResidual
 from dynify.runtime.spatial_masks import SpatialMaskModel
 from tests.conftest import randomize_bn
@@ -332,6 +333,7 @@ def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
     result = write_onnx(dyn.export_face().eval(), x[:2], path, reference=dyn)
     assert result.report.ok and result.report.max_abs_diff <= 1e-4
     assert result.if_nodes >= dyn.num_masks
+    assert (result.input_names, result.output_names) == (INPUT_NAMES, OUTPUT_NAMES)
     none = count_executed_ops(path, x[:1], [0.0] * 4)
     full = count_executed_ops(path, x[:1], [1.01] * 4)
     branch_convs = sum(len(w._convs) for w in dyn.wrappers)  # 2 + 2 + 3 + 2

@@ -44,7 +44,7 @@ from dynify.runtime.decisions import (
     straight_through_gumbel,
 )
 from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
-from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe
+from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
 from dynify.train.losses import (
     LossConfig,
     budget_price,
@@ -63,6 +63,8 @@ class GatedModel(DynamicModel):
 
     strategy = "block-gates"
     optional_state = ("budget_multiplier",)
+    # [B, K] bool: the gated branches each sample of the last forward ran (per thread)
+    last_gates = PerCallRecord()
 
     def __init__(
         self,
@@ -116,7 +118,6 @@ class GatedModel(DynamicModel):
         # run) carries it; as a Python float a resumed run restarted it from zero.
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
         self.estimator = estimator
-        self.last_gates: torch.Tensor | None = None
 
     # structure ---------------------------------------------------------------------------
     @property
@@ -220,8 +221,8 @@ class GatedModel(DynamicModel):
             run.extra_macs += self.policy_macs
             run.plan_list = self._plan_one(x, thr)
         out = self._run_graph(x, run)
-        self.record_one(round(self.fixed_macs + run.extra_macs), None, x.device)
         self.last_gates = torch.tensor([run.flags], dtype=torch.bool)
+        self.record_one(round(self.fixed_macs + run.extra_macs), None, x.device)
         return out
 
     def _plan_one(self, x: torch.Tensor, thr: list[float]) -> list[bool]:
