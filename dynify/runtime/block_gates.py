@@ -213,16 +213,17 @@ class GatedModel(DynamicModel):
         run = GateRun(
             mode="eager",
             thresholds=self.thresholds,
+            macs=float(self.fixed_macs),
             scalar=True,
             thr=thr,
             flags=[True] * self.num_gates,
         )
         if self.kind == "policy" and min(thr) <= 1.0:
-            run.extra_macs += self.policy_macs
+            run.macs += self.policy_macs
             run.plan_list = self._plan_one(x, thr)
         out = self._run_graph(x, run)
         self.last_gates = torch.tensor([run.flags], dtype=torch.bool)
-        self.record_one(round(self.fixed_macs + run.extra_macs), None, x.device)
+        self.record_one(round(run.macs), None, x.device)
         return out
 
     def _plan_one(self, x: torch.Tensor, thr: list[float]) -> list[bool]:

@@ -38,8 +38,8 @@ class GateRun:
 
     mode: str  # "static" | "eager" | "train" | "export"
     thresholds: torch.Tensor
-    # [B] float: MACs spent per sample (train: straight-through); None in scalar runs
-    macs: torch.Tensor | None = None
+    # MACs spent per sample: [B] float (train: straight-through), a float in scalar runs
+    macs: torch.Tensor | float = 0.0
     executed: torch.Tensor | None = None  # [B, K] bool: which gated branches ran
     plan: torch.Tensor | None = None  # policy: [B, K] run decision (float 0/1 in training)
     greedy_plan: torch.Tensor | None = None  # policy, training: the deterministic plan
@@ -50,7 +50,6 @@ class GateRun:
     thr: list[float] = field(default_factory=list)
     plan_list: list[bool] | None = None
     flags: list[bool] = field(default_factory=list)
-    extra_macs: float = 0.0
     halt_one: dict[int, list] = field(default_factory=dict)
     train_threshold: float = 0.99
     temperature: float = 1.0
@@ -148,7 +147,7 @@ class BlockGate(nn.Module):
             threshold = run.thr[self.index]
             go = threshold > 1.0
             if not go:
-                run.extra_macs += self.decider_macs
+                run.macs += self.decider_macs
                 go = gate_open_one(self.decider.logit_one(entry), threshold)
         elif self.kind == "policy":
             go = True if run.plan_list is None else run.plan_list[self.index]
@@ -156,7 +155,7 @@ class BlockGate(nn.Module):
             go = self._halt_one(entry, run)
         run.flags[self.index] = go
         if go:
-            run.extra_macs += self.branch_macs
+            run.macs += self.branch_macs
             return self._out(self.branch.forward(entry) + self._short(entry))
         return entry if self.skip_returns_entry else self._out(self._short(entry))
 
@@ -168,7 +167,7 @@ class BlockGate(nn.Module):
         cum, halted, acc = state
         if halted:
             return False
-        run.extra_macs += self.decider_macs
+        run.macs += self.decider_macs
         new_cum, stop, weight = halting_update_one(
             cum, sigmoid_one(self.decider.logit_one(entry)), threshold
         )
