@@ -474,6 +474,39 @@ def test_batch_one_policy_plan_equals_the_tensor_plan_at_ties():
             assert dyn._plan_one(x, dyn.thresholds.tolist()) == exact
 
 
+def test_batch_one_function_gate_decides_like_the_tensor_rule_at_ties():
+    """A function gate at batch 1 (Python floats) takes the float32 tensor rule's decision for
+    thresholds placed on, or one float32 step beside, its probability (the tie rule)."""
+    from dynify.runtime.decisions import gate_open, gate_probability, sigmoid_one
+
+    torch.manual_seed(0)  # fresh gates: open (p ~ 0.95), where float32 steps are coarse
+    dyn = dynify.convert(two_stages(), "block-gates", torch.randn(1, 3, 16, 16)).eval()
+    gate = dyn.gates[0]  # its input does not depend on any threshold
+    entries = []
+    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), dyn.static():
+        for sample in x.split(1):  # batch 1, as the path under test computes it
+            dyn(sample)
+    hook.remove()
+    ties = 0
+    with torch.no_grad():
+        for i, entry in enumerate(entries):
+            logit = gate.decider(entry)
+            prob = gate_probability(logit)[0]
+            for step in (None, 0.0, 2.0):
+                on_tie = 1.0 - prob
+                if step is not None:
+                    on_tie = torch.nextafter(on_tie, torch.tensor(step))
+                dyn.set_thresholds([float(on_tie)] + [1.01] * (dyn.num_gates - 1))
+                dyn(x[i : i + 1])
+                expected = bool(gate_open(prob, dyn.thresholds[0]))
+                assert bool(dyn.last_gates[0, 0]) == expected, (i, step)
+                double = sigmoid_one(float(logit)) > 1.0 - float(dyn.thresholds[0])
+                ties += double != expected
+    assert ties  # some cases are real ties: double precision alone would decide otherwise
+
+
 def test_converted_graphs_keep_children_as_plain_attributes(tmp_path):
     """`bind_children`: a traced graph's path lookups skip `Module.__getattr__`; the state dict,
     a replaced child and a deep copy stay consistent."""
