@@ -507,6 +507,41 @@ def test_batch_one_function_gate_decides_like_the_tensor_rule_at_ties():
     assert ties  # some cases are real ties: double precision alone would decide otherwise
 
 
+def test_batch_one_halting_decides_like_the_tensor_rule_at_ties():
+    """A halting stage at batch 1 (Python floats) halts as the float32 tensor rule does when
+    the threshold sits on, or one float32 step beside, the cumulative halting score."""
+    from dynify.runtime.decisions import gate_probability, halting_update, sigmoid_one
+
+    dyn = spread_deciders(
+        dynify.convert(
+            two_stages(), "block-gates", torch.randn(1, 3, 16, 16), options={"gate": "halting"}
+        )
+    ).eval()
+    gate = dyn.gates[0]  # the first scored block of stage 0: its input is block 0's output
+    assert gate.group == 0
+    entries = []
+    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), dyn.static():
+        for sample in x.split(1):  # batch 1, as the path under test computes it
+            dyn(sample)
+    hook.remove()
+    ties = 0
+    with torch.no_grad():
+        for i, entry in enumerate(entries):
+            logit = gate.decider(entry)
+            h = gate_probability(logit)
+            for step in (None, 0.0, 2.0):
+                on_tie = h[0] if step is None else torch.nextafter(h[0], torch.tensor(step))
+                dyn.set_thresholds([float(on_tie), 1.01])
+                dyn(x[i : i + 1])
+                _, stop, _ = halting_update(torch.zeros(1), h, dyn.thresholds[0])
+                assert bool(dyn.last_gates[0, 0]) == (not bool(stop[0])), (i, step)
+                double = sigmoid_one(float(logit)) >= float(dyn.thresholds[0])
+                ties += double != bool(stop[0])
+    assert ties  # some cases are real ties: double precision alone would decide otherwise
+
+
 def test_converted_graphs_keep_children_as_plain_attributes(tmp_path):
     """`bind_children`: a traced graph's path lookups skip `Module.__getattr__`; the state dict,
     a replaced child and a deep copy stay consistent."""

@@ -234,8 +234,26 @@ def gates_open_tensor(logits: Sequence[float], thresholds: Sequence[float]) -> T
     return gate_open(prob, torch.tensor(list(thresholds), dtype=torch.float32))
 
 
-def halting_update_one(cum: float, h: float, threshold: float) -> tuple[float, bool, float]:
-    """`halting_update` for one sample in Python floats."""
+def halting_update_one(
+    cum: float, h: float, threshold: float, exact: Callable[[], bool] | None = None
+) -> tuple[float, bool, float]:
+    """`halting_update` for one sample in Python floats. With `exact` (the tensor rule's stop
+    decision, `halts_by_tensor_rule`), a cumulative score within `FLOAT32_TIE` of the threshold
+    is settled by it."""
     capped = min(cum + h, 1.0)
-    stop = capped >= threshold
+    if exact is None:
+        stop = capped >= threshold
+    else:
+        stop = decide_one(capped, threshold, strict=False, exact=exact)
     return capped, stop, (1.0 - cum) if stop else h
+
+
+def halts_by_tensor_rule(logits: Sequence[float], threshold: float) -> bool:
+    """Whether the float32 tensor rule halts a sample after the stage's halting logits so far
+    (float32 values as Python floats): `halting_update` replayed step by step, for the tie case."""
+    thr = torch.tensor(threshold, dtype=torch.float32)
+    cum = torch.zeros(1)
+    stop = torch.zeros(1, dtype=torch.bool)
+    for logit in logits:
+        cum, stop, _ = halting_update(cum, gate_probability(torch.tensor([logit])), thr)
+    return bool(stop[0])

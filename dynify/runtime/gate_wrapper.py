@@ -15,6 +15,7 @@ from dynify.runtime.decisions import (
     gate_probability,
     halting_update,
     halting_update_one,
+    halts_by_tensor_rule,
     sigmoid_one,
     straight_through_gumbel,
 )
@@ -163,15 +164,18 @@ class BlockGate(nn.Module):
         threshold = run.thr[self.group]
         if threshold > 1.0:
             return True
-        state = run.halt_one.setdefault(self.group, [0.0, False, None])
-        cum, halted, acc = state
+        # [cumulative score, halted, ACT mix so far, the stage's halting logits (for ties)]
+        state = run.halt_one.setdefault(self.group, [0.0, False, None, []])
+        cum, halted, acc, logits = state
         if halted:
             return False
         run.macs += self.decider_macs
+        logit = self.decider.logit_one(entry)
+        logits.append(logit)
         new_cum, stop, weight = halting_update_one(
-            cum, sigmoid_one(self.decider.logit_one(entry)), threshold
+            cum, sigmoid_one(logit), threshold, lambda: halts_by_tensor_rule(logits, threshold)
         )
-        state[:] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
+        state[:3] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
         return not stop
 
     # eager and export decisions: a bool mask [B], or None when everything runs
