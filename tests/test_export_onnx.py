@@ -296,7 +296,7 @@ def _converted(policy: str, model: nn.Module | None = None) -> dynify.DynamicMod
 
 
 @pytest.mark.parametrize("policy", ["confidence", "entropy", "patience"])
-def test_export_module_decides_like_the_eager_model(policy):
+def test_export_face_decides_like_the_eager_model(policy):
     dyn = _converted(policy)
     cascade = dyn.export_face()
     assert isinstance(cascade, CondCascade) and cascade.policy == policy

@@ -213,3 +213,16 @@ def test_export_face_decides_like_the_eager_model_for_every_policy(model, x, pol
             logits, decisions = face(x, torch.tensor([threshold]))
         assert torch.equal(decisions, dyn.last_exit)
         torch.testing.assert_close(logits, eager)
+
+
+def test_training_loss_uses_its_own_temperature_unless_the_config_sets_one(model, x):
+    from dynify.train.losses import LossConfig
+
+    dyn = convert(model, distill_temperature=5.0)
+    teacher = torch.randn(len(x), 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        own = dyn.training_loss(x, teacher)[0]
+        same = dyn.training_loss(x, teacher, None, LossConfig(kd_temperature=5.0))[0]
+        other = dyn.training_loss(x, teacher, None, LossConfig(kd_temperature=3.0))[0]
+    assert torch.equal(own, same)
+    assert not torch.allclose(own, other)

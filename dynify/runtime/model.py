@@ -168,11 +168,13 @@ class DynamicModel(nn.Module, ABC):
         comparison false). 0 is the cheapest behaviour, anything above 1 the static network's.
         """
         k = self.num_thresholds
-        if isinstance(values, torch.Tensor):
-            values = values.detach().reshape(-1).tolist()
-        if isinstance(values, int | float):
-            values = [float(values)] * k
-        values = [float(v) for v in values]
+        try:
+            given = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise StrategyError(f"Thresholds must be numbers, got {values!r}.") from exc
+        if given.dim() == 0:  # one number for every decision unit
+            given = given.expand(k)
+        values = given.reshape(-1).tolist()
         _check_thresholds(values, k)
         self.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
 
