@@ -224,6 +224,28 @@ def test_mask_units_charge_what_runs_at_batch_one_and_more(model, x, granularity
     assert all(0.0 < d < 1.0 for d in densities)
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_fully_active_sample_costs_the_same_in_a_mixed_batch(model, x, granularity):
+    """A sample whose every unit is active runs the dense branch (`dense_when_full`) in a
+    mixed batch as it does alone: the same output and the same last_macs, which FlopCounterMode
+    confirms."""
+    dyn = convert(model, granularity)
+    masks = random_masks(dyn, 3, 0.5, seed=7)
+    for mask in masks:
+        mask[0] = True  # sample 0 fully active in every block; samples 1, 2 partly
+    with torch.no_grad():
+        dyn.set_fixed_masks(masks)
+        with FlopCounterMode(display=False) as counter:
+            batch = dyn(x)
+        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+        batch_macs = dyn.last_macs.clone()
+        assert batch_macs[0] == dyn.static_macs  # the dense branch, not halo'd tiles
+        for i in range(3):
+            dyn.set_fixed_masks([m[i : i + 1] for m in masks])
+            assert (dyn(x[i : i + 1]) - batch[i : i + 1]).abs().max() <= 1e-5
+            assert dyn.last_macs[0] == batch_macs[i]
+
+
 def test_per_sample_masks_give_per_sample_results(model, x):
     """A batch gives each sample exactly what it gets alone (masks differ per sample)."""
     dyn = convert(model)

@@ -158,16 +158,39 @@ class SparseResidual(nn.Module):
         counts = active.flatten(1).sum(1)
         self.last_density = counts.float() / active[0].numel()
         unit = 0 if self.fixed_mask is not None else self.mask_macs  # a forced mask costs nothing
-        if self.dense_when_full and bool(active.all()):
-            self.last_macs = torch.full((batch,), self.branch_macs + unit)
-            return self.branch(x)
-        if self.granularity == "region":
-            out = self.tile_forward(x, active)
-            self.last_macs = counts * self.tile_macs() + unit
+        full = counts == active[0].numel()
+        if self.dense_when_full and bool(full.any()):
+            if bool(full.all()):
+                self.last_macs = torch.full((batch,), self.branch_macs + unit)
+                return self.branch(x)
+            out, macs = self._dense_and_sparse(x, active, counts, full)
         else:
-            out, macs = self.pixel_forward(x, active)
-            self.last_macs = macs + unit
+            out, macs = self._sparse(x, active, counts)
+        self.last_macs = macs + unit
         return out
+
+    def _sparse(self, x: Tensor, active: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """The branch at the active units only: (output, MACs per sample)."""
+        if self.granularity == "region":
+            return self.tile_forward(x, active), counts * self.tile_macs()
+        return self.pixel_forward(x, active)
+
+    def _dense_and_sparse(
+        self, x: Tensor, active: Tensor, counts: Tensor, full: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """A mixed batch: the fully active samples run the dense branch, as each would alone
+        (cheaper than all its halo'd tiles), the others their active units."""
+        dense, sparse = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
+        part, part_macs = self._sparse(
+            x.index_select(0, sparse),
+            active.index_select(0, sparse),
+            counts.index_select(0, sparse),
+        )
+        out = part.new_zeros(x.shape[0], *part.shape[1:])
+        out.index_copy_(0, sparse, part)
+        out.index_copy_(0, dense, self.branch(x.index_select(0, dense)).to(out.dtype))
+        macs = torch.full((x.shape[0],), self.branch_macs, dtype=torch.long, device=x.device)
+        return out, macs.index_copy(0, sparse, part_macs.to(torch.long))
 
     def _forward_train(self, x: Tensor) -> Tensor:
         """Dense branch times a Gumbel straight-through mask: differentiable in the mask unit."""
