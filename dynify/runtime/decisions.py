@@ -87,7 +87,9 @@ def exit_decision(
     return leave & (streak >= patience), (prediction, streak)
 
 
-def exits_taken(scores: Tensor, allowed: Tensor, thresholds: Tensor, only: range | None = None):
+def exits_taken(
+    scores: Tensor, allowed: Tensor, thresholds: Tensor, only: range | None = None
+) -> Tensor:
     """The exit each sample takes from precomputed scores [K, N] (K: runs to the end).
 
     `allowed` [K, N] is the patience condition (all True for the other policies); `only`
