@@ -41,6 +41,7 @@ from dynify.runtime.decisions import (
     gate_open,
     gate_probability,
     gates_open_one,
+    greedy_open,
     straight_through_gumbel,
 )
 from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
@@ -264,7 +265,7 @@ class GatedModel(DynamicModel):
             run.macs = run.macs + self.policy_macs
             run.greedy_macs += self.policy_macs
             logits = self.policy(x).float()
-            run.greedy_plan = logits.detach() > 0.0
+            run.greedy_plan = greedy_open(logits.detach())
             if self.estimator == "gumbel":
                 run.plan = straight_through_gumbel(logits, self.temperature)
             else:

@@ -135,6 +135,12 @@ def gate_open(prob: Tensor, threshold: Tensor | float) -> Tensor:
     return prob > 1.0 - threshold
 
 
+def greedy_open(logits: Tensor) -> Tensor:
+    """The deterministic decision training prices its compute by: the gate rule at the default
+    threshold 0.5, taken on the logit (positive = open) so no rounding of the sigmoid enters."""
+    return logits > 0.0
+
+
 def halting_update(
     cum: Tensor, h: Tensor, threshold: Tensor | float, active: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,6 +13,7 @@ from dynify.runtime.decisions import (
     gate_open,
     gate_open_one,
     gate_probability,
+    greedy_open,
     halting_update,
     halting_update_one,
     halts_by_tensor_rule,
@@ -266,7 +267,7 @@ class BlockGate(nn.Module):
             logits = self.decider(entry.detach()).float()
             weight = straight_through_gumbel(logits, run.temperature)
             run.macs = run.macs + self.decider_macs
-            greedy = logits.detach() > 0.0
+            greedy = greedy_open(logits.detach())
         elif self.kind == "policy":
             weight = run.plan[:, self.index]
             greedy = run.greedy_plan[:, self.index]
