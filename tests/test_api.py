@@ -67,7 +67,7 @@ def test_finetune_config_and_keywords(tiny_model, data):
     assert result.config.epochs == 1 and result.config.batch_size == 60
     assert result.config.calibration_fraction == 0.5 and len(result.history) == 1
     assert config.epochs == 2  # the caller's config is not modified
-    with pytest.raises(DynifyError, match="finite"):
+    with pytest.raises(DynifyError, match="learning rate must be a positive number, got inf"):
         dynify.finetune(dyn, data, config, lr=float("inf"), progress=False)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 import dynify
 from dynify.errors import StrategyError
 from dynify.models.cifar_resnet import CifarResNet, cifar_resnet20
+from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES
 from tests.conftest import randomize_bn
 
 KINDS = ("function", "halting", "policy")
@@ -154,6 +155,30 @@ def test_mixed_batch_equals_samples_run_alone(kind):
         assert overhead.tolist() == [dyn.min_macs() - dyn.fixed_macs] * len(x)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_last_macs_is_what_flop_counter_counts(kind):
+    """Per forward, the MACs charged (front-end counts of branches and the fixed part,
+    FlopCounterMode counts of decision units) sum to what FlopCounterMode sees run: a mixed
+    batch, and each of its samples alone (the batch-1 path)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, 16, generator=generator)
+    x = x * torch.exp(torch.randn(6, 1, 1, 1, generator=generator))
+    dyn = spread_deciders(
+        dynify.convert(two_stages(), "block-gates", x[:1], options={"gate": kind})
+    )
+    dyn.set_thresholds(0.6 if kind == "halting" else 0.5)
+    ran = []
+    for xb in (x, *x.split(1)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dyn(xb)
+        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+        ran.append(dyn.last_gates.float().mean().item())
+    assert 0 < ran[0] < 1  # the batch mixed open and closed gates
+    assert any(0 < r < 1 for r in ran[1:])  # and so did single samples
+
+
 @pytest.mark.parametrize(
     "kind",
     [
@@ -286,7 +311,7 @@ def test_onnx_export_parity_and_skipping(kind, tmp_path):
         strict=False,
     )
     program = torch.onnx.export(
-        ep, dynamo=True, input_names=["x", "thresholds"], output_names=["logits", "executed"]
+        ep, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES)
     )
     path = str(tmp_path / "gates.onnx")
     program.save(path)
@@ -447,6 +472,74 @@ def test_batch_one_policy_plan_equals_the_tensor_plan_at_ties():
             dyn.set_thresholds(on_tie.tolist())
             exact = (torch.sigmoid(dyn.policy(x).float())[0] > 1.0 - dyn.thresholds).tolist()
             assert dyn._plan_one(x, dyn.thresholds.tolist()) == exact
+
+
+def test_batch_one_function_gate_decides_like_the_tensor_rule_at_ties():
+    """A function gate at batch 1 (Python floats) takes the float32 tensor rule's decision for
+    thresholds placed on, or one float32 step beside, its probability (the tie rule)."""
+    from dynify.runtime.decisions import gate_open, gate_probability, sigmoid_one
+
+    torch.manual_seed(0)  # fresh gates: open (p ~ 0.95), where float32 steps are coarse
+    dyn = dynify.convert(two_stages(), "block-gates", torch.randn(1, 3, 16, 16)).eval()
+    gate = dyn.gates[0]  # its input does not depend on any threshold
+    entries = []
+    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), dyn.static():
+        for sample in x.split(1):  # batch 1, as the path under test computes it
+            dyn(sample)
+    hook.remove()
+    ties = 0
+    with torch.no_grad():
+        for i, entry in enumerate(entries):
+            logit = gate.decider(entry)
+            prob = gate_probability(logit)[0]
+            for step in (None, 0.0, 2.0):
+                on_tie = 1.0 - prob
+                if step is not None:
+                    on_tie = torch.nextafter(on_tie, torch.tensor(step))
+                dyn.set_thresholds([float(on_tie)] + [1.01] * (dyn.num_gates - 1))
+                dyn(x[i : i + 1])
+                expected = bool(gate_open(prob, dyn.thresholds[0]))
+                assert bool(dyn.last_gates[0, 0]) == expected, (i, step)
+                double = sigmoid_one(float(logit)) > 1.0 - float(dyn.thresholds[0])
+                ties += double != expected
+    assert ties  # some cases are real ties: double precision alone would decide otherwise
+
+
+def test_batch_one_halting_decides_like_the_tensor_rule_at_ties():
+    """A halting stage at batch 1 (Python floats) halts as the float32 tensor rule does when
+    the threshold sits on, or one float32 step beside, the cumulative halting score."""
+    from dynify.runtime.decisions import gate_probability, halting_update, sigmoid_one
+
+    dyn = spread_deciders(
+        dynify.convert(
+            two_stages(), "block-gates", torch.randn(1, 3, 16, 16), options={"gate": "halting"}
+        )
+    ).eval()
+    gate = dyn.gates[0]  # the first scored block of stage 0: its input is block 0's output
+    assert gate.group == 0
+    entries = []
+    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), dyn.static():
+        for sample in x.split(1):  # batch 1, as the path under test computes it
+            dyn(sample)
+    hook.remove()
+    ties = 0
+    with torch.no_grad():
+        for i, entry in enumerate(entries):
+            logit = gate.decider(entry)
+            h = gate_probability(logit)
+            for step in (None, 0.0, 2.0):
+                on_tie = h[0] if step is None else torch.nextafter(h[0], torch.tensor(step))
+                dyn.set_thresholds([float(on_tie), 1.01])
+                dyn(x[i : i + 1])
+                _, stop, _ = halting_update(torch.zeros(1), h, dyn.thresholds[0])
+                assert bool(dyn.last_gates[0, 0]) == (not bool(stop[0])), (i, step)
+                double = sigmoid_one(float(logit)) >= float(dyn.thresholds[0])
+                ties += double != bool(stop[0])
+    assert ties  # some cases are real ties: double precision alone would decide otherwise
 
 
 def test_converted_graphs_keep_children_as_plain_attributes(tmp_path):

@@ -11,7 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynify
 from dynify.errors import StrategyError
-from dynify.runtime.masks import SparseResidual, SpatialMaskModel, fit_tile
+from dynify.runtime.mask_geometry import fit_tile
+from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES
+from dynify.runtime.sparse_residual import SparseResidual
+from dynify.runtime.spatial_masks import SpatialMaskModel
 from tests.conftest import randomize_bn
 
 GRANULARITIES = ("region", "pixel")
@@ -204,6 +207,45 @@ def test_mac_accounting_is_what_runs(model, x, granularity):
     assert spent[0] < spent[1] < spent[2]
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_mask_units_charge_what_runs_at_batch_one_and_more(model, x, granularity):
+    """With the mask units deciding (partly on), last_macs sums to FlopCounterMode's count
+    for the batch and for each sample alone; the mask units' own MACs are charged too."""
+    dyn = convert(model, granularity)
+    randomize_mask_units(dyn)
+    for w in dyn.wrappers:
+        w.dense_when_full = False
+    densities = []
+    for xb in (x, *x.split(1)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dyn(xb)
+        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+        densities.append(float(dyn.densities().mean()))
+    assert all(0.0 < d < 1.0 for d in densities)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_fully_active_sample_costs_the_same_in_a_mixed_batch(model, x, granularity):
+    """A sample whose every unit is active runs the dense branch (`dense_when_full`) in a
+    mixed batch as it does alone: the same output and the same last_macs, which FlopCounterMode
+    confirms."""
+    dyn = convert(model, granularity)
+    masks = random_masks(dyn, 3, 0.5, seed=7)
+    for mask in masks:
+        mask[0] = True  # sample 0 fully active in every block; samples 1, 2 partly
+    with torch.no_grad():
+        dyn.set_fixed_masks(masks)
+        with FlopCounterMode(display=False) as counter:
+            batch = dyn(x)
+        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+        batch_macs = dyn.last_macs.clone()
+        assert batch_macs[0] == dyn.static_macs  # the dense branch, not halo'd tiles
+        for i in range(3):
+            dyn.set_fixed_masks([m[i : i + 1] for m in masks])
+            assert (dyn(x[i : i + 1]) - batch[i : i + 1]).abs().max() <= 1e-5
+            assert dyn.last_macs[0] == batch_macs[i]
+
+
 def test_per_sample_masks_give_per_sample_results(model, x):
     """A batch gives each sample exactly what it gets alone (masks differ per sample)."""
     dyn = convert(model)
@@ -304,15 +346,16 @@ def test_wrapper_is_a_sparse_residual(model):
 
 @pytest.mark.slow
 def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
+    from dynify.export.onnx import write_onnx
     from dynify.export.verify import count_executed_ops
-    from dynify.runtime.masks import export_spatial_onnx
 
     dyn = convert(model)
     randomize_mask_units(dyn)
     path = tmp_path / "m.onnx"
-    result = export_spatial_onnx(dyn, x[:2], path)
+    result = write_onnx(dyn.export_face().eval(), x[:2], path, reference=dyn)
     assert result.report.ok and result.report.max_abs_diff <= 1e-4
     assert result.if_nodes >= dyn.num_masks
+    assert (result.input_names, result.output_names) == (INPUT_NAMES, OUTPUT_NAMES)
     none = count_executed_ops(path, x[:1], [0.0] * 4)
     full = count_executed_ops(path, x[:1], [1.01] * 4)
     branch_convs = sum(len(w._convs) for w in dyn.wrappers)  # 2 + 2 + 3 + 2
@@ -321,9 +364,9 @@ def test_region_masks_export_to_onnx_with_parity(model, x, tmp_path):
 
 @pytest.mark.slow
 def test_pixel_masks_export_the_dense_masked_product(model, x, tmp_path):
-    from dynify.runtime.masks import export_spatial_onnx
+    from dynify.export.onnx import write_onnx
 
     dyn = convert(model, "pixel")
     randomize_mask_units(dyn)
-    result = export_spatial_onnx(dyn, x[:2], tmp_path / "p.onnx")
+    result = write_onnx(dyn.export_face().eval(), x[:2], tmp_path / "p.onnx", reference=dyn)
     assert result.report.ok and result.if_nodes >= dyn.num_masks

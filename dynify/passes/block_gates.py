@@ -23,16 +23,10 @@ from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy, strategy_names
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
-from dynify.runtime.block_gate import BlockGate, HaltMix
-from dynify.runtime.gate_units import (
-    ESTIMATORS,
-    GATE_KINDS,
-    GateFunction,
-    HaltingUnit,
-    PolicyNetwork,
-)
-from dynify.runtime.gates import GatedModel
+from dynify.runtime.block_gates import ESTIMATORS, GATE_KINDS, GatedModel
+from dynify.runtime.gate_wrapper import BlockGate, HaltMix
 from dynify.runtime.heads import feature_layout
+from dynify.runtime.units import GateFunction, HaltingUnit, PolicyNetwork
 
 # Strategies that need residual blocks; the others apply to any network.
 _NEEDS_BLOCKS = {"block-gates", "spatial-masks"}

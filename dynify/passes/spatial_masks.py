@@ -19,7 +19,9 @@ from dynify.frontend.analysis import ResidualBlock
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.lift import lift_region
-from dynify.runtime.masks import GRANULARITIES, SparseResidual, SpatialMaskModel, check_branch
+from dynify.runtime.mask_geometry import GRANULARITIES, check_branch
+from dynify.runtime.sparse_residual import SparseResidual
+from dynify.runtime.spatial_masks import SpatialMaskModel
 
 WRAPPER_PREFIX = "spatial_mask_"
 

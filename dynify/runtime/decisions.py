@@ -125,9 +125,20 @@ def ensemble_logits(weights: Tensor, log_probs: Sequence[Tensor]) -> Tensor:
 # --- gates, halting units, mask units ----------------------------------------------------------
 
 
+def gate_probability(logits: Tensor) -> Tensor:
+    """A decision unit's logits -> the probability that its gate (or mask position) is open."""
+    return torch.sigmoid(logits.float())
+
+
 def gate_open(prob: Tensor, threshold: Tensor | float) -> Tensor:
     """A gate (or a mask unit, or a policy's plan entry) runs its work when p > 1 - threshold."""
     return prob > 1.0 - threshold
+
+
+def greedy_open(logits: Tensor) -> Tensor:
+    """The deterministic decision training prices its compute by: the gate rule at the default
+    threshold 0.5, taken on the logit (positive = open) so no rounding of the sigmoid enters."""
+    return logits > 0.0
 
 
 def halting_update(
@@ -145,6 +156,16 @@ def halting_update(
     if active is None:
         return capped, stop, weight
     return torch.where(active, capped, cum), stop & active, weight * active
+
+
+def straight_through_gumbel(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """A hard 0/1 sample per gate with the gradient of its relaxed sigmoid (binary
+    Gumbel-softmax, Jang et al. 2017): how gates, policies and mask units learn to decide."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    noise = torch.log(u) - torch.log1p(-u)  # the difference of two Gumbels is logistic
+    soft = torch.sigmoid((logits + noise) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
 
 
 # --- batch 1 in Python floats -----------------------------------------------------------------
@@ -197,14 +218,50 @@ def sigmoid_one(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
 
 
-def gate_open_one(logit: float, threshold: float, exact: Callable[[], bool]) -> bool:
-    """`gate_open(sigmoid(logit), threshold)` in Python floats; `exact()` is the tensor rule
-    for the tie case."""
+def gate_open_one(logit: float, threshold: float, exact: Callable[[], bool] | None = None) -> bool:
+    """`gate_open(gate_probability(logit), threshold)` in Python floats. On a tie, `exact()`
+    decides, by default the tensor rule on the float32 values (logits and thresholds come from
+    float32 tensors, so rebuilding them is exact)."""
+    if exact is None:
+        exact = lambda: bool(gates_open_tensor([logit], [threshold])[0])  # noqa: E731
     return decide_one(sigmoid_one(logit), 1.0 - threshold, strict=True, exact=exact)
 
 
-def halting_update_one(cum: float, h: float, threshold: float) -> tuple[float, bool, float]:
-    """`halting_update` for one sample in Python floats."""
+def gates_open_one(logits: Sequence[float], thresholds: Sequence[float]) -> list[bool]:
+    """`gate_open_one` for several gates of one sample (a policy's plan). A tie anywhere hands
+    the whole plan to the tensor rule, as one [K] tensor like the batched path."""
+    probs = [sigmoid_one(v) for v in logits]
+    if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thresholds, strict=True)):
+        return gates_open_tensor(logits, thresholds).tolist()
+    return [p > 1.0 - t for p, t in zip(probs, thresholds, strict=True)]
+
+
+def gates_open_tensor(logits: Sequence[float], thresholds: Sequence[float]) -> Tensor:
+    """The tensor rule on float32 values given as Python floats (the tie case)."""
+    prob = gate_probability(torch.tensor(list(logits), dtype=torch.float32))
+    return gate_open(prob, torch.tensor(list(thresholds), dtype=torch.float32))
+
+
+def halting_update_one(
+    cum: float, h: float, threshold: float, exact: Callable[[], bool] | None = None
+) -> tuple[float, bool, float]:
+    """`halting_update` for one sample in Python floats. With `exact` (the tensor rule's stop
+    decision, `halts_by_tensor_rule`), a cumulative score within `FLOAT32_TIE` of the threshold
+    is settled by it."""
     capped = min(cum + h, 1.0)
-    stop = capped >= threshold
+    if exact is None:
+        stop = capped >= threshold
+    else:
+        stop = decide_one(capped, threshold, strict=False, exact=exact)
     return capped, stop, (1.0 - cum) if stop else h
+
+
+def halts_by_tensor_rule(logits: Sequence[float], threshold: float) -> bool:
+    """Whether the float32 tensor rule halts a sample after the stage's halting logits so far
+    (float32 values as Python floats): `halting_update` replayed step by step, for the tie case."""
+    thr = torch.tensor(threshold, dtype=torch.float32)
+    cum = torch.zeros(1)
+    stop = torch.zeros(1, dtype=torch.bool)
+    for logit in logits:
+        cum, stop, _ = halting_update(cum, gate_probability(torch.tensor([logit])), thr)
+    return bool(stop[0])

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.node import map_arg
 
+from dynify.frontend.cost import MACS, module_macs
+from dynify.runtime.control import cond
+from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
+from dynify.runtime.gate_wrapper import RunContext
 from dynify.runtime.mask_geometry import (
     GRANULARITIES,
     branch_halo,
@@ -25,37 +29,21 @@ from dynify.runtime.mask_geometry import (
     fit_tile,
     tile_branch,
 )
+from dynify.runtime.units import MaskUnit
 
-INIT_BIAS = 3.0  # sigmoid(3) = 0.95: a fresh mask unit keeps (almost) every position
 
+class MaskExportRun:
+    """One forward of the export face: the thresholds in, each block's active-unit counts out.
 
-class MaskUnit(nn.Module):
-    """Scores where a block's branch is needed: a 1x1 conv on the block input.
-
-    For regions, the input is average-pooled to one value per tile first (which, the conv being
-    linear, equals pooling the pixel scores). Scores are logits; sigmoid gives P(active).
+    The model's wrappers share it through their `RunContext`: binding a run changes no module
+    attribute, which torch.export refuses during tracing.
     """
 
-    def __init__(self, channels: int, granularity: str, tile: int):
-        super().__init__()
-        self.granularity = granularity
-        self.tile = tile
-        self.conv = nn.Conv2d(channels, 1, 1)
-        nn.init.normal_(self.conv.weight, std=0.01)
-        nn.init.constant_(self.conv.bias, INIT_BIAS)
+    __slots__ = ("thresholds", "units")
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.granularity == "region":
-            x = F.avg_pool2d(x, self.tile, ceil_mode=True)
-        return self.conv(x)[:, 0]
-
-
-def gumbel_sigmoid_st(logits: Tensor, tau: float = 1.0) -> Tensor:
-    """A hard 0/1 sample with the straight-through gradient of its relaxed sigmoid."""
-    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    def __init__(self, thresholds: Tensor):
+        self.thresholds = thresholds
+        self.units: dict[int, Tensor] = {}
 
 
 class SparseResidual(nn.Module):
@@ -92,6 +80,8 @@ class SparseResidual(nn.Module):
         self.static = False
         self.threshold: Tensor | float = 0.5
         self.fixed_mask: Tensor | None = None
+        self.index = 0  # this block's threshold entry (set by the model)
+        self.context = RunContext()  # the model shares one among its wrappers (export face)
         self.dense_when_full = True
         self.last_macs: Tensor | None = None
         self.last_density: Tensor | None = None  # [B], fraction of units computed
@@ -101,13 +91,15 @@ class SparseResidual(nn.Module):
         self._inside_cache: dict[tuple, Tensor] = {}
         # Not registered: it re-uses the branch's modules (no second copy in the state dict).
         object.__setattr__(self, "tile_branch", tile_branch(branch))
-        h, w = spatial
-        self.mask_macs = in_channels * math.ceil(h / self.tile) * math.ceil(w / self.tile)
+        # counted by FlopCounterMode, as the front end counts the branch
+        self.mask_macs = module_macs(self.mask_unit, torch.zeros(1, in_channels, *spatial))
 
     # -- the plan of the branch's convs ------------------------------------------------------
 
     def _conv_plan(self) -> dict[str, dict[str, Any]]:
-        """Per conv node: its radius, the radius of the convs after it, and its MACs/position."""
+        """Per conv node: its radius, the radius of the convs after it, and its MACs/position
+        (what the front end counted for the whole map, `node.meta["macs"]`, over its positions).
+        """
         convs = [
             n
             for n in self._nodes
@@ -116,11 +108,11 @@ class SparseResidual(nn.Module):
         plan, after = {}, 0
         for node in reversed(convs):
             conv = self.branch.get_submodule(node.target)
-            k = conv.kernel_size[0]
+            positions = math.prod(node.meta["tensor_meta"].shape[2:])
             plan[node.name] = {
                 "radius": conv_radius(conv),
                 "after": after,
-                "macs": conv.out_channels * conv.in_channels // conv.groups * k * k,
+                "macs": int(node.meta[MACS]) // positions,
                 "first": node is convs[0],
             }
             after += conv_radius(conv)
@@ -146,12 +138,15 @@ class SparseResidual(nn.Module):
         """Bool [B, h, w]: which units to compute (`fixed_mask` overrides the mask unit)."""
         if self.fixed_mask is not None:
             return self.fixed_mask.to(torch.bool)
-        score = torch.sigmoid(self.mask_unit(x))
-        return score > 1.0 - self.threshold
+        return gate_open(gate_probability(self.mask_unit(x)), self.threshold)
 
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        export = self.context.run
+        if export is not None:
+            out, export.units[self.index] = self.export_forward(x, export.thresholds[self.index])
+            return out
         batch = x.shape[0]
         if self.static:
             self.last_macs = torch.full((batch,), self.branch_macs, dtype=torch.long)
@@ -163,20 +158,43 @@ class SparseResidual(nn.Module):
         counts = active.flatten(1).sum(1)
         self.last_density = counts.float() / active[0].numel()
         unit = 0 if self.fixed_mask is not None else self.mask_macs  # a forced mask costs nothing
-        if self.dense_when_full and bool(active.all()):
-            self.last_macs = torch.full((batch,), self.branch_macs + unit)
-            return self.branch(x)
-        if self.granularity == "region":
-            out = self.tile_forward(x, active)
-            self.last_macs = counts * self.tile_macs() + unit
+        full = counts == active[0].numel()
+        if self.dense_when_full and bool(full.any()):
+            if bool(full.all()):
+                self.last_macs = torch.full((batch,), self.branch_macs + unit)
+                return self.branch(x)
+            out, macs = self._dense_and_sparse(x, active, counts, full)
         else:
-            out, macs = self.pixel_forward(x, active)
-            self.last_macs = macs + unit
+            out, macs = self._sparse(x, active, counts)
+        self.last_macs = macs + unit
         return out
+
+    def _sparse(self, x: Tensor, active: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """The branch at the active units only: (output, MACs per sample)."""
+        if self.granularity == "region":
+            return self.tile_forward(x, active), counts * self.tile_macs()
+        return self.pixel_forward(x, active)
+
+    def _dense_and_sparse(
+        self, x: Tensor, active: Tensor, counts: Tensor, full: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """A mixed batch: the fully active samples run the dense branch, as each would alone
+        (cheaper than all its halo'd tiles), the others their active units."""
+        dense, sparse = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
+        part, part_macs = self._sparse(
+            x.index_select(0, sparse),
+            active.index_select(0, sparse),
+            counts.index_select(0, sparse),
+        )
+        out = part.new_zeros(x.shape[0], *part.shape[1:])
+        out.index_copy_(0, sparse, part)
+        out.index_copy_(0, dense, self.branch(x.index_select(0, dense)).to(out.dtype))
+        macs = torch.full((x.shape[0],), self.branch_macs, dtype=torch.long, device=x.device)
+        return out, macs.index_copy(0, sparse, part_macs.to(torch.long))
 
     def _forward_train(self, x: Tensor) -> Tensor:
         """Dense branch times a Gumbel straight-through mask: differentiable in the mask unit."""
-        mask = gumbel_sigmoid_st(self.mask_unit(x))
+        mask = straight_through_gumbel(self.mask_unit(x))
         self.train_density = mask.mean()
         self.last_density = mask.detach().flatten(1).mean(1)
         self.last_macs = torch.full((x.shape[0],), self.branch_macs + self.mask_macs)
@@ -187,6 +205,52 @@ class SparseResidual(nn.Module):
         """The reference: the dense branch times the mask (what the sparse paths must equal)."""
         out = self.branch(x)
         return out * expand_mask(active.to(out.dtype), self.tile, out.shape[-2:])
+
+    def export_forward(self, x: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+        """The export face: (branch output, active units per sample [B]).
+
+        Under `torch.cond`, so ONNX gets one `If` that skips the branch when no unit is active.
+        Region masks keep their sparse path (NonZero, Gather, Conv on the gathered tiles,
+        ScatterND); pixel masks export the dense masked product.
+        """
+        active = gate_open(gate_probability(self.mask_unit(x)), threshold)
+        units = active.flatten(1).sum(1)
+        if self.granularity == "pixel":
+            out = cond(
+                active.any(),
+                lambda x, active: self.dense_masked(x, active),
+                lambda x, active: x.new_zeros((x.shape[0], self.out_channels, *x.shape[-2:])),
+                (x, active),
+            )
+            return out, units
+        n_h, n_w = active.shape[1:]
+        h, width = x.shape[-2:]
+        t, halo = self.tile, self.halo
+        size = t + 2 * halo
+        out_shape = (x.shape[0], self.out_channels, h, width)
+        # not cached: a tensor made while tracing must not outlive the export
+        inside = self._inside_tiles((h, width), x.device).repeat(x.shape[0], 1, 1, 1)
+
+        def sparse(x: Tensor, active: Tensor, inside: Tensor) -> Tensor:
+            index = torch.nonzero(active.flatten()).squeeze(1)
+            torch._check(index.shape[0] > 0)  # this branch runs only when a tile is active
+            padded = F.pad(x, (halo, n_w * t - width + halo, halo, n_h * t - h + halo))
+            tiles = padded.unfold(2, size, t).unfold(3, size, t)  # [B, C, nH, nW, s, s]
+            tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], size, size)
+            tiles = tiles.index_select(0, index)
+            result = self.tile_branch(tiles, inside.index_select(0, index))
+            canvas = result.new_zeros(x.shape[0] * n_h * n_w, self.out_channels, t, t)
+            canvas = canvas.index_copy(0, index, result)
+            out = canvas.view(x.shape[0], n_h, n_w, self.out_channels, t, t)
+            out = out.permute(0, 3, 1, 4, 2, 5).reshape(
+                x.shape[0], self.out_channels, n_h * t, n_w * t
+            )
+            return out[..., :h, :width].contiguous()
+
+        def skip(x: Tensor, active: Tensor, inside: Tensor) -> Tensor:
+            return x.new_zeros(out_shape)
+
+        return cond(active.any(), sparse, skip, (x, active, inside)), units
 
     # -- the branch, run by hand so convs can be replaced ------------------------------------
 
@@ -222,14 +286,17 @@ class SparseResidual(nn.Module):
         """Per tile [nH * nW, 1, th, tw]: 1 where the halo'd tile lies inside the image."""
         key = (size, device)
         if key not in self._inside_cache:
-            h, w = size
-            t, halo = self.tile, self.halo
-            n_h, n_w = math.ceil(h / t), math.ceil(w / t)
-            canvas = torch.zeros(1, 1, n_h * t + 2 * halo, n_w * t + 2 * halo, device=device)
-            canvas[..., halo : halo + h, halo : halo + w] = 1.0
-            tiles = canvas.unfold(2, t + 2 * halo, t).unfold(3, t + 2 * halo, t)
-            self._inside_cache[key] = tiles.reshape(n_h * n_w, 1, t + 2 * halo, t + 2 * halo)
+            self._inside_cache[key] = self._inside_tiles(size, device)
         return self._inside_cache[key]
+
+    def _inside_tiles(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        h, w = size
+        t, halo = self.tile, self.halo
+        n_h, n_w = math.ceil(h / t), math.ceil(w / t)
+        canvas = torch.zeros(1, 1, n_h * t + 2 * halo, n_w * t + 2 * halo, device=device)
+        canvas[..., halo : halo + h, halo : halo + w] = 1.0
+        tiles = canvas.unfold(2, t + 2 * halo, t).unfold(3, t + 2 * halo, t)
+        return tiles.reshape(n_h * n_w, 1, t + 2 * halo, t + 2 * halo)
 
     def _tile_columns(self, batch: int, size: tuple[int, int], device: torch.device):
         """Where every tile's pixels live, as columns of the [C, B*H*W] view of the input.

@@ -1,5 +1,9 @@
-"""The decision units that gate residual blocks: a per-block gate (SkipNet, ConvNet-AIG), a halting
-unit (SACT) and a policy network (BlockDrop), plus the straight-through sampler that trains them."""
+"""Decision units: the small learnt networks that decide what runs.
+
+A per-block gate (SkipNet, ConvNet-AIG), a halting unit (SACT), a policy network (BlockDrop) and
+a spatial mask unit (DynConv). Each returns logits; the rules that turn them into decisions live
+in `decisions.py`.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,6 @@ from torch import nn
 from dynify.errors import StrategyError
 from dynify.runtime.folding import folded_conv_bn, use_folded
 from dynify.runtime.heads import pool_to
-
-GATE_KINDS = ("function", "halting", "policy")
-ESTIMATORS = ("reinforce", "gumbel")
 
 
 def pool_feature(feature: torch.Tensor, layout: str) -> torch.Tensor:
@@ -118,10 +119,23 @@ class PolicyNetwork(nn.Module):
         return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
 
 
-def straight_through_gumbel(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Binary Gumbel-softmax, hard in the forward pass, soft gradient (Jang et al. 2017)."""
-    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    noise = torch.log(u) - torch.log1p(-u)  # the difference of two Gumbels is logistic
-    soft = torch.sigmoid((logits + noise) / temperature)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+class MaskUnit(nn.Module):
+    """Scores where a block's branch is needed: a 1x1 conv on the block input.
+
+    For regions, the input is average-pooled to one value per tile first (which, the conv being
+    linear, equals pooling the pixel scores). Scores are logits; sigmoid gives P(active). The
+    bias starts at `open_bias` (sigmoid(3) = 0.95): a fresh unit keeps (almost) every position.
+    """
+
+    def __init__(self, channels: int, granularity: str, tile: int, open_bias: float = 3.0):
+        super().__init__()
+        self.granularity = granularity
+        self.tile = tile
+        self.conv = nn.Conv2d(channels, 1, 1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.constant_(self.conv.bias, open_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.granularity == "region":
+            x = F.avg_pool2d(x, self.tile, ceil_mode=True)
+        return self.conv(x)[:, 0]

@@ -25,8 +25,8 @@ Faces: `forward` is eager (Python control flow, per-sample gather/run/scatter); 
 runs every branch for every sample with straight-through decisions (Gumbel for gates, REINFORCE
 or Gumbel for the policy); `export_face()` puts every skippable branch under `torch.cond`.
 
-This module holds the model and its export face; the decision units live in `gate_units.py`, the
-wrapper and the per-forward state in `block_gate.py`.
+This module holds the model and its export face; the decision units live in `units.py`, the
+wrapper and the per-forward state in `gate_wrapper.py`, the decision rules in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,15 @@ import torch
 from torch import nn
 
 from dynify.errors import StrategyError
-from dynify.runtime.block_gate import BlockGate, GateRun, HaltMix, RunContext, sigmoid_one
-from dynify.runtime.decisions import FLOAT32_TIE
-from dynify.runtime.gate_units import ESTIMATORS, GATE_KINDS, straight_through_gumbel
-from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe
+from dynify.runtime.decisions import (
+    gate_open,
+    gate_probability,
+    gates_open_one,
+    greedy_open,
+    straight_through_gumbel,
+)
+from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
+from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
 from dynify.train.losses import (
     LossConfig,
     budget_price,
@@ -50,12 +55,17 @@ from dynify.train.losses import (
     reinforce,
 )
 
+GATE_KINDS = ("function", "halting", "policy")
+ESTIMATORS = ("reinforce", "gumbel")
+
 
 class GatedModel(DynamicModel):
     """The rewritten graph (`gm`) with `gate_<k>` wrappers, plus the policy network if any."""
 
     strategy = "block-gates"
     optional_state = ("budget_multiplier",)
+    # [B, K] bool: the gated branches each sample of the last forward ran (per thread)
+    last_gates = PerCallRecord()
 
     def __init__(
         self,
@@ -109,7 +119,6 @@ class GatedModel(DynamicModel):
         # run) carries it; as a Python float a resumed run restarted it from zero.
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
         self.estimator = estimator
-        self.last_gates: torch.Tensor | None = None
 
     # structure ---------------------------------------------------------------------------
     @property
@@ -194,8 +203,7 @@ class GatedModel(DynamicModel):
         run = self._new_run(x, "eager", self.thresholds)
         if self.kind == "policy" and bool((self.thresholds <= 1.0).any()):
             run.macs += self.policy_macs
-            probs = torch.sigmoid(self.policy(x).float())
-            run.plan = probs > 1.0 - self.thresholds
+            run.plan = gate_open(gate_probability(self.policy(x)), self.thresholds)
         out = self._run_graph(x, run)
         self.last_macs = run.macs.round().long()
         self.last_gates = run.executed.clone()
@@ -206,38 +214,23 @@ class GatedModel(DynamicModel):
         run = GateRun(
             mode="eager",
             thresholds=self.thresholds,
+            macs=float(self.fixed_macs),
             scalar=True,
             thr=thr,
             flags=[True] * self.num_gates,
         )
         if self.kind == "policy" and min(thr) <= 1.0:
-            run.extra_macs += self.policy_macs
+            run.macs += self.policy_macs
             run.plan_list = self._plan_one(x, thr)
         out = self._run_graph(x, run)
-        self.record_one(round(self.fixed_macs + run.extra_macs), None, x.device)
         self.last_gates = torch.tensor([run.flags], dtype=torch.bool)
+        self.record_one(round(run.macs), None, x.device)
         return out
 
     def _plan_one(self, x: torch.Tensor, thr: list[float]) -> list[bool]:
         """The policy's run/skip plan for one image, decided in Python floats: at batch 1 the
-        tensor form (sigmoid, compare, convert) costs more than the comparisons themselves.
-        Probabilities within `FLOAT32_TIE` of a threshold are settled by the float32 tensor path."""
-        logits = self.policy(x)
-        probs = [sigmoid_one(value) for value in logits.tolist()[0]]
-        if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thr, strict=True)):
-            exact = torch.sigmoid(logits.float())[0] > 1.0 - self.thresholds
-            return exact.tolist()
-        return [p > 1.0 - t for p, t in zip(probs, thr, strict=True)]
-
-    def gate_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, K] each gate's open probability (policy, function) with every block run."""
-        self.check_input(x)
-        if self.kind == "policy":
-            return torch.sigmoid(self.policy(x).float())
-        run = self._new_run(x, "train", self.thresholds)
-        self._run_graph(x, run)
-        probs = torch.stack(run.gate_probs, 1)
-        return probs if self.kind == "function" else probs.cumsum(1).clamp(max=1.0)
+        tensor form (sigmoid, compare, convert) costs more than the comparisons themselves."""
+        return gates_open_one(self.policy(x).float().tolist()[0], thr)
 
     # training ----------------------------------------------------------------------------
     def training_loss(
@@ -255,8 +248,8 @@ class GatedModel(DynamicModel):
         (`dynify.train.losses.budget_price`). policy: REINFORCE as in BlockDrop (Bernoulli
         actions with exploration, batch-mean baseline; the reward is minus the sample's
         distillation loss minus a cost term whose sign follows the batch's distance to the
-        budget), or Gumbel. The task loss is twice `distillation`'s mix: the compute weight and
-        the controller were tuned on kd + ce, which is that at label weight 0.5.
+        budget), or Gumbel. With labels the task loss is twice `distillation`'s mix: the compute
+        weight and the controller were tuned on kd + ce, which is that at label weight 0.5.
         """
         self.check_input(x)
         config = config or LossConfig()
@@ -272,18 +265,18 @@ class GatedModel(DynamicModel):
             run.macs = run.macs + self.policy_macs
             run.greedy_macs += self.policy_macs
             logits = self.policy(x).float()
-            run.greedy_plan = logits.detach() > 0.0
+            run.greedy_plan = greedy_open(logits.detach())
             if self.estimator == "gumbel":
                 run.plan = straight_through_gumbel(logits, self.temperature)
             else:
-                run.plan, log_prob = explore_actions(torch.sigmoid(logits))
-            run.gate_probs.append(torch.sigmoid(logits))
+                run.plan, log_prob = explore_actions(gate_probability(logits))
         logits = self._run_graph(x, run)
         t = config.temperature(self.distill_temperature)
         task, stats = distillation(
             logits, teacher_logits, labels, t, config.label_weight, per_sample=True
         )
-        task = 2.0 * task
+        if "ce" in stats:  # kd + ce, the mix the compute weight and controller were tuned on
+            task = 2.0 * task
         fraction = run.macs / self.static_macs
         mean_fraction = fraction.mean()
         greedy_fraction = float(run.greedy_macs.mean()) / self.static_macs
@@ -334,6 +327,6 @@ class GatedExport(ExportFace):
         thr = self.thresholds_or_default(thresholds)
         run = model._new_run(x, "export", thr)
         if model.kind == "policy":
-            run.plan = torch.sigmoid(model.policy(x).float()) > 1.0 - thr
+            run.plan = gate_open(gate_probability(model.policy(x)), thr)
         logits = model._run_graph(x, run)
         return logits, run.executed.to(torch.int64)

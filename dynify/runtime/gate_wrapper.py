@@ -3,15 +3,23 @@ and the per-forward state (`GateRun`) that all wrappers of one forward pass shar
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from dynify.runtime.gate_units import straight_through_gumbel
+from dynify.runtime.control import cond
+from dynify.runtime.decisions import (
+    gate_open,
+    gate_open_one,
+    gate_probability,
+    greedy_open,
+    halting_update,
+    halting_update_one,
+    halts_by_tensor_rule,
+    sigmoid_one,
+    straight_through_gumbel,
+)
 
 # --- per-forward state ------------------------------------------------------------------------
 
@@ -32,8 +40,8 @@ class GateRun:
 
     mode: str  # "static" | "eager" | "train" | "export"
     thresholds: torch.Tensor
-    # [B] float: MACs spent per sample (train: straight-through); None in scalar runs
-    macs: torch.Tensor | None = None
+    # MACs spent per sample: [B] float (train: straight-through), a float in scalar runs
+    macs: torch.Tensor | float = 0.0
     executed: torch.Tensor | None = None  # [B, K] bool: which gated branches ran
     plan: torch.Tensor | None = None  # policy: [B, K] run decision (float 0/1 in training)
     greedy_plan: torch.Tensor | None = None  # policy, training: the deterministic plan
@@ -44,18 +52,9 @@ class GateRun:
     thr: list[float] = field(default_factory=list)
     plan_list: list[bool] | None = None
     flags: list[bool] = field(default_factory=list)
-    extra_macs: float = 0.0
     halt_one: dict[int, list] = field(default_factory=dict)
     train_threshold: float = 0.99
     temperature: float = 1.0
-    gate_probs: list[torch.Tensor] = field(default_factory=list)
-
-
-def _cond(pred: torch.Tensor, true_fn: Callable, false_fn: Callable, operands: tuple) -> Any:
-    """`torch.cond` under export/compile (kept as control flow), a Python `if` in eager."""
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        return torch.cond(pred, true_fn, false_fn, operands)
-    return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
 # --- the wrappers -----------------------------------------------------------------------------
@@ -150,15 +149,15 @@ class BlockGate(nn.Module):
             threshold = run.thr[self.index]
             go = threshold > 1.0
             if not go:
-                run.extra_macs += self.decider_macs
-                go = sigmoid_one(self.decider.logit_one(entry)) > 1.0 - threshold
+                run.macs += self.decider_macs
+                go = gate_open_one(self.decider.logit_one(entry), threshold)
         elif self.kind == "policy":
             go = True if run.plan_list is None else run.plan_list[self.index]
         else:
             go = self._halt_one(entry, run)
         run.flags[self.index] = go
         if go:
-            run.extra_macs += self.branch_macs
+            run.macs += self.branch_macs
             return self._out(self.branch.forward(entry) + self._short(entry))
         return entry if self.skip_returns_entry else self._out(self._short(entry))
 
@@ -166,16 +165,18 @@ class BlockGate(nn.Module):
         threshold = run.thr[self.group]
         if threshold > 1.0:
             return True
-        state = run.halt_one.setdefault(self.group, [0.0, False, None])
-        cum, halted, acc = state
+        # [cumulative score, halted, ACT mix so far, the stage's halting logits (for ties)]
+        state = run.halt_one.setdefault(self.group, [0.0, False, None, []])
+        cum, halted, acc, logits = state
         if halted:
             return False
-        run.extra_macs += self.decider_macs
-        h = sigmoid_one(self.decider.logit_one(entry))
-        new_cum = min(cum + h, 1.0)
-        stop = new_cum >= threshold
-        weight = (1.0 - cum) if stop else h
-        state[:] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
+        run.macs += self.decider_macs
+        logit = self.decider.logit_one(entry)
+        logits.append(logit)
+        new_cum, stop, weight = halting_update_one(
+            cum, sigmoid_one(logit), threshold, lambda: halts_by_tensor_rule(logits, threshold)
+        )
+        state[:3] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
         return not stop
 
     # eager and export decisions: a bool mask [B], or None when everything runs
@@ -186,7 +187,7 @@ class BlockGate(nn.Module):
             if eager and float(threshold) > 1.0:
                 return None
             run.macs += self.decider_macs
-            return torch.sigmoid(self.decider(entry).float()) > 1.0 - threshold
+            return gate_open(gate_probability(self.decider(entry)), threshold)
         if self.kind == "policy":
             return None if run.plan is None else run.plan[:, self.index]
         return self._halt_decide(entry, run)
@@ -209,31 +210,30 @@ class BlockGate(nn.Module):
             return None
         state = self._halt_state(entry, run)
         active = ~state.halted
-        if run.mode == "export":
-            h = torch.sigmoid(self.decider(entry).float())
-            new_cum = torch.clamp(state.cum + h, max=1.0)
-            stop = (new_cum >= threshold) & active
-            weight = torch.where(stop, 1.0 - state.cum, h) * active
-            state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
-            state.cum = torch.where(active, new_cum, state.cum)
-            state.halted = state.halted | stop
+        if run.mode == "export":  # every sample scores; the halted ones weigh nothing
+            self._halt_all(entry, gate_probability(self.decider(entry)), threshold, state)
             return ~state.halted
         if not bool(active.any()):  # the whole batch has halted: skip without bookkeeping
             return active
         index = torch.nonzero(active).squeeze(1)
         sub = entry.index_select(0, index)
-        h = torch.sigmoid(self.decider(sub).float())
+        h = gate_probability(self.decider(sub))
         run.macs.index_add_(
             0, index, torch.full_like(h, float(self.decider_macs), dtype=run.macs.dtype)
         )
-        old = state.cum.index_select(0, index)
-        new_cum = torch.clamp(old + h, max=1.0)
-        stop = new_cum >= threshold
-        weight = torch.where(stop, 1.0 - old, h).to(entry.dtype)
+        new_cum, stop, weight = halting_update(state.cum.index_select(0, index), h, threshold)
+        weight = weight.to(entry.dtype)
         state.acc = state.acc.index_add(0, index, _expand(weight, sub) * sub)
         state.cum = state.cum.index_copy(0, index, new_cum)
         state.halted = state.halted.index_copy(0, index, stop)
         return ~state.halted
+
+    @staticmethod
+    def _halt_all(entry: torch.Tensor, h: torch.Tensor, threshold, state: HaltState) -> None:
+        """ACT over the whole batch (export, training): halted samples keep their state."""
+        state.cum, stop, weight = halting_update(state.cum, h, threshold, ~state.halted)
+        state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
+        state.halted = state.halted | stop
 
     def _export(self, entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The branch under `torch.cond`: skipped entirely when no sample needs it.
@@ -253,7 +253,7 @@ class BlockGate(nn.Module):
         def skip(entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self._short(entry).clone()
 
-        return _cond(mask.any(), run_some, skip, (entry, mask))
+        return cond(mask.any(), run_some, skip, (entry, mask))
 
     def _train(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
         """Every sample runs the branch; a straight-through 0/1 weight scales it.
@@ -265,10 +265,9 @@ class BlockGate(nn.Module):
         branch, short = self.branch(entry), self._short(entry)
         if self.kind == "function":
             logits = self.decider(entry.detach()).float()
-            run.gate_probs.append(torch.sigmoid(logits))
             weight = straight_through_gumbel(logits, run.temperature)
             run.macs = run.macs + self.decider_macs
-            greedy = logits.detach() > 0.0
+            greedy = greedy_open(logits.detach())
         elif self.kind == "policy":
             weight = run.plan[:, self.index]
             greedy = run.greedy_plan[:, self.index]
@@ -284,15 +283,9 @@ class BlockGate(nn.Module):
         """ACT with the training threshold; returns the straight-through 'still running' weight."""
         state = self._halt_state(entry, run)
         active = ~state.halted
-        h = torch.sigmoid(self.decider(entry.detach()).float())
-        run.gate_probs.append(h)
+        h = gate_probability(self.decider(entry.detach()))
         run.macs = run.macs + active.float() * self.decider_macs
-        new_cum = torch.clamp(state.cum + h, max=1.0)
-        stop = (new_cum >= run.train_threshold) & active
-        weight = torch.where(stop, 1.0 - state.cum, h) * active
-        state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
-        state.cum = torch.where(active, new_cum, state.cum)
-        state.halted = state.halted | stop
+        self._halt_all(entry, h, run.train_threshold, state)
         running = (~state.halted).float()
         # The mass still running, 1 - sum h, unclamped so the compute gradient never vanishes
         # on a saturated stage (the clamped cumulative score has none).
@@ -324,12 +317,6 @@ class HaltMix(nn.Module):
         if state is None or state.acc is None:  # halting was off (threshold > 1)
             return last
         return torch.where(_expand(state.halted, last), state.acc, last)
-
-
-def sigmoid_one(x: float) -> float:
-    """Sigmoid of a Python float (double precision; the batched path's float32 result can only
-    differ within ~1e-7 of a threshold)."""
-    return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Spatial masks over residual branches (DynConv, SACT): the model, its training loss.
+"""Spatial masks over residual branches (DynConv, SACT): the model, its training loss, its
+export face.
 
-Position active iff sigmoid(score) > 1 - threshold: threshold 0 computes no branch at all and a
-threshold above 1 computes every position. The wrapper lives in `sparse_residual`.
+Position active iff sigmoid(score) > 1 - threshold (`decisions.gate_open`): threshold 0 computes
+no branch at all and a threshold above 1 computes every position. The wrapper lives in
+`sparse_residual.py`, the mask unit in `units.py`.
 """
 
 from __future__ import annotations
@@ -12,23 +14,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from dynify.runtime.mask_geometry import GRANULARITIES, check_branch, fit_tile
-from dynify.runtime.masks_export import SpatialMaskExport, export_spatial_onnx
-from dynify.runtime.model import DynamicModel
-from dynify.runtime.sparse_residual import MaskUnit, SparseResidual, gumbel_sigmoid_st
+from dynify.runtime.gate_wrapper import RunContext
+from dynify.runtime.model import DynamicModel, ExportFace
+from dynify.runtime.sparse_residual import MaskExportRun, SparseResidual
 from dynify.train.losses import LossConfig, density_term, distillation
-
-__all__ = [
-    "GRANULARITIES",
-    "MaskUnit",
-    "SparseResidual",
-    "SpatialMaskExport",
-    "SpatialMaskModel",
-    "check_branch",
-    "export_spatial_onnx",
-    "fit_tile",
-    "gumbel_sigmoid_st",
-]
 
 
 class SpatialMaskModel(DynamicModel):
@@ -69,6 +58,9 @@ class SpatialMaskModel(DynamicModel):
         self.budget = float(budget)
         self.distill_temperature = float(distill_temperature)
         self.sparsity_weight = float(sparsity_weight)
+        self._context = RunContext()
+        for i, wrapper in enumerate(self.wrappers):
+            wrapper.index, wrapper.context = i, self._context
         self.fixed_macs = self.static_macs - sum(w.branch_macs for w in self.wrappers)
 
     @property
@@ -187,3 +179,23 @@ class SpatialMaskModel(DynamicModel):
         active; pixel masks export the dense masked product (see docs/spatial.md).
         """
         return SpatialMaskExport(self)
+
+
+class SpatialMaskExport(ExportFace):
+    """The masked network for export, thresholds as an input: each wrapper runs its export
+    face (`SparseResidual.export_forward`); the decisions are the units each block computed
+    per sample, int64 [N, num_masks]."""
+
+    def __init__(self, model: SpatialMaskModel):
+        super().__init__(model.thresholds)
+        self.model = model
+
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        model = self.model
+        run = MaskExportRun(self.thresholds_or_default(thresholds))
+        model._context.run = run
+        try:
+            logits = model.net(x)
+        finally:
+            model._context.run = None
+        return logits, torch.stack([run.units[i] for i in range(model.num_masks)], 1)
