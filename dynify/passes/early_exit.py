@@ -17,7 +17,7 @@ from dynify.frontend.analysis import CutPoint
 from dynify.frontend.cost import MACS, module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
-from dynify.passes.lift import lift_region
+from dynify.passes.rewrite import lift_region
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.modules import ExitHead, feature_layout
 from dynify.runtime.policy import ExitPolicy

@@ -5,13 +5,13 @@ Kept out of `masks` so the eager runtime reads without the export machinery.
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dynify.passes.rewrite import copy_graph_replacing
 
 if TYPE_CHECKING:
     from dynify.runtime.masks import SpatialMaskModel
@@ -80,23 +80,9 @@ class SpatialMaskExport(nn.Module):
             name: _ExportResidual(w, i)
             for i, (name, w) in enumerate(zip(dyn.wrapper_names, dyn.wrappers, strict=True))
         }
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        thresholds = None
-        root: dict[str, Any] = {}
-        for node in dyn.net.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = graph.placeholder(node.name)
-                thresholds = graph.placeholder("thresholds")
-                continue
-            if node.op == "call_module" and node.target in replacements:
-                root[node.target] = replacements[node.target]
-                env[node] = graph.call_module(node.target, (env[node.args[0]], thresholds))
-                continue
-            env[node] = graph.node_copy(node, lambda arg: env[arg])
-            if node.op in ("call_module", "get_attr"):
-                root[node.target] = operator.attrgetter(node.target)(dyn.net)
-        self.net = torch.fx.GraphModule(root, graph, "SpatialMaskExportNet")
+        self.net = copy_graph_replacing(
+            dyn.net, replacements, extra_input="thresholds", class_name="SpatialMaskExportNet"
+        )
         self.residuals = list(replacements.values())
         self.register_buffer("thresholds", dyn.thresholds.detach().clone())
 
