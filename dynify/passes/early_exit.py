@@ -2,7 +2,13 @@
 
 Plan: choose cut points, by default N spread evenly over cumulative MACs, and a head for each
 that fits its tensor within the head budget. Build: lift the stretches between the cuts into
-segments and hand them, with the heads, to an EarlyExitModel.
+segments (`lift_region`) and hand them, with the heads, to an EarlyExitModel.
+
+Unlike the other passes, this one does not `replace_region` inside one graph: an exit ends the
+forward pass for the samples that take it, and an fx graph has no early return. A sample that
+exits must run nothing after its cut, and a batch must narrow to the samples still running, so
+the model is the chain of segments in Python, each followed by its head's decision (and, for
+export, one `torch.cond` per exit over the rest of the chain).
 """
 
 from __future__ import annotations

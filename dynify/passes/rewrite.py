@@ -46,6 +46,7 @@ def lift_region(
     """
     by_name = _by_name(gm, [*nodes, *inputs, *outputs])
     members = (set(nodes) | set(outputs)) - set(inputs)
+    constants = _constants(gm.graph)
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for name in inputs:
@@ -57,7 +58,7 @@ def lift_region(
     def copy(node: torch.fx.Node) -> torch.fx.Node:
         if node in env:
             return env[node]
-        if node.name not in members and not _is_constant(node):
+        if node.name not in members and node not in constants:
             raise _not_single_entry(node, inputs, outputs)
         for arg in node.all_input_nodes:
             copy(arg)
@@ -99,9 +100,9 @@ def replace_region(
             f"A replaced region has one output, got {list(outputs)}; replace each output's "
             "region on its own, or lift the region and wrap it."
         )
-    region = _region(gm, nodes, inputs, outputs)
+    constants = _constants(graph)
+    region = _region(gm, nodes, inputs, outputs, constants)
     by_name = _by_name(gm, inputs)
-    members = set(nodes)
     result = region[-1]
     inside = set(region)
     for node in region[:-1]:
@@ -109,22 +110,23 @@ def replace_region(
         if outside:
             raise StrategyError(
                 f"'{node.name}' inside the region ending at '{result.name}' is also read by "
-                f"{outside} outside it; the region is not single-exit."
+                f"{outside} outside it; it is not a single-exit region."
             )
     target = unique_name(gm, name)
     gm.add_submodule(target, module)
     meta = {key: result.meta[key] for key in _VALUE_META if key in result.meta}
     meta[MACS] = sum(int(node.meta.get(MACS, 0)) for node in region)
     sources = [NodeSource(node, pass_name, NodeSourceAction.REPLACE) for node in region]
-    read = {arg for node in region for arg in node.all_input_nodes if arg not in inside}
-    read |= {node for node in gm.graph.nodes if node.name in members and _is_constant(node)}
+    listed = set(nodes)
+    read = {arg for node in region for arg in node.all_input_nodes if arg in constants}
+    read |= {node for node in constants if node.name in listed}
     result.op, result.target = "call_module", target
     result.args, result.kwargs = tuple(by_name[name] for name in inputs), {}
     result.meta = meta
     record_provenance(result, pass_name, sources)
     for node in reversed(region[:-1]):
         graph.erase_node(node)
-    _erase_unused_constants(graph, read)
+    _erase_unused_constants(graph, read, constants)
     _finish(gm)
     return result
 
@@ -229,7 +231,11 @@ def _by_name(gm: torch.fx.GraphModule, names: Iterable[str]) -> dict[str, torch.
 
 
 def _region(
-    gm: torch.fx.GraphModule, nodes: Iterable[str], inputs: Sequence[str], outputs: Sequence[str]
+    gm: torch.fx.GraphModule,
+    nodes: Iterable[str],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    constants: set[torch.fx.Node],
 ) -> list[torch.fx.Node]:
     """The region's computing nodes in graph order, ending with its output; refused unless
     single-entry.
@@ -240,10 +246,12 @@ def _region(
     nodes = list(nodes)
     by_name = _by_name(gm, [*nodes, *inputs, *outputs])
     members = (set(nodes) | set(outputs)) - set(inputs)
-    region = [n for n in gm.graph.nodes if n.name in members and not _is_constant(n)]
+    region = [n for n in gm.graph.nodes if n.name in members and n not in constants]
+    if not region:
+        raise StrategyError(f"The region for {list(outputs)} computes nothing from its inputs.")
     for node in region:
         for arg in node.all_input_nodes:
-            if arg.name not in members and arg.name not in inputs and not _is_constant(arg):
+            if arg.name not in members and arg.name not in inputs and arg not in constants:
                 raise _not_single_entry(arg, inputs, outputs)
     if region[-1] is not by_name[outputs[-1]]:
         raise StrategyError(
@@ -262,10 +270,12 @@ def _not_single_entry(
     )
 
 
-def _erase_unused_constants(graph: torch.fx.Graph, candidates: Iterable[torch.fx.Node]) -> None:
-    """Erase the constant nodes among `candidates` (and the constants they read) that nothing
-    reads any more."""
-    pending = [node for node in candidates if _is_constant(node)]
+def _erase_unused_constants(
+    graph: torch.fx.Graph, candidates: Iterable[torch.fx.Node], constants: set[torch.fx.Node]
+) -> None:
+    """Erase the constants among `candidates` (and the constants they read) that nothing reads
+    any more."""
+    pending = [node for node in candidates if node in constants]
     erased: set[torch.fx.Node] = set()
     while pending:
         node = pending.pop()
@@ -273,12 +283,17 @@ def _erase_unused_constants(graph: torch.fx.Graph, candidates: Iterable[torch.fx
             inputs = node.all_input_nodes
             graph.erase_node(node)
             erased.add(node)
-            pending += [arg for arg in inputs if _is_constant(arg)]
+            pending += [arg for arg in inputs if arg in constants]
 
 
-def _is_constant(node: torch.fx.Node) -> bool:
-    if node.op == "get_attr":
-        return True
-    if node.op in ("placeholder", "output", "call_module"):
-        return False
-    return all(_is_constant(arg) for arg in node.all_input_nodes)
+def _constants(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes whose value depends on no input: parameters and buffers read with get_attr,
+    and functions of those alone. One sweep in graph order (inputs come first)."""
+    constants: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or (
+            node.op in ("call_function", "call_method")
+            and all(arg in constants for arg in node.all_input_nodes)
+        ):
+            constants.add(node)
+    return constants
