@@ -301,3 +301,47 @@ class TestLiftRegion:
         gm = TestReplaceRegionByItsLiftedModule.before()
         with pytest.raises(StrategyError, match="reads 'relu_1' from outside its inputs"):
             lift_region(gm, ["conv2", "mul", "add"], ["relu"], ["add"])
+
+
+class TestSparseBranchCopies:
+    """The spatial-mask wrapper's copies of its branch (valid convs on tiles, convs at chosen
+    pixels) compute the dense branch times the mask, even when the branch calls a conv twice."""
+
+    class SharedConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.bn(self.conv(x))))
+
+    @pytest.mark.parametrize("granularity", ["pixel", "region"])
+    def test_sparse_equals_dense_masked(self, granularity):
+        from dynify.runtime.sparse_residual import SparseResidual
+
+        torch.manual_seed(0)
+        branch = torch.fx.symbolic_trace(self.SharedConv().eval())
+        wrapper = SparseResidual(
+            branch,
+            in_channels=4,
+            out_channels=4,
+            granularity=granularity,
+            tile=4,
+            branch_macs=0,
+            spatial=(8, 8),
+        ).eval()
+        x = torch.randn(2, 4, 8, 8)
+        active = torch.rand(2, *wrapper.units(), generator=torch.Generator().manual_seed(1)) < 0.4
+        assert 0 < int(active.sum()) < active.numel()
+        with torch.no_grad():
+            reference = wrapper.dense_masked(x, active)
+            if granularity == "pixel":
+                out, macs = wrapper.pixel_forward(x, active)
+                dense = 2 * (4 * 4 * 9) * 64  # two 3x3 convs, 4 -> 4 channels, 8x8 positions
+                assert 0 < int(macs.sum()) < x.shape[0] * dense
+            else:
+                out = wrapper.tile_forward(x, active)
+        assert (out - reference).abs().max().item() <= 1e-5
+        # the copies re-use the branch's modules: no second copy in the state dict
+        assert {k.split(".")[0] for k in wrapper.state_dict()} == {"branch", "mask_unit"}

@@ -7,7 +7,6 @@ equal `branch(x) * mask`: docs/spatial.md, "Real sparsity, the same function".
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.fx
@@ -94,8 +93,11 @@ class SparseResidual(nn.Module):
         self.last_macs: Tensor | None = None
         self.last_density: Tensor | None = None  # [B], fraction of units computed
         self.train_density: Tensor | None = None  # differentiable mean density (training)
-        self._nodes = list(branch.graph.nodes)
-        self._convs = self._conv_plan()
+        self._convs = [  # the branch's conv calls, in order (it is a chain)
+            branch.get_submodule(node.target)
+            for node in branch.graph.nodes
+            if node.op == "call_module" and isinstance(branch.get_submodule(node.target), nn.Conv2d)
+        ]
         self._inside_cache: dict[tuple, Tensor] = {}
         # Not registered: they re-use the branch's modules (no second copy in the state dict).
         object.__setattr__(self, "tile_branch", tile_branch(branch))
@@ -104,45 +106,24 @@ class SparseResidual(nn.Module):
         h, w = spatial
         self.mask_macs = in_channels * math.ceil(h / self.tile) * math.ceil(w / self.tile)
 
-    # -- the plan of the branch's convs ------------------------------------------------------
-
-    def _conv_plan(self) -> dict[str, dict[str, Any]]:
-        """Per conv node: its radius, the radius of the convs after it, and its MACs/position."""
-        convs = [
-            n
-            for n in self._nodes
-            if n.op == "call_module" and isinstance(self.branch.get_submodule(n.target), nn.Conv2d)
-        ]
-        plan, after = {}, 0
-        for node in reversed(convs):
-            conv = self.branch.get_submodule(node.target)
-            k = conv.kernel_size[0]
-            plan[node.name] = {
-                "radius": conv_radius(conv),
-                "after": after,
-                "macs": conv.out_channels * conv.in_channels // conv.groups * k * k,
-                "first": node is convs[0],
-            }
-            after += conv_radius(conv)
-        return plan
+    # -- the branch's convs ------------------------------------------------------------------
 
     def _pixel_branch(self) -> torch.fx.GraphModule:
         """The branch with every conv a PixelConv of this wrapper's pixel runs."""
         convs = {
             node.target: PixelConv(self.branch.get_submodule(node.target), self._pixel_slot)
-            for node in self._nodes
-            if node.name in self._convs
+            for node in self.branch.graph.nodes
+            if node.op == "call_module"
+            and isinstance(self.branch.get_submodule(node.target), nn.Conv2d)
         }
         return copy_graph_replacing(self.branch, convs, class_name="PixelBranch")
 
     def tile_macs(self) -> int:
         """MACs of the branch on one halo'd tile (valid convs shrink it layer by layer)."""
         size, total = self.tile + 2 * self.halo, 0
-        for node in self._nodes:
-            if node.name in self._convs:
-                spec = self._convs[node.name]
-                size -= 2 * spec["radius"]
-                total += spec["macs"] * size * size
+        for conv in self._convs:
+            size -= 2 * conv_radius(conv)
+            total += position_macs(conv) * size * size
         return total
 
     def units(self) -> tuple[int, int]:
@@ -303,8 +284,7 @@ class PixelConv(nn.Module):
         super().__init__()
         self.conv = conv
         self.radius = conv_radius(conv)
-        k = conv.kernel_size[0]
-        self.macs = conv.out_channels * conv.in_channels // conv.groups * k * k  # per position
+        self.macs = position_macs(conv)
         self.slot = slot
 
     def forward(self, inp: Tensor) -> Tensor:
@@ -366,6 +346,12 @@ class _PixelRun:
         window = (base[:, None] + offsets[None, :]).flatten()
         patches = canvas.index_select(0, window).view(n, k * k, c_in)
         return _im2col_conv(patches, conv).view(n, -1, 1, 1)
+
+
+def position_macs(conv: nn.Conv2d) -> int:
+    """MACs of one output position of a conv."""
+    k = conv.kernel_size[0]
+    return conv.out_channels * conv.in_channels // conv.groups * k * k
 
 
 def _padded_index(flat: Tensor, h: int, w: int, r: int) -> Tensor:
