@@ -143,6 +143,7 @@ class SpatialMasks:
                 pass_name=self.name,
             )
             names.append(call.target)
+        # This model never kept the traced graph's dead nodes (nor their modules' weights).
         net.graph.eliminate_dead_code()
         net.graph.lint()
         net.delete_all_unused_submodules()
