@@ -3,14 +3,14 @@
 Plan: take the residual blocks the analysis found (add joins only: a skipped branch adds
 nothing, while a concatenation would change shape) and, for the halting gate, group them into
 stages of chained same-shape blocks. Build: on a copy of the traced graph, lift each gated
-block's branch (and its shortcut when it is not the identity) into a region, replace the join by
-a `call_module(gate_<k>)` over the block's entry, erase the dead arm nodes, and hand the graph to
-a GatedModel. A skipped block with a projection or option-A shortcut still runs its shortcut.
+block's branch (and its shortcut when it is not the identity), replace the block (both arms and
+the join, and the ReLU after it when there is one) by a `gate_<k>` wrapper over the block's
+entry with `replace_region`, and hand the graph to a GatedModel. A skipped block with a
+projection or option-A shortcut still runs its shortcut.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from dynify.frontend.analysis import ResidualBlock
 from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy, strategy_names
 from dynify.passes.base import ConversionContext, options_from_dict
-from dynify.passes.lift import lift_region
+from dynify.passes.rewrite import copy_graph_replacing, insert_after, lift_region, replace_region
 from dynify.runtime.block_gates import ESTIMATORS, GATE_KINDS, GatedModel
 from dynify.runtime.gate_wrapper import BlockGate, HaltMix
 from dynify.runtime.heads import feature_layout
@@ -210,9 +210,8 @@ class BlockGates:
         else:
             gated = [(i, -1) for i in range(len(specs))]
 
-        gm = copy.deepcopy(ctx.gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        graph = gm.graph
+        # A new graph over the traced modules: the traced graph itself stays as it was.
+        gm = copy_graph_replacing(ctx.gm)
         gate_names, gated_macs = [], 0
         for k, (i, group) in enumerate(gated):
             block = by_join[specs[i]["join"]]
@@ -236,42 +235,22 @@ class BlockGates:
                 decider_macs=decider_macs,
                 group=group,
             )
-            gm.add_submodule(f"gate_{k}", wrapper)
-            join, entry = nodes[block.join], nodes[block.entry]
-            relu = _trailing_relu(gm, join) if kind != "halting" else None
+            region, output = [*block.branch, *block.shortcut, block.join], block.join
+            nodes = {n.name: n for n in gm.graph.nodes}
+            relu = _trailing_relu(gm, nodes[block.join]) if kind != "halting" else None
             if relu is not None:
                 # The wrapper takes over the ReLU after the join: a skipped identity block whose
                 # input is already non-negative then costs no op at all (~8 us each at batch 1).
-                # The ReLU node becomes the call, so its name, which a later block may use as
-                # its entry, stays valid.
                 wrapper.relu_after = True
-                wrapper.skip_returns_entry = block.identity and _is_relu(gm, entry)
-                relu.op, relu.target, relu.kwargs = "call_module", f"gate_{k}", {}
-                relu.args = (entry,)  # the join loses its only user
-            else:
-                with graph.inserting_before(join):
-                    call = graph.call_module(f"gate_{k}", (entry,))
-                call.meta = dict(join.meta)
-                join.replace_all_uses_with(call)
-            graph.erase_node(join)
-            for name in reversed([*block.branch, *block.shortcut]):
-                if not nodes[name].users:
-                    graph.erase_node(nodes[name])
+                wrapper.skip_returns_entry = block.identity and _is_relu(gm, nodes[block.entry])
+                region, output = [*region, relu.name], relu.name
+            replace_region(
+                gm, region, [block.entry], [output], wrapper, "gate", pass_name=self.name
+            )
             gate_names.append(block.join)
             gated_macs += block.branch_macs
         for g, group in enumerate(groups):
-            last = nodes[specs[group[-1]]["exit"]]
-            gm.add_submodule(f"halt_mix_{g}", HaltMix(g))
-            with graph.inserting_after(last):
-                mix = graph.call_module(f"halt_mix_{g}", (last,))
-            mix.meta = dict(last.meta)
-            last.replace_all_uses_with(mix, delete_user_cb=lambda user, mix=mix: user is not mix)
-        for node in list(graph.nodes):
-            if node.op == "get_attr" and not node.users:
-                graph.erase_node(node)
-        graph.lint()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+            insert_after(gm, specs[group[-1]]["exit"], HaltMix(g), "halt_mix", pass_name=self.name)
 
         policy, policy_macs = None, 0
         input_shape = tuple(ctx.example_input.shape[1:])

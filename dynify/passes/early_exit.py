@@ -2,7 +2,13 @@
 
 Plan: choose cut points, by default N spread evenly over cumulative MACs, and a head for each
 that fits its tensor within the head budget. Build: lift the stretches between the cuts into
-segments and hand them, with the heads, to an EarlyExitModel.
+segments (`lift_region`) and hand them, with the heads, to an EarlyExitModel.
+
+Unlike the other passes, this one does not `replace_region` inside one graph: an exit ends the
+forward pass for the samples that take it, and an fx graph has no early return. A sample that
+exits must run nothing after its cut, and a batch must narrow to the samples still running, so
+the model is the chain of segments in Python, each followed by its head's decision (and, for
+export, one `torch.cond` per exit over the rest of the chain).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dynify.frontend.analysis import CutPoint
 from dynify.frontend.cost import MACS, module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
-from dynify.passes.lift import lift_region
+from dynify.passes.rewrite import lift_region
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.heads import ExitHead, feature_layout
 from dynify.runtime.policy import ExitPolicy

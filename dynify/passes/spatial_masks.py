@@ -3,7 +3,8 @@
 Plan: every residual block whose branch is a stride-1 chain of "same" convs and position-wise
 layers gets a mask (see `runtime.mask_geometry.check_branch`); the others, ResNet's downsampling blocks
 among them, are listed under `skipped` with the reason. Build: lift each chosen branch, wrap it
-in a `SparseResidual`, and rewrite the parent graph so the block calls the wrapper instead.
+in a `SparseResidual`, and replace the branch in a copy of the graph by a call to the wrapper
+(`spatial_mask_<i>`, `replace_region`); the join reads the wrapper's output.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from dynify.errors import StrategyError
 from dynify.frontend.analysis import ResidualBlock
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
-from dynify.passes.lift import lift_region
+from dynify.passes.rewrite import copy_graph_replacing, lift_region, replace_region
 from dynify.runtime.mask_geometry import GRANULARITIES, check_branch
 from dynify.runtime.sparse_residual import SparseResidual
 from dynify.runtime.spatial_masks import SpatialMaskModel
 
-WRAPPER_PREFIX = "spatial_mask_"
+WRAPPER_PREFIX = "spatial_mask"
 
 
 @dataclass
@@ -119,11 +120,13 @@ class SpatialMasks:
         if missing:
             raise StrategyError(f"Planned blocks {missing} are not residual joins of this graph.")
         blocks = [by_join[j] for j in plan["blocks"]]
-        wrappers: dict[str, SparseResidual] = {}
+        # A new graph over the traced modules: the traced graph itself stays as it was.
+        net = copy_graph_replacing(ctx.gm, class_name="SpatialMaskNet")
+        names = []
         for i, block in enumerate(blocks):
             entry_shape = ctx.node(block.entry).meta["tensor_meta"].shape
             out_shape = ctx.node(block.branch_output).meta["tensor_meta"].shape
-            wrappers[block.join] = SparseResidual(
+            wrapper = SparseResidual(
                 _lift_branch(ctx, block, i),
                 in_channels=int(entry_shape[1]),
                 out_channels=int(out_shape[1]),
@@ -132,10 +135,24 @@ class SpatialMasks:
                 branch_macs=block.branch_macs,
                 spatial=(int(entry_shape[2]), int(entry_shape[3])),
             )
-        net = replace_branches(ctx.gm, blocks, [wrappers[b.join] for b in blocks])
+            call = replace_region(
+                net,
+                block.branch,
+                [block.entry],
+                [block.branch_output],
+                wrapper,
+                WRAPPER_PREFIX,
+                pass_name=self.name,
+            )
+            names.append(call.target)
+        # This model never kept the traced graph's dead nodes (nor their modules' weights).
+        net.graph.eliminate_dead_code()
+        net.graph.lint()
+        net.delete_all_unused_submodules()
+        net.recompile()
         return SpatialMaskModel(
             net,
-            [f"{WRAPPER_PREFIX}{i}" for i in range(len(blocks))],
+            names,
             block_names=[b.join for b in blocks],
             granularity=opts.granularity,
             budget=opts.budget,
@@ -146,49 +163,3 @@ class SpatialMasks:
             distill_temperature=opts.distill_temperature,
             sparsity_weight=opts.sparsity_weight,
         ).eval()
-
-
-def replace_branches(
-    gm: torch.fx.GraphModule, blocks: list[ResidualBlock], wrappers: list[torch.nn.Module]
-) -> torch.fx.GraphModule:
-    """A copy of `gm` where each block's branch is one call to its wrapper (`spatial_mask_<i>`).
-
-    The wrapper is called where the branch began; the join reads its output in place of the
-    branch output. The branch's modules now live only inside the wrapper.
-    """
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    first = {}
-    skip: set[str] = set()
-    for i, block in enumerate(blocks):
-        skip.update(block.branch)
-        first[block.branch[0]] = i
-    by_name = {n.name: n for n in gm.graph.nodes}
-    root: dict[str, Any] = {}
-    for node in gm.graph.nodes:
-        if node.name in first:
-            i = first[node.name]
-            block = blocks[i]
-            name = f"{WRAPPER_PREFIX}{i}"
-            root[name] = wrappers[i]
-            call = graph.call_module(name, (env[by_name[block.entry]],))
-            call.meta = dict(by_name[block.branch_output].meta)
-            env[by_name[block.branch_output]] = call
-        if node.name in skip:
-            continue
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
-        if node.op in ("call_module", "get_attr"):
-            root[node.target] = _resolve(gm, node.target)
-    net = torch.fx.GraphModule(root, graph, "SpatialMaskNet")
-    net.graph.eliminate_dead_code()
-    net.graph.lint()
-    net.delete_all_unused_submodules()
-    net.recompile()
-    return net
-
-
-def _resolve(gm: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

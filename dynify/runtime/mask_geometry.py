@@ -5,14 +5,14 @@ Shared by the plan (`check_branch`), the eager sparse wrapper and its export fac
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dynify.passes.rewrite import copy_graph_replacing
 
 GRANULARITIES = ("pixel", "region")
 # Modules and functions that act on each position independently (at inference).
@@ -147,23 +147,10 @@ class ValidConv(nn.Module):
 
 def tile_branch(branch: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The branch as a GraphModule (tiles, inside) -> centres, with every conv a ValidConv."""
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    root: dict[str, Any] = {}
-    inside = None
+    convs = {}
     for node in branch.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.placeholder(node.name)
-            inside = graph.placeholder("inside")
-            continue
-        if node.op == "call_module" and isinstance(branch.get_submodule(node.target), nn.Conv2d):
-            conv = branch.get_submodule(node.target)
-            name = "valid_" + node.target.replace(".", "_")
-            zero_border = conv_radius(conv) > 0  # gathered tiles hold clamped values there
-            root[name] = ValidConv(conv, zero_border)
-            env[node] = graph.call_module(name, (env[node.args[0]], inside))
-            continue
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
-        if node.op in ("call_module", "get_attr"):
-            root[node.target] = operator.attrgetter(node.target)(branch)
-    return torch.fx.GraphModule(root, graph, "TileBranch")
+        module = branch.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.Conv2d):
+            # Gathered tiles hold clamped values where the dense conv's zero padding was.
+            convs[node.target] = ValidConv(module, zero_border=conv_radius(module) > 0)
+    return copy_graph_replacing(branch, convs, extra_input="inside", class_name="TileBranch")

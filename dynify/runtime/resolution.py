@@ -24,6 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynify.passes.rewrite import copy_graph_replacing
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.control import run_on, selected
 from dynify.runtime.model import DynamicModel
@@ -46,18 +47,7 @@ def shadow_network(
     net: torch.fx.GraphModule, replacements: dict[str, nn.Module]
 ) -> torch.fx.GraphModule:
     """The same graph over the same modules, except `replacements` (target -> module)."""
-    root: dict[str, object] = {}
-    for node in net.graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            value = replacements.get(node.target)
-            if value is None:
-                value = net
-                for part in node.target.split("."):
-                    value = getattr(value, part)
-            root[node.target] = value
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(net.graph, {}))
-    return torch.fx.GraphModule(root, graph, "LowResolutionNet")
+    return copy_graph_replacing(net, replacements, class_name="LowResolutionNet")
 
 
 class LowResolutionHead(nn.Module):

@@ -7,17 +7,14 @@ equal `branch(x) * mask`: docs/spatial.md, "Real sparsity, the same function".
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx.node import map_arg
 
 from dynify.frontend.cost import MACS, module_macs
+from dynify.passes.rewrite import copy_graph_replacing
 from dynify.runtime.control import cond
 from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
 from dynify.runtime.gate_wrapper import RunContext
@@ -86,46 +83,36 @@ class SparseResidual(nn.Module):
         self.last_macs: Tensor | None = None
         self.last_density: Tensor | None = None  # [B], fraction of units computed
         self.train_density: Tensor | None = None  # differentiable mean density (training)
-        self._nodes = list(branch.graph.nodes)
-        self._convs = self._conv_plan()
+        # The branch's conv calls in order (it is a chain), each with its MACs per output
+        # position: what the front end counted for the whole map over its positions.
+        self._convs = [
+            (node.target, branch.get_submodule(node.target), _position_macs(node))
+            for node in branch.graph.nodes
+            if node.op == "call_module" and isinstance(branch.get_submodule(node.target), nn.Conv2d)
+        ]
         self._inside_cache: dict[tuple, Tensor] = {}
-        # Not registered: it re-uses the branch's modules (no second copy in the state dict).
+        # Not registered: they re-use the branch's modules (no second copy in the state dict).
         object.__setattr__(self, "tile_branch", tile_branch(branch))
         # counted by FlopCounterMode, as the front end counts the branch
         self.mask_macs = module_macs(self.mask_unit, torch.zeros(1, in_channels, *spatial))
+        self._pixel_slot = _PixelSlot()
+        object.__setattr__(self, "pixel_branch", self._pixel_branch())
 
-    # -- the plan of the branch's convs ------------------------------------------------------
+    # -- the branch's convs ------------------------------------------------------------------
 
-    def _conv_plan(self) -> dict[str, dict[str, Any]]:
-        """Per conv node: its radius, the radius of the convs after it, and its MACs/position
-        (what the front end counted for the whole map, `node.meta["macs"]`, over its positions).
-        """
-        convs = [
-            n
-            for n in self._nodes
-            if n.op == "call_module" and isinstance(self.branch.get_submodule(n.target), nn.Conv2d)
-        ]
-        plan, after = {}, 0
-        for node in reversed(convs):
-            conv = self.branch.get_submodule(node.target)
-            positions = math.prod(node.meta["tensor_meta"].shape[2:])
-            plan[node.name] = {
-                "radius": conv_radius(conv),
-                "after": after,
-                "macs": int(node.meta[MACS]) // positions,
-                "first": node is convs[0],
-            }
-            after += conv_radius(conv)
-        return plan
+    def _pixel_branch(self) -> torch.fx.GraphModule:
+        """The branch with every conv a PixelConv of this wrapper's pixel runs."""
+        convs = {
+            target: PixelConv(conv, macs, self._pixel_slot) for target, conv, macs in self._convs
+        }
+        return copy_graph_replacing(self.branch, convs, class_name="PixelBranch")
 
     def tile_macs(self) -> int:
         """MACs of the branch on one halo'd tile (valid convs shrink it layer by layer)."""
         size, total = self.tile + 2 * self.halo, 0
-        for node in self._nodes:
-            if node.name in self._convs:
-                spec = self._convs[node.name]
-                size -= 2 * spec["radius"]
-                total += spec["macs"] * size * size
+        for _, conv, macs in self._convs:
+            size -= 2 * conv_radius(conv)
+            total += macs * size * size
         return total
 
     def units(self) -> tuple[int, int]:
@@ -252,34 +239,6 @@ class SparseResidual(nn.Module):
 
         return cond(active.any(), sparse, skip, (x, active, inside)), units
 
-    # -- the branch, run by hand so convs can be replaced ------------------------------------
-
-    def _run_branch(
-        self, value: Tensor, conv_fn: Callable[[torch.fx.Node, nn.Conv2d, Tensor], Tensor]
-    ):
-        env: dict[torch.fx.Node, Any] = {}
-        for node in self._nodes:
-            if node.op == "placeholder":
-                env[node] = value
-                continue
-            if node.op == "output":
-                return env[node.args[0]]
-            args = map_arg(node.args, env.__getitem__)
-            kwargs = map_arg(node.kwargs, env.__getitem__)
-            if node.op == "get_attr":
-                env[node] = operator.attrgetter(node.target)(self.branch)
-            elif node.op == "call_module":
-                module = self.branch.get_submodule(node.target)
-                if node.name in self._convs:
-                    env[node] = conv_fn(node, module, args[0])
-                else:
-                    env[node] = module(*args, **kwargs)
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            else:
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-        raise RuntimeError("branch graph has no output")
-
     # -- region granularity -------------------------------------------------------------------
 
     def _inside(self, size: tuple[int, int], device: torch.device) -> Tensor:
@@ -360,52 +319,102 @@ class SparseResidual(nn.Module):
         Returns the [B, C, H, W] output (zeros where inactive) and the MACs per sample.
         """
         batch, _, h, w = x.shape
-        masks: dict[int, Tensor] = {}
-        flat: dict[int, Tensor] = {}
-        macs = torch.zeros(batch, dtype=torch.long, device=x.device)
-
-        def positions(radius: int) -> Tensor:
-            if radius not in flat:
-                m = active.to(x.dtype)[:, None]
-                if radius:
-                    m = F.max_pool2d(m, 2 * radius + 1, stride=1, padding=radius)
-                masks[radius] = m[:, 0] > 0
-                flat[radius] = masks[radius].flatten().nonzero().squeeze(1)
-            return flat[radius]
-
-        def gather_conv(node: torch.fx.Node, conv: nn.Conv2d, inp: Tensor) -> Tensor:
-            nonlocal macs
-            spec = self._convs[node.name]
-            r, target = spec["radius"], positions(spec["after"])
-            n = target.numel()
-            macs = macs + masks[spec["after"]].flatten(1).sum(1) * spec["macs"]
-            c_in = conv.in_channels
-            dense_input = spec["first"]
-            if r == 0 and not dense_input:
-                rows = inp.reshape(n, c_in)
-                return _pointwise(rows, conv).view(n, -1, 1, 1)
-            if dense_input:
-                canvas = F.pad(inp, (r, r, r, r)).permute(0, 2, 3, 1).reshape(-1, c_in)
-            else:
-                canvas = inp.new_zeros(batch * (h + 2 * r) * (w + 2 * r), c_in)
-                centre = _padded_index(positions(spec["after"] + r), h, w, r) + r * (w + 2 * r) + r
-                canvas.index_copy_(0, centre, inp.reshape(-1, c_in))
-            base = _padded_index(target, h, w, r)
-            if r == 0:
-                return _pointwise(canvas.index_select(0, base), conv).view(n, -1, 1, 1)
-            d, k = conv.dilation[0], conv.kernel_size[0]
-            steps = torch.arange(k, device=x.device) * d
-            offsets = (steps[:, None] * (w + 2 * r) + steps[None, :]).flatten()
-            window = (base[:, None] + offsets[None, :]).flatten()
-            patches = canvas.index_select(0, window).view(n, k * k, c_in)
-            return _im2col_conv(patches, conv).view(n, -1, 1, 1)
-
-        if not positions(0).numel():
-            return x.new_zeros(batch, self.out_channels, h, w), macs
-        rows = self._run_branch(x, gather_conv)
+        run = _PixelRun(x, active, self.halo)
+        if not run.positions(0).numel():
+            return x.new_zeros(batch, self.out_channels, h, w), run.macs
+        self._pixel_slot.run = run
+        try:
+            rows = self.pixel_branch.forward(x)  # `.forward`: no GraphModule call wrapper
+        finally:
+            self._pixel_slot.run = None
         out = x.new_zeros(batch * h * w, self.out_channels)
-        out.index_copy_(0, positions(0), rows.reshape(-1, self.out_channels).to(out.dtype))
-        return out.view(batch, h, w, -1).permute(0, 3, 1, 2), macs
+        out.index_copy_(0, run.positions(0), rows.reshape(-1, self.out_channels).to(out.dtype))
+        return out.view(batch, h, w, -1).permute(0, 3, 1, 2), run.macs
+
+
+class _PixelSlot:
+    """The pixel forward in progress, shared by the branch's `PixelConv`s (one assignment)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self) -> None:
+        self.run: _PixelRun | None = None
+
+
+class PixelConv(nn.Module):
+    """A branch conv in the pixel path: computed only at the positions the current run needs."""
+
+    def __init__(self, conv: nn.Conv2d, macs: int, slot: _PixelSlot):
+        super().__init__()
+        self.conv = conv
+        self.radius = conv_radius(conv)
+        self.macs = macs  # per output position
+        self.slot = slot
+
+    def forward(self, inp: Tensor) -> Tensor:
+        return self.slot.run.conv(self, inp)
+
+
+class _PixelRun:
+    """One pixel-granularity forward: which positions each conv of the branch computes.
+
+    The branch is a chain, so its convs run in order; the halo of the convs still to come
+    (`remaining`) says which positions a conv must compute: those that close to an active
+    output position. The first conv reads the dense input; later ones read rows of positions.
+    """
+
+    def __init__(self, x: Tensor, active: Tensor, halo: int):
+        self.x, self.active = x, active
+        self.batch, _, self.h, self.w = x.shape
+        self.remaining = halo
+        self.first = True
+        self.masks: dict[int, Tensor] = {}
+        self.flat: dict[int, Tensor] = {}
+        self.macs = torch.zeros(self.batch, dtype=torch.long, device=x.device)
+
+    def positions(self, radius: int) -> Tensor:
+        """Flat (b, y, x) indices of the positions within `radius` of an active one."""
+        if radius not in self.flat:
+            m = self.active.to(self.x.dtype)[:, None]
+            if radius:
+                m = F.max_pool2d(m, 2 * radius + 1, stride=1, padding=radius)
+            self.masks[radius] = m[:, 0] > 0
+            self.flat[radius] = self.masks[radius].flatten().nonzero().squeeze(1)
+        return self.flat[radius]
+
+    def conv(self, unit: PixelConv, inp: Tensor) -> Tensor:
+        conv, r = unit.conv, unit.radius
+        after = self.remaining - r
+        dense_input = self.first
+        self.remaining, self.first = after, False
+        batch, h, w = self.batch, self.h, self.w
+        target = self.positions(after)
+        n = target.numel()
+        self.macs = self.macs + self.masks[after].flatten(1).sum(1) * unit.macs
+        c_in = conv.in_channels
+        if r == 0 and not dense_input:
+            rows = inp.reshape(n, c_in)
+            return _pointwise(rows, conv).view(n, -1, 1, 1)
+        if dense_input:
+            canvas = F.pad(inp, (r, r, r, r)).permute(0, 2, 3, 1).reshape(-1, c_in)
+        else:
+            canvas = inp.new_zeros(batch * (h + 2 * r) * (w + 2 * r), c_in)
+            centre = _padded_index(self.positions(after + r), h, w, r) + r * (w + 2 * r) + r
+            canvas.index_copy_(0, centre, inp.reshape(-1, c_in))
+        base = _padded_index(target, h, w, r)
+        if r == 0:
+            return _pointwise(canvas.index_select(0, base), conv).view(n, -1, 1, 1)
+        d, k = conv.dilation[0], conv.kernel_size[0]
+        steps = torch.arange(k, device=inp.device) * d
+        offsets = (steps[:, None] * (w + 2 * r) + steps[None, :]).flatten()
+        window = (base[:, None] + offsets[None, :]).flatten()
+        patches = canvas.index_select(0, window).view(n, k * k, c_in)
+        return _im2col_conv(patches, conv).view(n, -1, 1, 1)
+
+
+def _position_macs(node: torch.fx.Node) -> int:
+    """MACs of one output position of a conv node, from the front end's count for its map."""
+    return int(node.meta[MACS]) // math.prod(node.meta["tensor_meta"].shape[2:])
 
 
 def _padded_index(flat: Tensor, h: int, w: int, r: int) -> Tensor:
