@@ -318,10 +318,12 @@ class TestSparseBranchCopies:
 
     @pytest.mark.parametrize("granularity", ["pixel", "region"])
     def test_sparse_equals_dense_masked(self, granularity):
+        from dynify.frontend import profile
         from dynify.runtime.sparse_residual import SparseResidual
 
         torch.manual_seed(0)
         branch = torch.fx.symbolic_trace(self.SharedConv().eval())
+        profile(branch, torch.randn(1, 4, 8, 8))  # the MACs per node, as a pass's branch has them
         wrapper = SparseResidual(
             branch,
             in_channels=4,
