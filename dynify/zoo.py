@@ -324,7 +324,10 @@ def _timm_registered(name: str) -> bool:
         from timm.models import parse_model_name
     except ImportError:
         return False
-    prefix, _ = parse_model_name(name)
+    try:
+        prefix, _ = parse_model_name(name)
+    except ValueError:  # an unknown source prefix
+        return False
     return prefix is None and timm.is_model(name)
 
 

@@ -264,8 +264,8 @@ def _field_checks() -> list[tuple[str, Any, str]]:
     return [
         (
             "model",
-            lambda v: isinstance(v, dict) and set(v) <= model_keys and {"kind", "name"} <= set(v),
-            f"an object with 'kind' and 'name' and no keys beyond {sorted(model_keys)}",
+            lambda v: isinstance(v, dict) and set(v) <= model_keys,
+            f"an object with 'kind', 'name' and no keys beyond {sorted(model_keys)}",
         ),
         ("model.kind", lambda v: v in MODEL_KINDS, f"one of {', '.join(MODEL_KINDS)}"),
         ("model.name", _is_name, f"a non-empty string of at most {MAX_NAME_CHARS} characters"),
