@@ -400,6 +400,7 @@ def load(
             f"{unexpected[:5]}. Was it saved by a different version of the model code?"
         )
     dyn.spec = {k: v for k, v in spec.items() if k not in ("weights_sha256", SPEC_HASH, "state")}
+    dyn.artifact_path = Path(path).resolve()  # exports refuse to write over it
     return dyn.eval()
 
 
