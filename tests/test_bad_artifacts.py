@@ -391,5 +391,7 @@ def test_model_argument_loads_a_custom_architecture_with_a_class_leaf(tmp_path):
     with pytest.raises(ModelError, match="trust_imports"):
         dynify.load(path)
     loaded = dynify.load(path, model=CustomNet())
+    trusted = dynify.load(path, trust_imports=[f"{__name__}:CustomNet"])
     with torch.no_grad():
         assert torch.equal(loaded(x), dyn(x))
+        assert torch.equal(trusted(x), dyn(x))
