@@ -170,3 +170,32 @@ def test_export_over_its_own_artifact_or_a_dyn_name_is_refused(tiny_saved, tmp_p
         with pytest.raises(ExportError, match=".dyn suffix"):
             export(dyn, tmp_path / "other.dyn")
     assert path.read_bytes() == before
+
+
+def test_onnx_with_external_data_lands_whole_or_not_at_all(tmp_path):
+    """Models above protobuf's 2 GB keep their weights in a side file; both are written aside."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from dynify.export.onnx import _onnx_output
+
+    def model():  # fresh each time: saving moves the weights out of the proto
+        weight = numpy_helper.from_array(np.arange(4096, dtype=np.float32), "w")
+        output = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4096])
+        node = helper.make_node("Identity", ["w"], ["y"])
+        return helper.make_model(helper.make_graph([node], "g", [], [output], [weight]))
+
+    target = tmp_path / "big.onnx"
+    target.write_bytes(b"old model")
+    (tmp_path / "big.onnx.data").write_bytes(b"old data")
+    with pytest.raises(RuntimeError), _onnx_output(target, large=True) as tmp:
+        onnx.save_model(model(), tmp, save_as_external_data=True, location="big.onnx.data")
+        raise RuntimeError("verification failed")
+    assert target.read_bytes() == b"old model"
+    assert (tmp_path / "big.onnx.data").read_bytes() == b"old data"
+    with _onnx_output(target, large=True) as tmp:
+        onnx.save_model(model(), tmp, save_as_external_data=True, location="big.onnx.data")
+    loaded = onnx.load(str(target))
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), np.arange(4096))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]

@@ -431,9 +431,10 @@ def _onnx_output(path: Path, large: bool) -> Iterator[Path]:
     try:
         yield folder / path.name
         data = folder / (path.name + ".data")
-        for written in (data, folder / path.name):
-            os.chmod(written, 0o644)
-        os.replace(data, path.parent / data.name)
+        if data.exists():
+            os.chmod(data, 0o644)
+            os.replace(data, path.parent / data.name)
+        os.chmod(folder / path.name, 0o644)
         os.replace(folder / path.name, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
