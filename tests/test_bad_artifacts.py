@@ -98,8 +98,9 @@ BAD_FIELDS = [
     ("input_shape", [3, 32, 32, 1, 1], "'input_shape'"),
     ("input_shape", [True, 32, 32], "'input_shape'"),
     ("input_shape", [3, 32.0, 32], "'input_shape'"),
-    ("input_shape", [3, float("nan"), 32], "not valid JSON"),
-    ("input_shape", [3, float("inf"), 32], "not valid JSON"),
+    ("input_shape", [3, float("nan"), 32], "NaN or an infinity in 'input_shape'"),
+    ("input_shape", [3, float("inf"), 32], "NaN or an infinity in 'input_shape'"),
+    ("plan.policy", {"threshold": float("-inf")}, "NaN or an infinity in 'plan.policy.threshold'"),
     ("model", "cifar_resnet20", "'model'"),
     ("model.num_classes", "abc", "'model.num_classes'"),
     ("model.num_classes", 1e12, "'model.num_classes'"),
@@ -174,6 +175,19 @@ def test_checksum_is_over_canonical_json_not_the_file_layout(saved, tmp_path):
     relaid = _write(tmp_path / "relaid.dyn", json.dumps(spec, indent=7), weights)
     assert spec["spec_sha256"] == spec_digest(spec)
     dynify.load(relaid)
+
+
+def test_non_finite_readable_state_of_old_artifacts_still_loads(saved, tmp_path):
+    """Earlier versions wrote a NaN or infinite threshold as NaN/Infinity into `state`."""
+
+    def old_style(spec: dict) -> None:
+        del spec["spec_sha256"]
+        spec["state"] = {"thresholds": [float("inf"), float("nan")]}
+
+    old = _mutated(saved, tmp_path / "old.dyn", old_style, rehash=False)
+    assert b"Infinity" in zipfile.ZipFile(old).read(SPEC_NAME)
+    with pytest.warns(UserWarning, match="Re-save"):
+        dynify.load(old)
 
 
 def test_old_artifact_without_spec_checksum_loads_with_a_warning(saved, tmp_path):
@@ -395,3 +409,13 @@ def test_model_argument_loads_a_custom_architecture_with_a_class_leaf(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), dyn(x))
         assert torch.equal(trusted(x), dyn(x))
+
+
+def test_infinite_threshold_is_saved_as_readable_text_and_loads(saved, tmp_path):
+    dyn = dynify.load(saved)
+    with torch.no_grad():
+        dyn.thresholds[0] = float("inf")  # never leave at exit 0
+    path = dynify.save(dyn, tmp_path / "inf.dyn")
+    spec, _ = _parts(path)
+    assert spec["state"]["thresholds"][0] == "inf" and spec["spec_sha256"] == spec_digest(spec)
+    assert dynify.load(path).thresholds[0] == float("inf")

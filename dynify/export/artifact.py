@@ -147,34 +147,41 @@ def _read_entry(archive: zipfile.ZipFile, name: str, limit: int, path: Path) -> 
     return data
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def _walk(value: Any) -> tuple[int, str | None]:
+    """Nesting depth of parsed JSON, and the key of a NaN or infinity if it holds one."""
+    deepest, non_finite, stack = 0, None, [(value, 1, "")]
     while stack:
-        item, depth = stack.pop()
+        item, depth, key = stack.pop()
         deepest = max(deepest, depth)
         if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
+            stack.extend((v, depth + 1, _join(key, k)) for k, v in item.items())
         elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
+            stack.extend((v, depth + 1, key) for v in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            non_finite = non_finite or key
+    return deepest, non_finite
+
+
+def _join(parent: str, key: Any) -> str:
+    return f"{parent}.{key}" if parent else str(key)
 
 
 def _parse_spec(spec_bytes: bytes, path: Path) -> dict[str, Any]:
     try:
-        spec = json.loads(spec_bytes, parse_constant=_no_constant)
+        spec = json.loads(spec_bytes)
     except RecursionError:
         raise _refuse(path, f"{SPEC_NAME} is nested too deeply to read.") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ArtifactError(f"'{path}': {SPEC_NAME} is not valid JSON ({exc}).") from exc
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ArtifactError(f"'{path}': {SPEC_NAME} is not a dynify spec.")
-    if _depth(spec) > MAX_SPEC_DEPTH:
+    depth, non_finite = _walk(spec)
+    if depth > MAX_SPEC_DEPTH:
         raise _refuse(path, f"{SPEC_NAME} is nested more than {MAX_SPEC_DEPTH} levels deep.")
+    # NaN and infinities are not JSON; earlier versions wrote them in the readable `state` only
+    # (which loading does not use), so they are refused everywhere else.
+    if non_finite is not None and not non_finite.startswith("state"):
+        raise _refuse(path, f"{SPEC_NAME} holds NaN or an infinity in '{non_finite}'.")
     return spec
 
 
