@@ -369,7 +369,13 @@ def rebuild(ref: ModelRef, trust_imports: Sequence[str] = ()) -> nn.Module:
     """
     check_rebuildable(ref, trust_imports)
     if ref.kind == "module":
-        model = _import_factory(ref.name)()
+        try:
+            model = _import_factory(ref.name)()
+        except TypeError as exc:
+            raise ModelError(
+                f"'{ref.name}' cannot be built without arguments ({exc}). Pass the "
+                "architecture instead: dynify.load(path, model=MyNet(...))."
+            ) from exc
         if not isinstance(model, nn.Module):
             raise ModelError(f"'{ref.name}' returned {type(model).__name__}, not an nn.Module.")
     elif ref.weights == "pretrained":
