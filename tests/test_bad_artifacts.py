@@ -419,3 +419,22 @@ def test_infinite_threshold_is_saved_as_readable_text_and_loads(saved, tmp_path)
     spec, _ = _parts(path)
     assert spec["state"]["thresholds"][0] == "inf" and spec["spec_sha256"] == spec_digest(spec)
     assert dynify.load(path).thresholds[0] == float("inf")
+
+
+@pytest.mark.parametrize("conv", [10**8, 3])
+def test_plan_that_does_not_fit_the_weights_allocates_nothing(saved, tmp_path, conv):
+    """A head 10^8 channels wide would take 57 GB; the plan is built on the meta device first."""
+    edit = lambda s: s["plan"]["exits"][0].update(conv=conv)  # noqa: E731
+    bad = _mutated(saved, tmp_path / "wide.dyn", edit)
+    with pytest.raises(ArtifactError, match=r"plan does not fit its weights \(heads\.0\."):
+        dynify.load(bad)
+
+
+def test_plan_asking_for_new_parts_larger_than_the_weights_is_refused(saved, tmp_path):
+    def add_huge_exit(spec: dict) -> None:
+        exits = spec["plan"]["exits"]
+        exits.append({**exits[0], "node": "relu_16", "conv": 10**7})
+
+    bad = _mutated(saved, tmp_path / "more.dyn", add_huge_exit)
+    with pytest.raises(ArtifactError, match="plan does not fit its weights"):
+        dynify.load(bad)

@@ -388,6 +388,7 @@ def load(
     architecture = model if model is not None else rebuild(ref, trust_imports)
     leaves = leaves_of_model(spec.get("leaf_modules", []), architecture)
     front = read_model(architecture, torch.zeros(1, *input_shape), leaves)
+    _check_plan_sizes(strategy, front.context, plan, weights, Path(path))
     try:
         dyn = bind_children(strategy.build(front.context, plan))
         missing, unexpected = dyn.load_state_dict(load_safetensors(weights), strict=False)
@@ -409,6 +410,43 @@ def load(
     dyn.spec = {k: v for k, v in spec.items() if k not in ("weights_sha256", SPEC_HASH, "state")}
     dyn.artifact_path = Path(path).resolve()  # exports refuse to write over it
     return dyn.eval()
+
+
+def _weight_shapes(weights: bytes) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header, without reading the tensors."""
+    size = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + size]) if 8 + size <= len(weights) else {}
+    return {
+        name: tuple(entry["shape"])
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict)
+    }
+
+
+def _check_plan_sizes(strategy: Any, context: Any, plan: dict, weights: bytes, path: Path) -> None:
+    """Build the plan on the meta device first (no memory) and compare it with the weights.
+
+    A plan is data too: one asking for a head a million channels wide would otherwise allocate
+    it before the weights could show the mismatch. Plans the meta device cannot build are left
+    to the real build, whose errors are reported as usual.
+    """
+    try:
+        with torch.device("meta"):
+            probe = strategy.build(context, plan).state_dict()
+        shapes = _weight_shapes(weights)
+    except Exception:
+        return
+    wrong = [k for k, v in probe.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    stored = sum(math.prod(s) for s in shapes.values())
+    extra = sum(v.numel() for k, v in probe.items() if k not in shapes)
+    if wrong or extra > stored:
+        detail = (
+            f"{wrong[0]} is {tuple(probe[wrong[0]].shape)} in the plan but "
+            f"{shapes[wrong[0]]} in the weights"
+            if wrong
+            else f"the plan asks for {extra:,} values more than the {stored:,} stored"
+        )
+        raise _refuse(path, f"its plan does not fit its weights ({detail}).")
 
 
 def _is_alias(dyn: DynamicModel, key: str) -> bool:
