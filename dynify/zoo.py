@@ -2,12 +2,18 @@
 
 One function, `build_model`, turns a name and a weights choice into a model plus a record of how
 it was made (`ModelRef`), so a saved artifact can rebuild the same architecture later.
+
+A name the user types may be an import path: the user chose to run that code. A name read from an
+artifact is data from whoever sent the file, so `rebuild` takes only names from fixed lists (the
+built-ins and torchvision's and timm's registries, never a hub download) and imports anything else
+only when the caller named it in `trust_imports`.
 """
 
 from __future__ import annotations
 
 import difflib
 import pkgutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,7 +124,7 @@ def _instantiate(ref: ModelRef, num_classes: int | None, **kwargs) -> nn.Module:
         import timm
 
         return timm.create_model(ref.name, pretrained=False, **kwargs)
-    factory = _import_factory(BUILTINS.get(ref.name, ref.name))
+    factory = _import_factory(BUILTINS[ref.name] if ref.kind == "builtin" else ref.name)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelError(f"'{ref.name}' returned {type(model).__name__}, not an nn.Module.")
@@ -319,14 +325,69 @@ def build_model(
     return model.eval(), ref
 
 
-def rebuild(ref: ModelRef) -> nn.Module:
-    """The architecture of a saved ref, randomly initialised (an artifact supplies the weights)."""
-    if ref.kind == "module":
+def _timm_registered(name: str) -> bool:
+    """A name in timm's own registry: no `hf-hub:`/`local-dir:` prefix, which would fetch code
+    or configuration from elsewhere."""
+    try:
+        import timm
+        from timm.models import parse_model_name
+    except ImportError:
+        return False
+    try:
+        prefix, _ = parse_model_name(name)
+    except ValueError:  # an unknown source prefix
+        return False
+    return prefix is None and timm.is_model(name)
+
+
+def check_rebuildable(ref: ModelRef, trust_imports: Sequence[str] = ()) -> None:
+    """Refuse a saved reference that rebuilding would have to import without the caller's consent.
+
+    Built-ins, torchvision and timm names are looked up in fixed registries; an import path or a
+    Python class is imported only when `trust_imports` names it exactly.
+    """
+    if ref.kind == "builtin" and ref.name in BUILTINS:
+        return
+    if ref.kind == "torchvision" and ref.name in _torchvision_names():
+        return
+    if ref.kind == "timm" and _timm_registered(ref.name):
+        return
+    if ref.kind in ("import", "module"):
+        if ref.name in trust_imports:
+            return
+        what = "model factory" if ref.kind == "import" else "Python class"
         raise ModelError(
-            f"This artifact was converted from a Python object ({ref.name}) and cannot rebuild it "
-            "alone: pass the architecture, e.g. dynify.load(path, model=MyNet())."
+            f"This artifact rebuilds its model from the {what} '{ref.name}', and loading an "
+            "artifact never imports code it names unless you trust it. Either pass the "
+            "architecture, e.g. dynify.load(path, model=MyNet()), or, if you trust that code, "
+            f"name it: dynify.load(path, trust_imports=[{ref.name!r}]) (CLI: --trust-import "
+            f"{ref.name})."
         )
-    if ref.weights == "pretrained":
+    raise ModelError(
+        f"This artifact names the {ref.kind} model '{ref.name}', which is not in dynify's "
+        f"built-ins ({', '.join(BUILTINS)}), torchvision's or timm's registry, so it cannot be "
+        "rebuilt by name (hub models are never fetched at load). Pass the architecture: "
+        "dynify.load(path, model=MyNet())."
+    )
+
+
+def rebuild(ref: ModelRef, trust_imports: Sequence[str] = ()) -> nn.Module:
+    """The architecture of a saved ref, randomly initialised (an artifact supplies the weights).
+
+    Only registry names are rebuilt by name; see `check_rebuildable` for import paths.
+    """
+    check_rebuildable(ref, trust_imports)
+    if ref.kind == "module":
+        try:
+            model = _import_factory(ref.name)()
+        except TypeError as exc:
+            raise ModelError(
+                f"'{ref.name}' cannot be built without arguments ({exc}). Pass the "
+                "architecture instead: dynify.load(path, model=MyNet(...))."
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"'{ref.name}' returned {type(model).__name__}, not an nn.Module.")
+    elif ref.weights == "pretrained":
         if ref.kind == "timm":
             model = _instantiate(ref, None)
         else:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 import urllib.error
 import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -396,3 +400,213 @@ def test_cached_tensor_dataset_round_trips_without_unpickling(folder, tmp_path):
     again = cached_tensor_dataset(folder, None, cache)
     assert torch.equal(again.images, first.images) and torch.equal(again.targets, first.targets)
     assert again.classes == first.classes == load_dataset(folder).classes
+
+
+# --- files read right or refused -------------------------------------------------------------
+
+
+def _png(width: int, height: int, depth: int, color: int, rows: list[bytes]) -> bytes:
+    """A PNG written by hand: any bit depth, and any size in the header whatever the data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    idat = zlib.compress(b"".join(b"\x00" + row for row in rows))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def _one_image_folder(root: Path, name: str, write) -> Path:
+    (root / "cls").mkdir(parents=True)
+    write(root / "cls" / name)
+    return root
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    gray = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    root = _one_image_folder(tmp_path / "d", "g.png", lambda p: Image.fromarray(gray).save(p))
+    assert Image.open(root / "cls" / "g.png").mode == "I;16"
+    decoded = pixels(load_dataset(root)[0][0])
+    expected = torch.from_numpy(np.rint(gray / 257.0).astype(np.uint8))
+    assert torch.equal(decoded, expected.expand(3, 8, 8))
+    assert len(decoded.unique()) > 40  # not all 255
+
+
+def test_16_bit_rgb_png_keeps_its_colours(tmp_path):
+    values = np.array([[[65535, 0, 32896], [2570, 51400, 65535]]], dtype=">u2")
+    data = _png(2, 1, 16, 2, [row.tobytes() for row in values])
+    root = _one_image_folder(tmp_path / "d", "c.png", lambda p: p.write_bytes(data))
+    decoded = pixels(load_dataset(root)[0][0])
+    assert decoded[:, 0, :].T.tolist() == [[255, 0, 128], [10, 200, 255]]
+
+
+def test_float_tiff_in_unit_range_is_scaled(tmp_path):
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    root = _one_image_folder(tmp_path / "d", "f.tif", lambda p: Image.fromarray(values).save(p))
+    decoded = pixels(load_dataset(root)[0][0])
+    assert torch.equal(decoded[0], torch.from_numpy(np.rint(values * 255).astype(np.uint8)))
+    assert int(decoded.max()) == 255 and int(decoded.min()) == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.full((4, 4), 300.0, np.float32), r"float pixels from 300 to 300.*\[0, 1\]"),
+        (np.full((4, 4), np.nan, np.float32), "NaN or infinite"),
+        (np.full((4, 4), 70_000, np.int32), "32-bit integer pixels"),
+    ],
+)
+def test_images_outside_a_known_range_are_refused(tmp_path, values, message):
+    root = _one_image_folder(tmp_path / "d", "x.tif", lambda p: Image.fromarray(values).save(p))
+    dataset = load_dataset(root)
+    with pytest.raises(DataError, match=message):
+        dataset[0]
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path):
+    bomb = _png(14000, 14000, 8, 0, [])  # 196 M pixels in a header of a few bytes
+    root = _one_image_folder(tmp_path / "d", "bomb.png", lambda p: p.write_bytes(bomb))
+    with pytest.raises(DataError, match="too large to decode") as info:
+        load_dataset(root)[0]
+    assert "bomb.png" in str(info.value)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w") as zf:
+        zf.writestr("cls/bomb.png", bomb)
+    with pytest.raises(DataError, match="too large to decode"):
+        load_dataset(tmp_path / "bomb.zip")[0]
+
+
+def test_image_above_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    import dynify.train.data.images as images
+
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)  # PIL itself would only warn
+    root = _one_image_folder(tmp_path / "d", "a.png", lambda p: Image.new("RGB", (20, 20)).save(p))
+    with pytest.raises(DataError, match="20 x 20 pixels"):
+        load_dataset(root)[0]
+
+
+@pytest.fixture
+def opened_members(monkeypatch):
+    opened = []
+    original = zipfile.ZipFile.open
+
+    def spy(self, name, mode="r", *args, **kwargs):
+        if mode == "r":
+            opened.append(getattr(name, "filename", name))
+        return original(self, name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    return opened
+
+
+def test_zip_member_over_the_size_limit_is_refused_before_inflating(
+    tmp_path, monkeypatch, opened_members
+):
+    import dynify.train.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "MAX_MEMBER_BYTES", 1_000_000)
+    with zipfile.ZipFile(tmp_path / "big.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+        zf.writestr("cls/small.png", buffer.getvalue())
+        zf.writestr("cls/huge.png", bytes(3_000_000))  # 3 MB of zeros, a few kB in the zip
+    assert (tmp_path / "big.zip").stat().st_size < 20_000
+    with pytest.raises(DataError, match=r"cls/huge\.png .* would inflate .* 3,000,000 bytes"):
+        load_dataset(tmp_path / "big.zip")
+    assert "cls/huge.png" not in opened_members
+
+
+@pytest.mark.parametrize("name", ["/cls/a.png", "../cls/a.png", "cls/../../a.png", "C:/cls/a.png"])
+def test_absolute_or_climbing_member_names_are_refused(tmp_path, name):
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zf:
+        zf.writestr("cls/ok.png", b"")
+        zf.writestr(name, b"")
+    with pytest.raises(DataError, match="absolute path or one that climbs") as info:
+        load_dataset(tmp_path / "evil.zip")
+    assert repr(name) in str(info.value)
+
+
+def _patch_member(path: Path, name: str, *, method: int | None = None, flags: int | None = None):
+    """Rewrite one member's compression method or flag bits in both of its zip headers."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(name).header_offset
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46 : central + 46 + len(name)] != name.encode():
+        central = data.find(b"PK\x01\x02", central + 4)
+    for offset, field in ((local, 6), (central, 8)):
+        if flags is not None:
+            data[offset + field : offset + field + 2] = flags.to_bytes(2, "little")
+        if method is not None:
+            data[offset + field + 2 : offset + field + 4] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [({"flags": 1}, "is encrypted"), ({"method": 99}, "uses compression method 99")],
+)
+def test_encrypted_or_unknown_compression_members_are_refused(folder, tmp_path, patch, message):
+    archive = zip_folder(folder, tmp_path / "data.zip")
+    _patch_member(archive, "cat/002.png", **patch)
+    with zipfile.ZipFile(archive) as zf, pytest.raises((RuntimeError, NotImplementedError)):
+        zf.read("cat/002.png")  # the patch took: zipfile itself now fails
+    with pytest.raises(DataError, match=rf"cat/002\.png in .*data\.zip {message}"):
+        load_dataset(archive)
+
+
+def test_symlink_loop_does_not_multiply_samples(folder):
+    (folder / "cat" / "loop").symlink_to(folder)
+    (folder / "dog" / "again").symlink_to(folder / "dog")
+    dataset = load_dataset(folder)
+    assert dataset.classes == CLASSES
+    assert len(dataset) == sum(COUNTS.values())
+    assert len({path for path, _ in dataset.samples}) == len(dataset)
+
+
+def test_symlink_out_of_the_folder_is_refused(folder, tmp_path):
+    (tmp_path / "elsewhere" / "cow").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "cow" / f"{i:03d}.png")
+    (folder / "cat" / "outside").symlink_to(tmp_path / "elsewhere" / "cow")
+    with pytest.raises(DataError, match=r"cat/outside is a symbolic link that leads outside"):
+        load_dataset(folder)
+    (folder / "cat" / "outside").unlink()
+    (folder / "bird" / "x.png").symlink_to(tmp_path / "elsewhere" / "cow" / "000.png")
+    with pytest.raises(DataError, match="leads outside"):
+        load_dataset(folder)
+    (folder / "bird" / "x.png").unlink()
+    (folder / "bird" / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(DataError, match="broken"):
+        load_dataset(folder)
+
+
+def test_symlink_within_the_folder_is_followed(folder, tmp_path):
+    (folder / "dog").rename(tmp_path / "dog")
+    (folder / ".store").mkdir()
+    (tmp_path / "dog").rename(folder / ".store" / "dog")
+    (folder / "dog").symlink_to(folder / ".store" / "dog")
+    dataset = load_dataset(folder)
+    assert dataset.classes == CLASSES and len(dataset) == sum(COUNTS.values())
+
+
+@pytest.mark.parametrize("small_first", [True, False])
+def test_mixed_sizes_are_handled_alike_in_any_order(tmp_path, small_first):
+    from types import SimpleNamespace
+
+    from dynify.train.batches import open_data
+    from dynify.train.data import MixedImageSizes
+
+    root = tmp_path / "mixed"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i, size in enumerate((8, 80) if small_first else (80, 8)):
+            Image.new("RGB", (size, size), (i * 50, 0, 0)).save(root / c / f"{i}.png")
+    with pytest.raises(MixedImageSizes, match=r"8 x 8 pixels.* 80 x 80|80 x 80 pixels.* 8 x 8"):
+        to_tensor_dataset(load_dataset(root))
+    dataset = open_data(root, SimpleNamespace(num_classes=2))
+    assert not isinstance(dataset, TensorImageDataset) and len(dataset) == 4
+    resize = make_transforms(input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=False)
+    assert {tuple(resize(dataset[i][0]).shape) for i in range(4)} == {(3, 32, 32)}

@@ -88,3 +88,31 @@ def test_import_path_factory_and_timm_name():
 def test_bad_import_path_is_a_clear_error():
     with pytest.raises(ModelError, match="package.module:factory"):
         zoo.build_model("no_such_pkg.mod:factory", weights="random")
+
+
+def test_rebuild_takes_registry_names_offline_and_imports_only_what_is_trusted(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("rebuilding reached for the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    tv = zoo.rebuild(zoo.ModelRef("torchvision", "resnet18", num_classes=3))
+    assert tv.fc.out_features == 3
+    timm_model = zoo.rebuild(zoo.ModelRef("timm", "test_resnet.r160_in1k", num_classes=4))
+    assert timm_model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+    assert isinstance(zoo.rebuild(zoo.ModelRef("builtin", "cifar_resnet20")), torch.nn.Module)
+    for kind, name in [
+        ("timm", "hf-hub:someone/resnet18"),
+        ("timm", "local-dir:/tmp/model"),
+        ("torchvision", "dynify.models.cifar_resnet:cifar_resnet20"),
+        ("builtin", "dynify.models.cifar_resnet:cifar_resnet20"),
+        ("builtin", "resnet18"),
+    ]:
+        with pytest.raises(ModelError, match="not in dynify's built-ins"):
+            zoo.rebuild(zoo.ModelRef(kind, name))
+    path = "dynify.models.cifar_resnet:cifar_resnet20"
+    with pytest.raises(ModelError, match=rf"trust_imports=\['{path}'\]"):
+        zoo.rebuild(zoo.ModelRef("import", path))
+    trusted = zoo.rebuild(zoo.ModelRef("import", path, num_classes=7), trust_imports=[path])
+    assert trusted(torch.randn(1, 3, 32, 32)).shape == (1, 7)

@@ -19,6 +19,7 @@ from dynify.errors import ExportError
 from dynify.export.bench import threshold_cases
 from dynify.export.onnx import OnnxExport, write_onnx, write_pt2
 from dynify.export.verify import PARITY_ATOL, ParityReport, verify_pt2
+from dynify.files import atomic_output
 from dynify.runtime.model import DynamicModel
 
 __all__ = ["export_onnx", "export_onnx_report", "export_pt2", "export_pt2_report"]
@@ -61,6 +62,25 @@ def _default_path(dyn: DynamicModel, suffix: str) -> Path:
     return Path(f"{name}-{dyn.strategy or 'dynamic'}{suffix}")
 
 
+def _output_path(dyn: DynamicModel, path: str | Path | None, suffix: str) -> Path:
+    """Where to write an export: never over the artifact the model was loaded from, nor under a
+    .dyn name, which would make an ONNX or .pt2 file pass for an artifact."""
+    target = _default_path(dyn, suffix) if path is None else Path(path)
+    source = getattr(dyn, "artifact_path", None)
+    if source is not None and target.resolve() == Path(source).resolve():
+        raise ExportError(
+            f"'{target}' is the artifact this model was loaded from; exporting there would "
+            f"replace it with a {suffix} file. Choose another output path, e.g. "
+            f"'{target.with_suffix(suffix)}'."
+        )
+    if target.suffix.lower() == ".dyn":
+        raise ExportError(
+            f"'{target}' has the .dyn suffix of dynify artifacts, but an export writes a "
+            f"{suffix} file. Choose an output path ending in {suffix}."
+        )
+    return target
+
+
 def export_onnx_report(
     dyn: DynamicModel,
     path: str | Path | None = None,
@@ -77,10 +97,11 @@ def export_onnx_report(
     module = export_face(dyn)
     inputs = verification_inputs(dyn, batch=batch)
     labels, thresholds = verification_cases(dyn)
+    target = _output_path(dyn, path, ".onnx")
     return write_onnx(
         module,
         torch.cat(inputs[:2]) if batch is None else inputs[0],
-        _default_path(dyn, ".onnx") if path is None else path,
+        target,
         opset=opset,
         dynamic_batch=batch is None,
         verify=verify,
@@ -108,7 +129,10 @@ def export_onnx(
     and `decisions` int64: for exit cascades the exit index [N] (K = the final classifier),
     for block gates the executed blocks [N, K], for spatial masks the active units [N, K]. With `verify`
     (default) ONNX Runtime must match the eager model within 1e-4 with the same decisions at
-    every forced behaviour, else the file is deleted and ExportError raised. An op without an
+    every forced behaviour, else ExportError is raised and nothing is written: the file is
+    verified under a temporary name, so a refused export leaves an existing file untouched.
+    An output path equal to the artifact the model was loaded from, or ending in .dyn, is
+    refused. An op without an
     ONNX translation raises ExportError naming the op, the graph node and the submodule.
     N is dynamic unless `batch` fixes it: a graph for one batch size, which at batch 1 leaves
     out the per-sample gather/scatter of every exit (one sample either leaves or goes on).
@@ -120,21 +144,21 @@ def export_pt2_report(
     dyn: DynamicModel, path: str | Path | None = None, *, verify: bool = True
 ) -> tuple[Path, ParityReport | None]:
     """`export_pt2`, returning the parity report too."""
+    target = _output_path(dyn, path, ".pt2")
     module = export_face(dyn)
     inputs = verification_inputs(dyn)
     labels, thresholds = verification_cases(dyn)
-    path = write_pt2(
-        module,
-        torch.cat([inputs[0], inputs[1]]),
-        _default_path(dyn, ".pt2") if path is None else path,
-    )
-    if not verify:
-        return path, None
-    report = verify_pt2(dyn, path, inputs, thresholds, labels=labels, module=module)
-    if not report.ok:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"the .pt2 program does not match eager, export refused:\n{report}")
-    return path, report
+    report = None
+    # Verified under a temporary name: a refused export leaves an existing file untouched.
+    with atomic_output(target) as tmp:
+        write_pt2(module, torch.cat([inputs[0], inputs[1]]), tmp)
+        if verify:
+            report = verify_pt2(dyn, tmp, inputs, thresholds, labels=labels, module=module)
+            if not report.ok:
+                raise ExportError(
+                    f"the .pt2 program does not match eager, export refused:\n{report}"
+                )
+    return target, report
 
 
 def export_pt2(dyn: DynamicModel, path: str | Path | None = None, *, verify: bool = True) -> Path:

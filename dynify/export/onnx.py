@@ -32,8 +32,12 @@ Pitfalls handled here:
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,7 @@ from dynify.export.verify import (
     first_line,
     verify_onnx,
 )
+from dynify.files import atomic_output
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES, DynamicModel
 
@@ -166,8 +171,8 @@ def write_pt2(
     """
     ep = _torch_export(module, example_input, dynamic_batch)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(ep, path)
+    with atomic_output(path) as tmp:
+        torch.export.save(ep, tmp)
     return path
 
 
@@ -399,6 +404,31 @@ def _set_default_thresholds(model: Any, thresholds: Tensor) -> None:
             inp.doc_string = "per-exit confidence thresholds; defaults to the calibrated ones"
 
 
+@contextmanager
+def _onnx_output(path: Path, large: bool) -> Iterator[Path]:
+    """`atomic_output` for an ONNX file, and for its `.data` side file when it has one.
+
+    A model with external data names the side file, so both are written under their final
+    names in a temporary folder beside `path` and moved into place once complete.
+    """
+    if not large:
+        with atomic_output(path) as tmp:
+            yield tmp
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield folder / path.name
+        data = folder / (path.name + ".data")
+        if data.exists():
+            os.chmod(data, 0o644)
+            os.replace(data, path.parent / data.name)
+        os.chmod(folder / path.name, 0o644)
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @dataclass
 class OnnxExport:
     """What `write_onnx` produced: the file, its control flow and the parity check."""
@@ -436,7 +466,9 @@ def write_onnx(
     cascade, per-unit flags or counts [N, K] otherwise). With `verify`, ONNX Runtime is compared with `reference` (default: the
     module itself; a DynamicModel is run through its eager forward) on `inputs` at every entry
     of `thresholds_list` (defaults: the example and its first sample; thresholds 0, default,
-    1.01), and an export above `atol` or with other decisions is deleted and refused.
+    1.01), and an export above `atol` or with other decisions is refused. The file is written,
+    checked and verified under a temporary name and renamed to `path` only then, so a refused
+    or failed export leaves an existing file at `path` untouched.
     """
     import time
 
@@ -476,34 +508,34 @@ def write_onnx(
     if dynamic_batch:
         _rename_dim(model.graph, _batch_symbol(ep, in_names[0]), "batch")
     model.doc_string = f"dynify {type(module).__name__}: {n_if} If nodes, thresholds input"
-    path.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() >= 2**31 - 2**24  # protobuf's 2 GB limit: weights go to a side file
-    onnx.save_model(model, path, save_as_external_data=large, location=path.name + ".data")
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"the exported ONNX model is invalid: {first_line(exc)}") from exc
     report = None
-    if verify:
-        if inputs is None:
-            x = example_input.detach()
-            inputs = [x[:1], x] if dynamic_batch and x.shape[0] > 1 else [x]
-        if thresholds_list is None:
-            k = _num_thresholds(module)
-            thresholds_list = [[0.0] * k, None, [1.01] * k]
-        report = verify_onnx(
-            reference if reference is not None else module,
-            path,
-            inputs,
-            thresholds_list,
-            atol=atol,
-            labels=labels,
-            module=module,
-        )
-        if not report.ok:
-            path.unlink(missing_ok=True)
-            raise ExportError(f"ONNX Runtime does not match eager, export refused:\n{report}")
+    # Written, checked and verified under a temporary name: a refused export leaves whatever
+    # was at `path` before untouched.
+    with _onnx_output(path, large) as tmp:
+        onnx.save_model(model, tmp, save_as_external_data=large, location=path.name + ".data")
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"the exported ONNX model is invalid: {first_line(exc)}") from exc
+        if verify:
+            if inputs is None:
+                x = example_input.detach()
+                inputs = [x[:1], x] if dynamic_batch and x.shape[0] > 1 else [x]
+            if thresholds_list is None:
+                k = _num_thresholds(module)
+                thresholds_list = [[0.0] * k, None, [1.01] * k]
+            report = verify_onnx(
+                reference if reference is not None else module,
+                tmp,
+                inputs,
+                thresholds_list,
+                atol=atol,
+                labels=labels,
+                module=module,
+            )
+            if not report.ok:
+                raise ExportError(f"ONNX Runtime does not match eager, export refused:\n{report}")
     return OnnxExport(
         path=path,
         if_nodes=n_if,
@@ -572,6 +604,6 @@ def write_plain_onnx(
             )
     except Exception as exc:
         raise ExportError(f"the static network could not be exported: {first_line(exc)}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(program.model_proto, path)
+    with atomic_output(path) as tmp:
+        onnx.save_model(program.model_proto, tmp)
     return path

@@ -177,7 +177,11 @@ def _trace_error(model: nn.Module, tracer: DynifyTracer, exc: Exception) -> Trac
 
 
 def leaf_options(leaves: Iterable[str]) -> TraceOptions:
-    """TraceOptions from command-line strings: qualified names, or 'pkg.mod:Class' types."""
+    """TraceOptions from command-line strings: qualified names, or 'pkg.mod:Class' types.
+
+    'pkg.mod:Class' is imported: for names the user typed. Names read from an artifact go
+    through `leaves_of_model`, which imports nothing.
+    """
     resolved: list[LeafSpec] = []
     for leaf in leaves:
         if ":" in leaf:
@@ -188,3 +192,22 @@ def leaf_options(leaves: Iterable[str]) -> TraceOptions:
         else:
             resolved.append(leaf)
     return TraceOptions(leaf_modules=resolved)
+
+
+def leaves_of_model(leaves: Iterable[str], model: nn.Module) -> list[LeafSpec]:
+    """An artifact's leaf entries, with 'pkg.mod:Class' found among the classes `model` is built of.
+
+    Nothing is imported: a class that neither any submodule's type nor one of its bases is cannot
+    make any module a leaf, so such an entry is dropped.
+    """
+    classes: dict[str, type] = {}
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            classes.setdefault(f"{cls.__module__}:{cls.__qualname__}", cls)
+    resolved: list[LeafSpec] = []
+    for leaf in leaves:
+        if ":" not in leaf:
+            resolved.append(leaf)
+        elif leaf in classes:
+            resolved.append(classes[leaf])
+    return resolved

@@ -8,6 +8,7 @@ uint8 tensor and augmented on whole batches; large ones stream through a DataLoa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -25,6 +26,7 @@ from dynify.train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SMALL_IMAGE_MAX,
+    MixedImageSizes,
     TensorImageDataset,
     load_dataset,
     make_transforms,
@@ -133,7 +135,8 @@ def open_data(
         if isinstance(size, tuple) and max(size) <= SMALL_IMAGE_MAX:
             pixels = len(dataset) * 3 * size[0] * size[1]
             if pixels <= DECODE_LIMIT_BYTES:
-                dataset = to_tensor_dataset(dataset)
+                with contextlib.suppress(MixedImageSizes):  # lazy: transforms resize them all
+                    dataset = to_tensor_dataset(dataset)
     return dataset
 
 

@@ -2,9 +2,12 @@
 
 `load_dataset` accepts an ImageFolder directory, a `.zip` of one (read in place, member by member),
 a torchvision data set name, or tensors. Folder and zip share one indexing routine, so the same
-images give the same classes, order and labels either way. Decoding small JPEGs costs more than a
-small network's epoch on two cores, so `to_tensor_dataset` decodes once into a uint8 tensor and
-`random_crop_flip` augments whole batches of it (`dynify.train.batches` drives the epochs).
+images give the same classes, order and labels either way. Files are read right or refused
+(`images`): 16-bit and float pixels are scaled, not clipped; oversized images and zip members,
+unsafe member names, encrypted entries and symbolic links out of the folder are refused.
+Decoding small JPEGs costs more than a small network's epoch on two cores, so
+`to_tensor_dataset` decodes once into a uint8 tensor and `random_crop_flip` augments whole
+batches of it (`dynify.train.batches` drives the epochs).
 """
 
 from dynify.train.data.datasets import (
@@ -12,10 +15,11 @@ from dynify.train.data.datasets import (
     TensorImageDataset,
     ZipImageFolder,
 )
+from dynify.train.data.images import MAX_IMAGE_PIXELS
 from dynify.train.data.layout import IMAGE_EXTENSIONS
 from dynify.train.data.loading import DataSource, data_home, load_dataset
 from dynify.train.data.splits import LabeledSubset, dataset_targets, split_dataset
-from dynify.train.data.tensors import cached_tensor_dataset, to_tensor_dataset
+from dynify.train.data.tensors import MixedImageSizes, cached_tensor_dataset, to_tensor_dataset
 from dynify.train.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,10 +35,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "SMALL_IMAGE_MAX",
     "DataSource",
     "ImageFolderDataset",
     "LabeledSubset",
+    "MixedImageSizes",
     "TensorImageDataset",
     "Transform",
     "ZipImageFolder",

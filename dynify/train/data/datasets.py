@@ -16,7 +16,54 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dynify.errors import DataError
+from dynify.train.data.images import open_rgb
 from dynify.train.data.transforms import Transform
+
+MAX_MEMBER_BYTES = 256 * 2**20  # one image file in a zip; refused above, before inflating
+# Methods zipfile reads with the standard library alone: stored, deflate, bzip2, lzma.
+ZIP_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+_UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for broken files
+
+
+def check_member(info: zipfile.ZipInfo, archive: Path) -> None:
+    """Refuse a zip member that cannot or should not be read, from the zip's directory alone."""
+    problem = None
+    if info.flag_bits & 0x1:
+        problem = "is encrypted; dynify reads unencrypted archives only"
+    elif info.compress_type not in ZIP_METHODS:
+        problem = (
+            f"uses compression method {info.compress_type}, which Python's zipfile cannot read "
+            f"(it reads {', '.join(ZIP_METHODS.values())})"
+        )
+    elif info.file_size > MAX_MEMBER_BYTES:
+        problem = (
+            f"would inflate from {info.compress_size:,} to {info.file_size:,} bytes, more than "
+            f"the {MAX_MEMBER_BYTES:,} bytes an image file may take"
+        )
+    if problem:
+        raise DataError(
+            f"{info.filename} in {archive} {problem}. Re-create the archive without it (e.g. "
+            "`zip -r data.zip folder/`), or pass the extracted folder."
+        )
+
+
+def read_member(archive: zipfile.ZipFile, name: str, where: Path) -> bytes:
+    """A member's bytes, never more than `MAX_MEMBER_BYTES` inflated whatever its header says."""
+    info = archive.getinfo(name)
+    check_member(info, where)
+    with archive.open(info) as member:
+        data = member.read(MAX_MEMBER_BYTES + 1)
+    if len(data) > MAX_MEMBER_BYTES:
+        raise DataError(
+            f"{name} in {where} inflates to more than {MAX_MEMBER_BYTES:,} bytes although its "
+            "header says less: the archive is damaged or crafted. Re-create it."
+        )
+    return data
 
 
 class _ImageFileDataset(Dataset):
@@ -65,8 +112,8 @@ class ImageFolderDataset(_ImageFileDataset):
         full = self.root / path
         try:
             with open(full, "rb") as f:
-                return Image.open(f).convert("RGB")
-        except OSError as e:
+                return open_rgb(f, str(full))
+        except _UNREADABLE as e:
             raise DataError(f"Cannot read image {full}: {e}. Replace or remove the file.") from e
 
 
@@ -97,9 +144,9 @@ class ZipImageFolder(_ImageFileDataset):
 
     def _load(self, path: str) -> Image.Image:
         try:
-            data = self._archive().read(path)
-            return Image.open(io.BytesIO(data)).convert("RGB")
-        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            data = read_member(self._archive(), path, self.path)
+            return open_rgb(io.BytesIO(data), f"{path} in {self.path}")
+        except (*_UNREADABLE, zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError) as e:
             raise DataError(
                 f"Cannot read {path} from {self.path}: {e}. The archive is damaged or changed "
                 "since it was indexed; re-create it or pass the extracted folder."

@@ -59,16 +59,50 @@ class _Tree:
 
 
 def _folder_tree(root: Path) -> _Tree:
+    """The tree under `root`, following symbolic links only where they stay inside it.
+
+    Each real folder is read once, under the first of its names in sorted order: a link to a
+    folder already read (a loop, or a second name for a class) adds nothing, so no image is
+    counted twice. A link that leads out of `root`, or nowhere, is refused.
+    """
     tree = _Tree()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        rel = Path(dirpath).relative_to(root).as_posix()
-        rel = "" if rel == "." else rel
+    top = os.path.realpath(root)
+    visited: set[str] = set()
+    pending = [("", str(root))]  # depth first, in sorted order: popped from the end
+    while pending:
+        rel, folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in visited:
+            continue
+        visited.add(real)
         tree.add_dir(rel)
-        for name in filenames:
-            if not _is_hidden(name):
-                tree.add_file(_join(rel, name))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError as e:
+            raise DataError(f"Cannot list {folder}: {e}. Check the folder's permissions.") from e
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            child = _join(rel, entry.name)
+            if entry.is_symlink():
+                _check_link(root, child, top)
+            if entry.is_dir():
+                pending.append((child, entry.path))
+            elif entry.is_file():
+                tree.add_file(child)
     return tree
+
+
+def _check_link(root: Path, rel: str, top: str) -> None:
+    target = os.path.realpath(root / rel)
+    inside = target == top or target.startswith(top.rstrip(os.sep) + os.sep)
+    if not inside or not os.path.exists(target):
+        where = "outside the folder" if os.path.exists(target) else "nowhere (it is broken)"
+        raise DataError(
+            f"{root / rel} is a symbolic link that leads {where} ({target}). dynify follows "
+            f"links only within {root}, so the data set is what the folder holds. Copy the "
+            "files in, remove the link, or point at a folder that contains its target."
+        )
 
 
 def _zip_tree(names: Sequence[str]) -> _Tree:

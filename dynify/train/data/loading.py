@@ -14,7 +14,12 @@ import torchvision
 from torch.utils.data import Dataset
 
 from dynify.errors import DataError
-from dynify.train.data.datasets import ImageFolderDataset, TensorImageDataset, ZipImageFolder
+from dynify.train.data.datasets import (
+    ImageFolderDataset,
+    TensorImageDataset,
+    ZipImageFolder,
+    check_member,
+)
 from dynify.train.data.layout import _folder_tree, _index, _resolve_root, _zip_tree
 from dynify.train.data.transforms import Transform
 
@@ -99,16 +104,32 @@ def _from_folder(path: Path, split: str | None, transform: Transform | None) -> 
 def _from_zip(path: Path, split: str | None, transform: Transform | None) -> ZipImageFolder:
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            members = archive.infolist()
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(
             f"{path} is not a readable zip archive ({e}). Re-create it (e.g. `zip -r data.zip "
             "folder/`) or pass the image folder itself."
         ) from e
-    tree = _zip_tree(names)
+    for info in members:
+        _check_member_name(info.filename, path)
+    tree = _zip_tree([info.filename for info in members])
     root = _resolve_root(tree, split, str(path))
     classes, samples = _index(tree, root, str(path), split is not None)
+    by_name = {info.filename: info for info in members}
+    for name, _ in samples:
+        check_member(by_name[name], path)
     return ZipImageFolder(path, classes, samples, transform)
+
+
+def _check_member_name(name: str, archive: Path) -> None:
+    """Refuse absolute and `..` member names: they name files outside the archive's tree."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or "\0" in name or parts[0][1:2] == ":":
+        raise DataError(
+            f"{archive} holds a member named {name!r}, an absolute path or one that climbs out "
+            "of the archive with '..'. Re-create the archive from the data folder itself "
+            "(e.g. `cd data && zip -r ../data.zip .`)."
+        )
 
 
 def _from_tensors(

@@ -19,7 +19,11 @@ from dynify.train.data.loading import load_dataset
 from dynify.train.data.splits import _classes_of
 
 
-def _collate_uint8(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+class MixedImageSizes(DataError):
+    """Images of more than one size, which one tensor cannot hold."""
+
+
+def _collate_uint8(batch: list[tuple[Any, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
     images = []
     for image, _ in batch:
         if isinstance(image, Image.Image):
@@ -31,12 +35,11 @@ def _collate_uint8(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Te
                 "Load it with transform=None and transform the batches instead."
             )
         images.append(image)
-    if len({tuple(im.shape) for im in images}) > 1:
-        raise DataError(
-            f"Images differ in size ({sorted({tuple(im.shape) for im in images})[:4]}), so they "
-            "cannot share one tensor. Resize them on disk, or keep the lazy data set."
-        )
-    return torch.stack(images), torch.tensor([int(y) for _, y in batch])
+    return images, torch.tensor([int(y) for _, y in batch])
+
+
+def _size(image: torch.Tensor) -> str:
+    return f"{image.shape[-1]} x {image.shape[-2]}"
 
 
 def to_tensor_dataset(
@@ -45,14 +48,26 @@ def to_tensor_dataset(
     """Decode every image once into a uint8 (N, C, H, W) tensor, for epochs without JPEG decoding.
 
     `dataset` must yield raw images (PIL or uint8 tensors, all one size), i.e. be loaded with
-    `transform=None`. CIFAR-10's 50,000 training images take 150 MB.
+    `transform=None`. CIFAR-10's 50,000 training images take 150 MB. Images of different sizes
+    raise `MixedImageSizes` naming two of them, whichever order the files come in.
     """
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_uint8
     )
     images, labels = [], []
-    for x, y in loader:
-        images.append(x)
+    first: torch.Tensor | None = None
+    for batch, y in loader:
+        for offset, image in enumerate(batch):
+            if first is None:
+                first = image
+            elif image.shape != first.shape:
+                raise MixedImageSizes(
+                    f"The images differ in size: image 0 is {_size(first)} pixels, image "
+                    f"{len(labels) * batch_size + offset} is {_size(image)} (or they differ in "
+                    "channels), so they cannot share one tensor. Resize them to one size on "
+                    "disk, or keep the lazy data set, whose transforms resize every image."
+                )
+        images.append(torch.stack(batch))
         labels.append(y)
     if not images:
         raise DataError("The data set is empty; there is nothing to decode.")
