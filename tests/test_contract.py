@@ -8,8 +8,10 @@ granularities). Each variant of each strategy, converted once from a tiny networ
    thresholds under which the batch's samples decide differently;
 3. report in `last_macs` the MACs `FlopCounterMode` counts for the work that really ran;
 4. survive `dynify.save` / `dynify.load` with identical outputs, thresholds and decisions;
-5. export to ONNX (`dynify.export_onnx`, verified) and match eager in ONNX Runtime at
-   thresholds that force each behaviour: logits within 1e-4, the same decisions;
+5. have an export face (`forward(x, thresholds) -> (logits, decisions)`) that decides like
+   the model at thresholds forcing each behaviour, and export to ONNX (`dynify.export_onnx`,
+   verified) matching eager in ONNX Runtime there: logits within 1e-4, the same decisions
+   (the ONNX half is marked slow: an export takes tens of seconds);
 6. convert through the CLI.
 
 Every contract operation goes through the adapters below, so a renamed contract method is a
@@ -188,19 +190,21 @@ CANDIDATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9
 
 
 def mixing_thresholds(dyn: dynify.DynamicModel, x: Tensor) -> list[float]:
-    """Thresholds (from a grid, one coordinate at a time, twice over) under which the batch's
-    samples take the most different decisions: not all exit, not none."""
-    thresholds = [CANDIDATES[len(CANDIDATES) // 2]] * len(thresholds_of(dyn))
-    most = 0
+    """Thresholds from a grid (one value for all, then one coordinate at a time) under which
+    the batch's samples take the most different decisions: not all exit, not none."""
+    k = len(thresholds_of(dyn))
+    trials = [[t] * k for t in CANDIDATES]
+    best, most = trials[0], 0
     with torch.no_grad():
-        for k in [*range(len(thresholds))] * 2:
-            for t in CANDIDATES:
-                trial = [*thresholds[:k], t, *thresholds[k + 1 :]]
+        for i in range(-1, k):
+            if i >= 0:
+                trials = [[*best[:i], t, *best[i + 1 :]] for t in CANDIDATES]
+            for trial in trials:
                 set_all_thresholds(dyn, trial)
                 dyn(x)
                 if distinct(decisions_of(dyn)) > most:
-                    thresholds, most = trial, distinct(decisions_of(dyn))
-    return thresholds
+                    best, most = trial, distinct(decisions_of(dyn))
+    return best
 
 
 @functools.cache
@@ -354,19 +358,37 @@ def test_artifact_round_trip_keeps_outputs_thresholds_and_decisions(case, tmp_pa
             assert torch.equal(loaded(x), case.model(x))
 
 
-# --- 5. ONNX parity at forced decisions ----------------------------------------------------
+# --- 5. the export face, and ONNX parity at forced decisions -------------------------------
 
 
-ONNX_FAILURES = {
+EXPORT_FAILURES = {
     "resolution-entropy": "ResolutionModel.export_module raises ExportError for the entropy "
     "policy ('the ONNX cascade scores exits by max-softmax confidence'), though CondCascade "
     "exports entropy for early exits: the two copies of the exit rule have drifted.",
 }
 
 
-# A verified ONNX export takes 15 s (one mask) to 160 s (four exits) on a shared 2-core machine:
-# run with `-m slow`. The strategies' own tests keep one export each in the default run.
-@pytest.mark.parametrize("strategy,options", variant_params(ONNX_FAILURES, pytest.mark.slow))
+@pytest.mark.parametrize("strategy,options", variant_params(EXPORT_FAILURES))
+def test_export_face_decides_like_the_eager_model(case):
+    """The export face in eager PyTorch, thresholds as an input: the model's logits and its
+    decisions at every forcing thresholds and at the mixed ones, for a batch and one sample."""
+    dyn, x = case.dyn, case.x
+    exported = face(dyn)
+    seen = set()
+    for label, thresholds in [*forcing_thresholds(dyn), ("mixed", case.mixed)]:
+        for xb in (x[:1], x):
+            with torch.no_grad(), thresholds_at(dyn, thresholds):
+                logits, decisions = exported(xb, torch.tensor(thresholds))
+                eager = dyn(xb)
+            assert (logits - eager).abs().max() <= 1e-6, (label, len(xb))
+            assert torch.equal(decisions, decisions_of(dyn)), (label, len(xb))
+            seen |= {tuple(row.reshape(-1).tolist()) for row in decisions}
+    assert len(seen) >= 2  # the forced thresholds really changed what ran
+
+
+# A verified ONNX export takes 15 s (masks) to 160 s (four exits) on a shared 2-core machine, so
+# this runs with `-m slow`; the export face test above checks the same decisions on every run.
+@pytest.mark.parametrize("strategy,options", variant_params(EXPORT_FAILURES, pytest.mark.slow))
 def test_onnx_matches_eager_at_forced_decisions(case, tmp_path):
     import onnx
     import onnxruntime as ort
