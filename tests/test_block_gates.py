@@ -128,57 +128,6 @@ def test_all_gates_shut_runs_no_branch(kind):
         assert torch.allclose(out, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_mixed_batch_equals_samples_run_alone(kind):
-    model = randomize_bn(CifarResNet((3, 3, 3)))
-    x = torch.randn(12, 3, 16, 16) * torch.exp(torch.randn(12, 1, 1, 1))
-    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
-    dyn.set_thresholds(0.6 if kind == "halting" else 0.5)
-    with torch.no_grad():
-        batch_out = dyn(x)
-        batch_gates, batch_macs = dyn.last_gates.clone(), dyn.last_macs.clone()
-        alone, alone_gates = [], []
-        for i in range(len(x)):
-            alone.append(dyn(x[i : i + 1]))
-            alone_gates.append(dyn.last_gates)
-    per_sample = batch_gates.sum(1)
-    assert len(set(per_sample.tolist())) >= 2, "samples should take different paths"
-    assert 0 < per_sample.sum() < batch_gates.numel()
-    assert torch.equal(batch_gates, torch.cat(alone_gates))
-    assert torch.allclose(batch_out, torch.cat(alone), atol=1e-5)
-    # what each sample spent: the fixed part, its decision units, and the branches it ran
-    branch = torch.tensor(dyn.branch_macs(), dtype=torch.long)
-    overhead = batch_macs - (batch_gates.long() * branch).sum(1) - dyn.fixed_macs
-    if kind == "halting":  # a halting unit is evaluated only while the sample is running
-        assert (overhead >= 0).all() and (overhead <= sum(g.decider_macs for g in dyn.gates)).all()
-    else:
-        assert overhead.tolist() == [dyn.min_macs() - dyn.fixed_macs] * len(x)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_last_macs_is_what_flop_counter_counts(kind):
-    """Per forward, the MACs charged (front-end counts of branches and the fixed part,
-    FlopCounterMode counts of decision units) sum to what FlopCounterMode sees run: a mixed
-    batch, and each of its samples alone (the batch-1 path)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 16, 16, generator=generator)
-    x = x * torch.exp(torch.randn(6, 1, 1, 1, generator=generator))
-    dyn = spread_deciders(
-        dynify.convert(two_stages(), "block-gates", x[:1], options={"gate": kind})
-    )
-    dyn.set_thresholds(0.6 if kind == "halting" else 0.5)
-    ran = []
-    for xb in (x, *x.split(1)):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            dyn(xb)
-        assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
-        ran.append(dyn.last_gates.float().mean().item())
-    assert 0 < ran[0] < 1  # the batch mixed open and closed gates
-    assert any(0 < r < 1 for r in ran[1:])  # and so did single samples
-
-
 @pytest.mark.parametrize(
     "kind",
     [
@@ -232,22 +181,6 @@ def test_training_loss_reaches_every_decision_unit_and_uses_labels():
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unit.parameters())
         convs = [m for m in dyn.gates[0].branch.modules() if isinstance(m, nn.Conv2d)]
         assert convs and all(c.weight.grad is not None for c in convs)  # the backbone learns too
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_artifact_round_trip(kind, tmp_path):
-    model = two_stages()
-    x = torch.randn(4, 3, 16, 16)
-    dyn = spread_deciders(dynify.convert(model, "block-gates", x[:1], options={"gate": kind}))
-    dyn.set_thresholds(0.7)
-    path = dynify.save(dyn, tmp_path / "g.dyn")
-    back = dynify.load(path, model=TwoStages())
-    with torch.no_grad():
-        assert torch.equal(back(x), dyn(x))
-        assert torch.equal(back.last_gates, dyn.last_gates)
-        with back.static():
-            assert torch.equal(back(x), model(x))
-    assert back.thresholds.tolist() == pytest.approx(dyn.thresholds.tolist())
 
 
 def test_model_without_residual_blocks_gets_a_clear_error():

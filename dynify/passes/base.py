@@ -54,6 +54,9 @@ class Strategy(Protocol):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    # Options that change how the strategy decides (its gate kinds, policies, granularities):
+    # the contract tests (tests/test_contract.py) run every one; `({},)` if there are none.
+    variants: ClassVar[tuple[dict[str, Any], ...]]
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         """Decide what to rewrite; the result is stored in the artifact's spec."""

@@ -164,6 +164,7 @@ def halting_groups(ctx: ConversionContext, blocks: list[ResidualBlock]) -> list[
 class BlockGates:
     name = "block-gates"
     summary = "skip residual blocks per sample: gate, halting or policy (SkipNet, SACT, BlockDrop)"
+    variants = tuple({"gate": kind} for kind in GATE_KINDS)
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = BlockGatesOptions.from_dict(options)

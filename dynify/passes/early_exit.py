@@ -26,7 +26,7 @@ from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.heads import ExitHead, feature_layout
-from dynify.runtime.policy import ExitPolicy
+from dynify.runtime.policy import POLICIES, ExitPolicy
 
 POOL_SIZES = (4, 2, 1)
 # A head's latency follows the bytes of weights it reads, not its MACs: at batch 1 a
@@ -187,6 +187,7 @@ def choose_conv(shape: tuple[int, ...], layout: str, budget_macs: float, kind: s
 class EarlyExit:
     name = "early-exit"
     summary = "exit heads at cut points; confident samples stop early (BranchyNet, SDN)"
+    variants = tuple({"policy": kind} for kind in POLICIES)
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = EarlyExitOptions.from_dict(options)

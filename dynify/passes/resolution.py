@@ -56,6 +56,7 @@ class ResolutionOptions:
 class Resolution:
     name = "resolution"
     summary = "low resolution first, full resolution only when unsure (RANet)"
+    variants = tuple({"policy": kind} for kind in POLICIES)
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = ResolutionOptions.from_dict(options)

@@ -86,6 +86,7 @@ def _why_not(ctx: ConversionContext, block: ResidualBlock, granularity: str) -> 
 class SpatialMasks:
     name = "spatial-masks"
     summary = "per-pixel or per-tile masks on residual branches, run sparsely (DynConv, SACT)"
+    variants = tuple({"granularity": granularity} for granularity in GRANULARITIES)
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = SpatialMaskOptions.from_dict(options)
