@@ -11,22 +11,13 @@ dynify.save(dyn, "model.dyn"); dyn = dynify.load("model.dyn")
 Everything the command line does goes through the names below; nothing else is public.
 """
 
-from dynify.api import (
-    StrategyInfo,
-    bench,
-    calibrate,
-    check_onnx_file,
-    finetune,
-    preprocessing,
-    save_json,
-    strategies,
-)
+from dynify.api import StrategyInfo, preprocessing, save_json, strategies
 from dynify.convert import convert
 from dynify.errors import DynifyError
 from dynify.evaluate import EvaluationReport, check_plot_path, evaluate
 from dynify.export import export_onnx, export_onnx_report, export_pt2, export_pt2_report
 from dynify.export.artifact import load, save
-from dynify.export.bench import BenchResult
+from dynify.export.bench import BenchResult, bench, check_onnx_file
 from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
 from dynify.options import (
@@ -41,7 +32,8 @@ from dynify.passes import register_strategy, strategy_names
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
-from dynify.train.distill import FinetuneResult
+from dynify.train.calibrate import calibrate
+from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
 from dynify.train.targets import CalibrationResult
 from dynify.zoo import build_model

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynify.errors import ExportError
+from dynify.errors import ExportError, InputError
 from dynify.export.timing import time_interleaved, time_onnx
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.model import DynamicModel, ExitCascade
@@ -251,6 +251,8 @@ def bench(
     """
     if runtime not in RUNTIMES:
         raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    if onnx_path is not None:
+        check_onnx_file(onnx_path)
     if batch < 1 or runs < 1 or warmup < 0 or consecutive < 1:
         raise ExportError("batch, runs and consecutive must be >= 1 and warmup >= 0")
     threads = int(threads or torch.get_num_threads())
@@ -326,3 +328,23 @@ def bench(
         channels_last=channels_last,
         consecutive=max(1, consecutive),
     )
+
+
+def check_onnx_file(path: str | Path) -> Path:
+    """Refuse a file that is not an ONNX model before anything is timed or exported."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"There is no ONNX file at {path}.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise InputError(
+            f"{path} is not an ONNX model ({type(exc).__name__}: {str(exc)[:200]}). Give a file "
+            "written by `dynify export --format onnx`."
+        ) from None
+    if not model.graph.input:
+        raise InputError(f"{path} is an ONNX model without inputs; give one `dynify export` wrote.")
+    return path

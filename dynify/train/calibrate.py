@@ -21,15 +21,17 @@ The parts: `exit_outputs` (collecting logits), `temperature`, `threshold_search`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from dynify.errors import DataError, StrategyError
+from dynify.heldout import Part, calibration_part
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.model import DynamicModel, ExitCascade
-from dynify.train.batches import Preprocessing
+from dynify.train.batches import Batches, Preprocessing
 from dynify.train.ensemble import fit_ensemble
 from dynify.train.exit_outputs import (
     ExitOutputs,
@@ -61,6 +63,8 @@ __all__ = [
     "simulate",
 ]
 
+logger = logging.getLogger("dynify")
+
 
 def calibrate(
     dyn: DynamicModel,
@@ -69,6 +73,9 @@ def calibrate(
     budget: float | None = None,
     max_drop: float | None = None,
     mac_cap: float | None = None,
+    part: Part = "auto",
+    calibration_fraction: float | None = None,
+    seed: int | None = None,
     fit_temperature_scaling: bool = True,
     split: str | None = None,
     batch_size: int = 256,
@@ -81,11 +88,56 @@ def calibrate(
     (accuracy is maximised under it), or `max_drop`, the accuracy the dynamic model may lose
     against its own static network (MACs are minimised under it). `mac_cap` (a fraction of the
     static MACs) caps every sample's MACs: anytime inference; alone, it only sets the cap.
-    `data` is never trained on: pass the calibration split (or precomputed `ExitOutputs`).
+    Which data: with `part="auto"` (default), if `data` is the data `dyn` was fine-tuned on, the
+    part fine-tuning held out (its `calibration_fraction` and `seed`, unless given); otherwise
+    all of `data` (or precomputed `ExitOutputs`). `part="calibration"` always takes the held-out
+    part, `part="all"` all of the data. The result's `data` (also in `dyn.spec["calibration"]`)
+    says which part was used.
     `ensemble` first fits Zero Time Waste's ensemble of the heads (`dynify.train.ensemble`) on
     the same data, so each exit answers with the evidence of every head before it.
     """
     check_target(budget, max_drop, mac_cap)
+    if isinstance(data, ExitOutputs | Batches):
+        description = "the outputs given" if isinstance(data, ExitOutputs) else "the batches given"
+    else:
+        chosen = calibration_part(
+            dyn, data, split=split, part=part, fraction=calibration_fraction, seed=seed
+        )
+        data, description = chosen.dataset, chosen.description
+        split = None  # the part is already taken from the split
+        if chosen.trained_on:
+            logger.warning("dynify.calibrate: calibrating on %s.", description)
+    logger.info("dynify.calibrate: calibrating on %s.", description)
+    result = _calibrate_on(
+        dyn,
+        data,
+        budget,
+        max_drop,
+        mac_cap,
+        fit_temperature_scaling,
+        split,
+        batch_size,
+        preprocessing,
+        ensemble,
+    )
+    result.data = description
+    if isinstance(dyn.spec.get("calibration"), dict):
+        dyn.spec["calibration"]["data"] = description
+    return result
+
+
+def _calibrate_on(
+    dyn: DynamicModel,
+    data: Any,
+    budget: float | None,
+    max_drop: float | None,
+    mac_cap: float | None,
+    fit_temperature_scaling: bool,
+    split: str | None,
+    batch_size: int,
+    preprocessing: Preprocessing | None,
+    ensemble: bool,
+) -> CalibrationResult:
     if not isinstance(dyn, ExitCascade):
         return calibrate_by_sweep(
             dyn, data, budget, max_drop, mac_cap, split, batch_size, preprocessing

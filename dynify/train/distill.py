@@ -22,7 +22,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dynify.errors import DataError, DynifyError
+from dynify.heldout import data_key
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import (
     Batches,
     Preprocessing,
     open_data,
     resolve_preprocessing,
-    source_key,
 )
 from dynify.train.checkpoint import (
     Position,
@@ -99,6 +99,12 @@ class FinetuneConfig:
             )
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise DynifyError(f"budget must be in (0, 1], got {self.budget}.")
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DynifyError(
+                    f"The fine-tuning setting {setting.name} must be a finite number, got {value}."
+                )
 
     @property
     def learning_rate(self) -> float:
@@ -130,22 +136,23 @@ class FinetuneResult:
 def finetune(
     dyn: DynamicModel,
     data: Any,
+    config: FinetuneConfig | None = None,
     *,
-    mode: str = "heads",
-    epochs: int = 5,
-    batch_size: int = 128,
+    mode: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     lr: float | None = None,
-    weight_decay: float = 5e-4,
-    schedule: str = "cosine",
-    warmup: float = 0.05,
-    seed: int = 0,
-    augment: bool = True,
-    teacher: nn.Module | None = None,
-    label_weight: float = 0.5,
+    weight_decay: float | None = None,
+    schedule: str | None = None,
+    warmup: float | None = None,
+    seed: int | None = None,
+    augment: bool | None = None,
     kd_temperature: float | None = None,
+    label_weight: float | None = None,
     budget: float | None = None,
+    calibration_fraction: float | None = None,
     split: str | None = None,
-    calibration_fraction: float = 0.1,
+    teacher: nn.Module | None = None,
     preprocessing: Preprocessing | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
@@ -155,10 +162,14 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `dyn` in place by self-distillation; returns the run's history.
 
+    The settings come from `config` (a `FinetuneConfig`; its defaults without one), and a
+    setting given as a keyword overrides the config's (the caller's config is not modified).
+
     `data`: an ImageFolder directory, a zip of one, a torchvision data set name, tensors
     (`images` or `(images, labels)`; uint8 images are normalised, float ones used as they are)
     or a Dataset. A deterministic `calibration_fraction` of it is held out (returned as
-    `result.calibration_data`) and never trained on; 0 trains on everything.
+    `result.calibration_data`) and never trained on; 0 trains on everything. A key of the data
+    is recorded in `dyn.spec["finetune"]`, so `calibrate` on the same data takes that part.
 
     `mode`: "heads" (the static network frozen: fast) or "joint" (everything trains, distilled
     from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module).
@@ -172,22 +183,27 @@ def finetune(
     A non-finite loss, or a step that makes weights non-finite, raises DynifyError and leaves
     `dyn` with its weights from before that step.
     """
-    config = FinetuneConfig(
-        mode=mode,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup=warmup,
-        seed=seed,
-        augment=augment,
-        kd_temperature=kd_temperature,
-        label_weight=label_weight,
-        budget=budget,
-        calibration_fraction=calibration_fraction,
+    given = {
+        "mode": mode,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "warmup": warmup,
+        "seed": seed,
+        "augment": augment,
+        "kd_temperature": kd_temperature,
+        "label_weight": label_weight,
+        "budget": budget,
+        "calibration_fraction": calibration_fraction,
+    }
+    config = replace(
+        config or FinetuneConfig(), **{k: v for k, v in given.items() if v is not None}
     )
     config.validate()
+    mode, epochs, batch_size, seed = config.mode, config.epochs, config.batch_size, config.seed
+    augment, calibration_fraction = config.augment, config.calibration_fraction
     if not isinstance(dyn, DynamicModel):
         raise DynifyError(
             f"finetune needs a DynamicModel (from dynify.convert), got {type(dyn).__name__}."
@@ -279,7 +295,7 @@ def finetune(
         "epochs": config.epochs,
         "seed": seed,
         "calibration_fraction": calibration_fraction,
-        "data": source_key(data, split),
+        "data": data_key(data, split),
         "samples": len(fit),
         "seconds": round(result.seconds, 1),
     }
