@@ -13,7 +13,9 @@ interrupted runs ends with equals the uninterrupted run's bit for bit.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import multiprocessing.context
 import os
 import shutil
 import signal
@@ -85,13 +87,24 @@ def _main(args: list[str], env: dict[str, str]) -> None:
     app(args, prog_name="dynify")
 
 
+@functools.cache
+def _runner() -> multiprocessing.context.ForkServerContext:
+    """Children forked from a fresh server that has imported dynify once: a fork of the test
+    process itself would inherit autograd's worker threads, if an earlier test ran a backward
+    pass, and autograd refuses to run in such a child; a spawned child would import torch again
+    (several seconds each)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dynify.cli", __name__])
+    return context
+
+
 def _finetune(workspace: Path, mode: str, artifact: Path, *extra: str, interrupt: str = "") -> int:
     """Run `dynify finetune` in a child process; its exit code."""
     name, options = RUNS[mode]
     args = ["finetune", str(artifact), "--data", str(workspace / f"{name}_data")]
     args += [*COMMON, *options, *extra]
     env = {TEST_INTERRUPT_ENV: interrupt} if interrupt else {}
-    child = multiprocessing.get_context("fork").Process(target=_main, args=(args, env))
+    child = _runner().Process(target=_main, args=(args, env))
     child.start()
     child.join(timeout=300)
     assert child.exitcode is not None, "the run hung"
