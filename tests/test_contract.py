@@ -20,6 +20,7 @@ one-line change here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Iterator, Sequence
@@ -328,6 +329,53 @@ def test_last_macs_of_a_batch_is_what_flop_counter_counts(case):
         assert counted == int(dyn.last_macs.sum()), label
     with dyn.static():
         assert flop_counted_macs(dyn, x) == len(x) * dyn.static_macs
+
+
+@pytest.mark.parametrize("strategy,options", variant_params())
+def test_static_mode_and_records_are_per_thread(case):
+    """One model, three threads at once: one inside `static()`, one dynamic on the batch, one
+    dynamic on one sample. Every call's output, `last_macs` and decisions equal what the same
+    call gives in a single thread: no thread's mode, pass or records leak into another's."""
+    import sys
+    import threading
+
+    dyn, x = case.dyn, case.x
+    with torch.no_grad():
+        expected = {}
+        for name, xb in (("batch", x), ("one", x[:1])):
+            expected[name] = (dyn(xb), dyn.last_macs.clone(), decisions_of(dyn).clone())
+        with dyn.static():
+            expected["static"] = (dyn(x), dyn.last_macs.clone(), None)
+    assert not torch.equal(expected["batch"][1], expected["static"][1])
+    inputs = {"batch": x, "one": x[:1], "static": x}
+    errors: list[str] = []
+    start = threading.Barrier(3)
+
+    def run(name: str) -> None:
+        out, macs, decisions = expected[name]
+        start.wait()
+        with torch.no_grad(), dyn.static() if name == "static" else contextlib.nullcontext():
+            for i in range(40):
+                got = dyn(inputs[name])
+                if not torch.equal(got, out):
+                    errors.append(f"{name} call {i}: another thread's output")
+                if not torch.equal(dyn.last_macs, macs):
+                    errors.append(f"{name} call {i}: another call's last_macs")
+                if decisions is not None and not torch.equal(decisions_of(dyn), decisions):
+                    errors.append(f"{name} call {i}: another call's decisions")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        threads = [threading.Thread(target=run, args=(name,)) for name in expected]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [], errors[:5]
+    assert not dyn.is_static
 
 
 # --- 4. artifact round trip ----------------------------------------------------------------
