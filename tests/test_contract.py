@@ -378,6 +378,65 @@ def test_static_mode_and_records_are_per_thread(case):
     assert not dyn.is_static
 
 
+# Where the forcing thresholds make a sample pay the worst case itself. Region masks' worst
+# case (every tile but one, overlapping halos) is bounded here and reached by fixed masks below.
+WORST_CASE_NOT_FORCED = {"spatial-masks-region", "block-gates-halting"}
+
+
+@pytest.mark.parametrize("strategy,options", variant_params())
+def test_no_sample_spends_more_than_the_worst_case(case, strategy, options):
+    """`last_macs <= worst_case_macs()` for every sample at the mixed and every forcing
+    thresholds, on ordinary, huge and non-finite inputs; at least the static network's; and
+    reached by some forcing thresholds where a threshold can make a sample pay it."""
+    dyn, x = case.dyn, case.x
+    worst = dyn.worst_case_macs()
+    assert worst >= dyn.static_macs
+    hostile = x.clone()
+    hostile[0, 0, 0, 0], hostile[1] = float("nan"), 3e38
+    hostile[2, :, :2] = float("inf")
+    spent = []
+    for label, thresholds in [("mixed", case.mixed), *forcing_thresholds(dyn), ("1.0", 1.0)]:
+        with torch.no_grad(), thresholds_at(dyn, thresholds):
+            for xb in (x, x[:1], hostile):
+                dyn(xb)
+                assert int(dyn.last_macs.max()) <= worst, (label, len(xb))
+                spent.append(int(dyn.last_macs.max()))
+    if case_id(strategy, options) not in WORST_CASE_NOT_FORCED:
+        assert max(spent) == worst
+    assert f"{worst / 1e6:.1f} M MACs" in flat_summary(dyn)
+
+
+def test_region_masks_worst_case_is_every_tile_but_one():
+    """Region tiles with their halos cost more than the dense branch when all but one run."""
+    dyn = converted("spatial-masks", json.dumps({"granularity": "region"})).dyn
+    x = contract_input()[:1]
+    masks = []
+    for wrapper in dyn.wrappers:
+        h, w = wrapper.units()
+        mask = torch.ones(1, h, w, dtype=torch.bool)
+        mask[0, 0, 0] = False
+        masks.append(mask)
+    dyn.set_fixed_masks(masks)
+    try:
+        with torch.no_grad():
+            dyn(x)
+    finally:
+        dyn.set_fixed_masks(None)
+    forced_mask_units = sum(w.mask_macs for w in dyn.wrappers)  # a fixed mask costs no unit
+    assert int(dyn.last_macs[0]) + forced_mask_units == dyn.worst_case_macs() > dyn.static_macs
+
+
+def flat_summary(dyn: dynify.DynamicModel) -> str:
+    """The table `dynify convert` prints, as text."""
+    from rich.console import Console
+
+    from dynify.cli.convert import summary_table
+
+    console = Console(width=200, record=True)
+    console.print(summary_table(dyn))
+    return " ".join(console.export_text().split())
+
+
 # --- 4. artifact round trip ----------------------------------------------------------------
 
 

@@ -140,9 +140,9 @@ def finetune(
         augment=augment,
         calibration_fraction=calibration_fraction,
     )
-    config.validate()
     if lr is not None and not lr < float("inf"):
         raise DynifyError(f"--lr must be a finite number, got {lr}.")
+    config.validate()
     target, replaced = _artifact_output(artifact, out, data)
     ckpt = checkpoint or artifact.with_suffix(".ckpt")
     if resume and not ckpt.is_file():

@@ -146,6 +146,16 @@ class SparseResidual(nn.Module):
             total += macs * size * size
         return total
 
+    def worst_case_macs(self) -> int:
+        """The most one sample can spend here: its mask unit plus the dense branch (all units
+        active: it runs dense) or, for region masks, every tile but one, whose halos overlap
+        and can cost more than the dense branch. Pixel masks compute each position at most
+        once, at most the dense branch."""
+        h, w = self.units()
+        tiles = h * w - 1 if self.dense_when_full else h * w
+        partial = tiles * self.tile_macs() if self.granularity == "region" else 0
+        return self.mask_macs + max(self.branch_macs, partial)
+
     def units(self) -> tuple[int, int]:
         h, w = self.spatial
         return math.ceil(h / self.tile), math.ceil(w / self.tile)
