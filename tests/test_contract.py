@@ -437,6 +437,36 @@ def flat_summary(dyn: dynify.DynamicModel) -> str:
     return " ".join(console.export_text().split())
 
 
+@pytest.mark.parametrize("strategy,options", variant_params())
+def test_exit_decisions_at_a_tie_follow_the_tensor_rule_in_batch_and_alone(case):
+    """Exit cascades: with exit 0's threshold set to a sample's own score exactly, and to the
+    next float32 above it, the forward takes exit 0 exactly when `exit_scores >= threshold`
+    (the tensor rule, on the logits of that same batch), in a batch and at batch 1 (whose
+    Python-float path must settle the tie as the tensor rule does)."""
+    from dynify.export.bench import NEVER
+    from dynify.runtime.decisions import exit_scores
+
+    dyn, x = case.dyn, case.x
+    if not isinstance(dyn, dynify.ExitCascade) or dyn.policy.kind == "patience":
+        pytest.skip("the exit rule of a single score: exit cascades without patience")
+    rest = [NEVER] * (dyn.num_thresholds - 1)
+    checked = 0
+    for xb in [x, *(x[i : i + 1] for i in range(len(x)))]:
+        with torch.no_grad():
+            scores = exit_scores(dyn.exit_logits(xb)[0], dyn.temperatures[0], dyn.policy.kind)
+        for score in scores.tolist():
+            above = float(np.nextafter(np.float32(score), np.float32(2.0)))
+            for threshold in (score, above):
+                if not 0.0 <= threshold <= 1.0:
+                    continue
+                with torch.no_grad(), thresholds_at(dyn, [threshold, *rest]):
+                    dyn(xb)
+                expected = scores >= torch.tensor(threshold, dtype=torch.float32)
+                assert torch.equal(dyn.last_exit == 0, expected), (len(xb), threshold)
+                checked += 1
+    assert checked >= 2 * len(x)
+
+
 # --- 4. artifact round trip ----------------------------------------------------------------
 
 
