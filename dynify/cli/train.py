@@ -141,7 +141,7 @@ def finetune(
         calibration_fraction=calibration_fraction,
     )
     if lr is not None and not lr < float("inf"):
-        raise DynifyError(f"--lr must be a finite number, got {lr}.")
+        raise DynifyError(f"--lr: the learning rate must be a finite number, got {lr}.")
     config.validate()
     target, replaced = _artifact_output(artifact, out, data)
     ckpt = checkpoint or artifact.with_suffix(".ckpt")
