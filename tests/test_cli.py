@@ -279,3 +279,53 @@ def test_a_full_disk_is_one_paragraph_and_exit_2_leaving_nothing(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "File too large" in flat(done.stderr) and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+class TinyNet(torch.nn.Module):
+    """A model the CLI converts by its import path, `tests.test_cli:TinyNet`."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def import_path_artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trust") / "tiny.dyn"
+    result = run(
+        "convert", f"{__name__}:TinyNet", "--input-size", "8", "--exits", "1", "-o", str(path)
+    )
+    assert result.exit_code == 0, result.output
+    return path
+
+
+TRUSTED = f"{__name__}:TinyNet"
+LOADING_COMMANDS = [
+    ("export", "{a}", "-o", "{tmp}/t.onnx"),
+    ("bench", "{a}", "--runs", "1", "--warmup", "0", "--consecutive", "1"),
+    ("finetune", "{a}", "--data", "{tmp}/nodata"),
+    ("calibrate", "{a}", "--data", "{tmp}/nodata", "--budget", "0.5"),
+    ("evaluate", "{a}", "--data", "{tmp}/nodata"),
+]
+
+
+@pytest.mark.parametrize("args", LOADING_COMMANDS, ids=[a[0] for a in LOADING_COMMANDS])
+def test_an_import_path_artifact_loads_only_with_trust_import(args, import_path_artifact, tmp_path):
+    args = [a.format(a=import_path_artifact, tmp=tmp_path) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = flat(result.output)
+    assert f"--trust-import {TRUSTED}" in message and "Traceback" not in result.output
+    result = runner.invoke(app, [*args, "--trust-import", "os:abort"])  # another name: refused
+    assert result.exit_code == 2 and f"--trust-import {TRUSTED}" in flat(result.output)
+    result = runner.invoke(app, [*args, "--trust-import", "os:abort", "--trust-import", TRUSTED])
+    if args[0] in ("export", "bench"):
+        assert result.exit_code == 0, result.output
+    else:  # loaded, then refused for the missing data: the model was rebuilt
+        assert result.exit_code == 2 and "--trust-import" not in flat(result.output)
+        assert "nodata" in flat(result.output), result.output

@@ -20,6 +20,7 @@ one-line change here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Iterator, Sequence
@@ -328,6 +329,142 @@ def test_last_macs_of_a_batch_is_what_flop_counter_counts(case):
         assert counted == int(dyn.last_macs.sum()), label
     with dyn.static():
         assert flop_counted_macs(dyn, x) == len(x) * dyn.static_macs
+
+
+@pytest.mark.parametrize("strategy,options", variant_params())
+def test_static_mode_and_records_are_per_thread(case):
+    """One model, three threads at once: one inside `static()`, one dynamic on the batch, one
+    dynamic on one sample. Every call's output, `last_macs` and decisions equal what the same
+    call gives in a single thread: no thread's mode, pass or records leak into another's."""
+    import sys
+    import threading
+
+    dyn, x = case.dyn, case.x
+    with torch.no_grad():
+        expected = {}
+        for name, xb in (("batch", x), ("one", x[:1])):
+            expected[name] = (dyn(xb), dyn.last_macs.clone(), decisions_of(dyn).clone())
+        with dyn.static():
+            expected["static"] = (dyn(x), dyn.last_macs.clone(), None)
+    assert not torch.equal(expected["batch"][1], expected["static"][1])
+    inputs = {"batch": x, "one": x[:1], "static": x}
+    errors: list[str] = []
+    start = threading.Barrier(3)
+
+    def run(name: str) -> None:
+        out, macs, decisions = expected[name]
+        start.wait()
+        with torch.no_grad(), dyn.static() if name == "static" else contextlib.nullcontext():
+            for i in range(40):
+                got = dyn(inputs[name])
+                if not torch.equal(got, out):
+                    errors.append(f"{name} call {i}: another thread's output")
+                if not torch.equal(dyn.last_macs, macs):
+                    errors.append(f"{name} call {i}: another call's last_macs")
+                if decisions is not None and not torch.equal(decisions_of(dyn), decisions):
+                    errors.append(f"{name} call {i}: another call's decisions")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        threads = [threading.Thread(target=run, args=(name,)) for name in expected]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [], errors[:5]
+    assert not dyn.is_static
+
+
+# Where the forcing thresholds make a sample pay the worst case itself. Region masks' worst
+# case (every tile but one, overlapping halos) is bounded here and reached by fixed masks below.
+WORST_CASE_NOT_FORCED = {"spatial-masks-region", "block-gates-halting"}
+
+
+@pytest.mark.parametrize("strategy,options", variant_params())
+def test_no_sample_spends_more_than_the_worst_case(case, strategy, options):
+    """`last_macs <= worst_case_macs()` for every sample at the mixed and every forcing
+    thresholds, on ordinary, huge and non-finite inputs; at least the static network's; and
+    reached by some forcing thresholds where a threshold can make a sample pay it."""
+    dyn, x = case.dyn, case.x
+    worst = dyn.worst_case_macs()
+    assert worst >= dyn.static_macs
+    hostile = x.clone()
+    hostile[0, 0, 0, 0], hostile[1] = float("nan"), 3e38
+    hostile[2, :, :2] = float("inf")
+    spent = []
+    for label, thresholds in [("mixed", case.mixed), *forcing_thresholds(dyn), ("1.0", 1.0)]:
+        with torch.no_grad(), thresholds_at(dyn, thresholds):
+            for xb in (x, x[:1], hostile):
+                dyn(xb)
+                assert int(dyn.last_macs.max()) <= worst, (label, len(xb))
+                spent.append(int(dyn.last_macs.max()))
+    if case_id(strategy, options) not in WORST_CASE_NOT_FORCED:
+        assert max(spent) == worst
+    assert f"{worst / 1e6:.1f} M MACs" in flat_summary(dyn)
+
+
+def test_region_masks_worst_case_is_every_tile_but_one():
+    """Region tiles with their halos cost more than the dense branch when all but one run."""
+    dyn = converted("spatial-masks", json.dumps({"granularity": "region"})).dyn
+    x = contract_input()[:1]
+    masks = []
+    for wrapper in dyn.wrappers:
+        h, w = wrapper.units()
+        mask = torch.ones(1, h, w, dtype=torch.bool)
+        mask[0, 0, 0] = False
+        masks.append(mask)
+    dyn.set_fixed_masks(masks)
+    try:
+        with torch.no_grad():
+            dyn(x)
+    finally:
+        dyn.set_fixed_masks(None)
+    forced_mask_units = sum(w.mask_macs for w in dyn.wrappers)  # a fixed mask costs no unit
+    assert int(dyn.last_macs[0]) + forced_mask_units == dyn.worst_case_macs() > dyn.static_macs
+
+
+def flat_summary(dyn: dynify.DynamicModel) -> str:
+    """The table `dynify convert` prints, as text."""
+    from rich.console import Console
+
+    from dynify.cli.convert import summary_table
+
+    console = Console(width=200, record=True)
+    console.print(summary_table(dyn))
+    return " ".join(console.export_text().split())
+
+
+@pytest.mark.parametrize("strategy,options", variant_params())
+def test_exit_decisions_at_a_tie_follow_the_tensor_rule_in_batch_and_alone(case):
+    """Exit cascades: with exit 0's threshold set to a sample's own score exactly, and to the
+    next float32 above it, the forward takes exit 0 exactly when `exit_scores >= threshold`
+    (the tensor rule, on the logits of that same batch), in a batch and at batch 1 (whose
+    Python-float path must settle the tie as the tensor rule does)."""
+    from dynify.export.bench import NEVER
+    from dynify.runtime.decisions import exit_scores
+
+    dyn, x = case.dyn, case.x
+    if not isinstance(dyn, dynify.ExitCascade) or dyn.policy.kind == "patience":
+        pytest.skip("the exit rule of a single score: exit cascades without patience")
+    rest = [NEVER] * (dyn.num_thresholds - 1)
+    checked = 0
+    for xb in [x, *(x[i : i + 1] for i in range(len(x)))]:
+        with torch.no_grad():
+            scores = exit_scores(dyn.exit_logits(xb)[0], dyn.temperatures[0], dyn.policy.kind)
+        for score in scores.tolist():
+            above = float(np.nextafter(np.float32(score), np.float32(2.0)))
+            for threshold in (score, above):
+                if not 0.0 <= threshold <= 1.0:
+                    continue
+                with torch.no_grad(), thresholds_at(dyn, [threshold, *rest]):
+                    dyn(xb)
+                expected = scores >= torch.tensor(threshold, dtype=torch.float32)
+                assert torch.equal(dyn.last_exit == 0, expected), (len(xb), threshold)
+                checked += 1
+    assert checked >= 2 * len(x)
 
 
 # --- 4. artifact round trip ----------------------------------------------------------------

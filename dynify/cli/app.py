@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
+import dynify
 from dynify.errors import DynifyError
 
 app = typer.Typer(
@@ -91,6 +92,19 @@ LeafOption = Annotated[
         "pkg.mod:Class. Repeatable.",
     ),
 ]
+TrustImportOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trust-import",
+        help="Let loading the artifact import this model reference (pkg.mod:build_net), which "
+        "it never does otherwise. Only for code you trust. Repeatable.",
+    ),
+]
+
+
+def load_artifact(artifact: Path, trust_import: Sequence[str] | None) -> dynify.DynamicModel:
+    """`dynify.load`, importing only the references the user named with --trust-import."""
+    return dynify.load(artifact, trust_imports=list(trust_import or ()))
 
 
 def check_output(path: Path, what: str, inputs: Sequence[Path | None] = ()) -> str | None:

@@ -168,6 +168,10 @@ def summary_table(dyn: dynify.DynamicModel) -> Table:
         table.add_column(column, justify="left" if i < 2 else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
+    worst = dyn.worst_case_macs()
+    table.caption = (
+        f"worst case per sample: {worst / 1e6:.1f} M MACs ({worst / dyn.static_macs:.3f} of static)"
+    )
     return table
 
 

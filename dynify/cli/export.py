@@ -11,7 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 import dynify
-from dynify.cli.app import ArtifactArg, check_output, command, console, wrote
+from dynify.cli.app import (
+    ArtifactArg,
+    TrustImportOption,
+    check_output,
+    command,
+    console,
+    load_artifact,
+    wrote,
+)
 from dynify.errors import DynifyError
 
 
@@ -82,6 +90,7 @@ def export(
             "gather/scatter.",
         ),
     ] = None,
+    trust_import: TrustImportOption = None,
 ) -> None:
     if batch is not None and format is not ExportFormat.onnx:
         raise typer.BadParameter("--batch applies to --format onnx only", param_hint="--batch")
@@ -96,7 +105,7 @@ def export(
             f"another format. Name the file .{format.value}."
         )
     replaced = check_output(path, f"{format.value} file", inputs=[artifact])
-    dyn = dynify.load(artifact)
+    dyn = load_artifact(artifact, trust_import)
     with console.status(f"Exporting {artifact} to {format.value} and checking it..."):
         if format is ExportFormat.onnx:
             result = dynify.export_onnx_report(dyn, path, atol=atol, batch=batch)
@@ -172,6 +181,7 @@ def bench(
             "exported for the timed batch.",
         ),
     ] = None,
+    trust_import: TrustImportOption = None,
 ) -> None:
     if onnx_file is not None and format is not BenchRuntime.onnx:
         raise typer.BadParameter("--onnx needs --format onnx", param_hint="--onnx")
@@ -180,7 +190,7 @@ def bench(
     replaced = None
     if json_out is not None:
         replaced = check_output(json_out, "JSON file", inputs=[artifact, onnx_file])
-    dyn = dynify.load(artifact)
+    dyn = load_artifact(artifact, trust_import)
     with console.status(
         f"Timing {artifact} in {format.value} ({runs} rounds x {consecutive} calls)..."
     ):

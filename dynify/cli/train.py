@@ -18,9 +18,11 @@ from dynify.cli.app import (
     ArtifactArg,
     DataOption,
     InputSizeOption,
+    TrustImportOption,
     check_output,
     command,
     console,
+    load_artifact,
     wrote,
 )
 from dynify.errors import DynifyError
@@ -126,6 +128,7 @@ def finetune(
     ] = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     out: OutOption = None,
+    trust_import: TrustImportOption = None,
 ) -> None:
     config = dynify.FinetuneConfig(
         mode=mode,
@@ -137,15 +140,15 @@ def finetune(
         augment=augment,
         calibration_fraction=calibration_fraction,
     )
-    config.validate()
     if lr is not None and not lr < float("inf"):
-        raise DynifyError(f"--lr must be a finite number, got {lr}.")
+        raise DynifyError(f"--lr: the learning rate must be a finite number, got {lr}.")
+    config.validate()
     target, replaced = _artifact_output(artifact, out, data)
     ckpt = checkpoint or artifact.with_suffix(".ckpt")
     if resume and not ckpt.is_file():
         raise DynifyError(f"--resume: there is no checkpoint at {ckpt} to continue from.")
     check_output(ckpt, "checkpoint", inputs=[artifact, target, _data_path(data)])
-    dyn = dynify.load(artifact)
+    dyn = load_artifact(artifact, trust_import)
     pre = _preprocessing(dyn, input_size, mean, std)
     # torchrun's variables: only the first process prints and writes
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -246,11 +249,12 @@ def calibrate(
     mean: MeanOption = None,
     std: StdOption = None,
     out: OutOption = None,
+    trust_import: TrustImportOption = None,
 ) -> None:
     if part not in ("auto", "calibration", "all"):
         raise DynifyError(f"--part is auto, calibration or all; got '{part}'.")
     target, replaced = _artifact_output(artifact, out, data)
-    dyn = dynify.load(artifact)
+    dyn = load_artifact(artifact, trust_import)
     pre = _preprocessing(dyn, input_size, mean, std)
     with console.status("Running the calibration data through every exit..."):
         result = dynify.calibrate(
@@ -302,6 +306,7 @@ def evaluate(
     input_size: InputSizeOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
+    trust_import: TrustImportOption = None,
 ) -> None:
     inputs = [artifact, _data_path(data)]
     replaced_plot = replaced_json = None
@@ -310,7 +315,7 @@ def evaluate(
         replaced_plot = check_output(plot, "plot", inputs=inputs)
     if json_out is not None:
         replaced_json = check_output(json_out, "JSON report", inputs=[*inputs, plot])
-    dyn = dynify.load(artifact)
+    dyn = load_artifact(artifact, trust_import)
     pre = _preprocessing(dyn, input_size, mean, std)
     with console.status("Evaluating..."):
         report = dynify.evaluate(dyn, data, split=split, batch_size=batch_size, preprocessing=pre)

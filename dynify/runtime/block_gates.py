@@ -125,6 +125,12 @@ class GatedModel(DynamicModel):
     def gates(self) -> list[BlockGate]:
         return [m for m in self.gm.children() if isinstance(m, BlockGate)]
 
+    def worst_case_macs(self) -> int:
+        """Every branch and every decider run (and the policy network): a sample whose gates
+        all open. Above the static network's by what the deciders cost."""
+        deciders = self.policy_macs if self.kind == "policy" else 0
+        return self.fixed_macs + deciders + sum(g.branch_macs + g.decider_macs for g in self.gates)
+
     @property
     def joint_recipe(self) -> JointRecipe:  # type: ignore[override]
         """From benchmarks/block_gates.py: unclipped SGD diverged within ten steps and barely

@@ -78,6 +78,10 @@ class EarlyExitModel(DynamicModel):
             result.append(spent)
         return result
 
+    def worst_case_macs(self) -> int:
+        """Every head evaluated and the whole network run: a sample that exits nowhere."""
+        return self.exit_macs()[-1]
+
     def describe(self) -> list[dict[str, str]]:
         """One row per exit for tables: where it is, what leaving there costs, its threshold."""
         rows = []

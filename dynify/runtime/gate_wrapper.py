@@ -3,7 +3,9 @@ and the per-forward state (`GateRun`) that all wrappers of one forward pass shar
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,15 +62,16 @@ class GateRun:
 # --- the wrappers -----------------------------------------------------------------------------
 
 
-class RunContext:
+class RunContext(threading.local):
     """The forward pass a model's wrappers are part of: one object shared by all of them, so
     starting a pass is one assignment, not an `nn.Module.__setattr__` per block (those cost
-    ~0.15 ms per forward on ResNet-44, 4 % of it at batch 1)."""
+    ~0.15 ms per forward on ResNet-44, 4 % of it at batch 1). Per thread: two threads running
+    the model at once each see their own pass. A copy of the model starts with none bound."""
 
-    __slots__ = ("run",)
+    run: Any = None  # GateRun, MaskExportRun or None
 
-    def __init__(self) -> None:
-        self.run: GateRun | None = None
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
 
 
 class BlockGate(nn.Module):

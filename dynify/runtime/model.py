@@ -7,6 +7,7 @@ Whatever the strategy, a dynamic model
 - holds its decision thresholds one way: a float32 buffer `thresholds` [K] set only through
   `set_thresholds` (0 = the cheapest behaviour, above 1 = the static network's work);
 - describes itself as table rows (`describe()`);
+- bounds what one sample can spend (`worst_case_macs()`): every decision taken the dearest way;
 - trains through `training_loss(x, teacher_logits, labels, config)`: the one distillation loss of
   `dynify.train.losses` plus the strategy's own compute term;
 - exports through `export_face()`: an `ExportFace` whose `forward(x, thresholds)` returns
@@ -155,6 +156,16 @@ class DynamicModel(nn.Module, ABC):
     def export_face(self) -> ExportFace:
         """The module `torch.export` traces: `forward(x, thresholds) -> (logits, decisions)`
         with the skippable work under `dynify.runtime.control.cond`."""
+
+    def worst_case_macs(self) -> int:
+        """The most MACs one sample can spend, whatever its input and the thresholds: every
+        decision taken the dearest way (every exit head paid, every gate and decider run,
+        every mask unit and tile computed). `last_macs` never exceeds it; it may exceed
+        `static_macs`, which is what an attacker who defeats every decision makes a sample cost.
+
+        Every strategy implements it (the contract tests check it on every registered one).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not bound its per-sample cost.")
 
     # --- thresholds -----------------------------------------------------------------------
     @property

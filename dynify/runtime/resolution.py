@@ -128,6 +128,10 @@ class ResolutionModel(DynamicModel):
         """MACs of a sample that stops at low resolution, and of one that goes on."""
         return [self.low_macs, self.low_macs + self.static_macs]
 
+    def worst_case_macs(self) -> int:
+        """The low-resolution pass and then the full one: a sample the first pass is unsure of."""
+        return self.exit_macs()[-1]
+
     def describe(self) -> list[dict[str, str]]:
         rows = []
         for i, macs in enumerate(self.exit_macs()):

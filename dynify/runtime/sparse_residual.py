@@ -7,6 +7,7 @@ equal `branch(x) * mask`: docs/spatial.md, "Real sparsity, the same function".
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.fx
@@ -43,14 +44,48 @@ class MaskExportRun:
         self.units: dict[int, Tensor] = {}
 
 
+class _CallState(threading.local):
+    """A wrapper's per-forward state, per thread: the mode and threshold its model set for the
+    forward in progress and what that forward recorded. Two threads running one model at once
+    (one of them inside `static()`) each read and write their own. A copy starts afresh."""
+
+    static = False
+    threshold: Tensor | float = 0.5
+    last_macs: Tensor | None = None
+    last_density: Tensor | None = None
+    train_density: Tensor | None = None
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+def _per_thread(name: str) -> property:
+    """An attribute of the wrapper kept in its per-thread `_CallState`."""
+
+    def get(self: SparseResidual):
+        return getattr(self._calls, name)
+
+    def set_(self: SparseResidual, value) -> None:
+        setattr(self._calls, name, value)
+
+    return property(get, set_, doc=f"`{name}` of this thread's forward (see `_CallState`).")
+
+
 class SparseResidual(nn.Module):
     """A residual branch computed only where its mask unit says so.
 
     Modes: static (the dense branch, the original network), training (dense branch times a
     Gumbel straight-through mask), and eager inference (the sparse gather-run-scatter). The
-    DynamicModel sets `threshold` and `static` before each forward; `fixed_mask` ([B, h, w]
-    bool), when set, replaces the mask unit's decision (benchmarks, tests).
+    DynamicModel sets `threshold` and `static` before each forward; they and the records
+    (`last_macs`, `last_density`, `train_density`) are per thread. `fixed_mask` ([B, h, w]
+    bool), when set, replaces the mask unit's decision for every thread (benchmarks, tests).
     """
+
+    static = _per_thread("static")
+    threshold = _per_thread("threshold")
+    last_macs = _per_thread("last_macs")
+    last_density = _per_thread("last_density")  # [B], fraction of units computed
+    train_density = _per_thread("train_density")  # differentiable mean density (training)
 
     def __init__(
         self,
@@ -74,15 +109,11 @@ class SparseResidual(nn.Module):
         self.out_channels = out_channels
         self.branch_macs = int(branch_macs)
         self.spatial = spatial
-        self.static = False
-        self.threshold: Tensor | float = 0.5
+        self._calls = _CallState()
         self.fixed_mask: Tensor | None = None
         self.index = 0  # this block's threshold entry (set by the model)
         self.context = RunContext()  # the model shares one among its wrappers (export face)
         self.dense_when_full = True
-        self.last_macs: Tensor | None = None
-        self.last_density: Tensor | None = None  # [B], fraction of units computed
-        self.train_density: Tensor | None = None  # differentiable mean density (training)
         # The branch's conv calls in order (it is a chain), each with its MACs per output
         # position: what the front end counted for the whole map over its positions.
         self._convs = [
@@ -114,6 +145,16 @@ class SparseResidual(nn.Module):
             size -= 2 * conv_radius(conv)
             total += macs * size * size
         return total
+
+    def worst_case_macs(self) -> int:
+        """The most one sample can spend here: its mask unit plus the dense branch (all units
+        active: it runs dense) or, for region masks, every tile but one, whose halos overlap
+        and can cost more than the dense branch. Pixel masks compute each position at most
+        once, at most the dense branch."""
+        h, w = self.units()
+        tiles = h * w - 1 if self.dense_when_full else h * w
+        partial = tiles * self.tile_macs() if self.granularity == "region" else 0
+        return self.mask_macs + max(self.branch_macs, partial)
 
     def units(self) -> tuple[int, int]:
         h, w = self.spatial
@@ -332,13 +373,14 @@ class SparseResidual(nn.Module):
         return out.view(batch, h, w, -1).permute(0, 3, 1, 2), run.macs
 
 
-class _PixelSlot:
-    """The pixel forward in progress, shared by the branch's `PixelConv`s (one assignment)."""
+class _PixelSlot(threading.local):
+    """The pixel forward in progress, shared by the branch's `PixelConv`s (one assignment),
+    per thread: concurrent forwards each see their own run."""
 
-    __slots__ = ("run",)
+    run: _PixelRun | None = None
 
-    def __init__(self) -> None:
-        self.run: _PixelRun | None = None
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
 
 
 class PixelConv(nn.Module):

@@ -79,6 +79,11 @@ class SpatialMaskModel(DynamicModel):
         self.training = mode
         return self
 
+    def worst_case_macs(self) -> int:
+        """Every mask unit and, per block, its dearest computation (`SparseResidual.worst_case_macs`:
+        region tiles, halos included, can cost more than the dense branch)."""
+        return self.fixed_macs + sum(w.worst_case_macs() for w in self.wrappers)
+
     def describe(self) -> list[dict[str, str]]:
         """One row per masked block for tables: where, how fine, what it costs, its threshold."""
         rows = []
