@@ -113,3 +113,14 @@ def test_guard_refuses_bad_settings(dyn):
             dynify.BudgetGuard(dyn, **{"budget": 0.5, **kwargs})
     with pytest.raises(StrategyError):
         dynify.BudgetGuard(torch.nn.Linear(2, 2), budget=0.5)
+
+
+def test_guard_thresholds_follow_observed_costs_for_exported_serving(dyn):
+    """Serving an exported graph: costs come from its decisions, thresholds go to its input."""
+    dyn.set_thresholds(0.5)
+    guard = dynify.BudgetGuard(dyn, budget=0.5, window=8)
+    assert torch.equal(guard.thresholds, torch.full((3,), 0.5))
+    exit_macs = torch.tensor(dyn.exit_macs())
+    guard.observe(exit_macs[torch.full((8,), dyn.num_exits)])  # 8 samples ran to the end
+    assert torch.all(guard.thresholds < 0.5)
+    assert guard.mean_cost == pytest.approx(exit_macs[-1].item() / dyn.static_macs)

@@ -97,6 +97,13 @@ class BudgetGuard:
             self.model.set_thresholds(self.calibrated * (1.0 - self.level))
 
     @property
+    def thresholds(self) -> torch.Tensor:
+        """The thresholds served now (a copy): feed them to an exported graph's `thresholds`
+        input and report its samples' costs with `observe`, and the guard serves ONNX too."""
+        with self._lock:
+            return self.model.thresholds.detach().clone()
+
+    @property
     def mean_cost(self) -> float | None:
         """The windowed mean cost (fraction of the static MACs), None before any sample."""
         with self._lock:
