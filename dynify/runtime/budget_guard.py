@@ -41,7 +41,7 @@ class BudgetGuard:
 
     Thread-safe: the window, the level and the threshold update are under one lock; the forward
     itself runs outside it (per-call records are per thread), so a forward that overlaps an
-    update serves the thresholds before or after it.
+    update may take some decisions at the thresholds before it and the rest at those after.
     """
 
     def __init__(
