@@ -69,5 +69,11 @@ SUITES: dict[str, Suite] = {
             "spatial masks: masked-block latency at fixed densities; the resolution cascade "
             "and pixel masks trained and calibrated on CIFAR-10",
         ),
+        Suite(
+            "slowdown",
+            "slowdown.md",
+            "slowdown attacks (DeepSloth-style PGD on the exit scores) on CIFAR ResNet-20 early "
+            "exits: mean MACs, share run to the end and accuracy, with and without BudgetGuard",
+        ),
     ]
 }

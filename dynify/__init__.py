@@ -29,6 +29,7 @@ from dynify.options import (
     StrategyOptions,
 )
 from dynify.passes import register_strategy, strategy_names
+from dynify.runtime.budget_guard import BudgetGuard
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
@@ -44,6 +45,7 @@ __all__ = [
     "PARITY_ATOL",
     "BenchResult",
     "BlockGateOptions",
+    "BudgetGuard",
     "CalibrationResult",
     "DynamicModel",
     "DynifyError",

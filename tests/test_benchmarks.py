@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import dynify
-from benchmarks import SUITES, block_gates, spatial
+from benchmarks import SUITES, block_gates, slowdown, spatial
 from benchmarks.__main__ import list_suites, main
 from benchmarks.report import HAND_WRITTEN, write_report
 from dynify.models.cifar_resnet import BasicBlock, cifar_resnet20
@@ -27,7 +27,7 @@ def test_list_names_every_suite_with_the_report_it_writes(capsys):
     main(["--list"])
     out = capsys.readouterr().out
     assert out.strip() == list_suites().strip()
-    for name in ("convert_all", "latency", "cifar10", "block_gates", "spatial"):
+    for name in ("convert_all", "latency", "cifar10", "block_gates", "spatial", "slowdown"):
         assert name in SUITES
         line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
         assert f"benchmarks/{SUITES[name].report}" in line
@@ -85,6 +85,42 @@ def test_quick_cifar10_runs_end_to_end_and_records_its_metadata(cifar_like, tmp_
     drop = heads["max_drop_0.005"]
     assert sum(drop["exit_histogram"]) == 60
     assert report.read_text() == before  # a quick run never replaces a published report
+
+
+def test_quick_slowdown_runs_end_to_end(cifar_like, tmp_path):
+    results = tmp_path / "results"
+    argv = ["slowdown", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--strategies", "early-exit"])
+    payload = json.loads((results / "slowdown.json").read_text())
+    assert payload["metadata"]["command"].startswith("python -m benchmarks slowdown --quick")
+    run = payload["data"]["strategies"]["early-exit"]
+    assert [(row["eps"], row["steps"]) for row in run["rows"]] == [(0, 0), (0, 0), (8, 2)]
+    for row in run["rows"]:
+        assert row["on"]["samples"] == row["images"] * 2  # two passes through the guard
+        for side in ("off", "on"):
+            assert 0.0 < row[side]["macs"] <= 1.1 and 0.0 <= row[side]["to_end"] <= 1.0
+
+
+def test_slowdown_pgd_stays_within_eps_and_lowers_the_exit_scores():
+    torch.manual_seed(0)
+    dyn = dynify.convert(cifar_resnet20(), "early-exit", torch.randn(1, 3, 32, 32)).eval()
+    with torch.no_grad():
+        for head in dyn.heads:  # confident random heads: scores well above the thresholds
+            w = head.classifier.weight
+            w.copy_(torch.randn(w.shape) * 3.0 / w.shape[1] ** 0.5)
+    dyn.set_thresholds(0.3)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    adv = slowdown.slowdown_pgd(dyn, pixels, 8 / 255, steps=5, seed=0)
+    assert (adv - pixels).abs().max() <= 8 / 255 + 1e-6
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+
+    def hinge(p: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = dyn.exit_logits(slowdown.to_input(p))
+            scores = [torch.softmax(lg, -1).max(-1).values for lg in logits[:-1]]
+        return float(sum(torch.relu(s - 0.3).sum() for s in scores))
+
+    assert hinge(adv) < hinge(pixels)
 
 
 def test_a_report_keeps_its_hand_written_part(tmp_path):

@@ -1,0 +1,364 @@
+"""Slowdown attacks on exit cascades, and what `dynify.BudgetGuard` keeps of the budget.
+
+    python -m benchmarks slowdown --data ../shared/data
+
+Through the public API, per strategy whose decisions are exits (early exits with 4 exits, the
+resolution cascade): CIFAR ResNet-20 converted, its new parts fine-tuned
+(`dynify.finetune`, heads mode) on a seeded subset of cifar10/train, calibrated
+(`dynify.calibrate`) to a mean-MAC budget on the held-out part of cifar10/train. Then
+DeepSloth-style PGD (Hong et al., ICLR 2021) on cifar10/test images: L-inf perturbations of the
+[0, 1] pixels that push every exit's score below its threshold (hinge on score - threshold,
+summed over the exits), for each eps and step count. Each input set (clean, and each attack) is
+measured with the calibrated thresholds (guard off) and streamed one image at a time through a
+`dynify.BudgetGuard` with the same budget (guard on), several passes in a shuffled order so the
+guard's window fills; guard-on figures are over the last passes (its steady state) and over the
+whole stream. The attack is computed against the calibrated thresholds (not adaptive to the
+guard). cifar10/test is used only for measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dynify
+from benchmarks.cifar_data import (
+    DEFAULT_CACHE,
+    INPUT_SIZE,
+    MEAN,
+    STD,
+    _items,
+    fit_and_calibration,
+    load_cifar,
+    subsample,
+    weights_path,
+)
+from benchmarks.report import missing, provenance
+from benchmarks.results import read_result
+
+# The exit policies' score function (`dynify.runtime.decisions`), not exported by the public API.
+from dynify.runtime.decisions import exit_scores
+
+NAME = "slowdown"
+# strategies whose decisions are exits (`dynify.ExitCascade`): the attack's scores are theirs
+STRATEGIES = {"early-exit": "early exits", "resolution": "resolution cascade (16x16 first)"}
+NOT_MEASURED = (
+    "block gates (function, halting, policy) and spatial masks also take data-dependent "
+    "decisions (gate and mask probabilities, not exit scores); they are not measured by this "
+    "suite yet"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument(
+        "--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES)
+    )
+    parser.add_argument("--exits", type=int, default=4)
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=1, help="heads-mode epochs")
+    parser.add_argument("--train-images", type=int, default=10000)
+    parser.add_argument("--calib-images", type=int, default=0, help="of the held-out 5k (0: all)")
+    parser.add_argument("--attack-images", type=int, default=200, help="of cifar10/test")
+    parser.add_argument("--clean-images", type=int, default=1000, help="of cifar10/test")
+    parser.add_argument("--eps", type=int, nargs="+", default=[2, 4, 8], help="in 1/255")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 30])
+    parser.add_argument("--window", type=int, default=256, help="the guard's window")
+    parser.add_argument("--gain", type=float, default=1.0, help="the guard's gain")
+    parser.add_argument("--passes", type=int, default=5, help="guard-on stream: passes")
+    parser.add_argument("--steady-passes", type=int, default=2, help="of which measured")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.train_images, args.calib_images = 256, 128
+    args.attack_images, args.clean_images = 16, 32
+    args.eps, args.steps = [8], [2]
+    args.window, args.passes, args.steady_passes = 16, 2, 1
+
+
+def to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB pixels as the network's input (normalised)."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def slowdown_pgd(
+    dyn, pixels: torch.Tensor, eps: float, steps: int, seed: int, batch: int = 50
+) -> torch.Tensor:
+    """DeepSloth-style PGD: pixels within `eps` (L-inf) whose exit scores fall below the
+    thresholds: gradient descent on sum_i relu(score_i - threshold_i), random start."""
+    thresholds = dyn.thresholds.detach()
+    step_size = 2.5 * eps / steps
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(pixels), batch):
+        clean = pixels[start : start + batch]
+        delta = (torch.rand(clean.shape, generator=generator) * 2 - 1) * eps
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                logits = dyn.exit_logits(to_input((clean + delta).clamp(0, 1)))
+                loss = sum(
+                    torch.relu(
+                        exit_scores(logits[i], dyn.temperatures[i], dyn.policy.kind) - thresholds[i]
+                    ).sum()
+                    for i in range(dyn.num_exits)
+                )
+                (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = (delta - step_size * grad.sign()).clamp(-eps, eps)
+                delta = (clean + delta).clamp(0, 1) - clean
+        out.append((clean + delta.detach()).clamp(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def measure_off(dyn, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """At the calibrated thresholds: mean MACs fraction, share run to the end, accuracy."""
+    macs, ends, hits = [], [], 0
+    for start in range(0, len(pixels), 100):
+        x = to_input(pixels[start : start + 100])
+        hits += int((dyn(x).argmax(-1) == labels[start : start + 100]).sum())
+        macs.append(dyn.last_macs.double() / dyn.static_macs)
+        ends.append(dyn.last_exit == dyn.num_exits)
+    return {
+        "macs": float(torch.cat(macs).mean()),
+        "to_end": float(torch.cat(ends).double().mean()),
+        "acc": hits / len(labels),
+    }
+
+
+@torch.no_grad()
+def measure_on(dyn, pixels: torch.Tensor, labels: torch.Tensor, args, seed: int) -> dict:
+    """Streamed one image at a time through a fresh BudgetGuard, `passes` shuffled passes."""
+    calibrated = dyn.thresholds.clone()
+    guard = dynify.BudgetGuard(dyn, budget=args.budget, window=args.window, gain=args.gain)
+    generator = torch.Generator().manual_seed(seed)
+    macs, ends, hits = [], [], []
+    for _ in range(args.passes):
+        for i in torch.randperm(len(pixels), generator=generator).tolist():
+            logits = guard(to_input(pixels[i : i + 1]))
+            macs.append(float(dyn.last_macs[0]) / dyn.static_macs)
+            ends.append(int(dyn.last_exit[0]) == dyn.num_exits)
+            hits.append(int(logits.argmax(-1)[0]) == int(labels[i]))
+    level = guard.level
+    dyn.set_thresholds(calibrated)
+    tail = args.steady_passes * len(pixels)
+
+    def mean(values: list) -> float:
+        return sum(values) / len(values)
+
+    return {
+        "macs": mean(macs[-tail:]),
+        "to_end": mean(ends[-tail:]),
+        "acc": mean(hits[-tail:]),
+        "stream_macs": mean(macs),
+        "stream_acc": mean(hits),
+        "final_window_macs": mean(macs[-args.window :]),
+        "final_level": level,
+        "samples": len(macs),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    train, test = load_cifar(args.data, args.cache)
+    out: dict[str, Any] = {"strategies": {}}
+    for strategy in args.strategies:
+        print(f"{strategy}:", flush=True)
+        out["strategies"][strategy] = run_strategy(strategy, args, train, test)
+    out["total_seconds"] = time.perf_counter() - start
+    return {NAME: out}
+
+
+def run_strategy(strategy: str, args: argparse.Namespace, train, test) -> dict[str, Any]:
+    """Convert, fine-tune, calibrate one strategy; measure it clean and attacked."""
+    start = time.perf_counter()
+    fit, calib = fit_and_calibration(train, args.seed, args.train_images, args.calib_images)
+    torch.manual_seed(args.seed)
+    options = {"exits": args.exits} if strategy == "early-exit" else {}
+    dyn = dynify.convert(
+        "cifar_resnet20", strategy, options=options, weights=weights_path(args.data, 20)
+    )
+    ft = dynify.finetune(
+        dyn,
+        fit,
+        mode="heads",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        calibration_fraction=0.0,  # the calibration part is held out above
+        progress=False,
+    )
+    cal = dynify.calibrate(dyn, calib, budget=args.budget, part="all")
+    dyn.eval()
+    print(
+        f"heads {ft.seconds:.0f} s; calibrated to {cal.macs_fraction:.3f} of the MACs, "
+        f"thresholds {[round(t, 3) for t in cal.thresholds]}",
+        flush=True,
+    )
+    clean_images, clean_labels = _items(subsample(test, args.clean_images))
+    attack_images, attack_labels = _items(subsample(test, args.attack_images))
+    clean_pixels = clean_images.float() / 255
+    attack_pixels = attack_images.float() / 255
+    out: dict[str, Any] = {
+        "net": "cifar_resnet20",
+        "strategy": strategy,
+        "exits": dyn.num_exits,
+        "exit_macs": [m / dyn.static_macs for m in dyn.exit_macs()],
+        "budget": args.budget,
+        "thresholds": list(cal.thresholds),
+        "calib_macs": cal.macs_fraction,
+        "calib_acc": cal.accuracy,
+        "train_images": len(fit),
+        "calib_images": len(calib),
+        "clean_images": len(clean_labels),
+        "attack_images": len(attack_labels),
+        "input_size": INPUT_SIZE,
+        "guard": {
+            "window": args.window,
+            "gain": args.gain,
+            "passes": args.passes,
+            "steady_passes": args.steady_passes,
+        },
+        "heads_seconds": ft.seconds,
+        "rows": [],
+    }
+    rows = out["rows"]
+    for name, pixels, labels in (
+        ("clean (test subset)", clean_pixels, clean_labels),
+        ("clean (attacked images)", attack_pixels, attack_labels),
+    ):
+        rows.append(
+            {
+                "input": name,
+                "eps": 0,
+                "steps": 0,
+                "images": len(labels),
+                "off": measure_off(dyn, pixels, labels),
+                "on": measure_on(dyn, pixels, labels, args, args.seed),
+            }
+        )
+        print(f"{name}: {rows[-1]}", flush=True)
+    for eps in args.eps:
+        for steps in args.steps:
+            t0 = time.perf_counter()
+            adv = slowdown_pgd(dyn, attack_pixels, eps / 255, steps, args.seed)
+            rows.append(
+                {
+                    "input": "PGD",
+                    "eps": eps,
+                    "steps": steps,
+                    "images": len(attack_labels),
+                    "attack_seconds": time.perf_counter() - t0,
+                    "off": measure_off(dyn, adv, attack_labels),
+                    "on": measure_on(dyn, adv, attack_labels, args, args.seed),
+                }
+            )
+            print(f"eps {eps}/255, {steps} steps: {rows[-1]}", flush=True)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def render() -> str:
+    result = read_result(NAME)
+    lines = ["# Slowdown attacks and the budget guard", ""]
+    if result is None:
+        return "\n".join(lines + missing(NAME, f"python -m benchmarks {NAME} --data DATA"))
+    measured = result.data["strategies"]
+    for strategy, r in measured.items():
+        lines += headline(strategy, r)
+    lines += [
+        "Each strategy: CIFAR ResNet-20 converted through `dynify.convert`, its new parts "
+        "fine-tuned in heads mode (`dynify.finetune`), calibrated to the budget on held-out "
+        "cifar10/train images (`dynify.calibrate`), measured on cifar10/test. Attack: PGD on the "
+        "[0, 1] pixels, L-inf eps, random start, step 2.5 eps / steps, descending "
+        "sum_i relu(score_i - threshold_i) over the exits (DeepSloth's aim: no exit reached).",
+        "",
+    ]
+    for strategy, r in measured.items():
+        lines += table(strategy, r)
+    lines += [
+        "MACs: mean per image as a fraction of the static network's, every exit passed "
+        "included, as the runtime records them (`last_macs`). To end: share of images that ran "
+        "to the final classifier (full resolution). Off: the calibrated thresholds. On: "
+        "streamed one image at a time through `dynify.BudgetGuard` with the same budget. Level: "
+        "how far the guard had moved the thresholds towards 0 at the end (served thresholds = "
+        "calibrated x (1 - level)). The attack targets the calibrated thresholds; an attacker "
+        "cannot push a score below a threshold of 0, so at level 1 every image leaves at the "
+        "first exit. Accuracy on attacked images is not comparable with clean accuracy: images "
+        "pushed to the end are classified by the full network.",
+        "",
+        f"Not measured: {NOT_MEASURED}.",
+        "",
+        *provenance(result),
+    ]
+    return "\n".join(lines)
+
+
+def headline(strategy: str, r: dict) -> list[str]:
+    worst = [row for row in r["rows"] if row["eps"] == 8 and row["steps"] == 30]
+    if not worst:
+        return []
+    on = worst[0]["on"]["macs"]
+    target = r["budget"] + 0.05
+    verdict = "met" if on <= target else "missed"
+    clean = r["rows"][0]
+    return [
+        f"**{STRATEGIES.get(strategy, strategy).capitalize()}:** under PGD 8/255, 30 steps, the "
+        f"mean cost is {worst[0]['off']['macs']:.3f} of the static MACs with the calibrated "
+        f"thresholds ({100 * worst[0]['off']['to_end']:.1f} % of images to the end) and "
+        f"**{on:.3f} with `BudgetGuard(budget={r['budget']})`** (target <= {target:.2f}: "
+        f"{verdict}). On clean test images the guard costs "
+        f"{100 * (clean['off']['acc'] - clean['on']['acc']):.2f} points of accuracy "
+        f"({100 * clean['off']['acc']:.2f} % off, {100 * clean['on']['acc']:.2f} % on); on the "
+        f"attacked images it answers {100 * worst[0]['on']['acc']:.2f} % right "
+        f"({100 * worst[0]['off']['acc']:.2f} % without it, having run them to the end).",
+        "",
+    ]
+
+
+def table(strategy: str, r: dict) -> list[str]:
+    g = r["guard"]
+    lines = [
+        f"## {STRATEGIES.get(strategy, strategy).capitalize()} (`{strategy}`)",
+        "",
+        f"{r['exits']} exit(s) before the final classifier (exit MACs "
+        + ", ".join(f"{m:.3f}" for m in r["exit_macs"])
+        + f" of static), trained on {r['train_images']} cifar10/train images "
+        f"({r['heads_seconds']:.0f} s), calibrated to a budget of {r['budget']} on "
+        f"{r['calib_images']} held-out cifar10/train images (there: {r['calib_macs']:.3f} of the "
+        f"MACs, {100 * r['calib_acc']:.2f} %; thresholds "
+        + ", ".join(f"{t:.3f}" for t in r["thresholds"])
+        + f"). Guard: window {g['window']}, gain {g['gain']}; guard-on figures are over the "
+        f"last {g['steady_passes']} of {g['passes']} shuffled passes streamed one image at a "
+        "time ('stream': all passes, the transient included).",
+        "",
+        "| input | eps | steps | images | MACs off | to end off | acc off | MACs on | "
+        "to end on | acc on | MACs on (stream) | acc on (stream) | final level |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in r["rows"]:
+        off, on = row["off"], row["on"]
+        eps = f"{row['eps']}/255" if row["eps"] else "-"
+        steps = str(row["steps"]) if row["steps"] else "-"
+        lines.append(
+            f"| {row['input']} | {eps} | {steps} | {row['images']} | {off['macs']:.3f} | "
+            f"{100 * off['to_end']:.1f} % | {100 * off['acc']:.2f} % | {on['macs']:.3f} | "
+            f"{100 * on['to_end']:.1f} % | {100 * on['acc']:.2f} % | {on['stream_macs']:.3f} | "
+            f"{100 * on['stream_acc']:.2f} % | {on['final_level']:.3f} |"
+        )
+    return [*lines, ""]
