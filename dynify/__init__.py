@@ -31,6 +31,7 @@ from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
 from dynify.options import (
     BlockGateOptions,
+    DynamicConvOptions,
     EarlyExitOptions,
     FinetuneConfig,
     ResolutionOptions,
@@ -53,6 +54,7 @@ __all__ = [
     "BenchResult",
     "BlockGateOptions",
     "CalibrationResult",
+    "DynamicConvOptions",
     "DynamicModel",
     "DynifyError",
     "EarlyExitOptions",
