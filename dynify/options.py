@@ -22,7 +22,11 @@ from dynify.passes.spatial_masks import SpatialMaskOptions
 from dynify.train.distill import FinetuneConfig
 
 StrategyOptions = (
-    EarlyExitOptions | BlockGateOptions | SpatialMaskOptions | ResolutionOptions | DynamicConvOptions
+    EarlyExitOptions
+    | BlockGateOptions
+    | SpatialMaskOptions
+    | ResolutionOptions
+    | DynamicConvOptions
 )
 
 OPTIONS_BY_STRATEGY: dict[str, type] = {

@@ -26,6 +26,8 @@ from dynify.runtime.dynamic_conv import DynamicConv, DynamicConvModel
 
 WRAPPER_PREFIX = "dynamic_conv"
 SELECTIONS = ("branches", "all")
+# A router narrower than this risks every ReLU unit being off for every input: a dead router.
+MIN_HIDDEN = 16
 
 
 @dataclass
@@ -34,7 +36,7 @@ class DynamicConvOptions:
 
     convs: "branches" (the 3x3 convs of residual branches), "all" (every Conv2d) or a list of
     conv node names. experts: kernels per conv (K). router_reduction: the router's hidden
-    width is in_channels / router_reduction (at least 4). expert_noise: the zero-sum
+    width is in_channels / router_reduction (at least 16). expert_noise: the zero-sum
     perturbation that tells the experts apart at conversion, relative to the kernel's standard
     deviation. The router temperature falls linearly from initial_temperature to
     final_temperature over the first anneal_samples samples fine-tuning trains on.
@@ -43,7 +45,7 @@ class DynamicConvOptions:
     convs: str | list[str] = "branches"
     experts: int = 4
     router_reduction: int = 4
-    expert_noise: float = 0.01
+    expert_noise: float = 0.05
     initial_temperature: float = 30.0
     final_temperature: float = 1.0
     anneal_samples: int = 100_000
@@ -103,6 +105,8 @@ def _candidates(ctx: ConversionContext, convs: str | list[str]) -> list[str]:
 
 
 def _why_not(conv: nn.Conv2d) -> str | None:
+    if isinstance(conv.padding, str):
+        return f"its padding is '{conv.padding}' (give it as numbers of pixels)"
     if conv.padding_mode != "zeros":
         return f"its padding mode is '{conv.padding_mode}' (only zero padding is supported)"
     return None
@@ -147,7 +151,7 @@ class DynamicConvStrategy:
             wrapper = DynamicConv(
                 conv,
                 experts=opts.experts,
-                hidden=max(4, conv.in_channels // opts.router_reduction),
+                hidden=max(MIN_HIDDEN, conv.in_channels // opts.router_reduction),
                 noise=float(opts.expert_noise),
                 seed=i,
             )

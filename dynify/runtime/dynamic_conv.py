@@ -37,7 +37,9 @@ class Router(nn.Module):
         self.fc2 = nn.Linear(hidden, experts)
         with torch.no_grad():  # seeded: a conversion never moves the caller's random state
             bound = in_channels**-0.5
-            self.fc1.weight.copy_((torch.rand(hidden, in_channels, generator=generator) * 2 - 1) * bound)
+            self.fc1.weight.copy_(
+                (torch.rand(hidden, in_channels, generator=generator) * 2 - 1) * bound
+            )
             self.fc1.bias.zero_()
             self.fc2.weight.zero_()
             self.fc2.bias.zero_()
@@ -94,23 +96,53 @@ class DynamicConv(nn.Module):
             return self.conv(x)
         weights = self.mixture(x)
         calls.__dict__[f"experts_{self.index}"] = weights.argmax(-1)
+        kernels = weights @ self.experts.reshape(self.num_experts, -1)  # [N, P]
+        bias = None if self.expert_bias is None else weights @ self.expert_bias  # [N, C_out]
+        if getattr(calls, "exporting", False):
+            return self._unfolded(x, kernels, bias)
+        return self._grouped(x, kernels, bias)
+
+    def _grouped(self, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+        """The batch folded into the channels, one group per sample (and original group): one
+        conv call; at batch 1 the aggregated kernel run directly."""
         conv = self.conv
         n, c, h, w = x.shape
-        kernels = weights @ self.experts.reshape(self.num_experts, -1)  # [N, P]
-        kernels = kernels.reshape(n * conv.out_channels, *self.experts.shape[2:])
-        bias = None
-        if self.expert_bias is not None:
-            bias = (weights @ self.expert_bias).reshape(-1)
         out = F.conv2d(
             x.reshape(1, n * c, h, w),
-            kernels,
-            bias,
+            kernels.reshape(n * conv.out_channels, *self.experts.shape[2:]),
+            None if bias is None else bias.reshape(-1),
             conv.stride,
             conv.padding,
             conv.dilation,
             conv.groups * n,
         )
         return out.reshape(n, conv.out_channels, *out.shape[2:])
+
+    def _unfolded(self, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+        """The same convolution as patches times per-sample kernels (im2col, batched matmul):
+        ONNX's Conv takes its group count as a constant, so a batch of any size cannot be one
+        grouped Conv there. The same MACs."""
+        conv = self.conv
+        n = x.shape[0]
+        g = conv.groups
+        out_h, out_w = _output_size(x.shape[2:], conv)
+        patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        patches = patches.reshape(n, g, -1, out_h * out_w)  # [N, g, C_in/g * kh * kw, L]
+        per_group = kernels.reshape(n, g, conv.out_channels // g, -1)
+        out = (per_group @ patches).reshape(n, conv.out_channels, out_h, out_w)
+        if bias is not None:
+            out = out + bias.reshape(n, conv.out_channels, 1, 1)
+        return out
+
+
+def _output_size(size: Sequence[int], conv: nn.Conv2d) -> tuple[int, int]:
+    h, w = (
+        (int(s) + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, p, d, k, st in zip(
+            size, conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+        )
+    )
+    return h, w
 
 
 def annealed_temperature(seen: int, start: float, end: float, samples: int) -> float:
@@ -130,7 +162,7 @@ class DynamicConvModel(DynamicModel):
     strategy = "dynamic-conv"
     # The papers train experts, routers and backbone at one rate; batch norm follows the dynamic
     # convs' outputs (one BN per conv).
-    joint_recipe = JointRecipe(new_parts="sgd", new_lr_scale=1.0)
+    joint_recipe = JointRecipe(new_parts="adam", new_lr=1e-3)
     last_experts = PerCallRecord()
 
     def __init__(
@@ -148,9 +180,7 @@ class DynamicConvModel(DynamicModel):
         anneal_samples: int = 100_000,
         distill_temperature: float = 4.0,
     ):
-        super().__init__(
-            static_macs=static_macs, input_shape=input_shape, num_classes=num_classes
-        )
+        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
         self.net = net
         self.wrapper_names = list(wrapper_names)
         self.conv_names = list(conv_names)
@@ -182,7 +212,8 @@ class DynamicConvModel(DynamicModel):
     def run(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, chosen experts [N, num_convs]) of the dynamic or static network."""
         calls = self.per_call
-        calls.temperature = self.router_temperature
+        # A copy: training_loss anneals the buffer in place while autograd still needs this one.
+        calls.temperature = self.router_temperature.clone()
         logits = self.net(x)
         n = x.shape[0]
         if calls.static:
@@ -261,4 +292,9 @@ class DynamicConvExport(ExportFace):
         self.model = model
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self.model.run(x)
+        calls = self.model.per_call
+        calls.exporting = True
+        try:
+            return self.model.run(x)
+        finally:
+            calls.exporting = False
