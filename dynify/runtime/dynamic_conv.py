@@ -209,6 +209,11 @@ class DynamicConvModel(DynamicModel):
         """MACs of one sample in dynamic mode: the same for every sample."""
         return self.fixed_macs + sum(w.macs for w in self.wrappers)
 
+    def worst_case_macs(self) -> int:
+        """Every sample pays the dynamic cost, whatever its input: the static network plus each
+        router and kernel mixing (static mode, the original convs, costs less)."""
+        return self.dynamic_macs()
+
     def run(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, chosen experts [N, num_convs]) of the dynamic or static network."""
         calls = self.per_call
