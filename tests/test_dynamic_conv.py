@@ -156,6 +156,37 @@ def test_joint_finetune_moves_the_routers_and_the_experts_diverge():
     assert int(dyn.trained_samples) == 192
 
 
+def test_heads_finetune_trains_experts_and_routers_only_and_checkpoints_the_schedule(tmp_path):
+    from dynify.train.checkpoint import load_checkpoint_weights
+
+    torch.manual_seed(0)
+    model = contract_model()
+    dyn = convert(model, initial_temperature=2.0, anneal_samples=128)
+    backbone = {n: p.detach().clone() for n, p in dyn.named_parameters() if "experts" not in n}
+    backbone = {n: p for n, p in backbone.items() if "router" not in n and "expert_bias" not in n}
+    images = torch.randn(64, 3, 24, 24)
+    dynify.finetune(
+        dyn,
+        images,
+        mode="heads",
+        epochs=1,
+        batch_size=32,
+        calibration_fraction=0,
+        augment=False,
+        progress=False,
+        checkpoint=tmp_path / "run.ckpt",
+    )
+    for name, p in dyn.named_parameters():
+        if name in backbone:
+            assert torch.equal(p, backbone[name]), name
+    assert all(w.router.fc2.weight.abs().max() > 0 for w in dyn.wrappers)
+    with torch.no_grad(), dyn.static():  # the static network did not move
+        assert torch.equal(dyn(contract_input()), model(contract_input()))
+    weights = load_checkpoint_weights(tmp_path / "run.ckpt")
+    assert int(weights["trained_samples"]) == 64
+    assert float(weights["router_temperature"]) == pytest.approx(2.0 - 64 / 128)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(StrategyError, match="at least 2"):
         convert(experts=1)
