@@ -187,6 +187,31 @@ def test_heads_finetune_trains_experts_and_routers_only_and_checkpoints_the_sche
     assert float(weights["router_temperature"]) == pytest.approx(2.0 - 64 / 128)
 
 
+def test_the_export_path_computes_the_grouped_path_at_the_same_cost():
+    """im2col x per-sample kernels (the ONNX face) == one grouped conv (eager), on a conv with
+    groups, stride, dilation and a bias."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dynify.runtime.dynamic_conv import DynamicConv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, groups=4)
+    wrapper = DynamicConv(conv, experts=3, hidden=16, noise=0.5, seed=0)
+    with torch.no_grad():
+        wrapper.router.fc2.weight.normal_()
+    x = torch.randn(5, 8, 11, 11)
+    counts = []
+    outputs = []
+    for exporting in (False, True):
+        wrapper.calls.exporting = exporting
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            outputs.append(wrapper(x))
+        counts.append(counter.get_total_flops())
+    assert outputs[0].shape == conv(x).shape
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5
+    assert counts[0] == counts[1]
+
+
 def test_bad_options_are_refused():
     with pytest.raises(StrategyError, match="at least 2"):
         convert(experts=1)

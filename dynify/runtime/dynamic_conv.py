@@ -80,7 +80,10 @@ class DynamicConv(nn.Module):
         self.router = Router(conv.in_channels, experts, hidden, generator)
         self.index = 0
         self.calls: PerCall = PerCall()
-        self.macs = 0  # per sample, dynamic mode: router + aggregation + conv (set by the model)
+        # Per sample, counted by the pass: the original conv's, and in dynamic mode the
+        # router's, the kernel mixing's and the conv's.
+        self.conv_macs = 0
+        self.macs = 0
 
     def mixture(self, x: Tensor) -> Tensor:
         """[N, K] expert weights: softmax of the router's logits at the call's temperature."""
