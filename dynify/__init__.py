@@ -22,6 +22,7 @@ from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
 from dynify.options import (
     BlockGateOptions,
+    DynamicConvOptions,
     EarlyExitOptions,
     FinetuneConfig,
     ResolutionOptions,
@@ -47,6 +48,7 @@ __all__ = [
     "BlockGateOptions",
     "BudgetGuard",
     "CalibrationResult",
+    "DynamicConvOptions",
     "DynamicModel",
     "DynifyError",
     "EarlyExitOptions",

@@ -15,18 +15,26 @@ from typing import Any
 
 from dynify.errors import StrategyError
 from dynify.passes.block_gates import BlockGatesOptions as BlockGateOptions
+from dynify.passes.dynamic_conv import DynamicConvOptions
 from dynify.passes.early_exit import EarlyExitOptions
 from dynify.passes.resolution import ResolutionOptions
 from dynify.passes.spatial_masks import SpatialMaskOptions
 from dynify.train.distill import FinetuneConfig
 
-StrategyOptions = EarlyExitOptions | BlockGateOptions | SpatialMaskOptions | ResolutionOptions
+StrategyOptions = (
+    EarlyExitOptions
+    | BlockGateOptions
+    | SpatialMaskOptions
+    | ResolutionOptions
+    | DynamicConvOptions
+)
 
 OPTIONS_BY_STRATEGY: dict[str, type] = {
     "early-exit": EarlyExitOptions,
     "block-gates": BlockGateOptions,
     "spatial-masks": SpatialMaskOptions,
     "resolution": ResolutionOptions,
+    "dynamic-conv": DynamicConvOptions,
 }
 
 # Options that are fractions of the static model's MACs, and options that must not be negative.
@@ -36,6 +44,7 @@ _POSITIVE = ("temperature", "distill_temperature")
 
 __all__ = [
     "BlockGateOptions",
+    "DynamicConvOptions",
     "EarlyExitOptions",
     "FinetuneConfig",
     "ResolutionOptions",

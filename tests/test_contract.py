@@ -58,9 +58,12 @@ def thresholds_of(dyn: dynify.DynamicModel) -> list[float]:
 def decisions_of(dyn: dynify.DynamicModel) -> Tensor:
     """What each sample of the last forward decided, int64, in the form the export face
     returns it: exit index [N] (exit cascades), executed gates [N, K] (block gates), active
-    units per masked block [N, K] (spatial masks)."""
+    units per masked block [N, K] (spatial masks), heaviest expert per conv [N, C] (dynamic
+    convs)."""
     if dyn.strategy == "block-gates":
         return dyn.last_gates.long()
+    if dyn.strategy == "dynamic-conv":
+        return dyn.last_experts.long()
     if dyn.strategy == "spatial-masks":
         units = torch.tensor([h * w for h, w in (wr.units() for wr in dyn.wrappers)])
         return (dyn.densities() * units).round().long()

@@ -59,7 +59,7 @@ from dynify.export.verify import (
 )
 from dynify.files import atomic_output
 from dynify.runtime.cascade import CondCascade
-from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES, DynamicModel
+from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES, DynamicModel, ExportFace
 
 __all__ = [
     "ExportError",
@@ -120,8 +120,11 @@ def _count_conds(ep: torch.export.ExportedProgram) -> int:
 
 
 def _min_conds(module: nn.Module) -> int:
-    """How many conditionals the export must keep: one per exit for a cascade, else >= 1."""
-    return module.num_exits if isinstance(module, CondCascade) else 1
+    """How many conditionals the export must keep: one per exit for a cascade, else the
+    face's `min_conditionals` (1 for a face that skips work)."""
+    if isinstance(module, CondCascade):
+        return module.num_exits
+    return module.min_conditionals if isinstance(module, ExportFace) else 1
 
 
 def _torch_export(

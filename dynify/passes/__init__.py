@@ -29,7 +29,7 @@ def get_strategy(name: str) -> Strategy:
     return _STRATEGIES[name]()
 
 
-_BUILTIN_MODULES = ("early_exit", "block_gates", "spatial_masks", "resolution")
+_BUILTIN_MODULES = ("early_exit", "block_gates", "spatial_masks", "resolution", "dynamic_conv")
 
 
 def _load_builtin_strategies() -> None:

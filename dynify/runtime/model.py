@@ -279,6 +279,9 @@ class ExportFace(nn.Module, ABC):
     """
 
     thresholds: torch.Tensor
+    # The torch.cond an export must keep at least: fewer means the skipping was folded into a
+    # static graph. 0 for a strategy that skips nothing (dynamic convs: kernels, not branches).
+    min_conditionals: ClassVar[int] = 1
 
     def __init__(self, thresholds: torch.Tensor | Sequence[float]):
         super().__init__()
