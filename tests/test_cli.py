@@ -192,7 +192,7 @@ BAD_INPUTS = [
     ((*NAMED, "--exits", "0"), "no exit at all"),
     (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--calibration-fraction", "1"), "[0, 1)"),
     (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--calibration-fraction", "-1"), "[0, 1)"),
-    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--lr", "inf"), "learning rate must be a positive number"),
+    (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--lr", "inf"), "the learning rate must be a finite number"),
     (("finetune", "{root}/a.dyn", "--data", "{root}/data", "--std", "nan,1,1"), "finite"),
     (
         ("calibrate", "{root}/a.dyn", "--data", "{root}/data", "--budget", "0.5",
