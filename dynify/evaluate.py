@@ -20,6 +20,7 @@ import torch
 from dynify.errors import DynifyError
 from dynify.files import atomic_output, write_text_atomic
 from dynify.heldout import is_finetune_data
+from dynify.runtime.decisions import NEVER
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing
 from dynify.train.exit_outputs import (
@@ -29,7 +30,7 @@ from dynify.train.exit_outputs import (
     one_thread,
 )
 from dynify.train.scalar_sweep import measure
-from dynify.train.threshold_search import NEVER, ExitProblem
+from dynify.train.threshold_search import ExitProblem
 
 logger = logging.getLogger("dynify")
 

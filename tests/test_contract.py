@@ -446,8 +446,7 @@ def test_exit_decisions_at_a_tie_follow_the_tensor_rule_in_batch_and_alone(case)
     next float32 above it, the forward takes exit 0 exactly when `exit_scores >= threshold`
     (the tensor rule, on the logits of that same batch), in a batch and at batch 1 (whose
     Python-float path must settle the tie as the tensor rule does)."""
-    from dynify.export.bench import NEVER
-    from dynify.runtime.decisions import exit_scores
+    from dynify.runtime.decisions import NEVER, exit_scores
 
     dyn, x = case.dyn, case.x
     if not isinstance(dyn, dynify.ExitCascade) or dyn.policy.kind == "patience":

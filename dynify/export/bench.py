@@ -31,12 +31,12 @@ from torch import nn
 
 from dynify.errors import ExportError, InputError
 from dynify.export.timing import time_interleaved, time_onnx
+from dynify.runtime.decisions import NEVER
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.model import DynamicModel, ExitCascade
 
 Runtime = Literal["eager", "onnx"]
 RUNTIMES = ("eager", "onnx")
-NEVER = 1.01  # above every exit score: the exit never fires
 SWEEP = (0.0, 0.5, NEVER)
 STATIC = "static"
 

@@ -28,6 +28,8 @@ POLICIES = ("confidence", "entropy", "patience")
 # Batch-1 paths decide in Python floats (double); a value closer than this to its boundary is
 # settled by the float32 tensor rule, so both paths always take the same decision.
 FLOAT32_TIE = 1e-5
+# A threshold above every score in [0, 1]: the unit never fires (the static network's work).
+NEVER = 1.01
 
 # --- exits -------------------------------------------------------------------------------------
 

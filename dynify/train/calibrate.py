@@ -29,6 +29,7 @@ import torch
 
 from dynify.errors import DataError, StrategyError
 from dynify.heldout import Part, calibration_part
+from dynify.runtime.decisions import NEVER
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Batches, Preprocessing
@@ -42,7 +43,7 @@ from dynify.train.exit_outputs import (
 from dynify.train.scalar_sweep import calibrate_by_sweep, measure
 from dynify.train.targets import CalibrationResult, check_target
 from dynify.train.temperature import fit_temperature, fit_temperatures
-from dynify.train.threshold_search import NEVER, ThresholdSearch, search_thresholds, simulate
+from dynify.train.threshold_search import ThresholdSearch, search_thresholds, simulate
 
 __all__ = [
     "NEVER",

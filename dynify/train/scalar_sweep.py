@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from dynify.errors import StrategyError
+from dynify.runtime.decisions import NEVER
 from dynify.runtime.model import DynamicModel
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.exit_outputs import data_batches
 from dynify.train.targets import CalibrationResult, choose_point, pareto_front
-from dynify.train.threshold_search import NEVER
 
 
 @torch.no_grad()

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from dynify.errors import DynifyError, StrategyError
-from dynify.runtime.decisions import exit_scores, exits_taken, patience_allowed
+from dynify.runtime.decisions import NEVER, exit_scores, exits_taken, patience_allowed
 from dynify.runtime.model import DynamicModel
 from dynify.train.exit_outputs import ExitOutputs, one_thread
 from dynify.train.targets import CalibrationResult, check_target, choose_point, pareto_front
 from dynify.train.temperature import fit_temperatures
 
-NEVER = 1.01  # a threshold above every score in [0, 1]: this exit never fires
 CANDIDATES = 48
 PRICES = (0.0, *[10 ** (k / 6) for k in range(-21, 4)])  # 1e-3.5 .. 3.2
 
