@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-# Data loading is dynify's own (`dynify.train.data`), not yet exported by the public API.
-from dynify.train.data import (
+from dynify import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     cached_tensor_dataset,

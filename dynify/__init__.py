@@ -35,6 +35,14 @@ from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
+from dynify.train.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    cached_tensor_dataset,
+    load_dataset,
+    normalize_batch,
+    split_dataset,
+)
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
 from dynify.train.targets import CalibrationResult
@@ -43,6 +51,8 @@ from dynify.zoo import build_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "PARITY_ATOL",
     "BenchResult",
     "BlockGateOptions",
@@ -66,6 +76,7 @@ __all__ = [
     "StrategyOptions",
     "bench",
     "build_model",
+    "cached_tensor_dataset",
     "calibrate",
     "check_onnx_file",
     "check_plot_path",
@@ -80,11 +91,14 @@ __all__ = [
     "finetune_static",
     "inspect",
     "load",
+    "load_dataset",
+    "normalize_batch",
     "operating_points",
     "preprocessing",
     "register_strategy",
     "save",
     "save_json",
+    "split_dataset",
     "strategies",
     "strategy_names",
 ]
