@@ -415,13 +415,7 @@ def test_batch_one_function_gate_decides_like_the_tensor_rule_at_ties():
     torch.manual_seed(0)  # fresh gates: open (p ~ 0.95), where float32 steps are coarse
     dyn = dynify.convert(two_stages(), "block-gates", torch.randn(1, 3, 16, 16)).eval()
     gate = dyn.gates[0]  # its input does not depend on any threshold
-    entries = []
-    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
-    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), dyn.static():
-        for sample in x.split(1):  # batch 1, as the path under test computes it
-            dyn(sample)
-    hook.remove()
+    x, entries = _entries_at_batch_one(dyn, gate)
     ties = 0
     with torch.no_grad():
         for i, entry in enumerate(entries):
@@ -452,13 +446,7 @@ def test_batch_one_halting_decides_like_the_tensor_rule_at_ties():
     ).eval()
     gate = dyn.gates[0]  # the first scored block of stage 0: its input is block 0's output
     assert gate.group == 0
-    entries = []
-    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
-    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), dyn.static():
-        for sample in x.split(1):  # batch 1, as the path under test computes it
-            dyn(sample)
-    hook.remove()
+    x, entries = _entries_at_batch_one(dyn, gate)
     ties = 0
     with torch.no_grad():
         for i, entry in enumerate(entries):
@@ -516,3 +504,18 @@ def test_skipped_identity_block_after_a_relu_costs_no_op():
     assert len(seen) == dyn.num_gates
     for gate, passed_on in seen:
         assert passed_on == (gate.shortcut is None), gate
+
+
+def _entries_at_batch_one(dyn, gate) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """16 seeded images, and what `gate` receives for each run alone, as the batch-1 path
+    computes it (in static mode, so no threshold changes the gate's input)."""
+    entries = []
+    hook = gate.register_forward_pre_hook(lambda module, args: entries.append(args[0]))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad(), dyn.static():
+            for sample in x.split(1):
+                dyn(sample)
+    finally:
+        hook.remove()
+    return x, entries
