@@ -61,27 +61,16 @@ def operating_points(
     out. `dyn`'s thresholds and temperatures are restored afterwards."""
     cal = data_batches(dyn, calibration, batch_size=batch_size, preprocessing=preprocessing)
     tst = data_batches(dyn, test, batch_size=batch_size, preprocessing=preprocessing)
-    exits = isinstance(dyn, ExitCascade)
-    if exits:
-        cal_out, test_out = collect_outputs(dyn, cal), collect_outputs(dyn, tst)
-
-        def reach(_: Any) -> tuple[float, float]:
-            acc, macs, _ = simulate(dyn, test_out)
-            return acc, macs
-
-        def reach_cal() -> tuple[float, float]:
-            acc, macs, _ = simulate(dyn, cal_out)
-            return acc, macs
+    # Exit cascades are measured by simulating the exit rule on every exit's logits, collected
+    # once; other strategies by running the model at each setting.
+    if isinstance(dyn, ExitCascade):
+        cal_data, test_data, score = collect_outputs(dyn, cal), collect_outputs(dyn, tst), simulate
     else:
-        cal_out = cal
+        cal_data, test_data, score = cal, tst, measure
 
-        def reach(_: Any) -> tuple[float, float]:
-            acc, macs, _ = measure(dyn, tst)
-            return acc, macs
-
-        def reach_cal() -> tuple[float, float]:
-            acc, macs, _ = measure(dyn, cal)
-            return acc, macs
+    def reach(data: Any) -> tuple[float, float]:
+        acc, macs, _ = score(dyn, data)
+        return acc, macs
 
     saved_thresholds = dyn.thresholds.clone()
     saved_temperatures = dyn.temperatures.clone() if isinstance(dyn, ExitCascade) else None
@@ -90,10 +79,10 @@ def operating_points(
     try:
         for target in targets:
             try:
-                result = calibrate(dyn, cal_out, **target)
+                result = calibrate(dyn, cal_data, **target)
             except DynifyError:
                 continue
-            test_acc, test_macs = reach(None)
+            test_acc, test_macs = reach(test_data)
             points.append(
                 OperatingPoint(
                     target,
@@ -109,8 +98,8 @@ def operating_points(
             dyn.temperatures.copy_(saved_temperatures)
         for t in thresholds:
             dyn.set_thresholds(float(t))
-            cal_acc, cal_macs = reach_cal()
-            test_acc, test_macs = reach(None)
+            cal_acc, cal_macs = reach(cal_data)
+            test_acc, test_macs = reach(test_data)
             points.append(
                 OperatingPoint(
                     {"threshold": float(t)},
