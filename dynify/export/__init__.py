@@ -66,8 +66,8 @@ def _output_path(dyn: DynamicModel, path: str | Path | None, suffix: str) -> Pat
     """Where to write an export: never over the artifact the model was loaded from, nor under a
     .dyn name, which would make an ONNX or .pt2 file pass for an artifact."""
     target = _default_path(dyn, suffix) if path is None else Path(path)
-    source = getattr(dyn, "artifact_path", None)
-    if source is not None and target.resolve() == Path(source).resolve():
+    source = dyn.artifact_path
+    if source is not None and target.resolve() == source.resolve():
         raise ExportError(
             f"'{target}' is the artifact this model was loaded from; exporting there would "
             f"replace it with a {suffix} file. Choose another output path, e.g. "

@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -126,6 +127,8 @@ class DynamicModel(nn.Module, ABC):
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
         self.spec: dict[str, Any] = {}
+        # The .dyn file `dynify.load` read it from (exports refuse to write over it), or None.
+        self.artifact_path: Path | None = None
         values = [float(t) for t in thresholds]
         _check_thresholds(values, len(values))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
