@@ -27,12 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dynify
-from dynify.export import export_onnx_report
-from dynify.export.bench import bench, settle_batch_norm
-from dynify.export.verify import ort_session
 
 NAME = "latency"
 MODELS = [("resnet18", 224), ("resnet50", 224), ("cifar_resnet44", 32), ("cifar_resnet20", 32)]
@@ -47,39 +45,37 @@ TARGET = 1.15
 
 def export_batch_policies(dyn: dynify.DynamicModel, folder: Path, name: str) -> dict:
     """Batch 8 with mixed exits: export per-sample gather/scatter and one-decision-per-batch."""
-    from dynify.export.onnx import write_onnx
-
     torch.manual_seed(0)
     for head in dyn.heads:  # spread the confidences so a threshold splits the batch
         nn.init.normal_(head.classifier.weight, std=0.3)
-    x = torch.randn(8, *dyn.input_shape, generator=torch.Generator().manual_seed(3))
+    x = dyn.random_input(8, torch.Generator().manual_seed(3))
     with torch.no_grad():
         scores = [torch.softmax(lg, -1).amax(-1) for lg in dyn.exit_logits(x)[:-1]]
     # halfway between the 4th and 5th score: no sample sits on a threshold, where float noise
     # between runtimes (ORT fuses the heads' batch norms) could flip its decision
     thr = torch.stack([s.sort().values[3:5].mean() for s in scores])
-    cascade = dyn.export_face()
-    together = cascade.with_batch_policy("batch_all").eval()
     paths = {}
-    for policy, module in (("per_sample", cascade), ("batch_all", together)):
-        result = write_onnx(
-            module, x, folder / f"{name}-{policy}.onnx", inputs=[x], thresholds_list=[thr]
-        )
-        paths[policy] = str(result.path)
-    torch.save(x, folder / f"{name}-batch8.pt")
+    for policy in ("per_sample", "batch_all"):
+        path = folder / f"{name}-{policy}.onnx"
+        paths[policy] = str(dynify.export_onnx(dyn, path, batch_policy=policy))
+    save_file({"x": x}, folder / f"{name}-batch8.safetensors")
     return {"thresholds": thr.tolist(), "paths": paths}
 
 
 def time_batch_policies(meta: dict, folder: Path, name: str, runs: int) -> dict:
     """Median ORT latency (1 thread, interleaved) and mean MACs of both batch policies."""
     import numpy as np
+    import onnxruntime as ort
 
-    from dynify.export.timing import time_interleaved
-
-    x = torch.load(folder / f"{name}-batch8.pt", weights_only=True)
+    x = load_file(folder / f"{name}-batch8.safetensors")["x"]
     feed = {"x": x.numpy(), "thresholds": np.asarray(meta["batch8"]["thresholds"], np.float32)}
-    sessions = {p: ort_session(path, threads=1) for p, path in meta["batch8"]["paths"].items()}
-    times = time_interleaved(
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = {
+        policy: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for policy, path in meta["batch8"]["paths"].items()
+    }
+    times = dynify.time_interleaved(
         {p: (lambda s=s: s.run(None, feed)) for p, s in sessions.items()}, runs, 3
     )
     exit_macs = torch.tensor(meta["exit_macs"], dtype=torch.float64)
@@ -101,10 +97,10 @@ def export_model(name: str, folder: Path) -> dict:
     dyn = dynify.convert(
         model, weights="random", input_size=dict(MODELS).get(model), options=options
     )
-    settle_batch_norm(dyn)
+    dynify.settle_batch_norm(dyn)
     dynify.save(dyn, folder / f"{name}.dyn")
     start = time.perf_counter()
-    export = export_onnx_report(dyn, folder / f"{name}.onnx", batch=1)  # as the static graph
+    export = dynify.export_onnx_report(dyn, folder / f"{name}.onnx", batch=1)  # as the static graph
     meta = {
         "input": list(dyn.input_shape),
         "static_macs": dyn.static_macs,
@@ -178,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         entry = {**meta, "runs": []}
         for threads in args.threads:
             for runtime, channels_last in CONFIGS:
-                res = bench(
+                res = dynify.bench(
                     dyn,
                     runtime=runtime,
                     batch=1,

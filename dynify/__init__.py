@@ -17,7 +17,8 @@ from dynify.errors import DynifyError
 from dynify.evaluate import EvaluationReport, check_plot_path, evaluate
 from dynify.export import export_onnx, export_onnx_report, export_pt2, export_pt2_report
 from dynify.export.artifact import load, save
-from dynify.export.bench import BenchResult, bench, check_onnx_file
+from dynify.export.bench import BenchResult, bench, check_onnx_file, settle_batch_norm
+from dynify.export.timing import time_interleaved
 from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
 from dynify.options import (
@@ -98,7 +99,9 @@ __all__ = [
     "register_strategy",
     "save",
     "save_json",
+    "settle_batch_norm",
     "split_dataset",
     "strategies",
     "strategy_names",
+    "time_interleaved",
 ]

@@ -265,6 +265,25 @@ def test_batch_all_policy_exits_together(cascade, batch, mixed_thresholds):
     torch.testing.assert_close(one_logits, ref_logits)
 
 
+def test_public_export_of_the_batch_all_policy(tmp_path):
+    """`dynify.export_onnx(..., batch_policy="batch_all")` writes the one-decision-per-batch
+    graph, verified in ONNX Runtime against that policy; strategies without exits refuse it."""
+    torch.manual_seed(0)
+    dyn = dynify.convert(TinyResNet(), "early-exit", torch.randn(1, 3, 32, 32))
+    path = dynify.export_onnx(dyn, tmp_path / "together.onnx", batch_policy="batch_all")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    thresholds = np.full(dyn.num_thresholds, 0.5, np.float32)
+    exits = session.run(None, {"x": x.numpy(), "thresholds": thresholds})[1]
+    assert len(set(exits.tolist())) == 1  # the batch leaves together
+    gates = dynify.convert(TinyResNet(), "block-gates", torch.randn(1, 3, 32, 32))
+    with pytest.raises(ExportError, match="exit cascades"):
+        dynify.export_onnx(gates, tmp_path / "gates.onnx", batch_policy="batch_all")
+    assert not (tmp_path / "gates.onnx").exists()
+
+
 # --- exit policies: the cascade decides exactly like the eager EarlyExitModel --------------
 
 

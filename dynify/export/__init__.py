@@ -20,6 +20,7 @@ from dynify.export.bench import threshold_cases
 from dynify.export.onnx import OnnxExport, write_onnx, write_pt2
 from dynify.export.verify import PARITY_ATOL, ParityReport, verify_pt2
 from dynify.files import atomic_output
+from dynify.runtime.cascade import BatchPolicy, CondCascade
 from dynify.runtime.model import DynamicModel
 
 __all__ = ["export_onnx", "export_onnx_report", "export_pt2", "export_pt2_report"]
@@ -90,11 +91,22 @@ def export_onnx_report(
     atol: float = PARITY_ATOL,
     batch: int | None = None,
     translations: dict | None = None,
+    batch_policy: BatchPolicy = "per_sample",
 ) -> OnnxExport:
     """`export_onnx`, returning the file with its If-node count and the parity report."""
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be >= 1 (or None for any batch size), got {batch}")
     module = export_face(dyn)
+    reference: nn.Module = dyn
+    if batch_policy != "per_sample":
+        if not isinstance(module, CondCascade):
+            raise ExportError(
+                f"batch_policy={batch_policy!r} is for exit cascades (early-exit, resolution); "
+                f"{dyn.strategy} decides per sample only"
+            )
+        # Exits taken for the batch as a whole: the eager model, which decides per sample,
+        # is no reference; ONNX Runtime is checked against the face itself.
+        module = reference = module.with_batch_policy(batch_policy).eval()
     inputs = verification_inputs(dyn, batch=batch)
     labels, thresholds = verification_cases(dyn)
     target = _output_path(dyn, path, ".onnx")
@@ -107,7 +119,7 @@ def export_onnx_report(
         verify=verify,
         atol=atol,
         translations=translations,
-        reference=dyn,
+        reference=reference,
         inputs=inputs,
         thresholds_list=thresholds,
         labels=labels,
@@ -121,6 +133,7 @@ def export_onnx(
     verify: bool = True,
     opset: int = 20,
     batch: int | None = None,
+    batch_policy: BatchPolicy = "per_sample",
 ) -> Path:
     """Export a DynamicModel to ONNX with its skipping as `If` nodes; return the file.
 
@@ -136,8 +149,13 @@ def export_onnx(
     ONNX translation raises ExportError naming the op, the graph node and the submodule.
     N is dynamic unless `batch` fixes it: a graph for one batch size, which at batch 1 leaves
     out the per-sample gather/scatter of every exit (one sample either leaves or goes on).
+    `batch_policy` "batch_all" (exit cascades) decides once per batch instead: the batch leaves
+    at an exit when every sample is sure there, which saves the gather/scatter at the price of
+    running the unsure samples' companions further.
     """
-    return export_onnx_report(dyn, path, verify=verify, opset=opset, batch=batch).path
+    return export_onnx_report(
+        dyn, path, verify=verify, opset=opset, batch=batch, batch_policy=batch_policy
+    ).path
 
 
 def export_pt2_report(
