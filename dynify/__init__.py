@@ -20,6 +20,7 @@ from dynify.export.artifact import load, save
 from dynify.export.bench import BenchResult, bench, check_onnx_file
 from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
+from dynify.models.text import TextClassifier
 from dynify.options import (
     BlockGateOptions,
     DynamicConvOptions,
@@ -38,10 +39,14 @@ from dynify.train.calibrate import calibrate
 from dynify.train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TextDataset,
+    Vocabulary,
     cached_tensor_dataset,
     load_dataset,
+    load_text_dataset,
     normalize_batch,
     split_dataset,
+    tokenize,
 )
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
@@ -74,6 +79,9 @@ __all__ = [
     "SpatialMaskOptions",
     "StrategyInfo",
     "StrategyOptions",
+    "TextClassifier",
+    "TextDataset",
+    "Vocabulary",
     "bench",
     "build_model",
     "cached_tensor_dataset",
@@ -92,6 +100,7 @@ __all__ = [
     "inspect",
     "load",
     "load_dataset",
+    "load_text_dataset",
     "normalize_batch",
     "operating_points",
     "preprocessing",
@@ -101,4 +110,5 @@ __all__ = [
     "split_dataset",
     "strategies",
     "strategy_names",
+    "tokenize",
 ]
