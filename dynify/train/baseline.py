@@ -163,8 +163,8 @@ def finetune_static(
                     best = (accuracy, state)
                     result.best_epoch = epoch + 1
             result.history.append(record)
-            if callback is not None:
-                callback({"epoch": epoch, "step": step, **record})
+            if callback is not None:  # after the epoch: its record, `epoch` still 0-based
+                callback({**record, "epoch": epoch, "step": step})
     finally:
         model.eval()
     if best is not None:
