@@ -360,3 +360,9 @@ def test_trimmed_padding_gives_the_same_outputs_and_options_are_checked():
     images = (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
     with pytest.raises(dynify.DynifyError, match="Give input_size"):
         dynify.finetune_static(nn.Linear(2, 2), images, epochs=1)
+
+
+def test_a_text_file_given_as_image_data_points_to_load_text_dataset(tmp_path):
+    path = write_tsv(tmp_path / "train.tsv", ["good\t1"])
+    with pytest.raises(DataError, match="load_text_dataset"):
+        dynify.load_dataset(path)
