@@ -16,9 +16,10 @@ from torch import nn
 from dynify.errors import DynifyError, InputError, ModelError, StrategyError, TraceError
 from dynify.files import write_text_atomic
 from dynify.frontend import TraceOptions, analyse, profile, symbolic_trace
+from dynify.frontend.inputs import check_example_input, dtype_name, example_input_of, parse_dtype
 from dynify.frontend.trace import LeafSpec, leaf_options
 from dynify.options import StrategyOptions, options_dict
-from dynify.passes import ConversionContext, get_strategy
+from dynify.passes import ConversionContext, Strategy, get_strategy
 from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
 from dynify.zoo import build_model, ref_for_module
@@ -42,20 +43,17 @@ def read_model(
 ) -> FrontEnd:
     """Trace, profile and analyse a copy of `model` (the caller's model is never modified)."""
     start = time.perf_counter()
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-        raise InputError(
-            "example_input must be a tensor with a batch dimension, e.g. [1, 3, 224, 224]."
-        )
+    example = check_example_input(example_input)
     model = copy.deepcopy(model).eval()
     check_leaves(model, leaf_modules)
-    example = example_input[:1].detach()
     try:  # eagerly first: a wrong input size fails here with the model's own message
         with torch.no_grad():
             eager_output = model(example)
     except Exception as exc:
         raise InputError(
             f"Running {type(model).__name__} on an input of shape {list(example.shape)} failed: "
-            f"{type(exc).__name__}: {exc}. Give an example input (--input-size) the model accepts."
+            f"{type(exc).__name__}: {exc}. Give an example input the model accepts "
+            "(--input-size, or --input-shape and --input-dtype for sequences)."
         ) from exc
     options = TraceOptions(leaf_modules=tuple(leaf_modules))
     gm = symbolic_trace(model, options)
@@ -63,7 +61,8 @@ def read_model(
     if len(placeholders) != 1:
         raise DynifyError(
             f"{type(model).__name__}.forward takes {len(placeholders)} inputs; dynify converts "
-            "models with one input tensor. Wrap the model so forward(x) takes one tensor."
+            "models with one input tensor. Wrap the model so forward(x) takes one tensor (for "
+            "text: the padded token ids, with lengths or the mask computed inside forward)."
         )
     output = profile(gm, example)
     if isinstance(output, torch.Tensor) and not torch.equal(output, eager_output):
@@ -82,6 +81,14 @@ def read_model(
         gm=gm, example_input=example, analysis=analyse(gm), num_classes=int(output.shape[1])
     )
     return FrontEnd(context, options, time.perf_counter() - start)
+
+
+def build(strategy: Strategy, context: ConversionContext, plan: dict[str, Any]) -> DynamicModel:
+    """Apply a plan; the model takes inputs of the example's dtype (token ids stay integers)."""
+    dyn = bind_children(strategy.build(context, plan))
+    if not context.example_input.dtype.is_floating_point:
+        dyn.input_dtype = context.example_input.dtype
+    return dyn
 
 
 def import_leaves(leaves: Sequence[LeafSpec]) -> list[LeafSpec]:
@@ -152,13 +159,17 @@ def convert(
     weights: str | None = "auto",
     num_classes: int | None = None,
     input_size: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: str | torch.dtype = "float32",
     leaf_modules: Sequence[LeafSpec] = (),
     dump_graphs: str | Path | None = None,
 ) -> DynamicModel:
     """Convert a static classifier into a dynamic one with the named strategy.
 
     `model` is an nn.Module or a model name (see `dynify.zoo`); `weights`, `num_classes` and
-    `input_size` apply to names. `options` are the strategy's, as its options dataclass
+    `input_size` apply to names. The input the model is traced with is `example_input`, else
+    one of `input_shape` (batch first, e.g. `(1, 60)`) and `input_dtype` (`"int64"` for token
+    ids), else an image of `input_size`. `options` are the strategy's, as its options dataclass
     (`EarlyExitOptions(exits=4)`) or a dict ({"exits": 4}). `leaf_modules` keeps submodules
     whole when tracing: qualified names, class names, classes or 'pkg.mod:Class' strings.
     The result's `spec` records how to rebuild it from an artifact.
@@ -179,17 +190,26 @@ def convert(
         raise ModelError(f"Expected an nn.Module or a model name, got {type(model).__name__}.")
     if input_size:
         ref.input_size = input_size
-    if example_input is None:
+    if example_input is None and input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) < 2:
+            raise InputError(
+                f"The input shape is batch first, e.g. 1,60 for 60 token ids or 1,3,224,224 for "
+                f"an image; got {list(shape)}."
+            )
+        example_input = example_input_of(shape[1:], input_dtype)
+    elif example_input is None:
         if ref.input_size is None:
             raise InputError(
                 "The model's input size is not known: pass example_input= or input_size= "
                 "(--input-size on the command line) so it can be traced and its MACs counted."
             )
         example_input = torch.randn(1, 3, ref.input_size, ref.input_size)
+    parse_dtype(input_dtype)  # a misspelt dtype fails the same whether or not it is used
     front = read_model(model, example_input, import_leaves(leaf_modules))
     ref.num_classes = front.context.num_classes if ref.num_classes is None else ref.num_classes
     plan = pass_.plan(front.context, options)
-    dyn = bind_children(pass_.build(front.context, plan))
+    dyn = build(pass_, front.context, plan)
     if dump_graphs is not None:
         write_graphs(front.context.gm, dyn, Path(dump_graphs))
     dyn.spec = {
@@ -197,6 +217,7 @@ def convert(
         "version": SPEC_VERSION,
         "model": ref.to_dict(),
         "input_shape": list(front.context.example_input.shape[1:]),
+        "input_dtype": dtype_name(front.context.example_input.dtype),
         "leaf_modules": front.trace_options.leaf_names(),
         "strategy": strategy,
         "plan": plan,

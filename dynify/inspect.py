@@ -15,6 +15,7 @@ from torch import nn
 
 from dynify.convert import import_leaves, read_model
 from dynify.errors import InputError
+from dynify.frontend.inputs import dtype_name, example_input_of
 from dynify.frontend.trace import LeafSpec
 from dynify.passes.early_exit import candidate_cuts
 from dynify.zoo import build_model
@@ -53,12 +54,28 @@ class StageInfo:
     share: float
 
 
+@dataclass(frozen=True)
+class RecurrentInfo:
+    """A recurrent layer the temporal strategies can step through (or say why not)."""
+
+    module: str
+    kind: str
+    hidden_size: int
+    num_layers: int
+    steps: int
+    step_macs: int
+    share: float  # of the model's MACs
+    blockers: tuple[str, ...]  # why a step-by-step strategy cannot run it; empty if it can
+
+
 @dataclass
 class ModelSummary:
     """What `dynify inspect` prints: the graph's size, cut points, residual blocks, stages."""
 
     name: str
-    input_size: int
+    input_size: int | None  # pixels, for image inputs
+    input_shape: tuple[int, ...]  # one sample's shape
+    input_dtype: str
     nodes: int
     total_macs: int
     num_classes: int
@@ -67,6 +84,7 @@ class ModelSummary:
     total_cuts: int = 0
     blocks: list[BlockInfo] = field(default_factory=list)
     stages: list[StageInfo] = field(default_factory=list)
+    recurrent: list[RecurrentInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,11 +97,15 @@ def inspect(
     weights: str = "random",
     leaf_modules: Sequence[LeafSpec] = (),
     all_cuts: bool = False,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: str | torch.dtype = "float32",
 ) -> ModelSummary:
     """Trace `model` (an nn.Module or a model name) and summarise what strategies can use.
 
-    `input_size` defaults to a named model's own; `all_cuts` lists every cut point instead of
-    one per MAC level (the ones early-exit chooses from).
+    The model is traced on an image of `input_size` (default: a named model's own), or on an
+    input of `input_shape` (batch first, e.g. `(1, 60)`) and `input_dtype` (`"int64"` for
+    token ids). `all_cuts` lists every cut point instead of one per MAC level (the ones
+    early-exit chooses from).
     """
     if isinstance(model, str):
         name = model
@@ -91,12 +113,23 @@ def inspect(
         size = input_size or ref.input_size
     else:
         name, net, size = type(model).__name__, model, input_size
-    if size is None:
-        raise InputError("Give the input size (--input-size): the model's resolution is unknown.")
-    if size < 1:
-        raise InputError(f"The input size is a number of pixels, at least 1; got {size}.")
-    channels = _input_channels(net)
-    front = read_model(net, torch.randn(1, channels, size, size), import_leaves(leaf_modules))
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) < 2:
+            raise InputError(
+                f"The input shape is batch first, e.g. 1,60 for 60 token ids; got {list(shape)}."
+            )
+        example, size = example_input_of(shape[1:], input_dtype), None
+    else:
+        if size is None:
+            raise InputError(
+                "Give the input size (--input-size), or --input-shape and --input-dtype for "
+                "sequences: the model's input is unknown."
+            )
+        if size < 1:
+            raise InputError(f"The input size is a number of pixels, at least 1; got {size}.")
+        example = torch.randn(1, _input_channels(net), size, size)
+    front = read_model(net, example, import_leaves(leaf_modules))
     analysis = front.context.analysis
     total = max(analysis.total_macs, 1)
     cuts = analysis.cuts if all_cuts else candidate_cuts(analysis.cuts)
@@ -117,9 +150,24 @@ def inspect(
     for s, stage in enumerate(analysis.stages):
         macs = sum(b.branch_macs + b.shortcut_macs for b in stage.blocks)
         stages.append(StageInfo(s, tuple(stage.shape), macs, macs / total))
+    recurrent = [
+        RecurrentInfo(
+            module=layer.module,
+            kind=layer.kind,
+            hidden_size=layer.hidden_size,
+            num_layers=layer.num_layers,
+            steps=layer.steps,
+            step_macs=layer.step_macs,
+            share=layer.macs / total,
+            blockers=tuple(layer.stepwise_blockers()),
+        )
+        for layer in analysis.recurrent
+    ]
     return ModelSummary(
         name=name,
         input_size=size,
+        input_shape=tuple(example.shape[1:]),
+        input_dtype=dtype_name(example.dtype),
         nodes=len(front.context.gm.graph.nodes),
         total_macs=analysis.total_macs,
         num_classes=front.context.num_classes,
@@ -128,6 +176,7 @@ def inspect(
         total_cuts=len(analysis.cuts),
         blocks=blocks,
         stages=stages,
+        recurrent=recurrent,
     )
 
 

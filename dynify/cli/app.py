@@ -61,6 +61,22 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """'1,60' -> (1, 60); None stays None."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise DynifyError(
+            f"--input-shape takes whole numbers separated by commas, batch first (e.g. 1,60); "
+            f"got '{text}'."
+        ) from None
+    if any(d < 1 for d in shape):
+        raise DynifyError(f"--input-shape sizes must be at least 1; got '{text}'.")
+    return shape
+
+
 def command(*args, **kwargs) -> Callable[[F], F]:
     """`app.command` with user-error handling."""
 
@@ -82,6 +98,20 @@ InputSizeOption = Annotated[
     int | None,
     typer.Option(
         "--input-size", min=1, help="Input resolution (default: the model's own, else 224)."
+    ),
+]
+InputShapeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="The input's shape, batch first, for inputs that are not images: '1,60' for 60 "
+        "token ids (with --input-dtype int64). Overrides --input-size.",
+    ),
+]
+InputDtypeOption = Annotated[
+    str,
+    typer.Option(
+        "--input-dtype", help="The input's dtype with --input-shape: float32, or int64 for ids."
     ),
 ]
 LeafOption = Annotated[

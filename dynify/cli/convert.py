@@ -13,12 +13,15 @@ from rich.table import Table
 
 import dynify
 from dynify.cli.app import (
+    InputDtypeOption,
+    InputShapeOption,
     InputSizeOption,
     LeafOption,
     check_output,
     check_output_folder,
     command,
     console,
+    parse_shape,
     wrote,
 )
 from dynify.errors import DynifyError
@@ -83,6 +86,8 @@ def convert(
     ] = None,
     weights: WeightsOption = "auto",
     input_size: InputSizeOption = None,
+    input_shape: InputShapeOption = None,
+    input_dtype: InputDtypeOption = "float32",
     num_classes: Annotated[
         int | None, typer.Option("--num-classes", min=1, help="A fresh classifier for N labels.")
     ] = None,
@@ -141,6 +146,8 @@ def convert(
             weights=weights,
             num_classes=num_classes,
             input_size=input_size,
+            input_shape=parse_shape(input_shape),
+            input_dtype=input_dtype,
             leaf_modules=leaf or [],
             dump_graphs=dump_graphs,
         )
@@ -181,6 +188,8 @@ def inspect(
         str, typer.Argument(help="torchvision/timm name, built-in, or pkg.mod:factory.")
     ],
     input_size: InputSizeOption = None,
+    input_shape: InputShapeOption = None,
+    input_dtype: InputDtypeOption = "float32",
     weights: WeightsOption = "random",
     leaf: LeafOption = None,
     all_cuts: Annotated[
@@ -188,12 +197,23 @@ def inspect(
     ] = False,
 ) -> None:
     summary = dynify.inspect(
-        model, input_size=input_size, weights=weights, leaf_modules=leaf or [], all_cuts=all_cuts
+        model,
+        input_size=input_size,
+        input_shape=parse_shape(input_shape),
+        input_dtype=input_dtype,
+        weights=weights,
+        leaf_modules=leaf or [],
+        all_cuts=all_cuts,
     )
     size = summary.input_size
+    where = (
+        f"{size}x{size}"
+        if size is not None
+        else f"{summary.input_dtype} {list(summary.input_shape)}"
+    )
     console.print(
         f"[bold]{model}[/bold]: {summary.nodes} nodes, {summary.total_macs / 1e6:.1f} M "
-        f"MACs at {size}x{size}, {summary.num_classes} classes, traced in "
+        f"MACs at {where}, {summary.num_classes} classes, traced in "
         f"{summary.seconds:.1f} s"
     )
     table = Table(title=f"Single-tensor cut points ({len(summary.cuts)} of {summary.total_cuts})")
@@ -218,6 +238,22 @@ def inspect(
             f"{block.share:.1%}",
         )
     console.print(table)
+    if summary.recurrent:
+        table = Table(title=f"Recurrent layers ({len(summary.recurrent)})")
+        for column in ("module", "kind", "hidden x layers", "steps", "MACs per step", "share"):
+            table.add_column(column)
+        table.add_column("step by step")
+        for layer in summary.recurrent:
+            table.add_row(
+                layer.module,
+                layer.kind,
+                f"{layer.hidden_size} x {layer.num_layers}",
+                str(layer.steps),
+                f"{layer.step_macs / 1e3:.1f} K",
+                f"{layer.share:.1%}",
+                "; ".join(layer.blockers) or "yes",
+            )
+        console.print(table)
     table = Table(title="MACs by stage")
     for column in ("stage", "shape", "MACs", "share"):
         table.add_column(column)

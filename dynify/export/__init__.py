@@ -54,7 +54,7 @@ def verification_inputs(
     two batches of `batch` samples for a graph fixed to that size."""
     gen = torch.Generator().manual_seed(seed)
     sizes = (1, 1, 4) if batch is None else (batch, batch)
-    return [torch.randn(n, *dyn.input_shape, generator=gen) for n in sizes]
+    return [dyn.random_input(n, gen) for n in sizes]
 
 
 def _default_path(dyn: DynamicModel, suffix: str) -> Path:

@@ -29,7 +29,7 @@ from torch import nn
 
 from dynify.errors import ArtifactError, DynifyError
 from dynify.files import atomic_output
-from dynify.runtime.fast_access import bind_children
+from dynify.frontend.inputs import INPUT_DTYPES, example_input_of
 from dynify.runtime.model import DynamicModel, ExitCascade
 
 SPEC_NAME = "spec.json"
@@ -316,6 +316,11 @@ def _field_checks() -> list[tuple[str, Any, str]]:
             f"[3, 224, 224]) with at most {MAX_INPUT_ELEMENTS:,} elements in all",
         ),
         (
+            "input_dtype",
+            lambda v: v in INPUT_DTYPES,
+            f"the name of an input dtype: {', '.join(INPUT_DTYPES)}",
+        ),
+        (
             "leaf_modules",
             lambda v: isinstance(v, list) and all(_is_name(n) for n in v),
             "a list of module names or 'package.module:Class' strings",
@@ -342,6 +347,7 @@ def _field_checks() -> list[tuple[str, Any, str]]:
 
 _ABSENT = object()
 _OPTIONAL = {
+    "input_dtype",
     "leaf_modules",
     "state",
     "model.num_classes",
@@ -386,7 +392,7 @@ def load(
     (the architecture; its weights are replaced by the artifact's), or name the import path you
     trust in `trust_imports` (e.g. `["mypkg.models:build_net"]`) to let loading import it.
     """
-    from dynify.convert import read_model
+    from dynify.convert import build, read_model
     from dynify.frontend.trace import leaves_of_model
     from dynify.passes import get_strategy
     from dynify.zoo import ModelRef, rebuild
@@ -396,14 +402,14 @@ def load(
     spec, weights = read_spec(path)
     ref = ModelRef.from_dict(spec["model"])
     strategy = get_strategy(spec["strategy"])
-    input_shape = tuple(spec["input_shape"])
+    example = example_input_of(spec["input_shape"], spec.get("input_dtype", "float32"))
     plan = spec["plan"]
     architecture = model if model is not None else rebuild(ref, trust_imports)
     leaves = leaves_of_model(spec.get("leaf_modules", []), architecture)
-    front = read_model(architecture, torch.zeros(1, *input_shape), leaves)
+    front = read_model(architecture, example, leaves)
     _check_plan_sizes(strategy, front.context, plan, weights, Path(path))
     try:
-        dyn = bind_children(strategy.build(front.context, plan))
+        dyn = build(strategy, front.context, plan)
         missing, unexpected = dyn.load_state_dict(load_safetensors(weights), strict=False)
     except DynifyError:
         raise

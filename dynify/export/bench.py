@@ -52,7 +52,7 @@ def settle_batch_norm(dyn: DynamicModel, batches: int = 2, size: int = 8) -> Dyn
     dyn.train()
     with torch.no_grad(), dyn.static():
         for _ in range(batches):
-            dyn(torch.randn(size, *dyn.input_shape))
+            dyn(dyn.random_input(size))
     return dyn.eval()
 
 
@@ -259,7 +259,7 @@ def bench(
     cases = list(cases) if cases is not None else threshold_cases(dyn)
     labels = {label for label, _ in cases}
     cuts = [c for c in prefix_cases(dyn) if c[0] in labels] if prefixes else []
-    x = torch.randn(batch, *dyn.input_shape, generator=torch.Generator().manual_seed(seed))
+    x = dyn.random_input(batch, torch.Generator().manual_seed(seed))
     channels_last = channels_last and runtime == "eager" and x.dim() == 4
     if channels_last:
         dyn.to(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
 """Graph analysis with networkx: where a network can be cut, and where its residual blocks are.
 
-Every strategy rewrites *single-entry single-exit* regions. Two kinds are found here:
+Every strategy rewrites *single-entry single-exit* regions. Two kinds are found here (and the
+recurrent layers the temporal strategies step through, in `recurrent.py`):
 - the stretch between two **single-tensor cut points** (exactly one tensor flows from the part
   before to the part after), which early exits split at;
 - the two arms of a **residual block** (the branch and the shortcut joined by an add), which gates
@@ -19,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from dynify.frontend.cost import MACS
+from dynify.frontend.recurrent import RecurrentLayer, recurrent_layers
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _CAT_TARGETS = {torch.cat, torch.concat}
@@ -65,6 +67,7 @@ class GraphAnalysis:
     cuts: list[CutPoint]
     blocks: list[ResidualBlock]
     stages: list[Stage] = field(default_factory=list)
+    recurrent: list[RecurrentLayer] = field(default_factory=list)
 
 
 def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
@@ -243,11 +246,12 @@ def stages(gm: torch.fx.GraphModule, blocks: list[ResidualBlock]) -> list[Stage]
 
 
 def analyse(gm: torch.fx.GraphModule) -> GraphAnalysis:
-    """Cut points, residual blocks and stages of a profiled graph."""
+    """Cut points, residual blocks, stages and recurrent layers of a profiled graph."""
     blocks = residual_blocks(gm)
     return GraphAnalysis(
         total_macs=sum(int(n.meta.get(MACS, 0)) for n in gm.graph.nodes),
         cuts=cut_points(gm),
         blocks=blocks,
         stages=stages(gm, blocks),
+        recurrent=recurrent_layers(gm),
     )

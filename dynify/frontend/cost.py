@@ -7,15 +7,28 @@ its output shape (`tensor_meta`, from fx's ShapeProp) and the multiply-accumulat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 MACS = "macs"
+
+
+@register_flop_formula(torch.ops.aten.mkldnn_rnn_layer)
+def _mkldnn_rnn_layer_flops(input_shape, w_ih_shape, w_hh_shape, *args, **kwargs) -> int:
+    """One layer of a fused CPU LSTM (oneDNN), which FlopCounterMode does not know.
+
+    Counted as the cell loop would be (`nn.LSTMCell`: two matmuls per step), so a fused LSTM and
+    the step-by-step runtime of the temporal strategies keep one set of books.
+    """
+    gates, inputs = w_ih_shape
+    steps_times_batch = math.prod(input_shape) // inputs
+    return 2 * steps_times_batch * gates * (inputs + w_hh_shape[1])
 
 
 class CostProp(ShapeProp):

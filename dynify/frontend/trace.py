@@ -152,7 +152,28 @@ def _optional_arguments(model: nn.Module) -> dict | None:
     return optional or None
 
 
+_PACKING = ("pack_padded_sequence", "pack_sequence", "pad_packed_sequence")
+
+
+def _packs_sequences(exc: BaseException) -> bool:
+    """Whether the trace failed in torch's packed-sequence helpers."""
+    rnn_utils = os.path.join("torch", "nn", "utils", "rnn.py")
+    return any(
+        f.filename.endswith(rnn_utils) or any(name in (f.line or "") for name in _PACKING)
+        for f in traceback.extract_tb(exc.__traceback__)
+    )
+
+
 def _trace_error(model: nn.Module, tracer: DynifyTracer, exc: Exception) -> TraceError:
+    if _packs_sequences(exc):
+        return TraceError(
+            f"{type(model).__name__}.forward packs its sequences (pack_padded_sequence): the "
+            "lengths decide how the graph runs, which torch.fx cannot trace, and the temporal "
+            "strategies skip and stop per step themselves. Run the RNN on the padded batch "
+            "instead and read each sample's state at its last token, e.g. "
+            "out, _ = self.rnn(emb); last = out[torch.arange(len(ids)), lengths - 1] with "
+            "lengths = (ids != pad_id).sum(1): the output is the same for a uni-directional RNN."
+        )
     frames = tracer.deepest_failure or []
     where = frames[-1] if frames else _Frame("", type(model).__name__)
     module_desc = (

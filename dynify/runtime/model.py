@@ -129,6 +129,8 @@ class DynamicModel(nn.Module, ABC):
         self.spec: dict[str, Any] = {}
         # The .dyn file `dynify.load` read it from (exports refuse to write over it), or None.
         self.artifact_path: Path | None = None
+        # Integer inputs (token ids) keep their dtype; None: float inputs of the model's dtype.
+        self.input_dtype: torch.dtype | None = None
         values = [float(t) for t in thresholds]
         _check_thresholds(values, len(values))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
@@ -244,6 +246,15 @@ class DynamicModel(nn.Module, ABC):
             )
         # The thresholds buffer follows the model's dtype and device through .to(), .half()...
         want = self.thresholds
+        if self.input_dtype is not None:
+            if x.dtype != self.input_dtype or x.device != want.device:
+                name = str(self.input_dtype).removeprefix("torch.")
+                raise InputError(
+                    f"Expected token ids as {name} on {want.device}, got "
+                    f"{str(x.dtype).removeprefix('torch.')} on {x.device}. Pass the ids the "
+                    f"model was converted with (x.to({want.device.type!r}, torch.{name}))."
+                )
+            return
         if x.dtype != want.dtype or x.device != want.device:
             raise InputError(
                 f"Expected a {str(want.dtype).removeprefix('torch.')} input on {want.device}, "
@@ -251,6 +262,17 @@ class DynamicModel(nn.Module, ABC):
                 f"(x.to({want.device.type!r}, torch.{str(want.dtype).removeprefix('torch.')})): "
                 "images as integers are scaled and normalised first, as in training."
             )
+
+    def random_input(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`batch` random inputs the model accepts, for verification, timing and warm-up:
+        normal floats, or token ids below the smallest embedding's vocabulary."""
+        shape = (batch, *self.input_shape)
+        if self.input_dtype is None:
+            return torch.randn(shape, generator=generator)
+        vocab = min(
+            (m.num_embeddings for m in self.modules() if isinstance(m, nn.Embedding)), default=2
+        )
+        return torch.randint(0, vocab, shape, generator=generator, dtype=self.input_dtype)
 
     def mean_macs_fraction(self) -> float:
         """Mean MACs of the last forward as a fraction of the static model's."""

@@ -344,7 +344,7 @@ def static_parameter_names(dyn: DynamicModel) -> set[str]:
     was_training = dyn.training
     dyn.eval()
     try:
-        x = torch.zeros(1, *dyn.input_shape)
+        x = dyn.random_input(1, torch.Generator().manual_seed(0))
         with torch.enable_grad(), dyn.static():
             out = dyn(x)
         grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
