@@ -203,16 +203,34 @@ def test_text_classifier_traces_with_the_rnn_whole():
     assert torch.equal(gm(ids), model(ids))
 
 
-def test_text_classifier_refuses_bad_arguments_and_strategies_say_why():
+def test_text_classifier_refuses_bad_arguments():
     with pytest.raises(ModelError, match="cell must be one of lstm, gru"):
         dynify.TextClassifier(10, 2, cell="rnn")
     with pytest.raises(ModelError, match="vocab_size"):
         dynify.TextClassifier(0, 2)
     with pytest.raises(ModelError, match="pad_id"):
         dynify.TextClassifier(10, 2, pad_id=10)
-    model = dynify.TextClassifier(30, 2, embed_dim=8, hidden=12).eval()
-    with pytest.raises(StrategyError, match="no single-tensor cut point"):
-        dynify.convert(model, "early-exit", padded([[3, 4]], 6))
+
+
+def test_a_converted_text_classifier_round_trips_without_trusting_imports(tmp_path):
+    torch.manual_seed(0)
+    model = dynify.TextClassifier(30, 3, embed_dim=8, hidden=12, cell="gru").eval()
+    ids = padded([[3, 4], [5, 6, 7, 8, 9, 1], []], 6)
+    summary = dynify.inspect(model, input_shape=(1, 6), input_dtype="int64")
+    assert [r.module for r in summary.recurrent] == ["rnn"]
+    # ids feed both the embedding and the lengths: the only cut is after the RNN
+    assert [c.node for c in summary.cuts] == ["dropout"]
+    dyn = dynify.convert(model, "early-exit", ids[:1])
+    assert dyn.spec["model"]["kind"] == "builtin" and dyn.spec["model"]["name"] == "text_gru"
+    path = dynify.save(dyn, tmp_path / "text.dyn")
+    again = dynify.load(path)  # no model=, no trust_imports
+    with torch.no_grad(), dyn.static(), again.static():
+        assert torch.equal(again(ids), model(ids))
+        assert torch.equal(dyn(ids), model(ids))
+    with pytest.raises(dynify.DynifyError, match="Expected token ids"):
+        again(ids.float())
+    with pytest.raises(StrategyError):
+        dynify.convert(model, "block-gates", ids[:1])
 
 
 # --- built-ins and their config -----------------------------------------------------------------
@@ -366,3 +384,42 @@ def test_a_text_file_given_as_image_data_points_to_load_text_dataset(tmp_path):
     path = write_tsv(tmp_path / "train.tsv", ["good\t1"])
     with pytest.raises(DataError, match="load_text_dataset"):
         dynify.load_dataset(path)
+
+
+class BagOfEmbeddings(nn.Module):
+    """Summed embeddings then an MLP: token ids in, with cut points for early exits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(40, 16, padding_idx=0)
+        layers = [nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.Linear(32, 32), nn.ReLU())
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(self.embedding(ids).sum(1)))
+
+
+def test_finetune_calibrate_evaluate_and_operating_points_run_on_token_ids():
+    train, test = synthetic(600, 0), synthetic(300, 1)
+    torch.manual_seed(0)
+    model = BagOfEmbeddings()
+    dynify.finetune_static(
+        model, train, epochs=3, optimizer="adam", lr=0.01, label_weight=1.0, batch_size=32
+    )
+    dyn = dynify.convert(model, "early-exit", train.ids[:1], options={"head_budget": 0.5})
+    run = dynify.finetune(dyn, train, epochs=2, batch_size=32, progress=False)
+    assert dyn.spec["preprocessing"]["kind"] == "identity"
+    assert run.history[-1]["acc_final"] > 0.9
+    calibration = run.calibration_data
+    result = dynify.calibrate(dyn, calibration, budget=0.8)
+    assert result.macs_fraction <= 0.8 and result.samples == len(calibration) == 60
+    report = dynify.evaluate(dyn, test)
+    assert report.samples == 300
+    assert report.static_accuracy > 0.9 and report.dynamic_accuracy > 0.9
+    assert report.dynamic_macs_fraction < 0.9
+    with torch.no_grad(), dyn.static():
+        static = float((dyn(test.ids).argmax(-1) == test.targets).double().mean())
+    assert report.static_accuracy == pytest.approx(static)
+    (point,) = dynify.operating_points(dyn, calibration, test, budgets=[0.8])
+    assert point.calibration_macs <= 0.8 and point.test_accuracy > 0.9
