@@ -75,5 +75,11 @@ SUITES: dict[str, Suite] = {
             "slowdown attacks (DeepSloth-style PGD on the exit scores) on CIFAR ResNet-20 early "
             "exits: mean MACs, share run to the end and accuracy, with and without BudgetGuard",
         ),
+        Suite(
+            "text_baseline",
+            "text_baseline.md",
+            "the static LSTM text classifiers the temporal strategies start from, trained from "
+            "scratch on AG News and SST-2: development test accuracy (weights cached)",
+        ),
     ]
 }

@@ -21,6 +21,7 @@ from dynify.export.bench import BenchResult, bench, check_onnx_file, settle_batc
 from dynify.export.timing import time_interleaved
 from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
+from dynify.models.text import TextClassifier
 from dynify.options import (
     BlockGateOptions,
     DynamicConvOptions,
@@ -39,10 +40,14 @@ from dynify.train.calibrate import calibrate
 from dynify.train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TextDataset,
+    Vocabulary,
     cached_tensor_dataset,
     load_dataset,
+    load_text_dataset,
     normalize_batch,
     split_dataset,
+    tokenize,
 )
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
@@ -75,6 +80,9 @@ __all__ = [
     "SpatialMaskOptions",
     "StrategyInfo",
     "StrategyOptions",
+    "TextClassifier",
+    "TextDataset",
+    "Vocabulary",
     "bench",
     "build_model",
     "cached_tensor_dataset",
@@ -93,6 +101,7 @@ __all__ = [
     "inspect",
     "load",
     "load_dataset",
+    "load_text_dataset",
     "normalize_batch",
     "operating_points",
     "preprocessing",
@@ -104,4 +113,5 @@ __all__ = [
     "strategies",
     "strategy_names",
     "time_interleaved",
+    "tokenize",
 ]

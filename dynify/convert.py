@@ -22,7 +22,7 @@ from dynify.options import StrategyOptions, options_dict
 from dynify.passes import ConversionContext, Strategy, get_strategy
 from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
-from dynify.zoo import ModelRef, build_model
+from dynify.zoo import build_model, ref_for_module
 
 SPEC_VERSION = 1
 
@@ -185,8 +185,7 @@ def convert(
     if isinstance(model, str):
         model, ref = build_model(model, weights=weights, num_classes=num_classes)
     elif isinstance(model, nn.Module):
-        cls = type(model)
-        ref = ModelRef("module", f"{cls.__module__}:{cls.__qualname__}", weights="given")
+        ref = ref_for_module(model)
     else:
         raise ModelError(f"Expected an nn.Module or a model name, got {type(model).__name__}.")
     if input_size:

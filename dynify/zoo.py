@@ -12,6 +12,8 @@ only when the caller named it in `trust_imports`.
 from __future__ import annotations
 
 import difflib
+import inspect
+import math
 import pkgutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,8 +30,15 @@ BUILTINS = {
     "cifar_resnet44": "dynify.models.cifar_resnet:cifar_resnet44",
     "cifar_resnet56": "dynify.models.cifar_resnet:cifar_resnet56",
     "cifar_resnet110": "dynify.models.cifar_resnet:cifar_resnet110",
+    "text_lstm": "dynify.models.text:text_lstm",
+    "text_gru": "dynify.models.text:text_gru",
 }
-BUILTIN_INPUT_SIZE = 32
+BUILTIN_INPUT_SIZE = 32  # the CIFAR ResNets' pixels; text models take token ids of any length
+CONFIG_TYPES = (int, str, bool)
+MAX_CONFIG_INT = 2**31
+# A built-in rebuilt from an artifact's `config` is first built on the meta device and refused
+# above this many parameters (16 GB of float32), so a crafted config cannot exhaust memory.
+MAX_BUILTIN_PARAMETERS = 2**32
 
 
 @dataclass
@@ -42,6 +51,9 @@ class ModelRef:
     input_size: int | None = None
     weights: str = "random"  # what the weights were when converted, for the record
     notes: list[str] = field(default_factory=list)
+    # A built-in's architecture arguments (ints, strings, booleans), e.g. a text model's
+    # vocab_size: checked against the factory's parameters before anything is built.
+    config: dict[str, int | str | bool] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +95,8 @@ def resolve(name: str) -> ModelRef:
                 )
             return ModelRef(kind, model)
     if name in BUILTINS:
-        return ModelRef("builtin", name, input_size=BUILTIN_INPUT_SIZE)
+        size = BUILTIN_INPUT_SIZE if name.startswith("cifar_") else None
+        return ModelRef("builtin", name, input_size=size)
     tv_names = _torchvision_names()
     if name in tv_names:
         return ModelRef("torchvision", name)
@@ -125,10 +138,81 @@ def _instantiate(ref: ModelRef, num_classes: int | None, **kwargs) -> nn.Module:
 
         return timm.create_model(ref.name, pretrained=False, **kwargs)
     factory = _import_factory(BUILTINS[ref.name] if ref.kind == "builtin" else ref.name)
+    if ref.config:
+        check_config(ref)
+        kwargs = {**ref.config, **kwargs}
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelError(f"'{ref.name}' returned {type(model).__name__}, not an nn.Module.")
     return model
+
+
+def check_config(ref: ModelRef) -> None:
+    """Refuse a `config` that is not exactly arguments of the built-in's factory, of the types
+    its defaults have, or that would build an absurdly large model (checked on the meta device:
+    no memory is allocated)."""
+    if not ref.config:
+        return
+    if ref.kind != "builtin" or ref.name not in BUILTINS:
+        raise ModelError(
+            f"Only dynify's built-in models take architecture arguments (config); "
+            f"'{ref.name}' ({ref.kind}) was given {sorted(ref.config)}."
+        )
+    factory = _import_factory(BUILTINS[ref.name])
+    parameters = {
+        name: p
+        for name, p in inspect.signature(factory).parameters.items()
+        if name != "num_classes"
+    }
+    for key, value in ref.config.items():
+        if key not in parameters:
+            raise ModelError(
+                f"'{ref.name}' has no argument '{key}'; its arguments are "
+                f"{', '.join(parameters)} (and num_classes, set on its own)."
+            )
+        default = parameters[key].default
+        want = type(default) if default is not inspect.Parameter.empty else int
+        if type(value) is not want or (want is int and not 0 <= value <= MAX_CONFIG_INT):
+            kind = "a whole number from 0 to 2^31" if want is int else f"a {want.__name__}"
+            raise ModelError(f"'{ref.name}' argument '{key}' must be {kind}, got {value!r}.")
+    required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty]
+    missing = [n for n in required if n not in ref.config]
+    if missing:
+        raise ModelError(f"'{ref.name}' needs the argument(s) {', '.join(missing)} in its config.")
+    kwargs = dict(ref.config)
+    if ref.num_classes is not None:
+        kwargs["num_classes"] = ref.num_classes
+    try:
+        with torch.device("meta"):
+            probe = factory(**kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"'{ref.name}' cannot be built from {ref.config}: {exc}") from exc
+    count = sum(math.prod(p.shape) for p in probe.parameters())
+    if count > MAX_BUILTIN_PARAMETERS:
+        raise ModelError(
+            f"'{ref.name}' with {ref.config} would have {count:,} parameters, more than the "
+            f"{MAX_BUILTIN_PARAMETERS:,} dynify builds from a config; check its arguments."
+        )
+
+
+def ref_for_module(model: nn.Module) -> ModelRef:
+    """How to rebuild a model the caller passed as an object: a model dynify's own built-ins
+    made (a TextClassifier) is recorded as that built-in with its arguments, so its artifact
+    rebuilds without trusting imports; any other as its class, which loading needs supplied."""
+    from dynify.models.text import TextClassifier
+
+    if type(model) is TextClassifier:
+        return ModelRef(
+            "builtin",
+            f"text_{model.cell}",
+            num_classes=model.num_classes,
+            weights="given",
+            config=model.builtin_config(),
+        )
+    cls = type(model)
+    return ModelRef("module", f"{cls.__module__}:{cls.__qualname__}", weights="given")
 
 
 def default_input_size(ref: ModelRef, model: nn.Module) -> int:
@@ -273,16 +357,24 @@ def replace_classifier(model: nn.Module, num_classes: int) -> None:
 
 
 def build_model(
-    name: str, *, weights: str | None = "auto", num_classes: int | None = None
+    name: str,
+    *,
+    weights: str | None = "auto",
+    num_classes: int | None = None,
+    config: dict[str, int | str | bool] | None = None,
 ) -> tuple[nn.Module, ModelRef]:
     """Build a named model in eval mode.
 
     `weights`: "auto" (the library's pretrained weights if cached or downloadable, else random
     init with a note saying so), "pretrained" (an error if they cannot be had), "random", or the
     path of a state-dict file. The returned ref's `notes` say what happened, for the user to see.
+    `config`: a built-in's architecture arguments, e.g. `{"vocab_size": 20000}` for
+    `text_lstm`; recorded in the ref, so an artifact rebuilds the same architecture.
     """
     ref = resolve(name)
     ref.num_classes = num_classes
+    ref.config = dict(config or {})
+    check_config(ref)
     weights = weights or "auto"
     if weights in ("auto", "pretrained"):
         try:
@@ -321,7 +413,8 @@ def build_model(
         model = _instantiate(ref, num_classes)
         load_weights(model, load_state_file(weights), f"'{weights}'")
         ref.weights = str(weights)
-    ref.input_size = default_input_size(ref, model)
+    if ref.kind != "builtin" or ref.input_size:  # text built-ins take ids of any length
+        ref.input_size = default_input_size(ref, model)
     return model.eval(), ref
 
 
@@ -347,7 +440,10 @@ def check_rebuildable(ref: ModelRef, trust_imports: Sequence[str] = ()) -> None:
     Python class is imported only when `trust_imports` names it exactly.
     """
     if ref.kind == "builtin" and ref.name in BUILTINS:
+        check_config(ref)
         return
+    if ref.config:
+        check_config(ref)  # refuses: only built-ins take a config
     if ref.kind == "torchvision" and ref.name in _torchvision_names():
         return
     if ref.kind == "timm" and _timm_registered(ref.name):

@@ -46,6 +46,7 @@ MAX_SIDE = 16384  # pixels (or channels) per input dimension
 MAX_INPUT_ELEMENTS = 2**26  # one sample: rebuilding traces the model on a zero tensor this big
 MAX_CLASSES = 10**6
 MAX_NAME_CHARS = 1024
+MAX_CONFIG_KEYS = 64
 MODEL_KINDS = ("builtin", "torchvision", "timm", "import", "module")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -267,7 +268,7 @@ def _field_checks() -> list[tuple[str, Any, str]]:
     """(field, test of its value, what it must be): one row per spec field loading reads."""
     from dynify.passes import strategy_names
 
-    model_keys = {"kind", "name", "num_classes", "input_size", "weights", "notes"}
+    model_keys = {"kind", "name", "num_classes", "input_size", "weights", "notes", "config"}
     return [
         (
             "model",
@@ -291,6 +292,17 @@ def _field_checks() -> list[tuple[str, Any, str]]:
             "model.notes",
             lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
             "a list of strings",
+        ),
+        (
+            "model.config",
+            lambda v: (
+                isinstance(v, dict)
+                and len(v) <= MAX_CONFIG_KEYS
+                and all(_is_name(k) and type(x) in (int, str, bool) for k, x in v.items())
+                and all(len(x) <= MAX_NAME_CHARS for x in v.values() if isinstance(x, str))
+            ),
+            f"an object of at most {MAX_CONFIG_KEYS} architecture arguments, each a whole "
+            "number, a string or a boolean (checked against the built-in's parameters on load)",
         ),
         (
             "input_shape",
@@ -342,6 +354,7 @@ _OPTIONAL = {
     "model.input_size",
     "model.weights",
     "model.notes",
+    "model.config",
 }
 
 

@@ -3,7 +3,9 @@
 Fine-tuning, calibration and evaluation all go through `open_data` (a folder, zip, torchvision
 name, tensors or a Dataset, checked against the model's classes) and `Batches` (deterministic
 epochs, optional augmentation, sharded over DDP ranks). Small images are decoded once into a
-uint8 tensor and augmented on whole batches; large ones stream through a DataLoader.
+uint8 tensor and augmented on whole batches; large ones stream through a DataLoader. Token ids
+(integer tensors other than uint8, e.g. a `TextDataset`) reach the model unchanged: no resizing,
+scaling or augmentation applies to them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dynify.train.data import (
     SMALL_IMAGE_MAX,
     MixedImageSizes,
     TensorImageDataset,
+    TextDataset,
     load_dataset,
     make_transforms,
     random_crop_flip,
@@ -40,11 +43,24 @@ DECODE_LIMIT_BYTES = 2 << 30
 
 @dataclass
 class Preprocessing:
-    """How raw images become model inputs: resize to `input_size`, scale to [0, 1], normalise."""
+    """How raw images become model inputs: resize to `input_size`, scale to [0, 1], normalise.
+
+    `kind="identity"` (`Preprocessing.identity()`) passes inputs on as they are: token ids, and
+    any input that is not an image `[C, H, W]`.
+    """
 
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    kind: str = "image"
+
+    @classmethod
+    def identity(cls) -> Preprocessing:
+        return cls(0, (), (), kind="identity")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "identity"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -58,8 +74,12 @@ def resolve_preprocessing(
     std: Sequence[float] | None = None,
 ) -> Preprocessing:
     """Explicit values first, then what fine-tuning stored in the artifact, then the weights'
-    metadata (torchvision/timm pretrained), then ImageNet's mean and std at the model's size."""
+    metadata (torchvision/timm pretrained), then ImageNet's mean and std at the model's size.
+    A model whose input is not an image `[C, H, W]` (token ids `[T]`, features) gets the
+    identity: nothing resizes or normalises its inputs."""
     stored = dyn.spec.get("preprocessing") or {}
+    if stored.get("kind") == "identity" or len(dyn.input_shape) != 3:
+        return Preprocessing.identity()
     meta = _weights_preprocessing(dyn.spec.get("model") or {})
     size = input_size or stored.get("input_size") or dyn.input_shape[-1]
     channels = dyn.input_shape[0]
@@ -143,7 +163,7 @@ def open_data(
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
     base = _base(dataset)
     targets = getattr(base, "targets", None)
-    if isinstance(base, TensorImageDataset) and targets is not None and len(targets):
+    if isinstance(base, TensorImageDataset | TextDataset) and targets is not None and len(targets):
         top = int(targets.max())
         if top >= num_classes:
             raise DataError(
@@ -163,19 +183,40 @@ def _classes(dataset: Dataset) -> list | None:
 
 
 def _tensor_parts(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(images, labels, indices) when the data are tensors in memory, else None."""
+    """(images or token ids, labels, indices) when the data are tensors in memory, else None."""
     indices = None
     while isinstance(dataset, Subset):
         step = torch.as_tensor(dataset.indices, dtype=torch.long)
         indices = step if indices is None else step[indices]
         dataset = dataset.dataset
+    n = len(dataset)
+    if isinstance(dataset, TextDataset):
+        return dataset.ids, dataset.targets, torch.arange(n) if indices is None else indices
     if not isinstance(dataset, TensorImageDataset) or dataset.transform is not None:
         return None
-    n = len(dataset)
     targets = dataset.targets
     if targets is None:
         targets = torch.full((n,), -1, dtype=torch.long)
     return dataset.images, targets, torch.arange(n) if indices is None else indices
+
+
+def is_token_ids(x: torch.Tensor) -> bool:
+    """Integer tensors other than uint8 (which holds pixels) are token ids."""
+    return (
+        not x.is_floating_point()
+        and not x.is_complex()
+        and x.dtype not in (torch.uint8, torch.bool)
+    )
+
+
+def holds_token_ids(dataset: Dataset) -> bool:
+    """Whether the data set's inputs are token ids (a TextDataset, or integer tensors)."""
+    if isinstance(_base(dataset), TextDataset):
+        return True
+    if len(dataset) == 0:
+        return False
+    first = dataset[0][0]
+    return isinstance(first, torch.Tensor) and is_token_ids(first)
 
 
 class _Transformed(Dataset):
@@ -203,7 +244,8 @@ class Batches:
     Epoch e's order and augmentation depend only on (seed, e), so a resumed run sees exactly the
     batches the interrupted one would have. With `world` > 1 every rank draws the same global
     batch and keeps its own slice, so gradients averaged over ranks equal one process's.
-    uint8 tensors are scaled and normalised; float tensors are taken as ready model inputs.
+    uint8 tensors are scaled and normalised; float tensors are taken as ready model inputs;
+    token ids pass unchanged, with the identity preprocessing whatever `pre` says (`self.pre`).
     """
 
     def __init__(
@@ -221,8 +263,10 @@ class Batches:
     ):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}.")
-        self.dataset, self.pre = dataset, pre
-        self.batch_size, self.train, self.augment = batch_size, train, augment
+        self.tokens = holds_token_ids(dataset)
+        self.dataset = dataset
+        self.pre = Preprocessing.identity() if self.tokens else pre
+        self.batch_size, self.train, self.augment = batch_size, train, augment and not self.tokens
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
         self.tensors = _tensor_parts(dataset)
         n = len(dataset)
@@ -262,6 +306,8 @@ class Batches:
             yield self._finish(x), targets[idx]
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre.is_identity:
+            return x
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
             mean = torch.tensor(self.pre.mean).view(1, -1, 1, 1)
@@ -281,14 +327,20 @@ class Batches:
         own seed (the epoch's seed and its index), so neither touches the global random state
         that dropout draws from, nor depends on the worker count; skipped batches are not read."""
         pre = self.pre
-        transform = make_transforms(
-            input_size=pre.input_size, mean=pre.mean, std=pre.std, train=self.augment
-        )
         dataset = self.dataset
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
         augment_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         if _needs_transform(dataset):
+            if pre.is_identity:
+                raise DataError(
+                    "The data set yields images but the preprocessing is the identity (a model "
+                    "whose input is not an image [C, H, W]). Pass image data to an image model, "
+                    "or tensors ready for this model."
+                )
+            transform = make_transforms(
+                input_size=pre.input_size, mean=pre.mean, std=pre.std, train=self.augment
+            )
             dataset = _Transformed(dataset, transform, augment_seed if self.augment else None)
         end = self.num_batches * self.batch_size if self.drop_last else n
         loader = DataLoader(

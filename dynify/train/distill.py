@@ -230,6 +230,7 @@ def finetune(
         world=world,
         num_workers=num_workers,
     )
+    pre = batches.pre  # the identity for token ids, whatever was asked
     result = FinetuneResult(config, calibration_data=calibration, preprocessing=pre)
     if mode == "joint" and teacher is None:
         teacher = copy.deepcopy(dyn).eval()

@@ -7,7 +7,8 @@ images give the same classes, order and labels either way. Files are read right 
 unsafe member names, encrypted entries and symbolic links out of the folder are refused.
 Decoding small JPEGs costs more than a small network's epoch on two cores, so
 `to_tensor_dataset` decodes once into a uint8 tensor and `random_crop_flip` augments whole
-batches of it (`dynify.train.batches` drives the epochs).
+batches of it (`dynify.train.batches` drives the epochs). Text (`text`) becomes one int64 tensor
+of token ids, which batches pass to the model unchanged.
 """
 
 from dynify.train.data.datasets import (
@@ -20,6 +21,7 @@ from dynify.train.data.layout import IMAGE_EXTENSIONS
 from dynify.train.data.loading import DataSource, data_home, load_dataset
 from dynify.train.data.splits import LabeledSubset, dataset_targets, split_dataset
 from dynify.train.data.tensors import MixedImageSizes, cached_tensor_dataset, to_tensor_dataset
+from dynify.train.data.text import TextDataset, Vocabulary, load_text_dataset, tokenize
 from dynify.train.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -42,16 +44,20 @@ __all__ = [
     "LabeledSubset",
     "MixedImageSizes",
     "TensorImageDataset",
+    "TextDataset",
     "Transform",
+    "Vocabulary",
     "ZipImageFolder",
     "cached_tensor_dataset",
     "data_home",
     "dataset_targets",
     "load_dataset",
+    "load_text_dataset",
     "make_transforms",
     "normalize_batch",
     "random_crop_flip",
     "split_dataset",
     "to_tensor_dataset",
+    "tokenize",
     "transforms_from_weights",
 ]

@@ -32,6 +32,8 @@ _TORCHVISION_DATASETS = {
     "svhn": ("SVHN", True),
 }
 
+TEXT_SUFFIXES = (".tsv", ".txt", ".csv")
+
 DataSource = str | os.PathLike | torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -71,6 +73,12 @@ def load_dataset(
         path = Path(source).expanduser()
         if path.is_dir():
             dataset = _from_folder(path, split, transform)
+        elif path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+            raise DataError(
+                f"{path} looks like a text file; text becomes token ids with the model's "
+                "vocabulary: dynify.load_text_dataset(path, vocab, classes=...) returns a data "
+                "set to pass instead of the path."
+            )
         elif path.is_file():
             dataset = _from_zip(path, split, transform)
         elif _dataset_key(str(source)) in _TORCHVISION_DATASETS:
