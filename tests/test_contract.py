@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -57,17 +57,8 @@ def thresholds_of(dyn: dynify.DynamicModel) -> list[float]:
 
 def decisions_of(dyn: dynify.DynamicModel) -> Tensor:
     """What each sample of the last forward decided, int64, in the form the export face
-    returns it: exit index [N] (exit cascades), executed gates [N, K] (block gates), active
-    units per masked block [N, K] (spatial masks), heaviest expert per conv [N, C] (dynamic
-    convs)."""
-    if dyn.strategy == "block-gates":
-        return dyn.last_gates.long()
-    if dyn.strategy == "dynamic-conv":
-        return dyn.last_experts.long()
-    if dyn.strategy == "spatial-masks":
-        units = torch.tensor([h * w for h, w in (wr.units() for wr in dyn.wrappers)])
-        return (dyn.densities() * units).round().long()
-    return dyn.last_exit.long()
+    returns it (exit index [N], executed gates [N, K], active units [N, K], ...)."""
+    return dyn.last_decisions()
 
 
 def onnx_output_names(dyn: dynify.DynamicModel) -> tuple[str, str]:
@@ -151,11 +142,144 @@ def contract_input(batch: int = BATCH) -> Tensor:
     return torch.randn(batch, *INPUT, generator=generator) * scale
 
 
+class TokenNet(nn.Module):
+    """A tiny text classifier on token ids [N, T]: embedding, a 1-layer LSTM, the output at
+    each text's last non-pad token (pad id 0), linear. What temporal strategies apply to."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        from dynify.models.text import TextClassifier
+
+        self.net = TextClassifier(40, num_classes, embed_dim=8, hidden=12, dropout=0.0)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.net(ids)
+
+
+TOKENS = 12
+
+
+def token_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    with torch.no_grad():
+        model.net.classifier.weight.mul_(10.0)
+    return model
+
+
+def token_input(batch: int = BATCH) -> Tensor:
+    """Token ids, some rows padded at the end (pad id 0), so texts have different lengths."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (batch, TOKENS), generator=generator)
+    for row in range(1, batch, 3):
+        ids[row, TOKENS - row % TOKENS :] = 0
+    return ids
+
+
+class ClipNet(nn.Module):
+    """A TSN-style clip model on [N, T, 3, H, W]: frames folded into the batch, a per-frame
+    conv net, [N, T, K] logits averaged over time. What frame-exit applies to."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.frame = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, num_classes),
+        )
+
+    def forward(self, clip: Tensor) -> Tensor:
+        logits = self.frame(clip.flatten(0, 1))
+        return logits.unflatten(0, (clip.shape[0], clip.shape[1])).mean(1)
+
+
+CLIP = (4, 3, 16, 16)
+
+
+def clip_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = randomize_bn(ClipNet())
+    with torch.no_grad():
+        model.frame[-1].weight.mul_(10.0)
+    return model
+
+
+def clip_input(batch: int = BATCH) -> Tensor:
+    """Clips of very different contrast, so they decide differently."""
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.exp(torch.randn(batch, 1, 1, 1, 1, generator=generator))
+    return torch.randn(batch, *CLIP, generator=generator) * scale
+
+
+def hostile_floats(x: Tensor) -> Tensor:
+    """NaN, a huge finite value and inf in some samples: what an attacker sends."""
+    hostile = x.clone()
+    hostile[0].view(-1)[0], hostile[1] = float("nan"), 3e38
+    hostile[2].view(-1)[:8] = float("inf")
+    return hostile
+
+
+def hostile_ids(x: Tensor) -> Tensor:
+    """The extreme token ids (pad everywhere, the last id everywhere): ids cannot be NaN."""
+    hostile = x.clone()
+    hostile[0], hostile[1] = 0, 39
+    return hostile
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tiny network of one kind, its inputs, and how the CLI describes them. A strategy
+    names the kind it applies to in its `contract_example` class attribute ("image" if
+    absent)."""
+
+    model: Callable[[], nn.Module]
+    inputs: Callable[..., Tensor]
+    model_class: type[nn.Module]
+    cli_input: tuple[str, ...]
+    hostile: Callable[[Tensor], Tensor]
+
+
+EXAMPLES = {
+    "image": Example(
+        contract_model,
+        contract_input,
+        ContractNet,
+        ("--input-size", str(INPUT[-1])),
+        hostile_floats,
+    ),
+    "tokens": Example(
+        token_model,
+        token_input,
+        TokenNet,
+        ("--input-shape", f"1,{TOKENS}", "--input-dtype", "int64"),
+        hostile_ids,
+    ),
+    "clip": Example(
+        clip_model,
+        clip_input,
+        ClipNet,
+        ("--input-shape", ",".join(map(str, (1, *CLIP)))),
+        hostile_floats,
+    ),
+}
+
+
+def example_of(strategy: str) -> Example:
+    return EXAMPLES[getattr(type(get_strategy(strategy)), "contract_example", "image")]
+
+
 # --- one converted model per (strategy, variant) -----------------------------------------
 
 
 @dataclass
 class Case:
+    example: Example
     model: nn.Module  # the original network
     dyn: dynify.DynamicModel
     x: Tensor
@@ -211,11 +335,11 @@ def mixing_thresholds(dyn: dynify.DynamicModel, x: Tensor) -> list[float]:
 
 @functools.cache
 def converted(strategy: str, options_json: str) -> Case:
-    model = contract_model()
-    x = contract_input()
+    example = example_of(strategy)
+    model, x = example.model(), example.inputs()
     dyn = dynify.convert(model, strategy, x[:1], options=json.loads(options_json)).eval()
     spread_new_parts(dyn, model)
-    return Case(model, dyn, x, mixing_thresholds(dyn, x))
+    return Case(example, model, dyn, x, mixing_thresholds(dyn, x))
 
 
 def case_id(strategy: str, options: dict[str, Any]) -> str:
@@ -394,9 +518,7 @@ def test_no_sample_spends_more_than_the_worst_case(case, strategy, options):
     dyn, x = case.dyn, case.x
     worst = dyn.worst_case_macs()
     assert worst >= dyn.static_macs
-    hostile = x.clone()
-    hostile[0, 0, 0, 0], hostile[1] = float("nan"), 3e38
-    hostile[2, :, :2] = float("inf")
+    hostile = case.example.hostile(x)
     spent = []
     for label, thresholds in [("mixed", case.mixed), *forcing_thresholds(dyn), ("1.0", 1.0)]:
         with torch.no_grad(), thresholds_at(dyn, thresholds):
@@ -476,7 +598,7 @@ def test_exit_decisions_at_a_tie_follow_the_tensor_rule_in_batch_and_alone(case)
 def test_artifact_round_trip_keeps_outputs_thresholds_and_decisions(case, tmp_path):
     dyn, x = case.dyn, case.x
     path = dynify.save(dyn, tmp_path / "model.dyn")
-    loaded = dynify.load(path, model=ContractNet())
+    loaded = dynify.load(path, model=case.example.model_class())
     assert loaded.strategy == dyn.strategy
     assert thresholds_of(loaded) == thresholds_of(dyn)
     assert loaded.spec["plan"] == dyn.spec["plan"]
@@ -548,19 +670,21 @@ def test_cli_converts_with_each_strategy(strategy, options, tmp_path):
 
     from dynify.cli import app
 
+    example = example_of(strategy)
     out = tmp_path / "model.dyn"
-    args = ["convert", MODEL_PATH, "--input-size", str(INPUT[-1]), "--weights", "random"]
+    model_path = f"{__name__}:{example.model_class.__name__}"
+    args = ["convert", model_path, *example.cli_input, "--weights", "random"]
     args += ["--strategy", strategy, "--out", str(out)]
     for key, value in options.items():
         args += ["--option", f"{key}={json.dumps(value)}"]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert strategy in result.output and out.name in result.output
-    loaded = dynify.load(out, model=ContractNet())
+    loaded = dynify.load(out, model=example.model_class())
     assert loaded.strategy == strategy
     assert options.items() <= loaded.spec["plan"]["options"].items()
     with torch.no_grad():
-        assert loaded(contract_input()).shape == (BATCH, 5)
+        assert loaded(example.inputs()).shape == (BATCH, 5)
 
 
 def test_cli_inspect_shows_what_the_strategies_work_on():

@@ -29,7 +29,18 @@ def get_strategy(name: str) -> Strategy:
     return _STRATEGIES[name]()
 
 
-_BUILTIN_MODULES = ("early_exit", "block_gates", "spatial_masks", "resolution", "dynamic_conv")
+# Modules whose import registers a built-in strategy; a name not (yet) present is skipped.
+_BUILTIN_MODULES = (
+    "early_exit",
+    "block_gates",
+    "spatial_masks",
+    "resolution",
+    "dynamic_conv",
+    "dynamic_width",
+    "frame_exit",
+    "skip_rnn",
+    "stop_reading",
+)
 
 
 def _load_builtin_strategies() -> None:

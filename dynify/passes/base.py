@@ -57,6 +57,10 @@ class Strategy(Protocol):
     # Options that change how the strategy decides (its gate kinds, policies, granularities):
     # the contract tests (tests/test_contract.py) run every one; `({},)` if there are none.
     variants: ClassVar[tuple[dict[str, Any], ...]]
+    # The contract tests' example network of the kind the strategy applies to, by name:
+    # "image" (a small residual CNN, the default if a strategy does not say), "tokens" (an
+    # LSTM text classifier on token ids) or "clip" (a TSN-style clip model); see EXAMPLES in
+    # tests/test_contract.py.
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         """Decide what to rewrite; the result is stored in the artifact's spec."""

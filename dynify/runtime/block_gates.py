@@ -157,6 +157,10 @@ class GatedModel(DynamicModel):
         deciders = sum(g.decider_macs for g in self.gates if g.kind == "function")
         return self.fixed_macs + self.policy_macs + deciders
 
+    def last_decisions(self) -> torch.Tensor:
+        """[N, num_gates] int64: 1 where a sample ran the gated branch."""
+        return self.last_gates.long()
+
     def describe(self) -> list[dict[str, str]]:
         """One row per gated block for tables."""
         rows = []

@@ -237,6 +237,10 @@ class DynamicConvModel(DynamicModel):
         self.last_experts = chosen.cpu()
         return logits
 
+    def last_decisions(self) -> Tensor:
+        """[N, num_convs] int64: each sample's heaviest expert per dynamic conv."""
+        return self.last_experts.long()
+
     def describe(self) -> list[dict[str, str]]:
         """One row per dynamic conv: its kernel, experts, and what router and mixing cost."""
         rows = []

@@ -162,6 +162,14 @@ class DynamicModel(nn.Module, ABC):
         """The module `torch.export` traces: `forward(x, thresholds) -> (logits, decisions)`
         with the skippable work under `dynify.runtime.control.cond`."""
 
+    def last_decisions(self) -> torch.Tensor:
+        """What each sample of this thread's last forward decided, int64, in the form the
+        export face returns as `decisions`: the exit index [N] for exit cascades (this
+        default); a strategy with other decisions overrides it."""
+        if self.last_exit is None:
+            raise StrategyError("No dynamic forward has run in this thread yet.")
+        return self.last_exit.long()
+
     def worst_case_macs(self) -> int:
         """The most MACs one sample can spend, whatever its input and the thresholds: every
         decision taken the dearest way (every exit head paid, every gate and decider run,

@@ -127,6 +127,11 @@ class SpatialMaskModel(DynamicModel):
         self.last_macs = spent
         return out
 
+    def last_decisions(self) -> Tensor:
+        """[N, num_masks] int64: the units each masked block computed for each sample."""
+        units = torch.tensor([h * w for h, w in (wr.units() for wr in self.wrappers)])
+        return (self.densities() * units).round().long()
+
     def densities(self) -> Tensor:
         """[B, num_masks]: fraction of units each block computed in the last forward."""
         return torch.stack([w.last_density.cpu() for w in self.wrappers], 1)
