@@ -176,6 +176,25 @@ class GatedModel(CapHolder, DynamicModel):
         deciders = sum(g.decider_macs for g in self.gates if g.kind == "function")
         return self.fixed_macs + self.policy_macs + deciders
 
+    def unit_probabilities(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Differentiable in `x`: the probability each decision unit gives with every block
+        run (the static network's features), what a slowdown attack pushes over 1 - threshold:
+        per gate a [B] tensor (function: open; halting: halt), or the policy's [B, K] plan."""
+        if self.kind == "policy":
+            return [gate_probability(self.policy(x))]
+        entries: dict[int, torch.Tensor] = {}
+        hooks = [
+            g.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
+            for g in self.gates
+        ]
+        try:
+            with self.static():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [gate_probability(g.decider(entries[g.index])) for g in self.gates]
+
     def last_decisions(self) -> torch.Tensor:
         """[N, num_gates] int64: 1 where a sample ran the gated branch."""
         return self.last_gates.long()

@@ -15,6 +15,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from dynify.runtime import mac_cap
+from dynify.runtime.decisions import gate_probability
 from dynify.runtime.gate_wrapper import RunContext
 from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace
@@ -148,6 +149,23 @@ class SpatialMaskModel(CapHolder, DynamicModel):
             spent = spent + wrapper.last_macs.to(torch.long).cpu()
         self.last_macs = spent
         return out
+
+    def unit_probabilities(self, x: Tensor) -> list[Tensor]:
+        """Differentiable in `x`: per masked block, the probability [B, h, w] each unit is
+        active, on the static network's features; what a slowdown attack pushes over
+        1 - threshold."""
+        entries: dict[int, Tensor] = {}
+        hooks = [
+            w.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
+            for w in self.wrappers
+        ]
+        try:
+            with self.static():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [gate_probability(w.mask_unit(entries[w.index])) for w in self.wrappers]
 
     def last_decisions(self) -> Tensor:
         """[N, num_masks] int64: the units each masked block computed for each sample."""
