@@ -94,7 +94,7 @@ def measure(dyn, pixels, labels, to_input, worst: torch.Tensor) -> dict[str, flo
 def measure_guarded(dyn, pixels, labels, to_input, worst, args, seed: int) -> dict[str, Any]:
     """Streamed one image at a time through a fresh BudgetGuard, `passes` shuffled passes."""
     calibrated = dyn.thresholds.clone()
-    guard = dynify.BudgetGuard(dyn, budget=args.budget, window=args.window, gain=args.gain)
+    guard = dynify.BudgetGuard(dyn, budget=args.unit_budget, window=args.window, gain=args.gain)
     generator = torch.Generator().manual_seed(seed)
     macs, at_worst, hits = [], [], []
     for _ in range(args.passes):
@@ -128,23 +128,24 @@ def run_units(
     strategy, options, title = UNIT_STRATEGIES[name]
     fit, calib = fit_and_calibration(train, args.seed, args.train_images, args.calib_images)
     torch.manual_seed(args.seed)
+    budget = args.unit_budget
     if strategy == "block-gates":
-        options = {**options, "budget": args.budget}
+        options = {**options, "budget": budget}
     dyn = dynify.convert(
         f"cifar_resnet{depth}", strategy, options=options, weights=weights_path(args.data, depth)
     )
     ft = dynify.finetune(
         dyn,
         fit,
-        mode="heads",
+        mode=args.unit_mode,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
-        budget=args.budget,
+        budget=budget,
         calibration_fraction=0.0,  # the calibration part is held out above
         progress=False,
     )
-    cal = dynify.calibrate(dyn, calib, budget=args.budget, part="all")
+    cal = dynify.calibrate(dyn, calib, budget=budget, part="all")
     dyn.eval()
     print(
         f"{title}, resnet{depth}: units {ft.seconds:.0f} s; calibrated to "
@@ -172,7 +173,8 @@ def run_units(
         "net": f"cifar_resnet{depth}",
         "strategy": strategy,
         "options": options,
-        "budget": args.budget,
+        "budget": budget,
+        "mode": args.unit_mode,
         "cap": args.cap,
         "worst_case": dyn.worst_case_macs() / dyn.static_macs,
         "cap_floor": dyn.cap_floor() / dyn.static_macs,
@@ -260,7 +262,7 @@ def table(key: str, r: dict) -> list[str]:
         + ", ".join(f"{k}={v}" for k, v in r["options"].items())
         + ")",
         "",
-        f"Decision units fine-tuned in heads mode (backbone frozen) for {r['epochs']} epoch(s) on "
+        f"Fine-tuned in {r['mode']} mode for {r['epochs']} epoch(s) on "
         f"{r['train_images']} cifar10/train images ({r['units_seconds']:.0f} s) towards a budget "
         f"of {r['budget']}, calibrated to it on {r['calib_images']} held-out cifar10/train images "
         f"(there: {r['calib_macs']:.3f} of the MACs, {100 * r['calib_acc']:.2f} %; thresholds "

@@ -88,7 +88,7 @@ def test_no_sample_exceeds_the_cap_in_batch_alone_or_export(dyn, threshold):
     out = dyn(x)
     macs, decisions = dyn.last_macs.clone(), dyn.last_decisions().clone()
     assert int(macs.max()) <= cap
-    _, alone_macs, alone_decisions = run_alone(dyn, x)
+    _, alone_macs, _alone_decisions = run_alone(dyn, x)
     assert int(alone_macs.max()) <= cap
     logits, exported = dyn.export_face().eval()(x)
     assert torch.equal(exported, decisions)  # the export face decides as eager: same costs
