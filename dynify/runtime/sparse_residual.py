@@ -208,7 +208,8 @@ class SparseResidual(nn.Module):
         where they fit, else its first k units in raster order, k the most sure to fit."""
         fit = mac_cap.fits(left, self.planned_macs(active))
         first = mac_cap.keep_first(active, mac_cap.units_that_fit(left, self.unit_bound()))
-        active = torch.where(fit[:, None, None], active, first)
+        fit = fit[:, None, None]
+        active = (active & fit) | (first & ~fit)  # not `where`: ONNX Runtime has none for bool
         return active, left - self.planned_macs(active).to(torch.float64)
 
     def units(self) -> tuple[int, int]:
