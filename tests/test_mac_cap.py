@@ -218,3 +218,31 @@ def test_onnx_keeps_the_cap_for_hostile_inputs(strategy, options, tmp_path):
         feeds[session.get_inputs()[1].name] = dyn.thresholds.numpy()
     _, decisions = session.run(None, feeds)
     assert (decisions == dyn.last_decisions().numpy()).all()
+
+
+def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    generator = torch.Generator().manual_seed(0)
+    for label in "abcdefghij":  # the 10 classes of the CIFAR ResNet
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    artifact_path = tmp_path / "g.dyn"
+    runner = CliRunner()
+    convert = ["convert", "cifar_resnet20", "--weights", "random", "--strategy", "block-gates"]
+    result = runner.invoke(app, [*convert, "-o", str(artifact_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    calibrate = ["calibrate", str(artifact_path), "--data", str(tmp_path / "data"), "--part", "all"]
+    result = runner.invoke(app, [*calibrate, "--mac-cap", "0.6"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "MAC cap: no sample spends more than 0.6" in " ".join(result.output.split())
+    assert dynify.load(artifact_path).mac_cap_fraction() == pytest.approx(0.6, abs=1e-6)
+    result = runner.invoke(app, [*calibrate, "--mac-cap", "0.01"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "below the cheapest" in " ".join(result.output.split())
