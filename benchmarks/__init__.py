@@ -72,8 +72,10 @@ SUITES: dict[str, Suite] = {
         Suite(
             "slowdown",
             "slowdown.md",
-            "slowdown attacks (DeepSloth-style PGD on the exit scores) on CIFAR ResNet-20 early "
-            "exits: mean MACs, share run to the end and accuracy, with and without BudgetGuard",
+            "slowdown attacks (DeepSloth-style PGD on the exit scores, gate and mask "
+            "probabilities) on CIFAR ResNet-20 early exits, block gates and spatial masks: mean "
+            "MACs, share at the worst case and accuracy, with and without BudgetGuard and the "
+            "MAC cap",
         ),
         Suite(
             "text_baseline",

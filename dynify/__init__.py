@@ -33,7 +33,7 @@ from dynify.options import (
 )
 from dynify.passes import register_strategy, strategy_names
 from dynify.runtime.budget_guard import BudgetGuard
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
@@ -72,6 +72,7 @@ __all__ = [
     "ExitCascade",
     "FinetuneConfig",
     "FinetuneResult",
+    "MacCapped",
     "ModelSummary",
     "OperatingPoint",
     "ParityReport",

@@ -133,8 +133,10 @@ def gate_probability(logits: Tensor) -> Tensor:
 
 
 def gate_open(prob: Tensor, threshold: Tensor | float) -> Tensor:
-    """A gate (or a mask unit, or a policy's plan entry) runs its work when p > 1 - threshold."""
-    return prob > 1.0 - threshold
+    """A gate (or a mask unit, or a policy's plan entry) runs its work when p > 1 - threshold;
+    a threshold above 1 runs it whatever p (NaN included), as the eager shortcut does."""
+    above = torch.as_tensor(threshold, device=prob.device) > 1.0
+    return (prob > 1.0 - threshold) | above
 
 
 def greedy_open(logits: Tensor) -> Tensor:
@@ -235,7 +237,7 @@ def gates_open_one(logits: Sequence[float], thresholds: Sequence[float]) -> list
     probs = [sigmoid_one(v) for v in logits]
     if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thresholds, strict=True)):
         return gates_open_tensor(logits, thresholds).tolist()
-    return [p > 1.0 - t for p, t in zip(probs, thresholds, strict=True)]
+    return [p > 1.0 - t or t > 1.0 for p, t in zip(probs, thresholds, strict=True)]
 
 
 def gates_open_tensor(logits: Sequence[float], thresholds: Sequence[float]) -> Tensor:

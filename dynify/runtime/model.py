@@ -353,3 +353,21 @@ class ExitCascade(Protocol):
     def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]: ...
 
     def exit_macs(self) -> list[int]: ...
+
+
+@runtime_checkable
+class MacCapped(Protocol):
+    """A model whose per-sample MACs can be capped for every input (`dynify.runtime.mac_cap`):
+    block gates and spatial masks. Exit cascades cap by forcing an exit at calibration instead.
+
+    `set_mac_cap(fraction)` (None: no cap) refuses a cap below `cap_floor()`, the MACs a sample
+    spends whatever it decides; `mac_cap_fraction()` reads it back.
+    """
+
+    mac_cap: torch.Tensor
+
+    def set_mac_cap(self, fraction: float | None) -> None: ...
+
+    def mac_cap_fraction(self) -> float | None: ...
+
+    def cap_floor(self) -> int: ...
