@@ -44,7 +44,7 @@ from benchmarks.timing import alternating_runs
 
 NAME = "dynamic_width"
 NET = "cifar_resnet44"
-GRID = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]
 FULL_COMMAND = (
     "python -m benchmarks dynamic_width --data ../shared/data --steps 352 --epochs 2 "
     "--static-epochs 2 --budget 0.5 --calib 5000 --threads 1"

@@ -288,3 +288,22 @@ def straight_through_choice(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """A hard one-hot sample [N, W] of a categorical choice with the gradient of its relaxed
     softmax (Gumbel-softmax, Jang et al. 2017): how width gates learn to choose."""
     return torch.nn.functional.gumbel_softmax(logits.float(), tau=temperature, hard=True)
+
+
+def width_index_one(logits: Sequence[float], threshold: float, exact: Callable[[], int]) -> int:
+    """`width_index` of one sample in Python floats (a batch of one: the tensor ops cost more
+    to dispatch than to compute). A cumulative probability within `FLOAT32_TIE` of the
+    threshold, or a non-finite logit, is settled by `exact()`, the tensor rule."""
+    if not all(math.isfinite(v) for v in logits):
+        return exact()
+    top = max(logits)
+    weights = [math.exp(v - top) for v in logits]
+    total = sum(weights)
+    cumulative, count = 0.0, 0
+    for w in weights[:-1]:
+        cumulative += w / total
+        value = min(cumulative, 1.0)
+        if abs(value - threshold) < FLOAT32_TIE:
+            return exact()
+        count += value < threshold
+    return count
