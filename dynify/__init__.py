@@ -25,6 +25,7 @@ from dynify.models.text import TextClassifier
 from dynify.options import (
     BlockGateOptions,
     DynamicConvOptions,
+    DynamicWidthOptions,
     EarlyExitOptions,
     FinetuneConfig,
     ResolutionOptions,
@@ -65,6 +66,7 @@ __all__ = [
     "BudgetGuard",
     "CalibrationResult",
     "DynamicConvOptions",
+    "DynamicWidthOptions",
     "DynamicModel",
     "DynifyError",
     "EarlyExitOptions",
