@@ -43,7 +43,6 @@ from benchmarks.results import read_result
 from benchmarks.timing import alternating_runs
 
 NAME = "dynamic_width"
-NET = "cifar_resnet44"
 GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]
 FULL_COMMAND = (
     "python -m benchmarks dynamic_width --data ../shared/data --steps 352 --epochs 2 "
@@ -53,6 +52,7 @@ FULL_COMMAND = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--depth", type=int, default=44, help="the CIFAR ResNet's depth")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--steps", type=int, default=352, help="batches' worth of fit images")
     parser.add_argument("--epochs", type=int, default=2, help="passes over those images")
@@ -115,7 +115,9 @@ def train(dyn, fit, args) -> dict:
 
 def static_baseline(args, data: dict) -> dict:
     """The static network fine-tuned alone for as many epochs over the same images."""
-    model, _ = dynify.build_model(NET, weights=weights_path(args.data, 44))
+    model, _ = dynify.build_model(
+        f"cifar_resnet{args.depth}", weights=weights_path(args.data, args.depth)
+    )
     result = dynify.finetune_static(
         model,
         _fit_subset(data["fit"], args),
@@ -207,20 +209,22 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     images = normalized_images(test_set)
     data = {"fit": fit, "calib": calib, "test": test_set}
     out: dict = {
+        "net": f"cifar_resnet{args.depth}",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "full_command": FULL_COMMAND,
     }
-    weights = weights_path(args.data, 44)
-    original, _ = dynify.build_model(NET, weights=weights)
+    net = f"cifar_resnet{args.depth}"
+    weights = weights_path(args.data, args.depth)
+    original, _ = dynify.build_model(net, weights=weights)
     out["original_test_acc"] = accuracy(original, test_set)
     if args.static_epochs:
         out["static_ft"] = static_baseline(args, data)
     torch.manual_seed(0)
-    dyn = dynify.convert(NET, "dynamic-width", weights=weights, options={"budget": args.budget})
+    dyn = dynify.convert(net, "dynamic-width", weights=weights, options={"budget": args.budget})
     out["branches"] = dyn.num_branches
     out["widths"] = [w.widths for w in dyn.wrappers]
     out["min_macs_fraction"] = dyn.min_macs() / dyn.static_macs
-    print(f"== {NET} dynamic-width, {dyn.num_branches} branches", flush=True)
+    print(f"== {net} dynamic-width, {dyn.num_branches} branches", flush=True)
     out["train"] = train(dyn, fit, args)
     dyn.eval()
     with dyn.static():
