@@ -297,13 +297,20 @@ def render() -> str:
     lines += provenance(result)
     settings = out["settings"]
     train = out["train"]
+    shortened = settings["steps"] < 352 or settings["epochs"] < 2 or settings["calib"] < 5000
     lines += [
-        f"This run: {train['images']} fit images x {settings['epochs']} epochs "
-        f"({train['steps']} steps of {settings['batch_size']}), calibration on "
-        f"{settings['calib']} held-out cifar10/train images.",
-        "",
-        "The full command (all 45,000 fit images would be --steps 352 at batch 128; the "
-        "defaults above are what a run under 25 minutes on a shared 2-core machine affords):",
+        f"This run: {train['images']:,} fit images x {settings['epochs']} epoch(s) "
+        f"({train['steps']} steps of {settings['batch_size']}), static baseline "
+        f"{settings['static_epochs']} epoch(s) over the same images, calibration on "
+        f"{settings['calib']:,} held-out cifar10/train images, "
+        f"{'all 5,000' if not settings['test_images'] else settings['test_images']} cifar10/test "
+        "images."
+        + (
+            " **Shortened** to fit a loaded shared 2-core machine; the full run (45,056 fit "
+            "images x 2 epochs, 5,000 calibration images) is:"
+            if shortened
+            else " The full run:"
+        ),
         "",
         "```",
         out.get("full_command", FULL_COMMAND),
