@@ -83,5 +83,11 @@ SUITES: dict[str, Suite] = {
             "the static LSTM text classifiers the temporal strategies start from, trained from "
             "scratch on AG News and SST-2: development test accuracy (weights cached)",
         ),
+        Suite(
+            "dynamic_width",
+            "dynamic_width.md",
+            "dynamic width on the pretrained CIFAR ResNet-44: accuracy vs MACs, the widths each "
+            "image runs, batch-1 latency against the MAC fall",
+        ),
     ]
 }

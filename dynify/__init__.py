@@ -25,6 +25,7 @@ from dynify.models.text import TextClassifier
 from dynify.options import (
     BlockGateOptions,
     DynamicConvOptions,
+    DynamicWidthOptions,
     EarlyExitOptions,
     FinetuneConfig,
     ResolutionOptions,
@@ -66,6 +67,7 @@ __all__ = [
     "CalibrationResult",
     "DynamicConvOptions",
     "DynamicModel",
+    "DynamicWidthOptions",
     "DynifyError",
     "EarlyExitOptions",
     "EvaluationReport",

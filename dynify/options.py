@@ -16,6 +16,7 @@ from typing import Any
 from dynify.errors import StrategyError
 from dynify.passes.block_gates import BlockGatesOptions as BlockGateOptions
 from dynify.passes.dynamic_conv import DynamicConvOptions
+from dynify.passes.dynamic_width import DynamicWidthOptions
 from dynify.passes.early_exit import EarlyExitOptions
 from dynify.passes.resolution import ResolutionOptions
 from dynify.passes.spatial_masks import SpatialMaskOptions
@@ -27,6 +28,7 @@ StrategyOptions = (
     | SpatialMaskOptions
     | ResolutionOptions
     | DynamicConvOptions
+    | DynamicWidthOptions
 )
 
 OPTIONS_BY_STRATEGY: dict[str, type] = {
@@ -35,6 +37,7 @@ OPTIONS_BY_STRATEGY: dict[str, type] = {
     "spatial-masks": SpatialMaskOptions,
     "resolution": ResolutionOptions,
     "dynamic-conv": DynamicConvOptions,
+    "dynamic-width": DynamicWidthOptions,
 }
 
 # Options that are fractions of the static model's MACs, and options that must not be negative.
@@ -45,6 +48,7 @@ _POSITIVE = ("temperature", "distill_temperature")
 __all__ = [
     "BlockGateOptions",
     "DynamicConvOptions",
+    "DynamicWidthOptions",
     "EarlyExitOptions",
     "FinetuneConfig",
     "ResolutionOptions",

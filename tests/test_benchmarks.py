@@ -174,3 +174,19 @@ def test_fixed_masks_realize_the_target_mac_weighted_density(granularity, densit
     coarsest_tile = max(w.branch_macs / (w.units()[0] * w.units()[1]) for w in dyn.wrappers)
     assert abs(spatial.realized_density(dyn, masks) - density) <= coarsest_tile / total
     assert spatial.fixed_masks(dyn, density, seed=0)[0].equal(masks[0])  # seeded
+
+
+def test_quick_dynamic_width_runs_end_to_end(cifar_like, tmp_path):
+    results = tmp_path / "results"
+    argv = ["dynamic_width", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--depth", "20"])
+    payload = json.loads((results / "dynamic_width.json").read_text())
+    out = payload["data"]
+    assert payload["metadata"]["command"].startswith("python -m benchmarks dynamic_width --quick")
+    assert out["branches"] == 9 and out["train"]["images"] == 64
+    assert [p["threshold"] for p in out["curve"]][:2] == [0.0, 0.1]
+    for point in out["curve"]:  # thresholds swept on calibration, measured on test
+        assert 0.0 < point["test_macs"] <= 1.01 and 0.0 <= point["test_acc"] <= 1.0
+    stats = out["width_stats"]
+    assert sum(stats["overall"]) == 60 * 9 and len(stats["per_branch"]) == 9
+    assert out["latency"]["static_ms"] > 0

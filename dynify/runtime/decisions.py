@@ -269,3 +269,43 @@ def halts_by_tensor_rule(logits: Sequence[float], threshold: float) -> bool:
     for logit in logits:
         cum, stop, _ = halting_update(cum, gate_probability(torch.tensor([logit])), thr)
     return bool(stop[0])
+
+
+# --- widths ------------------------------------------------------------------------------------
+
+
+def width_index(logits: Tensor, threshold: Tensor | float) -> Tensor:
+    """The width each sample runs (int64 [N], 0 the narrowest) from a width gate's logits [N, W]:
+    the gate's distribution over widths read at quantile `threshold`, i.e. the number of widths
+    j < W-1 whose cumulative probability P(width <= j) is below it. 0 always picks the narrowest,
+    anything above 1 the full width, 0.5 the median width. A non-finite score is a decision: the
+    cumulative probabilities count as reached (1), so the sample runs the narrowest width
+    unless the threshold asks for full width everywhere."""
+    cumulative = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)[..., :-1]
+    cumulative = torch.nan_to_num(cumulative, nan=1.0).clamp(max=1.0)
+    return (cumulative < threshold).sum(-1).to(torch.int64)
+
+
+def straight_through_choice(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """A hard one-hot sample [N, W] of a categorical choice with the gradient of its relaxed
+    softmax (Gumbel-softmax, Jang et al. 2017): how width gates learn to choose."""
+    return torch.nn.functional.gumbel_softmax(logits.float(), tau=temperature, hard=True)
+
+
+def width_index_one(logits: Sequence[float], threshold: float, exact: Callable[[], int]) -> int:
+    """`width_index` of one sample in Python floats (a batch of one: the tensor ops cost more
+    to dispatch than to compute). A cumulative probability within `FLOAT32_TIE` of the
+    threshold, or a non-finite logit, is settled by `exact()`, the tensor rule."""
+    if not all(math.isfinite(v) for v in logits):
+        return exact()
+    top = max(logits)
+    weights = [math.exp(v - top) for v in logits]
+    total = sum(weights)
+    cumulative, count = 0.0, 0
+    for w in weights[:-1]:
+        cumulative += w / total
+        value = min(cumulative, 1.0)
+        if abs(value - threshold) < FLOAT32_TIE:
+            return exact()
+        count += value < threshold
+    return count
