@@ -81,5 +81,11 @@ SUITES: dict[str, Suite] = {
             "the static LSTM text classifiers the temporal strategies start from, trained from "
             "scratch on AG News and SST-2: development test accuracy (weights cached)",
         ),
+        Suite(
+            "frame_exit",
+            "frame_exit.md",
+            "frame-exit on synthetic 8-frame clips of CIFAR-10 images, pretrained CIFAR "
+            "ResNet-44 per frame: accuracy vs MACs and batch-1 latency against the MAC ratio",
+        ),
     ]
 }
