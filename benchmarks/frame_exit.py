@@ -139,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_quick(args: argparse.Namespace) -> None:
     args.depth = 20 if args.depth == 44 else args.depth
-    args.test_images, args.calib_images, args.latency_clips = 40, 40, 4
+    args.test_images, args.calib_images = 40, 40
+    args.latency_clips = min(args.latency_clips, 4)
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
