@@ -245,3 +245,18 @@ def test_joint_finetuning_trains_the_per_frame_network_on_running_averages():
     assert {"acc_exit0", "acc_final", "loss"} <= set(metrics)
     with pytest.raises(DynifyError, match="no parameters outside the static network"):
         dynify.finetune(dyn, TensorDataset(x, y), mode="heads", epochs=1, progress=False)
+
+
+def test_a_mac_cap_holds_for_every_clip_even_non_finite_ones():
+    model, x = make(), clips(32, seed=5)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    dyn = convert(model)
+    dynify.calibrate(dyn, TensorDataset(x, y), mac_cap=0.5, part="all")
+    hostile = x.clone()
+    hostile[0] = float("nan")
+    hostile[1] = 3e38
+    with torch.no_grad():
+        for xb in (x, hostile, x[:1]):
+            dyn(xb)
+            assert int(dyn.last_macs.max()) <= 0.5 * dyn.static_macs
