@@ -52,12 +52,28 @@ TARGET_DROP = 0.005
 TARGET_LATENCY = 1.15  # batch-1 latency ratio over MAC ratio
 MAX_DROPS = (0.0, 0.0025, 0.005, 0.01, 0.02)
 BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
-GRID = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
+GRID = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995)
+GRID += (1.01,)
 # Strengths chosen so a frame alone is clearly worse than the image (CIFAR networks are
 # fragile: a blur of sigma 1.4 alone takes ResNet-44 from 82 % to 17 %) yet mostly usable.
 PAD = 4
 BLUR_SIGMAS = (0.0, 0.0, 0.5, 0.8)
 OCCLUDED, OCCLUSION_SIZES = 0.35, (6, 14)
+
+
+class FrameByFrame(nn.Module):
+    """The static clip model's computation one frame at a time (batch 1 per frame): what
+    the per-frame network costs at the batch size frame-exit runs it at."""
+
+    def __init__(self, frame: nn.Module):
+        super().__init__()
+        self.frame = frame
+
+    def forward(self, clip: Tensor) -> Tensor:
+        total = self.frame(clip[:, 0])
+        for t in range(1, clip.shape[1]):
+            total = total + self.frame(clip[:, t])
+        return total / clip.shape[1]
 
 
 class TSN(nn.Module):
@@ -196,7 +212,7 @@ def measure_latency(static: nn.Module, dyn: dynify.DynamicModel, clips: Tensor) 
         if name == "dynamic":
             spent.append(int(dyn.last_macs[0]))
 
-    models = {"static": static, "dynamic": dyn}
+    models = {"static": static, "dynamic": dyn, "frame_by_frame": FrameByFrame(static.frame)}
     with torch.no_grad():
         for model in models.values():  # warm up
             model(clips[:1])
@@ -211,6 +227,8 @@ def measure_latency(static: nn.Module, dyn: dynify.DynamicModel, clips: Tensor) 
         "latency_ratio": latency_ratio,
         "macs_ratio": macs_ratio,
         "ratio_to_macs": latency_ratio / macs_ratio,
+        "frame_by_frame_ms": 1e3 * mean["frame_by_frame"],
+        "ratio_to_macs_frame_by_frame": mean["dynamic"] / mean["frame_by_frame"] / macs_ratio,
     }
 
 
@@ -219,6 +237,18 @@ def fewest_macs_within(points: list[dict], reference: float, drop: float, key: s
     acc, macs = f"{key}_accuracy", f"{key}_macs"
     within = [p for p in points if p[acc] >= reference - drop - 1e-12]
     return min(within, key=lambda p: p[macs]) if within else None
+
+
+def _frame_by_frame(lat: dict) -> str:
+    if "frame_by_frame_ms" not in lat:
+        return ""
+    return (
+        f" The static model run one frame at a time (batch 1 per frame, as frame-exit runs "
+        f"them) takes {lat['frame_by_frame_ms']:.1f} ms: against it the dynamic model's "
+        f"latency ratio over its MAC ratio is {lat['ratio_to_macs_frame_by_frame']:.3f}x, so "
+        "the gap is the per-frame network's lower throughput at batch 1 than on the clip's "
+        "frames batched together, not the decisions."
+    )
 
 
 def _target(target: dict) -> str:
@@ -277,7 +307,8 @@ def render() -> str:
         f"against {lat['static_ms']:.1f} ms, a latency ratio of {lat['latency_ratio']:.3f} for "
         f"a MAC ratio of {lat['macs_ratio']:.3f} on those clips: **{lat['ratio_to_macs']:.3f}x** "
         f"(target <= {TARGET_LATENCY}x: "
-        + ("met)." if lat["ratio_to_macs"] <= TARGET_LATENCY else "not met)."),
+        + ("met)." if lat["ratio_to_macs"] <= TARGET_LATENCY else "not met).")
+        + _frame_by_frame(lat),
         "",
         "| target | thresholds chosen on | calib acc % | calib MACs | test acc % | test MACs |",
         "| --- | --- | --- | --- | --- | --- |",
