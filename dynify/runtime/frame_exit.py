@@ -105,7 +105,9 @@ class FrameExitModel(DynamicModel):
         if self._static:
             out = self.network(x)
             self.last_exit = full_index(x, self.num_exits)
-            self.last_macs = torch.full((x.shape[0],), self.static_macs, dtype=torch.long)
+            self.last_macs = torch.full(
+                (x.shape[0],), self.static_macs, dtype=torch.long, device=x.device
+            )
             return out
         batch, last = x.shape[0], self.num_exits
         remaining = torch.arange(batch, device=x.device)
