@@ -89,5 +89,11 @@ SUITES: dict[str, Suite] = {
             "dynamic width on the pretrained CIFAR ResNet-44: accuracy vs MACs, the widths each "
             "image runs, batch-1 latency against the MAC fall",
         ),
+        Suite(
+            "frame_exit",
+            "frame_exit.md",
+            "frame-exit on synthetic 8-frame clips of CIFAR-10 images, pretrained CIFAR "
+            "ResNet-44 per frame: accuracy vs MACs and batch-1 latency against the MAC ratio",
+        ),
     ]
 }

@@ -104,3 +104,11 @@ def _check_number(strategy: str, key: str, value: Any) -> None:
             raise StrategyError(f"{strategy} option {key} must be 0 or more, got {v}.")
         if key in _POSITIVE and v <= 0:
             raise StrategyError(f"{strategy} option {key} must be positive, got {v}.")
+
+
+# --- frame-exit ---------------------------------------------------------------------------------
+from dynify.passes.frame_exit import FrameExitOptions  # noqa: E402
+
+StrategyOptions = StrategyOptions | FrameExitOptions
+OPTIONS_BY_STRATEGY["frame-exit"] = FrameExitOptions
+__all__ += ["FrameExitOptions"]

@@ -190,3 +190,17 @@ def test_quick_dynamic_width_runs_end_to_end(cifar_like, tmp_path):
     stats = out["width_stats"]
     assert sum(stats["overall"]) == 60 * 9 and len(stats["per_branch"]) == 9
     assert out["latency"]["static_ms"] > 0
+
+
+def test_quick_frame_exit_runs_end_to_end(cifar_like, tmp_path):
+    results = tmp_path / "results"
+    argv = ["frame_exit", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--latency-clips", "2"])
+    payload = json.loads((results / "frame_exit.json").read_text())
+    assert payload["metadata"]["command"].startswith("python -m benchmarks frame_exit --quick")
+    run = payload["data"]
+    assert run["settings"]["depth"] == 20 and run["settings"]["test_clips"] == 40
+    assert run["settings"]["calib_clips"] == 30  # the held-out 10 % of the 300 train images
+    for point in run["points"]:  # thresholds chosen on calibration clips, measured on test
+        assert 0.0 < point["test_macs"] <= 1.0 and 0.0 <= point["test_accuracy"] <= 1.0
+    assert run["latency"]["clips"] == 2 and run["latency"]["macs_ratio"] > 0

@@ -471,9 +471,10 @@ def _check_plan_sizes(strategy: Any, context: Any, plan: dict, weights: bytes, p
 def _is_alias(dyn: DynamicModel, key: str) -> bool:
     state = dyn.state_dict(keep_vars=True)
     target = state[key]
+    # The same tensor under two names (a lifted region sharing its parent's modules) is an
+    # alias too: the name it was stored under fills both.
     return any(
-        other is not target
-        and other.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
+        other.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
         for name, other in state.items()
         if name != key
     )

@@ -1,0 +1,118 @@
+"""frame-exit (FrameExit, Ghodrati et al. CVPR 2021): a clip model looks at its frames one at a
+time and stops once the running average of their logits is sure.
+
+Plan: find the clip pattern (`dynify.frontend.clips`: fold the frames into the batch, a
+per-frame network, unfold, mean over time) and fix the order the frames are looked at. Build:
+lift the per-frame network into its own GraphModule (`lift_region`) and hand it, with the whole
+traced graph for static mode, to a FrameExitModel. Like early exits, an exit ends the forward
+pass for the clips that take it, so the model is a loop in Python, not a rewritten graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dynify.errors import StrategyError
+from dynify.frontend.clips import clip_pattern
+from dynify.passes import register_strategy
+from dynify.passes.base import ConversionContext, options_from_dict
+from dynify.passes.rewrite import lift_region
+from dynify.runtime.frame_exit import FrameExitModel
+from dynify.runtime.policy import POLICIES, ExitPolicy
+
+ORDERS = ("strided", "sequential")
+
+
+@dataclass
+class FrameExitOptions:
+    """Options of the frame-exit strategy.
+
+    order: which frame is looked at next. 'strided' (coarse to fine: the first frame, the
+    middle, the quarters, the eighths...: each new frame is far from those seen, so the
+    running average covers the clip early) or 'sequential' (0, 1, 2...), or an explicit
+    permutation of the frame indices. policy / patience / threshold: the exit rule on the
+    running average (`dynify.runtime.policy`), as for early exits.
+    """
+
+    order: str | list[int] = "strided"
+    policy: str = "confidence"
+    patience: int = 2
+    threshold: float = 0.9
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> FrameExitOptions:
+        return options_from_dict(cls, data, "frame-exit")
+
+
+def frame_order(order: str | list[int], frames: int) -> list[int]:
+    """The frame indices in the order they are looked at (a permutation of range(frames))."""
+    if isinstance(order, list):
+        if sorted(int(i) for i in order) != list(range(frames)):
+            raise StrategyError(
+                f"order {order} is not a permutation of the {frames} frame indices 0..{frames - 1}."
+            )
+        return [int(i) for i in order]
+    if order == "sequential":
+        return list(range(frames))
+    if order != "strided":
+        raise StrategyError(f"Unknown frame order '{order}'; one of {ORDERS} or a list of indices.")
+    seen, level = [0], [(0, frames)]
+    while level:  # breadth first over halvings: coarse to fine
+        following = []
+        for lo, hi in level:
+            mid = (lo + hi) // 2
+            if mid <= lo:
+                continue
+            if mid not in seen:
+                seen.append(mid)
+            following += [(lo, mid), (mid, hi)]
+        level = following
+    return seen + [i for i in range(frames) if i not in seen]
+
+
+@register_strategy
+class FrameExit:
+    name = "frame-exit"
+    summary = "clip models look at frames one at a time and stop once sure (FrameExit)"
+    variants = tuple({"policy": kind} for kind in POLICIES)
+    contract_example = "clip"
+
+    def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
+        opts = FrameExitOptions.from_dict(options)
+        policy = ExitPolicy(opts.policy, opts.patience)  # validates
+        pattern = clip_pattern(ctx.gm)
+        if pattern.frames < 2:
+            raise StrategyError(
+                "frame-exit needs clips of at least 2 frames to stop early; the example input "
+                f"has {pattern.frames}. Convert with an example of the clip length you run."
+            )
+        return {
+            "frames": pattern.frames,
+            "order": frame_order(opts.order, pattern.frames),
+            "policy": policy.to_dict(),
+            "options": asdict(opts),
+        }
+
+    def build(self, ctx: ConversionContext, plan: dict[str, Any]) -> FrameExitModel:
+        pattern = clip_pattern(ctx.gm)
+        if pattern.frames != plan["frames"]:
+            raise StrategyError(
+                f"The plan is for clips of {plan['frames']} frames, the example has "
+                f"{pattern.frames}."
+            )
+        frame = lift_region(
+            ctx.gm, pattern.frame_nodes, [pattern.fold], [pattern.frame_output], "FrameNetwork"
+        )
+        options = plan.get("options", {})
+        return FrameExitModel(
+            ctx.gm,
+            frame,
+            order=[int(i) for i in plan["order"]],
+            frame_macs=pattern.frame_macs,
+            policy=ExitPolicy(**plan["policy"]),
+            thresholds=[float(options.get("threshold", 0.9))] * (pattern.frames - 1),
+            static_macs=ctx.analysis.total_macs,
+            input_shape=tuple(ctx.example_input.shape[1:]),
+            num_classes=ctx.num_classes,
+        )
