@@ -218,7 +218,6 @@ class StopReading:
             head_macs.append(module_macs(head.eval(), torch.zeros(1, hidden)))
         options = plan.get("options", {})
         return StopReadingModel(
-            network=gm,
             encode=encode,
             rnn=rnn,
             tail=tail,

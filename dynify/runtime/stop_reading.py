@@ -51,7 +51,6 @@ class StopReadingModel(DynamicModel):
     def __init__(
         self,
         *,
-        network: nn.Module,
         encode: nn.Module,
         rnn: nn.RNNBase,
         tail: nn.Module,
@@ -76,7 +75,6 @@ class StopReadingModel(DynamicModel):
             num_classes=num_classes,
             thresholds=thresholds,
         )
-        self.network = network  # the original graph: static mode runs exactly it
         self.encode = encode
         self.rnn = rnn
         self.tail = tail
@@ -180,13 +178,21 @@ class StopReadingModel(DynamicModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self._static:
-            out = self.network(x)
+            out = self._forward_static(x)
             self.last_exit = torch.full((x.shape[0],), self.num_exits, dtype=torch.long)
             self.last_macs = torch.full((x.shape[0],), self.static_macs, dtype=torch.long)
             return out
         if x.shape[0] == 1 and self.policy.kind != "patience":
             return self._forward_one(x)
         return self._forward_batch(x)
+
+    def _forward_static(self, x: Tensor) -> Tensor:
+        """The original network: the parts around the RNN and one fused call of it."""
+        encoded = self._encoded(x)
+        out, state = self.rnn(encoded)
+        if self.encode_is_input:
+            return self.tail(x, (out, state))
+        return self.tail(x, encoded, (out, state))
 
     def _forward_batch(self, x: Tensor) -> Tensor:
         batch, k, axis = x.shape[0], self.num_exits, self._time_axis()
