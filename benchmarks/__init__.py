@@ -81,5 +81,11 @@ SUITES: dict[str, Suite] = {
             "the static LSTM text classifiers the temporal strategies start from, trained from "
             "scratch on AG News and SST-2: development test accuracy (weights cached)",
         ),
+        Suite(
+            "stop_reading",
+            "stop_reading.md",
+            "stop-reading on the static LSTM text classifiers (AG News, SST-2): tokens read "
+            "against accuracy, a calibrated operating point, batch-1 wall-clock vs static",
+        ),
     ]
 }

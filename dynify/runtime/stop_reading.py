@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, leaves_one, start_streak
-from dynify.runtime.model import DynamicModel, ExportFace
+from dynify.runtime.model import DynamicModel, ExportFace, PerCallRecord
 from dynify.runtime.policy import ExitPolicy
 from dynify.train.losses import LossConfig, distillation
 
@@ -47,6 +47,8 @@ def state_rows(state: RnnState, index: Tensor) -> RnnState:
 
 class StopReadingModel(DynamicModel):
     strategy = "stop-reading"
+    # RNN steps each sample of this thread's last forward ran (int64 [N])
+    last_tokens = PerCallRecord()
 
     def __init__(
         self,
@@ -106,11 +108,20 @@ class StopReadingModel(DynamicModel):
         index = self.position(x)
         return (index.reshape(index.shape[0], -1).amax(1).long() + 1).clamp(1, self.steps)
 
+    def _stretches(self, read: Tensor, exit_index: Tensor) -> Tensor:
+        """Stretches each sample ran, from tokens to read and the exit taken."""
+        final = exit_index == self.num_exits
+        return torch.where(final, (read + self.every - 1) // self.every, exit_index + 1)
+
+    def tokens_read(self, read: Tensor, exit_index: Tensor) -> Tensor:
+        """RNN steps [N] a sample runs, from tokens to read and the exit taken."""
+        return (self._stretches(read, exit_index) * self.every).clamp(max=self.steps)
+
     def _costs(self, read: Tensor, exit_index: Tensor) -> Tensor:
         """MACs per sample [N] from tokens to read and the exit taken (num_exits: final)."""
         k = self.num_exits
         final = exit_index == k
-        stretches = torch.where(final, (read + self.every - 1) // self.every, exit_index + 1)
+        stretches = self._stretches(read, exit_index)
         tokens = (stretches * self.every).clamp(max=self.steps)
         heads_passed = torch.where(final, stretches - 1, exit_index + 1).clamp(max=k)
         head_sums = torch.tensor([0, *self.head_macs], device=read.device).cumsum(0)
@@ -181,6 +192,7 @@ class StopReadingModel(DynamicModel):
             out = self._forward_static(x)
             self.last_exit = torch.full((x.shape[0],), self.num_exits, dtype=torch.long)
             self.last_macs = torch.full((x.shape[0],), self.static_macs, dtype=torch.long)
+            self.last_tokens = torch.full((x.shape[0],), self.steps, dtype=torch.long)
             return out
         if x.shape[0] == 1 and self.policy.kind != "patience":
             return self._forward_one(x)
@@ -238,6 +250,7 @@ class StopReadingModel(DynamicModel):
         assert output is not None
         self.last_exit = exit_index
         self.last_macs = self._costs(read, exit_index)
+        self.last_tokens = self.tokens_read(read, exit_index)
         return output
 
     def _forward_one(self, x: Tensor) -> Tensor:
@@ -270,9 +283,9 @@ class StopReadingModel(DynamicModel):
             if rest:
                 seq = torch.cat([seq, seq.new_zeros((1, rest, seq.shape[-1]))], 1)
             answer = self._answer(x, encoded, seq, state)
-        self.record_one(
-            int(self._costs(torch.tensor([read]), torch.tensor([taken]))[0]), taken, x.device
-        )
+        read_t, taken_t = torch.tensor([read]), torch.tensor([taken])
+        self.last_tokens = self.tokens_read(read_t, taken_t)
+        self.record_one(int(self._costs(read_t, taken_t)[0]), taken, x.device)
         return answer
 
     # --- exit cascade: calibration and training --------------------------------------------
