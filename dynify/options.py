@@ -19,6 +19,7 @@ from dynify.passes.dynamic_conv import DynamicConvOptions
 from dynify.passes.early_exit import EarlyExitOptions
 from dynify.passes.resolution import ResolutionOptions
 from dynify.passes.spatial_masks import SpatialMaskOptions
+from dynify.passes.stop_reading import StopReadingOptions
 from dynify.train.distill import FinetuneConfig
 
 StrategyOptions = (
@@ -27,6 +28,7 @@ StrategyOptions = (
     | SpatialMaskOptions
     | ResolutionOptions
     | DynamicConvOptions
+    | StopReadingOptions
 )
 
 OPTIONS_BY_STRATEGY: dict[str, type] = {
@@ -35,6 +37,7 @@ OPTIONS_BY_STRATEGY: dict[str, type] = {
     "spatial-masks": SpatialMaskOptions,
     "resolution": ResolutionOptions,
     "dynamic-conv": DynamicConvOptions,
+    "stop-reading": StopReadingOptions,
 }
 
 # Options that are fractions of the static model's MACs, and options that must not be negative.
@@ -49,6 +52,7 @@ __all__ = [
     "FinetuneConfig",
     "ResolutionOptions",
     "SpatialMaskOptions",
+    "StopReadingOptions",
     "StrategyOptions",
     "options_dict",
 ]

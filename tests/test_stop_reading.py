@@ -225,7 +225,7 @@ def test_finetune_trains_the_heads_and_leaves_the_static_network():
     heads = [p.clone() for p in dyn.heads.parameters()]
     data = dynify.TextDataset(x, y)
     dynify.finetune(dyn, data, epochs=1, batch_size=8, progress=False, calibration_fraction=0.0)
-    assert any(not torch.equal(a, b) for a, b in zip(heads, dyn.heads.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(heads, dyn.heads.parameters(), strict=True))
     with torch.no_grad(), dyn.static():
         assert torch.equal(dyn.eval()(x), model(x))
 
