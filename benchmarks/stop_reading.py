@@ -171,6 +171,11 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     shared = min(fits, key=lambda p: p.macs_fraction).threshold
     dyn.set_thresholds(shared)
     shared_point = _measure(dyn, test_ids, test_labels)
+    # The same with half the allowed drop on held-out: a margin for ~1,000 texts' noise.
+    safe = [p for p in held.curve if p.accuracy >= held.static_accuracy - MAX_DROP / 2]
+    margin = min(safe, key=lambda p: p.macs_fraction).threshold
+    dyn.set_thresholds(margin)
+    margin_point = _measure(dyn, test_ids, test_labels)
     dyn.set_thresholds(NEVER)
     to_end = _measure(dyn, test_ids, test_labels)
     dyn.set_thresholds(calibrated)
@@ -211,6 +216,8 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         "calibrated": point,
         "shared_threshold": shared,
         "shared": shared_point,
+        "margin_threshold": margin,
+        "margin": margin_point,
         "read_to_end": to_end,
         "curve": curve,
         "best_on_test_curve": best,
@@ -258,16 +265,21 @@ def render() -> str:
     for dataset, r in measured.items():
         if not dataset.startswith("agnews"):
             continue
-        for label, key in (
-            ("one shared threshold", "shared"),
-            ("per-exit thresholds", "calibrated"),
-        ):
+        points = (
+            ("one shared threshold", "shared", 1.0),
+            ("one shared threshold", "margin", 0.5),
+            ("per-exit thresholds", "calibrated", 1.0),
+        )
+        for label, key, allowed in points:
+            if key not in r:
+                continue
             c = r[key]
             drop = r["static_test_acc"] - c["accuracy"]
             ok = c["tokens_of_static"] <= TARGET_TOKENS and drop <= MAX_DROP
             lines += [
                 f"**AG News (exit every {r['every']} tokens), {label} chosen on held-out data "
-                f"(at most 1 point below static there): {pct(c['accuracy'])} % on test against "
+                f"(at most {allowed:g} point below static there): {pct(c['accuracy'])} % on "
+                "test against "
                 f"{pct(r['static_test_acc'])} % static ({-100 * drop:+.2f} points), reading "
                 f"{c['tokens_of_static']:.3f} of the static model's LSTM steps "
                 f"({c['tokens_of_text']:.3f} of the texts' own tokens).** Target <= 0.50 of the "
@@ -290,6 +302,15 @@ def render() -> str:
         lines.append(
             _row(f"{title} | one threshold ({r['shared_threshold']:.3f}), held-out", r["shared"], s)
         )
+        if "margin" in r:
+            lines.append(
+                _row(
+                    f"{title} | one threshold ({r['margin_threshold']:.3f}), held-out, "
+                    "half a point",
+                    r["margin"],
+                    s,
+                )
+            )
         lines.append(_row(f"{title} | per-exit thresholds, held-out", r["calibrated"], s))
     lines += [
         "",
