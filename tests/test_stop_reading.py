@@ -277,3 +277,27 @@ class TwoLayers(nn.Module):
 def test_errors_say_what_to_do(model, options, message):
     with pytest.raises(StrategyError, match=message):
         dynify.convert(model.eval(), "stop-reading", texts([T]), options=options)
+
+
+def test_the_benchmark_suite_runs_end_to_end_on_text_files(tmp_path):
+    import json
+
+    from benchmarks import SUITES, stop_reading
+    from benchmarks.__main__ import main
+    from tests.test_text_baseline import write_split
+
+    assert SUITES["stop_reading"].module() is stop_reading
+    root = tmp_path / "data"
+    write_split(root / "text/agnews/train.tsv", 240, 0)
+    write_split(root / "text/agnews/test.tsv", 40, 1)
+    results = tmp_path / "results"
+    argv = ["stop_reading", "--quick", "--data", str(root), "--datasets", "agnews"]
+    main([*argv, "--results", str(results), "--cache", str(tmp_path / "cache")])
+    payload = json.loads((results / "stop_reading.json").read_text())
+    r = payload["data"]["datasets"]["agnews"]
+    assert payload["metadata"]["command"].startswith("python -m benchmarks stop_reading --quick")
+    assert r["read_to_end"]["accuracy"] == pytest.approx(r["static_test_acc"])
+    for key in ("calibrated", "shared", "read_to_end"):
+        assert 0.0 < r[key]["tokens_of_static"] <= 1.0
+        assert sum(r[key]["exit_histogram"]) == r["test_rows"] == 40
+    assert r["timing"]["static_ms"] > 0 and r["timing"]["cpu_ratio"] > 0
