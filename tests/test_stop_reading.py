@@ -301,3 +301,31 @@ def test_the_benchmark_suite_runs_end_to_end_on_text_files(tmp_path):
         assert 0.0 < r[key]["tokens_of_static"] <= 1.0
         assert sum(r[key]["exit_histogram"]) == r["test_rows"] == 40
     assert r["timing"]["static_ms"] > 0 and r["timing"]["cpu_ratio"] > 0
+
+
+def test_a_float_sequence_model_reads_with_its_rnn_directly():
+    """No encoder before the RNN (the input is the sequence) and a tail reading the last step."""
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(5, 8, num_layers=2)  # time first
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out, _ = self.rnn(x.transpose(0, 1))
+            return self.fc(out[-1])
+
+    torch.manual_seed(0)
+    model = Features().eval()
+    x = torch.randn(6, T, 5)
+    dyn = dynify.convert(model, "stop-reading", x[:1], options={"every": 4}).eval()
+    with torch.no_grad():
+        with dyn.static():
+            assert torch.equal(dyn(x), model(x))
+        dyn.set_thresholds(NEVER)
+        assert (dyn(x) - model(x)).abs().max() <= 1e-5
+        assert dyn.last_tokens.tolist() == [T] * len(x)
+        dyn.set_thresholds(0.0)
+        dyn(x)
+        assert dyn.last_tokens.tolist() == [4] * len(x)
