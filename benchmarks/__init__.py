@@ -95,5 +95,11 @@ SUITES: dict[str, Suite] = {
             "frame-exit on synthetic 8-frame clips of CIFAR-10 images, pretrained CIFAR "
             "ResNet-44 per frame: accuracy vs MACs and batch-1 latency against the MAC ratio",
         ),
+        Suite(
+            "stop_reading",
+            "stop_reading.md",
+            "stop-reading on the static LSTM text classifiers (AG News, SST-2): tokens read "
+            "against accuracy, a calibrated operating point, batch-1 wall-clock vs static",
+        ),
     ]
 }

@@ -31,11 +31,12 @@ from dynify.options import (
     FrameExitOptions,
     ResolutionOptions,
     SpatialMaskOptions,
+    StopReadingOptions,
     StrategyOptions,
 )
 from dynify.passes import register_strategy, strategy_names
 from dynify.runtime.budget_guard import BudgetGuard
-from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped
+from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
@@ -80,9 +81,11 @@ __all__ = [
     "ModelSummary",
     "OperatingPoint",
     "ParityReport",
+    "PerSampleExits",
     "Preprocessing",
     "ResolutionOptions",
     "SpatialMaskOptions",
+    "StopReadingOptions",
     "StrategyInfo",
     "StrategyOptions",
     "TextClassifier",

@@ -20,6 +20,7 @@ from dynify.passes.dynamic_width import DynamicWidthOptions
 from dynify.passes.early_exit import EarlyExitOptions
 from dynify.passes.resolution import ResolutionOptions
 from dynify.passes.spatial_masks import SpatialMaskOptions
+from dynify.passes.stop_reading import StopReadingOptions
 from dynify.train.distill import FinetuneConfig
 
 StrategyOptions = (
@@ -29,6 +30,7 @@ StrategyOptions = (
     | ResolutionOptions
     | DynamicConvOptions
     | DynamicWidthOptions
+    | StopReadingOptions
 )
 
 OPTIONS_BY_STRATEGY: dict[str, type] = {
@@ -38,6 +40,7 @@ OPTIONS_BY_STRATEGY: dict[str, type] = {
     "resolution": ResolutionOptions,
     "dynamic-conv": DynamicConvOptions,
     "dynamic-width": DynamicWidthOptions,
+    "stop-reading": StopReadingOptions,
 }
 
 # Options that are fractions of the static model's MACs, and options that must not be negative.
@@ -53,6 +56,7 @@ __all__ = [
     "FinetuneConfig",
     "ResolutionOptions",
     "SpatialMaskOptions",
+    "StopReadingOptions",
     "StrategyOptions",
     "options_dict",
 ]

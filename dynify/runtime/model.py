@@ -371,3 +371,18 @@ class MacCapped(Protocol):
     def mac_cap_fraction(self) -> float | None: ...
 
     def cap_floor(self) -> int: ...
+
+
+@runtime_checkable
+class PerSampleExits(Protocol):
+    """An exit cascade whose exit costs depend on the sample (stop-reading: a padded text ends
+    early, so what an exit costs is what the sample read), and whose exits are not open to
+    every sample (a text shorter than an exit's position has finished reading before it).
+
+    `sample_exit_costs(x)` returns `(macs, available)`: `macs` int64 [num_exits + 1, N], what
+    sample n spends if it leaves at exit i (the last row: the final classifier), and
+    `available` bool [num_exits, N], whether sample n can leave at exit i at all. Calibration
+    and evaluation simulate the exit rule with these instead of `exit_macs()`.
+    """
+
+    def sample_exit_costs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
