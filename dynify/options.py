@@ -100,3 +100,29 @@ def _check_number(strategy: str, key: str, value: Any) -> None:
             raise StrategyError(f"{strategy} option {key} must be 0 or more, got {v}.")
         if key in _POSITIVE and v <= 0:
             raise StrategyError(f"{strategy} option {key} must be positive, got {v}.")
+
+
+@dataclasses.dataclass
+class SkipRNNOptions:
+    """Options of the skip-rnn strategy (Skip RNN, Campos et al. 2018).
+
+    budget: the share of state updates (per sample and step) fine-tuning steers towards.
+    threshold: the initial binarisation threshold (a step updates when the cumulative update
+    probability u > 1 - threshold; 0: only the first step, above 1: every step). layer: the
+    recurrent module to gate (default: the only one). gate_bias: the gate's initial bias (2:
+    every step updates before fine-tuning). compute_weight, budget_rate: the PI controller that
+    prices updates during fine-tuning. distill_temperature: the strategy's own distillation
+    temperature.
+    """
+
+    budget: float = 0.5
+    threshold: float = 0.5
+    layer: str | None = None
+    gate_bias: float = 2.0
+    compute_weight: float = 2.0
+    budget_rate: float = 0.05
+    distill_temperature: float = 2.0
+
+
+OPTIONS_BY_STRATEGY["skip-rnn"] = SkipRNNOptions
+__all__.append("SkipRNNOptions")
