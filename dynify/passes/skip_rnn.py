@@ -41,7 +41,9 @@ def skippable_layer(ctx: ConversionContext, name: str | None) -> RecurrentLayer:
         named = [layer for layer in layers if name in (layer.module, layer.node)]
         if not named:
             known = ", ".join(layer.module for layer in layers)
-            raise StrategyError(f"'{name}' is not a recurrent layer of this model; layers: {known}.")
+            raise StrategyError(
+                f"'{name}' is not a recurrent layer of this model; layers: {known}."
+            )
         layers = named
     if len(layers) > 1:
         known = ", ".join(layer.module for layer in layers)

@@ -63,7 +63,9 @@ def zero_state(rnn: RecurrentModule, batch: int, like: Tensor) -> State:
     return State(h, torch.zeros_like(h) if isinstance(rnn, nn.LSTM) else None)
 
 
-def _weights(rnn: RecurrentModule, layer: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+def _weights(
+    rnn: RecurrentModule, layer: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     bias = rnn.bias
     return (
         getattr(rnn, f"weight_ih_l{layer}"),
@@ -114,7 +116,9 @@ def step_rows(rnn: RecurrentModule, x_t: Tensor, state: State, index: Tensor | N
     return scatter_state(state, index, rows)
 
 
-def run_stretch(rnn: RecurrentModule, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+def run_stretch(
+    rnn: RecurrentModule, x: Tensor, state: State | None = None
+) -> tuple[Tensor, State]:
     """Consecutive steps for every row through the fused kernel: `x` [B, S, F] batch-first,
     from `state` (None: zeros, exactly the module's own call). Returns the outputs [B, S, H]
     and the state after the last step."""

@@ -37,8 +37,8 @@ from dynify.runtime.control import cond, selected
 from dynify.runtime.decisions import (
     accumulate_update_probability,
     gate_decides,
-    straight_through_update,
     steps_to_next_update,
+    straight_through_update,
     update_boundary,
     update_probability,
     updates_every_step,
@@ -129,7 +129,7 @@ class SkipRNN(nn.Module):
         gates = [0] * batch
         outs = []
         for t in range(steps):
-            rows = due[t]
+            rows = sorted(due[t])
             if rows:
                 index = None if len(rows) == batch else torch.tensor(rows, device=xb.device)
                 state = step_rows(self.rnn, xb[:, t], state, index)
