@@ -119,8 +119,8 @@ class SkipRNNOptions:
     threshold: float = 0.5
     layer: str | None = None
     gate_bias: float = 2.0
-    compute_weight: float = 2.0
-    budget_rate: float = 0.05
+    compute_weight: float = 4.0
+    budget_rate: float = 0.01
     distill_temperature: float = 2.0
 
 

@@ -124,11 +124,16 @@ def run_stretch(
     and the state after the last step."""
     inp = x if rnn.batch_first else x.transpose(0, 1)
     if state is None:
-        out, final = rnn(inp)
-    elif state.c is None:
-        out, final = rnn(inp, state.h)
+        state = zero_state(rnn, x.shape[0], x)
+    # The module's own kernel call, without `nn.RNNBase.forward`'s refresh of its weight list
+    # (an attribute write, which torch.export refuses inside a torch.cond branch).
+    weights = [getattr(rnn, name) for name in rnn._flat_weights_names]
+    args = (weights, rnn.bias, rnn.num_layers, rnn.dropout, rnn.training, False, rnn.batch_first)
+    if state.c is None:
+        out, final = torch.gru(inp, state.h, *args)
     else:
-        out, final = rnn(inp, (state.h, state.c))
+        out, h, c = torch.lstm(inp, (state.h, state.c), *args)
+        final = (h, c)
     out = out if rnn.batch_first else out.transpose(0, 1)
     if isinstance(final, tuple):
         return out, State(final[0], final[1])

@@ -183,11 +183,11 @@ class SkipRNN(nn.Module):
         def fused(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
             out, state = run_stretch(self.rnn, xb)
             ones = torch.ones(xb.shape[0], xb.shape[1], dtype=torch.int64, device=xb.device)
-            return (out, state.h, state.c if lstm else state.h, ones)
+            return (out.contiguous(), state.h, state.c if lstm else state.h, ones)
 
         def stepped(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
             out, state, updates = self._export_steps(xb, threshold)
-            return (out, state.h, state.c if lstm else state.h, updates)
+            return (out.contiguous(), state.h, state.c if lstm else state.h, updates)
 
         out, h, c, updates = cond(updates_every_step(threshold), fused, stepped, (xb, threshold))
         run.updates = updates
@@ -239,8 +239,8 @@ class SkipRNNModel(DynamicModel):
         threshold: float = 0.5,
         budget: float = 0.5,
         distill_temperature: float = 2.0,
-        compute_weight: float = 2.0,
-        budget_rate: float = 0.05,
+        compute_weight: float = 4.0,
+        budget_rate: float = 0.01,
         static_macs: int,
         input_shape: tuple[int, ...],
         num_classes: int,
