@@ -67,7 +67,12 @@ def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, 
 
 @torch.no_grad()
 def wall_clock(
-    static: torch.nn.Module, dyn: dynify.DynamicModel, data: Any, batch: int, batches: int, rounds: int
+    static: torch.nn.Module,
+    dyn: dynify.DynamicModel,
+    data: Any,
+    batch: int,
+    batches: int,
+    rounds: int,
 ) -> dict[str, float]:
     """Seconds per batch of `batch` test texts, static and dynamic on the same batches, each
     round interleaved; the fastest round of each (the machine is shared)."""
@@ -150,7 +155,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     curve = []
     for threshold in GRID:
         dyn.set_thresholds(threshold)
-        point = {"threshold": threshold, "held_out": measure(dyn, held_out), "test": measure(dyn, test)}
+        point = {
+            "threshold": threshold,
+            "held_out": measure(dyn, held_out),
+            "test": measure(dyn, test),
+        }
         curve.append(point)
         print(f"threshold {threshold}: test {point['test']}", flush=True)
 
@@ -166,9 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             "held_out": measure(dyn, held_out),
             "test": measure(dyn, test),
         }
-        point["batch32"] = wall_clock(
-            model, dyn, test, 32, args.timing_batches, args.timing_rounds
-        )
+        point["batch32"] = wall_clock(model, dyn, test, 32, args.timing_batches, args.timing_rounds)
         points[label] = point
         print(f"calibrated ({label}): {point}", flush=True)
     return {
@@ -217,7 +224,7 @@ def render() -> str:
         "batch-32 skip-rnn | time ratio | time saved / updates saved |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for label, p in r["points"].items():
+    for p in r["points"].values():
         t, clock = p["test"], p["batch32"]
         saved = 1.0 - t["update_share"]
         efficiency = (1.0 - clock["ratio"]) / saved if saved > 0 else float("nan")

@@ -28,6 +28,7 @@ from dynify.options import (
     EarlyExitOptions,
     FinetuneConfig,
     ResolutionOptions,
+    SkipRNNOptions,
     SpatialMaskOptions,
     StrategyOptions,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "ParityReport",
     "Preprocessing",
     "ResolutionOptions",
+    "SkipRNNOptions",
     "SpatialMaskOptions",
     "StrategyInfo",
     "StrategyOptions",
