@@ -308,11 +308,12 @@ def steps_to_next_update(delta: Tensor, threshold: Tensor | float, limit: int) -
     left), so the division never overflows an integer.
     """
     boundary = update_boundary(threshold).to(delta.device)
-    never = torch.full_like(delta, float(limit + 1))
-    ratio = torch.where(delta > 0.0, boundary / delta.clamp_min(1e-30), never)
-    steps = torch.floor(ratio.clamp(max=float(limit))) + 1.0
-    steps = torch.where(boundary < 0.0, torch.ones_like(steps), steps)
-    steps = torch.where(boundary >= 1.0, never, steps)
+    # delta counts as at least 1e-30 (a sigmoid that underflowed): above a boundary > 0 the
+    # ratio exceeds `limit` (never again), at boundary 0 (threshold 1) the next step updates; a
+    # negative boundary (threshold above 1) clamps the ratio to 0: the next step.
+    ratio = (boundary / delta.clamp_min(1e-30)).clamp(0.0, float(limit))
+    steps = torch.floor(ratio) + 1.0
+    steps = torch.where(boundary >= 1.0, float(limit + 1), steps)
     return steps.to(torch.int64)
 
 

@@ -92,6 +92,8 @@ def cell_step(rnn: RecurrentModule, x: Tensor, state: State) -> State:
             hs.append(h)
             cs.append(c)
         inp = h
+    if len(hs) == 1:  # one layer: a view, no copy
+        return State(hs[0].unsqueeze(0), cs[0].unsqueeze(0) if cs else None)
     return State(torch.stack(hs), torch.stack(cs) if cs else None)
 
 
