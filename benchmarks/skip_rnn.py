@@ -273,33 +273,32 @@ def render() -> str:
 
 
 def _verdict(r: dict[str, Any], static_acc: float) -> list[str]:
-    lines = []
-    ok = [
-        p
-        for p in r["curve"]
-        if p["test"]["update_share"] <= TARGET_SHARE
-        and static_acc - p["test"]["accuracy"] <= TARGET_DROP
+    """Met or missed, from the measured test figures (curve and calibrated points alike)."""
+    measured = [(f"threshold {p['threshold']:g}", p["test"]) for p in r["curve"]]
+    measured += [(f"calibrated ({label})", p["test"]) for label, p in r["points"].items()]
+    # 1e-9: a drop of exactly one point (38 of 3,800 texts) is within it, whatever the rounding
+    within = [
+        (label, t) for label, t in measured if static_acc - t["accuracy"] <= TARGET_DROP + 1e-9
     ]
-    best = min(
-        (p for p in r["curve"] if static_acc - p["test"]["accuracy"] <= TARGET_DROP),
-        key=lambda p: p["test"]["update_share"],
-        default=None,
-    )
-    if best is not None:
+    lines = []
+    if within:
+        label, best = min(within, key=lambda item: item[1]["update_share"])
+        met = best["update_share"] <= TARGET_SHARE
         lines.append(
-            f"Fewest updates within 1 point of static on the curve: "
-            f"{pct(best['test']['update_share'])} % (threshold {best['threshold']:g}, test "
-            f"{pct(best['test']['accuracy'])} %). Target (<= 50 % of updates within 1 point): "
-            f"**{'met' if ok else 'missed'}**."
+            f"Fewest updates within 1 point of static on test: {pct(best['update_share'])} % "
+            f"({label}: {pct(best['accuracy'])} %, {100 * (static_acc - best['accuracy']):.2f} "
+            f"points below static). Target (<= 50 % of updates within 1 point): "
+            f"**{'met' if met else 'missed'}**."
         )
     budget = r["points"].get("budget")
     if budget is not None:
         saved = 1.0 - budget["test"]["update_share"]
-        time_saved = 1.0 - budget["batch32"]["ratio"]
-        met = saved > 0 and time_saved >= TARGET_TIME * saved
+        ratio = budget["batch32"]["ratio"]
+        met = saved > 0 and 1.0 - ratio >= TARGET_TIME * saved
         lines.append(
-            f"Batch-32 wall clock at the budget point: {pct(time_saved)} % saved for "
-            f"{pct(saved)} % of updates saved (target: at least 0.7 as much): "
+            f"Batch-32 wall clock at the budget point: {ratio:.2f}x the static model's for "
+            f"{pct(saved)} % of the updates saved (target: time falling at least 0.7 as much as "
+            f"the updates, i.e. at most {1 - TARGET_TIME * saved:.2f}x): "
             f"**{'met' if met else 'missed'}**."
         )
     return lines
