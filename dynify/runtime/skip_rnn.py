@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dynify.errors import StrategyError
 from dynify.runtime.control import cond, selected
 from dynify.runtime.decisions import (
     accumulate_update_probability,
@@ -292,8 +293,6 @@ class SkipRNNModel(DynamicModel):
     def last_decisions(self) -> Tensor:
         """[N, T] int64: 1 where a sample updated its state at that step."""
         if self.last_updates is None:
-            from dynify.errors import StrategyError
-
             raise StrategyError("No dynamic forward has run in this thread yet.")
         return self.last_updates.long()
 
