@@ -101,5 +101,11 @@ SUITES: dict[str, Suite] = {
             "stop-reading on the static LSTM text classifiers (AG News, SST-2): tokens read "
             "against accuracy, a calibrated operating point, batch-1 wall-clock vs static",
         ),
+        Suite(
+            "skip_rnn",
+            "skip_rnn.md",
+            "skip-rnn on AG News: accuracy vs share of state updates (gate fine-tuned, threshold "
+            "calibrated on held-out training rows), batch-32 wall clock against the static LSTM",
+        ),
     ]
 }

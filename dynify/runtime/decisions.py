@@ -309,3 +309,64 @@ def width_index_one(logits: Sequence[float], threshold: float, exact: Callable[[
             return exact()
         count += value < threshold
     return count
+
+
+# --- skip-rnn: the cumulative update probability (Campos et al. 2018) ---------------------------
+
+
+def update_probability(logits: Tensor) -> Tensor:
+    """Skip RNN's delta u: the per-step growth of the update probability, from the gate's logit
+    on the state at the last update. Not a number counts as 1 (update at the next step)."""
+    delta = torch.sigmoid(logits.float())
+    return torch.where(torch.isnan(delta), torch.ones_like(delta), delta)
+
+
+def update_boundary(threshold: Tensor | float) -> Tensor:
+    """The value the cumulative update probability must exceed for a step to update:
+    1 - threshold (a threshold of 0: never after the first step; above 1: every step)."""
+    return 1.0 - torch.as_tensor(threshold, dtype=torch.float32)
+
+
+def updates_every_step(threshold: Tensor | float) -> Tensor:
+    """True when the threshold makes every step update whatever the gate says (above 1)."""
+    return update_boundary(threshold) < 0.0
+
+
+def gate_decides(threshold: float) -> bool:
+    """Whether the gate's value can change a decision at this threshold (in (0, 1]); outside
+    it the schedule is known without running the gate."""
+    boundary = float(update_boundary(threshold))
+    return 0.0 <= boundary < 1.0
+
+
+def steps_to_next_update(delta: Tensor, threshold: Tensor | float, limit: int) -> Tensor:
+    """Skip RNN's binarised gate, as the number of steps from an update to the next (int64).
+
+    After an update the cumulative probability is delta, and it grows by delta per skipped step
+    (capped at 1): u_{t+j} = min(j * delta, 1). The next update is the first j >= 1 with
+    u_{t+j} > 1 - threshold, i.e. floor((1 - threshold) / delta) + 1, known as soon as the
+    update happens, so the skipped steps run nothing. A threshold of 0 or less never updates
+    again (limit + 1), one above 1 updates every step (1); `limit` caps the count (the steps
+    left), so the division never overflows an integer.
+    """
+    boundary = update_boundary(threshold).to(delta.device)
+    # delta counts as at least 1e-30 (a sigmoid that underflowed): above a boundary > 0 the
+    # ratio exceeds `limit` (never again), at boundary 0 (threshold 1) the next step updates; a
+    # negative boundary (threshold above 1) clamps the ratio to 0: the next step.
+    ratio = (boundary / delta.clamp_min(1e-30)).clamp(0.0, float(limit))
+    steps = torch.floor(ratio) + 1.0
+    steps = torch.where(boundary >= 1.0, float(limit + 1), steps)
+    return steps.to(torch.int64)
+
+
+def straight_through_update(u: Tensor, boundary: float) -> Tensor:
+    """Training: the binary update decision (u > boundary) forward, the identity backward
+    (straight-through, as in Skip RNN)."""
+    hard = (u > boundary).to(u.dtype)
+    return hard + u - u.detach()
+
+
+def accumulate_update_probability(u: Tensor, update: Tensor, delta: Tensor) -> Tensor:
+    """Skip RNN's recursion: after an update the probability restarts at delta, after a skip
+    it grows by delta (capped at 1)."""
+    return update * delta + (1.0 - update) * (u + torch.minimum(delta, 1.0 - u))
