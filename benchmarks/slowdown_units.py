@@ -28,6 +28,8 @@ from benchmarks.cifar_data import (
     weights_path,
 )
 
+# the suite's defaults, for saying when a committed run was shortened
+FULL = {"train_images": 10000, "attack_images": 200}
 # strategy name in --strategies -> (dynify strategy, options, title)
 UNIT_STRATEGIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "block-gates": ("block-gates", {"gate": "function"}, "block gates (function)"),
@@ -279,6 +281,15 @@ def table(key: str, r: dict) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
         "--- | --- |",
     ]
+    if r["train_images"] < FULL["train_images"] or r["attack_images"] < FULL["attack_images"]:
+        lines[2:2] = [
+            f"Shortened run: {r['train_images']} training images, {r['calib_images']} "
+            f"calibration, {r['clean_images']} clean and {r['attack_images']} attacked test "
+            f"images, {g['passes']} guard passes (the full run: "
+            f"`python -m benchmarks slowdown --add --strategies block-gates spatial-masks "
+            f"--nets 20 32`, {FULL['train_images']} training, {FULL['attack_images']} attacked).",
+            "",
+        ]
     for row in r["rows"]:
         off, cap, on = row["off"], row["cap"], row["on"]
         eps = f"{row['eps']}/255" if row["eps"] else "-"

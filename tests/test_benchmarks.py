@@ -234,3 +234,38 @@ def test_quick_skip_rnn_runs_end_to_end(tmp_path):
     full = next(p for p in data["curve"] if p["threshold"] == 1.01)
     assert full["test"]["update_share"] == 1.0
     assert set(data["points"]) == {"budget", "max_drop"}
+
+
+def test_quick_slowdown_of_gates_records_off_capped_and_guarded_rows(cifar_like, tmp_path):
+    results = tmp_path / "results"
+    argv = ["slowdown", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--strategies", "block-gates"])
+    run = json.loads((results / "slowdown.json").read_text())["data"]["strategies"]
+    run = run["block-gates/resnet20"]
+    assert run["kind"] == "units" and run["cap"] == 0.9
+    for row in run["rows"]:
+        assert row["cap"]["max_macs"] <= run["cap"] + 1e-9  # the cap holds for every image
+        assert row["off"]["max_macs"] <= run["worst_case"] + 1e-9
+
+
+def test_unit_pgd_stays_within_eps_and_raises_the_gate_probabilities():
+    from benchmarks.slowdown_units import unit_pgd
+
+    torch.manual_seed(0)
+    dyn = dynify.convert(cifar_resnet20(), "block-gates", torch.randn(1, 3, 32, 32)).eval()
+    with torch.no_grad():  # input-dependent gates, many of them closed
+        for gate in dyn.gates:
+            for p in gate.decider.parameters():
+                p.copy_(torch.randn(p.shape) * 3.0 / p[0].numel() ** 0.5 if p.dim() > 1 else -1)
+    dyn.set_thresholds(0.3)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    adv = unit_pgd(dyn, pixels, 8 / 255, steps=5, seed=0, to_input=slowdown.to_input)
+    assert (adv - pixels).abs().max() <= 8 / 255 + 1e-6
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+
+    def hinge(p: torch.Tensor) -> float:
+        with torch.no_grad():
+            probs = dyn.unit_probabilities(slowdown.to_input(p))
+        return float(sum(torch.relu(0.7 - q).sum() for q in probs))
+
+    assert hinge(adv) < hinge(pixels)
