@@ -47,7 +47,7 @@ class ReshapeClip(FlattenClip):
     def forward(self, clip: Tensor) -> Tensor:
         n, t, c, h, w = clip.shape
         logits = self.frame(clip.reshape(n * t, c, h, w))
-        return logits.view(n, t, -1).mean(dim=1)
+        return logits.view(n, t, -1).mean(dim=-2)
 
 
 class MaxOverTime(FlattenClip):
