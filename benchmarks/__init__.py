@@ -72,8 +72,10 @@ SUITES: dict[str, Suite] = {
         Suite(
             "slowdown",
             "slowdown.md",
-            "slowdown attacks (DeepSloth-style PGD on the exit scores) on CIFAR ResNet-20 early "
-            "exits: mean MACs, share run to the end and accuracy, with and without BudgetGuard",
+            "slowdown attacks (DeepSloth-style PGD on the exit scores, gate and mask "
+            "probabilities) on CIFAR ResNet-20 early exits, block gates and spatial masks: mean "
+            "MACs, share at the worst case and accuracy, with and without BudgetGuard and the "
+            "MAC cap",
         ),
         Suite(
             "text_baseline",
@@ -82,10 +84,28 @@ SUITES: dict[str, Suite] = {
             "scratch on AG News and SST-2: development test accuracy (weights cached)",
         ),
         Suite(
+            "dynamic_width",
+            "dynamic_width.md",
+            "dynamic width on the pretrained CIFAR ResNet-44: accuracy vs MACs, the widths each "
+            "image runs, batch-1 latency against the MAC fall",
+        ),
+        Suite(
             "frame_exit",
             "frame_exit.md",
             "frame-exit on synthetic 8-frame clips of CIFAR-10 images, pretrained CIFAR "
             "ResNet-44 per frame: accuracy vs MACs and batch-1 latency against the MAC ratio",
+        ),
+        Suite(
+            "stop_reading",
+            "stop_reading.md",
+            "stop-reading on the static LSTM text classifiers (AG News, SST-2): tokens read "
+            "against accuracy, a calibrated operating point, batch-1 wall-clock vs static",
+        ),
+        Suite(
+            "skip_rnn",
+            "skip_rnn.md",
+            "skip-rnn on AG News: accuracy vs share of state updates (gate fine-tuned, threshold "
+            "calibrated on held-out training rows), batch-32 wall clock against the static LSTM",
         ),
     ]
 }

@@ -1,6 +1,11 @@
-"""Slowdown attacks on exit cascades, and what `dynify.BudgetGuard` keeps of the budget.
+"""Slowdown attacks on exit cascades, block gates and spatial masks, and what
+`dynify.BudgetGuard` and the MAC cap keep of the budget.
 
     python -m benchmarks slowdown --data ../shared/data
+    python -m benchmarks slowdown --add --strategies block-gates spatial-masks --nets 20 32
+
+Block gates and spatial masks: `benchmarks/slowdown_units.py` (attack on the gate and mask
+probabilities; measured off, with `set_mac_cap` and with the guard). Exit cascades:
 
 Through the public API, per strategy whose decisions are exits (early exits with 4 exits, the
 resolution cascade): CIFAR ResNet-20 converted, its new parts fine-tuned
@@ -39,6 +44,10 @@ from benchmarks.cifar_data import (
 )
 from benchmarks.report import missing, provenance
 from benchmarks.results import read_result
+from benchmarks.slowdown_units import NOTES as UNIT_NOTES
+from benchmarks.slowdown_units import UNIT_STRATEGIES, run_units
+from benchmarks.slowdown_units import headline as unit_headline
+from benchmarks.slowdown_units import table as unit_table
 
 # The exit policies' score function (`dynify.runtime.decisions`), not exported by the public API.
 from dynify.runtime.decisions import exit_scores
@@ -47,16 +56,29 @@ NAME = "slowdown"
 # strategies whose decisions are exits (`dynify.ExitCascade`): the attack's scores are theirs
 STRATEGIES = {"early-exit": "early exits", "resolution": "resolution cascade (16x16 first)"}
 NOT_MEASURED = (
-    "block gates (function, halting, policy) and spatial masks also take data-dependent "
-    "decisions (gate and mask probabilities, not exit scores); they are not measured by this "
-    "suite yet"
+    "halting and policy gates (the attack here is on function gates; a halting unit's "
+    "attacker wants low halting scores, a different hinge), and the nets and granularities "
+    "without a section below"
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument(
-        "--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES)
+        "--strategies",
+        nargs="+",
+        default=[*STRATEGIES, "block-gates", "spatial-masks"],
+        choices=[*STRATEGIES, *UNIT_STRATEGIES],
+    )
+    parser.add_argument(
+        "--nets", type=int, nargs="+", default=[20], help="CIFAR ResNet depths (gates, masks)"
+    )
+    parser.add_argument("--cap", type=float, default=0.8, help="gates, masks: the MAC cap")
+    parser.add_argument(
+        "--unit-budget", type=float, default=0.7, help="gates, masks: budget (and the guard's)"
+    )
+    parser.add_argument(
+        "--unit-mode", default="joint", choices=["heads", "joint"], help="gates, masks: tuning"
     )
     parser.add_argument("--exits", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.5)
@@ -176,9 +198,22 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     out: dict[str, Any] = {"strategies": {}}
     for strategy in args.strategies:
         print(f"{strategy}:", flush=True)
-        out["strategies"][strategy] = run_strategy(strategy, args, train, test)
+        if strategy in UNIT_STRATEGIES:
+            for depth in args.nets:
+                key = f"{strategy}/resnet{depth}"
+                out["strategies"][key] = run_units(strategy, depth, args, train, test, to_input)
+        else:
+            out["strategies"][strategy] = run_strategy(strategy, args, train, test)
     out["total_seconds"] = time.perf_counter() - start
     return {NAME: out}
+
+
+def merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`--add`: the strategies of both runs, the new run's where both have one."""
+    return {
+        "strategies": {**previous["strategies"], **new["strategies"]},
+        "total_seconds": previous.get("total_seconds", 0.0) + new["total_seconds"],
+    }
 
 
 def run_strategy(strategy: str, args: argparse.Namespace, train, test) -> dict[str, Any]:
@@ -279,8 +314,12 @@ def render() -> str:
     if result is None:
         return "\n".join(lines + missing(NAME, f"python -m benchmarks {NAME} --data DATA"))
     measured = result.data["strategies"]
-    for strategy, r in measured.items():
+    exits = {k: r for k, r in measured.items() if r.get("kind") != "units"}
+    units = {k: r for k, r in measured.items() if r.get("kind") == "units"}
+    for strategy, r in exits.items():
         lines += headline(strategy, r)
+    for r in units.values():
+        lines += unit_headline(r)
     lines += [
         "Each strategy: CIFAR ResNet-20 converted through `dynify.convert`, its new parts "
         "fine-tuned in heads mode (`dynify.finetune`), calibrated to the budget on held-out "
@@ -289,8 +328,10 @@ def render() -> str:
         "sum_i relu(score_i - threshold_i) over the exits (DeepSloth's aim: no exit reached).",
         "",
     ]
-    for strategy, r in measured.items():
+    for strategy, r in exits.items():
         lines += table(strategy, r)
+    for key, r in units.items():
+        lines += unit_table(key, r)
     lines += [
         "MACs: mean per image as a fraction of the static network's, every exit passed "
         "included, as the runtime records them (`last_macs`). To end: share of images that ran "
@@ -301,6 +342,8 @@ def render() -> str:
         "cannot push a score below a threshold of 0, so at level 1 every image leaves at the "
         "first exit. Accuracy on attacked images is not comparable with clean accuracy: images "
         "pushed to the end are classified by the full network.",
+        "",
+        UNIT_NOTES,
         "",
         f"Not measured: {NOT_MEASURED}.",
         "",

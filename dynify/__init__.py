@@ -25,16 +25,19 @@ from dynify.models.text import TextClassifier
 from dynify.options import (
     BlockGateOptions,
     DynamicConvOptions,
+    DynamicWidthOptions,
     EarlyExitOptions,
     FinetuneConfig,
     FrameExitOptions,
     ResolutionOptions,
+    SkipRNNOptions,
     SpatialMaskOptions,
+    StopReadingOptions,
     StrategyOptions,
 )
 from dynify.passes import register_strategy, strategy_names
 from dynify.runtime.budget_guard import BudgetGuard
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
@@ -67,6 +70,7 @@ __all__ = [
     "CalibrationResult",
     "DynamicConvOptions",
     "DynamicModel",
+    "DynamicWidthOptions",
     "DynifyError",
     "EarlyExitOptions",
     "EvaluationReport",
@@ -74,12 +78,16 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "FrameExitOptions",
+    "MacCapped",
     "ModelSummary",
     "OperatingPoint",
     "ParityReport",
+    "PerSampleExits",
     "Preprocessing",
     "ResolutionOptions",
+    "SkipRNNOptions",
     "SpatialMaskOptions",
+    "StopReadingOptions",
     "StrategyInfo",
     "StrategyOptions",
     "TextClassifier",

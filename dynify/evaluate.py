@@ -185,9 +185,10 @@ def oracle(outputs: ExitOutputs) -> tuple[float, float]:
     exit rule can reach with these heads.
     """
     correct = outputs.correct()
-    costs = outputs.cost_fractions()
+    correct[:-1] &= outputs.open_exits()  # an exit closed to a sample cannot answer for it
+    costs = outputs.sample_cost_fractions()
     stops = torch.cat([correct[:-1], torch.ones_like(correct[:1])]).to(torch.uint8).argmax(0)
-    return float(correct.any(0).double().mean()), float(costs[stops].mean())
+    return float(correct.any(0).double().mean()), float(costs.gather(0, stops[None]).mean())
 
 
 def evaluate(

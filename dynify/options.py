@@ -16,9 +16,13 @@ from typing import Any
 from dynify.errors import StrategyError
 from dynify.passes.block_gates import BlockGatesOptions as BlockGateOptions
 from dynify.passes.dynamic_conv import DynamicConvOptions
+from dynify.passes.dynamic_width import DynamicWidthOptions
 from dynify.passes.early_exit import EarlyExitOptions
+from dynify.passes.frame_exit import FrameExitOptions
 from dynify.passes.resolution import ResolutionOptions
+from dynify.passes.skip_rnn import SkipRNNOptions
 from dynify.passes.spatial_masks import SpatialMaskOptions
+from dynify.passes.stop_reading import StopReadingOptions
 from dynify.train.distill import FinetuneConfig
 
 StrategyOptions = (
@@ -27,6 +31,10 @@ StrategyOptions = (
     | SpatialMaskOptions
     | ResolutionOptions
     | DynamicConvOptions
+    | DynamicWidthOptions
+    | StopReadingOptions
+    | FrameExitOptions
+    | SkipRNNOptions
 )
 
 OPTIONS_BY_STRATEGY: dict[str, type] = {
@@ -35,6 +43,10 @@ OPTIONS_BY_STRATEGY: dict[str, type] = {
     "spatial-masks": SpatialMaskOptions,
     "resolution": ResolutionOptions,
     "dynamic-conv": DynamicConvOptions,
+    "dynamic-width": DynamicWidthOptions,
+    "stop-reading": StopReadingOptions,
+    "frame-exit": FrameExitOptions,
+    "skip-rnn": SkipRNNOptions,
 }
 
 # Options that are fractions of the static model's MACs, and options that must not be negative.
@@ -45,10 +57,14 @@ _POSITIVE = ("temperature", "distill_temperature")
 __all__ = [
     "BlockGateOptions",
     "DynamicConvOptions",
+    "DynamicWidthOptions",
     "EarlyExitOptions",
     "FinetuneConfig",
+    "FrameExitOptions",
     "ResolutionOptions",
+    "SkipRNNOptions",
     "SpatialMaskOptions",
+    "StopReadingOptions",
     "StrategyOptions",
     "options_dict",
 ]
@@ -100,11 +116,3 @@ def _check_number(strategy: str, key: str, value: Any) -> None:
             raise StrategyError(f"{strategy} option {key} must be 0 or more, got {v}.")
         if key in _POSITIVE and v <= 0:
             raise StrategyError(f"{strategy} option {key} must be positive, got {v}.")
-
-
-# --- frame-exit ---------------------------------------------------------------------------------
-from dynify.passes.frame_exit import FrameExitOptions  # noqa: E402
-
-StrategyOptions = StrategyOptions | FrameExitOptions
-OPTIONS_BY_STRATEGY["frame-exit"] = FrameExitOptions
-__all__ += ["FrameExitOptions"]

@@ -176,6 +176,22 @@ def test_fixed_masks_realize_the_target_mac_weighted_density(granularity, densit
     assert spatial.fixed_masks(dyn, density, seed=0)[0].equal(masks[0])  # seeded
 
 
+def test_quick_dynamic_width_runs_end_to_end(cifar_like, tmp_path):
+    results = tmp_path / "results"
+    argv = ["dynamic_width", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--depth", "20"])
+    payload = json.loads((results / "dynamic_width.json").read_text())
+    out = payload["data"]
+    assert payload["metadata"]["command"].startswith("python -m benchmarks dynamic_width --quick")
+    assert out["branches"] == 9 and out["train"]["images"] == 64
+    assert [p["threshold"] for p in out["curve"]][:2] == [0.0, 0.1]
+    for point in out["curve"]:  # thresholds swept on calibration, measured on test
+        assert 0.0 < point["test_macs"] <= 1.01 and 0.0 <= point["test_acc"] <= 1.0
+    stats = out["width_stats"]
+    assert sum(stats["overall"]) == 60 * 9 and len(stats["per_branch"]) == 9
+    assert out["latency"]["static_ms"] > 0
+
+
 def test_quick_frame_exit_runs_end_to_end(cifar_like, tmp_path):
     results = tmp_path / "results"
     argv = ["frame_exit", "--quick", "--data", str(cifar_like), "--results", str(results)]
@@ -188,3 +204,33 @@ def test_quick_frame_exit_runs_end_to_end(cifar_like, tmp_path):
     for point in run["points"]:  # thresholds chosen on calibration clips, measured on test
         assert 0.0 < point["test_macs"] <= 1.0 and 0.0 <= point["test_accuracy"] <= 1.0
     assert run["latency"]["clips"] == 2 and run["latency"]["macs_ratio"] > 0
+
+
+def test_quick_skip_rnn_runs_end_to_end(tmp_path):
+    """The skip_rnn suite on a tiny AG-News-shaped folder: static model, gate fine-tuning,
+    calibration, the curve and the timing, results with their metadata."""
+    import random
+
+    rng = random.Random(0)
+    words = {"Sports": "ball goal team", "World": "war vote king", "Business": "bank oil tax",
+             "Sci/Tech": "chip web code"}  # fmt: skip
+    folder = tmp_path / "text" / "agnews"
+    folder.mkdir(parents=True)
+    for split, rows in (("train", 240), ("test", 80)):
+        lines = []
+        for i in range(rows):
+            label = list(words)[i % 4]
+            text = " ".join(rng.choice([*words[label].split(), "the", "a", "of"]) for _ in range(8))
+            lines.append(f"{text}\t{label}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    results = tmp_path / "results"
+    argv = ["skip_rnn", "--quick", "--data", str(tmp_path), "--results", str(results)]
+    argv += ["--cache", str(tmp_path / "cache")]
+    main(argv)
+    payload = json.loads((results / "skip_rnn.json").read_text())
+    data = payload.get("data", payload)
+    assert payload["metadata"]["command"].startswith("python -m benchmarks skip_rnn --quick")
+    assert {p["threshold"] for p in data["curve"]} >= {0.0, 1.01}
+    full = next(p for p in data["curve"] if p["threshold"] == 1.01)
+    assert full["test"]["update_share"] == 1.0
+    assert set(data["points"]) == {"budget", "max_drop"}

@@ -287,7 +287,9 @@ class Case:
 
 
 def _fingerprint(tensor: Tensor) -> tuple[tuple[int, ...], bytes]:
-    return tuple(tensor.shape), tensor.detach().numpy().tobytes()
+    """Shape and sorted values: a tensor the strategy only rearranged (dynamic width permutes
+    a branch's inner channels) is still the original's, not a part the strategy added."""
+    return tuple(tensor.shape), np.sort(tensor.detach().numpy(), axis=None).tobytes()
 
 
 def spread_new_parts(dyn: dynify.DynamicModel, model: nn.Module) -> None:

@@ -179,6 +179,8 @@ def summary_table(dyn: dynify.DynamicModel) -> Table:
     table.caption = (
         f"worst case per sample: {worst / 1e6:.1f} M MACs ({worst / dyn.static_macs:.3f} of static)"
     )
+    if isinstance(dyn, dynify.MacCapped) and dyn.mac_cap_fraction() is not None:
+        table.caption += f"; MAC cap {dyn.mac_cap_fraction():.3f} of static (every sample)"
     return table
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dynify.errors import StrategyError
+from dynify.runtime import mac_cap
 from dynify.runtime.decisions import (
     gate_open,
     gate_probability,
@@ -45,6 +46,7 @@ from dynify.runtime.decisions import (
     straight_through_gumbel,
 )
 from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
+from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
 from dynify.train.losses import (
     LossConfig,
@@ -59,11 +61,16 @@ GATE_KINDS = ("function", "halting", "policy")
 ESTIMATORS = ("reinforce", "gumbel")
 
 
-class GatedModel(DynamicModel):
-    """The rewritten graph (`gm`) with `gate_<k>` wrappers, plus the policy network if any."""
+class GatedModel(CapHolder, DynamicModel):
+    """The rewritten graph (`gm`) with `gate_<k>` wrappers, plus the policy network if any.
+
+    With a MAC cap (`set_mac_cap`, `dynify.runtime.mac_cap`) a gated branch runs only if it
+    fits what is left of the sample's allowance; otherwise the gate closes (halting: the
+    sample halts there). `static()` ignores the cap.
+    """
 
     strategy = "block-gates"
-    optional_state = ("budget_multiplier",)
+    optional_state = ("budget_multiplier", "mac_cap")
     # [B, K] bool: the gated branches each sample of the last forward ran (per thread)
     last_gates = PerCallRecord()
 
@@ -119,6 +126,7 @@ class GatedModel(DynamicModel):
         # run) carries it; as a Python float a resumed run restarted it from zero.
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
         self.estimator = estimator
+        self.init_mac_cap()
 
     # structure ---------------------------------------------------------------------------
     @property
@@ -130,6 +138,17 @@ class GatedModel(DynamicModel):
         all open. Above the static network's by what the deciders cost."""
         deciders = self.policy_macs if self.kind == "policy" else 0
         return self.fixed_macs + deciders + sum(g.branch_macs + g.decider_macs for g in self.gates)
+
+    def cap_floor(self) -> int:
+        """What a sample spends whatever it decides, every decision unit charged: the least
+        MAC cap there can be (`dynify.runtime.mac_cap`)."""
+        deciders = self.policy_macs if self.kind == "policy" else 0
+        return self.fixed_macs + deciders + sum(g.decider_macs for g in self.gates)
+
+    def _allowance(self, cap: int | None, x: torch.Tensor) -> torch.Tensor | None:
+        if cap is None:
+            return None
+        return mac_cap.allowance(cap, self.cap_floor(), x.shape[0], x.device)
 
     @property
     def joint_recipe(self) -> JointRecipe:  # type: ignore[override]
@@ -156,6 +175,25 @@ class GatedModel(DynamicModel):
         """MACs of a sample that skips every block it may (decision units included)."""
         deciders = sum(g.decider_macs for g in self.gates if g.kind == "function")
         return self.fixed_macs + self.policy_macs + deciders
+
+    def unit_probabilities(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Differentiable in `x`: the probability each decision unit gives with every block
+        run (the static network's features), what a slowdown attack pushes over 1 - threshold:
+        per gate a [B] tensor (function: open; halting: halt), or the policy's [B, K] plan."""
+        if self.kind == "policy":
+            return [gate_probability(self.policy(x))]
+        entries: dict[int, torch.Tensor] = {}
+        hooks = [
+            g.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
+            for g in self.gates
+        ]
+        try:
+            with self.static():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [gate_probability(g.decider(entries[g.index])) for g in self.gates]
 
     def last_decisions(self) -> torch.Tensor:
         """[N, num_gates] int64: 1 where a sample ran the gated branch."""
@@ -211,6 +249,7 @@ class GatedModel(DynamicModel):
         if batch == 1:
             return self._forward_one(x)
         run = self._new_run(x, "eager", self.thresholds)
+        run.left = self._allowance(self.cap_macs(), x)
         if self.kind == "policy" and bool((self.thresholds <= 1.0).any()):
             run.macs += self.policy_macs
             run.plan = gate_open(gate_probability(self.policy(x)), self.thresholds)
@@ -229,6 +268,9 @@ class GatedModel(DynamicModel):
             thr=thr,
             flags=[True] * self.num_gates,
         )
+        cap = self.cap_macs()
+        if cap is not None:
+            run.left = float(cap - self.cap_floor())
         if self.kind == "policy" and min(thr) <= 1.0:
             run.macs += self.policy_macs
             run.plan_list = self._plan_one(x, thr)
@@ -329,6 +371,8 @@ class GatedExport(ExportFace):
     def __init__(self, model: GatedModel):
         super().__init__(model.thresholds)
         self.model = model
+        # the MAC cap as it is now: a Python int, so the export keeps it as a constant
+        self.cap = model.cap_macs()
 
     def forward(
         self, x: torch.Tensor, thresholds: torch.Tensor | None = None
@@ -336,6 +380,7 @@ class GatedExport(ExportFace):
         model = self.model
         thr = self.thresholds_or_default(thresholds)
         run = model._new_run(x, "export", thr)
+        run.left = model._allowance(self.cap, x)
         if model.kind == "policy":
             run.plan = gate_open(gate_probability(model.policy(x)), thr)
         logits = model._run_graph(x, run)

@@ -133,8 +133,10 @@ def gate_probability(logits: Tensor) -> Tensor:
 
 
 def gate_open(prob: Tensor, threshold: Tensor | float) -> Tensor:
-    """A gate (or a mask unit, or a policy's plan entry) runs its work when p > 1 - threshold."""
-    return prob > 1.0 - threshold
+    """A gate (or a mask unit, or a policy's plan entry) runs its work when p > 1 - threshold;
+    a threshold above 1 runs it whatever p (NaN included), as the eager shortcut does."""
+    above = torch.as_tensor(threshold, device=prob.device) > 1.0
+    return (prob > 1.0 - threshold) | above
 
 
 def greedy_open(logits: Tensor) -> Tensor:
@@ -235,7 +237,7 @@ def gates_open_one(logits: Sequence[float], thresholds: Sequence[float]) -> list
     probs = [sigmoid_one(v) for v in logits]
     if any(abs(p - (1.0 - t)) < FLOAT32_TIE for p, t in zip(probs, thresholds, strict=True)):
         return gates_open_tensor(logits, thresholds).tolist()
-    return [p > 1.0 - t for p, t in zip(probs, thresholds, strict=True)]
+    return [p > 1.0 - t or t > 1.0 for p, t in zip(probs, thresholds, strict=True)]
 
 
 def gates_open_tensor(logits: Sequence[float], thresholds: Sequence[float]) -> Tensor:
@@ -267,3 +269,104 @@ def halts_by_tensor_rule(logits: Sequence[float], threshold: float) -> bool:
     for logit in logits:
         cum, stop, _ = halting_update(cum, gate_probability(torch.tensor([logit])), thr)
     return bool(stop[0])
+
+
+# --- widths ------------------------------------------------------------------------------------
+
+
+def width_index(logits: Tensor, threshold: Tensor | float) -> Tensor:
+    """The width each sample runs (int64 [N], 0 the narrowest) from a width gate's logits [N, W]:
+    the gate's distribution over widths read at quantile `threshold`, i.e. the number of widths
+    j < W-1 whose cumulative probability P(width <= j) is below it. 0 always picks the narrowest,
+    anything above 1 the full width, 0.5 the median width. A non-finite score is a decision: the
+    cumulative probabilities count as reached (1), so the sample runs the narrowest width
+    unless the threshold asks for full width everywhere."""
+    cumulative = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)[..., :-1]
+    cumulative = torch.nan_to_num(cumulative, nan=1.0).clamp(max=1.0)
+    return (cumulative < threshold).sum(-1).to(torch.int64)
+
+
+def straight_through_choice(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """A hard one-hot sample [N, W] of a categorical choice with the gradient of its relaxed
+    softmax (Gumbel-softmax, Jang et al. 2017): how width gates learn to choose."""
+    return torch.nn.functional.gumbel_softmax(logits.float(), tau=temperature, hard=True)
+
+
+def width_index_one(logits: Sequence[float], threshold: float, exact: Callable[[], int]) -> int:
+    """`width_index` of one sample in Python floats (a batch of one: the tensor ops cost more
+    to dispatch than to compute). A cumulative probability within `FLOAT32_TIE` of the
+    threshold, or a non-finite logit, is settled by `exact()`, the tensor rule."""
+    if not all(math.isfinite(v) for v in logits):
+        return exact()
+    top = max(logits)
+    weights = [math.exp(v - top) for v in logits]
+    total = sum(weights)
+    cumulative, count = 0.0, 0
+    for w in weights[:-1]:
+        cumulative += w / total
+        value = min(cumulative, 1.0)
+        if abs(value - threshold) < FLOAT32_TIE:
+            return exact()
+        count += value < threshold
+    return count
+
+
+# --- skip-rnn: the cumulative update probability (Campos et al. 2018) ---------------------------
+
+
+def update_probability(logits: Tensor) -> Tensor:
+    """Skip RNN's delta u: the per-step growth of the update probability, from the gate's logit
+    on the state at the last update. Not a number counts as 1 (update at the next step)."""
+    delta = torch.sigmoid(logits.float())
+    return torch.where(torch.isnan(delta), torch.ones_like(delta), delta)
+
+
+def update_boundary(threshold: Tensor | float) -> Tensor:
+    """The value the cumulative update probability must exceed for a step to update:
+    1 - threshold (a threshold of 0: never after the first step; above 1: every step)."""
+    return 1.0 - torch.as_tensor(threshold, dtype=torch.float32)
+
+
+def updates_every_step(threshold: Tensor | float) -> Tensor:
+    """True when the threshold makes every step update whatever the gate says (above 1)."""
+    return update_boundary(threshold) < 0.0
+
+
+def gate_decides(threshold: float) -> bool:
+    """Whether the gate's value can change a decision at this threshold (in (0, 1]); outside
+    it the schedule is known without running the gate."""
+    boundary = float(update_boundary(threshold))
+    return 0.0 <= boundary < 1.0
+
+
+def steps_to_next_update(delta: Tensor, threshold: Tensor | float, limit: int) -> Tensor:
+    """Skip RNN's binarised gate, as the number of steps from an update to the next (int64).
+
+    After an update the cumulative probability is delta, and it grows by delta per skipped step
+    (capped at 1): u_{t+j} = min(j * delta, 1). The next update is the first j >= 1 with
+    u_{t+j} > 1 - threshold, i.e. floor((1 - threshold) / delta) + 1, known as soon as the
+    update happens, so the skipped steps run nothing. A threshold of 0 or less never updates
+    again (limit + 1), one above 1 updates every step (1); `limit` caps the count (the steps
+    left), so the division never overflows an integer.
+    """
+    boundary = update_boundary(threshold).to(delta.device)
+    # delta counts as at least 1e-30 (a sigmoid that underflowed): above a boundary > 0 the
+    # ratio exceeds `limit` (never again), at boundary 0 (threshold 1) the next step updates; a
+    # negative boundary (threshold above 1) clamps the ratio to 0: the next step.
+    ratio = (boundary / delta.clamp_min(1e-30)).clamp(0.0, float(limit))
+    steps = torch.floor(ratio) + 1.0
+    steps = torch.where(boundary >= 1.0, float(limit + 1), steps)
+    return steps.to(torch.int64)
+
+
+def straight_through_update(u: Tensor, boundary: float) -> Tensor:
+    """Training: the binary update decision (u > boundary) forward, the identity backward
+    (straight-through, as in Skip RNN)."""
+    hard = (u > boundary).to(u.dtype)
+    return hard + u - u.detach()
+
+
+def accumulate_update_probability(u: Tensor, update: Tensor, delta: Tensor) -> Tensor:
+    """Skip RNN's recursion: after an update the probability restarts at delta, after a skip
+    it grows by delta (capped at 1)."""
+    return update * delta + (1.0 - update) * (u + torch.minimum(delta, 1.0 - u))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynify.runtime import mac_cap
 from dynify.runtime.control import cond
 from dynify.runtime.decisions import (
     gate_open,
@@ -57,6 +58,9 @@ class GateRun:
     halt_one: dict[int, list] = field(default_factory=dict)
     train_threshold: float = 0.99
     temperature: float = 1.0
+    # the MAC cap (`dynify.runtime.mac_cap`): each sample's allowance left, [B] float64 (a
+    # float at batch 1), or None without a cap
+    left: torch.Tensor | float | None = None
 
 
 # --- the wrappers -----------------------------------------------------------------------------
@@ -130,6 +134,8 @@ class BlockGate(nn.Module):
         if run.scalar:
             return self._one(entry, run)
         mask = self._decide(entry, run)
+        if run.left is not None:
+            mask = self._cap(entry, run, mask)
         if mask is None:  # every sample runs: the static computation, no gathering
             run.executed[:, self.index] = True
             run.macs += self.branch_macs
@@ -158,6 +164,13 @@ class BlockGate(nn.Module):
             go = True if run.plan_list is None else run.plan_list[self.index]
         else:
             go = self._halt_one(entry, run)
+        if go and run.left is not None:
+            if self.branch_macs <= run.left:
+                run.left -= self.branch_macs
+            else:  # the cap: the branch does not fit what is left of the allowance
+                go = False
+                if self.kind == "halting":
+                    self._force_halt_one(entry, run)
         run.flags[self.index] = go
         if go:
             run.macs += self.branch_macs
@@ -181,6 +194,30 @@ class BlockGate(nn.Module):
         )
         state[:3] = [new_cum, stop, entry * weight if acc is None else acc + entry * weight]
         return not stop
+
+    def _force_halt_one(self, entry: torch.Tensor, run: GateRun) -> None:
+        """The cap halts the sample here: its entry takes the remainder, as a halt would."""
+        state = run.halt_one.setdefault(self.group, [0.0, False, None, []])
+        cum, _, acc = state[:3]
+        weight = 1.0 - cum
+        state[:3] = [1.0, True, entry * weight if acc is None else acc + entry * weight]
+
+    def _cap(self, entry: torch.Tensor, run: GateRun, mask: torch.Tensor | None) -> torch.Tensor:
+        """The decisions under the MAC cap: a branch runs only where it fits the allowance
+        (`dynify.runtime.mac_cap`); halting samples it stops halt here."""
+        go = mac_cap.fits(run.left, self.branch_macs)
+        if self.kind == "halting":
+            state = self._halt_state(entry, run)
+            forced = ~state.halted & ~go
+            weight = torch.where(forced, 1.0 - state.cum, torch.zeros_like(state.cum))
+            state.acc = state.acc + _expand(weight.to(entry.dtype), entry) * entry
+            state.cum = torch.where(forced, torch.ones_like(state.cum), state.cum)
+            state.halted = state.halted | forced
+            mask = ~state.halted
+        else:
+            mask = go if mask is None else mask & go
+        run.left = mac_cap.spend(run.left, self.branch_macs, mask)
+        return mask
 
     # eager and export decisions: a bool mask [B], or None when everything runs
     def _decide(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor | None:
@@ -210,11 +247,14 @@ class BlockGate(nn.Module):
         """Score block l's output (this block's entry); halted samples skip the rest of the stage."""
         threshold = run.thresholds[self.group]
         if run.mode == "eager" and float(threshold) > 1.0:
-            return None
+            return None  # no unit runs (with a cap, `_cap` keeps the stage's halting state)
         state = self._halt_state(entry, run)
         active = ~state.halted
         if run.mode == "export":  # every sample scores; the halted ones weigh nothing
-            self._halt_all(entry, gate_probability(self.decider(entry)), threshold, state)
+            h = gate_probability(self.decider(entry))
+            if run.left is not None:  # as eager, where a threshold above 1 runs no unit
+                h = torch.where(threshold > 1.0, torch.zeros_like(h), h)
+            self._halt_all(entry, h, threshold, state)
             return ~state.halted
         if not bool(active.any()):  # the whole batch has halted: skip without bookkeeping
             return active

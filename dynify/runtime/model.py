@@ -353,3 +353,36 @@ class ExitCascade(Protocol):
     def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]: ...
 
     def exit_macs(self) -> list[int]: ...
+
+
+@runtime_checkable
+class MacCapped(Protocol):
+    """A model whose per-sample MACs can be capped for every input (`dynify.runtime.mac_cap`):
+    block gates and spatial masks. Exit cascades cap by forcing an exit at calibration instead.
+
+    `set_mac_cap(fraction)` (None: no cap) refuses a cap below `cap_floor()`, the MACs a sample
+    spends whatever it decides; `mac_cap_fraction()` reads it back.
+    """
+
+    mac_cap: torch.Tensor
+
+    def set_mac_cap(self, fraction: float | None) -> None: ...
+
+    def mac_cap_fraction(self) -> float | None: ...
+
+    def cap_floor(self) -> int: ...
+
+
+@runtime_checkable
+class PerSampleExits(Protocol):
+    """An exit cascade whose exit costs depend on the sample (stop-reading: a padded text ends
+    early, so what an exit costs is what the sample read), and whose exits are not open to
+    every sample (a text shorter than an exit's position has finished reading before it).
+
+    `sample_exit_costs(x)` returns `(macs, available)`: `macs` int64 [num_exits + 1, N], what
+    sample n spends if it leaves at exit i (the last row: the final classifier), and
+    `available` bool [num_exits, N], whether sample n can leave at exit i at all. Calibration
+    and evaluation simulate the exit rule with these instead of `exit_macs()`.
+    """
+
+    def sample_exit_costs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dynify.frontend.cost import MACS, module_macs
 from dynify.passes.rewrite import copy_graph_replacing
+from dynify.runtime import mac_cap
 from dynify.runtime.control import cond
 from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
 from dynify.runtime.gate_wrapper import RunContext
@@ -37,11 +38,22 @@ class MaskExportRun:
     attribute, which torch.export refuses during tracing.
     """
 
-    __slots__ = ("thresholds", "units")
+    __slots__ = ("left", "thresholds", "units")
 
-    def __init__(self, thresholds: Tensor):
+    def __init__(self, thresholds: Tensor, left: Tensor | None = None):
         self.thresholds = thresholds
         self.units: dict[int, Tensor] = {}
+        self.left = left  # the MAC cap's allowance left per sample, or None
+
+
+class CapLedger(threading.local):
+    """The MAC cap's allowance left per sample ([B] float64) during an eager forward, shared
+    by a model's wrappers (`dynify.runtime.mac_cap`); None: no cap. Per thread."""
+
+    left: Tensor | None = None
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
 
 
 class _CallState(threading.local):
@@ -113,6 +125,7 @@ class SparseResidual(nn.Module):
         self.fixed_mask: Tensor | None = None
         self.index = 0  # this block's threshold entry (set by the model)
         self.context = RunContext()  # the model shares one among its wrappers (export face)
+        self.ledger = CapLedger()  # the model shares one among its wrappers (the MAC cap)
         self.dense_when_full = True
         # The branch's conv calls in order (it is a chain), each with its MACs per output
         # position: what the front end counted for the whole map over its positions.
@@ -156,6 +169,49 @@ class SparseResidual(nn.Module):
         partial = tiles * self.tile_macs() if self.granularity == "region" else 0
         return self.mask_macs + max(self.branch_macs, partial)
 
+    def planned_macs(self, active: Tensor) -> Tensor:
+        """[B] int64: the MACs the eager forward spends on the branch for the units `active`
+        [B, h, w] (the mask unit not included): dense when every unit is active, else the
+        active tiles (region) or every conv at the positions its output needs (pixel)."""
+        counts = active.flatten(1).sum(1)
+        if self.granularity == "region":
+            partial = counts * self.tile_macs()
+        else:
+            m = active.to(torch.float32)[:, None]
+            partial = torch.zeros_like(counts)
+            remaining = self.halo
+            for _, conv, macs in self._convs:
+                remaining -= conv_radius(conv)
+                near = m if remaining == 0 else F.max_pool2d(m, 2 * remaining + 1, 1, remaining)
+                partial = partial + (near > 0).flatten(1).sum(1) * macs
+        if not self.dense_when_full:
+            return partial
+        full = torch.full_like(partial, self.branch_macs)
+        return torch.where(counts == active[0].numel(), full, partial)
+
+    def unit_bound(self) -> int:
+        """The most one more active unit can add to `planned_macs`: a halo'd tile (region),
+        or every conv at every position within its reach (pixel); never below the dense
+        branch's share per unit (all units active run it)."""
+        h, w = self.units()
+        if self.granularity == "region":
+            bound = self.tile_macs()
+        else:
+            bound, remaining = 0, self.halo
+            for _, conv, macs in self._convs:
+                remaining -= conv_radius(conv)
+                bound += macs * min((2 * remaining + 1) ** 2, h * w)
+        return max(bound, math.ceil(self.branch_macs / (h * w)))
+
+    def capped(self, active: Tensor, left: Tensor) -> tuple[Tensor, Tensor]:
+        """The units the MAC cap lets run, and the allowance left after them: all of `active`
+        where they fit, else its first k units in raster order, k the most sure to fit."""
+        fit = mac_cap.fits(left, self.planned_macs(active))
+        first = mac_cap.keep_first(active, mac_cap.units_that_fit(left, self.unit_bound()))
+        fit = fit[:, None, None]
+        active = (active & fit) | (first & ~fit)  # not `where`: ONNX Runtime has none for bool
+        return active, left - self.planned_macs(active).to(torch.float64)
+
     def units(self) -> tuple[int, int]:
         h, w = self.spatial
         return math.ceil(h / self.tile), math.ceil(w / self.tile)
@@ -173,7 +229,9 @@ class SparseResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         export = self.context.run
         if export is not None:
-            out, export.units[self.index] = self.export_forward(x, export.thresholds[self.index])
+            out, export.units[self.index], export.left = self.export_forward(
+                x, export.thresholds[self.index], export.left
+            )
             return out
         batch = x.shape[0]
         if self.static:
@@ -183,6 +241,8 @@ class SparseResidual(nn.Module):
         if self.mask_unit.training:
             return self._forward_train(x)
         active = self.decide(x)
+        if self.ledger.left is not None:
+            active, self.ledger.left = self.capped(active, self.ledger.left)
         counts = active.flatten(1).sum(1)
         self.last_density = counts.float() / active[0].numel()
         unit = 0 if self.fixed_mask is not None else self.mask_macs  # a forced mask costs nothing
@@ -230,18 +290,26 @@ class SparseResidual(nn.Module):
         return out * expand_mask(mask, self.tile, out.shape[-2:])
 
     def dense_masked(self, x: Tensor, active: Tensor) -> Tensor:
-        """The reference: the dense branch times the mask (what the sparse paths must equal)."""
+        """The reference: the dense branch where the mask is on, 0 elsewhere (what the sparse
+        paths must equal; a select, not a product, so a non-finite value off the mask stays
+        out as it does in the sparse paths)."""
         out = self.branch(x)
-        return out * expand_mask(active.to(out.dtype), self.tile, out.shape[-2:])
+        keep = expand_mask(active.to(torch.bool), self.tile, out.shape[-2:])
+        return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
-    def export_forward(self, x: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-        """The export face: (branch output, active units per sample [B]).
+    def export_forward(
+        self, x: Tensor, threshold: Tensor, left: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The export face: (branch output, active units per sample [B], the MAC cap's
+        allowance left after this block: `left` is None without a cap).
 
         Under `torch.cond`, so ONNX gets one `If` that skips the branch when no unit is active.
         Region masks keep their sparse path (NonZero, Gather, Conv on the gathered tiles,
         ScatterND); pixel masks export the dense masked product.
         """
         active = gate_open(gate_probability(self.mask_unit(x)), threshold)
+        if left is not None:
+            active, left = self.capped(active, left)
         units = active.flatten(1).sum(1)
         if self.granularity == "pixel":
             out = cond(
@@ -250,7 +318,7 @@ class SparseResidual(nn.Module):
                 lambda x, active: x.new_zeros((x.shape[0], self.out_channels, *x.shape[-2:])),
                 (x, active),
             )
-            return out, units
+            return out, units, left
         n_h, n_w = active.shape[1:]
         h, width = x.shape[-2:]
         t, halo = self.tile, self.halo
@@ -278,7 +346,7 @@ class SparseResidual(nn.Module):
         def skip(x: Tensor, active: Tensor, inside: Tensor) -> Tensor:
             return x.new_zeros(out_shape)
 
-        return cond(active.any(), sparse, skip, (x, active, inside)), units
+        return cond(active.any(), sparse, skip, (x, active, inside)), units, left
 
     # -- region granularity -------------------------------------------------------------------
 

@@ -14,21 +14,29 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from dynify.runtime import mac_cap
+from dynify.runtime.decisions import gate_probability
 from dynify.runtime.gate_wrapper import RunContext
+from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace
-from dynify.runtime.sparse_residual import MaskExportRun, SparseResidual
+from dynify.runtime.sparse_residual import CapLedger, MaskExportRun, SparseResidual
 from dynify.train.losses import LossConfig, density_term, distillation
 
 
-class SpatialMaskModel(DynamicModel):
+class SpatialMaskModel(CapHolder, DynamicModel):
     """A network whose residual branches are wrapped in `SparseResidual`s.
 
     `net` is the rewritten graph: each masked block's branch is one call to a wrapper named
     `spatial_mask_<i>`. Per-sample MACs are the unmasked part of the network plus what every
     wrapper really computed (its mask unit and the tiles/positions it ran).
+
+    With a MAC cap (`set_mac_cap`, `dynify.runtime.mac_cap`) a block's active units run only
+    if they fit what is left of the sample's allowance; otherwise only its first units in
+    raster order that surely fit. `static()` ignores the cap.
     """
 
     strategy = "spatial-masks"
+    optional_state = ("mac_cap",)
 
     def __init__(
         self,
@@ -59,9 +67,21 @@ class SpatialMaskModel(DynamicModel):
         self.distill_temperature = float(distill_temperature)
         self.sparsity_weight = float(sparsity_weight)
         self._context = RunContext()
+        self._ledger = CapLedger()
         for i, wrapper in enumerate(self.wrappers):
-            wrapper.index, wrapper.context = i, self._context
+            wrapper.index, wrapper.context, wrapper.ledger = i, self._context, self._ledger
         self.fixed_macs = self.static_macs - sum(w.branch_macs for w in self.wrappers)
+        self.init_mac_cap()
+
+    def cap_floor(self) -> int:
+        """What a sample spends whatever it decides (no unit active, every mask unit run):
+        the least MAC cap there can be (`dynify.runtime.mac_cap`)."""
+        return self.fixed_macs + sum(w.mask_macs for w in self.wrappers)
+
+    def allowance(self, cap: int | None, x: Tensor) -> Tensor | None:
+        if cap is None:
+            return None
+        return mac_cap.allowance(cap, self.cap_floor(), x.shape[0], x.device)
 
     @property
     def wrappers(self) -> list[SparseResidual]:
@@ -116,9 +136,12 @@ class SpatialMaskModel(DynamicModel):
         for i, wrapper in enumerate(self.wrappers):
             wrapper.static = self._static
             wrapper.threshold = self.thresholds[i]
+        if not self._static and not self.training:
+            self._ledger.left = self.allowance(self.cap_macs(), x)
         try:
             out = self.net(x)
         finally:  # a wrapper called on its own afterwards is dynamic again
+            self._ledger.left = None
             for wrapper in self.wrappers:
                 wrapper.static = False
         spent = torch.full((x.shape[0],), self.fixed_macs, dtype=torch.long)
@@ -126,6 +149,23 @@ class SpatialMaskModel(DynamicModel):
             spent = spent + wrapper.last_macs.to(torch.long).cpu()
         self.last_macs = spent
         return out
+
+    def unit_probabilities(self, x: Tensor) -> list[Tensor]:
+        """Differentiable in `x`: per masked block, the probability [B, h, w] each unit is
+        active, on the static network's features; what a slowdown attack pushes over
+        1 - threshold."""
+        entries: dict[int, Tensor] = {}
+        hooks = [
+            w.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
+            for w in self.wrappers
+        ]
+        try:
+            with self.static():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [gate_probability(w.mask_unit(entries[w.index])) for w in self.wrappers]
 
     def last_decisions(self) -> Tensor:
         """[N, num_masks] int64: the units each masked block computed for each sample."""
@@ -199,10 +239,12 @@ class SpatialMaskExport(ExportFace):
     def __init__(self, model: SpatialMaskModel):
         super().__init__(model.thresholds)
         self.model = model
+        # the MAC cap as it is now: a Python int, so the export keeps it as a constant
+        self.cap = model.cap_macs()
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         model = self.model
-        run = MaskExportRun(self.thresholds_or_default(thresholds))
+        run = MaskExportRun(self.thresholds_or_default(thresholds), model.allowance(self.cap, x))
         model._context.run = run
         try:
             logits = model.net(x)

@@ -13,7 +13,9 @@ the contract alone: `set_thresholds(t)` with a scalar t
 (0 = cheapest, > 1 = the static network's work) swept and bisected with real forward passes.
 
 Anytime mode (`mac_cap`): the deepest exit whose cost fits the cap gets threshold 0, so every
-sample leaves there at the latest: no input, however crafted, spends more than the cap.
+sample leaves there at the latest: no input, however crafted, spends more than the cap. Block
+gates and spatial masks hold the cap themselves (`MacCapped.set_mac_cap`, the rule in
+`dynify.runtime.mac_cap`): it is set before their thresholds are swept.
 
 The parts: `exit_outputs` (collecting logits), `temperature`, `threshold_search`,
 `scalar_sweep` and `targets` (checking a target, the result); the names are re-exported here.

@@ -12,7 +12,7 @@ import torch
 
 from dynify.errors import DataError, StrategyError
 from dynify.runtime.early_exit import EarlyExitModel
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DynamicModel, ExitCascade, PerSampleExits
 from dynify.train.batches import Batches, Preprocessing, open_data, resolve_preprocessing
 
 
@@ -28,6 +28,10 @@ class ExitOutputs:
     exit_macs: list[int]
     static_macs: int
     raw: bool = True  # each head's own logits (False: what an ensembled model's exits answer)
+    # Models whose exit costs depend on the sample (`PerSampleExits`): MACs of leaving at each
+    # exit [K + 1, N] and which exits are open to each sample [K, N]; None: `exit_macs` for all.
+    sample_macs: torch.Tensor | None = None
+    available: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -42,7 +46,21 @@ class ExitOutputs:
         return torch.stack([lg.argmax(-1) == ref for lg in self.logits])
 
     def cost_fractions(self) -> torch.Tensor:
+        """[K + 1] what leaving at each exit costs (the most a sample can spend there)."""
         return torch.tensor(self.exit_macs, dtype=torch.float64) / self.static_macs
+
+    def sample_cost_fractions(self) -> torch.Tensor:
+        """[K + 1, N] what leaving at exit i costs sample n, as a fraction of the static MACs."""
+        if self.sample_macs is not None:
+            return self.sample_macs.double() / self.static_macs
+        return self.cost_fractions()[:, None].expand(-1, self.num_samples)
+
+    def open_exits(self) -> torch.Tensor:
+        """[K, N] bool: can sample n leave at exit i (all True unless the model says)."""
+        if self.available is not None:
+            return self.available
+        k = len(self.logits) - 1
+        return torch.ones(k, self.num_samples, dtype=torch.bool)
 
 
 @contextmanager
@@ -95,7 +113,8 @@ def collect_outputs(
     was_training = dyn.training
     dyn.eval()
     per_exit: list[list[torch.Tensor]] = []
-    labels = []
+    labels, sample_macs, available = [], [], []
+    per_sample = isinstance(dyn, PerSampleExits)
     try:
         for x, y in batches.epoch(0):
             raw_heads = raw and isinstance(dyn, EarlyExitModel)
@@ -105,6 +124,10 @@ def collect_outputs(
             for store, out in zip(per_exit, outs, strict=True):
                 store.append(out.float())
             labels.append(y)
+            if per_sample:
+                macs, open_ = dyn.sample_exit_costs(x)
+                sample_macs.append(macs)
+                available.append(open_)
     finally:
         dyn.train(was_training)
     if not per_exit:
@@ -119,4 +142,6 @@ def collect_outputs(
         list(dyn.exit_macs()),
         dyn.static_macs,
         raw=raw or not (isinstance(dyn, EarlyExitModel) and dyn.ensembled),
+        sample_macs=torch.cat(sample_macs, 1) if per_sample else None,
+        available=torch.cat(available, 1) if per_sample else None,
     )

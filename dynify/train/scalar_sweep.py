@@ -1,5 +1,8 @@
 """Calibration for any strategy through the contract alone: sweep and bisect the scalar
-threshold (0 = cheapest, > 1 = full compute) with real forward passes."""
+threshold (0 = cheapest, > 1 = full compute) with real forward passes.
+
+A `mac_cap` is set on the model first (`MacCapped.set_mac_cap`: block gates, spatial masks), so
+the sweep measures the model as it will serve; alone, it only sets the cap."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 from dynify.errors import StrategyError
 from dynify.runtime.decisions import NEVER
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, MacCapped
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.exit_outputs import data_batches
 from dynify.train.targets import CalibrationResult, choose_point, pareto_front
@@ -45,10 +48,14 @@ def calibrate_by_sweep(
     preprocessing: Preprocessing | None,
 ) -> CalibrationResult:
     if mac_cap is not None:
-        raise StrategyError(
-            f"Strategy '{dyn.strategy}' has no anytime MAC cap: only a cascade of exits can "
-            "promise that no sample spends more. Calibrate with --budget or --max-drop instead."
-        )
+        if not isinstance(dyn, MacCapped):
+            raise StrategyError(
+                f"Strategy '{dyn.strategy}' has no MAC cap: exit cascades, block gates and "
+                "spatial masks can promise that no sample spends more. Calibrate with --budget "
+                "or --max-drop instead."
+            )
+        # set first, so the thresholds are searched under the cap they will serve with
+        dyn.set_mac_cap(mac_cap)
     batches = data_batches(
         dyn, data, split=split, batch_size=batch_size, preprocessing=preprocessing
     )

@@ -23,9 +23,13 @@ PRICES = (0.0, *[10 ** (k / 6) for k in range(-21, 4)])  # 1e-3.5 .. 3.2
 @dataclass
 class ExitProblem:
     scores: torch.Tensor  # [K, N] float32, as the runtime computes them
-    allowed: torch.Tensor  # [K, N] bool: patience satisfied (all True otherwise)
+    allowed: torch.Tensor  # [K, N] bool: the exit is open to the sample and patience satisfied
     correct: torch.Tensor  # [K + 1, N] bool
-    costs: torch.Tensor  # [K + 1] float64, fractions of the static MACs
+    costs: torch.Tensor  # [K + 1, N] float64: leaving at exit i, a fraction of the static MACs
+
+    def cost_of(self, index: torch.Tensor) -> torch.Tensor:
+        """[N] what each sample spends leaving at exit `index[n]`."""
+        return self.costs.gather(0, index[None])[0]
 
     def __post_init__(self):
         self.correct_f = self.correct.double()
@@ -42,11 +46,11 @@ class ExitProblem:
                 for lg, t in zip(outputs.logits[:-1], temperatures, strict=True)
             ]
         )
-        allowed = torch.ones_like(scores, dtype=torch.bool)
+        allowed = outputs.open_exits().clone()
         if policy.kind == "patience":
             preds = torch.stack([lg.argmax(-1) for lg in outputs.logits[:-1]])
-            allowed = patience_allowed(preds, policy.patience)
-        return cls(scores, allowed, outputs.correct(), outputs.cost_fractions())
+            allowed &= patience_allowed(preds, policy.patience)
+        return cls(scores, allowed, outputs.correct(), outputs.sample_cost_fractions())
 
     def exits(self, thresholds: torch.Tensor, only: range | None = None) -> torch.Tensor:
         """The exit each sample takes (K: runs to the end), as the runtime decides it.
@@ -57,7 +61,7 @@ class ExitProblem:
     def evaluate(self, thresholds: torch.Tensor) -> tuple[float, float]:
         index = self.exits(thresholds)
         acc = float(self.correct.gather(0, index[None]).double().mean())
-        return acc, float(self.costs[index].mean())
+        return acc, float(self.cost_of(index).mean())
 
     def sweep(
         self, thresholds: torch.Tensor, i: int, candidates: torch.Tensor
@@ -74,9 +78,9 @@ class ExitProblem:
         reach = before == k
         correct = self.correct_f
         base_acc = correct.gather(0, before[None])[0].masked_fill(reach, 0).sum()
-        base_macs = self.costs[before].masked_fill(reach, 0).sum()
+        base_macs = self.cost_of(before).masked_fill(reach, 0).sum()
         alt_acc = correct.gather(0, after[None])[0]
-        alt_macs = self.costs[after]
+        alt_macs = self.cost_of(after)
         base_acc = base_acc + alt_acc[reach].sum()
         base_macs = base_macs + alt_macs[reach].sum()
         can = reach & self.allowed[i]
@@ -84,7 +88,7 @@ class ExitProblem:
         order = torch.argsort(s)
         s = s[order]
         d_acc = (correct[i][can] - alt_acc[can])[order]
-        d_macs = (self.costs[i] - alt_macs[can])[order]
+        d_macs = (self.costs[i][can] - alt_macs[can])[order]
         # suffix sums: the samples with score >= candidate are a tail of the sorted scores
         tail_acc = torch.cat([d_acc.flip(0).cumsum(0).flip(0), d_acc.new_zeros(1)])
         tail_macs = torch.cat([d_macs.flip(0).cumsum(0).flip(0), d_macs.new_zeros(1)])

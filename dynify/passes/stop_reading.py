@@ -1,0 +1,238 @@
+"""Stop reading (LSTM-Jump, Yu et al. 2017; halting as in ReasoNet): exit heads on an RNN's
+hidden state every k tokens, so a sample stops reading once its answer is confident.
+
+Plan: find the one uni-directional `nn.LSTM` / `nn.GRU` call, put an exit after every `every`
+tokens, and find where the rest of the network reads the RNN's output sequence (a `gather`
+along time at a position computed from the input, as a text classifier reads each text's last
+non-pad token): a sample whose text ends before an exit has finished reading there. Build: lift
+the part before the RNN (`encode`), the part after it (`tail`, the final classifier) and the
+read position into their own graphs, and hand them with the RNN and the heads to a
+`StopReadingModel`, which runs the RNN stretch by stretch.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from dynify.errors import StrategyError
+from dynify.frontend.cost import MACS, module_macs
+from dynify.frontend.recurrent import RecurrentLayer, require_stepwise
+from dynify.passes import register_strategy
+from dynify.passes.base import ConversionContext, options_from_dict
+from dynify.passes.rewrite import lift_region
+from dynify.runtime.heads import ExitHead
+from dynify.runtime.policy import POLICIES, ExitPolicy
+from dynify.runtime.stop_reading import StopReadingModel
+
+_TRANSPOSES = {"transpose", "contiguous"}
+
+
+@dataclass
+class StopReadingOptions:
+    """Options of the stop-reading strategy.
+
+    every: tokens between two exits (an exit after every `every` tokens read, none at the end:
+    the original classifier answers there). policy: the exit policy ('confidence', 'entropy',
+    'patience'); threshold: the exits' starting threshold (calibration sets them).
+    """
+
+    every: int = 8
+    policy: str = "confidence"
+    patience: int = 2
+    threshold: float = 0.9
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> StopReadingOptions:
+        return options_from_dict(cls, data, "stop-reading")
+
+
+def the_recurrent_layer(ctx: ConversionContext) -> RecurrentLayer:
+    """The one LSTM/GRU a stop-reading model reads with, or an error saying what to change."""
+    layers = require_stepwise(ctx.analysis.recurrent, "stop-reading")
+    if len(layers) != 1:
+        names = ", ".join(layer.module for layer in layers)
+        raise StrategyError(
+            f"stop-reading reads with one recurrent layer; this model calls {len(layers)} "
+            f"({names}). Stack them as one nn.LSTM/nn.GRU (num_layers=...) instead."
+        )
+    layer = layers[0]
+    module = ctx.gm.get_submodule(layer.module)
+    if layer.kind not in ("lstm", "gru"):
+        raise StrategyError(
+            f"stop-reading runs nn.LSTM and nn.GRU; '{layer.module}' is an nn.RNN. Use an "
+            "nn.GRU (or nn.LSTM) layer."
+        )
+    if getattr(module, "proj_size", 0):
+        raise StrategyError(
+            f"'{layer.module}' is an LSTM with proj_size={module.proj_size}; stop-reading needs "
+            "proj_size=0."
+        )
+    return layer
+
+
+def _time_axis(node: torch.fx.Node, axis: int) -> int | None:
+    """The time axis of `node`'s output after a transpose/contiguous of a tensor whose time
+    axis is `axis`; None when the op moves it in a way this pass does not follow."""
+    if node.target == "contiguous":
+        return axis
+    dims = [a for a in node.args[1:3]]
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return None
+    a, b = (d % 3 for d in dims)
+    return b if axis == a else a if axis == b else axis
+
+
+def read_position(gm: torch.fx.GraphModule, layer: RecurrentLayer) -> str | None:
+    """The node computing the position at which the rest of the network reads the RNN's output
+    sequence (a `gather` along time with an index from the input alone), or None when it reads
+    the whole sequence or the final state: then every sample reads every token."""
+    if layer.reads_state:
+        return None
+    rnn = next(n for n in gm.graph.nodes if n.name == layer.node)
+    seqs = [u for u in rnn.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
+    if len(seqs) != 1:
+        return None
+    node, axis = seqs[0], 1 if layer.batch_first else 0
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op == "call_method" and user.target in _TRANSPOSES and user.args[0] is node:
+            axis = _time_axis(user, axis)
+            if axis is None:
+                return None
+            node = user
+            continue
+        break
+    is_gather = (user.op == "call_method" and user.target == "gather") or (
+        user.op == "call_function" and user.target is torch.gather
+    )
+    if not is_gather or user.args[0] is not node or len(user.args) < 3:
+        return None
+    dim, index = user.args[1], user.args[2]
+    if not isinstance(dim, int) or dim % 3 != axis or axis not in (0, 1):
+        return None
+    if not isinstance(index, torch.fx.Node) or rnn in _ancestors(index):
+        return None
+    return index.name
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _region(gm: torch.fx.GraphModule, end: torch.fx.Node) -> list[torch.fx.Node]:
+    """`end` and every node it depends on but the placeholder (and parameter reads), in order."""
+    members = _ancestors(end) | {end}
+    return [n for n in gm.graph.nodes if n in members and n.op not in ("placeholder", "get_attr")]
+
+
+def _macs(nodes: list[torch.fx.Node]) -> int:
+    return sum(int(n.meta.get(MACS, 0)) for n in nodes)
+
+
+@register_strategy
+class StopReading:
+    name = "stop-reading"
+    summary = "exit heads on an RNN's state every k tokens; confident samples stop reading"
+    variants = tuple({"every": 4, "policy": kind} for kind in POLICIES)
+    contract_example = "tokens"
+
+    def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
+        opts = StopReadingOptions.from_dict(options)
+        policy = ExitPolicy(opts.policy, opts.patience)  # validates
+        layer = the_recurrent_layer(ctx)
+        if type(opts.every) is not int or opts.every < 1:
+            raise StrategyError(f"every must be a whole number of tokens >= 1, got {opts.every!r}.")
+        if opts.every >= layer.steps:
+            raise StrategyError(
+                f"every={opts.every} leaves no exit before the end of a {layer.steps}-token "
+                f"input; choose every below {layer.steps} (e.g. {max(1, layer.steps // 8)})."
+            )
+        return {
+            "rnn": layer.node,
+            "every": opts.every,
+            "steps": layer.steps,
+            "read_position": read_position(ctx.gm, layer),
+            "policy": policy.to_dict(),
+            "options": asdict(opts),
+        }
+
+    def build(self, ctx: ConversionContext, plan: dict[str, Any]) -> StopReadingModel:
+        gm = ctx.gm
+        layer = the_recurrent_layer(ctx)
+        if layer.node != plan["rnn"] or layer.steps != plan["steps"]:
+            raise StrategyError(
+                f"The plan reads with '{plan['rnn']}' over {plan['steps']} tokens; this graph's "
+                f"recurrent layer is '{layer.node}' over {layer.steps}. Convert again."
+            )
+        nodes = list(gm.graph.nodes)
+        placeholder = next(n for n in nodes if n.op == "placeholder")
+        output = next(n for n in nodes if n.op == "output")
+        rnn_node = ctx.node(layer.node)
+        rnn_input = rnn_node.args[0]
+        encode_nodes = [] if rnn_input is placeholder else _region(gm, rnn_input)
+        encode = lift_region(
+            gm, [n.name for n in encode_nodes], [placeholder.name], [rnn_input.name], "Encode"
+        )
+        taken = {placeholder, rnn_node, output, *encode_nodes}
+        tail_nodes = [n for n in nodes if n not in taken and n.op != "get_attr"]
+        inputs = [placeholder.name, rnn_node.name]
+        if rnn_input is not placeholder:
+            inputs.insert(1, rnn_input.name)
+        final = output.args[0]
+        if not isinstance(final, torch.fx.Node):
+            raise StrategyError(
+                "The model returns a tuple or dict; stop-reading needs a model that returns one "
+                "logits tensor. Wrap it so forward returns the logits."
+            )
+        tail = lift_region(gm, [n.name for n in tail_nodes], inputs, [final.name], "Tail")
+        position, position_macs = None, 0
+        if plan.get("read_position"):
+            end = ctx.node(plan["read_position"])
+            position_nodes = _region(gm, end)
+            position = lift_region(
+                gm, [n.name for n in position_nodes], [placeholder.name], [end.name], "Position"
+            )
+            position_macs = _macs(position_nodes)
+        rnn = gm.get_submodule(layer.module)
+        hidden = layer.hidden_size
+        heads, head_macs = [], []
+        every, steps = int(plan["every"]), int(plan["steps"])
+        for _ in range(-(-steps // every) - 1):
+            head = ExitHead((hidden,), ctx.num_classes, "vector")
+            heads.append(head)
+            head_macs.append(module_macs(head.eval(), torch.zeros(1, hidden)))
+        options = plan.get("options", {})
+        return StopReadingModel(
+            encode=encode,
+            rnn=rnn,
+            tail=tail,
+            position=position,
+            heads=heads,
+            every=every,
+            steps=steps,
+            step_macs=layer.step_macs,
+            fixed_macs=_macs(encode_nodes) + position_macs,
+            tail_macs=_macs(tail_nodes),
+            head_macs=head_macs,
+            encode_is_input=rnn_input is placeholder,
+            policy=ExitPolicy(**plan["policy"]),
+            thresholds=[float(options.get("threshold", 0.9))] * len(heads),
+            static_macs=ctx.analysis.total_macs,
+            input_shape=tuple(ctx.example_input.shape[1:]),
+            num_classes=ctx.num_classes,
+        )

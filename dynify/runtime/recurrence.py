@@ -1,0 +1,173 @@
+"""The step runtime of the recurrent strategies (skip-rnn, stop-reading): an `nn.LSTM` / `nn.GRU`
+run step by step with its own weights, for the samples that need each step.
+
+A fused RNN call computes every step of every sample. The temporal strategies decide per sample
+and step whether to run the cell, so they need three things, all on the module's own parameters
+(read at each call, so fine-tuning and `load_state_dict` are seen):
+- `step_rows`: one step of the stacked cell for a subset of the batch (gather, run, scatter),
+  with the input projection computed for those rows and that step only (`torch.lstm_cell` /
+  `torch.gru_cell` project the one input they are given);
+- `run_stretch`: a stretch of consecutive steps every sample runs, through the fused kernel
+  with an initial state (the fastest way to run many steps);
+- the conversions between the module's layout (`batch_first` or not; `(h, c)` or `h`) and the
+  batch-first sequence and `[L, B, H]` states the strategies work on.
+
+FlopCounterMode counts a cell step as its two matmuls (input and hidden projections) and the
+fused CPU LSTM by the same formula (`dynify.frontend.cost`), so one step of one sample costs
+`RecurrentLayer.step_macs` whichever way it ran.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from dynify.errors import StrategyError
+
+RecurrentModule = nn.LSTM | nn.GRU
+
+
+class State(NamedTuple):
+    """The recurrent state of a batch: h [L, B, H], and c [L, B, H] for an LSTM (else None)."""
+
+    h: Tensor
+    c: Tensor | None
+
+    @property
+    def top(self) -> Tensor:
+        """The last layer's hidden state [B, H]: the layer's output at this step."""
+        return self.h[-1]
+
+
+def check_module(rnn: nn.Module) -> RecurrentModule:
+    """The module, if the step runtime can run it; else an error saying what to use."""
+    if not isinstance(rnn, RecurrentModule):
+        raise StrategyError(
+            f"The step runtime runs nn.LSTM and nn.GRU, got {type(rnn).__name__}; use one of "
+            "those (an nn.RNN or a custom cell is not supported)."
+        )
+    if rnn.bidirectional:
+        raise StrategyError(
+            "The step runtime runs uni-directional layers only; use bidirectional=False."
+        )
+    if isinstance(rnn, nn.LSTM) and rnn.proj_size:
+        raise StrategyError("LSTMs with proj_size are not supported; use proj_size=0.")
+    return rnn
+
+
+def zero_state(rnn: RecurrentModule, batch: int, like: Tensor) -> State:
+    """The initial state the module starts from when called without one: zeros."""
+    h = like.new_zeros((rnn.num_layers, batch, rnn.hidden_size))
+    return State(h, torch.zeros_like(h) if isinstance(rnn, nn.LSTM) else None)
+
+
+def _weights(
+    rnn: RecurrentModule, layer: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    bias = rnn.bias
+    return (
+        getattr(rnn, f"weight_ih_l{layer}"),
+        getattr(rnn, f"weight_hh_l{layer}"),
+        getattr(rnn, f"bias_ih_l{layer}") if bias else None,
+        getattr(rnn, f"bias_hh_l{layer}") if bias else None,
+    )
+
+
+def cell_step(rnn: RecurrentModule, x: Tensor, state: State) -> State:
+    """One step of the stacked cell for every row of `x` [M, F] and `state` ([L, M, H]).
+
+    Dropout between layers is not applied (the module's `dropout` acts only in training, and
+    the step runtime runs the layer as evaluated)."""
+    hs, cs = [], []
+    inp = x
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh, b_ih, b_hh = _weights(rnn, layer)
+        if state.c is None:
+            h = torch.gru_cell(inp, state.h[layer], w_ih, w_hh, b_ih, b_hh)
+            hs.append(h)
+        else:
+            h, c = torch.lstm_cell(inp, (state.h[layer], state.c[layer]), w_ih, w_hh, b_ih, b_hh)
+            hs.append(h)
+            cs.append(c)
+        inp = h
+    if len(hs) == 1:  # one layer: a view, no copy
+        return State(hs[0].unsqueeze(0), cs[0].unsqueeze(0) if cs else None)
+    return State(torch.stack(hs), torch.stack(cs) if cs else None)
+
+
+def gather_state(state: State, index: Tensor) -> State:
+    """The rows `index` of a state."""
+    c = None if state.c is None else state.c.index_select(1, index)
+    return State(state.h.index_select(1, index), c)
+
+
+def scatter_state(state: State, index: Tensor, rows: State) -> State:
+    """`state` with rows `index` replaced by `rows`."""
+    c = None if state.c is None else state.c.index_copy(1, index, rows.c)
+    return State(state.h.index_copy(1, index, rows.h), c)
+
+
+def step_rows(rnn: RecurrentModule, x_t: Tensor, state: State, index: Tensor | None) -> State:
+    """One step for the rows `index` of the batch (None: every row): gather their input [M, F]
+    and state, run the cell, scatter the new state back; the other rows keep theirs."""
+    if index is None:
+        return cell_step(rnn, x_t, state)
+    rows = cell_step(rnn, x_t.index_select(0, index), gather_state(state, index))
+    return scatter_state(state, index, rows)
+
+
+def run_stretch(
+    rnn: RecurrentModule, x: Tensor, state: State | None = None
+) -> tuple[Tensor, State]:
+    """Consecutive steps for every row through the fused kernel: `x` [B, S, F] batch-first,
+    from `state` (None: zeros, exactly the module's own call). Returns the outputs [B, S, H]
+    and the state after the last step."""
+    inp = x if rnn.batch_first else x.transpose(0, 1)
+    if state is None:
+        state = zero_state(rnn, x.shape[0], x)
+    # The module's own kernel call, without `nn.RNNBase.forward`'s refresh of its weight list
+    # (an attribute write, which torch.export refuses inside a torch.cond branch).
+    weights = [getattr(rnn, name) for name in rnn._flat_weights_names]
+    args = (weights, rnn.bias, rnn.num_layers, rnn.dropout, rnn.training, False, rnn.batch_first)
+    if state.c is None:
+        out, final = torch.gru(inp, state.h, *args)
+    else:
+        out, h, c = torch.lstm(inp, (state.h, state.c), *args)
+        final = (h, c)
+    out = out if rnn.batch_first else out.transpose(0, 1)
+    if isinstance(final, tuple):
+        return out, State(final[0], final[1])
+    return out, State(final, None)
+
+
+def batch_first(rnn: RecurrentModule, x: Tensor) -> Tensor:
+    """The module's input as [B, T, F]."""
+    return x if rnn.batch_first else x.transpose(0, 1)
+
+
+def module_output(
+    rnn: RecurrentModule, out: Tensor, state: State
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """What the module's own call returns, from batch-first outputs [B, T, H] and the final
+    state: `(output, h_n)` for a GRU, `(output, (h_n, c_n))` for an LSTM, in its layout."""
+    out = out if rnn.batch_first else out.transpose(0, 1)
+    if state.c is None:
+        return out, state.h
+    return out, (state.h, state.c)
+
+
+__all__ = [
+    "RecurrentModule",
+    "State",
+    "batch_first",
+    "cell_step",
+    "check_module",
+    "gather_state",
+    "module_output",
+    "run_stretch",
+    "scatter_state",
+    "step_rows",
+    "zero_state",
+]

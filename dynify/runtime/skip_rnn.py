@@ -1,0 +1,385 @@
+"""SkipRNNModel: an RNN whose samples skip the state updates they do not need (Skip RNN,
+Campos et al. ICLR 2018).
+
+The pass replaces the model's `nn.LSTM` / `nn.GRU` call by a `SkipRNN` wrapper holding the
+original module and a gate (a linear layer on the hidden state, then a sigmoid). Per sample, the
+gate reads the state right after an update and gives delta u, the per-step growth of the
+cumulative update probability: u restarts at delta after an update and grows by delta per
+skipped step, and a step updates when u > 1 - threshold. So when a sample updates, the number
+of steps to its next update is known (`decisions.steps_to_next_update`), and the steps in
+between run nothing for it: not the cell, not the input projection, not the gate; its state
+(and the layer's output at those steps) is the state of its last update. The first step always
+updates (u starts at 1).
+
+Faces, one decision rule:
+- eager: per step, only the samples due to update run the stacked cell (gather, run, scatter,
+  `dynify.runtime.recurrence`); a threshold above 1 (every step updates) runs the fused kernel,
+  exactly the static layer; the gate runs only where its value can change a decision;
+- training: every sample runs every step, the state mixed by the straight-through binary
+  update (`s_t = b_t cell(s_{t-1}, x_t) + (1 - b_t) s_{t-1}`), plus a priced budget on the share
+  of updates;
+- export: one `torch.cond` per step (ONNX `If`) whose true branch gathers the samples due,
+  under an outer `torch.cond` that runs the fused layer when every step updates.
+
+Inside `static()` the wrapper calls the original module: the original network, bit-exact.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dynify.errors import StrategyError
+from dynify.runtime.control import cond, selected
+from dynify.runtime.decisions import (
+    accumulate_update_probability,
+    gate_decides,
+    steps_to_next_update,
+    straight_through_update,
+    update_boundary,
+    update_probability,
+    updates_every_step,
+)
+from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
+from dynify.runtime.recurrence import (
+    State,
+    batch_first,
+    check_module,
+    module_output,
+    run_stretch,
+    step_rows,
+    zero_state,
+)
+from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
+
+# The binarisation threshold training decides with (u > 0.5, the paper's rounding).
+TRAIN_THRESHOLD = 0.5
+
+
+@dataclass
+class SkipRun:
+    """What one forward pass asks of the wrapper, and what it leaves behind."""
+
+    mode: str  # "static" | "eager" | "train" | "export"
+    thresholds: Tensor
+    updates: Tensor | None = None  # [B, T] bool (train: float, straight-through)
+    gates: Tensor | None = None  # [B] int64: how many times the gate ran per sample
+    share: Tensor | None = None  # train: mean update share with the straight-through gradient
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunContext(threading.local):
+    """The pass in flight, per thread (see `gate_wrapper.RunContext`)."""
+
+    run: SkipRun | None = None
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class SkipRNN(nn.Module):
+    """The recurrent layer with Skip RNN's update gate; called like the module it replaces."""
+
+    def __init__(self, rnn: nn.Module, *, steps: int, step_macs: int, gate_bias: float = 2.0):
+        super().__init__()
+        self.rnn = check_module(rnn)
+        self.gate = nn.Linear(self.rnn.hidden_size, 1)
+        with torch.no_grad():  # start by updating every step: the budget term lowers it
+            self.gate.weight.mul_(0.1)
+            self.gate.bias.fill_(gate_bias)
+        self.steps = int(steps)
+        self.step_macs = int(step_macs)
+        self.gate_macs = self.rnn.hidden_size  # one output per sample: H multiply-adds
+        self.context = RunContext()
+
+    def forward(self, x: Tensor) -> Any:
+        run = self.context.run
+        if run is None or run.mode == "static":
+            return self.rnn(x)
+        xb = batch_first(self.rnn, x)
+        if run.mode == "train":
+            out, state = self._train(xb, run)
+        elif run.mode == "export":
+            out, state = self._export(xb, run)
+        else:
+            out, state = self._eager(xb, run)
+        return module_output(self.rnn, out, state)
+
+    def delta(self, state: State) -> Tensor:
+        """delta u [M] from the state right after an update."""
+        return update_probability(self.gate(state.top).squeeze(-1))
+
+    # --- eager: only the samples due to update run ------------------------------------------
+    def _eager(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
+        batch, steps = xb.shape[0], xb.shape[1]
+        threshold = float(run.thresholds[0])
+        if bool(updates_every_step(run.thresholds[0])):
+            out, state = run_stretch(self.rnn, xb)
+            run.updates = torch.ones(batch, steps, dtype=torch.bool)
+            run.gates = torch.zeros(batch, dtype=torch.long)
+            return out, state
+        use_gate = gate_decides(threshold)
+        state = zero_state(self.rnn, batch, xb)
+        due: list[list[int]] = [[] for _ in range(steps)]
+        due[0] = list(range(batch))
+        flags = [[False] * steps for _ in range(batch)]
+        gates = [0] * batch
+        outs = []
+        for t in range(steps):
+            rows = sorted(due[t])
+            if rows:
+                index = None if len(rows) == batch else torch.tensor(rows, device=xb.device)
+                state = step_rows(self.rnn, xb[:, t], state, index)
+                for r in rows:
+                    flags[r][t] = True
+                if t + 1 < steps:
+                    if use_gate:
+                        top = state.top if index is None else state.top.index_select(0, index)
+                        delta = update_probability(self.gate(top).squeeze(-1))
+                        for r in rows:
+                            gates[r] += 1
+                    else:
+                        delta = xb.new_ones(len(rows))
+                    ahead = steps_to_next_update(delta, run.thresholds[0], steps).tolist()
+                    for r, j in zip(rows, ahead, strict=True):
+                        if t + j < steps:
+                            due[t + j].append(r)
+            outs.append(state.top)
+        run.updates = torch.tensor(flags, dtype=torch.bool)
+        run.gates = torch.tensor(gates, dtype=torch.long)
+        return torch.stack(outs, 1), state
+
+    # --- training: every step for every sample, straight-through updates -------------------
+    def _train(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
+        batch, steps = xb.shape[0], xb.shape[1]
+        boundary = float(update_boundary(TRAIN_THRESHOLD))
+        state = zero_state(self.rnn, batch, xb)
+        u = xb.new_ones(batch)
+        outs, decisions = [], []
+        for t in range(steps):
+            b = straight_through_update(u, boundary)
+            new = step_rows(self.rnn, xb[:, t], state, None)
+            mix = b.view(1, -1, 1)
+            h = mix * new.h + (1.0 - mix) * state.h
+            c = None if state.c is None else mix * new.c + (1.0 - mix) * state.c
+            state = State(h, c)
+            u = accumulate_update_probability(u, b, self.delta(state))
+            outs.append(state.top)
+            decisions.append(b)
+        updates = torch.stack(decisions, 1)
+        run.share = updates.mean()
+        run.updates = updates.detach() > 0.5
+        run.gates = run.updates[:, :-1].sum(1)
+        return torch.stack(outs, 1), state
+
+    # --- export: a torch.cond per step ------------------------------------------------------
+    def _export(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
+        threshold = run.thresholds[0]
+        lstm = isinstance(self.rnn, nn.LSTM)
+
+        def fused(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
+            out, state = run_stretch(self.rnn, xb)
+            ones = torch.ones(xb.shape[0], xb.shape[1], dtype=torch.int64, device=xb.device)
+            return (out.contiguous(), state.h, state.c if lstm else state.h, ones)
+
+        def stepped(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
+            out, state, updates = self._export_steps(xb, threshold)
+            return (out.contiguous(), state.h, state.c if lstm else state.h, updates)
+
+        out, h, c, updates = cond(updates_every_step(threshold), fused, stepped, (xb, threshold))
+        run.updates = updates
+        return out, State(h, c if lstm else None)
+
+    def _export_steps(self, xb: Tensor, threshold: Tensor) -> tuple[Tensor, State, Tensor]:
+        batch, steps = xb.shape[0], xb.shape[1]
+        lstm = isinstance(self.rnn, nn.LSTM)
+        state = zero_state(self.rnn, batch, xb)
+        c0 = state.c if lstm else state.h
+        due = torch.zeros(batch, dtype=torch.int64, device=xb.device)
+        outs, flags = [], []
+        h, c = state.h, c0
+        for t in range(steps):
+            mask = due == t
+
+            def update(x_t, mask, h, c, due, threshold, t=t):
+                index = selected(mask)
+                rows = step_rows(self.rnn, x_t, State(h, c if lstm else None), index)
+                top = rows.top.index_select(0, index)
+                delta = update_probability(self.gate(top).squeeze(-1))
+                ahead = steps_to_next_update(delta, threshold, steps)
+                due = due.index_copy(0, index, ahead + t)
+                return rows.h, rows.c if lstm else rows.h, due
+
+            def skip(x_t, mask, h, c, due, threshold):
+                return h.clone(), c.clone(), due.clone()
+
+            h, c, due = cond(mask.any(), update, skip, (xb[:, t], mask, h, c, due, threshold))
+            outs.append(h[-1])
+            flags.append(mask.to(torch.int64))
+        return torch.stack(outs, 1), State(h, c if lstm else None), torch.stack(flags, 1)
+
+
+class SkipRNNModel(DynamicModel):
+    """The rewritten graph (`gm`) whose recurrent layer is a `SkipRNN` wrapper."""
+
+    strategy = "skip-rnn"
+    optional_state = ("budget_multiplier",)
+    # [B, T] bool: the steps each sample of the last forward updated at (per thread)
+    last_updates = PerCallRecord()
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        *,
+        layer: str,
+        fixed_macs: int,
+        threshold: float = 0.5,
+        budget: float = 0.5,
+        distill_temperature: float = 2.0,
+        compute_weight: float = 4.0,
+        budget_rate: float = 0.01,
+        static_macs: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+    ):
+        super().__init__(
+            static_macs=static_macs,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            thresholds=[threshold],
+        )
+        self.gm = gm
+        self.layer = layer
+        self.fixed_macs = int(fixed_macs)
+        self.budget = float(budget)
+        self.distill_temperature = float(distill_temperature)
+        self.compute_weight = float(compute_weight)
+        self.budget_rate = float(budget_rate)
+        self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def wrapper(self) -> SkipRNN:
+        return next(m for m in self.gm.modules() if isinstance(m, SkipRNN))
+
+    @property
+    def joint_recipe(self) -> JointRecipe:  # type: ignore[override]
+        """The gate learns with Adam (SGD barely moves a fresh linear gate); the RNN's gradient
+        is clipped, as recurrent networks are trained."""
+        return JointRecipe(new_parts="adam", new_lr=0.01, clip_grad_norm=5.0)
+
+    def worst_case_macs(self) -> int:
+        """Every step updates and the gate runs after each update but the last."""
+        w = self.wrapper
+        return self.fixed_macs + w.steps * w.step_macs + (w.steps - 1) * w.gate_macs
+
+    def describe(self) -> list[dict[str, str]]:
+        w = self.wrapper
+        return [
+            {
+                "layer": self.layer,
+                "cell": type(w.rnn).__name__,
+                "steps": str(w.steps),
+                "step MACs": f"{w.step_macs / 1e6:.3f} M",
+                "of static": f"{w.steps * w.step_macs / self.static_macs:.3f}",
+                "gate MACs": str(w.gate_macs),
+                "threshold": f"{float(self.thresholds[0]):.3f}",
+            }
+        ]
+
+    def last_decisions(self) -> Tensor:
+        """[N, T] int64: 1 where a sample updated its state at that step."""
+        if self.last_updates is None:
+            raise StrategyError("No dynamic forward has run in this thread yet.")
+        return self.last_updates.long()
+
+    def update_share(self) -> float:
+        """The share of steps the last forward's samples updated at."""
+        return float(self.last_decisions().double().mean())
+
+    def _run_graph(self, x: Tensor, run: SkipRun) -> Tensor:
+        context = self.wrapper.context
+        context.run = run
+        try:
+            return self.gm(x)
+        finally:
+            context.run = None
+
+    def _macs(self, run: SkipRun) -> Tensor:
+        w = self.wrapper
+        updates = run.updates.sum(1).long()
+        return self.fixed_macs + updates * w.step_macs + run.gates.long() * w.gate_macs
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        batch, steps = x.shape[0], self.wrapper.steps
+        if self._static:
+            out = self._run_graph(x, SkipRun("static", self.thresholds))
+            self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
+            self.last_updates = torch.ones(batch, steps, dtype=torch.bool)
+            return out
+        run = SkipRun("eager", self.thresholds)
+        out = self._run_graph(x, run)
+        self.last_macs = self._macs(run)
+        self.last_updates = run.updates
+        return out
+
+    def training_loss(
+        self,
+        x: Tensor,
+        teacher_logits: Tensor | None = None,
+        labels: Tensor | None = None,
+        config: LossConfig | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Distillation (+ CE on labels) under straight-through update decisions, plus the
+        budget term: price x share of updates, the price a PI controller on the distance of
+        the share (of the binary decisions) from the budget (`budget_price`)."""
+        self.check_input(x)
+        config = config or LossConfig()
+        budget = self.budget if config.budget is None else float(config.budget)
+        if teacher_logits is None:
+            with torch.no_grad(), self.static():
+                teacher_logits = self(x)
+        run = SkipRun("train", self.thresholds)
+        logits = self._run_graph(x, run)
+        t = config.temperature(self.distill_temperature)
+        task, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
+        share = float(run.updates.float().mean())
+        price = budget_price(
+            self.budget_multiplier, share - budget, self.compute_weight, self.budget_rate
+        )
+        compute = priced_compute(run.share.reshape(1), price)
+        loss = task + compute
+        self.last_macs = self._macs(run)
+        self.last_updates = run.updates
+        metrics = {
+            "loss": float(loss.detach()),
+            "distill": stats["kd"],
+            "compute": float(compute.detach()),
+            "update_share": share,
+            "macs_fraction": float(self.last_macs.double().mean()) / self.static_macs,
+            "compute_price": price,
+        }
+        if "ce" in stats:
+            metrics["ce"] = stats["ce"]
+        return loss, metrics
+
+    def export_face(self) -> SkipRNNExport:
+        """forward(x, thresholds) -> (logits, updates [N, T] int64)."""
+        return SkipRNNExport(self)
+
+
+class SkipRNNExport(ExportFace):
+    """`SkipRNNModel` with one `torch.cond` per step (ONNX `If`); see the module docstring."""
+
+    def __init__(self, model: SkipRNNModel):
+        super().__init__(model.thresholds)
+        self.model = model
+
+    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        run = SkipRun("export", self.thresholds_or_default(thresholds))
+        logits = self.model._run_graph(x, run)
+        return logits, run.updates.to(torch.int64)

@@ -1,0 +1,248 @@
+"""The MAC cap of block gates and spatial masks (`dynify.runtime.mac_cap`): no input, however
+crafted, and no threshold makes a sample spend more than the cap, in a batch, alone and through
+the export face; a batch decides as its samples do alone; without a cap nothing changes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+import dynify
+import dynify.export.artifact as artifact
+from dynify.errors import StrategyError
+from tests.test_contract import (
+    contract_input,
+    contract_model,
+    hostile_floats,
+    spread_new_parts,
+)
+
+VARIANTS = [
+    ("block-gates", {"gate": "function"}),
+    ("block-gates", {"gate": "halting"}),
+    ("block-gates", {"gate": "policy"}),
+    ("spatial-masks", {"granularity": "region"}),
+    ("spatial-masks", {"granularity": "pixel"}),
+]
+IDS = [f"{s}-{next(iter(o.values()))}" for s, o in VARIANTS]
+# thresholds: calibrated-looking, and every gate open / every unit active (whatever the score)
+THRESHOLDS = (0.5, 1.01)
+
+_cache: dict[str, dynify.DynamicModel] = {}
+
+
+def converted(strategy: str, options: dict[str, Any]) -> dynify.DynamicModel:
+    key = json.dumps([strategy, options])
+    if key not in _cache:
+        model, x = contract_model(), contract_input()
+        dyn = dynify.convert(model, strategy, x[:1], options=options).eval()
+        spread_new_parts(dyn, model)
+        _cache[key] = dyn
+    dyn = _cache[key]
+    dyn.set_mac_cap(None)
+    return dyn
+
+
+def variable_costs(dyn: dynify.DynamicModel) -> list[int]:
+    """What each gated branch / masked block costs when it all runs."""
+    if dyn.strategy == "block-gates":
+        return dyn.branch_macs()
+    return [w.branch_macs for w in dyn.wrappers]
+
+
+def biting_cap(dyn: dynify.DynamicModel) -> float:
+    """A cap that lets about one and a half of the dearest branches run: it must bite."""
+    return (dyn.cap_floor() + 1.5 * max(variable_costs(dyn))) / dyn.static_macs
+
+
+@pytest.fixture(params=VARIANTS, ids=IDS)
+def dyn(request) -> dynify.DynamicModel:
+    strategy, options = request.param
+    return converted(strategy, options)
+
+
+def hostile() -> torch.Tensor:
+    """NaN, 3e38 and inf samples next to ordinary ones of very different contrast."""
+    return hostile_floats(contract_input())
+
+
+def run_alone(dyn, x):
+    outs, macs, decisions = [], [], []
+    for i in range(len(x)):
+        outs.append(dyn(x[i : i + 1]))
+        macs.append(dyn.last_macs.clone())
+        decisions.append(dyn.last_decisions().clone())
+    return torch.cat(outs), torch.cat(macs), torch.cat(decisions)
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@torch.no_grad()
+def test_no_sample_exceeds_the_cap_in_batch_alone_or_export(dyn, threshold):
+    dyn.set_thresholds(threshold)
+    dyn.set_mac_cap(biting_cap(dyn))
+    cap = int(dyn.mac_cap)
+    x = hostile()
+    out = dyn(x)
+    macs, decisions = dyn.last_macs.clone(), dyn.last_decisions().clone()
+    assert int(macs.max()) <= cap
+    _, alone_macs, _alone_decisions = run_alone(dyn, x)
+    assert int(alone_macs.max()) <= cap
+    logits, exported = dyn.export_face().eval()(x)
+    assert torch.equal(exported, decisions)  # the export face decides as eager: same costs
+    if dyn.strategy == "block-gates":  # and its decisions price within the cap on their own
+        branches = torch.tensor(variable_costs(dyn))
+        assert int((dyn.cap_floor() + (exported * branches).sum(1)).max()) <= cap
+    finite = torch.isfinite(out).all(1)
+    torch.testing.assert_close(logits[finite], out[finite], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_the_cap_bites_when_every_gate_is_forced_open(dyn):
+    dyn.set_thresholds(1.01)
+    x = contract_input()
+    dyn(x)
+    uncapped = dyn.last_macs.clone()
+    dyn.set_mac_cap(biting_cap(dyn))
+    dyn(x)
+    assert int(uncapped.min()) > int(dyn.mac_cap)  # every sample would have exceeded it
+    assert bool((dyn.last_macs <= dyn.mac_cap).all())
+    assert bool((dyn.last_macs < uncapped).all())
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@torch.no_grad()
+def test_a_batch_equals_its_samples_alone_under_the_cap(dyn, threshold):
+    dyn.set_thresholds(threshold)
+    dyn.set_mac_cap(biting_cap(dyn))
+    x = hostile()
+    out = dyn(x)
+    macs, decisions = dyn.last_macs.clone(), dyn.last_decisions().clone()
+    alone_out, alone_macs, alone_decisions = run_alone(dyn, x)
+    assert torch.equal(alone_macs, macs)
+    assert torch.equal(alone_decisions, decisions)
+    torch.testing.assert_close(alone_out, out, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@torch.no_grad()
+def test_without_a_cap_nothing_changes_and_static_ignores_it(dyn):
+    dyn.set_thresholds(0.5)
+    x = contract_input()
+    before = dyn(x)
+    before_macs = dyn.last_macs.clone()
+    dyn.set_mac_cap(biting_cap(dyn))
+    with dyn.static():
+        static = dyn(x)
+    dyn.set_mac_cap(None)
+    assert torch.equal(dyn(x), before)
+    assert torch.equal(dyn.last_macs, before_macs)
+    assert dyn.mac_cap_fraction() is None
+    with dyn.static():
+        assert torch.equal(dyn(x), static)
+
+
+@torch.no_grad()
+def test_the_cap_survives_save_and_load_and_older_artifacts_load(dyn, tmp_path, monkeypatch):
+    dyn.set_thresholds(1.01)
+    fraction = biting_cap(dyn)
+    dyn.set_mac_cap(fraction)
+    x = hostile()
+    out = dyn(x)
+    loaded = dynify.load(dynify.save(dyn, tmp_path / "a.dyn"), model=contract_model())
+    assert isinstance(loaded, dynify.MacCapped)
+    assert int(loaded.mac_cap) == int(dyn.mac_cap)
+    torch.testing.assert_close(loaded(x), out, equal_nan=True)
+    assert torch.equal(loaded.last_macs, dyn.last_macs)
+
+    saving = artifact._state_for_saving
+
+    def without_cap(model):  # an artifact written before the cap existed
+        return {k: v for k, v in saving(model).items() if k != "mac_cap"}
+
+    monkeypatch.setattr(artifact, "_state_for_saving", without_cap)
+    older = dynify.load(dynify.save(dyn, tmp_path / "old.dyn"), model=contract_model())
+    assert older.mac_cap_fraction() is None
+
+
+def test_a_cap_below_the_floor_is_refused_with_the_minimum(dyn):
+    floor = dyn.cap_floor() / dyn.static_macs
+    with pytest.raises(StrategyError, match=f"{floor:.4f}"):
+        dyn.set_mac_cap(floor * 0.9)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(StrategyError):
+            dyn.set_mac_cap(bad)
+    dyn.set_mac_cap(floor + 1e-3)  # at the floor every sample still runs: skipping everything
+    assert dyn.mac_cap_fraction() == pytest.approx(floor, abs=2e-3)
+
+
+def test_capped_models_are_mac_capped_and_exit_cascades_are_not(dyn):
+    assert isinstance(dyn, dynify.MacCapped)
+    exits = dynify.convert(contract_model(), "early-exit", contract_input()[:1])
+    assert not isinstance(exits, dynify.MacCapped)
+
+
+@pytest.mark.parametrize("strategy,options", [VARIANTS[0], VARIANTS[3]], ids=[IDS[0], IDS[3]])
+def test_calibrate_with_a_mac_cap_sets_it_and_stays_under_it(strategy, options):
+    dyn = converted(strategy, options)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(64, 3, 24, 24, generator=generator) * 2
+    labels = torch.randint(0, 5, (64,), generator=generator)
+    cap = biting_cap(dyn)
+    result = dynify.calibrate(dyn, (images, labels), budget=0.6, mac_cap=cap, part="all")
+    assert dyn.mac_cap_fraction() == pytest.approx(cap, abs=1e-6)
+    assert result.target["mac_cap"] == cap
+    with torch.no_grad():
+        dyn(images)
+    assert bool((dyn.last_macs <= dyn.mac_cap).all())
+    assert result.macs_fraction <= 0.6 + 1e-9
+    with pytest.raises(StrategyError, match="below the cheapest"):
+        dynify.calibrate(dyn, (images, labels), mac_cap=0.01, part="all")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,options", [VARIANTS[0], VARIANTS[3]], ids=[IDS[0], IDS[3]])
+def test_onnx_keeps_the_cap_for_hostile_inputs(strategy, options, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    dyn = converted(strategy, options)
+    dyn.set_thresholds(1.01)
+    dyn.set_mac_cap(biting_cap(dyn))
+    path = dynify.export_onnx(dyn, tmp_path / "capped.onnx")
+    x = hostile()
+    with torch.no_grad():
+        dyn(x)
+    session = ort.InferenceSession(str(path))
+    feeds = {session.get_inputs()[0].name: x.numpy()}
+    if len(session.get_inputs()) > 1:
+        feeds[session.get_inputs()[1].name] = dyn.thresholds.numpy()
+    _, decisions = session.run(None, feeds)
+    assert (decisions == dyn.last_decisions().numpy()).all()
+
+
+def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    generator = torch.Generator().manual_seed(0)
+    for label in "abcdefghij":  # the 10 classes of the CIFAR ResNet
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    artifact_path = tmp_path / "g.dyn"
+    runner = CliRunner()
+    convert = ["convert", "cifar_resnet20", "--weights", "random", "--strategy", "block-gates"]
+    result = runner.invoke(app, [*convert, "-o", str(artifact_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    calibrate = ["calibrate", str(artifact_path), "--data", str(tmp_path / "data"), "--part", "all"]
+    result = runner.invoke(app, [*calibrate, "--mac-cap", "0.6"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "MAC cap: no sample spends more than 0.6" in " ".join(result.output.split())
+    assert dynify.load(artifact_path).mac_cap_fraction() == pytest.approx(0.6, abs=1e-6)
+    result = runner.invoke(app, [*calibrate, "--mac-cap", "0.01"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "below the cheapest" in " ".join(result.output.split())

@@ -1,0 +1,331 @@
+"""stop-reading: exit heads on an RNN's state every k tokens; the RNN runs stretch by stretch.
+
+Static mode is the original fused call; after a sample stops (an exit, or the end of its text)
+no step of it runs; a batch equals its samples alone; short and padded texts read only what
+they have; calibration simulates the cost each sample really pays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynify
+from dynify.errors import StrategyError
+from dynify.models.text import TextClassifier
+from dynify.runtime.decisions import NEVER
+from tests.test_contract import spread_new_parts
+
+VOCAB, CLASSES, T = 30, 3, 10
+
+
+def classifier(cell: str = "lstm", batch_first: bool = True, layers: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    model = TextClassifier(
+        VOCAB,
+        CLASSES,
+        embed_dim=6,
+        hidden=8,
+        layers=layers,
+        cell=cell,
+        batch_first=batch_first,
+        dropout=0.0,
+    ).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(8.0)
+    return model
+
+
+def texts(lengths: list[int]) -> Tensor:
+    """Token ids [N, T], row i a text of lengths[i] tokens padded with 0."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (len(lengths), T), generator=g)
+    for row, n in enumerate(lengths):
+        ids[row, n:] = 0
+    return ids
+
+
+LENGTHS = [10, 2, 7, 0, 4, 9, 10, 5]
+
+
+def convert(model: nn.Module, every: int = 4, **options) -> dynify.DynamicModel:
+    dyn = dynify.convert(model, "stop-reading", texts([T]), options={"every": every, **options})
+    spread_new_parts(dyn.eval(), model)
+    return dyn
+
+
+class StepCounter:
+    """Records (batch, steps) of every call of the RNN module."""
+
+    def __init__(self, rnn: nn.Module):
+        self.calls: list[tuple[int, int]] = []
+        self.batch_first = rnn.batch_first
+        self.handle = rnn.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        x = args[0]
+        batch, steps = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+        self.calls.append((batch, steps))
+
+    def sample_steps(self) -> int:
+        return sum(b * s for b, s in self.calls)
+
+
+CELLS = [("lstm", True, 1), ("lstm", False, 1), ("gru", True, 1), ("gru", False, 2)]
+
+
+@pytest.mark.parametrize("cell,batch_first,layers", CELLS)
+def test_static_mode_is_the_original_fused_call_bit_exact(cell, batch_first, layers):
+    model = classifier(cell, batch_first, layers)
+    dyn = convert(model)
+    x = texts(LENGTHS)
+    counter = StepCounter(dyn.rnn)
+    with torch.no_grad(), dyn.static():
+        for xb in (x, x[:1]):
+            assert torch.equal(dyn(xb), model(xb))
+    assert counter.calls == [(len(x), T), (1, T)]  # one fused call over every step
+
+
+@pytest.mark.parametrize("cell,batch_first,layers", CELLS)
+def test_reading_to_the_end_gives_the_static_answer_from_fewer_steps(cell, batch_first, layers):
+    """At thresholds no exit reaches, every text is read to its own end (rounded up to a
+    stretch), and the original classifier answers as the static model does."""
+    model = classifier(cell, batch_first, layers)
+    dyn = convert(model)
+    dyn.set_thresholds(NEVER)
+    x = texts(LENGTHS)
+    counter = StepCounter(dyn.rnn)
+    with torch.no_grad():
+        out = dyn(x)
+        expected = model(x)
+    assert (out - expected).abs().max() <= 1e-5
+    read = [min(T, -(-max(n, 1) // 4) * 4) for n in LENGTHS]
+    assert dyn.last_tokens.tolist() == read
+    assert dyn.last_decisions().tolist() == [dyn.num_exits] * len(x)
+    assert counter.sample_steps() == sum(read)  # the padding after a text's stretch never ran
+
+
+def test_steps_after_an_exit_are_not_computed():
+    dyn = convert(classifier(), every=3)
+    x = texts(LENGTHS)
+    counter = StepCounter(dyn.rnn)
+    dyn.set_thresholds(0.0)  # everyone leaves at the first exit
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        dyn(x)
+    assert counter.calls == [(len(x), 3)]
+    # texts of 3 tokens or fewer have finished reading: the original classifier answers
+    assert dyn.last_decisions().tolist() == [0 if n > 3 else 3 for n in LENGTHS]
+    assert flops.get_total_flops() // 2 == int(dyn.last_macs.sum())
+    # exit 1 forced: the second stretch runs only on the texts longer than 3 tokens
+    dyn.set_thresholds([NEVER, 0.0, 0.0])
+    counter.calls.clear()
+    with torch.no_grad():
+        dyn(x)
+    longer = sum(1 for n in LENGTHS if n > 3)
+    assert counter.calls == [(len(x), 3), (longer, 3)]
+    assert dyn.last_tokens.tolist() == [6 if n > 3 else 3 for n in LENGTHS]
+
+
+@pytest.mark.parametrize("cell,batch_first,layers", CELLS)
+def test_a_batch_equals_its_samples_alone_and_macs_are_what_ran(cell, batch_first, layers):
+    dyn = convert(classifier(cell, batch_first, layers), every=2)
+    x = texts(LENGTHS)
+    with torch.no_grad():
+        scores = [torch.softmax(lg, -1).max(-1).values for lg in dyn.exit_logits(x)[:-1]]
+    dyn.set_thresholds(float(torch.cat(scores).median()))
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        out = dyn(x)
+    decisions, macs = dyn.last_decisions().clone(), dyn.last_macs.clone()
+    assert len(set(decisions.tolist())) >= 2
+    assert flops.get_total_flops() // 2 == int(macs.sum())
+    for i in range(len(x)):
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            alone = dyn(x[i : i + 1])
+        assert (alone - out[i : i + 1]).abs().max() <= 1e-5
+        assert int(dyn.last_decisions()[0]) == int(decisions[i])
+        assert int(dyn.last_macs[0]) == int(macs[i]) == flops.get_total_flops() // 2
+
+
+def test_a_text_shorter_than_a_stretch_and_an_empty_text_read_one_stretch():
+    model = classifier()
+    dyn = convert(model, every=4)
+    dyn.set_thresholds(NEVER)
+    x = texts([2, 0])
+    with torch.no_grad():
+        out = dyn(x)
+        expected = model(x)
+    assert (out - expected).abs().max() <= 1e-6
+    assert dyn.last_tokens.tolist() == [4, 4]
+    costs, open_exits = dyn.sample_exit_costs(x)
+    assert dyn.last_macs.tolist() == costs[-1].tolist()
+    assert not open_exits.any()  # both have finished reading before the first exit
+    assert int(costs[-1, 0]) < dyn.exit_macs()[-1]
+
+
+def test_a_model_that_reads_the_final_state_reads_every_token():
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(VOCAB, 6)
+            self.rnn = nn.GRU(6, 8, batch_first=True)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            _, h = self.rnn(self.embedding(ids))
+            return self.fc(h[-1])
+
+    torch.manual_seed(0)
+    model = LastState().eval()
+    dyn = convert(model, every=3)
+    assert dyn.spec["plan"]["read_position"] is None
+    dyn.set_thresholds(NEVER)
+    x = texts(LENGTHS)
+    with torch.no_grad():
+        out = dyn(x)
+        with dyn.static():
+            assert torch.equal(dyn(x), model(x))
+    assert (out - model(x)).abs().max() <= 1e-5
+    assert dyn.last_tokens.tolist() == [T] * len(x)
+
+
+def test_calibration_simulates_the_cost_each_sample_pays():
+    """The threshold search's simulation, on per-sample costs, predicts the MACs and accuracy
+    the model then spends at the chosen thresholds, on texts of very different lengths."""
+    from dynify.train.exit_outputs import collect_outputs
+    from dynify.train.threshold_search import simulate
+
+    dyn = convert(classifier(), every=2)
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, T + 1, (64,), generator=g).tolist()
+    x, y = texts(lengths), torch.randint(0, CLASSES, (64,), generator=g)
+    data = dynify.TextDataset(x, y)
+    outputs = collect_outputs(dyn, data, batch_size=16)
+    assert outputs.sample_macs is not None
+    assert len(set(outputs.sample_macs[-1].tolist())) > 2  # final costs differ by length
+    result = dynify.calibrate(dyn, data, budget=0.5, part="all")
+    with torch.no_grad():
+        preds = dyn(x).argmax(-1)
+    measured = float(dyn.last_macs.double().mean()) / dyn.static_macs
+    acc, macs, exits = simulate(dyn, outputs)
+    assert macs == pytest.approx(measured, abs=1e-9)
+    assert result.macs_fraction == pytest.approx(measured, abs=1e-9)
+    assert torch.equal(exits, dyn.last_decisions())
+    assert acc == pytest.approx(float((preds == y).double().mean()))
+    # the flat per-exit costs would have charged every short text for a full read
+    flat = outputs.cost_fractions()[exits].mean()
+    assert float(flat) > measured
+
+
+def test_finetune_trains_the_heads_and_leaves_the_static_network():
+    model = classifier()
+    dyn = convert(model, every=3)
+    x = texts(LENGTHS * 4)
+    y = torch.randint(0, CLASSES, (len(x),), generator=torch.Generator().manual_seed(0))
+    heads = [p.clone() for p in dyn.heads.parameters()]
+    data = dynify.TextDataset(x, y)
+    dynify.finetune(dyn, data, epochs=1, batch_size=8, progress=False, calibration_fraction=0.0)
+    assert any(not torch.equal(a, b) for a, b in zip(heads, dyn.heads.parameters(), strict=True))
+    with torch.no_grad(), dyn.static():
+        assert torch.equal(dyn.eval()(x), model(x))
+
+
+def test_the_export_face_decides_like_the_model():
+    dyn = convert(classifier("gru", False), every=3)
+    x = texts(LENGTHS)
+    face = dyn.export_face().eval()
+    for thresholds in ([0.0] * 3, [NEVER, 0.0, 0.0], [NEVER] * 3, [0.6] * 3):
+        dyn.set_thresholds(thresholds)
+        with torch.no_grad():
+            logits, decisions = face(x, torch.tensor(thresholds))
+            eager = dyn(x)
+        assert (logits - eager).abs().max() <= 1e-6
+        assert torch.equal(decisions, dyn.last_decisions())
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, bidirectional: bool = False, cell: type = nn.LSTM, twice: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, 6)
+        self.rnn = cell(6, 8, batch_first=True, bidirectional=bidirectional)
+        self.again = nn.LSTM(8 * (1 + bidirectional), 8, batch_first=True) if twice else None
+        self.fc = nn.Linear(8, CLASSES)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embedding(ids))
+        if self.again is not None:
+            out, _ = self.again(out)
+        return self.fc(out[:, -1, :8])
+
+
+@pytest.mark.parametrize(
+    "model,options,message",
+    [
+        (TwoLayers(bidirectional=True), {}, "bidirectional"),
+        (TwoLayers(twice=True), {}, "one recurrent layer"),
+        (TwoLayers(cell=nn.RNN), {}, "nn.RNN"),
+        (TwoLayers(), {"every": T}, "every=10 leaves no exit"),
+        (TwoLayers(), {"every": 0}, "every must be"),
+        (TwoLayers(), {"jump": 2}, "Unknown stop-reading option"),
+        (
+            nn.Sequential(nn.Embedding(VOCAB, 4), nn.Flatten(), nn.Linear(4 * T, 3)),
+            {},
+            "needs a recurrent layer",
+        ),
+    ],
+)
+def test_errors_say_what_to_do(model, options, message):
+    with pytest.raises(StrategyError, match=message):
+        dynify.convert(model.eval(), "stop-reading", texts([T]), options=options)
+
+
+def test_the_benchmark_suite_runs_end_to_end_on_text_files(tmp_path):
+    import json
+
+    from benchmarks import SUITES, stop_reading
+    from benchmarks.__main__ import main
+    from tests.test_text_baseline import write_split
+
+    assert SUITES["stop_reading"].module() is stop_reading
+    root = tmp_path / "data"
+    write_split(root / "text/agnews/train.tsv", 240, 0)
+    write_split(root / "text/agnews/test.tsv", 40, 1)
+    results = tmp_path / "results"
+    argv = ["stop_reading", "--quick", "--data", str(root), "--datasets", "agnews"]
+    main([*argv, "--results", str(results), "--cache", str(tmp_path / "cache")])
+    payload = json.loads((results / "stop_reading.json").read_text())
+    r = payload["data"]["datasets"]["agnews"]
+    assert payload["metadata"]["command"].startswith("python -m benchmarks stop_reading --quick")
+    assert r["read_to_end"]["accuracy"] == pytest.approx(r["static_test_acc"])
+    for key in ("calibrated", "shared", "read_to_end"):
+        assert 0.0 < r[key]["tokens_of_static"] <= 1.0
+        assert sum(r[key]["exit_histogram"]) == r["test_rows"] == 40
+    assert r["timing"]["static_ms"] > 0 and r["timing"]["cpu_ratio"] > 0
+
+
+def test_a_float_sequence_model_reads_with_its_rnn_directly():
+    """No encoder before the RNN (the input is the sequence) and a tail reading the last step."""
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(5, 8, num_layers=2)  # time first
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out, _ = self.rnn(x.transpose(0, 1))
+            return self.fc(out[-1])
+
+    torch.manual_seed(0)
+    model = Features().eval()
+    x = torch.randn(6, T, 5)
+    dyn = dynify.convert(model, "stop-reading", x[:1], options={"every": 4}).eval()
+    with torch.no_grad():
+        with dyn.static():
+            assert torch.equal(dyn(x), model(x))
+        dyn.set_thresholds(NEVER)
+        assert (dyn(x) - model(x)).abs().max() <= 1e-5
+        assert dyn.last_tokens.tolist() == [T] * len(x)
+        dyn.set_thresholds(0.0)
+        dyn(x)
+        assert dyn.last_tokens.tolist() == [4] * len(x)
