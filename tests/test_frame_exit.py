@@ -47,7 +47,7 @@ class ReshapeClip(FlattenClip):
     def forward(self, clip: Tensor) -> Tensor:
         n, t, c, h, w = clip.shape
         logits = self.frame(clip.reshape(n * t, c, h, w))
-        return logits.view(n, t, -1).mean(dim=1)
+        return logits.view(n, t, -1).mean(dim=-2)
 
 
 class MaxOverTime(FlattenClip):
@@ -127,21 +127,6 @@ def test_frames_after_the_exit_are_not_run():
             assert calls.sizes == sorted(calls.sizes, reverse=True)  # the batch only shrinks
             assert dyn.last_macs.tolist() == (frames_seen * dyn.frame_macs).tolist()
     assert dyn.frame_macs * T == dyn.static_macs
-
-
-def test_the_folded_per_frame_network_computes_the_frames_as_the_original():
-    """At inference the per-frame network runs with its batch norms folded (fewer ops at
-    batch 1); it agrees with the original to rounding, and follows changed weights."""
-    model, x = make(), clips()
-    dyn = convert(model)
-    dyn.set_thresholds(NEVER)
-    with torch.no_grad():
-        assert (dyn(x) - model(x)).abs().max() <= 1e-5
-        bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-        twin = next(m for m in dyn.modules() if isinstance(m, nn.BatchNorm2d))
-        for norm in (bn, twin):
-            norm.running_mean.add_(0.5)
-        assert (dyn(x) - model(x)).abs().max() <= 1e-5
 
 
 def test_the_first_frame_looked_at_follows_the_order():

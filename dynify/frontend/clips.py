@@ -77,9 +77,11 @@ def _is_shape_read(node: torch.fx.Node) -> bool:
 
 
 def _mean_over_time(node: torch.fx.Node) -> bool:
+    """`x.mean(1)` on [B, T, K] (also spelled `dim=1`, `(1,)` or `-2`), without keepdim."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return dims in (1, (1,), [1]) and not keep and "dtype" not in node.kwargs
+    over_time = (1, (1,), [1], -2, (-2,), [-2])
+    return dims in over_time and not keep and "dtype" not in node.kwargs
 
 
 def clip_pattern(gm: torch.fx.GraphModule) -> ClipPattern:

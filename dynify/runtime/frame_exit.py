@@ -13,22 +13,18 @@ Static mode runs the traced original graph: every frame at once and `mean(1)`, b
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.fx.experimental.optimization import fuse
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dynify.runtime.cascade import branch_entry
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, start_streak
-from dynify.runtime.folding import use_folded
 from dynify.runtime.model import DynamicModel, ExportFace
 from dynify.runtime.policy import ExitPolicy
-from dynify.runtime.tensor_cache import cached_on_tensors
 from dynify.train.losses import LossConfig, distillation
 
 KD_TEMPERATURE = 3.0  # the running averages' own distillation temperature
@@ -59,8 +55,7 @@ class FrameExitModel(DynamicModel):
         if sorted(order) != list(range(len(order))) or len(order) != len(thresholds) + 1:
             raise ValueError("order must be a permutation of the frames, one threshold less")
         self.network = network  # the traced original: static mode
-        # the per-frame network, sharing the original's parameters
-        self.frame = FoldedFrame(frame)
+        self.frame = frame  # the per-frame network, sharing the original's parameters
         self.order = [int(i) for i in order]
         self.frame_macs = int(frame_macs)
         self.policy = policy
@@ -192,31 +187,6 @@ class FrameExitModel(DynamicModel):
             policy=self.policy.kind,
             patience=self.policy.patience,
         )
-
-
-class FoldedFrame(nn.Module):
-    """The per-frame network, run at inference with its batch norms folded into the convs.
-
-    frame-exit runs the per-frame network at batch 1 per frame, where each op costs its
-    dispatch whatever its size: folding BN into the preceding conv (`torch.fx`'s `fuse`)
-    saves an op per pair, about a sixth of a CIFAR ResNet's time per frame. The folded copy is
-    rebuilt when a parameter or statistic changes (see `tensor_cache`); training, autograd
-    and export run the network itself, and static mode never comes here (the original graph).
-    """
-
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not use_folded(self) or self.network.training:
-            return self.network(x)
-        return cached_on_tensors(
-            self,
-            "_folded",
-            [*self.network.parameters(), *self.network.buffers()],
-            lambda: fuse(copy.deepcopy(self.network)).eval(),
-        )(x)
 
 
 class FrameCascade(ExportFace):
