@@ -132,6 +132,16 @@ class StopReadingModel(DynamicModel):
             + final.long() * self.tail_macs
         )
 
+    def _cost_one(self, read: int, exit_index: int) -> tuple[int, int]:
+        """(MACs, RNN steps) of one sample, in Python ints: `_costs` without its tensor ops,
+        which would cost a batch-1 forward ~50 us."""
+        final = exit_index == self.num_exits
+        stretches = -(-read // self.every) if final else exit_index + 1
+        tokens = min(stretches * self.every, self.steps)
+        heads = min(stretches - 1 if final else exit_index + 1, self.num_exits)
+        macs = self.fixed_macs + tokens * self.step_macs + sum(self.head_macs[:heads])
+        return macs + (self.tail_macs if final else 0), tokens
+
     def exit_macs(self) -> list[int]:
         """What leaving at exit i costs a text that fills the whole input (the last entry: the
         original classifier after every token); shorter texts spend less (`sample_exit_costs`)."""
@@ -283,9 +293,9 @@ class StopReadingModel(DynamicModel):
             if rest:
                 seq = torch.cat([seq, seq.new_zeros((1, rest, seq.shape[-1]))], 1)
             answer = self._answer(x, encoded, seq, state)
-        read_t, taken_t = torch.tensor([read]), torch.tensor([taken])
-        self.last_tokens = self.tokens_read(read_t, taken_t)
-        self.record_one(int(self._costs(read_t, taken_t)[0]), taken, x.device)
+        macs, tokens = self._cost_one(read, taken)
+        self.last_tokens = torch.tensor([tokens], device=x.device)
+        self.record_one(macs, taken, x.device)
         return answer
 
     # --- exit cascade: calibration and training --------------------------------------------
