@@ -269,3 +269,13 @@ def test_unit_pgd_stays_within_eps_and_raises_the_gate_probabilities():
         return float(sum(torch.relu(0.7 - q).sum() for q in probs))
 
     assert hinge(adv) < hinge(pixels)
+
+
+def test_an_added_to_result_lists_each_run_once_in_its_command():
+    from benchmarks.__main__ import joined_commands
+
+    a, b = "python -m benchmarks s --x 1", "python -m benchmarks s --x 2"
+    command = joined_commands(a, f"{b} --add")
+    assert command == f"{a} && {b} --add"
+    assert joined_commands(command, f"{a} --add") == f"{b} && {a} --add"  # measured again: last
+    assert joined_commands(command, f"{b} --add") == command
