@@ -81,5 +81,12 @@ SUITES: dict[str, Suite] = {
             "the static LSTM text classifiers the temporal strategies start from, trained from "
             "scratch on AG News and SST-2: development test accuracy (weights cached)",
         ),
+        Suite(
+            "dynamic_conv",
+            "dynamic_conv.md",
+            "dynamic convolutions on CIFAR ResNet-20 fine-tuned N epochs against the static "
+            "ResNet-20 and ResNet-32 fine-tuned as long: accuracy, MACs, batch-1 and batch-64 "
+            "latency, how much the routers route",
+        ),
     ]
 }
