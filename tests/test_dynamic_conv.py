@@ -71,7 +71,9 @@ def test_resnet20_converted_is_the_original_and_keeps_its_batch_norm():
     dyn = dynify.convert(model, "dynamic-conv", x[:1]).eval()
     assert dyn.num_convs == 18  # two 3x3 convs in each of the 9 blocks
     with torch.no_grad():
-        assert (dyn(x) - model(x)).abs().max() <= 1e-5
+        expected = model(x)
+        # Rounding only: the aggregated kernel sums K equal experts in another order.
+        assert (dyn(x) - expected).abs().max() <= 1e-6 * expected.abs().max()
         with dyn.static():
             assert torch.equal(dyn(x), model(x))
     # The batch norm after each dynamic conv is still the network's own.
