@@ -70,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.2,
         help="share of the run's samples over which the router temperature falls 30 -> 1",
     )
-    parser.add_argument("--test-images", type=int, default=0, help="quick runs only (0: all)")
+    parser.add_argument(
+        "--test-images", type=int, default=0, help="an evenly spaced subset of test (0: all)"
+    )
     parser.add_argument("--latency-repeats", type=int, default=300, help="batch-1 images")
     parser.add_argument("--latency-batches", type=int, default=20, help="batch-64 calls")
     parser.add_argument("--big-batch", type=int, default=64)
@@ -373,11 +375,20 @@ def render() -> str:
     s = out["settings"]
     lines += headline(out)
     lines += provenance(result)
-    if s["epochs"] < 10 or out["fit_images"] < 45000:
+    if s["epochs"] < 10 or out["fit_images"] < 45000 or s.get("test_images"):
+        n, p = out["test_images"], out["cifar_resnet32"]["test_acc"]
+        test = (
+            f"; accuracy on an evenly spaced {n:,} of the test images (one image is "
+            f"{100 / n:.2f} points there, and one accuracy's standard error about "
+            f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points)"
+            if s.get("test_images")
+            else ""
+        )
         lines += [
             f"**A shortened run**: {s['epochs']} epoch(s) on a seeded subset of "
-            f"{out['fit_images']:,} of the 45,000 fit images, not the full 10 epochs on all of "
-            f"them. The full run: `{FULL_COMMAND}`.",
+            f"{out['fit_images']:,} of the 45,000 fit images ({out['fit_images'] // s['batch_size']}"
+            f" steps), not the full 10 epochs on all of them{test}. The full run: "
+            f"`{FULL_COMMAND}`.",
             "",
         ]
     dc, r20, r32 = out["dynamic_conv"], out["cifar_resnet20"], out["cifar_resnet32"]
