@@ -375,6 +375,13 @@ def render() -> str:
     s = out["settings"]
     lines += headline(out)
     lines += provenance(result)
+    if out.get("measured_from_saved"):
+        lines += [
+            "The figures were measured on the models that the same command with "
+            "`--save-dir` in place of `--from-saved` trained and saved (its training times and "
+            "log are carried over); without either option one command trains and measures.",
+            "",
+        ]
     if s["epochs"] < 10 or out["fit_images"] < 45000 or s.get("test_images"):
         n, p = out["test_images"], out["cifar_resnet32"]["test_acc"]
         test = (
