@@ -107,5 +107,12 @@ SUITES: dict[str, Suite] = {
             "skip-rnn on AG News: accuracy vs share of state updates (gate fine-tuned, threshold "
             "calibrated on held-out training rows), batch-32 wall clock against the static LSTM",
         ),
+        Suite(
+            "dynamic_conv",
+            "dynamic_conv.md",
+            "dynamic convolutions on CIFAR ResNet-20 fine-tuned N epochs against the static "
+            "ResNet-20 and ResNet-32 fine-tuned as long: accuracy, MACs, batch-1 and batch-64 "
+            "latency, how much the routers route",
+        ),
     ]
 }

@@ -279,3 +279,28 @@ def test_an_added_to_result_lists_each_run_once_in_its_command():
     assert command == f"{a} && {b} --add"
     assert joined_commands(command, f"{a} --add") == f"{b} && {a} --add"  # measured again: last
     assert joined_commands(command, f"{b} --add") == command
+
+
+def test_quick_dynamic_conv_runs_end_to_end_against_both_baselines(cifar_like, tmp_path):
+    from dynify.models.cifar_resnet import cifar_resnet32
+
+    state = {f"module.{k}": v for k, v in cifar_resnet32().state_dict().items()}
+    torch.save({"state_dict": state}, cifar_like / "pretrained" / "resnet32-d509ac18.th")
+    results, saved = tmp_path / "results", tmp_path / "saved"
+    argv = ["dynamic_conv", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--save-dir", str(saved)])
+    data = json.loads((results / "dynamic_conv.json").read_text())["data"]
+    r20, r32, dc = data["cifar_resnet20"], data["cifar_resnet32"], data["dynamic_conv"]
+    assert data["fit_images"] == 64 and data["test_images"] == 60
+    assert r20["macs"] == dc["static_macs"] < dc["macs"] < 1.1 * r20["macs"] < r32["macs"]
+    assert len(dc["routing"]) == dc["dynamic_convs"] == 18
+    for row in dc["routing"]:  # every test image has one heaviest expert per conv
+        assert sum(row["histogram"]) == 60 and 0 < row["commonest_share"] <= 1
+    for size in ("batch1", "batch8"):
+        assert set(data["latency"][size]) == {"resnet20", "resnet32", "dynamic_conv"}
+    # the saved models measure again to the same accuracies, without training
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--from-saved", str(saved)])
+    again = json.loads((results / "dynamic_conv.json").read_text())["data"]
+    assert again["measured_from_saved"]
+    for key in ("cifar_resnet20", "cifar_resnet32", "dynamic_conv"):
+        assert again[key]["test_acc"] == data[key]["test_acc"]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dynify.runtime import recurrence
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, leaves_one, start_streak
 from dynify.runtime.model import DynamicModel, ExportFace, PerCallRecord
@@ -32,10 +33,16 @@ RnnState = Tensor | tuple[Tensor, Tensor]
 
 
 def run_stretch(rnn: nn.RNNBase, inputs: Tensor, state: RnnState | None) -> tuple[Tensor, RnnState]:
-    """Some steps of `inputs` (the RNN's own layout) through the fused RNN kernel, carrying
-    `state` (None before the first step): (outputs [N, steps, H] batch first, state)."""
-    out, state = rnn(inputs) if state is None else rnn(inputs, state)
-    return (out if rnn.batch_first else out.transpose(0, 1)), state
+    """Some steps of `inputs` (the RNN's own layout) through the fused kernel of the shared step
+    runtime (`dynify.runtime.recurrence`), carrying `state` in the module's own form (None
+    before the first step): (outputs [N, steps, H] batch first, state)."""
+    start = None
+    if isinstance(state, tuple):
+        start = recurrence.State(*state)
+    elif state is not None:
+        start = recurrence.State(state, None)
+    out, final = recurrence.run_stretch(rnn, recurrence.batch_first(rnn, inputs), start)
+    return out, recurrence.module_output(rnn, out, final)[1]
 
 
 def state_rows(state: RnnState, index: Tensor) -> RnnState:
