@@ -304,3 +304,15 @@ def test_quick_dynamic_conv_runs_end_to_end_against_both_baselines(cifar_like, t
     assert again["measured_from_saved"]
     for key in ("cifar_resnet20", "cifar_resnet32", "dynamic_conv"):
         assert again[key]["test_acc"] == data[key]["test_acc"]
+
+
+def test_a_subsample_spans_every_class_of_a_sorted_folder():
+    from benchmarks.cifar_data import subsample
+
+    labels = [i // 500 for i in range(5000)]  # ten classes, sorted as an image folder is
+    for limit in (2000, 1500, 333):
+        picked = [labels[i] for i in subsample(labels, limit).indices]
+        assert len(picked) == limit and set(picked) == set(range(10))
+        assert (
+            max(picked.count(c) for c in range(10)) - min(picked.count(c) for c in range(10)) <= 1
+        )
