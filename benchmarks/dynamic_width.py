@@ -281,7 +281,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         return {f"{NAME}_mechanism": mechanism(args)}
     torch.set_num_threads(args.threads)
     train_set, test_set = load_cifar(args.data, args.cache)
-    fit, calib = fit_and_calibration(train_set, 0, calib_images=args.calib)
+    fit, calib = fit_and_calibration(train_set, 0)
+    # every k-th image of the held-out part: it is in class order, so its first N would hold
+    # only the first classes
+    calib = subsample(calib, args.calib)
     test_set = subsample(test_set, args.test_images)
     images = normalized_images(test_set)
     data = {"fit": fit, "calib": calib, "test": test_set}
