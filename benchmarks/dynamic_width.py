@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-repeats", type=int, default=200)
     parser.add_argument("--test-images", type=int, default=0, help="0: all 5,000")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--mechanism",
+        action="store_true",
+        help="only time the converted network with every gate forced to one width (no training)",
+    )
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -201,10 +206,85 @@ def _fall(latency_ratio: float, macs_fraction: float) -> float:
     return (1 - latency_ratio) / saved if saved > 0.01 else float("nan")
 
 
+def force_width(dyn, index: int) -> None:
+    """Every gate certain of width `index` (zero weights, one large bias): at threshold 0.5
+    every sample runs that width, gates included."""
+    with torch.no_grad():
+        for wrapper in dyn.wrappers:
+            fc = wrapper.gate.fc
+            fc.weight.zero_()
+            fc.bias.zero_()
+            fc.bias[index] = 30.0
+    dyn.set_thresholds(0.5)
+
+
+def mechanism(args: argparse.Namespace) -> dict:
+    """Batch-1 latency of the converted (untrained) network with every branch at one width,
+    against the original, all models alternating in runs of 10 images: what the narrow
+    convolutions and the gates cost, apart from what training teaches the gates."""
+    torch.set_num_threads(args.threads)
+    _, test_set = load_cifar(args.data, args.cache)
+    images = normalized_images(subsample(test_set, max(args.latency_repeats, 20)))
+    net = f"cifar_resnet{args.depth}"
+    weights = weights_path(args.data, args.depth)
+    original, _ = dynify.build_model(net, weights=weights)
+    labels = ["1/4", "1/2", "3/4", "full"]
+    models: dict = {"static": original.eval()}
+    dyns = {}
+    for w in range(4):
+        dyn = dynify.convert(net, "dynamic-width", weights=weights).eval()
+        force_width(dyn, w)
+        dyns[labels[w]] = dyn
+        models[labels[w]] = dyn
+    no_gates = dynify.convert(net, "dynamic-width", weights=weights).eval()
+    no_gates.set_thresholds(1.01)
+    models["full, no gates"] = no_gates
+    macs: dict = {name: [] for name in models}
+
+    def record(name: str) -> None:
+        if name != "static":
+            macs[name].append(float(models[name].last_macs[0]))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for i in range(10):
+                for model in models.values():
+                    model(images[i : i + 1])
+        times = alternating_runs(models, images, args.latency_repeats, 10, after=record)
+    finally:
+        torch.set_num_threads(threads)
+    static_ms = statistics.fmean(times["static"]) * 1e3
+    rows = []
+    for name in models:
+        if name == "static":
+            continue
+        ms = statistics.fmean(times[name]) * 1e3
+        fraction = statistics.fmean(macs[name]) / no_gates.static_macs
+        rows.append(
+            {
+                "widths": name,
+                "macs_fraction": round(fraction, 4),
+                "ms": round(ms, 3),
+                "ratio": round(ms / static_ms, 4),
+                "fall_over_mac_fall": round(_fall(ms / static_ms, fraction), 3),
+            }
+        )
+    out = {"net": net, "static_ms": round(static_ms, 3), "rows": rows, "images": len(images)}
+    print(f"== mechanism {out}", flush=True)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, dict]:
+    if args.mechanism:
+        return {f"{NAME}_mechanism": mechanism(args)}
     torch.set_num_threads(args.threads)
     train_set, test_set = load_cifar(args.data, args.cache)
-    fit, calib = fit_and_calibration(train_set, 0, calib_images=args.calib)
+    fit, calib = fit_and_calibration(train_set, 0)
+    # every k-th image of the held-out part: it is in class order, so its first N would hold
+    # only the first classes
+    calib = subsample(calib, args.calib)
     test_set = subsample(test_set, args.test_images)
     images = normalized_images(test_set)
     data = {"fit": fit, "calib": calib, "test": test_set}
@@ -340,6 +420,7 @@ def render() -> str:
             f"| {p['threshold']} | {_pct(p['calib_acc'])} | {p['calib_macs']:.3f} | "
             f"{_pct(p['test_acc'])} | {p['test_macs']:.3f} |"
         )
+    lines += _mechanism_lines()
     names = ["1/4", "1/2", "3/4", "full"]
     total = sum(ws["overall"])
     lines += [
@@ -358,3 +439,30 @@ def render() -> str:
         n = sum(counts)
         lines.append(f"| {b} | " + " | ".join(f"{v / n:.0%}" for v in counts) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mechanism_lines() -> list[str]:
+    result = read_result(f"{NAME}_mechanism")
+    if result is None:
+        return []
+    out = result.data
+    lines = [
+        "",
+        f"The mechanism alone: the converted {out['net'].replace('cifar_', '')} before "
+        "training, every gate forced to one width (gates run), against the original network; "
+        f"batch 1, 1 thread, mean over {out['images']} test images, the models alternating in "
+        f"runs of 10 (original: {out['static_ms']:.2f} ms).",
+        "",
+    ]
+    lines += provenance(result, "these timings")
+    lines += [
+        "| widths | MACs (of static) | batch-1 latency | of the original | latency fall / MAC fall |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in out["rows"]:
+        fall = row["fall_over_mac_fall"]
+        lines.append(
+            f"| {row['widths']} | {row['macs_fraction']:.3f} | {row['ms']:.2f} ms | "
+            f"{row['ratio']:.3f} | {'-' if fall != fall else f'{fall:.2f}'} |"
+        )
+    return lines

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from dynify.runtime.control import cond, scatter_rows, selected, tracing
 from dynify.runtime.decisions import straight_through_choice, width_index, width_index_one
 from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCall, PerCallRecord
+from dynify.runtime.tensor_cache import cached_on_tensors
 from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
 
 # The threshold at which training prices its deterministic decisions (the median width).
@@ -54,7 +55,14 @@ class WidthGate(nn.Module):
             self.fc.bias[-1] = full_bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x.mean((2, 3)))
+        pooled = x.mean((2, 3))
+        if torch.is_grad_enabled() or tracing():
+            return self.fc(pooled)
+        weight = cached_on_tensors(self, "weight_t", (self.fc.weight,), self._transposed)
+        return torch.addmm(self.fc.bias, pooled, weight)  # one op: F.linear is two at batch 1
+
+    def _transposed(self) -> Tensor:
+        return self.fc.weight.detach().t().contiguous()
 
 
 @dataclass
@@ -112,7 +120,6 @@ class WidthBranch(nn.Module):
         inner = torch.arange(conv1.out_channels)
         prefix = (inner.unsqueeze(0) < torch.tensor(self.widths).unsqueeze(1)).float()
         self.register_buffer("prefix", prefix, persistent=False)
-        self._slices: dict[int, tuple[tuple[int, int, int], Tensor]] = {}
 
     @property
     def num_widths(self) -> int:
@@ -151,44 +158,30 @@ class WidthBranch(nn.Module):
     def narrow(self, x: Tensor, width: int) -> Tensor:
         """The branch on its first `width` inner channels: dense convolutions on weight slices."""
         c1, b1, c2 = self.conv1, self.bn1, self.conv2
-        h = F.conv2d(
-            x,
-            c1.weight[:width],
-            None if c1.bias is None else c1.bias[:width],
-            c1.stride,
-            c1.padding,
-            c1.dilation,
-        )
-        h = F.batch_norm(
-            h,
-            b1.running_mean[:width],
-            b1.running_var[:width],
-            None if b1.weight is None else b1.weight[:width],
-            None if b1.bias is None else b1.bias[:width],
-            False,
-            0.0,
-            b1.eps,
-        )
+        w1, bias1, mean, var, gamma, beta, w2 = self._slices(width)
+        h = F.conv2d(x, w1, bias1, c1.stride, c1.padding, c1.dilation)
+        h = F.batch_norm(h, mean, var, gamma, beta, False, 0.0, b1.eps)
         h = torch.relu(h)
-        h = F.conv2d(h, self._conv2_slice(width), c2.bias, c2.stride, c2.padding, c2.dilation)
+        h = F.conv2d(h, w2, c2.bias, c2.stride, c2.padding, c2.dilation)
         return self._bn2(h)
 
-    def _conv2_slice(self, width: int) -> Tensor:
-        """conv2's first `width` input channels as a contiguous tensor: a strided view makes
-        the convolution pick a slower path and a channels-last output (measured: the residual
-        add after it took 80 us instead of 6 at batch 1). Kept between calls without autograd
-        until the weight changes (its version counter)."""
-        weight = self.conv2.weight
-        if width == weight.shape[1]:
-            return weight
+    def _slices(self, width: int) -> tuple[Tensor | None, ...]:
+        """conv1's, BN1's and conv2's parameters cut to `width` inner channels. Without
+        autograd, kept between calls until a source tensor changes (at batch 1 the slicing ops
+        cost as much as a small op each); conv2's slice is made contiguous, since a strided
+        weight sends the convolution down a slower path."""
+        c1, b1, c2 = self.conv1, self.bn1, self.conv2
+        sources = (c1.weight, c1.bias, b1.running_mean, b1.running_var, b1.weight, b1.bias)
+
+        def build() -> tuple[Tensor | None, ...]:
+            cut = tuple(None if t is None else t[:width] for t in sources)
+            w2 = c2.weight if width == c2.in_channels else c2.weight[:, :width].contiguous()
+            return (*cut, w2)
+
         if torch.is_grad_enabled() or tracing():
-            return weight[:, :width].contiguous()
-        key = (width, weight._version, weight.data_ptr())
-        cached = self._slices.get(width)
-        if cached is None or cached[0] != key:
-            cached = (key, weight.detach()[:, :width].contiguous())
-            self._slices[width] = cached
-        return cached[1]
+            return build()
+        with torch.no_grad():
+            return cached_on_tensors(self, f"slices_{width}", (*sources, c2.weight), build)
 
     def _bn2(self, h: Tensor) -> Tensor:
         b2 = self.bn2
