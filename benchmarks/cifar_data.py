@@ -48,13 +48,14 @@ def fit_and_calibration(
     train: Dataset, seed: int, train_images: int = 0, calib_images: int = 0
 ) -> tuple[Dataset, Dataset]:
     """The fit part (a seeded subset of `train_images` of it, if given) and the held-out
-    calibration part (its first `calib_images`, if given) of `cifar10/train`."""
+    calibration part (`calib_images` of it spread over every class, if given) of
+    `cifar10/train`."""
     fit, calib = split_dataset(train, 0.1, seed=seed)
     if train_images and train_images < len(fit):
         order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
         fit = Subset(fit, order[:train_images].tolist())
     if calib_images and calib_images < len(calib):
-        calib = Subset(calib, list(range(calib_images)))
+        calib = subsample(calib, calib_images)
     return fit, calib
 
 

@@ -316,3 +316,19 @@ def test_a_subsample_spans_every_class_of_a_sorted_folder():
         assert (
             max(picked.count(c) for c in range(10)) - min(picked.count(c) for c in range(10)) <= 1
         )
+
+
+def test_a_calibration_subset_spans_every_class():
+    from benchmarks.cifar_data import fit_and_calibration
+
+    class Folder(torch.utils.data.Dataset):  # sorted by class, as an image folder is
+        targets = tuple(i // 100 for i in range(1000))
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+        def __getitem__(self, i: int) -> tuple[int, int]:
+            return i, self.targets[i]
+
+    _, calib = fit_and_calibration(Folder(), seed=0, calib_images=40)
+    assert len(calib) == 40 and {label for _, label in calib} == set(range(10))
