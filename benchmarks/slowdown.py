@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,18 +162,37 @@ def measure_off(dyn, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     }
 
 
+def ran_to_end(dyn) -> torch.Tensor:
+    """[N] bool: the samples of the last forward that left at the final exit."""
+    return dyn.last_exit == dyn.num_exits
+
+
 @torch.no_grad()
-def measure_on(dyn, pixels: torch.Tensor, labels: torch.Tensor, args, seed: int) -> dict:
-    """Streamed one image at a time through a fresh BudgetGuard, `passes` shuffled passes."""
+def measure_on(
+    dyn,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    args,
+    seed: int,
+    *,
+    budget: float | None = None,
+    inputs: Callable[[torch.Tensor], torch.Tensor] = to_input,
+    dearest: Callable[[Any], torch.Tensor] = ran_to_end,
+    dearest_key: str = "to_end",
+) -> dict:
+    """Streamed one image at a time through a fresh BudgetGuard (`budget`, default
+    `args.budget`), `passes` shuffled passes; `dearest(dyn)` says whether the last sample took
+    the dearest way (ran to the end, opened every unit), reported under `dearest_key`."""
     calibrated = dyn.thresholds.clone()
-    guard = dynify.BudgetGuard(dyn, budget=args.budget, window=args.window, gain=args.gain)
+    budget = args.budget if budget is None else budget
+    guard = dynify.BudgetGuard(dyn, budget=budget, window=args.window, gain=args.gain)
     generator = torch.Generator().manual_seed(seed)
-    macs, ends, hits = [], [], []
+    macs, dear, hits = [], [], []
     for _ in range(args.passes):
         for i in torch.randperm(len(pixels), generator=generator).tolist():
-            logits = guard(to_input(pixels[i : i + 1]))
+            logits = guard(inputs(pixels[i : i + 1]))
             macs.append(float(dyn.last_macs[0]) / dyn.static_macs)
-            ends.append(int(dyn.last_exit[0]) == dyn.num_exits)
+            dear.append(bool(dearest(dyn)[0]))
             hits.append(int(logits.argmax(-1)[0]) == int(labels[i]))
     level = guard.level
     dyn.set_thresholds(calibrated)
@@ -183,7 +203,7 @@ def measure_on(dyn, pixels: torch.Tensor, labels: torch.Tensor, args, seed: int)
 
     return {
         "macs": mean(macs[-tail:]),
-        "to_end": mean(ends[-tail:]),
+        dearest_key: mean(dear[-tail:]),
         "acc": mean(hits[-tail:]),
         "stream_macs": mean(macs),
         "stream_acc": mean(hits),

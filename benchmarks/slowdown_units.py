@@ -92,35 +92,6 @@ def measure(dyn, pixels, labels, to_input, worst: torch.Tensor) -> dict[str, flo
     }
 
 
-@torch.no_grad()
-def measure_guarded(dyn, pixels, labels, to_input, worst, args, seed: int) -> dict[str, Any]:
-    """Streamed one image at a time through a fresh BudgetGuard, `passes` shuffled passes."""
-    calibrated = dyn.thresholds.clone()
-    guard = dynify.BudgetGuard(dyn, budget=args.unit_budget, window=args.window, gain=args.gain)
-    generator = torch.Generator().manual_seed(seed)
-    macs, at_worst, hits = [], [], []
-    for _ in range(args.passes):
-        for i in torch.randperm(len(pixels), generator=generator).tolist():
-            logits = guard(to_input(pixels[i : i + 1]))
-            macs.append(float(dyn.last_macs[0]) / dyn.static_macs)
-            at_worst.append(bool((dyn.last_decisions()[0] == worst).all()))
-            hits.append(int(logits.argmax(-1)[0]) == int(labels[i]))
-    level = guard.level
-    dyn.set_thresholds(calibrated)
-    tail = args.steady_passes * len(pixels)
-
-    def mean(values: list) -> float:
-        return sum(values) / len(values)
-
-    return {
-        "macs": mean(macs[-tail:]),
-        "worst": mean(at_worst[-tail:]),
-        "acc": mean(hits[-tail:]),
-        "stream_macs": mean(macs),
-        "final_level": level,
-    }
-
-
 def run_units(
     name: str, depth: int, args: argparse.Namespace, train, test, to_input
 ) -> dict[str, Any]:
@@ -205,7 +176,19 @@ def run_units(
         dyn.set_mac_cap(args.cap)
         figures["cap"] = measure(dyn, pixels, labels, to_input, worst)
         dyn.set_mac_cap(None)
-        figures["on"] = measure_guarded(dyn, pixels, labels, to_input, worst, args, args.seed)
+        from benchmarks.slowdown import measure_on  # the exit rows' guard stream; imports this
+
+        figures["on"] = measure_on(
+            dyn,
+            pixels,
+            labels,
+            args,
+            args.seed,
+            budget=args.unit_budget,
+            inputs=to_input,
+            dearest=lambda d: (d.last_decisions() == worst).all(1),
+            dearest_key="worst",
+        )
         return {
             "input": name,
             "eps": eps,
