@@ -50,9 +50,6 @@ from benchmarks.slowdown_units import UNIT_STRATEGIES, run_units
 from benchmarks.slowdown_units import headline as unit_headline
 from benchmarks.slowdown_units import table as unit_table
 
-# The exit policies' score function (`dynify.runtime.decisions`), not exported by the public API.
-from dynify.runtime.decisions import exit_scores
-
 NAME = "slowdown"
 # strategies whose decisions are exits (`dynify.ExitCascade`): the attack's scores are theirs
 STRATEGIES = {"early-exit": "early exits", "resolution": "resolution cascade (16x16 first)"}
@@ -131,12 +128,9 @@ def slowdown_pgd(
         for _ in range(steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
-                logits = dyn.exit_logits(to_input((clean + delta).clamp(0, 1)))
+                scores = dynify.exit_scores(dyn, to_input((clean + delta).clamp(0, 1)))
                 loss = sum(
-                    torch.relu(
-                        exit_scores(logits[i], dyn.temperatures[i], dyn.policy.kind) - thresholds[i]
-                    ).sum()
-                    for i in range(dyn.num_exits)
+                    torch.relu(s - t).sum() for s, t in zip(scores, thresholds, strict=False)
                 )
                 (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():

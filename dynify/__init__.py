@@ -11,7 +11,7 @@ dynify.save(dyn, "model.dyn"); dyn = dynify.load("model.dyn")
 Everything the command line does goes through the names below; nothing else is public.
 """
 
-from dynify.api import StrategyInfo, preprocessing, save_json, strategies
+from dynify.api import StrategyInfo, exit_scores, preprocessing, save_json, strategies
 from dynify.convert import convert
 from dynify.errors import DynifyError
 from dynify.evaluate import EvaluationReport, check_plot_path, evaluate
@@ -102,6 +102,7 @@ __all__ = [
     "choose_operating_point",
     "convert",
     "evaluate",
+    "exit_scores",
     "export_onnx",
     "export_onnx_report",
     "export_pt2",

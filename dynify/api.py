@@ -15,7 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 from dynify.errors import DataError, InputError
 from dynify.files import write_text_atomic
 from dynify.passes import get_strategy, strategy_names
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.decisions import exit_scores as _scores
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing, resolve_preprocessing
 
 
@@ -53,6 +54,20 @@ def preprocessing(
         if values is not None and not all(math.isfinite(v) for v in values):
             raise DataError(f"The {name} values must be finite numbers, got {list(values)}.")
     return resolve_preprocessing(dyn, input_size=input_size, mean=mean, std=std)
+
+
+def exit_scores(model: ExitCascade, x: Any) -> list[Any]:
+    """Each exit head's score for a batch, [N] per head: what its threshold is compared with
+    (a sample leaves at the first head whose score reaches it). Differentiable, so a robustness
+    test can push scores towards or away from thresholds (the slowdown suite does)."""
+    if not isinstance(model, ExitCascade):
+        raise InputError(
+            f"exit_scores needs a model with exit heads (early-exit, resolution, frame-exit, "
+            f"stop-reading); got a {getattr(model, 'strategy', type(model).__name__)} model."
+        )
+    logits = model.exit_logits(x)
+    kind = model.policy.kind
+    return [_scores(logits[i], model.temperatures[i], kind) for i in range(model.num_exits)]
 
 
 def save_json(result: Any, path: str | Path) -> Path:

@@ -126,3 +126,26 @@ def test_inputs_of_another_dtype_or_device_are_input_errors(tiny_model, make, st
         dyn(make(x))
     with torch.no_grad():
         assert dyn(x).shape == (2, 5)
+
+
+def test_exit_scores_are_what_the_thresholds_are_compared_with():
+    from dynify.runtime.decisions import NEVER
+    from tests.test_contract import contract_input, contract_model, spread_new_parts
+
+    model = contract_model()
+    x = contract_input()
+    dyn = dynify.convert(model, "early-exit", x[:1]).eval()
+    spread_new_parts(dyn, model)
+    scores = dynify.exit_scores(dyn, x.requires_grad_(True))
+    assert len(scores) == dyn.num_exits and all(s.shape == (len(x),) for s in scores)
+    (grad,) = torch.autograd.grad(scores[0].sum(), x)  # differentiable in the input
+    assert grad.abs().sum() > 0
+    threshold = float(scores[0].detach().median())
+    dyn.set_thresholds([threshold] + [NEVER] * (dyn.num_thresholds - 1))
+    with torch.no_grad():
+        dyn(x.detach())
+    expected = scores[0].detach() >= torch.tensor(threshold)
+    assert torch.equal(dyn.last_exit == 0, expected) and 0 < int(expected.sum()) < len(x)
+    gated = dynify.convert(model, "block-gates", x[:1].detach())
+    with pytest.raises(dynify.DynifyError, match="exit heads"):
+        dynify.exit_scores(gated, x)
