@@ -271,7 +271,7 @@ def render() -> str:
     best_curve = fewest_macs_within(curve, base, TARGET_DROP, "test")
     lines += [
         f"Synthetic clips (a stand-in: no video data ships): each of {s['test_clips']} "
-        f"cifar10/test images (a seeded subset of the 5,000) becomes a clip of {s['frames']} "
+        f"cifar10/test images (evenly spaced over the 5,000, every class alike) becomes a clip of {s['frames']} "
         "frames, each a random crop, flip, occlusion and blur of it; thresholds calibrated on "
         f"clips of {s['calib_clips']} held-out cifar10/train images. Per-frame network: the "
         f"pretrained CIFAR ResNet-{s['depth']} ({s['frame_macs'] / 1e6:.1f} M MACs per frame), "
