@@ -111,6 +111,33 @@ def test_the_next_update_is_known_at_each_update():
     assert steps_to_next_update(torch.tensor([1e-30]), 0.5, 20).tolist() == [21]
 
 
+def test_the_python_float_schedule_equals_the_tensor_rule_ties_included():
+    """The eager loop's schedule in doubles equals the float32 tensor rule: on random logits,
+    and on logits whose ratio boundary / delta lands on a whole number (the tie fallback)."""
+    from dynify.runtime.decisions import (
+        steps_to_next_update_one,
+        update_boundary,
+        update_probability,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.logit(torch.tensor([0.5, 0.25, 0.125, 0.1]))  # 0.5 / delta = 1, 2, 4, 5
+    for threshold in (0.05, 0.3, 0.5, 0.77, 1.0):
+        logits = torch.cat([torch.randn(200, generator=g) * 4, ties, torch.tensor([-1e4, 1e4])])
+        logits = logits.float()
+        expected = steps_to_next_update(update_probability(logits), threshold, STEPS).tolist()
+        boundary = float(update_boundary(threshold))
+        got = steps_to_next_update_one(
+            logits.tolist(),
+            boundary,
+            STEPS,
+            lambda x=logits, t=threshold: steps_to_next_update(
+                update_probability(x), t, STEPS
+            ).tolist(),
+        )
+        assert got == expected, threshold
+
+
 def test_skipped_steps_run_neither_the_cell_nor_the_input_projection():
     """delta u = 0.5 at threshold 0.5: updates at steps 0, 2, 4, ...; FlopCounterMode counts
     exactly those steps' cell matmuls (input and hidden projections) plus the gate's."""

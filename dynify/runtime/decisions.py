@@ -370,3 +370,27 @@ def accumulate_update_probability(u: Tensor, update: Tensor, delta: Tensor) -> T
     """Skip RNN's recursion: after an update the probability restarts at delta, after a skip
     it grows by delta (capped at 1)."""
     return update * delta + (1.0 - update) * (u + torch.minimum(delta, 1.0 - u))
+
+
+def steps_to_next_update_one(
+    logits: Sequence[float], boundary: float, limit: int, exact: Callable[[], list[int]]
+) -> list[int]:
+    """`steps_to_next_update(update_probability(logits), threshold, limit)` in Python doubles,
+    for a boundary (1 - threshold, as its float32 value) in [0, 1), where the gate decides.
+
+    The eager loop decides a step's schedule this way: a dozen tensor ops on a few numbers per
+    step cost more than the step's cell. A ratio boundary / delta within `FLOAT32_TIE`
+    (relative) of a whole number, where float32 and double could floor differently, hands the
+    step to the tensor rule (`exact()`), so both paths always schedule alike.
+    """
+    steps = []
+    for logit in logits:
+        delta = 1.0 if math.isnan(logit) else sigmoid_one(logit)
+        ratio = boundary / max(delta, 1e-30)
+        if ratio >= limit + 1.0:
+            steps.append(limit + 1)
+            continue
+        if abs(ratio - round(ratio)) < FLOAT32_TIE * max(1.0, ratio):
+            return exact()
+        steps.append(math.floor(min(ratio, float(limit))) + 1)
+    return steps

@@ -39,6 +39,7 @@ from dynify.runtime.decisions import (
     accumulate_update_probability,
     gate_decides,
     steps_to_next_update,
+    steps_to_next_update_one,
     straight_through_update,
     update_boundary,
     update_probability,
@@ -48,9 +49,12 @@ from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallR
 from dynify.runtime.recurrence import (
     State,
     batch_first,
+    cell_step,
     check_module,
+    gather_state,
     module_output,
     run_stretch,
+    scatter_state,
     step_rows,
     zero_state,
 )
@@ -116,13 +120,16 @@ class SkipRNN(nn.Module):
     # --- eager: only the samples due to update run ------------------------------------------
     def _eager(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
         batch, steps = xb.shape[0], xb.shape[1]
-        threshold = float(run.thresholds[0])
-        if bool(updates_every_step(run.thresholds[0])):
+        threshold = run.thresholds[0]
+        if bool(updates_every_step(threshold)):
             out, state = run_stretch(self.rnn, xb)
             run.updates = torch.ones(batch, steps, dtype=torch.bool)
             run.gates = torch.zeros(batch, dtype=torch.long)
             return out, state
-        use_gate = gate_decides(threshold)
+        use_gate = gate_decides(float(threshold))
+        boundary = float(update_boundary(threshold))
+        never = [steps + 1] * batch
+        inputs = xb.transpose(0, 1)  # [T, B, F]: a step's inputs are one slice
         state = zero_state(self.rnn, batch, xb)
         due: list[list[int]] = [[] for _ in range(steps)]
         due[0] = list(range(batch))
@@ -132,20 +139,33 @@ class SkipRNN(nn.Module):
         for t in range(steps):
             rows = sorted(due[t])
             if rows:
-                index = None if len(rows) == batch else torch.tensor(rows, device=xb.device)
-                state = step_rows(self.rnn, xb[:, t], state, index)
+                if len(rows) == batch:
+                    index, new = None, cell_step(self.rnn, inputs[t], state)
+                    state = new
+                else:
+                    index = torch.tensor(rows, device=xb.device)
+                    new = cell_step(
+                        self.rnn, inputs[t].index_select(0, index), gather_state(state, index)
+                    )
+                    state = scatter_state(state, index, new)
                 for r in rows:
                     flags[r][t] = True
                 if t + 1 < steps:
                     if use_gate:
-                        top = state.top if index is None else state.top.index_select(0, index)
-                        delta = update_probability(self.gate(top).squeeze(-1))
+                        logits = self.gate(new.top).squeeze(-1)
+                        ahead = steps_to_next_update_one(
+                            logits.tolist(),
+                            boundary,
+                            steps,
+                            lambda logits=logits: steps_to_next_update(
+                                update_probability(logits), threshold, steps
+                            ).tolist(),
+                        )
                         for r in rows:
                             gates[r] += 1
-                    else:
-                        delta = xb.new_ones(len(rows))
-                    ahead = steps_to_next_update(delta, run.thresholds[0], steps).tolist()
-                    for r, j in zip(rows, ahead, strict=True):
+                    else:  # threshold 0 or below: never again
+                        ahead = never
+                    for r, j in zip(rows, ahead, strict=False):
                         if t + j < steps:
                             due[t + j].append(r)
             outs.append(state.top)
