@@ -14,27 +14,13 @@ import dynify
 from dynify.errors import StrategyError, TraceError
 from dynify.runtime.decisions import steps_to_next_update
 from dynify.runtime.skip_rnn import SkipRNNModel
+from tests.test_sequence_frontend import LastToken
 
 VOCAB, STEPS = 40, 12
 
 
-class Reader(nn.Module):
-    """Embedding, an LSTM or GRU in either layout, the output at the last real token, linear."""
-
-    def __init__(self, cell=nn.LSTM, layers=1, batch_first=True, bidirectional=False):
-        super().__init__()
-        self.batch_first = batch_first
-        self.emb = nn.Embedding(VOCAB, 8, padding_idx=0)
-        self.rnn = cell(8, 12, num_layers=layers, batch_first=batch_first,
-                        bidirectional=bidirectional)  # fmt: skip
-        self.fc = nn.Linear(12 * (2 if bidirectional else 1), 3)
-
-    def forward(self, ids):
-        e = self.emb(ids)
-        out, _ = self.rnn(e if self.batch_first else e.transpose(0, 1))
-        out = out if self.batch_first else out.transpose(0, 1)
-        lengths = (ids != 0).sum(1).clamp(min=1)
-        return self.fc(out[torch.arange(ids.shape[0]), lengths - 1])
+# Embedding, an LSTM or GRU in either layout, the output at the last real token, linear.
+Reader = LastToken
 
 
 class Packs(Reader):
