@@ -90,6 +90,18 @@ def run_suite(name: str, argv: list[str]) -> list[Path]:
     return written
 
 
+def joined_commands(previous: str, new: str) -> str:
+    """The commands that together reproduce an added-to result, each run once: a run measured
+    again keeps only its last place, the first command starts the file and the others add."""
+
+    def key(command: str) -> str:
+        return command.replace(" --add", "")
+
+    parts = [key(part) for part in previous.split(" && ") if key(part) != key(new)]
+    parts.append(key(new))
+    return " && ".join([parts[0], *(f"{part} --add" for part in parts[1:])])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -109,15 +121,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def joined_commands(previous: str, new: str) -> str:
-    """The commands that together reproduce an added-to result, each run once: a run measured
-    again keeps only its last place, the first command starts the file and the others add."""
-
-    def key(command: str) -> str:
-        return command.replace(" --add", "")
-
-    parts = [key(part) for part in previous.split(" && ") if key(part) != key(new)]
-    parts.append(key(new))
-    return " && ".join([parts[0], *(f"{part} --add" for part in parts[1:])])
