@@ -43,6 +43,7 @@ from benchmarks.cifar_data import (
     subsample,
     weights_path,
 )
+from benchmarks.pgd import pgd
 from benchmarks.report import missing, provenance
 from benchmarks.results import read_result
 from benchmarks.slowdown_units import NOTES as UNIT_NOTES
@@ -119,25 +120,12 @@ def slowdown_pgd(
     """DeepSloth-style PGD: pixels within `eps` (L-inf) whose exit scores fall below the
     thresholds: gradient descent on sum_i relu(score_i - threshold_i), random start."""
     thresholds = dyn.thresholds.detach()
-    step_size = 2.5 * eps / steps
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, len(pixels), batch):
-        clean = pixels[start : start + batch]
-        delta = (torch.rand(clean.shape, generator=generator) * 2 - 1) * eps
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                scores = dynify.exit_scores(dyn, to_input((clean + delta).clamp(0, 1)))
-                loss = sum(
-                    torch.relu(s - t).sum() for s, t in zip(scores, thresholds, strict=False)
-                )
-                (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = (delta - step_size * grad.sign()).clamp(-eps, eps)
-                delta = (clean + delta).clamp(0, 1) - clean
-        out.append((clean + delta.detach()).clamp(0, 1))
-    return torch.cat(out)
+
+    def hinge(x: torch.Tensor) -> torch.Tensor:
+        scores = dynify.exit_scores(dyn, to_input(x))
+        return sum(torch.relu(s - t).sum() for s, t in zip(scores, thresholds, strict=False))
+
+    return pgd(pixels, hinge, eps, steps, seed, batch)
 
 
 @torch.no_grad()

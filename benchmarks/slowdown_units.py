@@ -27,6 +27,7 @@ from benchmarks.cifar_data import (
     subsample,
     weights_path,
 )
+from benchmarks.pgd import pgd
 
 # the suite's defaults, for saying when a committed run was shortened
 FULL = {"train_images": 10000, "attack_images": 200}
@@ -43,28 +44,14 @@ def unit_pgd(
 ) -> torch.Tensor:
     """PGD within `eps` (L-inf) pushing every unit's probability over 1 - threshold."""
     thresholds = dyn.thresholds.detach()
-    step_size = 2.5 * eps / steps
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, len(pixels), batch):
-        clean = pixels[start : start + batch]
-        delta = (torch.rand(clean.shape, generator=generator) * 2 - 1) * eps
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                probs = dyn.unit_probabilities(to_input((clean + delta).clamp(0, 1)))
-                if len(probs) == 1 and probs[0].dim() == 2 and len(thresholds) > 1:  # a plan
-                    loss = torch.relu((1.0 - thresholds) - probs[0]).sum()
-                else:
-                    loss = sum(
-                        torch.relu((1.0 - thresholds[k]) - p).sum() for k, p in enumerate(probs)
-                    )
-                (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = (delta - step_size * grad.sign()).clamp(-eps, eps)
-                delta = (clean + delta).clamp(0, 1) - clean
-        out.append((clean + delta.detach()).clamp(0, 1))
-    return torch.cat(out)
+
+    def hinge(x: torch.Tensor) -> torch.Tensor:
+        probs = dyn.unit_probabilities(to_input(x))
+        if len(probs) == 1 and probs[0].dim() == 2 and len(thresholds) > 1:  # a plan
+            return torch.relu((1.0 - thresholds) - probs[0]).sum()
+        return sum(torch.relu((1.0 - thresholds[k]) - p).sum() for k, p in enumerate(probs))
+
+    return pgd(pixels, hinge, eps, steps, seed, batch)
 
 
 def worst_decisions(dyn, x: torch.Tensor) -> torch.Tensor:
