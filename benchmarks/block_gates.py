@@ -236,11 +236,18 @@ def without_blocks(model: torch.nn.Module, blocks: list[str]) -> torch.nn.Module
     return model
 
 
-def train(dyn, fit, args) -> dict:
-    """Joint fine-tuning with `dynify.finetune` on the first `--steps` batches' worth of a
-    seeded shuffle of the fit part."""
+def fit_subset(fit, args) -> Subset:
+    """The first `--steps` batches' worth of a seeded shuffle of the fit part."""
     images = min(args.steps * args.batch_size, len(fit))
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))[:images]
+    return Subset(fit, order.tolist())
+
+
+def train(dyn, fit, args) -> dict:
+    """Joint fine-tuning with `dynify.finetune` on `fit_subset` of the fit part, towards
+    `--budget`, logging the loss terms every 20 steps."""
+    subset = fit_subset(fit, args)
+    images = len(subset)
     history: list[dict] = []
 
     def log(info: dict) -> None:
@@ -253,7 +260,7 @@ def train(dyn, fit, args) -> dict:
 
     result = dynify.finetune(
         dyn,
-        Subset(fit, order.tolist()),
+        subset,
         mode="joint",
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -25,9 +25,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 import dynify
+from benchmarks import block_gates
 from benchmarks.cifar_data import (
     DEFAULT_CACHE,
     INPUT_SIZE,
@@ -78,44 +78,11 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.calib, args.test_images, args.latency_repeats = 128, 128, 10
 
 
-def _fit_subset(fit, args):
-    images = min(args.steps * args.batch_size, len(fit))
-    order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))[:images]
-    return Subset(fit, order.tolist())
-
-
 def train(dyn, fit, args) -> dict:
-    """Joint fine-tuning with `dynify.finetune` on the first `--steps` batches' worth of a
-    seeded shuffle of the fit part."""
-    history: list[dict] = []
-
-    def log(info: dict) -> None:
-        if info["step"] % 20 == 0:
-            keep = ("loss", "distill", "macs_fraction", "greedy_macs_fraction", "compute_price")
-            history.append(
-                {"step": info["step"], **{k: round(info[k], 4) for k in keep if k in info}}
-            )
-            print(f"    step {info['step']}: {history[-1]}", flush=True)
-
-    subset = _fit_subset(fit, args)
-    result = dynify.finetune(
-        dyn,
-        subset,
-        mode="joint",
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        budget=args.budget,
-        calibration_fraction=0.0,
-        progress=False,
-        callback=log,
-    )
-    return {
-        "images": len(subset),
-        "steps": len(subset) // args.batch_size * args.epochs,
-        "seconds": round(result.seconds, 1),
-        "history": history,
-    }
+    """Joint fine-tuning as the block-gates suite does it (same subset, recipe and log)."""
+    out = block_gates.train(dyn, fit, args)
+    out["steps"] *= args.epochs  # counted over every epoch here
+    return out
 
 
 def static_baseline(args, data: dict) -> dict:
@@ -125,7 +92,7 @@ def static_baseline(args, data: dict) -> dict:
     )
     result = dynify.finetune_static(
         model,
-        _fit_subset(data["fit"], args),
+        block_gates.fit_subset(data["fit"], args),
         epochs=args.static_epochs,
         input_size=INPUT_SIZE,
         batch_size=args.batch_size,
