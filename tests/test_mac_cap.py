@@ -1,5 +1,5 @@
 """The MAC cap of the strategies that hold one themselves (`dynify.runtime.mac_cap`: block
-gates, spatial masks, skip-rnn): no input, however crafted, and no threshold makes a sample
+gates, spatial masks, skip-rnn, dynamic width): no input, however crafted, and no threshold makes a sample
 spend more than the cap, in a batch, alone and through the export face; a batch decides as its
 samples do alone; without a cap nothing changes."""
 
@@ -28,9 +28,11 @@ VARIANTS = [
     ("spatial-masks", {"granularity": "region"}),
     ("spatial-masks", {"granularity": "pixel"}),
     ("skip-rnn", {}),
+    ("dynamic-width", {}),
 ]
 IDS = ["-".join([s, *map(str, o.values())]) for s, o in VARIANTS]
 SKIP_RNN = VARIANTS.index(("skip-rnn", {}))
+WIDTH = VARIANTS.index(("dynamic-width", {}))
 # thresholds: calibrated-looking, and every gate open / every unit active (whatever the score)
 THRESHOLDS = (0.5, 1.01)
 
@@ -56,6 +58,8 @@ def variable_costs(dyn: dynify.DynamicModel) -> list[int]:
         return dyn.branch_macs()
     if dyn.strategy == "skip-rnn":  # an update after the first, and the gate after it
         return [dyn.wrapper.step_macs + dyn.wrapper.gate_macs]
+    if dyn.strategy == "dynamic-width":  # full width above the narrowest
+        return [w.extra_macs[-1] for w in dyn.wrappers]
     return [w.branch_macs for w in dyn.wrappers]
 
 
@@ -195,7 +199,7 @@ def test_capped_models_are_mac_capped_and_exit_cascades_are_not(dyn):
     assert not isinstance(exits, dynify.MacCapped)
 
 
-ONE_OF_EACH = [0, 3, SKIP_RNN]
+ONE_OF_EACH = [0, 3, SKIP_RNN, WIDTH]
 
 
 @pytest.mark.parametrize(
@@ -244,6 +248,9 @@ def test_onnx_keeps_the_cap_for_hostile_inputs(strategy, options, tmp_path):
         w = dyn.wrapper
         spent = dyn.cap_floor() + (decisions[:, 1:].sum(1) * (w.step_macs + w.gate_macs))
         assert int(spent.max()) <= int(dyn.mac_cap)
+    if dyn.strategy == "dynamic-width":  # the widths price within the cap on their own
+        extra = [torch.tensor(w.extra_macs)[decisions[:, i]] for i, w in enumerate(dyn.wrappers)]
+        assert int((dyn.cap_floor() + torch.stack(extra).sum(0)).max()) <= int(dyn.mac_cap)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 threshold (0 = cheapest, > 1 = full compute) with real forward passes.
 
 A `mac_cap` is set on the model first (`MacCapped.set_mac_cap`: block gates, spatial masks,
-skip-rnn), so the sweep measures the model as it will serve; alone, it only sets the cap."""
+skip-rnn, dynamic width), so the sweep measures the model as it will serve; alone, it only sets the cap."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def calibrate_by_sweep(
         if not isinstance(dyn, MacCapped):
             raise StrategyError(
                 f"Strategy '{dyn.strategy}' has no MAC cap: exit cascades, block gates, spatial "
-                "masks and skip-rnn can promise that no sample spends more. Calibrate with "
-                "--budget or --max-drop instead."
+                "masks, skip-rnn and dynamic width can promise that no sample spends more. Calibrate "
+                "with --budget or --max-drop instead."
             )
         # set first, so the thresholds are searched under the cap they will serve with
         dyn.set_mac_cap(mac_cap)
