@@ -37,6 +37,7 @@ from dynify.options import (
 )
 from dynify.passes import register_strategy, strategy_names
 from dynify.runtime.budget_guard import BudgetGuard
+from dynify.runtime.mac_cap import CostBound, cost_bound
 from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
@@ -68,6 +69,7 @@ __all__ = [
     "BlockGateOptions",
     "BudgetGuard",
     "CalibrationResult",
+    "CostBound",
     "DynamicConvOptions",
     "DynamicModel",
     "DynamicWidthOptions",
@@ -101,6 +103,7 @@ __all__ = [
     "check_plot_path",
     "choose_operating_point",
     "convert",
+    "cost_bound",
     "evaluate",
     "exit_scores",
     "export_onnx",

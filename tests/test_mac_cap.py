@@ -13,12 +13,14 @@ import torch
 
 import dynify
 import dynify.export.artifact as artifact
-from dynify.errors import StrategyError
+from dynify.errors import DynifyError, StrategyError
+from dynify.runtime.decisions import NEVER
 from tests.test_contract import (
     contract_input,
     contract_model,
     example_of,
     spread_new_parts,
+    variants,
 )
 
 VARIANTS = [
@@ -48,7 +50,8 @@ def converted(strategy: str, options: dict[str, Any]) -> dynify.DynamicModel:
         spread_new_parts(dyn, model)
         _cache[key] = dyn
     dyn = _cache[key]
-    dyn.set_mac_cap(None)
+    if isinstance(dyn, dynify.MacCapped):
+        dyn.set_mac_cap(None)
     return dyn
 
 
@@ -305,3 +308,139 @@ def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):
     result = runner.invoke(app, [*calibrate, "--mac-cap", "0.01"], catch_exceptions=False)
     assert result.exit_code == 2
     assert "below the cheapest" in " ".join(result.output.split())
+
+
+# --- exit cascades: a forced exit (threshold 0) is the cap ---------------------------------
+
+CASCADES = [
+    (strategy, options)
+    for strategy in dynify.strategy_names()
+    for options in variants(strategy)
+    if options.get("policy") in ("confidence", "entropy")
+]
+CASCADE_IDS = ["-".join([s, *map(str, o.values())]) for s, o in CASCADES]
+
+
+def very_hostile(dyn: dynify.DynamicModel) -> torch.Tensor:
+    """The example's hostile inputs and, for float inputs, -inf, -3e38 and NaN in half the
+    values of another sample."""
+    x = hostile(dyn)
+    if x.is_floating_point():
+        x[3], x[4] = float("-inf"), -3e38
+        x[5].view(-1)[::2] = float("nan")
+    return x
+
+
+def forcing(dyn: dynify.DynamicModel, k: int) -> list[float]:
+    """Exit k forced (threshold 0), every other exit off: every sample's dearest way to k."""
+    thresholds = [NEVER] * dyn.num_thresholds
+    thresholds[k] = 0.0
+    return thresholds
+
+
+@pytest.mark.parametrize("strategy,options", CASCADES, ids=CASCADE_IDS)
+@torch.no_grad()
+def test_a_forced_exit_holds_for_every_input_in_batch_alone_and_export(strategy, options):
+    dyn = converted(strategy, options)
+    assert isinstance(dyn, dynify.ExitCascade) and not isinstance(dyn, dynify.MacCapped)
+    x = very_hostile(dyn)
+    try:
+        for k in range(dyn.num_exits):
+            dyn.set_thresholds(forcing(dyn, k))
+            cap = dynify.cost_bound(dyn).cap
+            assert cap is not None and cap < dyn.worst_case_macs()
+            dyn(x)
+            macs, exits = dyn.last_macs.clone(), dyn.last_exit.clone()
+            assert int(macs.max()) <= cap, k
+            _, alone_macs, alone_exits = run_alone(dyn, x)
+            assert torch.equal(alone_macs, macs) and torch.equal(alone_exits, exits)
+            assert torch.equal(dyn.export_face().eval()(x)[1], exits)
+            if not isinstance(dyn, dynify.PerSampleExits):  # every sample leaves at k
+                assert exits.tolist() == [k] * len(x)
+    finally:
+        dyn.set_thresholds(0.5)
+
+
+class WideTail(torch.nn.Module):
+    """A text classifier whose classifier (an MLP) costs far more than an exit head."""
+
+    def __init__(self):
+        super().__init__()
+        from dynify.models.text import TextClassifier
+
+        self.net = TextClassifier(40, 5, embed_dim=8, hidden=12, dropout=0.0)
+        self.net.classifier = torch.nn.Sequential(
+            torch.nn.Linear(12, 256), torch.nn.ReLU(), torch.nn.Linear(256, 5)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net(ids)
+
+
+@torch.no_grad()
+def test_stop_reading_caps_short_texts_whose_classifier_is_dearer_than_a_head():
+    """A text that has finished reading before the forced exit takes the original classifier;
+    when it costs more than the head, the cap accounts for it (`forced_exit_macs`)."""
+    torch.manual_seed(0)
+    model = WideTail().eval()
+    ids = torch.randint(1, 40, (6, 12), generator=torch.Generator().manual_seed(0))
+    ids[1, 4:], ids[2, 3:], ids[3, 8:] = 0, 0, 0  # short texts: 4, 3 and 8 tokens
+    dyn = dynify.convert(model, "stop-reading", ids[:1], options={"every": 4}).eval()
+    leave = dyn.exit_macs()[:-1]
+    assert all(b > m for b, m in zip(dyn.forced_exit_macs(), leave, strict=True))
+    for k in range(dyn.num_exits):
+        dyn.set_thresholds(forcing(dyn, k))
+        dyn(ids)
+        assert int(dyn.last_macs.max()) == dynify.cost_bound(dyn).cap > leave[k]
+    data = dynify.TextDataset(ids.repeat(5, 1), torch.randint(0, 5, (30,)))
+    cap = dyn.forced_exit_macs()[0] / dyn.static_macs + 1e-6  # exit 0 forced fits, exit 1 not
+    result = dynify.calibrate(dyn, data, mac_cap=cap, part="all")
+    assert result.forced_exit == 0
+    dyn(ids)
+    assert int(dyn.last_macs.max()) <= cap * dyn.static_macs
+    with pytest.raises(DynifyError, match="cheapest exit"):  # exit 0's head alone would fit
+        dynify.calibrate(dyn, data, mac_cap=leave[0] / dyn.static_macs, part="all")
+
+
+# --- what every strategy prints: the worst case, and the cap it holds ----------------------
+
+
+@pytest.mark.parametrize("strategy", dynify.strategy_names())
+def test_every_strategy_prints_its_worst_case_and_the_cap_it_holds(strategy):
+    from dynify.cli.convert import cost_bound_text
+
+    dyn = converted(strategy, variants(strategy)[0])
+    worst = dyn.worst_case_macs()
+    text = " ".join(cost_bound_text(dyn).split())
+    assert f"worst case per sample: {worst / 1e6:.1f} M MACs" in text
+    bound = dynify.cost_bound(dyn)
+    if strategy == "dynamic-conv":  # its cost does not depend on the input
+        assert bound.fixed and "nothing to cap" in text
+        with torch.no_grad():
+            dyn(very_hostile(dyn))
+        assert set(dyn.last_macs.tolist()) == {worst}
+        return
+    assert not bound.fixed and "no sample spends more than" not in text
+    try:
+        if isinstance(dyn, dynify.MacCapped):
+            dyn.set_mac_cap(biting_cap(dyn))
+            expected = int(dyn.mac_cap)
+        else:
+            dyn.set_thresholds(forcing(dyn, 0))
+            expected = dynify.cost_bound(dyn).cap
+        text = " ".join(cost_bound_text(dyn).split())
+        assert f"no sample spends more than {expected / 1e6:.1f} M MACs" in text
+        assert f"({expected / dyn.static_macs:.3f} of static)" in text
+    finally:
+        if isinstance(dyn, dynify.MacCapped):
+            dyn.set_mac_cap(None)
+        dyn.set_thresholds(0.5)
+
+
+def test_a_mac_cap_on_dynamic_conv_says_there_is_nothing_to_cap():
+    dyn = converted("dynamic-conv", variants("dynamic-conv")[0])
+    images = contract_input(32)
+    data = (images, torch.randint(0, 5, (32,)))
+    with pytest.raises(StrategyError, match="nothing to cap") as error:
+        dynify.calibrate(dyn, data, mac_cap=0.9, part="all")
+    assert f"{dyn.worst_case_macs() / dyn.static_macs:.4f}" in str(error.value)

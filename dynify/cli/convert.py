@@ -175,13 +175,25 @@ def summary_table(dyn: dynify.DynamicModel) -> Table:
         table.add_column(column, justify="left" if i < 2 else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    worst = dyn.worst_case_macs()
-    table.caption = (
+    table.caption = cost_bound_text(dyn)
+    return table
+
+
+def cost_bound_text(dyn: dynify.DynamicModel) -> str:
+    """The worst case per sample, and the cap the model holds (a MAC cap, a forced exit)."""
+    bound = dynify.cost_bound(dyn)
+    worst = bound.worst
+    text = (
         f"worst case per sample: {worst / 1e6:.1f} M MACs ({worst / dyn.static_macs:.3f} of static)"
     )
-    if isinstance(dyn, dynify.MacCapped) and dyn.mac_cap_fraction() is not None:
-        table.caption += f"; MAC cap {dyn.mac_cap_fraction():.3f} of static (every sample)"
-    return table
+    if bound.fixed:
+        return text + ", every sample's cost: no decision changes it, so there is nothing to cap"
+    if bound.cap is not None:
+        text += (
+            f"; {bound.label}: no sample spends more than {bound.cap / 1e6:.1f} M MACs "
+            f"({bound.cap / dyn.static_macs:.3f} of static), whatever its input"
+        )
+    return text
 
 
 @command(help="Print a model's graph summary: cut points, residual blocks, MACs by stage.")

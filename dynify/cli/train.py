@@ -287,11 +287,12 @@ def calibrate(
         f"On the calibration data: {what} {result.accuracy:.2%} at {result.macs_fraction:.3f} "
         f"of the static MACs (static: {result.static_accuracy:.2%})."
     )
-    if isinstance(dyn, dynify.MacCapped) and dyn.mac_cap_fraction() is not None:
+    bound = dynify.cost_bound(dyn)
+    if bound.cap is not None:
         console.print(
-            f"MAC cap: no sample spends more than {dyn.mac_cap_fraction():.4f} of the static "
-            f"MACs, whatever its input (worst case without it: "
-            f"{dyn.worst_case_macs() / dyn.static_macs:.3f})."
+            f"{bound.label}: no sample spends more than "
+            f"{bound.cap / dyn.static_macs:.4f} of the static MACs, whatever its input (worst "
+            f"case without it: {bound.worst / dyn.static_macs:.3f})."
         )
     dynify.save(dyn, target)
     wrote(target, replaced)

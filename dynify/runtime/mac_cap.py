@@ -25,11 +25,13 @@ and artifacts carry it; `CapHolder` gives a model `set_mac_cap(fraction | None)`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dynify.errors import StrategyError
+from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
 
 NO_CAP = -1
 
@@ -132,3 +134,42 @@ class CapHolder:
         """The cap in MACs, or None (read once per forward: a Python int)."""
         cap = int(self.mac_cap)
         return None if cap < 0 else cap
+
+
+@dataclass(frozen=True)
+class CostBound:
+    """What one sample can spend, as `describe` output and the CLI print it.
+
+    `worst`: `worst_case_macs()`, any input and any thresholds. `cap`: the bound the current
+    settings guarantee for every input, or None: the MAC cap a `MacCapped` model holds,
+    or the cost of an exit cascade's forced exit (threshold 0, as `calibrate(mac_cap=)` sets
+    it; not under the patience policy, whose exits never fire unconditionally). `how`: how a
+    cascade holds it ("forced exit 2"), empty for a `MacCapped` model.
+    `fixed`: nothing decides what a sample spends (a strategy without thresholds, dynamic
+    convs): every sample costs `worst`, and there is nothing to cap.
+    """
+
+    worst: int
+    cap: int | None
+    how: str
+    fixed: bool
+
+    @property
+    def label(self) -> str:
+        """ "MAC cap", or "MAC cap (forced exit 2)"."""
+        return f"MAC cap ({self.how})" if self.how else "MAC cap"
+
+
+def cost_bound(dyn: DynamicModel) -> CostBound:
+    """The worst case per sample and the cap the model holds now (`CostBound`)."""
+    worst = dyn.worst_case_macs()
+    if isinstance(dyn, MacCapped):
+        cap = int(dyn.mac_cap)
+        return CostBound(worst, None if cap < 0 else cap, "", False)
+    if isinstance(dyn, ExitCascade) and dyn.policy.kind != "patience":
+        thresholds = dyn.thresholds.tolist()[: dyn.num_exits]
+        forced = next((i for i, t in enumerate(thresholds) if t <= 0.0), None)
+        if forced is not None:
+            costs = dyn.forced_exit_macs() if isinstance(dyn, PerSampleExits) else dyn.exit_macs()
+            return CostBound(worst, costs[forced], f"forced exit {forced}", False)
+    return CostBound(worst, None, "", dyn.num_thresholds == 0)

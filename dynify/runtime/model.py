@@ -358,7 +358,8 @@ class ExitCascade(Protocol):
 @runtime_checkable
 class MacCapped(Protocol):
     """A model whose per-sample MACs can be capped for every input (`dynify.runtime.mac_cap`):
-    block gates and spatial masks. Exit cascades cap by forcing an exit at calibration instead.
+    block gates, spatial masks, dynamic width and skip-rnn. Exit cascades cap by forcing an exit
+    at calibration instead (`dynify.runtime.mac_cap.cost_bound` reads either).
 
     `set_mac_cap(fraction)` (None: no cap) refuses a cap below `cap_floor()`, the MACs a sample
     spends whatever it decides; `mac_cap_fraction()` reads it back.
@@ -383,6 +384,12 @@ class PerSampleExits(Protocol):
     sample n spends if it leaves at exit i (the last row: the final classifier), and
     `available` bool [num_exits, N], whether sample n can leave at exit i at all. Calibration
     and evaluation simulate the exit rule with these instead of `exit_macs()`.
+
+    `forced_exit_macs()[i]` is the most a sample can spend when exit i fires for every sample
+    that reaches it (threshold 0, a MAC cap's forced exit): samples to whom exit i is closed
+    take the final classifier, which may cost them more than exit i's head.
     """
 
     def sample_exit_costs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forced_exit_macs(self) -> list[int]: ...

@@ -166,6 +166,17 @@ class StopReadingModel(DynamicModel):
         bounds = torch.tensor([self.boundary(i) for i in range(k)], device=read.device)
         return macs, read[None, :] > bounds[:, None]
 
+    def forced_exit_macs(self) -> list[int]:
+        """The most a sample can spend with exit i forced (threshold 0, as a MAC cap sets it),
+        per exit: leaving there, or, for a text that has finished reading by exit i's position
+        (exit i is closed to it), the original classifier's answer after reading up to it. The
+        classifier may cost more than the head, so the second can be the dearer."""
+        bounds = []
+        for i, leave in enumerate(self.exit_macs()[:-1]):
+            short = self._cost_one(self.boundary(i), self.num_exits)[0]
+            bounds.append(max(leave, short))
+        return bounds
+
     def worst_case_macs(self) -> int:
         """Every token read, every head evaluated, the original classifier run."""
         return self.exit_macs()[-1]

@@ -13,6 +13,7 @@ import torch
 
 from dynify.errors import StrategyError
 from dynify.runtime.decisions import NEVER
+from dynify.runtime.mac_cap import cost_bound
 from dynify.runtime.model import DynamicModel, MacCapped
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.exit_outputs import data_batches
@@ -48,11 +49,18 @@ def calibrate_by_sweep(
     preprocessing: Preprocessing | None,
 ) -> CalibrationResult:
     if mac_cap is not None:
+        if cost_bound(dyn).fixed:
+            worst = dyn.worst_case_macs() / dyn.static_macs
+            raise StrategyError(
+                f"Strategy '{dyn.strategy}' has nothing to cap: no decision changes what a "
+                f"sample spends, and every sample costs {worst:.4f} of the static MACs (its "
+                "worst case), whatever its input. Drop --mac-cap (mac_cap=)."
+            )
         if not isinstance(dyn, MacCapped):
             raise StrategyError(
                 f"Strategy '{dyn.strategy}' has no MAC cap: exit cascades, block gates, spatial "
-                "masks, skip-rnn and dynamic width can promise that no sample spends more. Calibrate "
-                "with --budget or --max-drop instead."
+                "masks, skip-rnn and dynamic width can promise that no sample spends more. "
+                "Calibrate with --budget or --max-drop instead."
             )
         # set first, so the thresholds are searched under the cap they will serve with
         dyn.set_mac_cap(mac_cap)

@@ -9,7 +9,7 @@ import torch
 
 from dynify.errors import DynifyError, StrategyError
 from dynify.runtime.decisions import NEVER, exit_scores, exits_taken, patience_allowed
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, PerSampleExits
 from dynify.train.exit_outputs import ExitOutputs, one_thread
 from dynify.train.targets import CalibrationResult, check_target, choose_point, pareto_front
 from dynify.train.temperature import fit_temperatures
@@ -249,12 +249,15 @@ def _forced_exit(dyn: DynamicModel, mac_cap: float | None) -> int | None:
     if mac_cap is None:
         return None
     costs = dyn.exit_macs()
+    if isinstance(dyn, PerSampleExits):  # what forcing each exit can cost a sample at most
+        costs = [*dyn.forced_exit_macs(), costs[-1]]
     cap = mac_cap * dyn.static_macs
     fits = [i for i, c in enumerate(costs) if c <= cap]
     if not fits:
         raise DynifyError(
-            f"A MAC cap of {mac_cap:.3f} of the static MACs is below the cheapest exit "
-            f"({costs[0] / dyn.static_macs:.3f}); no sample can finish within it."
+            f"A MAC cap of {mac_cap:.3f} of the static MACs is below what the cheapest exit, "
+            f"forced, can cost a sample ({costs[0] / dyn.static_macs:.3f}); no sample can "
+            "finish within it."
         )
     deepest = fits[-1]
     if deepest == len(costs) - 1:
