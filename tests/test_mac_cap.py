@@ -282,19 +282,26 @@ def test_skip_rnn_holds_the_cap_when_the_gate_scores_nan():
         dyn.set_mac_cap(None)
 
 
-def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):
+def image_folder(root):
+    """Three random 32x32 PNGs for each of the CIFAR ResNet's 10 classes."""
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from dynify.cli import app
 
     generator = torch.Generator().manual_seed(0)
-    for label in "abcdefghij":  # the 10 classes of the CIFAR ResNet
-        folder = tmp_path / "data" / label
+    for label in "abcdefghij":
+        folder = root / label
         folder.mkdir(parents=True)
         for i in range(3):
             pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    image_folder(tmp_path / "data")
     artifact_path = tmp_path / "g.dyn"
     runner = CliRunner()
     convert = ["convert", "cifar_resnet20", "--weights", "random", "--strategy", "block-gates"]
@@ -308,6 +315,24 @@ def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):
     result = runner.invoke(app, [*calibrate, "--mac-cap", "0.01"], catch_exceptions=False)
     assert result.exit_code == 2
     assert "below the cheapest" in " ".join(result.output.split())
+
+
+def test_cli_dynamic_conv_prints_its_fixed_cost_and_refuses_a_mac_cap(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    data = image_folder(tmp_path / "data")
+    artifact_path = tmp_path / "c.dyn"
+    runner = CliRunner()
+    convert = ["convert", "cifar_resnet20", "--weights", "random", "--strategy", "dynamic-conv"]
+    result = runner.invoke(app, [*convert, "-o", str(artifact_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "nothing to cap" in " ".join(result.output.split())
+    calibrate = ["calibrate", str(artifact_path), "--data", str(data), "--mac-cap", "0.9"]
+    result = runner.invoke(app, calibrate, catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "nothing to cap" in " ".join(result.output.split())
 
 
 # --- exit cascades: a forced exit (threshold 0) is the cap ---------------------------------
@@ -444,3 +469,71 @@ def test_a_mac_cap_on_dynamic_conv_says_there_is_nothing_to_cap():
     with pytest.raises(StrategyError, match="nothing to cap") as error:
         dynify.calibrate(dyn, data, mac_cap=0.9, part="all")
     assert f"{dyn.worst_case_macs() / dyn.static_macs:.4f}" in str(error.value)
+
+
+def test_every_mac_capped_variant_in_the_registry_is_tested_here():
+    for strategy in dynify.strategy_names():
+        for options in variants(strategy):
+            dyn = converted(strategy, options)
+            if isinstance(dyn, dynify.MacCapped):
+                assert (strategy, options) in VARIANTS, (strategy, options)
+            else:
+                assert (
+                    (strategy, options) in CASCADES
+                    or dynify.cost_bound(dyn).fixed
+                    or (options.get("policy") == "patience")
+                ), (strategy, options)
+
+
+FIRST_OF_EACH_CASCADE = [i for i, (s, o) in enumerate(CASCADES) if o.get("policy") == "confidence"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy,options",
+    [CASCADES[i] for i in FIRST_OF_EACH_CASCADE],
+    ids=[CASCADE_IDS[i] for i in FIRST_OF_EACH_CASCADE],
+)
+def test_onnx_keeps_a_forced_exit_for_hostile_inputs(strategy, options, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    dyn = converted(strategy, options)
+    k = dyn.num_exits - 1  # the deepest exit forced: the others would have to be skipped
+    thresholds = torch.tensor(forcing(dyn, k), dtype=torch.float32)
+    path = dynify.export_onnx(dyn, tmp_path / "forced.onnx")
+    x = very_hostile(dyn)
+    try:
+        dyn.set_thresholds(thresholds)
+        with torch.no_grad():
+            out = dyn(x)
+        assert int(dyn.last_macs.max()) <= dynify.cost_bound(dyn).cap
+        session = ort.InferenceSession(str(path))
+        names = [i.name for i in session.get_inputs()]
+        logits, exits = session.run(None, {names[0]: x.numpy(), names[1]: thresholds.numpy()})
+        assert (exits == dyn.last_exit.numpy()).all()
+        finite = torch.isfinite(out).all(1)
+        torch.testing.assert_close(
+            torch.from_numpy(logits)[finite], out[finite], atol=1e-4, rtol=1e-4
+        )
+    finally:
+        dyn.set_thresholds(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy,options", [VARIANTS[i] for i in ONE_OF_EACH], ids=[IDS[i] for i in ONE_OF_EACH]
+)
+def test_pt2_keeps_the_cap_for_hostile_inputs(strategy, options, tmp_path):
+    dyn = converted(strategy, options)
+    dyn.set_thresholds(1.01)
+    dyn.set_mac_cap(biting_cap(dyn))
+    try:
+        path = dynify.export_pt2(dyn, tmp_path / "capped.pt2")
+        program = torch.export.load(path).module()
+        x = hostile(dyn)
+        with torch.no_grad():
+            dyn(x)
+            _, decisions = program(x, dyn.thresholds)
+        assert torch.equal(decisions, dyn.last_decisions())
+        assert int(dyn.last_macs.max()) <= int(dyn.mac_cap)
+    finally:
+        dyn.set_mac_cap(None)
