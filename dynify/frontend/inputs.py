@@ -192,6 +192,7 @@ def split_example(example: object) -> tuple[torch.Tensor, torch.Tensor | None, E
     """
     if not isinstance(example, tuple | list):
         return check_example_input(example), None, None
+    example = tuple(iter(example))  # the items, whatever the container says its length is
     if len(example) != 2 or not all(isinstance(t, torch.Tensor) for t in example):
         raise InputError(
             f"example_input is a {type(example).__name__} of {len(example)} items; dynify "
@@ -226,8 +227,10 @@ def split_example(example: object) -> tuple[torch.Tensor, torch.Tensor | None, E
 
 def as_inputs(x: object, extra: object = None) -> tuple[object, object]:
     """(sequence, second input) from a model's call: `dyn(x, lengths)` or `dyn((x, lengths))`."""
-    if extra is None and isinstance(x, tuple | list) and len(x) == 2:
-        return x[0], x[1]
+    if extra is None and isinstance(x, tuple | list):
+        items = tuple(iter(x))
+        if len(items) == 2:
+            return items[0], items[1]
     return x, extra
 
 
@@ -243,3 +246,31 @@ def parse_extra_input(value: str | ExtraInput) -> ExtraInput:
         )
     name = name or ("int64" if kind == "lengths" else "bool")
     return ExtraInput.from_dict({"kind": kind, "dtype": name})
+
+
+# A model's input as callers hold it: one tensor, or (sequence, lengths / mask).
+Inputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def input_tensors(x: Inputs) -> tuple[torch.Tensor, ...]:
+    """The tensors of an input, in the order a graph takes them."""
+    return tuple(iter(x)) if isinstance(x, tuple | list) else (x,)
+
+
+def batch_size(x: Inputs) -> int:
+    return int(input_tensors(x)[0].shape[0])
+
+
+def map_inputs(x: Inputs, fn: Any) -> Inputs:
+    """`fn` applied to each tensor of an input, keeping its form."""
+    if isinstance(x, tuple | list):
+        return tuple(fn(t) for t in iter(x))  # type: ignore[return-value]
+    return fn(x)
+
+
+def cat_inputs(inputs: Sequence[Inputs]) -> Inputs:
+    """Inputs of the same form joined along the batch."""
+    if isinstance(inputs[0], tuple | list):
+        parts = [input_tensors(x) for x in inputs]
+        return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))  # type: ignore[return-value]
+    return torch.cat(list(inputs))  # type: ignore[arg-type]

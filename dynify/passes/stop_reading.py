@@ -13,7 +13,7 @@ read position into their own graphs, and hand them with the RNN and the heads to
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -113,6 +113,11 @@ class StopReading:
     summary = "exit heads on an RNN's state every k tokens; confident samples stop reading"
     variants = tuple({"every": 4, "policy": kind} for kind in POLICIES)
     contract_example = "tokens"
+    # The contract also runs on texts passed with their lengths and with a padding mask.
+    contract_examples: ClassVar[dict[str, tuple[dict[str, Any], ...]]] = {
+        "tokens+lengths": ({"every": 4, "policy": "confidence"},),
+        "tokens+mask": ({"every": 4, "policy": "confidence"},),
+    }
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = StopReadingOptions.from_dict(options)

@@ -351,6 +351,9 @@ class ExportFace(nn.Module, ABC):
     """
 
     thresholds: torch.Tensor
+    # The name of the second graph input of a face whose model takes lengths or a mask
+    # ("lengths" / "mask": `x` is then the pair); None: `x` is one tensor.
+    extra_input_name: str | None = None
     # The torch.cond an export must keep at least: fewer means the skipping was folded into a
     # static graph. 0 for a strategy that skips nothing (dynamic convs: kernels, not branches).
     min_conditionals: ClassVar[int] = 1

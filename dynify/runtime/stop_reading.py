@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dynify.frontend.inputs import as_inputs
 from dynify.runtime import recurrence
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, leaves_one, start_streak
@@ -410,6 +411,7 @@ class StopReadingFace(ExportFace):
     def __init__(self, model: StopReadingModel):
         super().__init__(model.thresholds)
         self.model = model
+        self.extra_input_name = None if model.extra_input is None else model.extra_input.name
         self.register_buffer("temperatures", model.temperatures.detach().clone())
 
     def forward(
@@ -419,7 +421,8 @@ class StopReadingFace(ExportFace):
         them (exported as a second graph input)."""
         thr = self.thresholds_or_default(thresholds)
         m = self.model
-        args = (x[0], x[1]) if isinstance(x, tuple | list) else (x,)
+        x, extra = as_inputs(x)
+        args = (x,) if extra is None else (x, extra)
         read = m.read_lengths(*args)
         encoded = m._encoded(args)
         axis = m._time_axis()
