@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from dynify.errors import StrategyError
+from dynify.frontend.inputs import ExtraInput
 from dynify.frontend.recurrent import RecurrentLayer
 
 READ_KINDS = ("gather", "mask", "fill")
@@ -155,4 +157,37 @@ def _reading_operand(
     return None, ""
 
 
-__all__ = ["READ_KINDS", "SequenceRead", "ancestors", "read_lengths", "sequence_read"]
+def require_read(
+    gm: torch.fx.GraphModule, layer: RecurrentLayer, extra: ExtraInput | None, strategy: str
+) -> SequenceRead | None:
+    """How the network reads `layer`'s outputs (None: every step). A model that takes lengths
+    or a mask must read them only at its real steps, in a way the graph shows: else it is
+    refused with what to change (its padding steps would change its answer)."""
+    read = sequence_read(gm, layer)
+    if extra is None or read is not None:
+        return read
+    raise StrategyError(
+        f"This model takes {extra.kind} but its classifier reads '{layer.module}' in a way "
+        f"{strategy} cannot follow (its final state, or every step of its output sequence), so "
+        "the padding steps change its answer and cannot be skipped. Read the output at each "
+        "sample's last token (out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, H))) or "
+        "multiply it by the padding mask (out * mask.unsqueeze(-1)) before pooling; the final "
+        "state of an unpacked RNN includes the padding."
+    )
+
+
+def region(gm: torch.fx.GraphModule, end: torch.fx.Node) -> list[torch.fx.Node]:
+    """`end` and every node it depends on but the inputs (and parameter reads), in order."""
+    members = ancestors(end) | {end}
+    return [n for n in gm.graph.nodes if n in members and n.op not in ("placeholder", "get_attr")]
+
+
+__all__ = [
+    "READ_KINDS",
+    "SequenceRead",
+    "ancestors",
+    "read_lengths",
+    "region",
+    "require_read",
+    "sequence_read",
+]

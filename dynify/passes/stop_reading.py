@@ -21,7 +21,7 @@ import torch.fx
 from dynify.errors import StrategyError
 from dynify.frontend.cost import MACS, module_macs
 from dynify.frontend.recurrent import RecurrentLayer, require_stepwise
-from dynify.frontend.sequence_reads import ancestors, sequence_read
+from dynify.frontend.sequence_reads import ancestors, require_read, sequence_read
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
@@ -81,22 +81,6 @@ def read_position(gm: torch.fx.GraphModule, layer: RecurrentLayer) -> str | None
     return None if read is None else read.node
 
 
-def require_read(ctx: ConversionContext, layer: RecurrentLayer, strategy: str) -> None:
-    """A model that takes lengths or a mask must read the RNN's outputs only at its real
-    steps, in a way the graph shows; else it is refused with what to change."""
-    if ctx.extra_input is None or sequence_read(ctx.gm, layer) is not None:
-        return
-    kind = ctx.extra_input.kind
-    raise StrategyError(
-        f"This model takes {kind} but its classifier reads '{layer.module}' in a way {strategy} "
-        "cannot follow (its final state, or every step of its output sequence), so the padding "
-        "steps change its answer and cannot be skipped. Read the output at each sample's last "
-        "token (out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, H))) or multiply it by "
-        "the padding mask (out * mask.unsqueeze(-1)) before pooling; the final state of an "
-        "unpacked RNN includes the padding."
-    )
-
-
 def _region(gm: torch.fx.GraphModule, end: torch.fx.Node) -> list[torch.fx.Node]:
     """`end` and every node it depends on but the placeholder (and parameter reads), in order."""
     members = ancestors(end) | {end}
@@ -130,7 +114,7 @@ class StopReading:
                 f"every={opts.every} leaves no exit before the end of a {layer.steps}-token "
                 f"input; choose every below {layer.steps} (e.g. {max(1, layer.steps // 8)})."
             )
-        require_read(ctx, layer, "stop-reading")
+        require_read(ctx.gm, layer, ctx.extra_input, "stop-reading")
         read = sequence_read(ctx.gm, layer)
         return {
             "rnn": layer.node,

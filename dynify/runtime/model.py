@@ -256,6 +256,13 @@ class DynamicModel(nn.Module, ABC):
         self.check_input(x, extra)
         return x, extra  # type: ignore[return-value]
 
+    def input_args(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The checked inputs of a call as a graph takes them: (x,) or (x, lengths / mask)."""
+        x, extra = self.inputs(x, extra)
+        return (x,) if extra is None else (x, extra)
+
     def check_input(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         """Refuse inputs the cost accounting and the plan were not made for."""
         if self.extra_input is not None:

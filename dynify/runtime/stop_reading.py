@@ -117,11 +117,6 @@ class StopReadingModel(DynamicModel):
             return recurrence.full_lengths(args[0].shape[0], self.steps, args[0])
         return self.position(*args)
 
-    def _args(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None) -> tuple[Tensor, ...]:
-        """The model's inputs as the lifted graphs take them: (x,) or (x, lengths/mask)."""
-        x, extra = self.inputs(x, extra)
-        return (x,) if extra is None else (x, extra)
-
     def _stretches(self, read: Tensor, exit_index: Tensor) -> Tensor:
         """Stretches each sample ran, from tokens to read and the exit taken."""
         final = exit_index == self.num_exits
@@ -168,7 +163,7 @@ class StopReadingModel(DynamicModel):
         """(MACs [K + 1, N] of leaving at each exit, exits open [K, N]) per sample: a text
         that ends before exit i's position has finished reading there, so exit i is closed to
         it and its final answer costs only what it read."""
-        read = self.read_lengths(*self._args(x, extra))
+        read = self.read_lengths(*self.input_args(x, extra))
         k, n = self.num_exits, read.shape[0]
         exits = torch.arange(k + 1, device=read.device)
         macs = self._costs(read.expand(k + 1, n), exits[:, None].expand(k + 1, n))
@@ -217,7 +212,7 @@ class StopReadingModel(DynamicModel):
     def forward(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None) -> Tensor:
         """Logits [N, C]; `extra`: the lengths or padding mask of a model converted with them
         (also accepted as `forward((x, extra))`)."""
-        args = self._args(x, extra)
+        args = self.input_args(x, extra)
         x = args[0]
         if self._static:
             out = self._forward_static(args)
@@ -327,7 +322,7 @@ class StopReadingModel(DynamicModel):
     ) -> list[Tensor]:
         """Every exit's logits and the original classifier's, for all samples (calibration,
         training): the RNN run stretch by stretch, as the forward runs it."""
-        args = self._args(x, extra)
+        args = self.input_args(x, extra)
         axis = self._time_axis()
         encoded = self._encoded(args)
         state: RnnState | None = None
