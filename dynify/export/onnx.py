@@ -593,7 +593,10 @@ def write_static_onnx(
     saved = (dyn.last_macs, dyn.last_exit)
     try:
         # The accounting attributes assigned in forward are not graph state; restored below.
-        return write_plain_onnx(_StaticFace(dyn), example_input, path, opset=opset)
+        names = ["x"] if dyn.extra_input is None else ["x", dyn.extra_input.name]
+        return write_plain_onnx(
+            _StaticFace(dyn), example_input, path, opset=opset, input_names=names
+        )
     finally:
         dyn.last_macs, dyn.last_exit = saved
 
@@ -605,6 +608,7 @@ def write_plain_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     output_name: str = "logits",
+    input_names: Sequence[str] = ("x",),
 ) -> Path:
     """A module without control flow (`x` -> one tensor) as an ONNX graph with a fixed input
     shape: the static baselines of latency comparisons (the whole network, or a prefix of it)."""
@@ -616,11 +620,12 @@ def write_plain_onnx(
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir", "onnxscript"):
             warnings.simplefilter("ignore")
-            ep = torch.export.export(module.eval(), (example_input.detach(),), strict=False)
+            example = map_inputs(example_input, Tensor.detach)
+            ep = torch.export.export(module.eval(), (example,), strict=False)
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                input_names=["x"],
+                input_names=list(input_names),
                 output_names=[output_name],
                 opset_version=opset,
                 optimize=True,

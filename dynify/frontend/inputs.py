@@ -164,6 +164,8 @@ class ExtraInput:
                 f"{dtype_name(value.dtype)} on {value.device}; convert it "
                 f"({self.kind}.to({x.device.type!r}, torch.{dtype_name(self.dtype)}))."
             )
+        if torch.compiler.is_compiling():  # traced for export: values are not known yet
+            return
         if self.kind == "lengths":
             if batch and not bool(((value >= 1) & (value <= steps)).all()):
                 raise InputError(
