@@ -233,3 +233,14 @@ def lengths_model() -> nn.Module:
 
 def mask_model() -> nn.Module:
     return model_of("mask")
+
+
+def test_timing_runs_on_texts_with_lengths():
+    """`dynify.bench` draws (ids, lengths) from the model and times each forced behaviour;
+    random lengths mean texts shorter than the input, so every row reads less than static."""
+    _, dyn = convert("lengths", "stop-reading", {"every": 4})
+    result = dynify.bench(dyn, runtime="eager", batch=4, runs=2, warmup=1)
+    rows = {row.label: row for row in result.rows}
+    assert rows["static"].macs_fraction == 1.0
+    dynamic = [row for label, row in rows.items() if label != "static"]
+    assert dynamic and all(row.macs_fraction < 1.0 for row in dynamic)
