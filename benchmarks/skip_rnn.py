@@ -48,7 +48,8 @@ def _ids(data: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, float]:
-    """Accuracy, share of state updates and mean MAC fraction of `dyn` on `data`."""
+    """Accuracy, share of state updates (of the texts' real steps) and mean MAC fraction of
+    `dyn` on `data`."""
     dyn.eval()
     correct, updates, steps, macs = 0, 0.0, 0, 0.0
     for start in range(0, len(data), batch):
@@ -56,7 +57,7 @@ def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, 
         correct += int((dyn(ids).argmax(-1) == labels).sum())
         decisions = dyn.last_decisions()
         updates += float(decisions.sum())
-        steps += decisions.numel()
+        steps += int(dyn.last_lengths.sum())  # the texts' real steps: padding never updates
         macs += float(dyn.last_macs.double().sum())
     return {
         "accuracy": correct / len(data),

@@ -84,6 +84,7 @@ def test_a_padded_batch_equals_each_text_alone_without_padding(kind, strategy, o
     else:
         steps_run = dyn.last_decisions().sum(1)
         assert steps_run.tolist() == LENGTHS  # every real step updates, no padding step
+        assert dyn.last_lengths.tolist() == LENGTHS and dyn.update_share() == 1.0
     assert torch.equal(dyn.last_macs, macs)
     # Charged by length: a longer text never costs less, the shortest costs least.
     order = sorted(range(len(LENGTHS)), key=LENGTHS.__getitem__)

@@ -381,6 +381,9 @@ class SkipRNNModel(CapHolder, DynamicModel):
     optional_state = ("budget_multiplier", "mac_cap")
     # [B, T] bool: the steps each sample of the last forward updated at (per thread)
     last_updates = PerCallRecord()
+    # [B] int64: the steps each sample of the last forward could update at: its text's length
+    # where the network reads only up to it (padding steps never update), else T
+    last_lengths = PerCallRecord()
 
     def __init__(
         self,
@@ -462,8 +465,15 @@ class SkipRNNModel(CapHolder, DynamicModel):
         return self.last_updates.long()
 
     def update_share(self) -> float:
-        """The share of steps the last forward's samples updated at."""
-        return float(self.last_decisions().double().mean())
+        """The share of the real steps (`last_lengths`: padding steps excluded, as they never
+        update) the last forward's samples updated at."""
+        return float(self.last_decisions().double().sum() / self.last_lengths.sum().clamp(min=1))
+
+    def _record(self, run: SkipRun, batch: int, device: torch.device) -> None:
+        self.last_updates = run.updates
+        steps = self.wrapper.steps
+        full = torch.full((batch,), steps, dtype=torch.long, device=device)
+        self.last_lengths = full if run.limit is None else run.limit.long()
 
     def _run_graph(self, args: tuple[Tensor, ...], run: SkipRun) -> Tensor:
         """The rewritten graph on the model's inputs; outside static mode each sample's
@@ -492,11 +502,12 @@ class SkipRNNModel(CapHolder, DynamicModel):
             out = self._run_graph(args, SkipRun("static", self.thresholds))
             self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
             self.last_updates = torch.ones(batch, steps, dtype=torch.bool)
+            self.last_lengths = torch.full((batch,), steps, dtype=torch.long)
             return out
         run = self._capped(SkipRun("eager", self.thresholds), self.cap_macs())
         out = self._run_graph(args, run)
         self.last_macs = self._macs(run)
-        self.last_updates = run.updates
+        self._record(run, batch, x.device)
         return out
 
     def training_loss(
@@ -526,7 +537,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
         compute = priced_compute(run.share.reshape(1), price)
         loss = task + compute
         self.last_macs = self._macs(run)
-        self.last_updates = run.updates
+        self._record(run, args[0].shape[0], args[0].device)
         metrics = {
             "loss": float(loss.detach()),
             "distill": stats["kd"],
