@@ -267,9 +267,11 @@ def render() -> str:
         "baseline above.",
         "- Calibration: `dynify.calibrate` on the held-out 10 % of the training file (the part "
         "text_baseline chose its epoch on; the gate never saw it); test chooses nothing.",
-        "- Updates: share of (text, step) pairs whose state was updated, over all T = "
-        f"{r['settings']['max_len']} steps (right padding included: the static LSTM runs "
-        "those steps too). MACs include the embedding-free rest of the network and the gate.",
+        "- Updates: share of each text's real steps (up to its last token; T = "
+        f"{r['settings']['max_len']} with right padding) whose state was updated. The classifier "
+        "reads each text's output at its last token, so a padding step never updates and is "
+        "not counted; MACs are against the static model, which runs every padded step, and "
+        "include the rest of the network and the gate.",
         "- Wall clock: eager PyTorch, one thread, the same batches of 32 test texts for both "
         "models, interleaved; the fastest of the rounds (the machine is shared). The dynamic "
         "model runs the stacked cell per step for the samples due to update (gather, "
