@@ -48,7 +48,8 @@ def _ids(data: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, float]:
-    """Accuracy, share of state updates and mean MAC fraction of `dyn` on `data`."""
+    """Accuracy, share of state updates (of the texts' real steps) and mean MAC fraction of
+    `dyn` on `data`."""
     dyn.eval()
     correct, updates, steps, macs = 0, 0.0, 0, 0.0
     for start in range(0, len(data), batch):
@@ -56,7 +57,7 @@ def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, 
         correct += int((dyn(ids).argmax(-1) == labels).sum())
         decisions = dyn.last_decisions()
         updates += float(decisions.sum())
-        steps += decisions.numel()
+        steps += int(dyn.last_lengths.sum())  # the texts' real steps: padding never updates
         macs += float(dyn.last_macs.double().sum())
     return {
         "accuracy": correct / len(data),
@@ -266,9 +267,11 @@ def render() -> str:
         "baseline above.",
         "- Calibration: `dynify.calibrate` on the held-out 10 % of the training file (the part "
         "text_baseline chose its epoch on; the gate never saw it); test chooses nothing.",
-        "- Updates: share of (text, step) pairs whose state was updated, over all T = "
-        f"{r['settings']['max_len']} steps (right padding included: the static LSTM runs "
-        "those steps too). MACs include the embedding-free rest of the network and the gate.",
+        "- Updates: share of each text's real steps (up to its last token; T = "
+        f"{r['settings']['max_len']} with right padding) whose state was updated. The classifier "
+        "reads each text's output at its last token, so a padding step never updates and is "
+        "not counted; MACs are against the static model, which runs every padded step, and "
+        "include the rest of the network and the gate.",
         "- Wall clock: eager PyTorch, one thread, the same batches of 32 test texts for both "
         "models, interleaved; the fastest of the rounds (the machine is shared). The dynamic "
         "model runs the stacked cell per step for the samples due to update (gather, "

@@ -16,7 +16,14 @@ from torch import nn
 from dynify.errors import DynifyError, InputError, ModelError, StrategyError, TraceError
 from dynify.files import write_text_atomic
 from dynify.frontend import TraceOptions, analyse, profile, symbolic_trace
-from dynify.frontend.inputs import check_example_input, dtype_name, example_input_of, parse_dtype
+from dynify.frontend.inputs import (
+    ExtraInput,
+    dtype_name,
+    example_input_of,
+    parse_dtype,
+    parse_extra_input,
+    split_example,
+)
 from dynify.frontend.trace import LeafSpec, leaf_options
 from dynify.options import StrategyOptions, options_dict
 from dynify.passes import ConversionContext, Strategy, get_strategy
@@ -38,17 +45,21 @@ class FrontEnd:
 
 def read_model(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     leaf_modules: Sequence[LeafSpec] = (),
 ) -> FrontEnd:
-    """Trace, profile and analyse a copy of `model` (the caller's model is never modified)."""
+    """Trace, profile and analyse a copy of `model` (the caller's model is never modified).
+
+    `example_input` is one tensor, or a padded sequence and its lengths or padding mask,
+    passed to forward positionally."""
     start = time.perf_counter()
-    example = check_example_input(example_input)
+    example, extra, extra_input = split_example(example_input)
+    args = (example,) if extra is None else (example, extra)
     model = copy.deepcopy(model).eval()
     check_leaves(model, leaf_modules)
     try:  # eagerly first: a wrong input size fails here with the model's own message
         with torch.no_grad():
-            eager_output = model(example)
+            eager_output = model(*args)
     except Exception as exc:
         raise InputError(
             f"Running {type(model).__name__} on an input of shape {list(example.shape)} failed: "
@@ -58,13 +69,14 @@ def read_model(
     options = TraceOptions(leaf_modules=tuple(leaf_modules))
     gm = symbolic_trace(model, options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
+    if len(placeholders) != len(args):
         raise DynifyError(
-            f"{type(model).__name__}.forward takes {len(placeholders)} inputs; dynify converts "
-            "models with one input tensor. Wrap the model so forward(x) takes one tensor (for "
-            "text: the padded token ids, with lengths or the mask computed inside forward)."
+            f"{type(model).__name__}.forward takes {len(placeholders)} inputs and the example "
+            f"input gives {len(args)}; dynify converts models with one input tensor, or a padded "
+            "sequence and its lengths or padding mask: pass example_input=(ids, lengths) or "
+            "(ids, mask) for forward(ids, lengths), or the tensor alone for forward(x)."
         )
-    output = profile(gm, example)
+    output = profile(gm, *args)
     if isinstance(output, torch.Tensor) and not torch.equal(output, eager_output):
         raise TraceError(
             f"The traced graph of {type(model).__name__} computes a different output than the "
@@ -78,7 +90,12 @@ def read_model(
             "whose forward returns one logits tensor [B, num_classes]."
         )
     context = ConversionContext(
-        gm=gm, example_input=example, analysis=analyse(gm), num_classes=int(output.shape[1])
+        gm=gm,
+        example_input=example,
+        analysis=analyse(gm),
+        num_classes=int(output.shape[1]),
+        example_extra=extra,
+        extra_input=extra_input,
     )
     return FrontEnd(context, options, time.perf_counter() - start)
 
@@ -88,6 +105,14 @@ def build(strategy: Strategy, context: ConversionContext, plan: dict[str, Any]) 
     dyn = bind_children(strategy.build(context, plan))
     if not context.example_input.dtype.is_floating_point:
         dyn.input_dtype = context.example_input.dtype
+    if context.extra_input is not None:
+        if not dyn.takes_extra_input:
+            raise StrategyError(
+                f"{strategy.name} converts models that take one input tensor; this model takes "
+                f"a second input ({context.extra_input.kind}). The temporal strategies "
+                "(skip-rnn, stop-reading) take padded sequences with lengths or a mask."
+            )
+        dyn.extra_input = context.extra_input
     return dyn
 
 
@@ -153,7 +178,7 @@ def _describe(output: Any) -> str:
 def convert(
     model: nn.Module | str,
     strategy: str = "early-exit",
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     options: StrategyOptions | dict[str, Any] | None = None,
     weights: str | None = "auto",
@@ -163,13 +188,17 @@ def convert(
     input_dtype: str | torch.dtype = "float32",
     leaf_modules: Sequence[LeafSpec] = (),
     dump_graphs: str | Path | None = None,
+    extra_input: str | ExtraInput | None = None,
 ) -> DynamicModel:
     """Convert a static classifier into a dynamic one with the named strategy.
 
     `model` is an nn.Module or a model name (see `dynify.zoo`); `weights`, `num_classes` and
     `input_size` apply to names. The input the model is traced with is `example_input`, else
     one of `input_shape` (batch first, e.g. `(1, 60)`) and `input_dtype` (`"int64"` for token
-    ids), else an image of `input_size`. `options` are the strategy's, as its options dataclass
+    ids), else an image of `input_size`. A sequence model called as `forward(ids, lengths)` or
+    `forward(ids, mask)` takes `example_input=(ids, lengths)` / `(ids, mask)`, or
+    `input_shape` with `extra_input` ("lengths": int64 [B]; "mask": bool [B, T];
+    "mask:int64": an integer mask). `options` are the strategy's, as its options dataclass
     (`EarlyExitOptions(exits=4)`) or a dict ({"exits": 4}). `leaf_modules` keeps submodules
     whole when tracing: qualified names, class names, classes or 'pkg.mod:Class' strings.
     The result's `spec` records how to rebuild it from an artifact.
@@ -198,6 +227,9 @@ def convert(
                 f"an image; got {list(shape)}."
             )
         example_input = example_input_of(shape[1:], input_dtype)
+        if extra_input is not None:
+            extra = parse_extra_input(extra_input)
+            example_input = (example_input, extra.full(1, shape[1]))
     elif example_input is None:
         if ref.input_size is None:
             raise InputError(
@@ -218,8 +250,15 @@ def convert(
         "model": ref.to_dict(),
         "input_shape": list(front.context.example_input.shape[1:]),
         "input_dtype": dtype_name(front.context.example_input.dtype),
+        **extra_spec(front.context.extra_input),
         "leaf_modules": front.trace_options.leaf_names(),
         "strategy": strategy,
         "plan": plan,
     }
     return dyn
+
+
+def extra_spec(extra: ExtraInput | None) -> dict[str, Any]:
+    """The spec's entry for a second input (none for models that take one tensor, so their
+    artifacts stay as they were)."""
+    return {} if extra is None else {"extra_input": extra.to_dict()}

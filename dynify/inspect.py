@@ -15,7 +15,7 @@ from torch import nn
 
 from dynify.convert import import_leaves, read_model
 from dynify.errors import InputError
-from dynify.frontend.inputs import dtype_name, example_input_of
+from dynify.frontend.inputs import dtype_name, example_input_of, parse_extra_input
 from dynify.frontend.trace import LeafSpec
 from dynify.passes.early_exit import candidate_cuts
 from dynify.zoo import build_model
@@ -99,12 +99,14 @@ def inspect(
     all_cuts: bool = False,
     input_shape: Sequence[int] | None = None,
     input_dtype: str | torch.dtype = "float32",
+    extra_input: str | None = None,
 ) -> ModelSummary:
     """Trace `model` (an nn.Module or a model name) and summarise what strategies can use.
 
     The model is traced on an image of `input_size` (default: a named model's own), or on an
     input of `input_shape` (batch first, e.g. `(1, 60)`) and `input_dtype` (`"int64"` for
-    token ids). `all_cuts` lists every cut point instead of one per MAC level (the ones
+    token ids), with `extra_input` ("lengths", "mask", "mask:int64") for a model called with
+    the lengths or padding mask too. `all_cuts` lists every cut point instead of one per MAC level (the ones
     early-exit chooses from).
     """
     if isinstance(model, str):
@@ -120,6 +122,8 @@ def inspect(
                 f"The input shape is batch first, e.g. 1,60 for 60 token ids; got {list(shape)}."
             )
         example, size = example_input_of(shape[1:], input_dtype), None
+        if extra_input is not None:
+            example = (example, parse_extra_input(extra_input).full(1, shape[1]))
     else:
         if size is None:
             raise InputError(
@@ -166,8 +170,8 @@ def inspect(
     return ModelSummary(
         name=name,
         input_size=size,
-        input_shape=tuple(example.shape[1:]),
-        input_dtype=dtype_name(example.dtype),
+        input_shape=tuple(front.context.example_input.shape[1:]),
+        input_dtype=dtype_name(front.context.example_input.dtype),
         nodes=len(front.context.gm.graph.nodes),
         total_macs=analysis.total_macs,
         num_classes=front.context.num_classes,

@@ -203,7 +203,7 @@ def ref_for_module(model: nn.Module) -> ModelRef:
     rebuilds without trusting imports; any other as its class, which loading needs supplied."""
     from dynify.models.text import TextClassifier
 
-    if type(model) is TextClassifier:
+    if isinstance(model, TextClassifier):
         return ModelRef(
             "builtin",
             f"text_{model.cell}",

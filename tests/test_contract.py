@@ -79,6 +79,33 @@ def variants(strategy: str) -> tuple[dict[str, Any], ...]:
     return type(get_strategy(strategy)).variants
 
 
+def more_examples(strategy: str) -> dict[str, tuple[dict[str, Any], ...]]:
+    """Further example networks a strategy runs the contract on, each with its variants
+    (`contract_examples`: the temporal strategies on texts passed with lengths or a mask)."""
+    return dict(getattr(type(get_strategy(strategy)), "contract_examples", {}))
+
+
+def call(module: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """The original network on an example's inputs: one tensor, or (ids, lengths) passed
+    positionally as its forward takes them."""
+    return module(*x) if isinstance(x, tuple) else module(x)
+
+
+def onnx_inputs(dyn: dynify.DynamicModel) -> list[str]:
+    """The ONNX graph's input names: x, the lengths or mask of a model converted with them,
+    thresholds."""
+    extra = [] if dyn.extra_input is None else [dyn.extra_input.name]
+    return ["x", *extra, "thresholds"]
+
+
+def onnx_feed(
+    dyn: dynify.DynamicModel, x: Tensor | tuple[Tensor, ...], thresholds: Sequence[float]
+) -> dict[str, np.ndarray]:
+    tensors = tuple(iter(x)) if isinstance(x, tuple) else (x,)
+    feed = {name: t.numpy() for name, t in zip(onnx_inputs(dyn), tensors, strict=False)}
+    return {**feed, "thresholds": np.asarray(thresholds, np.float32)}
+
+
 # --- the tiny network every strategy applies to ------------------------------------------
 
 INPUT = (3, 24, 24)  # 24 -> 3x3 tiles of 8 in the first stage, 12 -> 2x2 tiles of 6 after
@@ -232,6 +259,88 @@ def hostile_ids(x: Tensor) -> Tensor:
     return hostile
 
 
+class Padded(tuple):
+    """A padded batch and its lengths or mask, `(ids, extra)`, that slices along the batch like
+    one tensor (`x[:1]`, `x[i : i + 1]`, `len(x)`: the batch) so every contract test runs on it
+    unchanged; a converted model takes it as it is (`dyn(x)`), the original through `call`."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return Padded(t[key] for t in iter(self))
+        return tuple.__getitem__(self, key)
+
+    def __len__(self) -> int:
+        return len(tuple.__getitem__(self, 0))
+
+
+class TokenLengthsNet(nn.Module):
+    """TokenNet called with each text's length, `forward(ids, lengths)`: the output at
+    `lengths - 1` (no packing)."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        from dynify.models.text import LengthsTextClassifier
+
+        self.net = LengthsTextClassifier(40, num_classes, embed_dim=8, hidden=12, dropout=0.0)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        return self.net(ids, lengths)
+
+
+class TokenMaskNet(nn.Module):
+    """TokenNet called with a padding mask, `forward(ids, mask)`: the mean of the outputs over
+    the real tokens."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        from dynify.models.text import MaskedTextClassifier
+
+        self.net = MaskedTextClassifier(40, num_classes, embed_dim=8, hidden=12, dropout=0.0)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.net(ids, mask)
+
+
+def _seeded(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():
+        model.net.classifier.weight.mul_(10.0)
+    return model
+
+
+def text_lengths(ids: Tensor) -> Tensor:
+    """Each row's length: up to its last non-pad token (at least 1)."""
+    real = torch.arange(1, ids.shape[1] + 1) * (ids != 0)
+    return real.amax(1).clamp(min=1)
+
+
+def lengths_input(batch: int = BATCH) -> Padded:
+    """token_input's ids with their lengths (int64 [N])."""
+    ids = token_input(batch)
+    return Padded((ids, text_lengths(ids)))
+
+
+def mask_input(batch: int = BATCH) -> Padded:
+    """token_input's ids with their padding mask (bool [N, T])."""
+    ids = token_input(batch)
+    steps = torch.arange(TOKENS)[None, :]
+    return Padded((ids, steps < text_lengths(ids)[:, None]))
+
+
+def hostile_padded(x: Padded) -> Padded:
+    """Extreme ids at the shortest and the longest lengths."""
+    ids, extra = tuple(iter(x))
+    ids = hostile_ids(ids)
+    extra = extra.clone()
+    if extra.dim() == 1:
+        extra[0], extra[1] = 1, TOKENS
+    else:
+        extra[0], extra[1] = False, True
+        extra[0, 0] = True
+    return Padded((ids, extra))
+
+
 @dataclass(frozen=True)
 class Example:
     """A tiny network of one kind, its inputs, and how the CLI describes them. A strategy
@@ -239,7 +348,7 @@ class Example:
     absent)."""
 
     model: Callable[[], nn.Module]
-    inputs: Callable[..., Tensor]
+    inputs: Callable[..., Any]  # a tensor, or a `Padded` (ids, lengths / mask)
     model_class: type[nn.Module]
     cli_input: tuple[str, ...]
     hostile: Callable[[Tensor], Tensor]
@@ -267,11 +376,35 @@ EXAMPLES = {
         ("--input-shape", ",".join(map(str, (1, *CLIP)))),
         hostile_floats,
     ),
+    "tokens+lengths": Example(
+        functools.partial(_seeded, TokenLengthsNet),
+        lengths_input,
+        TokenLengthsNet,
+        ("--input-shape", f"1,{TOKENS}", "--input-dtype", "int64", "--lengths"),
+        hostile_padded,
+    ),
+    "tokens+mask": Example(
+        functools.partial(_seeded, TokenMaskNet),
+        mask_input,
+        TokenMaskNet,
+        ("--input-shape", f"1,{TOKENS}", "--input-dtype", "int64", "--mask"),
+        hostile_padded,
+    ),
 }
 
 
-def example_of(strategy: str) -> Example:
+EXAMPLE_KEY = "__example__"  # in a variant's options: the further example it runs on
+
+
+def example_of(strategy: str, options: dict[str, Any] | None = None) -> Example:
+    if options and EXAMPLE_KEY in options:
+        return EXAMPLES[options[EXAMPLE_KEY]]
     return EXAMPLES[getattr(type(get_strategy(strategy)), "contract_example", "image")]
+
+
+def strategy_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A variant's options without the example it runs on."""
+    return {k: v for k, v in options.items() if k != EXAMPLE_KEY}
 
 
 # --- one converted model per (strategy, variant) -----------------------------------------
@@ -337,9 +470,10 @@ def mixing_thresholds(dyn: dynify.DynamicModel, x: Tensor) -> list[float]:
 
 @functools.cache
 def converted(strategy: str, options_json: str) -> Case:
-    example = example_of(strategy)
+    options = json.loads(options_json)
+    example = example_of(strategy, options)
     model, x = example.model(), example.inputs()
-    dyn = dynify.convert(model, strategy, x[:1], options=json.loads(options_json)).eval()
+    dyn = dynify.convert(model, strategy, x[:1], options=strategy_options(options)).eval()
     spread_new_parts(dyn, model)
     return Case(example, model, dyn, x, mixing_thresholds(dyn, x))
 
@@ -357,7 +491,12 @@ def variant_params(
     known_failures = dict(known_failures or {})
     params = []
     for strategy in dynify.strategy_names():
-        for options in variants(strategy):
+        more = [
+            {**options, EXAMPLE_KEY: name}
+            for name, options_list in more_examples(strategy).items()
+            for options in options_list
+        ]
+        for options in [*variants(strategy), *more]:
             cid = case_id(strategy, options)
             case_marks = list(marks)
             if cid in known_failures:
@@ -401,7 +540,7 @@ def test_static_mode_is_the_original_network_exactly(case):
     dyn, x = case.dyn, case.x
     with torch.no_grad():
         for xb in (x, x[:1]):
-            expected = case.model(xb)
+            expected = call(case.model, xb)
             with dyn.static():
                 got = dyn(xb)
             assert got.dtype == expected.dtype
@@ -610,7 +749,7 @@ def test_artifact_round_trip_keeps_outputs_thresholds_and_decisions(case, tmp_pa
             assert torch.equal(decisions_of(loaded), decisions_of(dyn))
             assert torch.equal(loaded.last_macs, dyn.last_macs)
         with loaded.static():
-            assert torch.equal(loaded(x), case.model(x))
+            assert torch.equal(loaded(x), call(case.model, x))
 
 
 # --- 5. the export face, and ONNX parity at forced decisions -------------------------------
@@ -647,13 +786,13 @@ def test_onnx_matches_eager_at_forced_decisions(case, tmp_path):
     dyn, x = case.dyn, case.x
     path = dynify.export_onnx(dyn, tmp_path / "model.onnx", verify=False)  # checked below
     graph = onnx.load(path).graph
-    assert [i.name for i in graph.input] == ["x", "thresholds"]
+    assert [i.name for i in graph.input] == onnx_inputs(dyn)
     assert tuple(o.name for o in graph.output[:2]) == onnx_output_names(dyn)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     seen = set()
     for label, thresholds in [*forcing_thresholds(dyn), ("mixed", case.mixed)]:
         for xb in (x[:1], x):
-            feed = {"x": xb.numpy(), "thresholds": np.asarray(thresholds, np.float32)}
+            feed = onnx_feed(dyn, xb, thresholds)
             logits, decisions = session.run(None, feed)[:2]
             with torch.no_grad(), thresholds_at(dyn, thresholds):
                 eager = dyn(xb)
@@ -672,7 +811,8 @@ def test_cli_converts_with_each_strategy(strategy, options, tmp_path):
 
     from dynify.cli import app
 
-    example = example_of(strategy)
+    example = example_of(strategy, options)
+    options = strategy_options(options)
     out = tmp_path / "model.dyn"
     model_path = f"{__name__}:{example.model_class.__name__}"
     args = ["convert", model_path, *example.cli_input, "--weights", "random"]

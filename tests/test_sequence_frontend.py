@@ -142,7 +142,10 @@ def test_packing_inside_forward_says_what_to_do():
 @pytest.mark.parametrize(
     ("example", "match"),
     [
-        ((ids(), ids()), "one tensor.*lengths"),
+        ((ids(), ids()), "padding mask holds 1"),
+        ((ids(), ids(), ids()), "one tensor, or a padded sequence and its lengths"),
+        ((ids(), ids().float()), "bool or an integer dtype"),
+        ((ids(), torch.ones(4, dtype=torch.long)), "second input has shape"),
         (torch.arange(5), "batch dimension"),
         (ids().to(torch.int16), "not supported"),
     ],

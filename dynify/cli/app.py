@@ -114,6 +114,36 @@ InputDtypeOption = Annotated[
         "--input-dtype", help="The input's dtype with --input-shape: float32, or int64 for ids."
     ),
 ]
+LengthsOption = Annotated[
+    bool,
+    typer.Option(
+        "--lengths",
+        help="The model is called as forward(x, lengths): with --input-shape, a padded "
+        "sequence and each sample's length (int64 [B]).",
+    ),
+]
+MaskOption = Annotated[
+    bool,
+    typer.Option(
+        "--mask",
+        help="The model is called as forward(x, mask): with --input-shape, a padded sequence "
+        "and its padding mask ([B, T], 1 = real token, padding at the end).",
+    ),
+]
+MaskDtypeOption = Annotated[
+    str, typer.Option("--mask-dtype", help="The padding mask's dtype with --mask: bool or int64.")
+]
+
+
+def extra_input_of(lengths: bool, mask: bool, mask_dtype: str = "bool") -> str | None:
+    """The API's `extra_input` from the --lengths / --mask flags."""
+    if lengths and mask:
+        raise DynifyError("Give --lengths or --mask, not both: forward takes one of them.")
+    if lengths:
+        return "lengths"
+    return f"mask:{mask_dtype}" if mask else None
+
+
 LeafOption = Annotated[
     list[str] | None,
     typer.Option(

@@ -17,10 +17,14 @@ from dynify.cli.app import (
     InputShapeOption,
     InputSizeOption,
     LeafOption,
+    LengthsOption,
+    MaskDtypeOption,
+    MaskOption,
     check_output,
     check_output_folder,
     command,
     console,
+    extra_input_of,
     parse_shape,
     wrote,
 )
@@ -88,6 +92,9 @@ def convert(
     input_size: InputSizeOption = None,
     input_shape: InputShapeOption = None,
     input_dtype: InputDtypeOption = "float32",
+    lengths: LengthsOption = False,
+    mask: MaskOption = False,
+    mask_dtype: MaskDtypeOption = "bool",
     num_classes: Annotated[
         int | None, typer.Option("--num-classes", min=1, help="A fresh classifier for N labels.")
     ] = None,
@@ -127,6 +134,7 @@ def convert(
     if strategy not in dynify.strategy_names():  # fail before any model is built
         names = ", ".join(dynify.strategy_names())
         raise DynifyError(f"Unknown strategy '{strategy}'. Registered strategies: {names}.")
+    extra_input = extra_input_of(lengths, mask, mask_dtype)
     options = _parse_options(option or [])
     named = {"exits": _parse_exits(exits), "gate": gate, "granularity": granularity}
     named |= {"tile": tile, "budget": budget}
@@ -150,6 +158,7 @@ def convert(
             input_dtype=input_dtype,
             leaf_modules=leaf or [],
             dump_graphs=dump_graphs,
+            extra_input=extra_input,
         )
     seconds = time.perf_counter() - start
     for note in dyn.spec["model"]["notes"]:
@@ -204,6 +213,9 @@ def inspect(
     input_size: InputSizeOption = None,
     input_shape: InputShapeOption = None,
     input_dtype: InputDtypeOption = "float32",
+    lengths: LengthsOption = False,
+    mask: MaskOption = False,
+    mask_dtype: MaskDtypeOption = "bool",
     weights: WeightsOption = "random",
     leaf: LeafOption = None,
     all_cuts: Annotated[
@@ -218,6 +230,7 @@ def inspect(
         weights=weights,
         leaf_modules=leaf or [],
         all_cuts=all_cuts,
+        extra_input=extra_input_of(lengths, mask, mask_dtype),
     )
     size = summary.input_size
     where = (

@@ -20,6 +20,7 @@ from dynify.export.bench import threshold_cases
 from dynify.export.onnx import OnnxExport, write_onnx, write_pt2
 from dynify.export.verify import PARITY_ATOL, ParityReport, verify_pt2
 from dynify.files import atomic_output
+from dynify.frontend.inputs import Inputs, cat_inputs
 from dynify.runtime.cascade import BatchPolicy, CondCascade
 from dynify.runtime.model import DynamicModel
 
@@ -48,9 +49,7 @@ def verification_cases(dyn: DynamicModel) -> tuple[list[str], list[list[float] |
     return labels, thresholds
 
 
-def verification_inputs(
-    dyn: DynamicModel, seed: int = 0, batch: int | None = None
-) -> list[torch.Tensor]:
+def verification_inputs(dyn: DynamicModel, seed: int = 0, batch: int | None = None) -> list[Inputs]:
     """Random (seeded) inputs of the model's shape: two single samples and a batch of 4, or
     two batches of `batch` samples for a graph fixed to that size."""
     gen = torch.Generator().manual_seed(seed)
@@ -112,7 +111,7 @@ def export_onnx_report(
     target = _output_path(dyn, path, ".onnx")
     return write_onnx(
         module,
-        torch.cat(inputs[:2]) if batch is None else inputs[0],
+        cat_inputs(inputs[:2]) if batch is None else inputs[0],
         target,
         opset=opset,
         dynamic_batch=batch is None,
@@ -169,7 +168,7 @@ def export_pt2_report(
     report = None
     # Verified under a temporary name: a refused export leaves an existing file untouched.
     with atomic_output(target) as tmp:
-        write_pt2(module, torch.cat([inputs[0], inputs[1]]), tmp)
+        write_pt2(module, cat_inputs(inputs[:2]), tmp)
         if verify:
             report = verify_pt2(dyn, tmp, inputs, thresholds, labels=labels, module=module)
             if not report.ok:

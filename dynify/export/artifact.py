@@ -27,9 +27,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from dynify.errors import ArtifactError, DynifyError
+from dynify.errors import ArtifactError, DynifyError, InputError
 from dynify.files import atomic_output
-from dynify.frontend.inputs import INPUT_DTYPES, example_input_of
+from dynify.frontend.inputs import INPUT_DTYPES, ExtraInput, example_input_of
 from dynify.runtime.model import DynamicModel, ExitCascade
 
 SPEC_NAME = "spec.json"
@@ -321,6 +321,12 @@ def _field_checks() -> list[tuple[str, Any, str]]:
             f"the name of an input dtype: {', '.join(INPUT_DTYPES)}",
         ),
         (
+            "extra_input",
+            _is_extra_input,
+            "the second input of a sequence model: {'kind': 'lengths', 'dtype': 'int64' or "
+            "'int32'} or {'kind': 'mask', 'dtype': 'bool', 'int64', 'int32' or 'uint8'}",
+        ),
+        (
             "leaf_modules",
             lambda v: isinstance(v, list) and all(_is_name(n) for n in v),
             "a list of module names or 'package.module:Class' strings",
@@ -345,9 +351,18 @@ def _field_checks() -> list[tuple[str, Any, str]]:
     ]
 
 
+def _is_extra_input(value: Any) -> bool:
+    try:
+        ExtraInput.from_dict(value)
+    except InputError:
+        return False
+    return True
+
+
 _ABSENT = object()
 _OPTIONAL = {
     "input_dtype",
+    "extra_input",
     "leaf_modules",
     "state",
     "model.num_classes",
@@ -403,6 +418,9 @@ def load(
     ref = ModelRef.from_dict(spec["model"])
     strategy = get_strategy(spec["strategy"])
     example = example_input_of(spec["input_shape"], spec.get("input_dtype", "float32"))
+    if "extra_input" in spec:  # a padded sequence and its lengths or mask, at full length
+        extra = ExtraInput.from_dict(spec["extra_input"])
+        example = (example, extra.full(1, int(spec["input_shape"][0])))
     plan = spec["plan"]
     architecture = model if model is not None else rebuild(ref, trust_imports)
     leaves = leaves_of_model(spec.get("leaf_modules", []), architecture)

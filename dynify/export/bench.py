@@ -31,6 +31,7 @@ from torch import nn
 
 from dynify.errors import ExportError, InputError
 from dynify.export.timing import time_interleaved, time_onnx
+from dynify.frontend.inputs import batch_size, input_tensors
 from dynify.runtime.decisions import NEVER
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.model import DynamicModel, ExitCascade
@@ -195,14 +196,15 @@ def _onnx_runs(
             dyn.export_face(), x, folder / "dynamic.onnx", verify=False, dynamic_batch=False
         ).path
     static_path = write_static_onnx(dyn, x, folder / "static.onnx")  # fixed batch: its best case
-    xn = x.detach().cpu().numpy()
-    feeds = {label: {"x": xn, "thresholds": np.asarray(thr, np.float32)} for label, thr in cases}
+    names = ["x"] + ([] if dyn.extra_input is None else [dyn.extra_input.name])
+    xn = {name: t.detach().cpu().numpy() for name, t in zip(names, input_tensors(x), strict=True)}
+    feeds = {label: {**xn, "thresholds": np.asarray(thr, np.float32)} for label, thr in cases}
     session = ort_session(onnx_path, threads=1)
     fixed = session.get_inputs()[0].shape[0]
-    if isinstance(fixed, int) and fixed != len(x):
+    if isinstance(fixed, int) and fixed != batch_size(x):
         raise ExportError(
             f"{onnx_path} is exported for batch {fixed}; time it with batch={fixed} "
-            f"(`--batch {fixed}`), or export a graph for batch {len(x)}"
+            f"(`--batch {fixed}`), or export a graph for batch {batch_size(x)}"
         )
     exits = {
         label: sorted({int(e) for e in np.asarray(session.run(None, feed)[1]).reshape(-1)})
@@ -211,12 +213,12 @@ def _onnx_runs(
     runs_of: dict[str, tuple[Path, dict[str, np.ndarray]]] = {
         label: (Path(onnx_path), feed) for label, feed in feeds.items()
     }
-    runs_of[STATIC] = (static_path, {"x": xn})
+    runs_of[STATIC] = (static_path, dict(xn))
     for label, i, _ in prefixes:
         path = write_plain_onnx(
             StaticPrefix(dyn, i), x, folder / f"prefix{i}.onnx", output_name="feature"
         )
-        runs_of[_prefix_label(label)] = (path, {"x": xn})
+        runs_of[_prefix_label(label)] = (path, dict(xn))
     return runs_of, exits
 
 
@@ -260,7 +262,7 @@ def bench(
     labels = {label for label, _ in cases}
     cuts = [c for c in prefix_cases(dyn) if c[0] in labels] if prefixes else []
     x = dyn.random_input(batch, torch.Generator().manual_seed(seed))
-    channels_last = channels_last and runtime == "eager" and x.dim() == 4
+    channels_last = channels_last and runtime == "eager" and input_tensors(x)[0].dim() == 4
     if channels_last:
         dyn.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -58,6 +58,7 @@ from dynify.export.verify import (
     verify_onnx,
 )
 from dynify.files import atomic_output
+from dynify.frontend.inputs import Inputs, batch_size, input_tensors, map_inputs
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.model import INPUT_NAMES, OUTPUT_NAMES, DynamicModel, ExportFace
 
@@ -79,25 +80,43 @@ DEFAULT_OPSET = 20
 
 
 def _example_args(
-    module: nn.Module, example_input: Tensor, dynamic_batch: bool
-) -> tuple[Tensor, Tensor]:
-    """Example (x, thresholds); batch 1 is widened to 2 so export does not specialise it."""
-    if example_input.dim() < 1:
+    module: nn.Module, example_input: Inputs, dynamic_batch: bool
+) -> tuple[Inputs, Tensor]:
+    """Example (x, thresholds); batch 1 is widened to 2 so export does not specialise it.
+    `x` is one tensor, or (sequence, lengths / mask) for a model converted with them."""
+    if any(t.dim() < 1 for t in input_tensors(example_input)):
         raise ExportError("example_input needs a batch dimension")
-    x = example_input.detach()
-    if dynamic_batch and x.shape[0] < 2:
-        x = x[:1].expand(2, *x.shape[1:]).contiguous()
-    return x, _as_thresholds(module, None)
+
+    def widen(t: Tensor) -> Tensor:
+        t = t.detach()
+        if dynamic_batch and t.shape[0] < 2:
+            t = t[:1].expand(2, *t.shape[1:]).contiguous()
+        return t
+
+    return map_inputs(example_input, widen), _as_thresholds(module, None)
 
 
-def _dynamic_shapes(dynamic_batch: bool, names: Sequence[str] = INPUT_NAMES) -> Any:
-    """Dynamic batch for `x` only; thresholds are always [k]."""
+def _dynamic_shapes(
+    dynamic_batch: bool, names: Sequence[str] = INPUT_NAMES, example: Inputs | None = None
+) -> Any:
+    """Dynamic batch for `x` (each of its tensors: one batch); thresholds are always [k]."""
     if not dynamic_batch:
         return None
-    shapes: dict[str, Any] = {names[0]: {0: torch.export.Dim("batch", min=1)}}
+    batch = torch.export.Dim("batch", min=1)
+    first: Any = {0: batch}
+    if isinstance(example, tuple | list):
+        first = tuple({0: batch} for _ in input_tensors(example))
+    shapes: dict[str, Any] = {names[0]: first}
     for name in names[1:]:
         shapes[name] = None
     return shapes
+
+
+def graph_input_names(module: nn.Module) -> list[str]:
+    """The exported graph's input names: `x`, the lengths or mask of a model converted with
+    them (named after their kind), `thresholds`."""
+    extra = getattr(module, "extra_input_name", None)
+    return [INPUT_NAMES[0], *([extra] if extra else []), INPUT_NAMES[1]]
 
 
 def _iter_graph_nodes(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Node]:
@@ -128,17 +147,16 @@ def _min_conds(module: nn.Module) -> int:
 
 
 def _torch_export(
-    module: nn.Module, example_input: Tensor, dynamic_batch: bool
+    module: nn.Module, example_input: Inputs, dynamic_batch: bool
 ) -> torch.export.ExportedProgram:
     """`torch.export.export` the export face and check that its conditionals survived."""
     module.eval()
     args = _example_args(module, example_input, dynamic_batch)
     names = _forward_arg_names(module)
+    shapes = _dynamic_shapes(dynamic_batch, names, args[0])
     try:
         with torch.no_grad():
-            ep = torch.export.export(
-                module, args, dynamic_shapes=_dynamic_shapes(dynamic_batch, names), strict=False
-            )
+            ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
         raise ExportError(
             f"torch.export could not capture {type(module).__name__}: {first_line(exc)}"
@@ -239,7 +257,7 @@ def _locate_op(module: nn.Module, example_input: Tensor, target: str) -> str | N
     try:
         full = torch.full((_num_thresholds(module),), 1.01)
         with torch.no_grad(), _Recorder():
-            module(example_input[:1], full)
+            module(map_inputs(example_input, lambda t: t[:1]), full)
     except Exception:  # locating is best effort; the op and graph node are already named
         return None
     finally:
@@ -439,7 +457,7 @@ class OnnxExport:
     path: Path
     if_nodes: int
     conds: int
-    input_names: tuple[str, str]
+    input_names: tuple[str, ...]
     output_names: tuple[str, str]
     report: ParityReport | None
     seconds: float
@@ -487,7 +505,7 @@ def write_onnx(
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                input_names=list(INPUT_NAMES),
+                input_names=graph_input_names(module),
                 output_names=list(out_names),
                 opset_version=opset,
                 custom_translation_table=translations,
@@ -510,6 +528,8 @@ def write_onnx(
     _set_default_thresholds(model, _as_thresholds(module, None))
     if dynamic_batch:
         _rename_dim(model.graph, _batch_symbol(ep, in_names[0]), "batch")
+        if isinstance(example_input, tuple | list):  # (x, lengths): their batch symbol
+            _rename_dim(model.graph, _batch_symbol(ep, f"{in_names[0]}_0"), "batch")
     model.doc_string = f"dynify {type(module).__name__}: {n_if} If nodes, thresholds input"
     large = model.ByteSize() >= 2**31 - 2**24  # protobuf's 2 GB limit: weights go to a side file
     report = None
@@ -523,8 +543,9 @@ def write_onnx(
             raise ExportError(f"the exported ONNX model is invalid: {first_line(exc)}") from exc
         if verify:
             if inputs is None:
-                x = example_input.detach()
-                inputs = [x[:1], x] if dynamic_batch and x.shape[0] > 1 else [x]
+                x = map_inputs(example_input, Tensor.detach)
+                first = map_inputs(x, lambda t: t[:1])
+                inputs = [first, x] if dynamic_batch and batch_size(x) > 1 else [x]
             if thresholds_list is None:
                 k = _num_thresholds(module)
                 thresholds_list = [[0.0] * k, None, [1.01] * k]
@@ -543,7 +564,7 @@ def write_onnx(
         path=path,
         if_nodes=n_if,
         conds=n_cond,
-        input_names=INPUT_NAMES,
+        input_names=tuple(graph_input_names(module)),
         output_names=out_names,
         report=report,
         seconds=time.perf_counter() - start,
@@ -572,7 +593,10 @@ def write_static_onnx(
     saved = (dyn.last_macs, dyn.last_exit)
     try:
         # The accounting attributes assigned in forward are not graph state; restored below.
-        return write_plain_onnx(_StaticFace(dyn), example_input, path, opset=opset)
+        names = ["x"] if dyn.extra_input is None else ["x", dyn.extra_input.name]
+        return write_plain_onnx(
+            _StaticFace(dyn), example_input, path, opset=opset, input_names=names
+        )
     finally:
         dyn.last_macs, dyn.last_exit = saved
 
@@ -584,6 +608,7 @@ def write_plain_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     output_name: str = "logits",
+    input_names: Sequence[str] = ("x",),
 ) -> Path:
     """A module without control flow (`x` -> one tensor) as an ONNX graph with a fixed input
     shape: the static baselines of latency comparisons (the whole network, or a prefix of it)."""
@@ -595,11 +620,12 @@ def write_plain_onnx(
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet("onnx_ir", "onnxscript"):
             warnings.simplefilter("ignore")
-            ep = torch.export.export(module.eval(), (example_input.detach(),), strict=False)
+            example = map_inputs(example_input, Tensor.detach)
+            ep = torch.export.export(module.eval(), (example,), strict=False)
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                input_names=["x"],
+                input_names=list(input_names),
                 output_names=[output_name],
                 opset_version=opset,
                 optimize=True,

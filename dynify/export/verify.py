@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dynify.errors import ExportError
+from dynify.frontend.inputs import Inputs, batch_size, input_tensors
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.model import INPUT_NAMES, DynamicModel, ExportFace
 
@@ -116,9 +117,13 @@ def ort_session(
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _feed(x: Tensor, thresholds: ThresholdsLike) -> dict[str, np.ndarray]:
-    """ORT feed; thresholds None leaves the input out so its default applies."""
-    feed = {INPUT_NAMES[0]: x.detach().cpu().numpy()}
+def _feed(
+    x: Inputs, thresholds: ThresholdsLike, names: Sequence[str] = INPUT_NAMES
+) -> dict[str, np.ndarray]:
+    """ORT feed; thresholds None leaves the input out so its default applies. `x` is one
+    tensor or (sequence, lengths / mask), fed under the graph's input names `names`."""
+    tensors = input_tensors(x)
+    feed = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=False)}
     if thresholds is not None:
         t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
         feed[INPUT_NAMES[1]] = t.cpu().numpy()
@@ -240,7 +245,8 @@ def verify_onnx(
     session = ort_session(path)
 
     def run_onnx(x: Tensor, thr: ThresholdsLike) -> tuple[np.ndarray, np.ndarray]:
-        logits, decisions = session.run(None, _feed(x, thr))[:2]
+        names = [i.name for i in session.get_inputs()]
+        logits, decisions = session.run(None, _feed(x, thr, names))[:2]
         return logits, decisions
 
     return _parity(run_onnx, reference, inputs, thresholds_list, atol, labels, module)
@@ -297,7 +303,7 @@ def _parity(
             report.cases.append(
                 ParityCase(
                     input_index=idx,
-                    batch=int(x.shape[0]),
+                    batch=batch_size(x),
                     thresholds=None
                     if thr is None
                     else tuple(_as_thresholds(reference, thr).tolist()),
@@ -322,7 +328,7 @@ def executed_op_counts(
     """
     with tempfile.TemporaryDirectory(prefix="dynify_ort_prof_") as tmp:
         session = ort_session(path, optimize=False, profile_prefix=str(Path(tmp) / "profile"))
-        session.run(None, _feed(x, thresholds))
+        session.run(None, _feed(x, thresholds, [i.name for i in session.get_inputs()]))
         profile = Path(session.end_profiling())
         events = json.loads(profile.read_text())
     return Counter(

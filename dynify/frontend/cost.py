@@ -42,9 +42,9 @@ class CostProp(ShapeProp):
 
 
 @torch.no_grad()
-def profile(gm: torch.fx.GraphModule, example_input: torch.Tensor) -> torch.Tensor:
-    """Write shapes and MACs onto every node; returns the graph's output for the input."""
-    return CostProp(gm).propagate(example_input)
+def profile(gm: torch.fx.GraphModule, *example_inputs: torch.Tensor) -> torch.Tensor:
+    """Write shapes and MACs onto every node; returns the graph's output for the inputs."""
+    return CostProp(gm).propagate(*example_inputs)
 
 
 def graph_macs(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node] | None = None) -> int:

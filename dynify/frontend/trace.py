@@ -169,10 +169,12 @@ def _trace_error(model: nn.Module, tracer: DynifyTracer, exc: Exception) -> Trac
         return TraceError(
             f"{type(model).__name__}.forward packs its sequences (pack_padded_sequence): the "
             "lengths decide how the graph runs, which torch.fx cannot trace, and the temporal "
-            "strategies skip and stop per step themselves. Run the RNN on the padded batch "
-            "instead and read each sample's state at its last token, e.g. "
-            "out, _ = self.rnn(emb); last = out[torch.arange(len(ids)), lengths - 1] with "
-            "lengths = (ids != pad_id).sum(1): the output is the same for a uni-directional RNN."
+            "strategies skip and stop per step themselves. Pass the lengths instead and run the "
+            "RNN on the padded batch: forward(ids, lengths) with out, _ = self.rnn(emb) and each "
+            "sample's output at its last token, out.gather(1, (lengths - 1).view(-1, 1, "
+            "1).expand(-1, 1, out.shape[-1])).squeeze(1) (the same output for a uni-directional "
+            "RNN), or a padding mask applied to the outputs (out * mask.unsqueeze(-1)); convert "
+            "with example_input=(ids, lengths) (CLI: --lengths or --mask)."
         )
     frames = tracer.deepest_failure or []
     where = frames[-1] if frames else _Frame("", type(model).__name__)

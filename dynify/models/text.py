@@ -6,6 +6,11 @@ lengths come from `ids != pad_id` inside `forward`, so the model traces with tor
 graph with the RNN kept whole (torch.nn modules are leaves) and no (ids, lengths) tuple. The RNN
 runs over all T steps (no packing): right padding comes after a text's last token, so the state
 read there is the same whatever the padding.
+
+Text classifiers are often called with the lengths or the padding mask next to the ids instead;
+`inputs="lengths"` builds a `LengthsTextClassifier` (`forward(ids, lengths)`: the output at
+`lengths - 1`) and `inputs="mask"` a `MaskedTextClassifier` (`forward(ids, mask)`: the mean of
+the outputs over the real tokens), both without packing, as the temporal strategies need.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import nn
 from dynify.errors import ModelError
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+INPUTS = ("ids", "lengths", "mask")
 
 
 class TextClassifier(nn.Module):
@@ -58,10 +64,12 @@ class TextClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_classes)
 
+    inputs = "ids"  # what forward takes besides the ids: nothing, "lengths" or "mask"
+
     def builtin_config(self) -> dict[str, Any]:
         """The arguments that rebuild this architecture as the built-in `text_<cell>` (ints,
         strings and booleans only: an artifact stores them as data)."""
-        return {
+        config: dict[str, Any] = {
             "vocab_size": self.vocab_size,
             "embed_dim": self.embed_dim,
             "hidden": self.hidden,
@@ -69,19 +77,66 @@ class TextClassifier(nn.Module):
             "pad_id": self.pad_id,
             "batch_first": self.batch_first,
         }
+        if self.inputs != "ids":
+            config["inputs"] = self.inputs
+        return config
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        lengths = (ids != self.pad_id).sum(1)
-        last = (lengths - 1).clamp(min=0)
+    def outputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """The RNN's outputs [B, T, H] (batch first) over every step, padding included."""
         x = self.embedding(ids)
         if not self.batch_first:
             x = x.transpose(0, 1)
         out, _ = self.rnn(x)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        index = last.view(-1, 1, 1).expand(-1, 1, self.hidden)
-        state = out.gather(1, index).squeeze(1)
+        return out
+
+    def at_last_token(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each text's output at its last token [B, H] (gathered along time)."""
+        index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, self.hidden)
+        return out.gather(1, index).squeeze(1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        state = self.at_last_token(self.outputs(ids), (ids != self.pad_id).sum(1))
         return self.classifier(self.dropout(state))
+
+
+class LengthsTextClassifier(TextClassifier):
+    """A TextClassifier called with each text's length: `forward(ids, lengths)`, lengths int
+    [B] in [1, T]; reads the output at `lengths - 1`."""
+
+    inputs = "lengths"
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        state = self.at_last_token(self.outputs(ids), lengths)
+        return self.classifier(self.dropout(state))
+
+
+class MaskedTextClassifier(TextClassifier):
+    """A TextClassifier called with a padding mask: `forward(ids, mask)`, mask [B, T] (1 = a
+    real token, padding at the end); the mean of the outputs over the real tokens."""
+
+    inputs = "mask"
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.outputs(ids) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.classifier(self.dropout(pooled))
+
+
+def text_classifier(
+    vocab_size: int, num_classes: int, *, inputs: str = "ids", **kwargs: Any
+) -> TextClassifier:
+    """A text classifier taking the ids alone (`inputs="ids"`), the ids and the lengths
+    ("lengths") or the ids and a padding mask ("mask"); other arguments as TextClassifier's."""
+    classes = {
+        "ids": TextClassifier,
+        "lengths": LengthsTextClassifier,
+        "mask": MaskedTextClassifier,
+    }
+    if inputs not in classes:
+        raise ModelError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}.")
+    return classes[inputs](vocab_size, num_classes, **kwargs)
 
 
 def text_lstm(
@@ -92,10 +147,20 @@ def text_lstm(
     layers: int = 1,
     pad_id: int = 0,
     batch_first: bool = True,
+    inputs: str = "ids",
 ) -> TextClassifier:
-    """The built-in `text_lstm`: a TextClassifier with an LSTM."""
-    return TextClassifier(
-        vocab_size, num_classes, embed_dim, hidden, layers, "lstm", pad_id, batch_first
+    """The built-in `text_lstm`: a TextClassifier with an LSTM (`inputs`: see
+    `text_classifier`)."""
+    return text_classifier(
+        vocab_size,
+        num_classes,
+        inputs=inputs,
+        embed_dim=embed_dim,
+        hidden=hidden,
+        layers=layers,
+        cell="lstm",
+        pad_id=pad_id,
+        batch_first=batch_first,
     )
 
 

@@ -16,6 +16,7 @@ import torch.fx
 
 from dynify.errors import StrategyError
 from dynify.frontend.analysis import GraphAnalysis
+from dynify.frontend.inputs import ExtraInput
 from dynify.runtime.model import DynamicModel
 
 OptionsT = TypeVar("OptionsT")
@@ -41,6 +42,17 @@ class ConversionContext:
     example_input: torch.Tensor
     analysis: GraphAnalysis
     num_classes: int
+    # A sequence model's second input (lengths or padding mask, one sample), and what it is;
+    # None for models that take one tensor. The graph's second placeholder receives it.
+    example_extra: torch.Tensor | None = None
+    extra_input: ExtraInput | None = None
+
+    @property
+    def example_args(self) -> tuple[torch.Tensor, ...]:
+        """The example as the graph takes it: (x,) or (x, lengths/mask)."""
+        if self.example_extra is None:
+            return (self.example_input,)
+        return (self.example_input, self.example_extra)
 
     def node(self, name: str) -> torch.fx.Node:
         for node in self.gm.graph.nodes:

@@ -6,18 +6,27 @@ MACs. Build: on a copy of the traced graph, replace the layer's call by a `skip_
 wrapper holding the original module and a new update gate (`replace_region`); the wrapper
 returns what the module returned, so the rest of the network (e.g. the output read at each
 text's last token) is unchanged and reads the copied state at skipped steps.
+
+Where the rest of the network reads the layer's outputs only up to each text's end (a gather
+at its last token, a padding mask; `dynify.frontend.sequence_reads`), the operand it reads
+them with is lifted into its own graph, so the model knows each sample's length before the
+layer runs and never updates (nor charges) a padding step. A model that takes lengths or a
+mask and reads the padding steps anyway is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from dynify.errors import StrategyError
+from dynify.frontend.cost import MACS
 from dynify.frontend.recurrent import RecurrentLayer, require_stepwise
+from dynify.frontend.sequence_reads import region, require_read, sequence_read
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
-from dynify.passes.rewrite import copy_graph_replacing, replace_region
+from dynify.passes.rewrite import copy_graph_replacing, lift_region, replace_region
+from dynify.runtime.recurrence import ReadLengths
 from dynify.runtime.skip_rnn import SkipRNN, SkipRNNModel
 
 NAME = "skip-rnn"
@@ -87,11 +96,19 @@ class SkipRNNStrategy:
     summary = "skip RNN state updates per sample and step (Skip RNN, Campos et al. 2018)"
     variants: tuple[dict[str, Any], ...] = ({},)
     contract_example = "tokens"
+    # The contract also runs on texts passed with their lengths and with a padding mask.
+    contract_examples: ClassVar[dict[str, tuple[dict[str, Any], ...]]] = {
+        "tokens+lengths": ({},),
+        "tokens+mask": ({},),
+    }
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = skip_rnn_options(options)
         layer = skippable_layer(ctx, opts.layer)
+        read = require_read(ctx.gm, layer, ctx.extra_input, NAME)
         return {
+            "read_position": None if read is None else read.node,
+            "read_kind": None if read is None else read.kind,
             "layer": layer.node,
             "module": layer.module,
             "kind": layer.kind,
@@ -113,11 +130,17 @@ class SkipRNNStrategy:
             gate_bias=opts.gate_bias,
         )
         entry = node.args[0].name
+        if entry in [n.name for n in ctx.gm.graph.nodes if n.op == "placeholder"][1:]:
+            raise StrategyError(
+                f"'{layer.module}' reads the model's second input; it must read the sequence."
+            )
+        reads, reads_macs = _read_lengths(ctx, layer, plan)
         replace_region(gm, [layer.node], [entry], [layer.node], wrapper, "skip_rnn", pass_name=NAME)
         return SkipRNNModel(
             gm,
             layer=layer.module,
-            fixed_macs=ctx.analysis.total_macs - layer.macs,
+            reads=reads,
+            fixed_macs=ctx.analysis.total_macs - layer.macs + reads_macs,
             threshold=opts.threshold,
             budget=opts.budget,
             distill_temperature=opts.distill_temperature,
@@ -127,3 +150,23 @@ class SkipRNNStrategy:
             input_shape=tuple(ctx.example_input.shape[1:]),
             num_classes=ctx.num_classes,
         )
+
+
+def _read_lengths(
+    ctx: ConversionContext, layer: RecurrentLayer, plan: dict[str, Any]
+) -> tuple[ReadLengths | None, int]:
+    """The graph that gives each sample's steps to run from the model's inputs (the operand
+    the network reads the layer's outputs with), and its MACs; (None, 0) when it reads all."""
+    if not plan.get("read_position"):
+        return None, 0
+    read = sequence_read(ctx.gm, layer)
+    if read is None or read.node != plan["read_position"]:
+        raise StrategyError(
+            f"The plan reads the RNN's outputs through '{plan['read_position']}'; this graph "
+            "reads them otherwise. Convert again."
+        )
+    nodes = region(ctx.gm, ctx.node(read.node))
+    entries = [n.name for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+    operand = lift_region(ctx.gm, [n.name for n in nodes], entries, [read.node], "ReadOperand")
+    macs = sum(int(n.meta.get(MACS, 0)) for n in nodes)
+    return ReadLengths(operand, read, layer.steps), macs

@@ -12,9 +12,8 @@ read position into their own graphs, and hand them with the RNN and the heads to
 
 from __future__ import annotations
 
-import operator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -22,14 +21,14 @@ import torch.fx
 from dynify.errors import StrategyError
 from dynify.frontend.cost import MACS, module_macs
 from dynify.frontend.recurrent import RecurrentLayer, require_stepwise
+from dynify.frontend.sequence_reads import ancestors, require_read, sequence_read
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
 from dynify.runtime.heads import ExitHead
 from dynify.runtime.policy import POLICIES, ExitPolicy
+from dynify.runtime.recurrence import ReadLengths
 from dynify.runtime.stop_reading import StopReadingModel
-
-_TRANSPOSES = {"transpose", "contiguous"}
 
 
 @dataclass
@@ -75,68 +74,16 @@ def the_recurrent_layer(ctx: ConversionContext) -> RecurrentLayer:
     return layer
 
 
-def _time_axis(node: torch.fx.Node, axis: int) -> int | None:
-    """The time axis of `node`'s output after a transpose/contiguous of a tensor whose time
-    axis is `axis`; None when the op moves it in a way this pass does not follow."""
-    if node.target == "contiguous":
-        return axis
-    dims = [a for a in node.args[1:3]]
-    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
-        return None
-    a, b = (d % 3 for d in dims)
-    return b if axis == a else a if axis == b else axis
-
-
 def read_position(gm: torch.fx.GraphModule, layer: RecurrentLayer) -> str | None:
-    """The node computing the position at which the rest of the network reads the RNN's output
-    sequence (a `gather` along time with an index from the input alone), or None when it reads
-    the whole sequence or the final state: then every sample reads every token."""
-    if layer.reads_state:
-        return None
-    rnn = next(n for n in gm.graph.nodes if n.name == layer.node)
-    seqs = [u for u in rnn.users if u.target is operator.getitem and u.args[1] == 0 and u.users]
-    if len(seqs) != 1:
-        return None
-    node, axis = seqs[0], 1 if layer.batch_first else 0
-    while True:
-        users = list(node.users)
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if user.op == "call_method" and user.target in _TRANSPOSES and user.args[0] is node:
-            axis = _time_axis(user, axis)
-            if axis is None:
-                return None
-            node = user
-            continue
-        break
-    is_gather = (user.op == "call_method" and user.target == "gather") or (
-        user.op == "call_function" and user.target is torch.gather
-    )
-    if not is_gather or user.args[0] is not node or len(user.args) < 3:
-        return None
-    dim, index = user.args[1], user.args[2]
-    if not isinstance(dim, int) or dim % 3 != axis or axis not in (0, 1):
-        return None
-    if not isinstance(index, torch.fx.Node) or rnn in _ancestors(index):
-        return None
-    return index.name
-
-
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+    """The node computing the operand with which the rest of the network reads the RNN's
+    output sequence (`dynify.frontend.sequence_reads`), or None when it may read every step."""
+    read = sequence_read(gm, layer)
+    return None if read is None else read.node
 
 
 def _region(gm: torch.fx.GraphModule, end: torch.fx.Node) -> list[torch.fx.Node]:
     """`end` and every node it depends on but the placeholder (and parameter reads), in order."""
-    members = _ancestors(end) | {end}
+    members = ancestors(end) | {end}
     return [n for n in gm.graph.nodes if n in members and n.op not in ("placeholder", "get_attr")]
 
 
@@ -150,6 +97,11 @@ class StopReading:
     summary = "exit heads on an RNN's state every k tokens; confident samples stop reading"
     variants = tuple({"every": 4, "policy": kind} for kind in POLICIES)
     contract_example = "tokens"
+    # The contract also runs on texts passed with their lengths and with a padding mask.
+    contract_examples: ClassVar[dict[str, tuple[dict[str, Any], ...]]] = {
+        "tokens+lengths": ({"every": 4, "policy": "confidence"},),
+        "tokens+mask": ({"every": 4, "policy": "confidence"},),
+    }
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = StopReadingOptions.from_dict(options)
@@ -162,11 +114,14 @@ class StopReading:
                 f"every={opts.every} leaves no exit before the end of a {layer.steps}-token "
                 f"input; choose every below {layer.steps} (e.g. {max(1, layer.steps // 8)})."
             )
+        require_read(ctx.gm, layer, ctx.extra_input, "stop-reading")
+        read = sequence_read(ctx.gm, layer)
         return {
             "rnn": layer.node,
             "every": opts.every,
             "steps": layer.steps,
-            "read_position": read_position(ctx.gm, layer),
+            "read_position": None if read is None else read.node,
+            "read_kind": None if read is None else read.kind,
             "policy": policy.to_dict(),
             "options": asdict(opts),
         }
@@ -180,19 +135,25 @@ class StopReading:
                 f"recurrent layer is '{layer.node}' over {layer.steps}. Convert again."
             )
         nodes = list(gm.graph.nodes)
-        placeholder = next(n for n in nodes if n.op == "placeholder")
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        entries = [n.name for n in placeholders]
         output = next(n for n in nodes if n.op == "output")
         rnn_node = ctx.node(layer.node)
         rnn_input = rnn_node.args[0]
-        encode_nodes = [] if rnn_input is placeholder else _region(gm, rnn_input)
+        encode_is_input = rnn_input is placeholders[0]
+        if rnn_input in placeholders[1:]:
+            raise StrategyError(
+                f"'{layer.module}' reads the model's second input; it must read the sequence."
+            )
+        encode_nodes = [] if encode_is_input else _region(gm, rnn_input)
         encode = lift_region(
-            gm, [n.name for n in encode_nodes], [placeholder.name], [rnn_input.name], "Encode"
+            gm, [n.name for n in encode_nodes], entries, [rnn_input.name], "Encode"
         )
-        taken = {placeholder, rnn_node, output, *encode_nodes}
+        taken = {*placeholders, rnn_node, output, *encode_nodes}
         tail_nodes = [n for n in nodes if n not in taken and n.op != "get_attr"]
-        inputs = [placeholder.name, rnn_node.name]
-        if rnn_input is not placeholder:
-            inputs.insert(1, rnn_input.name)
+        inputs = [*entries, rnn_node.name]
+        if not encode_is_input:
+            inputs.insert(len(entries), rnn_input.name)
         final = output.args[0]
         if not isinstance(final, torch.fx.Node):
             raise StrategyError(
@@ -202,11 +163,18 @@ class StopReading:
         tail = lift_region(gm, [n.name for n in tail_nodes], inputs, [final.name], "Tail")
         position, position_macs = None, 0
         if plan.get("read_position"):
-            end = ctx.node(plan["read_position"])
+            read = sequence_read(gm, layer)
+            if read is None or read.node != plan["read_position"]:
+                raise StrategyError(
+                    f"The plan reads the RNN's outputs through '{plan['read_position']}'; this "
+                    "graph reads them otherwise. Convert again."
+                )
+            end = ctx.node(read.node)
             position_nodes = _region(gm, end)
-            position = lift_region(
-                gm, [n.name for n in position_nodes], [placeholder.name], [end.name], "Position"
+            operand = lift_region(
+                gm, [n.name for n in position_nodes], entries, [end.name], "Position"
             )
+            position = ReadLengths(operand, read, layer.steps)
             position_macs = _macs(position_nodes)
         rnn = gm.get_submodule(layer.module)
         hidden = layer.hidden_size
@@ -229,7 +197,7 @@ class StopReading:
             fixed_macs=_macs(encode_nodes) + position_macs,
             tail_macs=_macs(tail_nodes),
             head_macs=head_macs,
-            encode_is_input=rnn_input is placeholder,
+            encode_is_input=encode_is_input,
             policy=ExitPolicy(**plan["policy"]),
             thresholds=[float(options.get("threshold", 0.9))] * len(heads),
             static_macs=ctx.analysis.total_macs,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dynify.errors import InputError, StrategyError
+from dynify.frontend.inputs import ExtraInput, as_inputs
 
 if TYPE_CHECKING:
     from dynify.runtime.policy import ExitPolicy
@@ -111,6 +112,9 @@ class DynamicModel(nn.Module, ABC):
     joint_recipe: ClassVar[JointRecipe] = JointRecipe()
     # State entries an older artifact may lack; they keep their initial values when loaded.
     optional_state: ClassVar[tuple[str, ...]] = ()
+    # Whether the strategy runs models called with a padded sequence and its lengths or mask
+    # (`forward(x, extra)`); the others take one tensor.
+    takes_extra_input: ClassVar[bool] = False
     thresholds: torch.Tensor
 
     def __init__(
@@ -131,6 +135,8 @@ class DynamicModel(nn.Module, ABC):
         self.artifact_path: Path | None = None
         # Integer inputs (token ids) keep their dtype; None: float inputs of the model's dtype.
         self.input_dtype: torch.dtype | None = None
+        # The second input (lengths or padding mask) of a sequence model, or None.
+        self.extra_input: ExtraInput | None = None
         values = [float(t) for t in thresholds]
         _check_thresholds(values, len(values))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
@@ -240,8 +246,37 @@ class DynamicModel(nn.Module, ABC):
         finally:
             calls.static = previous
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def inputs(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sequence, second input or None) of a call, checked: `dyn(x)`, or for a model
+        converted with lengths or a mask `dyn(ids, lengths)` and `dyn((ids, lengths))`."""
+        if self.extra_input is not None:
+            x, extra = as_inputs(x, extra)
+        self.check_input(x, extra)
+        return x, extra  # type: ignore[return-value]
+
+    def input_args(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The checked inputs of a call as a graph takes them: (x,) or (x, lengths / mask)."""
+        x, extra = self.inputs(x, extra)
+        return (x,) if extra is None else (x, extra)
+
+    def check_input(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         """Refuse inputs the cost accounting and the plan were not made for."""
+        if self.extra_input is not None:
+            x, extra = as_inputs(x, extra)
+            if extra is None:
+                kind = self.extra_input.kind
+                raise InputError(
+                    f"The model was converted for a padded sequence and its {kind}; call it as "
+                    f"dyn(x, {kind}) (or dyn((x, {kind})))."
+                )
+        elif extra is not None:
+            raise InputError(
+                "The model takes one input tensor; it was converted without lengths or a mask."
+            )
         if not isinstance(x, torch.Tensor):
             raise InputError(f"Expected a tensor input, got {type(x).__name__}.")
         expected = (None, *self.input_shape)
@@ -262,25 +297,36 @@ class DynamicModel(nn.Module, ABC):
                     f"{str(x.dtype).removeprefix('torch.')} on {x.device}. Pass the ids the "
                     f"model was converted with (x.to({want.device.type!r}, torch.{name}))."
                 )
-            return
-        if x.dtype != want.dtype or x.device != want.device:
+        elif x.dtype != want.dtype or x.device != want.device:
             raise InputError(
                 f"Expected a {str(want.dtype).removeprefix('torch.')} input on {want.device}, "
                 f"got {str(x.dtype).removeprefix('torch.')} on {x.device}. Convert the input "
                 f"(x.to({want.device.type!r}, torch.{str(want.dtype).removeprefix('torch.')})): "
                 "images as integers are scaled and normalised first, as in training."
             )
+        if self.extra_input is not None:
+            self.extra_input.check(x, extra)
 
-    def random_input(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_input(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`batch` random inputs the model accepts, for verification, timing and warm-up:
-        normal floats, or token ids below the smallest embedding's vocabulary."""
+        normal floats, or token ids below the smallest embedding's vocabulary; with random
+        lengths in [1, T] (or their padding mask) for a model converted with them."""
         shape = (batch, *self.input_shape)
         if self.input_dtype is None:
-            return torch.randn(shape, generator=generator)
-        vocab = min(
-            (m.num_embeddings for m in self.modules() if isinstance(m, nn.Embedding)), default=2
-        )
-        return torch.randint(0, vocab, shape, generator=generator, dtype=self.input_dtype)
+            x = torch.randn(shape, generator=generator)
+        else:
+            vocab = min(
+                (m.num_embeddings for m in self.modules() if isinstance(m, nn.Embedding)),
+                default=2,
+            )
+            x = torch.randint(0, vocab, shape, generator=generator, dtype=self.input_dtype)
+        if self.extra_input is None:
+            return x
+        steps = self.input_shape[0]
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        return x, self.extra_input.of_lengths(lengths, steps)
 
     def mean_macs_fraction(self) -> float:
         """Mean MACs of the last forward as a fraction of the static model's."""
@@ -312,6 +358,9 @@ class ExportFace(nn.Module, ABC):
     """
 
     thresholds: torch.Tensor
+    # The name of the second graph input of a face whose model takes lengths or a mask
+    # ("lengths" / "mask": `x` is then the pair); None: `x` is one tensor.
+    extra_input_name: str | None = None
     # The torch.cond an export must keep at least: fewer means the skipping was folded into a
     # static graph. 0 for a strategy that skips nothing (dynamic convs: kernels, not branches).
     min_conditionals: ClassVar[int] = 1
@@ -331,7 +380,9 @@ class ExportFace(nn.Module, ABC):
     @abstractmethod
     def forward(
         self, x: torch.Tensor, thresholds: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x`: the input as the model takes it; for a model converted with lengths or a
+        mask, the pair `(x, lengths)` (a second graph input named after its kind)."""
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dynify.errors import StrategyError
+from dynify.frontend.sequence_reads import SequenceRead, read_lengths
 
 RecurrentModule = nn.LSTM | nn.GRU
 
@@ -171,3 +172,28 @@ __all__ = [
     "step_rows",
     "zero_state",
 ]
+
+
+class ReadLengths(nn.Module):
+    """Steps each sample must run for the rest of the network's answer: the lifted graph of
+    the operand with which the network reads the RNN's output sequence (a gather index, a
+    padding factor, a fill condition; `dynify.frontend.sequence_reads`), called on the
+    model's inputs, turned into int64 [B] in [1, steps]."""
+
+    def __init__(self, operand: nn.Module, read: SequenceRead, steps: int):
+        super().__init__()
+        self.operand = operand
+        self.read = read
+        self.steps = int(steps)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        value = self.operand(*inputs)
+        return read_lengths(self.read, value, self.steps, inputs[0].shape[0])
+
+
+def full_lengths(batch: int, steps: int, like: Tensor) -> Tensor:
+    """Every sample runs every step: int64 [B] of `steps`."""
+    return torch.full((batch,), steps, dtype=torch.long, device=like.device)
+
+
+__all__ += ["ReadLengths", "full_lengths"]

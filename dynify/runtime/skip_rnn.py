@@ -30,6 +30,13 @@ updates at most as often as the cap allows, whatever its input and the threshold
 applies the same arithmetic, per sample and step by step, so a batch decides as its samples
 alone.
 
+Padded batches: where the rest of the network reads the layer's outputs only up to each
+text's end (`dynify.frontend.sequence_reads`), the model computes each sample's length from its
+inputs first (`SkipRun.limit`) and a sample never updates at a padding step, in every face: its
+state after its text ends is the state of its last update, which the network does not read.
+With every decision off (a threshold above 1), the samples run stretch by stretch through the
+fused kernel, each up to its own length.
+
 Inside `static()` the wrapper calls the original module: the original network, bit-exact.
 """
 
@@ -43,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from dynify.errors import StrategyError
+from dynify.frontend.inputs import as_inputs
 from dynify.runtime import mac_cap
 from dynify.runtime.control import cond, selected
 from dynify.runtime.decisions import (
@@ -86,6 +94,8 @@ class SkipRun:
     share: Tensor | None = None  # train: mean update share with the straight-through gradient
     cap: int | None = None  # the MAC cap (a Python int, a constant of an export), None: none
     floor: int = 0  # what a sample spends whatever it decides (`SkipRNNModel.cap_floor`)
+    # [B] int64: the steps each sample runs at most (its text's length), None: every step
+    limit: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,9 +165,11 @@ class SkipRNN(nn.Module):
         batch, steps = xb.shape[0], xb.shape[1]
         threshold = run.thresholds[0]
         every = bool(updates_every_step(threshold))
+        limits = [steps] * batch if run.limit is None else run.limit.tolist()
         if every and self.every_step_fits(run):
-            out, state = run_stretch(self.rnn, xb)
-            run.updates = torch.ones(batch, steps, dtype=torch.bool)
+            out, state = self._fused_to_limits(xb, limits)
+            positions = torch.arange(steps, device=xb.device)
+            run.updates = positions[None, :] < torch.tensor(limits, device=xb.device)[:, None]
             run.gates = torch.zeros(batch, dtype=torch.long)
             return out, state
         use_gate = gate_decides(float(threshold))
@@ -172,11 +184,14 @@ class SkipRNN(nn.Module):
         gates = [0] * batch
         outs = []
         for t in range(steps):
-            rows = sorted(due[t])
+            rows = [r for r in sorted(due[t]) if t < limits[r]]  # padding steps never run
             if rows and left is not None and t > 0:  # the first update is in the floor
-                cost = self.update_cost(t, use_gate)
+                # the step, and the gate after it unless it is the sample's last step
+                costs = [float(self.update_cost(t, use_gate and t + 1 < limits[r])) for r in rows]
                 index = torch.tensor(rows, device=xb.device)
-                fit = mac_cap.fits(left.index_select(0, index), cost).tolist()
+                cost = torch.zeros(batch, dtype=torch.float64, device=xb.device)
+                cost[index] = torch.tensor(costs, dtype=torch.float64, device=xb.device)
+                fit = mac_cap.fits(left.index_select(0, index), cost[index]).tolist()
                 late = [r for r, ok in zip(rows, fit, strict=True) if not ok]
                 if late and t + 1 < steps:  # skipped: due again at the next step
                     due[t + 1].extend(late)
@@ -196,9 +211,16 @@ class SkipRNN(nn.Module):
                     state = scatter_state(state, index, new)
                 for r in rows:
                     flags[r][t] = True
-                if t + 1 < steps:
+                going_on = [i for i, r in enumerate(rows) if t + 1 < limits[r]]
+                if going_on:  # the samples with steps left after this one
+                    if len(going_on) < len(rows):
+                        keep = torch.tensor(going_on, device=xb.device)
+                        top = new.top.index_select(0, keep)
+                    else:
+                        top = new.top
+                    on_rows = [rows[i] for i in going_on]
                     if use_gate:
-                        logits = self.gate(new.top).squeeze(-1)
+                        logits = self.gate(top).squeeze(-1)
                         ahead = steps_to_next_update_one(
                             logits.tolist(),
                             boundary,
@@ -207,11 +229,11 @@ class SkipRNN(nn.Module):
                                 update_probability(logits), threshold, steps
                             ).tolist(),
                         )
-                        for r in rows:
+                        for r in on_rows:
                             gates[r] += 1
                     else:  # threshold 0 or below: never again; above 1: the next step
                         ahead = never
-                    for r, j in zip(rows, ahead, strict=False):
+                    for r, j in zip(on_rows, ahead, strict=False):
                         if t + j < steps:
                             due[t + j].append(r)
             outs.append(state.top)
@@ -219,15 +241,41 @@ class SkipRNN(nn.Module):
         run.gates = torch.tensor(gates, dtype=torch.long)
         return torch.stack(outs, 1), state
 
+    def _fused_to_limits(self, xb: Tensor, limits: list[int]) -> tuple[Tensor, State]:
+        """Every step of every sample up to its limit through the fused kernel: one stretch
+        per distinct limit, on the samples still running (one call when all run every step).
+        A sample's outputs after its limit repeat its last state."""
+        batch, steps = xb.shape[0], xb.shape[1]
+        if min(limits) >= steps:
+            return run_stretch(self.rnn, xb)
+        state = zero_state(self.rnn, batch, xb)
+        out = xb.new_zeros((batch, steps, self.rnn.hidden_size))
+        start = 0
+        for bound in sorted(set(limits)):
+            rows = [r for r in range(batch) if limits[r] >= bound]
+            index = torch.tensor(rows, device=xb.device)
+            seg, rows_state = run_stretch(
+                self.rnn, xb.index_select(0, index)[:, start:bound], gather_state(state, index)
+            )
+            out[index, start:bound] = seg
+            state = scatter_state(state, index, rows_state)
+            start = bound
+        limit = torch.tensor(limits, device=xb.device)
+        after = torch.arange(steps, device=xb.device)[None, :] >= limit[:, None]
+        return torch.where(after[..., None], state.top[:, None, :], out), state
+
     # --- training: every step for every sample, straight-through updates -------------------
     def _train(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
         batch, steps = xb.shape[0], xb.shape[1]
         boundary = float(update_boundary(TRAIN_THRESHOLD))
         state = zero_state(self.rnn, batch, xb)
         u = xb.new_ones(batch)
+        limit = run.limit
         outs, decisions = [], []
         for t in range(steps):
             b = straight_through_update(u, boundary)
+            if limit is not None:  # padding steps never update
+                b = b * (limit > t).to(b.dtype)
             new = step_rows(self.rnn, xb[:, t], state, None)
             mix = b.view(1, -1, 1)
             h = mix * new.h + (1.0 - mix) * state.h
@@ -237,9 +285,15 @@ class SkipRNN(nn.Module):
             outs.append(state.top)
             decisions.append(b)
         updates = torch.stack(decisions, 1)
-        run.share = updates.mean()
-        run.updates = updates.detach() > 0.5
-        run.gates = run.updates[:, :-1].sum(1)
+        if limit is None:
+            run.share = updates.mean()
+            run.updates = updates.detach() > 0.5
+            run.gates = run.updates[:, :-1].sum(1)
+        else:  # the share of the real steps; no gate after a sample's last step
+            run.share = updates.sum() / limit.sum().clamp(min=1)
+            run.updates = updates.detach() > 0.5
+            positions = torch.arange(steps, device=xb.device)
+            run.gates = (run.updates & (positions[None, :] + 1 < limit[:, None])).sum(1)
         return torch.stack(outs, 1), state
 
     # --- export: a torch.cond per step ------------------------------------------------------
@@ -247,9 +301,16 @@ class SkipRNN(nn.Module):
         threshold = run.thresholds[0]
         lstm = isinstance(self.rnn, nn.LSTM)
 
+        limit = run.limit
+
         def fused(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
+            # The padding steps run here too (the network does not read their outputs nor
+            # the final state), but none is counted as an update.
             out, state = run_stretch(self.rnn, xb)
             ones = torch.ones(xb.shape[0], xb.shape[1], dtype=torch.int64, device=xb.device)
+            if limit is not None:
+                positions = torch.arange(xb.shape[1], device=xb.device)
+                ones = (positions[None, :] < limit[:, None]).to(torch.int64)
             return (out.contiguous(), state.h, state.c if lstm else state.h, ones)
 
         def stepped(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
@@ -277,10 +338,14 @@ class SkipRNN(nn.Module):
         due = torch.zeros(batch, dtype=torch.int64, device=xb.device)
         outs, flags = [], []
         h, c = state.h, c0
+        limit = run.limit
         for t in range(steps):
             mask = due == t
+            if limit is not None:  # padding steps never run
+                mask = mask & (limit > t)
             if left is not None and t > 0:  # the first update is in the floor
-                cost = self.update_cost(t, gated)
+                last = None if limit is None else limit <= t + 1
+                cost = self.update_cost(t, gated if last is None else gated & ~last)
                 fit = mac_cap.fits(left, cost)
                 due = torch.where(mask & ~fit, t + 1, due)  # skipped: due at the next step
                 mask = mask & fit
@@ -312,9 +377,13 @@ class SkipRNNModel(CapHolder, DynamicModel):
     """
 
     strategy = "skip-rnn"
+    takes_extra_input = True
     optional_state = ("budget_multiplier", "mac_cap")
     # [B, T] bool: the steps each sample of the last forward updated at (per thread)
     last_updates = PerCallRecord()
+    # [B] int64: the steps each sample of the last forward could update at: its text's length
+    # where the network reads only up to it (padding steps never update), else T
+    last_lengths = PerCallRecord()
 
     def __init__(
         self,
@@ -322,6 +391,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
         *,
         layer: str,
         fixed_macs: int,
+        reads: nn.Module | None = None,
         threshold: float = 0.5,
         budget: float = 0.5,
         distill_temperature: float = 2.0,
@@ -339,6 +409,8 @@ class SkipRNNModel(CapHolder, DynamicModel):
         )
         self.gm = gm
         self.layer = layer
+        # ReadLengths: each sample's steps to run from the inputs; None: every step
+        self.reads = reads
         self.fixed_macs = int(fixed_macs)
         self.budget = float(budget)
         self.distill_temperature = float(distill_temperature)
@@ -393,14 +465,25 @@ class SkipRNNModel(CapHolder, DynamicModel):
         return self.last_updates.long()
 
     def update_share(self) -> float:
-        """The share of steps the last forward's samples updated at."""
-        return float(self.last_decisions().double().mean())
+        """The share of the real steps (`last_lengths`: padding steps excluded, as they never
+        update) the last forward's samples updated at."""
+        return float(self.last_decisions().double().sum() / self.last_lengths.sum().clamp(min=1))
 
-    def _run_graph(self, x: Tensor, run: SkipRun) -> Tensor:
+    def _record(self, run: SkipRun, batch: int, device: torch.device) -> None:
+        self.last_updates = run.updates
+        steps = self.wrapper.steps
+        full = torch.full((batch,), steps, dtype=torch.long, device=device)
+        self.last_lengths = full if run.limit is None else run.limit.long()
+
+    def _run_graph(self, args: tuple[Tensor, ...], run: SkipRun) -> Tensor:
+        """The rewritten graph on the model's inputs; outside static mode each sample's
+        steps to run are computed first, from the inputs (`run.limit`)."""
+        if self.reads is not None and run.mode != "static":
+            run.limit = self.reads(*args)
         context = self.wrapper.context
         context.run = run
         try:
-            return self.gm(x)
+            return self.gm(*args)
         finally:
             context.run = None
 
@@ -409,18 +492,22 @@ class SkipRNNModel(CapHolder, DynamicModel):
         updates = run.updates.sum(1).long()
         return self.fixed_macs + updates * w.step_macs + run.gates.long() * w.gate_macs
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
+    def forward(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None) -> Tensor:
+        """Logits [N, C]; `extra`: the lengths or padding mask of a model converted with them
+        (also accepted as `forward((x, extra))`)."""
+        args = self.input_args(x, extra)
+        x = args[0]
         batch, steps = x.shape[0], self.wrapper.steps
         if self._static:
-            out = self._run_graph(x, SkipRun("static", self.thresholds))
+            out = self._run_graph(args, SkipRun("static", self.thresholds))
             self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
             self.last_updates = torch.ones(batch, steps, dtype=torch.bool)
+            self.last_lengths = torch.full((batch,), steps, dtype=torch.long)
             return out
         run = self._capped(SkipRun("eager", self.thresholds), self.cap_macs())
-        out = self._run_graph(x, run)
+        out = self._run_graph(args, run)
         self.last_macs = self._macs(run)
-        self.last_updates = run.updates
+        self._record(run, batch, x.device)
         return out
 
     def training_loss(
@@ -433,24 +520,24 @@ class SkipRNNModel(CapHolder, DynamicModel):
         """Distillation (+ CE on labels) under straight-through update decisions, plus the
         budget term: price x share of updates, the price a PI controller on the distance of
         the share (of the binary decisions) from the budget (`budget_price`)."""
-        self.check_input(x)
+        args = self.input_args(x)
         config = config or LossConfig()
         budget = self.budget if config.budget is None else float(config.budget)
         if teacher_logits is None:
             with torch.no_grad(), self.static():
-                teacher_logits = self(x)
+                teacher_logits = self(*args)
         run = SkipRun("train", self.thresholds)
-        logits = self._run_graph(x, run)
+        logits = self._run_graph(args, run)
         t = config.temperature(self.distill_temperature)
         task, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
-        share = float(run.updates.float().mean())
+        share = float(run.share.detach())
         price = budget_price(
             self.budget_multiplier, share - budget, self.compute_weight, self.budget_rate
         )
         compute = priced_compute(run.share.reshape(1), price)
         loss = task + compute
         self.last_macs = self._macs(run)
-        self.last_updates = run.updates
+        self._record(run, args[0].shape[0], args[0].device)
         metrics = {
             "loss": float(loss.detach()),
             "distill": stats["kd"],
@@ -474,11 +561,17 @@ class SkipRNNExport(ExportFace):
     def __init__(self, model: SkipRNNModel):
         super().__init__(model.thresholds)
         self.model = model
+        self.extra_input_name = None if model.extra_input is None else model.extra_input.name
         # the MAC cap as it is now: a Python int, so the export keeps it as a constant
         self.cap = model.cap_macs()
 
-    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor | tuple[Tensor, Tensor], thresholds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`x`: the input, or the pair (ids, lengths / mask) of a model converted with them
+        (exported as a second graph input)."""
         run = SkipRun("export", self.thresholds_or_default(thresholds))
         self.model._capped(run, self.cap)
-        logits = self.model._run_graph(x, run)
+        x, extra = as_inputs(x)
+        logits = self.model._run_graph((x,) if extra is None else (x, extra), run)
         return logits, run.updates.to(torch.int64)

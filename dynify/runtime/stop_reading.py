@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dynify.frontend.inputs import as_inputs
 from dynify.runtime import recurrence
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, leaves_one, start_streak
@@ -54,6 +55,7 @@ def state_rows(state: RnnState, index: Tensor) -> RnnState:
 
 class StopReadingModel(DynamicModel):
     strategy = "stop-reading"
+    takes_extra_input = True
     # RNN steps each sample of this thread's last forward ran (int64 [N])
     last_tokens = PerCallRecord()
 
@@ -63,7 +65,7 @@ class StopReadingModel(DynamicModel):
         encode: nn.Module,
         rnn: nn.RNNBase,
         tail: nn.Module,
-        position: nn.Module | None,
+        position: nn.Module | None,  # ReadLengths: steps each sample must read, or None
         heads: Sequence[nn.Module],
         every: int,
         steps: int,
@@ -107,13 +109,13 @@ class StopReadingModel(DynamicModel):
         """Tokens read when exit i decides (after stretch i)."""
         return min(self.steps, (i + 1) * self.every)
 
-    def read_lengths(self, x: Tensor) -> Tensor:
+    def read_lengths(self, *args: Tensor) -> Tensor:
         """Tokens each sample must read for the original classifier's answer, int64 [N] in
-        [1, steps]: up to the position the classifier reads at, or every token."""
+        [1, steps], from the model's inputs: up to the last position the classifier reads
+        (its gather index, its padding mask), or every token."""
         if self.position is None:
-            return torch.full((x.shape[0],), self.steps, dtype=torch.long, device=x.device)
-        index = self.position(x)
-        return (index.reshape(index.shape[0], -1).amax(1).long() + 1).clamp(1, self.steps)
+            return recurrence.full_lengths(args[0].shape[0], self.steps, args[0])
+        return self.position(*args)
 
     def _stretches(self, read: Tensor, exit_index: Tensor) -> Tensor:
         """Stretches each sample ran, from tokens to read and the exit taken."""
@@ -155,11 +157,13 @@ class StopReadingModel(DynamicModel):
         full = torch.full((self.num_exits + 1,), self.steps, dtype=torch.long)
         return self._costs(full, torch.arange(self.num_exits + 1)).tolist()
 
-    def sample_exit_costs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def sample_exit_costs(
+        self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(MACs [K + 1, N] of leaving at each exit, exits open [K, N]) per sample: a text
         that ends before exit i's position has finished reading there, so exit i is closed to
         it and its final answer costs only what it read."""
-        read = self.read_lengths(x)
+        read = self.read_lengths(*self.input_args(x, extra))
         k, n = self.num_exits, read.shape[0]
         exits = torch.arange(k + 1, device=read.device)
         macs = self._costs(read.expand(k + 1, n), exits[:, None].expand(k + 1, n))
@@ -197,48 +201,54 @@ class StopReadingModel(DynamicModel):
         return rows
 
     # --- the parts -------------------------------------------------------------------------
-    def _encoded(self, x: Tensor) -> Tensor:
+    def _encoded(self, args: tuple[Tensor, ...]) -> Tensor:
         """The RNN's input sequence in its own layout."""
-        return self.encode(x)
+        return self.encode(*args)
 
     def _time_axis(self) -> int:
         return 1 if self.rnn.batch_first else 0
 
-    def _answer(self, x: Tensor, encoded: Tensor, seq: Tensor, state: RnnState) -> Tensor:
+    def _answer(
+        self, args: tuple[Tensor, ...], encoded: Tensor, seq: Tensor, state: RnnState
+    ) -> Tensor:
         """The original classifier on the outputs read so far (`seq` [N, steps, H] batch
         first; positions not read are zeros, which it does not read)."""
         if not self.rnn.batch_first:
             seq = seq.transpose(0, 1)
         if self.encode_is_input:
-            return self.tail(x, (seq, state))
-        return self.tail(x, encoded, (seq, state))
+            return self.tail(*args, (seq, state))
+        return self.tail(*args, encoded, (seq, state))
 
     # --- the forward -----------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
+    def forward(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None) -> Tensor:
+        """Logits [N, C]; `extra`: the lengths or padding mask of a model converted with them
+        (also accepted as `forward((x, extra))`)."""
+        args = self.input_args(x, extra)
+        x = args[0]
         if self._static:
-            out = self._forward_static(x)
+            out = self._forward_static(args)
             self.last_exit = torch.full((x.shape[0],), self.num_exits, dtype=torch.long)
             self.last_macs = torch.full((x.shape[0],), self.static_macs, dtype=torch.long)
             self.last_tokens = torch.full((x.shape[0],), self.steps, dtype=torch.long)
             return out
         if x.shape[0] == 1 and self.policy.kind != "patience":
-            return self._forward_one(x)
-        return self._forward_batch(x)
+            return self._forward_one(args)
+        return self._forward_batch(args)
 
-    def _forward_static(self, x: Tensor) -> Tensor:
+    def _forward_static(self, args: tuple[Tensor, ...]) -> Tensor:
         """The original network: the parts around the RNN and one fused call of it."""
-        encoded = self._encoded(x)
+        encoded = self._encoded(args)
         out, state = self.rnn(encoded)
         if self.encode_is_input:
-            return self.tail(x, (out, state))
-        return self.tail(x, encoded, (out, state))
+            return self.tail(*args, (out, state))
+        return self.tail(*args, encoded, (out, state))
 
-    def _forward_batch(self, x: Tensor) -> Tensor:
+    def _forward_batch(self, args: tuple[Tensor, ...]) -> Tensor:
+        x = args[0]
         batch, k, axis = x.shape[0], self.num_exits, self._time_axis()
-        read = self.read_lengths(x)
+        read = self.read_lengths(*args)
         exit_index = full_index(x, k)
-        run = _Reading(x, self._encoded(x), read, torch.arange(batch, device=x.device), axis)
+        run = _Reading(args, self._encoded(args), read, torch.arange(batch, device=x.device), axis)
         policy_state = self.policy.start(batch, x.device)
         seq: Tensor | None = None
         output: Tensor | None = None
@@ -252,12 +262,12 @@ class StopReadingModel(DynamicModel):
             seq[run.rows, start : self.boundary(i)] = out
             finished = run.read <= self.boundary(i)
             if i == k or finished.all():
-                logits = self._answer(run.x, run.encoded, seq[run.rows], run.state)
+                logits = self._answer(run.args, run.encoded, seq[run.rows], run.state)
                 output = scatter_rows(output, run.rows, logits, batch)
                 break
             if finished.any():
                 ended = run.subset(finished)
-                logits = self._answer(ended.x, ended.encoded, seq[ended.rows], ended.state)
+                logits = self._answer(ended.args, ended.encoded, seq[ended.rows], ended.state)
                 output = scatter_rows(output, ended.rows, logits, batch)
                 reading = ~finished
                 run, out, policy_state = (
@@ -281,12 +291,13 @@ class StopReadingModel(DynamicModel):
         self.last_tokens = self.tokens_read(read, exit_index)
         return output
 
-    def _forward_one(self, x: Tensor) -> Tensor:
+    def _forward_one(self, args: tuple[Tensor, ...]) -> Tensor:
         """One sample: the same decisions as the batch path without its index bookkeeping,
         decided in Python floats (`leaves_one`, whose tie rule defers to the tensor rule)."""
+        x = args[0]
         k, axis = self.num_exits, self._time_axis()
-        read = int(self.read_lengths(x)[0])
-        encoded = self._encoded(x)
+        read = int(self.read_lengths(*args)[0])
+        encoded = self._encoded(args)
         thresholds = self.thresholds.tolist()
         temperatures = self.temperatures.tolist()
         outs: list[Tensor] = []
@@ -310,19 +321,21 @@ class StopReadingModel(DynamicModel):
             rest = self.steps - seq.shape[1]
             if rest:
                 seq = torch.cat([seq, seq.new_zeros((1, rest, seq.shape[-1]))], 1)
-            answer = self._answer(x, encoded, seq, state)
+            answer = self._answer(args, encoded, seq, state)
         macs, tokens = self._cost_one(read, taken)
         self.last_tokens = torch.tensor([tokens], device=x.device)
         self.record_one(macs, taken, x.device)
         return answer
 
     # --- exit cascade: calibration and training --------------------------------------------
-    def exit_logits(self, x: Tensor) -> list[Tensor]:
+    def exit_logits(
+        self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None
+    ) -> list[Tensor]:
         """Every exit's logits and the original classifier's, for all samples (calibration,
         training): the RNN run stretch by stretch, as the forward runs it."""
-        self.check_input(x)
+        args = self.input_args(x, extra)
         axis = self._time_axis()
-        encoded = self._encoded(x)
+        encoded = self._encoded(args)
         state: RnnState | None = None
         outs, logits = [], []
         for i in range(self.num_exits + 1):
@@ -333,7 +346,7 @@ class StopReadingModel(DynamicModel):
             outs.append(out)
             if i < self.num_exits:
                 logits.append(self.heads[i](out[:, -1]))
-        logits.append(self._answer(x, encoded, torch.cat(outs, 1), state))
+        logits.append(self._answer(args, encoded, torch.cat(outs, 1), state))
         return logits
 
     def training_loss(
@@ -376,14 +389,16 @@ class _Reading:
     """The samples of a batch still reading: their inputs, encoded inputs, tokens to read,
     rows in the batch and RNN state."""
 
-    def __init__(self, x: Tensor, encoded: Tensor, read: Tensor, rows: Tensor, axis: int):
-        self.x, self.encoded, self.read, self.rows, self.axis = x, encoded, read, rows, axis
+    def __init__(
+        self, args: tuple[Tensor, ...], encoded: Tensor, read: Tensor, rows: Tensor, axis: int
+    ):
+        self.args, self.encoded, self.read, self.rows, self.axis = args, encoded, read, rows, axis
         self.state: RnnState | None = None
 
     def subset(self, mask: Tensor) -> _Reading:
         index = selected(mask)
         sub = _Reading(
-            self.x.index_select(0, index),
+            tuple(a.index_select(0, index) for a in self.args),
             self.encoded.index_select(1 - self.axis, index),
             self.read[index],
             self.rows[index],
@@ -402,22 +417,30 @@ class StopReadingFace(ExportFace):
     def __init__(self, model: StopReadingModel):
         super().__init__(model.thresholds)
         self.model = model
+        self.extra_input_name = None if model.extra_input is None else model.extra_input.name
         self.register_buffer("temperatures", model.temperatures.detach().clone())
 
-    def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor | tuple[Tensor, Tensor], thresholds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`x`: the token ids, or the pair (ids, lengths / mask) of a model converted with
+        them (exported as a second graph input)."""
         thr = self.thresholds_or_default(thresholds)
         m = self.model
-        read = m.read_lengths(x)
-        encoded = m._encoded(x)
+        x, extra = as_inputs(x)
+        args = (x,) if extra is None else (x, extra)
+        read = m.read_lengths(*args)
+        encoded = m._encoded(args)
         axis = m._time_axis()
         out, state = run_stretch(m.rnn, encoded.narrow(axis, 0, m.boundary(0)), None)
-        streak = start_streak(x.shape[0], x.device) if m.policy.kind == "patience" else ()
-        return self._stage(0, x, encoded, read, out, state, thr, tuple(streak))
+        x0 = args[0]
+        streak = start_streak(x0.shape[0], x0.device) if m.policy.kind == "patience" else ()
+        return self._stage(0, args, encoded, read, out, state, thr, tuple(streak))
 
     def _stage(
         self,
         i: int,
-        x: Tensor,
+        args: tuple[Tensor, ...],
         encoded: Tensor,
         read: Tensor,
         seq: Tensor,
@@ -427,8 +450,9 @@ class StopReadingFace(ExportFace):
     ) -> tuple[Tensor, Tensor]:
         """After stretch i (`seq`: the outputs read so far, batch first): who stops here."""
         m, k = self.model, self.model.num_exits
+        x = args[0]
         pad = seq.new_zeros((seq.shape[0], m.steps - seq.shape[1], seq.shape[-1]))
-        final_logits = m._answer(x, encoded, torch.cat([seq, pad], 1), state)
+        final_logits = m._answer(args, encoded, torch.cat([seq, pad], 1), state)
         if i == k:
             return final_logits, full_index(x, k)
         finished = read <= m.boundary(i)
@@ -445,12 +469,18 @@ class StopReadingFace(ExportFace):
         is_lstm = isinstance(state, tuple)
         flat_state = state if is_lstm else (state,)
         axis = m._time_axis()
+        n_args = len(args)
 
         def all_stop(here, decision, stop, *rest):
             return here.clone(), decision.clone()
 
-        def go_on(here, decision, stop, x, encoded, read, seq, *rest):
+        def go_on(here, decision, stop, *rest):
             keep = selected(~stop)
+            inputs, (encoded, read, seq), rest = (
+                rest[:n_args],
+                rest[n_args : n_args + 3],
+                rest[n_args + 3 :],
+            )
             n_state = 2 if is_lstm else 1
             st = tuple(s.index_select(1, keep) for s in rest[:n_state])
             carried = tuple(c.index_select(0, keep) for c in rest[n_state:])
@@ -463,7 +493,7 @@ class StopReadingFace(ExportFace):
             )
             sub_logits, sub_exit = self._stage(
                 i + 1,
-                x.index_select(0, keep),
+                tuple(a.index_select(0, keep) for a in inputs),
                 enc,
                 read.index_select(0, keep),
                 torch.cat([seq.index_select(0, keep), out], 1),
@@ -476,5 +506,5 @@ class StopReadingFace(ExportFace):
                 decision.index_copy(0, keep, sub_exit),
             )
 
-        operands = (here, decision, stop, x, encoded, read, seq, *flat_state, *streak)
+        operands = (here, decision, stop, *args, encoded, read, seq, *flat_state, *streak)
         return cond(stop.all(), all_stop, go_on, operands)
