@@ -20,11 +20,11 @@ import torch
 
 from dynify.errors import StrategyError
 from dynify.frontend.analysis import CutPoint
-from dynify.frontend.cost import MACS, module_macs
+from dynify.frontend.cost import graph_macs, module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
-from dynify.runtime.early_exit import EarlyExitModel
+from dynify.runtime.early_exit import EarlyExitModel, cost_book
 from dynify.runtime.heads import ExitHead, feature_layout
 from dynify.runtime.policy import POLICIES, ExitPolicy
 
@@ -233,7 +233,7 @@ class EarlyExit:
             lo, hi = position[bounds[i]], position[bounds[i + 1]]
             members = [n.name for n in nodes[lo + 1 : hi + 1] if n.op not in ("output",)]
             segments.append(lift_region(gm, members, [bounds[i]], [bounds[i + 1]], f"Segment{i}"))
-            segment_macs.append(sum(int(nodes[j].meta.get(MACS, 0)) for j in range(lo + 1, hi + 1)))
+            segment_macs.append(graph_macs(gm, nodes[lo + 1 : hi + 1]))
         heads, head_macs = [], []
         for spec in exits:
             shape = tuple(ctx.node(spec["node"]).meta["tensor_meta"].shape[1:])
@@ -251,8 +251,7 @@ class EarlyExit:
         return EarlyExitModel(
             segments,
             heads,
-            segment_macs=segment_macs,
-            head_macs=head_macs,
+            book=cost_book(ctx.analysis.total_macs, segment_macs, head_macs),
             exit_names=[e["node"] for e in exits],
             policy=ExitPolicy(**plan["policy"]),
             thresholds=[float(options.get("threshold", 0.9))] * len(exits),
