@@ -134,7 +134,11 @@ class CostBook:
     ) -> dict[str, str]:
         """The MAC columns of a `describe()` row: `macs` in millions and as a share of the
         static network's."""
-        return {label: mega(macs, digits), share: f"{macs / self.static_macs:.{share_digits}f}"}
+        return {label: mega(macs, digits), share: self.share(macs, share_digits)}
+
+    def share(self, macs: int, digits: int = 3) -> str:
+        """`macs` as a share of the static network's, as a table shows it."""
+        return f"{macs / self.static_macs:.{digits}f}"
 
     def tab(
         self,
