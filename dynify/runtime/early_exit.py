@@ -157,7 +157,7 @@ class EarlyExitModel(DynamicModel):
         for i, segment in enumerate(self.segments):
             if i:
                 for item in self.stages[i]:
-                    tab.charge(item, remaining)
+                    tab.charge_rows(item, remaining)
             feature = segment(feature)
             if i == self.num_exits:
                 logits = feature

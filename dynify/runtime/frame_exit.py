@@ -124,7 +124,7 @@ class FrameExitModel(DynamicModel):
         tab = self.open_tab(batch, x.device)  # the first frame is every clip's
         for j, t in enumerate(self.order):
             if j:
-                tab.charge(frame_item(j), remaining)
+                tab.charge_rows(frame_item(j), remaining)
             logits = self.frame(x[:, t])
             total = logits if total is None else total + logits
             mean = total / (j + 1)

@@ -198,9 +198,28 @@ class Tab:
 
     def charge(self, item: str, ran: Tensor | bool | None = None) -> None:
         """Charge item `item`'s MACs to the samples that ran it: `ran` None (every sample), a
-        Python bool (a scalar tab), a bool mask [B], int64 row indices, or float weights [B]
-        (differentiable: training's straight-through decisions)."""
-        self.add(self.book.items[item].macs, ran)
+        Python bool (a scalar tab), a bool mask [B], or float weights [B] (differentiable:
+        training's straight-through decisions)."""
+        macs = self.book.items[item].macs
+        if self.scalar:
+            if ran is None or ran:
+                self.spent += macs
+        elif ran is None:
+            self.spent = self.spent + macs
+        elif ran.dtype == torch.bool or ran.is_floating_point():
+            self.spent = self.spent + ran.to(self.spent.dtype) * macs
+        else:
+            raise StrategyError(
+                f"Charge '{item}' with a bool mask or float weights, got {ran.dtype}; row "
+                "indices go through charge_rows."
+            )
+
+    def charge_rows(self, item: str, rows: Tensor) -> None:
+        """Charge item `item`'s MACs to the samples at `rows` (int64 indices into the batch:
+        the samples a narrowed batch still runs)."""
+        macs = float(self.book.items[item].macs)
+        cost = torch.full(rows.shape, macs, dtype=self.spent.dtype, device=self.spent.device)
+        self.spent = self.spent.index_add(0, rows, cost)
 
     def charge_amount(self, item: str, amount: Tensor) -> None:
         """Charge each sample `amount` [B] MACs of item `item` (the part of a unit it ran: a
@@ -208,20 +227,6 @@ class Tab:
         if item not in self.book.items:
             raise StrategyError(f"The cost book has no item '{item}' to charge.")
         self.spent = self.spent + amount.to(self.spent.device, self.spent.dtype)
-
-    def add(self, macs: int, ran: Tensor | bool | None = None) -> None:
-        if self.scalar:
-            if ran is None or ran:
-                self.spent += macs
-            return
-        if ran is None:
-            self.spent = self.spent + macs
-        elif ran.dtype == torch.bool or ran.is_floating_point():
-            self.spent = self.spent + ran.to(self.spent.dtype) * macs
-        else:  # row indices
-            self.spent = self.spent.index_add(
-                0, ran, torch.full(ran.shape, float(macs), dtype=self.spent.dtype, device=ran.device)
-            )
 
     def macs(self) -> Tensor:
         """int64 [B]: the MACs each sample spent (rounded: a float32 tab is inexact)."""
