@@ -25,8 +25,8 @@ from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import copy_graph_replacing, insert_after, lift_region, replace_region
 from dynify.runtime.block_gates import ESTIMATORS, GATE_KINDS, POLICY, REST, GatedModel
 from dynify.runtime.gate_wrapper import BlockGate, HaltMix, branch_item, decider_item
-from dynify.runtime.model import DECIDER, FIXED, UNIT, CostBook
 from dynify.runtime.heads import feature_layout
+from dynify.runtime.model import DECIDER, FIXED, UNIT, CostBook
 from dynify.runtime.units import GateFunction, HaltingUnit, PolicyNetwork
 
 # Strategies that need residual blocks; the others apply to any network.

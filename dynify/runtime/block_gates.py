@@ -46,7 +46,6 @@ from dynify.runtime.decisions import (
 )
 from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
 from dynify.runtime.mac_cap import CapHolder
-from dynify.runtime.ledger import mega
 from dynify.runtime.model import CostBook, DynamicModel, ExportFace, JointRecipe, PerCallRecord
 from dynify.train.losses import (
     LossConfig,

@@ -12,7 +12,6 @@ from torch import nn
 
 from dynify.runtime import mac_cap
 from dynify.runtime.control import cond
-from dynify.runtime.ledger import CostBook, Tab
 from dynify.runtime.decisions import (
     gate_open,
     gate_open_one,
@@ -24,6 +23,7 @@ from dynify.runtime.decisions import (
     sigmoid_one,
     straight_through_gumbel,
 )
+from dynify.runtime.ledger import CostBook, Tab
 
 # --- per-forward state ------------------------------------------------------------------------
 

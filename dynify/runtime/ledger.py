@@ -171,10 +171,9 @@ class Tab:
 
     Charges are exact: float64 holds every integer MAC count below 2^53. `dtype` float32 and
     float `ran` weights make the tab differentiable (straight-through training decisions).
-    `left` is the MAC cap's allowance left per sample, for the wrappers that apply a cap.
     """
 
-    __slots__ = ("book", "left", "scalar", "spent")
+    __slots__ = ("book", "scalar", "spent")
 
     def __init__(
         self,
@@ -194,7 +193,6 @@ class Tab:
             self.spent = torch.full((batch,), fixed, dtype=torch.float64, device=device)
             if dtype != torch.float64:
                 self.spent = self.spent.to(dtype)
-        self.left: Tensor | float | None = None
 
     def charge(self, item: str, ran: Tensor | bool | None = None) -> None:
         """Charge item `item`'s MACs to the samples that ran it: `ran` None (every sample), a
