@@ -23,9 +23,10 @@ from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy, strategy_names
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import copy_graph_replacing, insert_after, lift_region, replace_region
-from dynify.runtime.block_gates import ESTIMATORS, GATE_KINDS, GatedModel
-from dynify.runtime.gate_wrapper import BlockGate, HaltMix
+from dynify.runtime.block_gates import ESTIMATORS, GATE_KINDS, POLICY, REST, GatedModel
+from dynify.runtime.gate_wrapper import BlockGate, HaltMix, branch_item, decider_item
 from dynify.runtime.heads import feature_layout
+from dynify.runtime.model import DECIDER, FIXED, UNIT, CostBook
 from dynify.runtime.units import GateFunction, HaltingUnit, PolicyNetwork
 
 # Strategies that need residual blocks; the others apply to any network.
@@ -213,6 +214,9 @@ class BlockGates:
 
         # A new graph over the traced modules: the traced graph itself stays as it was.
         gm = copy_graph_replacing(ctx.gm)
+        # What the parts cost, from the front end's counts: each gated branch (node.meta) and
+        # each decision unit (FlopCounterMode on the unit); the rest is every sample's.
+        book = CostBook(ctx.analysis.total_macs)
         gate_names, gated_macs = [], 0
         for k, (i, group) in enumerate(gated):
             block = by_join[specs[i]["join"]]
@@ -226,16 +230,10 @@ class BlockGates:
                 )
             shape = tuple(ctx.node(block.entry).meta["tensor_meta"].shape[1:])
             decider, decider_macs = self._decider(kind, shape, opts)
-            wrapper = BlockGate(
-                k,
-                kind,
-                branch,
-                shortcut,
-                branch_macs=block.branch_macs,
-                decider=decider,
-                decider_macs=decider_macs,
-                group=group,
-            )
+            book.add(branch_item(k), block.branch_macs, UNIT)
+            if decider is not None:
+                book.add(decider_item(k), decider_macs, DECIDER)
+            wrapper = BlockGate(k, kind, branch, shortcut, book=book, decider=decider, group=group)
             region, output = [*block.branch, *block.shortcut, block.join], block.join
             nodes = {n.name: n for n in gm.graph.nodes}
             relu = _trailing_relu(gm, nodes[block.join]) if kind != "halting" else None
@@ -253,11 +251,12 @@ class BlockGates:
         for g, group in enumerate(groups):
             insert_after(gm, specs[group[-1]]["exit"], HaltMix(g), "halt_mix", pass_name=self.name)
 
-        policy, policy_macs = None, 0
+        book.add(REST, ctx.analysis.total_macs - gated_macs, FIXED)
+        policy = None
         input_shape = tuple(ctx.example_input.shape[1:])
         if kind == "policy":
             policy = PolicyNetwork(input_shape, len(gated), size=opts.policy_size)
-            policy_macs = module_macs(policy.eval(), torch.zeros(1, *input_shape))
+            book.add(POLICY, module_macs(policy.eval(), torch.zeros(1, *input_shape)), DECIDER)
         if kind == "halting":
             threshold = 1.0 - opts.epsilon if opts.threshold is None else opts.threshold
             thresholds = [threshold] * len(groups)
@@ -267,10 +266,9 @@ class BlockGates:
             gm,
             kind=kind,
             gate_names=gate_names,
-            fixed_macs=ctx.analysis.total_macs - gated_macs,
+            book=book,
             thresholds=thresholds,
             policy=policy,
-            policy_macs=policy_macs,
             groups=[[k for k, (_, g) in enumerate(gated) if g == gi] for gi in range(len(groups))],
             budget=opts.budget,
             epsilon=opts.epsilon,

@@ -22,7 +22,7 @@ from dynify.frontend.cost import MACS, module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import copy_graph_replacing, replace_region
-from dynify.runtime.dynamic_conv import DynamicConv, DynamicConvModel
+from dynify.runtime.dynamic_conv import DynamicConv, DynamicConvModel, cost_book
 
 WRAPPER_PREFIX = "dynamic_conv"
 SELECTIONS = ("branches", "all")
@@ -143,7 +143,7 @@ class DynamicConvStrategy:
         if missing:
             raise StrategyError(f"Planned convs {missing} are not Conv2d nodes of this graph.")
         net = copy_graph_replacing(ctx.gm, class_name="DynamicConvNet")
-        wrappers, replaced = [], 0
+        wrappers, conv_macs, dynamic_macs = [], [], []
         for i, name in enumerate(names):
             node = nodes[name]
             conv = _conv_of(ctx, node)
@@ -157,9 +157,8 @@ class DynamicConvStrategy:
             )
             shape = tuple(source.meta["tensor_meta"].shape[1:])
             example = torch.zeros(1, *shape, dtype=conv.weight.dtype)
-            wrapper.conv_macs = int(node.meta[MACS])
-            wrapper.macs = module_macs(wrapper, example)  # dynamic mode: router + mixing + conv
-            replaced += wrapper.conv_macs
+            conv_macs.append(int(node.meta[MACS]))
+            dynamic_macs.append(module_macs(wrapper, example))  # router + mixing + conv
             call = replace_region(
                 net, [name], [source.name], [name], wrapper, WRAPPER_PREFIX, pass_name=self.name
             )
@@ -171,7 +170,7 @@ class DynamicConvStrategy:
             wrappers,
             conv_names=names,
             static_macs=ctx.analysis.total_macs,
-            replaced_macs=replaced,
+            book=cost_book(ctx.analysis.total_macs, conv_macs, dynamic_macs),
             input_shape=tuple(ctx.example_input.shape[1:]),
             num_classes=ctx.num_classes,
             initial_temperature=opts.initial_temperature,

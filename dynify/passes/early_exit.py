@@ -20,11 +20,11 @@ import torch
 
 from dynify.errors import StrategyError
 from dynify.frontend.analysis import CutPoint
-from dynify.frontend.cost import MACS, module_macs
+from dynify.frontend.cost import graph_macs, module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
-from dynify.runtime.early_exit import EarlyExitModel
+from dynify.runtime.early_exit import EarlyExitModel, cost_book
 from dynify.runtime.heads import ExitHead, feature_layout
 from dynify.runtime.policy import POLICIES, ExitPolicy
 
@@ -123,10 +123,13 @@ def choose_head(
     else:
         channels, spatial = shape[-1], 1
     for pool in POOL_SIZES if spatial > 1 else (1,):
-        features = channels * pool * pool
-        fits = features * num_classes <= min(budget_macs, MAX_HEAD_WEIGHTS)
-        if pool <= spatial and fits:
+        if pool > spatial:
+            continue
+        macs, weights = _head_size(shape, layout, num_classes, pool)
+        if macs <= budget_macs and weights <= MAX_HEAD_WEIGHTS:
             return pool, None
+    # The widest bottleneck within both limits: its two linear layers cost (and weigh)
+    # hidden x (channels + classes).
     hidden = int(min(budget_macs, MAX_HEAD_WEIGHTS) // (channels + num_classes))
     if hidden < MIN_BOTTLENECK:
         raise StrategyError(
@@ -137,6 +140,14 @@ def choose_head(
     return 1, hidden
 
 
+def _head_size(shape: tuple[int, ...], layout: str, num_classes: int, pool: int) -> tuple[int, int]:
+    """(MACs, classifier weights) of a pooled linear head, its MACs counted by FlopCounterMode
+    on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        head = ExitHead(shape, num_classes, layout, pool)
+        return module_macs(head, torch.empty(1, *shape)), head.classifier.weight.numel()
+
+
 def conv_output(shape: tuple[int, ...], layout: str, conv: int) -> tuple[int, ...]:
     """The feature shape after a head's strided 3x3 conv (same layout as its input)."""
     _, h, w = _map_size(shape, layout)
@@ -145,8 +156,12 @@ def conv_output(shape: tuple[int, ...], layout: str, conv: int) -> tuple[int, ..
 
 
 def conv_macs(shape: tuple[int, ...], layout: str, conv: int) -> int:
+    """MACs of the strided conv of `conv` channels an exit head puts on a `shape` feature, as
+    FlopCounterMode counts the head's own conv (on the meta device: no memory, no compute)."""
     channels, h, w = _map_size(shape, layout)
-    return channels * conv * 9 * ((h + 1) // 2) * ((w + 1) // 2)
+    with torch.device("meta"):
+        head = ExitHead(shape, 1, layout, conv=conv)
+        return module_macs(head.reduce[0], torch.empty(1, channels, h, w))
 
 
 def choose_conv(shape: tuple[int, ...], layout: str, budget_macs: float, kind: str) -> int | None:
@@ -233,7 +248,7 @@ class EarlyExit:
             lo, hi = position[bounds[i]], position[bounds[i + 1]]
             members = [n.name for n in nodes[lo + 1 : hi + 1] if n.op not in ("output",)]
             segments.append(lift_region(gm, members, [bounds[i]], [bounds[i + 1]], f"Segment{i}"))
-            segment_macs.append(sum(int(nodes[j].meta.get(MACS, 0)) for j in range(lo + 1, hi + 1)))
+            segment_macs.append(graph_macs(gm, nodes[lo + 1 : hi + 1]))
         heads, head_macs = [], []
         for spec in exits:
             shape = tuple(ctx.node(spec["node"]).meta["tensor_meta"].shape[1:])
@@ -251,8 +266,7 @@ class EarlyExit:
         return EarlyExitModel(
             segments,
             heads,
-            segment_macs=segment_macs,
-            head_macs=head_macs,
+            book=cost_book(ctx.analysis.total_macs, segment_macs, head_macs),
             exit_names=[e["node"] for e in exits],
             policy=ExitPolicy(**plan["policy"]),
             thresholds=[float(options.get("threshold", 0.9))] * len(exits),

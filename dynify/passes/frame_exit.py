@@ -18,7 +18,7 @@ from dynify.frontend.clips import clip_pattern
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
-from dynify.runtime.frame_exit import FrameExitModel
+from dynify.runtime.frame_exit import FrameExitModel, cost_book
 from dynify.runtime.policy import POLICIES, ExitPolicy
 
 ORDERS = ("strided", "sequential")
@@ -109,7 +109,7 @@ class FrameExit:
             ctx.gm,
             frame,
             order=[int(i) for i in plan["order"]],
-            frame_macs=pattern.frame_macs,
+            book=cost_book(ctx.analysis.total_macs, pattern.frame_macs, pattern.frames),
             policy=ExitPolicy(**plan["policy"]),
             thresholds=[float(options.get("threshold", 0.9))] * (pattern.frames - 1),
             static_macs=ctx.analysis.total_macs,

@@ -17,7 +17,7 @@ from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.runtime.policy import ExitPolicy
-from dynify.runtime.resolution import ResolutionModel, downscale
+from dynify.runtime.resolution import ResolutionModel, cost_book, downscale
 
 POLICIES = ("confidence", "entropy")
 
@@ -95,7 +95,7 @@ class Resolution:
             scale=int(opts.scale),
             low_bn=bool(opts.low_bn),
             low_head=bool(opts.low_head),
-            low_macs=int(plan["low_macs"]),
+            book=cost_book(ctx.analysis.total_macs, int(plan["low_macs"])),
             policy=ExitPolicy(opts.policy),
             threshold=float(opts.threshold),
             static_macs=ctx.analysis.total_macs,

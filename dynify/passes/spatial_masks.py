@@ -22,7 +22,7 @@ from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import copy_graph_replacing, lift_region, replace_region
 from dynify.runtime.mask_geometry import GRANULARITIES, check_branch
 from dynify.runtime.sparse_residual import SparseResidual
-from dynify.runtime.spatial_masks import SpatialMaskModel
+from dynify.runtime.spatial_masks import SpatialMaskModel, cost_book
 
 WRAPPER_PREFIX = "spatial_mask"
 
@@ -123,7 +123,7 @@ class SpatialMasks:
         blocks = [by_join[j] for j in plan["blocks"]]
         # A new graph over the traced modules: the traced graph itself stays as it was.
         net = copy_graph_replacing(ctx.gm, class_name="SpatialMaskNet")
-        names = []
+        names, wrappers = [], []
         for i, block in enumerate(blocks):
             entry_shape = ctx.node(block.entry).meta["tensor_meta"].shape
             out_shape = ctx.node(block.branch_output).meta["tensor_meta"].shape
@@ -146,6 +146,7 @@ class SpatialMasks:
                 pass_name=self.name,
             )
             names.append(call.target)
+            wrappers.append(wrapper)
         # This model never kept the traced graph's dead nodes (nor their modules' weights).
         net.graph.eliminate_dead_code()
         net.graph.lint()
@@ -159,6 +160,7 @@ class SpatialMasks:
             budget=opts.budget,
             thresholds=[opts.threshold] * len(blocks),
             static_macs=ctx.analysis.total_macs,
+            book=cost_book(ctx.analysis.total_macs, wrappers),
             input_shape=tuple(ctx.example_input.shape[1:]),
             num_classes=ctx.num_classes,
             distill_temperature=opts.distill_temperature,

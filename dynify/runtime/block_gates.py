@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from dynify.errors import StrategyError
-from dynify.runtime import mac_cap
 from dynify.runtime.decisions import (
     gate_open,
     gate_probability,
@@ -47,7 +46,7 @@ from dynify.runtime.decisions import (
 )
 from dynify.runtime.gate_wrapper import BlockGate, GateRun, HaltMix, RunContext
 from dynify.runtime.mac_cap import CapHolder
-from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
+from dynify.runtime.model import CostBook, DynamicModel, ExportFace, JointRecipe, PerCallRecord
 from dynify.train.losses import (
     LossConfig,
     budget_price,
@@ -58,6 +57,7 @@ from dynify.train.losses import (
 )
 
 GATE_KINDS = ("function", "halting", "policy")
+POLICY, REST = "policy", "rest"  # the cost book's items of the policy network, the ungated layers
 ESTIMATORS = ("reinforce", "gumbel")
 
 
@@ -80,10 +80,9 @@ class GatedModel(CapHolder, DynamicModel):
         *,
         kind: str,
         gate_names: Sequence[str],
-        fixed_macs: int,
+        book: CostBook,
         thresholds: Sequence[float],
         policy: nn.Module | None = None,
-        policy_macs: int = 0,
         groups: Sequence[Sequence[int]] = (),
         budget: float = 0.6,
         epsilon: float = 0.01,
@@ -101,6 +100,7 @@ class GatedModel(CapHolder, DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=thresholds,
+            book=book,
         )
         if kind not in GATE_KINDS:
             raise StrategyError(f"Unknown gate kind '{kind}'; choose one of {GATE_KINDS}.")
@@ -113,8 +113,6 @@ class GatedModel(CapHolder, DynamicModel):
         self.kind = kind
         self.gate_names = list(gate_names)  # the join node each gate replaced
         self.policy = policy
-        self.policy_macs = int(policy_macs)
-        self.fixed_macs = int(fixed_macs)
         self.groups = [list(g) for g in groups]
         self.budget = float(budget)
         self.epsilon = float(epsilon)
@@ -133,22 +131,22 @@ class GatedModel(CapHolder, DynamicModel):
     def gates(self) -> list[BlockGate]:
         return [m for m in self.gm.children() if isinstance(m, BlockGate)]
 
-    def worst_case_macs(self) -> int:
-        """Every branch and every decider run (and the policy network): a sample whose gates
-        all open. Above the static network's by what the deciders cost."""
-        deciders = self.policy_macs if self.kind == "policy" else 0
-        return self.fixed_macs + deciders + sum(g.branch_macs + g.decider_macs for g in self.gates)
+    @property
+    def fixed_macs(self) -> int:
+        """The layers no gate skips (projection shortcuts of skipped blocks included)."""
+        return self.book.fixed_macs()
+
+    @property
+    def policy_macs(self) -> int:
+        return self.book.macs(POLICY) if POLICY in self.book.items else 0
 
     def cap_floor(self) -> int:
         """What a sample spends whatever it decides, every decision unit charged: the least
         MAC cap there can be (`dynify.runtime.mac_cap`)."""
-        deciders = self.policy_macs if self.kind == "policy" else 0
-        return self.fixed_macs + deciders + sum(g.decider_macs for g in self.gates)
+        return self.book.floor()
 
     def _allowance(self, cap: int | None, x: torch.Tensor) -> torch.Tensor | None:
-        if cap is None:
-            return None
-        return mac_cap.allowance(cap, self.cap_floor(), x.shape[0], x.device)
+        return self.book.allowance(cap, x.shape[0], x.device)
 
     @property
     def joint_recipe(self) -> JointRecipe:  # type: ignore[override]
@@ -172,9 +170,8 @@ class GatedModel(CapHolder, DynamicModel):
         return [g.branch_macs for g in self.gates]
 
     def min_macs(self) -> int:
-        """MACs of a sample that skips every block it may (decision units included)."""
-        deciders = sum(g.decider_macs for g in self.gates if g.kind == "function")
-        return self.fixed_macs + self.policy_macs + deciders
+        """MACs of a sample that skips every block it may, every decision unit charged."""
+        return self.book.floor()
 
     def unit_probabilities(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Differentiable in `x`: the probability each decision unit gives with every block
@@ -208,8 +205,7 @@ class GatedModel(CapHolder, DynamicModel):
                 {
                     "gate": str(gate.index),
                     "join": name,
-                    "branch MACs": f"{gate.branch_macs / 1e6:.2f} M",
-                    "of static": f"{gate.branch_macs / self.static_macs:.3f}",
+                    **self.book.columns(gate.branch_macs, "branch MACs", 2),
                     "shortcut": "identity" if gate.shortcut is None else "runs alone",
                     "threshold": f"{float(t):.3f}",
                 }
@@ -232,7 +228,7 @@ class GatedModel(CapHolder, DynamicModel):
         return GateRun(
             mode=mode,
             thresholds=thresholds,
-            macs=torch.full((batch,), float(self.fixed_macs), dtype=torch.float64),
+            tab=self.open_tab(batch, x.device),
             executed=torch.zeros(batch, self.num_gates, dtype=torch.bool, device=x.device),
             train_threshold=1.0 - self.epsilon,
             temperature=self.temperature,
@@ -243,7 +239,7 @@ class GatedModel(CapHolder, DynamicModel):
         batch = x.shape[0]
         if self._static:
             out = self._run_graph(x, self._new_run(x, "static", self.thresholds))
-            self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
+            self.record_static(batch)
             self.last_gates = torch.ones(batch, self.num_gates, dtype=torch.bool)
             return out
         if batch == 1:
@@ -251,10 +247,10 @@ class GatedModel(CapHolder, DynamicModel):
         run = self._new_run(x, "eager", self.thresholds)
         run.left = self._allowance(self.cap_macs(), x)
         if self.kind == "policy" and bool((self.thresholds <= 1.0).any()):
-            run.macs += self.policy_macs
+            run.tab.charge(POLICY)
             run.plan = gate_open(gate_probability(self.policy(x)), self.thresholds)
         out = self._run_graph(x, run)
-        self.last_macs = run.macs.round().long()
+        self.close_tab(run.tab)
         self.last_gates = run.executed.clone()
         return out
 
@@ -263,20 +259,20 @@ class GatedModel(CapHolder, DynamicModel):
         run = GateRun(
             mode="eager",
             thresholds=self.thresholds,
-            macs=float(self.fixed_macs),
+            tab=self.open_tab(1, scalar=True),
             scalar=True,
             thr=thr,
             flags=[True] * self.num_gates,
         )
         cap = self.cap_macs()
         if cap is not None:
-            run.left = float(cap - self.cap_floor())
+            run.left = float(cap - self.book.floor())
         if self.kind == "policy" and min(thr) <= 1.0:
-            run.macs += self.policy_macs
+            run.tab.charge(POLICY)
             run.plan_list = self._plan_one(x, thr)
         out = self._run_graph(x, run)
         self.last_gates = torch.tensor([run.flags], dtype=torch.bool)
-        self.record_one(round(run.macs), None, x.device)
+        self.close_tab(run.tab)
         return out
 
     def _plan_one(self, x: torch.Tensor, thr: list[float]) -> list[bool]:
@@ -310,12 +306,12 @@ class GatedModel(CapHolder, DynamicModel):
             with torch.no_grad(), self.static():
                 teacher_logits = self(x)
         run = self._new_run(x, "train", self.thresholds)
-        run.greedy_macs = run.macs.clone()
-        run.macs = run.macs.float()
+        run.greedy = self.open_tab(x.shape[0], x.device)
+        run.tab = self.open_tab(x.shape[0], x.device, dtype=torch.float32)
         log_prob = None
         if self.kind == "policy":
-            run.macs = run.macs + self.policy_macs
-            run.greedy_macs += self.policy_macs
+            run.tab.charge(POLICY)
+            run.greedy.charge(POLICY)
             logits = self.policy(x).float()
             run.greedy_plan = greedy_open(logits.detach())
             if self.estimator == "gumbel":
@@ -329,9 +325,9 @@ class GatedModel(CapHolder, DynamicModel):
         )
         if "ce" in stats:  # kd + ce, the mix the compute weight and controller were tuned on
             task = 2.0 * task
-        fraction = run.macs / self.static_macs
+        fraction = run.tab.spent / self.static_macs
         mean_fraction = fraction.mean()
-        greedy_fraction = float(run.greedy_macs.mean()) / self.static_macs
+        greedy_fraction = float(run.greedy.spent.mean()) / self.static_macs
         price = budget_price(
             self.budget_multiplier, greedy_fraction - budget, self.compute_weight, self.budget_rate
         )
@@ -340,7 +336,7 @@ class GatedModel(CapHolder, DynamicModel):
         else:
             compute = priced_compute(fraction, price)
         loss = task.mean() + compute
-        self.last_macs = run.macs.detach().round().long()
+        self.close_tab(run.tab)
         self.last_gates = run.executed.clone()
         metrics = {
             "loss": float(loss.detach()),

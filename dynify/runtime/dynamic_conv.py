@@ -21,7 +21,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCall, PerCallRecord
+from dynify.runtime.ledger import mega
+from dynify.runtime.model import (
+    FIXED,
+    CostBook,
+    DynamicModel,
+    ExportFace,
+    JointRecipe,
+    PerCall,
+    PerCallRecord,
+)
 from dynify.train.losses import LossConfig, distillation
 
 
@@ -84,10 +93,6 @@ class DynamicConv(nn.Module):
         self.router = Router(conv.in_channels, experts, hidden, generator)
         self.index = 0
         self.calls: PerCall = PerCall()
-        # Per sample, counted by the pass: the original conv's, and in dynamic mode the
-        # router's, the kernel mixing's and the conv's.
-        self.conv_macs = 0
-        self.macs = 0
 
     def mixture(self, x: Tensor) -> Tensor:
         """[N, K] expert weights: softmax of the router's logits at the call's temperature."""
@@ -169,6 +174,30 @@ def annealed_temperature(seen: int, start: float, end: float, samples: int) -> f
     return start + (end - start) * progress
 
 
+REST = "rest"
+
+
+def conv_item(i: int) -> str:
+    """The book's item of dynamic conv i's convolution (the original conv's MACs)."""
+    return f"conv{i}"
+
+
+def mixing_item(i: int) -> str:
+    """The book's item of dynamic conv i's router and kernel mixing: what it adds."""
+    return f"mixing{i}"
+
+
+def cost_book(static_macs: int, conv_macs: Sequence[int], dynamic_macs: Sequence[int]) -> CostBook:
+    """Every sample runs every part: the layers left alone, and per dynamic conv its conv and
+    its router and kernel mixing (`dynamic_macs`: all three, counted on the wrapper)."""
+    book = CostBook(static_macs)
+    book.add(REST, static_macs - sum(conv_macs), FIXED)
+    for i, (conv, dynamic) in enumerate(zip(conv_macs, dynamic_macs, strict=True)):
+        book.add(conv_item(i), conv, FIXED)
+        book.add(mixing_item(i), dynamic - conv, FIXED)
+    return book
+
+
 class DynamicConvModel(DynamicModel):
     """A network whose chosen convs are `DynamicConv`s (`dynamic_conv_<i>` in `net`).
 
@@ -190,7 +219,7 @@ class DynamicConvModel(DynamicModel):
         *,
         conv_names: Sequence[str],
         static_macs: int,
-        replaced_macs: int,
+        book: CostBook,
         input_shape: tuple[int, ...],
         num_classes: int,
         initial_temperature: float = 30.0,
@@ -198,7 +227,9 @@ class DynamicConvModel(DynamicModel):
         anneal_samples: int = 100_000,
         distill_temperature: float = 4.0,
     ):
-        super().__init__(static_macs=static_macs, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            static_macs=static_macs, input_shape=input_shape, num_classes=num_classes, book=book
+        )
         self.net = net
         self.wrapper_names = list(wrapper_names)
         self.conv_names = list(conv_names)
@@ -213,7 +244,6 @@ class DynamicConvModel(DynamicModel):
         )
         for i, wrapper in enumerate(self.wrappers):
             wrapper.index, wrapper.calls = i, self.per_call
-        self.fixed_macs = int(static_macs) - int(replaced_macs)
 
     @property
     def wrappers(self) -> list[DynamicConv]:
@@ -224,13 +254,9 @@ class DynamicConvModel(DynamicModel):
         return len(self.wrapper_names)
 
     def dynamic_macs(self) -> int:
-        """MACs of one sample in dynamic mode: the same for every sample."""
-        return self.fixed_macs + sum(w.macs for w in self.wrappers)
-
-    def worst_case_macs(self) -> int:
-        """Every sample pays the dynamic cost, whatever its input: the static network plus each
-        router and kernel mixing (static mode, the original convs, costs less)."""
-        return self.dynamic_macs()
+        """MACs of one sample in dynamic mode, the same for every sample whatever its input
+        (the worst case too): the static network plus each router and kernel mixing."""
+        return self.book.fixed_macs()
 
     def run(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, chosen experts [N, num_convs]) of the dynamic or static network."""
@@ -248,8 +274,10 @@ class DynamicConvModel(DynamicModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         logits, chosen = self.run(x)
-        macs = self.static_macs if self.is_static else self.dynamic_macs()
-        self.last_macs = torch.full((x.shape[0],), macs, dtype=torch.long)
+        if self.is_static:
+            self.record_static(x.shape[0])
+        else:  # every part is the book's fixed cost: nothing to charge
+            self.close_tab(self.open_tab(x.shape[0]))
         self.last_experts = chosen.cpu()
         return logits
 
@@ -260,16 +288,16 @@ class DynamicConvModel(DynamicModel):
     def describe(self) -> list[dict[str, str]]:
         """One row per dynamic conv: its kernel, experts, and what router and mixing cost."""
         rows = []
-        for name, w in zip(self.conv_names, self.wrappers, strict=True):
-            conv = w.conv
-            kernel = "x".join(str(d) for d in conv.weight.shape)
+        for i, (name, w) in enumerate(zip(self.conv_names, self.wrappers, strict=True)):
+            kernel = "x".join(str(d) for d in w.conv.weight.shape)
+            mixing = self.book.macs(mixing_item(i))
             rows.append(
                 {
                     "conv": name,
                     "kernel": kernel,
                     "experts": str(w.num_experts),
-                    "MACs (dynamic)": f"{w.macs / 1e6:.3f} M",
-                    "extra of static": f"{(w.macs - w.conv_macs) / self.static_macs:.4f}",
+                    "MACs (dynamic)": mega(self.book.macs(conv_item(i)) + mixing, 3),
+                    "extra of static": self.book.share(mixing, 4),
                 }
             )
         return rows

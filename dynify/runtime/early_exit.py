@@ -16,12 +16,34 @@ from torch import nn
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.control import scatter_rows
 from dynify.runtime.decisions import ensemble_logits, exit_scores, leaves_one, reaches
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.ledger import mega
+from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel
 from dynify.runtime.policy import ExitPolicy
 from dynify.runtime.tensor_cache import cached_on_tensors
 from dynify.train.losses import LossConfig, distillation
 
 KD_TEMPERATURE = 3.0  # the exits' own distillation temperature (LossConfig.kd_temperature None)
+
+
+def segment_item(i: int) -> str:
+    return f"segment{i}"
+
+
+def head_item(i: int) -> str:
+    return f"head{i}"
+
+
+def cost_book(static_macs: int, segment_macs: Sequence[int], head_macs: Sequence[int]) -> CostBook:
+    """The early-exit model's costs: segment i and head i in stage order. Every sample runs
+    segment 0 and head 0 (the book's fixed cost: the cheapest exit); a later segment and its
+    head are paid by the samples that did not leave before them."""
+    book = CostBook(static_macs)
+    for i, macs in enumerate(segment_macs):
+        role = FIXED if i == 0 else UNIT
+        book.add(segment_item(i), macs, role)
+        if i < len(head_macs):
+            book.add(head_item(i), head_macs[i], role)
+    return book
 
 
 class EarlyExitModel(DynamicModel):
@@ -33,8 +55,7 @@ class EarlyExitModel(DynamicModel):
         segments: Sequence[nn.Module],
         heads: Sequence[nn.Module],
         *,
-        segment_macs: Sequence[int],
-        head_macs: Sequence[int],
+        book: CostBook,
         exit_names: Sequence[str],
         policy: ExitPolicy,
         thresholds: Sequence[float],
@@ -47,13 +68,16 @@ class EarlyExitModel(DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=thresholds,
+            book=book,
         )
         if len(segments) != len(heads) + 1:
             raise ValueError("an early-exit model has one segment more than it has heads")
         self.segments = nn.ModuleList(segments)
         self.heads = nn.ModuleList(heads)
-        self.segment_macs = [int(m) for m in segment_macs]
-        self.head_macs = [int(m) for m in head_macs]
+        # The book's items (`cost_book`): stage i is segment i and, but for the last, head i.
+        self.segment_items = [segment_item(i) for i in range(len(segments))]
+        self.head_items = [head_item(i) for i in range(len(heads))]
+        self.stages = [[s, *self.head_items[i : i + 1]] for i, s in enumerate(self.segment_items)]
         self.exit_names = list(exit_names)
         self.policy = policy
         self.register_buffer("temperatures", torch.ones(len(heads)))
@@ -65,22 +89,20 @@ class EarlyExitModel(DynamicModel):
         """Exit heads, not counting the final classifier."""
         return len(self.heads)
 
+    @property
+    def segment_macs(self) -> list[int]:
+        return [self.book.macs(s) for s in self.segment_items]
+
+    @property
+    def head_macs(self) -> list[int]:
+        return [self.book.macs(h) for h in self.head_items]
+
     def exit_macs(self) -> list[int]:
         """MACs a sample spends if it leaves at exit i (the last entry: runs to the end).
 
         Every head before the exit was evaluated too, so it is counted.
         """
-        spent, result = 0, []
-        for i, segment in enumerate(self.segment_macs):
-            spent += segment
-            if i < self.num_exits:
-                spent += self.head_macs[i]
-            result.append(spent)
-        return result
-
-    def worst_case_macs(self) -> int:
-        """Every head evaluated and the whole network run: a sample that exits nowhere."""
-        return self.exit_macs()[-1]
+        return self.book.cumulative(self.stages)
 
     def describe(self) -> list[dict[str, str]]:
         """One row per exit for tables: where it is, what leaving there costs, its threshold."""
@@ -91,9 +113,8 @@ class EarlyExitModel(DynamicModel):
                 {
                     "exit": "final" if final else str(i),
                     "node": "output" if final else self.exit_names[i],
-                    "MACs": f"{macs / 1e6:.1f} M",
-                    "of static": f"{macs / self.static_macs:.3f}",
-                    "head MACs": "" if final else f"{self.head_macs[i] / 1e6:.2f} M",
+                    **self.book.columns(macs),
+                    "head MACs": "" if final else mega(self.book.macs(self.head_items[i]), 2),
                     "threshold": "" if final else f"{float(self.thresholds[i]):.3f}",
                 }
             )
@@ -127,13 +148,16 @@ class EarlyExitModel(DynamicModel):
         batch = x.shape[0]
         if batch == 1 and self.policy.kind != "patience":
             return self._forward_one(x)
-        exit_macs = self.exit_macs()
+        tab = self.open_tab(batch, x.device)  # stage 0 is every sample's: the book's fixed cost
         remaining = torch.arange(batch, device=x.device)
         exit_index = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
         state = self.policy.start(batch, x.device)
         output: torch.Tensor | None = None
         feature, ensembled, log_probs = x, self.ensembled, []
         for i, segment in enumerate(self.segments):
+            if i:
+                for item in self.stages[i]:
+                    tab.charge_rows(item, remaining)
             feature = segment(feature)
             if i == self.num_exits:
                 logits = feature
@@ -158,9 +182,8 @@ class EarlyExitModel(DynamicModel):
                 keep = ~done
                 feature, remaining, state = feature[keep], remaining[keep], state.keep(keep)
                 log_probs = [lp[keep] for lp in log_probs]
-        macs = torch.tensor(exit_macs, dtype=torch.long, device=x.device)
         self.last_exit = exit_index
-        self.last_macs = macs[exit_index]
+        self.close_tab(tab)
         return output
 
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +195,11 @@ class EarlyExitModel(DynamicModel):
         its threshold to the tensor rule)."""
         kind, ensembled, temperatures, thresholds = self._decision_constants()
         taken, feature, log_probs = self.num_exits, x, []
+        tab = self.open_tab(1, scalar=True)
         for i, segment in enumerate(self.segments):
+            if i:
+                for item in self.stages[i]:
+                    tab.charge(item)
             feature = segment(feature)
             if i == self.num_exits:
                 break
@@ -190,7 +217,7 @@ class EarlyExitModel(DynamicModel):
             if leave:
                 taken, feature = i, logits
                 break
-        self.record_one(self.exit_macs()[taken], taken, x.device)
+        self.close_tab(tab, taken)
         return feature
 
     def _decision_constants(self) -> tuple[str, bool, list[float], list[float]]:
@@ -227,7 +254,7 @@ class EarlyExitModel(DynamicModel):
         for segment in self.segments:
             x = segment(x)
         self.last_exit = torch.full((x.shape[0],), self.num_exits, dtype=torch.long)
-        self.last_macs = torch.full((x.shape[0],), sum(self.segment_macs), dtype=torch.long)
+        self.record_static(x.shape[0])
         return x
 
     def exit_logits(self, x: torch.Tensor, *, raw: bool = False) -> list[torch.Tensor]:

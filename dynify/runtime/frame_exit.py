@@ -23,11 +23,24 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from dynify.runtime.cascade import branch_entry
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, start_streak
-from dynify.runtime.model import DynamicModel, ExportFace
+from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel, ExportFace
 from dynify.runtime.policy import ExitPolicy
 from dynify.train.losses import LossConfig, distillation
 
 KD_TEMPERATURE = 3.0  # the running averages' own distillation temperature
+
+
+def frame_item(j: int) -> str:
+    """The book's item of the j-th frame looked at (in the plan's order)."""
+    return f"frame{j}"
+
+
+def cost_book(static_macs: int, frame_macs: int, frames: int) -> CostBook:
+    """Every clip looks at its first frame; each later one is paid by the clips still looking."""
+    book = CostBook(static_macs)
+    for j in range(frames):
+        book.add(frame_item(j), frame_macs, FIXED if j == 0 else UNIT)
+    return book
 
 
 class FrameExitModel(DynamicModel):
@@ -39,7 +52,7 @@ class FrameExitModel(DynamicModel):
         frame: nn.Module,
         *,
         order: Sequence[int],
-        frame_macs: int,
+        book: CostBook,
         policy: ExitPolicy,
         thresholds: Sequence[float],
         static_macs: int,
@@ -51,13 +64,13 @@ class FrameExitModel(DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=thresholds,
+            book=book,
         )
         if sorted(order) != list(range(len(order))) or len(order) != len(thresholds) + 1:
             raise ValueError("order must be a permutation of the frames, one threshold less")
         self.network = network  # the traced original: static mode
         self.frame = frame  # the per-frame network, sharing the original's parameters
         self.order = [int(i) for i in order]
-        self.frame_macs = int(frame_macs)
         self.policy = policy
         self.register_buffer("temperatures", torch.ones(len(order) - 1))
 
@@ -70,13 +83,14 @@ class FrameExitModel(DynamicModel):
         """Exits after every frame but the last (index `num_exits`: every frame seen)."""
         return self.frames - 1
 
+    @property
+    def frame_macs(self) -> int:
+        """One frame through the per-frame network."""
+        return self.book.macs(frame_item(0))
+
     def exit_macs(self) -> list[int]:
         """What a clip leaving after frame j (in order) spends: j + 1 frames."""
-        return [(j + 1) * self.frame_macs for j in range(self.frames)]
-
-    def worst_case_macs(self) -> int:
-        """Every frame looked at (the decisions cost no MACs)."""
-        return self.frames * self.frame_macs
+        return self.book.cumulative([[frame_item(j)] for j in range(self.frames)])
 
     def describe(self) -> list[dict[str, str]]:
         """One row per exit: after which frame, what leaving there costs, its threshold."""
@@ -88,8 +102,7 @@ class FrameExitModel(DynamicModel):
                     "exit": "final" if final else str(j),
                     "frame": str(self.order[j]),
                     "frames seen": str(j + 1),
-                    "MACs": f"{macs / 1e6:.1f} M",
-                    "of static": f"{macs / self.static_macs:.3f}",
+                    **self.book.columns(macs),
                     "threshold": "" if final else f"{float(self.thresholds[j]):.3f}",
                 }
             )
@@ -100,9 +113,7 @@ class FrameExitModel(DynamicModel):
         if self._static:
             out = self.network(x)
             self.last_exit = full_index(x, self.num_exits)
-            self.last_macs = torch.full(
-                (x.shape[0],), self.static_macs, dtype=torch.long, device=x.device
-            )
+            self.record_static(x.shape[0], x.device)
             return out
         batch, last = x.shape[0], self.num_exits
         remaining = torch.arange(batch, device=x.device)
@@ -110,7 +121,10 @@ class FrameExitModel(DynamicModel):
         state = self.policy.start(batch, x.device)
         output: Tensor | None = None
         total: Tensor | None = None
+        tab = self.open_tab(batch, x.device)  # the first frame is every clip's
         for j, t in enumerate(self.order):
+            if j:
+                tab.charge_rows(frame_item(j), remaining)
             logits = self.frame(x[:, t])
             total = logits if total is None else total + logits
             mean = total / (j + 1)
@@ -129,7 +143,7 @@ class FrameExitModel(DynamicModel):
                 x, total, remaining = x[keep], total[keep], remaining[keep]
                 state = state.keep(keep)
         self.last_exit = exit_index
-        self.last_macs = (exit_index + 1) * self.frame_macs
+        self.close_tab(tab)
         return output
 
     def running_means(self, x: Tensor) -> list[Tensor]:

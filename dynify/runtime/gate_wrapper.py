@@ -23,6 +23,7 @@ from dynify.runtime.decisions import (
     sigmoid_one,
     straight_through_gumbel,
 )
+from dynify.runtime.ledger import CostBook, Tab
 
 # --- per-forward state ------------------------------------------------------------------------
 
@@ -43,12 +44,13 @@ class GateRun:
 
     mode: str  # "static" | "eager" | "train" | "export"
     thresholds: torch.Tensor
-    # MACs spent per sample: [B] float (train: straight-through), a float in scalar runs
-    macs: torch.Tensor | float = 0.0
+    # what each sample spent, charged by the wrappers (`dynify.runtime.ledger`): float64 [B],
+    # float32 and straight-through in training, a Python float in scalar runs
+    tab: Tab
     executed: torch.Tensor | None = None  # [B, K] bool: which gated branches ran
     plan: torch.Tensor | None = None  # policy: [B, K] run decision (float 0/1 in training)
     greedy_plan: torch.Tensor | None = None  # policy, training: the deterministic plan
-    greedy_macs: torch.Tensor | None = None  # training: MACs of the deterministic decisions
+    greedy: Tab | None = None  # training: what the deterministic decisions would spend
     halt: dict[int, HaltState] = field(default_factory=dict)
     # batch 1 in eager mode: decisions and costs as Python scalars (no tensor bookkeeping)
     scalar: bool = False
@@ -64,6 +66,16 @@ class GateRun:
 
 
 # --- the wrappers -----------------------------------------------------------------------------
+
+
+def branch_item(index: int) -> str:
+    """The cost book's item of gated block `index`'s branch."""
+    return f"branch{index}"
+
+
+def decider_item(index: int) -> str:
+    """The cost book's item of gated block `index`'s decision unit (gate or halting unit)."""
+    return f"gate{index}"
 
 
 class RunContext(threading.local):
@@ -93,9 +105,8 @@ class BlockGate(nn.Module):
         branch: nn.Module,
         shortcut: nn.Module | None,
         *,
-        branch_macs: int,
+        book: CostBook,
         decider: nn.Module | None = None,
-        decider_macs: int = 0,
         group: int = -1,
     ):
         super().__init__()
@@ -104,14 +115,26 @@ class BlockGate(nn.Module):
         self.branch = branch
         self.shortcut = shortcut
         self.decider = decider
-        self.branch_macs = int(branch_macs)
-        self.decider_macs = int(decider_macs)
+        # the model's cost book, holding this block's items `branch_item` and `decider_item`
+        self.book = book
+        self.branch_item = branch_item(index)
+        self.decider_item = decider_item(index) if decider is not None else None
         self.group = group  # halting: the stage's index (its threshold)
         self.context = RunContext()  # GatedModel shares one among all its wrappers
         # Set by the pass when the block's join was followed by a ReLU: the wrapper applies it,
         # and a skipped identity block whose input is a ReLU's output returns it untouched.
         self.relu_after = False
         self.skip_returns_entry = False
+
+    @property
+    def branch_macs(self) -> int:
+        """What running the branch costs one sample (the cost book's)."""
+        return self.book.macs(self.branch_item)
+
+    @property
+    def decider_macs(self) -> int:
+        """What the block's decision unit costs one sample; 0 for the policy's blocks."""
+        return 0 if self.decider_item is None else self.book.macs(self.decider_item)
 
     def extra_repr(self) -> str:
         relu = ", relu_after=True" if self.relu_after else ""
@@ -138,12 +161,12 @@ class BlockGate(nn.Module):
             mask = self._cap(entry, run, mask)
         if mask is None:  # every sample runs: the static computation, no gathering
             run.executed[:, self.index] = True
-            run.macs += self.branch_macs
+            run.tab.charge(self.branch_item)
             return self._out(self.branch(entry) + self._short(entry))
         run.executed[:, self.index] = mask
         if run.mode == "export":
             return self._out(self._export(entry, mask))
-        run.macs += mask.to(run.macs.dtype) * self.branch_macs
+        run.tab.charge(self.branch_item, mask)
         out = self._short(entry)
         index = torch.nonzero(mask).squeeze(1)
         if index.numel() == entry.shape[0]:
@@ -158,7 +181,7 @@ class BlockGate(nn.Module):
             threshold = run.thr[self.index]
             go = threshold > 1.0
             if not go:
-                run.macs += self.decider_macs
+                run.tab.charge(self.decider_item)
                 go = gate_open_one(self.decider.logit_one(entry), threshold)
         elif self.kind == "policy":
             go = True if run.plan_list is None else run.plan_list[self.index]
@@ -173,7 +196,7 @@ class BlockGate(nn.Module):
                     self._force_halt_one(entry, run)
         run.flags[self.index] = go
         if go:
-            run.macs += self.branch_macs
+            run.tab.charge(self.branch_item)
             return self._out(self.branch.forward(entry) + self._short(entry))
         return entry if self.skip_returns_entry else self._out(self._short(entry))
 
@@ -186,7 +209,7 @@ class BlockGate(nn.Module):
         cum, halted, acc, logits = state
         if halted:
             return False
-        run.macs += self.decider_macs
+        run.tab.charge(self.decider_item)
         logit = self.decider.logit_one(entry)
         logits.append(logit)
         new_cum, stop, weight = halting_update_one(
@@ -226,7 +249,7 @@ class BlockGate(nn.Module):
             threshold = run.thresholds[self.index]
             if eager and float(threshold) > 1.0:
                 return None
-            run.macs += self.decider_macs
+            run.tab.charge(self.decider_item)
             return gate_open(gate_probability(self.decider(entry)), threshold)
         if self.kind == "policy":
             return None if run.plan is None else run.plan[:, self.index]
@@ -261,9 +284,7 @@ class BlockGate(nn.Module):
         index = torch.nonzero(active).squeeze(1)
         sub = entry.index_select(0, index)
         h = gate_probability(self.decider(sub))
-        run.macs.index_add_(
-            0, index, torch.full_like(h, float(self.decider_macs), dtype=run.macs.dtype)
-        )
+        run.tab.charge_rows(self.decider_item, index)
         new_cum, stop, weight = halting_update(state.cum.index_select(0, index), h, threshold)
         weight = weight.to(entry.dtype)
         state.acc = state.acc.index_add(0, index, _expand(weight, sub) * sub)
@@ -309,7 +330,7 @@ class BlockGate(nn.Module):
         if self.kind == "function":
             logits = self.decider(entry.detach()).float()
             weight = straight_through_gumbel(logits, run.temperature)
-            run.macs = run.macs + self.decider_macs
+            run.tab.charge(self.decider_item)
             greedy = greedy_open(logits.detach())
         elif self.kind == "policy":
             weight = run.plan[:, self.index]
@@ -318,8 +339,8 @@ class BlockGate(nn.Module):
             self._halt_train(entry, run)
             return branch + short  # halted samples' later outputs are ignored by the mix
         run.executed[:, self.index] = weight.detach() > 0.5
-        run.greedy_macs += greedy.to(run.greedy_macs.dtype) * self.branch_macs
-        run.macs = run.macs + weight * self.branch_macs
+        run.greedy.charge(self.branch_item, greedy)
+        run.tab.charge(self.branch_item, weight)
         return _expand(weight.to(branch.dtype), branch) * branch + short
 
     def _halt_train(self, entry: torch.Tensor, run: GateRun) -> torch.Tensor:
@@ -327,7 +348,7 @@ class BlockGate(nn.Module):
         state = self._halt_state(entry, run)
         active = ~state.halted
         h = gate_probability(self.decider(entry.detach()))
-        run.macs = run.macs + active.float() * self.decider_macs
+        run.tab.charge(self.decider_item, active.float())
         self._halt_all(entry, h, run.train_threshold, state)
         running = (~state.halted).float()
         # The mass still running, 1 - sum h, unclamped so the compute gradient never vanishes
@@ -336,8 +357,8 @@ class BlockGate(nn.Module):
         soft = 1.0 - state.raw
         weight = running + soft - soft.detach()
         run.executed[:, self.index] = ~state.halted
-        run.macs = run.macs + weight * self.branch_macs
-        run.greedy_macs += running.to(run.greedy_macs.dtype) * self.branch_macs
+        run.tab.charge(self.branch_item, weight)
+        run.greedy.charge(self.branch_item, running)
         return weight
 
 

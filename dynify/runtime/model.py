@@ -3,7 +3,8 @@
 Whatever the strategy, a dynamic model
 - computes the original network exactly inside `with dyn.static():`;
 - reports after each forward the MACs each sample really spent (`last_macs`), next to the
-  original network's (`static_macs`);
+  original network's (`static_macs`): its wrappers charge a per-forward tab from the cost book
+  the pass built from the front end's MACs (`dynify.runtime.ledger`, re-exported here);
 - holds its decision thresholds one way: a float32 buffer `thresholds` [K] set only through
   `set_thresholds` (0 = the cheapest behaviour, above 1 = the static network's work);
 - describes itself as table rows (`describe()`);
@@ -34,6 +35,26 @@ from torch import nn
 
 from dynify.errors import InputError, StrategyError
 from dynify.frontend.inputs import ExtraInput, as_inputs
+from dynify.runtime.ledger import DECIDER, FIXED, UNIT, CostBook, CostItem, Tab
+
+__all__ = [
+    "DECIDER",
+    "FIXED",
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "UNIT",
+    "CostBook",
+    "CostItem",
+    "DynamicModel",
+    "ExitCascade",
+    "ExportFace",
+    "JointRecipe",
+    "MacCapped",
+    "PerCall",
+    "PerCallRecord",
+    "PerSampleExits",
+    "Tab",
+]
 
 if TYPE_CHECKING:
     from dynify.runtime.policy import ExitPolicy
@@ -124,10 +145,14 @@ class DynamicModel(nn.Module, ABC):
         input_shape: tuple[int, ...],
         num_classes: int,
         thresholds: Sequence[float] = (),
+        book: CostBook | None = None,
     ):
         super().__init__()
         self.per_call = PerCall()
         self.static_macs = int(static_macs)
+        # What the model's parts cost (`dynify.runtime.ledger`), built by the pass from the
+        # front end's MACs: plain data, rebuilt with the model from its plan.
+        self.book = CostBook(static_macs) if book is None else book
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
         self.spec: dict[str, Any] = {}
@@ -182,9 +207,37 @@ class DynamicModel(nn.Module, ABC):
         every mask unit and tile computed). `last_macs` never exceeds it; it may exceed
         `static_macs`, which is what an attacker who defeats every decision makes a sample cost.
 
-        Every strategy implements it (the contract tests check it on every registered one).
+        The cost book's (`CostBook.worst_case_macs`); the contract tests check it on every
+        registered strategy.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not bound its per-sample cost.")
+        if not self.book.items:
+            raise NotImplementedError(f"{type(self).__name__} does not bound its per-sample cost.")
+        return self.book.worst_case_macs()
+
+    # --- the cost ledger: a tab per forward, charged by the wrappers ----------------------
+    def open_tab(
+        self,
+        batch: int,
+        device: torch.device | str = "cpu",
+        *,
+        scalar: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ) -> Tab:
+        """A fresh tab for one forward (every sample starts at the book's fixed cost); the
+        forward hands it to its wrappers with the rest of its per-thread state."""
+        return self.book.tab(batch, device, scalar=scalar, dtype=dtype)
+
+    def close_tab(self, tab: Tab, exit_index: int | None = None) -> None:
+        """Record what the tab's samples spent as this thread's `last_macs` (a scalar tab as a
+        batch-1 record, with its exit index if any: `record_one`)."""
+        if tab.scalar:
+            self.record_one(round(tab.spent), exit_index, self.thresholds.device)
+        else:
+            self.last_macs = tab.macs()
+
+    def record_static(self, batch: int, device: torch.device | str = "cpu") -> None:
+        """`last_macs` of a forward inside `static()`: the original network's per sample."""
+        self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long, device=device)
 
     # --- thresholds -----------------------------------------------------------------------
     @property

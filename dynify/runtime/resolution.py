@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dynify.passes.rewrite import copy_graph_replacing
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.control import run_on, selected
-from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel
 from dynify.runtime.policy import ExitPolicy
 from dynify.train.losses import LossConfig, distillation
 
@@ -62,6 +62,17 @@ class LowResolutionHead(nn.Module):
         return self.low_net(downscale(x, self.scale))
 
 
+LOW, FULL = "low resolution", "full resolution"
+
+
+def cost_book(static_macs: int, low_macs: int) -> CostBook:
+    """Every sample pays the low-resolution pass; the full one, the samples it was unsure of."""
+    book = CostBook(static_macs)
+    book.add(LOW, low_macs, FIXED)
+    book.add(FULL, static_macs, UNIT)
+    return book
+
+
 class ResolutionModel(DynamicModel):
     """Two exits: the network at 1/`scale` resolution (exit 0), then at full resolution (exit 1).
 
@@ -78,7 +89,7 @@ class ResolutionModel(DynamicModel):
         scale: int,
         low_bn: bool,
         low_head: bool = False,
-        low_macs: int,
+        book: CostBook,
         policy: ExitPolicy,
         threshold: float,
         static_macs: int,
@@ -91,10 +102,10 @@ class ResolutionModel(DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=[threshold],
+            book=book,
         )
         self.net = net
         self.scale = int(scale)
-        self.low_macs = int(low_macs)
         self.policy = policy
         self.distill_temperature = float(distill_temperature)
         self.register_buffer("temperatures", torch.ones(1))
@@ -124,13 +135,13 @@ class ResolutionModel(DynamicModel):
     def num_exits(self) -> int:
         return 1
 
+    @property
+    def low_macs(self) -> int:
+        return self.book.macs(LOW)
+
     def exit_macs(self) -> list[int]:
         """MACs of a sample that stops at low resolution, and of one that goes on."""
-        return [self.low_macs, self.low_macs + self.static_macs]
-
-    def worst_case_macs(self) -> int:
-        """The low-resolution pass and then the full one: a sample the first pass is unsure of."""
-        return self.exit_macs()[-1]
+        return self.book.cumulative([[LOW], [FULL]])
 
     def describe(self) -> list[dict[str, str]]:
         rows = []
@@ -139,8 +150,7 @@ class ResolutionModel(DynamicModel):
                 {
                     "exit": "final" if i else "0",
                     "node": "full resolution" if i else f"1/{self.scale} resolution",
-                    "MACs": f"{macs / 1e6:.1f} M",
-                    "of static": f"{macs / self.static_macs:.3f}",
+                    **self.book.columns(macs),
                     "threshold": "" if i else f"{float(self.thresholds[0]):.3f}",
                 }
             )
@@ -171,7 +181,7 @@ class ResolutionModel(DynamicModel):
         batch = x.shape[0]
         if self._static:
             self.last_exit = torch.ones(batch, dtype=torch.long)
-            self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
+            self.record_static(batch)
             return self.net(x)
         logits = self.low_logits(x)
         state = self.policy.start(batch, x.device)
@@ -179,9 +189,10 @@ class ResolutionModel(DynamicModel):
         output = logits
         if not bool(done.all()):  # the full pass on the samples that did not exit
             output = run_on(self.net, x, selected(~done), logits)
+        tab = self.open_tab(batch)  # every sample paid the low-resolution pass
+        tab.charge(FULL, (~done).cpu())
         self.last_exit = (~done).long().cpu()
-        macs = torch.tensor(self.exit_macs(), dtype=torch.long)
-        self.last_macs = macs[self.last_exit]
+        self.close_tab(tab)
         return output
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from dynify.runtime import mac_cap
 from dynify.runtime.control import cond
 from dynify.runtime.decisions import gate_open, gate_probability, straight_through_gumbel
 from dynify.runtime.gate_wrapper import RunContext
+from dynify.runtime.ledger import Tab
 from dynify.runtime.mask_geometry import (
     GRANULARITIES,
     branch_halo,
@@ -46,14 +47,26 @@ class MaskExportRun:
         self.left = left  # the MAC cap's allowance left per sample, or None
 
 
-class CapLedger(threading.local):
-    """The MAC cap's allowance left per sample ([B] float64) during an eager forward, shared
-    by a model's wrappers (`dynify.runtime.mac_cap`); None: no cap. Per thread."""
+class MaskPass(threading.local):
+    """An eager forward in progress, shared by a model's wrappers, per thread: the tab they
+    charge (`dynify.runtime.ledger`; None: a wrapper run on its own) and the MAC cap's
+    allowance left per sample ([B] float64, `dynify.runtime.mac_cap`; None: no cap)."""
 
+    tab: Tab | None = None
     left: Tensor | None = None
 
     def __reduce__(self) -> tuple:
         return (type(self), ())
+
+
+def mask_item(index: int) -> str:
+    """The cost book's item of masked block `index`'s mask unit."""
+    return f"mask{index}"
+
+
+def branch_item(index: int) -> str:
+    """The cost book's item of masked block `index`'s branch (its active units' share)."""
+    return f"branch{index}"
 
 
 class _CallState(threading.local):
@@ -63,7 +76,6 @@ class _CallState(threading.local):
 
     static = False
     threshold: Tensor | float = 0.5
-    last_macs: Tensor | None = None
     last_density: Tensor | None = None
     train_density: Tensor | None = None
 
@@ -89,13 +101,14 @@ class SparseResidual(nn.Module):
     Modes: static (the dense branch, the original network), training (dense branch times a
     Gumbel straight-through mask), and eager inference (the sparse gather-run-scatter). The
     DynamicModel sets `threshold` and `static` before each forward; they and the records
-    (`last_macs`, `last_density`, `train_density`) are per thread. `fixed_mask` ([B, h, w]
+    (`last_density`, `train_density`) are per thread. An eager forward charges the model's
+    tab (`shared.tab`) with its mask unit (`mask_item`) and what its branch computed
+    (`branch_item`). `fixed_mask` ([B, h, w]
     bool), when set, replaces the mask unit's decision for every thread (benchmarks, tests).
     """
 
     static = _per_thread("static")
     threshold = _per_thread("threshold")
-    last_macs = _per_thread("last_macs")
     last_density = _per_thread("last_density")  # [B], fraction of units computed
     train_density = _per_thread("train_density")  # differentiable mean density (training)
 
@@ -123,9 +136,9 @@ class SparseResidual(nn.Module):
         self.spatial = spatial
         self._calls = _CallState()
         self.fixed_mask: Tensor | None = None
-        self.index = 0  # this block's threshold entry (set by the model)
+        self.index = 0  # this block's threshold entry and cost items (set by the model)
         self.context = RunContext()  # the model shares one among its wrappers (export face)
-        self.ledger = CapLedger()  # the model shares one among its wrappers (the MAC cap)
+        self.shared = MaskPass()  # the model shares one among its wrappers (tab, MAC cap)
         self.dense_when_full = True
         # The branch's conv calls in order (it is a chain), each with its MACs per output
         # position: what the front end counted for the whole map over its positions.
@@ -159,15 +172,19 @@ class SparseResidual(nn.Module):
             total += macs * size * size
         return total
 
-    def worst_case_macs(self) -> int:
-        """The most one sample can spend here: its mask unit plus the dense branch (all units
-        active: it runs dense) or, for region masks, every tile but one, whose halos overlap
-        and can cost more than the dense branch. Pixel masks compute each position at most
-        once, at most the dense branch."""
+    def dearest_branch_macs(self) -> int:
+        """The most one sample's branch can cost here (the cost book's dearest): the dense
+        branch (all units active: it runs dense) or, for region masks, every tile but one,
+        whose halos overlap and can cost more than the dense branch. Pixel masks compute each
+        position at most once, at most the dense branch."""
         h, w = self.units()
         tiles = h * w - 1 if self.dense_when_full else h * w
         partial = tiles * self.tile_macs() if self.granularity == "region" else 0
-        return self.mask_macs + max(self.branch_macs, partial)
+        return max(self.branch_macs, partial)
+
+    def worst_case_macs(self) -> int:
+        """The most one sample can spend here: its mask unit and its dearest branch."""
+        return self.mask_macs + self.dearest_branch_macs()
 
     def planned_macs(self, active: Tensor) -> Tensor:
         """[B] int64: the MACs the eager forward spends on the branch for the units `active`
@@ -234,27 +251,32 @@ class SparseResidual(nn.Module):
             )
             return out
         batch = x.shape[0]
+        tab = self.shared.tab
         if self.static:
-            self.last_macs = torch.full((batch,), self.branch_macs, dtype=torch.long)
             self.last_density = torch.ones(batch)
+            if tab is not None:
+                tab.charge(branch_item(self.index))
             return self.branch(x)
         if self.mask_unit.training:
             return self._forward_train(x)
         active = self.decide(x)
-        if self.ledger.left is not None:
-            active, self.ledger.left = self.capped(active, self.ledger.left)
+        if self.shared.left is not None:
+            active, self.shared.left = self.capped(active, self.shared.left)
         counts = active.flatten(1).sum(1)
         self.last_density = counts.float() / active[0].numel()
-        unit = 0 if self.fixed_mask is not None else self.mask_macs  # a forced mask costs nothing
+        if tab is not None and self.fixed_mask is None:  # a forced mask costs no mask unit
+            tab.charge(mask_item(self.index))
         full = counts == active[0].numel()
         if self.dense_when_full and bool(full.any()):
             if bool(full.all()):
-                self.last_macs = torch.full((batch,), self.branch_macs + unit)
+                if tab is not None:
+                    tab.charge(branch_item(self.index))
                 return self.branch(x)
             out, macs = self._dense_and_sparse(x, active, counts, full)
         else:
             out, macs = self._sparse(x, active, counts)
-        self.last_macs = macs + unit
+        if tab is not None:
+            tab.charge_amount(branch_item(self.index), macs)
         return out
 
     def _sparse(self, x: Tensor, active: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -285,7 +307,10 @@ class SparseResidual(nn.Module):
         mask = straight_through_gumbel(self.mask_unit(x))
         self.train_density = mask.mean()
         self.last_density = mask.detach().flatten(1).mean(1)
-        self.last_macs = torch.full((x.shape[0],), self.branch_macs + self.mask_macs)
+        tab = self.shared.tab
+        if tab is not None:  # training runs the mask unit and the dense branch
+            tab.charge(mask_item(self.index))
+            tab.charge(branch_item(self.index))
         out = self.branch(x)
         return out * expand_mask(mask, self.tile, out.shape[-2:])
 

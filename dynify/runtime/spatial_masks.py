@@ -14,13 +14,31 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from dynify.runtime import mac_cap
 from dynify.runtime.decisions import gate_probability
 from dynify.runtime.gate_wrapper import RunContext
 from dynify.runtime.mac_cap import CapHolder
-from dynify.runtime.model import DynamicModel, ExportFace
-from dynify.runtime.sparse_residual import CapLedger, MaskExportRun, SparseResidual
+from dynify.runtime.model import DECIDER, FIXED, UNIT, CostBook, DynamicModel, ExportFace
+from dynify.runtime.sparse_residual import (
+    MaskExportRun,
+    MaskPass,
+    SparseResidual,
+    branch_item,
+    mask_item,
+)
 from dynify.train.losses import LossConfig, density_term, distillation
+
+REST = "rest"  # the cost book's item of the unmasked layers
+
+
+def cost_book(static_macs: int, wrappers: Sequence[SparseResidual]) -> CostBook:
+    """Per masked block, its mask unit (every sample runs it) and its branch, at most its
+    dearest (`SparseResidual.dearest_branch_macs`); the rest is every sample's."""
+    book = CostBook(static_macs)
+    for i, w in enumerate(wrappers):
+        book.add(mask_item(i), w.mask_macs, DECIDER)
+        book.add(branch_item(i), w.branch_macs, UNIT, dearest=w.dearest_branch_macs())
+    book.add(REST, static_macs - sum(w.branch_macs for w in wrappers), FIXED)
+    return book
 
 
 class SpatialMaskModel(CapHolder, DynamicModel):
@@ -48,6 +66,7 @@ class SpatialMaskModel(CapHolder, DynamicModel):
         budget: float,
         thresholds: Sequence[float],
         static_macs: int,
+        book: CostBook,
         input_shape: tuple[int, ...],
         num_classes: int,
         distill_temperature: float = 4.0,
@@ -58,6 +77,7 @@ class SpatialMaskModel(CapHolder, DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=thresholds,
+            book=book,
         )
         self.net = net
         self.wrapper_names = list(wrapper_names)
@@ -67,21 +87,23 @@ class SpatialMaskModel(CapHolder, DynamicModel):
         self.distill_temperature = float(distill_temperature)
         self.sparsity_weight = float(sparsity_weight)
         self._context = RunContext()
-        self._ledger = CapLedger()
+        self._shared = MaskPass()
         for i, wrapper in enumerate(self.wrappers):
-            wrapper.index, wrapper.context, wrapper.ledger = i, self._context, self._ledger
-        self.fixed_macs = self.static_macs - sum(w.branch_macs for w in self.wrappers)
+            wrapper.index, wrapper.context, wrapper.shared = i, self._context, self._shared
         self.init_mac_cap()
+
+    @property
+    def fixed_macs(self) -> int:
+        """The layers no mask touches."""
+        return self.book.fixed_macs()
 
     def cap_floor(self) -> int:
         """What a sample spends whatever it decides (no unit active, every mask unit run):
         the least MAC cap there can be (`dynify.runtime.mac_cap`)."""
-        return self.fixed_macs + sum(w.mask_macs for w in self.wrappers)
+        return self.book.floor()
 
     def allowance(self, cap: int | None, x: Tensor) -> Tensor | None:
-        if cap is None:
-            return None
-        return mac_cap.allowance(cap, self.cap_floor(), x.shape[0], x.device)
+        return self.book.allowance(cap, x.shape[0], x.device)
 
     @property
     def wrappers(self) -> list[SparseResidual]:
@@ -99,11 +121,6 @@ class SpatialMaskModel(CapHolder, DynamicModel):
         self.training = mode
         return self
 
-    def worst_case_macs(self) -> int:
-        """Every mask unit and, per block, its dearest computation (`SparseResidual.worst_case_macs`:
-        region tiles, halos included, can cost more than the dense branch)."""
-        return self.fixed_macs + sum(w.worst_case_macs() for w in self.wrappers)
-
     def describe(self) -> list[dict[str, str]]:
         """One row per masked block for tables: where, how fine, what it costs, its threshold."""
         rows = []
@@ -115,8 +132,7 @@ class SpatialMaskModel(CapHolder, DynamicModel):
                     "block": name,
                     "units": f"{h}x{width} {unit}",
                     "halo": str(w.halo),
-                    "branch MACs": f"{w.branch_macs / 1e6:.1f} M",
-                    "of static": f"{w.branch_macs / self.static_macs:.3f}",
+                    **self.book.columns(w.branch_macs, "branch MACs"),
                     "threshold": f"{float(t):.3f}",
                 }
             )
@@ -136,18 +152,22 @@ class SpatialMaskModel(CapHolder, DynamicModel):
         for i, wrapper in enumerate(self.wrappers):
             wrapper.static = self._static
             wrapper.threshold = self.thresholds[i]
-        if not self._static and not self.training:
-            self._ledger.left = self.allowance(self.cap_macs(), x)
+        shared = self._shared
+        if not self._static:
+            shared.tab = self.open_tab(x.shape[0])
+            if not self.training:
+                shared.left = self.allowance(self.cap_macs(), x)
+        tab = shared.tab
         try:
             out = self.net(x)
-        finally:  # a wrapper called on its own afterwards is dynamic again
-            self._ledger.left = None
+        finally:  # a wrapper called on its own afterwards is dynamic again, and charges no tab
+            shared.tab = shared.left = None
             for wrapper in self.wrappers:
                 wrapper.static = False
-        spent = torch.full((x.shape[0],), self.fixed_macs, dtype=torch.long)
-        for wrapper in self.wrappers:
-            spent = spent + wrapper.last_macs.to(torch.long).cpu()
-        self.last_macs = spent
+        if tab is None:
+            self.record_static(x.shape[0])
+        else:
+            self.close_tab(tab)
         return out
 
     def unit_probabilities(self, x: Tensor) -> list[Tensor]:
