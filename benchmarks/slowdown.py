@@ -77,10 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unit-budget", type=float, default=0.85, help="gates, masks: budget (and the guard's)"
     )
-    # heads: one short joint epoch left region masks at chance and gates at 18 % (5,000 images)
     parser.add_argument(
         "--unit-mode", default="heads", choices=["heads", "joint"], help="gates, masks: tuning"
     )
+    parser.add_argument("--unit-epochs", type=int, default=2, help="gates, masks: epochs")
+    parser.add_argument(
+        "--unit-lr", type=float, default=None, help="gates, masks: lr (None: the mode's default)"
+    )
+    parser.add_argument("--unit-compute-weight", type=float, default=None, help="gates, width")
+    parser.add_argument("--unit-budget-rate", type=float, default=None, help="gates, width")
     parser.add_argument("--exits", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=1, help="heads-mode epochs")
