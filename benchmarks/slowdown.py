@@ -46,6 +46,8 @@ from benchmarks.cifar_data import (
 from benchmarks.pgd import pgd
 from benchmarks.report import missing, provenance
 from benchmarks.results import read_result
+from benchmarks.slowdown_clips import run_clips
+from benchmarks.slowdown_text import TEXT_STRATEGIES, add_text_arguments, run_text
 from benchmarks.slowdown_units import NOTES as UNIT_NOTES
 from benchmarks.slowdown_units import UNIT_STRATEGIES, run_units
 from benchmarks.slowdown_units import headline as unit_headline
@@ -68,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategies",
         nargs="+",
         default=[*STRATEGIES, "block-gates", "spatial-masks"],
-        choices=[*STRATEGIES, *UNIT_STRATEGIES],
+        choices=[*STRATEGIES, *UNIT_STRATEGIES, "frame-exit", *TEXT_STRATEGIES],
     )
     parser.add_argument(
         "--nets", type=int, nargs="+", default=[20], help="CIFAR ResNet depths (gates, masks)"
@@ -103,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--frames", type=int, default=8, help="frame-exit: frames per clip")
+    parser.add_argument("--clip-budget", type=float, default=0.5, help="frame-exit: budget")
+    add_text_arguments(parser)
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -110,6 +115,8 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.attack_images, args.clean_images = 16, 32
     args.eps, args.steps = [8], [2]
     args.window, args.passes, args.steady_passes = 16, 2, 1
+    args.clean_texts, args.attack_texts, args.swaps, args.quick_text = 32, 8, [1], True
+    args.frames, args.text_epochs, args.reading_budget = 3, 1, 0.5
 
 
 def to_input(pixels: torch.Tensor) -> torch.Tensor:
@@ -207,7 +214,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     out: dict[str, Any] = {"strategies": {}}
     for strategy in args.strategies:
         print(f"{strategy}:", flush=True)
-        if strategy in UNIT_STRATEGIES:
+        if strategy == "frame-exit":
+            out["strategies"]["frame-exit"] = run_clips(args, train, test)
+        elif strategy in TEXT_STRATEGIES:
+            out["strategies"][strategy] = run_text(strategy, args)
+        elif strategy in UNIT_STRATEGIES:
             for depth in args.nets:
                 key = f"{strategy}/resnet{depth}"
                 out["strategies"][key] = run_units(strategy, depth, args, train, test, to_input)
