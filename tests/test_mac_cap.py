@@ -1,6 +1,7 @@
-"""The MAC cap of block gates and spatial masks (`dynify.runtime.mac_cap`): no input, however
-crafted, and no threshold makes a sample spend more than the cap, in a batch, alone and through
-the export face; a batch decides as its samples do alone; without a cap nothing changes."""
+"""The MAC cap of the strategies that hold one themselves (`dynify.runtime.mac_cap`: block
+gates, spatial masks, skip-rnn, dynamic width): no input, however crafted, and no threshold makes a sample
+spend more than the cap, in a batch, alone and through the export face; a batch decides as its
+samples do alone; without a cap nothing changes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dynify.errors import StrategyError
 from tests.test_contract import (
     contract_input,
     contract_model,
-    hostile_floats,
+    example_of,
     spread_new_parts,
 )
 
@@ -26,8 +27,12 @@ VARIANTS = [
     ("block-gates", {"gate": "policy"}),
     ("spatial-masks", {"granularity": "region"}),
     ("spatial-masks", {"granularity": "pixel"}),
+    ("skip-rnn", {}),
+    ("dynamic-width", {}),
 ]
-IDS = [f"{s}-{next(iter(o.values()))}" for s, o in VARIANTS]
+IDS = ["-".join([s, *map(str, o.values())]) for s, o in VARIANTS]
+SKIP_RNN = VARIANTS.index(("skip-rnn", {}))
+WIDTH = VARIANTS.index(("dynamic-width", {}))
 # thresholds: calibrated-looking, and every gate open / every unit active (whatever the score)
 THRESHOLDS = (0.5, 1.01)
 
@@ -37,7 +42,8 @@ _cache: dict[str, dynify.DynamicModel] = {}
 def converted(strategy: str, options: dict[str, Any]) -> dynify.DynamicModel:
     key = json.dumps([strategy, options])
     if key not in _cache:
-        model, x = contract_model(), contract_input()
+        example = example_of(strategy)
+        model, x = example.model(), example.inputs()
         dyn = dynify.convert(model, strategy, x[:1], options=options).eval()
         spread_new_parts(dyn, model)
         _cache[key] = dyn
@@ -50,6 +56,10 @@ def variable_costs(dyn: dynify.DynamicModel) -> list[int]:
     """What each gated branch / masked block costs when it all runs."""
     if dyn.strategy == "block-gates":
         return dyn.branch_macs()
+    if dyn.strategy == "skip-rnn":  # an update after the first, and the gate after it
+        return [dyn.wrapper.step_macs + dyn.wrapper.gate_macs]
+    if dyn.strategy == "dynamic-width":  # full width above the narrowest
+        return [w.extra_macs[-1] for w in dyn.wrappers]
     return [w.branch_macs for w in dyn.wrappers]
 
 
@@ -64,9 +74,15 @@ def dyn(request) -> dynify.DynamicModel:
     return converted(strategy, options)
 
 
-def hostile() -> torch.Tensor:
-    """NaN, 3e38 and inf samples next to ordinary ones of very different contrast."""
-    return hostile_floats(contract_input())
+def hostile(dyn: dynify.DynamicModel) -> torch.Tensor:
+    """The example's hostile inputs: NaN, 3e38 and inf samples next to ordinary ones of very
+    different contrast (images), the extreme ids (tokens)."""
+    example = example_of(dyn.strategy)
+    return example.hostile(example.inputs())
+
+
+def original(dyn: dynify.DynamicModel) -> torch.nn.Module:
+    return example_of(dyn.strategy).model()
 
 
 def run_alone(dyn, x):
@@ -84,7 +100,7 @@ def test_no_sample_exceeds_the_cap_in_batch_alone_or_export(dyn, threshold):
     dyn.set_thresholds(threshold)
     dyn.set_mac_cap(biting_cap(dyn))
     cap = int(dyn.mac_cap)
-    x = hostile()
+    x = hostile(dyn)
     out = dyn(x)
     macs, decisions = dyn.last_macs.clone(), dyn.last_decisions().clone()
     assert int(macs.max()) <= cap
@@ -102,7 +118,7 @@ def test_no_sample_exceeds_the_cap_in_batch_alone_or_export(dyn, threshold):
 @torch.no_grad()
 def test_the_cap_bites_when_every_gate_is_forced_open(dyn):
     dyn.set_thresholds(1.01)
-    x = contract_input()
+    x = example_of(dyn.strategy).inputs()
     dyn(x)
     uncapped = dyn.last_macs.clone()
     dyn.set_mac_cap(biting_cap(dyn))
@@ -117,7 +133,7 @@ def test_the_cap_bites_when_every_gate_is_forced_open(dyn):
 def test_a_batch_equals_its_samples_alone_under_the_cap(dyn, threshold):
     dyn.set_thresholds(threshold)
     dyn.set_mac_cap(biting_cap(dyn))
-    x = hostile()
+    x = hostile(dyn)
     out = dyn(x)
     macs, decisions = dyn.last_macs.clone(), dyn.last_decisions().clone()
     alone_out, alone_macs, alone_decisions = run_alone(dyn, x)
@@ -129,7 +145,7 @@ def test_a_batch_equals_its_samples_alone_under_the_cap(dyn, threshold):
 @torch.no_grad()
 def test_without_a_cap_nothing_changes_and_static_ignores_it(dyn):
     dyn.set_thresholds(0.5)
-    x = contract_input()
+    x = example_of(dyn.strategy).inputs()
     before = dyn(x)
     before_macs = dyn.last_macs.clone()
     dyn.set_mac_cap(biting_cap(dyn))
@@ -148,9 +164,9 @@ def test_the_cap_survives_save_and_load_and_older_artifacts_load(dyn, tmp_path, 
     dyn.set_thresholds(1.01)
     fraction = biting_cap(dyn)
     dyn.set_mac_cap(fraction)
-    x = hostile()
+    x = hostile(dyn)
     out = dyn(x)
-    loaded = dynify.load(dynify.save(dyn, tmp_path / "a.dyn"), model=contract_model())
+    loaded = dynify.load(dynify.save(dyn, tmp_path / "a.dyn"), model=original(dyn))
     assert isinstance(loaded, dynify.MacCapped)
     assert int(loaded.mac_cap) == int(dyn.mac_cap)
     torch.testing.assert_close(loaded(x), out, equal_nan=True)
@@ -162,7 +178,7 @@ def test_the_cap_survives_save_and_load_and_older_artifacts_load(dyn, tmp_path, 
         return {k: v for k, v in saving(model).items() if k != "mac_cap"}
 
     monkeypatch.setattr(artifact, "_state_for_saving", without_cap)
-    older = dynify.load(dynify.save(dyn, tmp_path / "old.dyn"), model=contract_model())
+    older = dynify.load(dynify.save(dyn, tmp_path / "old.dyn"), model=original(dyn))
     assert older.mac_cap_fraction() is None
 
 
@@ -183,14 +199,20 @@ def test_capped_models_are_mac_capped_and_exit_cascades_are_not(dyn):
     assert not isinstance(exits, dynify.MacCapped)
 
 
-@pytest.mark.parametrize("strategy,options", [VARIANTS[0], VARIANTS[3]], ids=[IDS[0], IDS[3]])
+ONE_OF_EACH = [0, 3, SKIP_RNN, WIDTH]
+
+
+@pytest.mark.parametrize(
+    "strategy,options", [VARIANTS[i] for i in ONE_OF_EACH], ids=[IDS[i] for i in ONE_OF_EACH]
+)
 def test_calibrate_with_a_mac_cap_sets_it_and_stays_under_it(strategy, options):
     dyn = converted(strategy, options)
     generator = torch.Generator().manual_seed(3)
-    images = torch.randn(64, 3, 24, 24, generator=generator) * 2
+    images = example_of(strategy).inputs(64)
     labels = torch.randint(0, 5, (64,), generator=generator)
+    data = (images, labels) if images.is_floating_point() else dynify.TextDataset(images, labels)
     cap = biting_cap(dyn)
-    result = dynify.calibrate(dyn, (images, labels), budget=0.6, mac_cap=cap, part="all")
+    result = dynify.calibrate(dyn, data, budget=0.6, mac_cap=cap, part="all")
     assert dyn.mac_cap_fraction() == pytest.approx(cap, abs=1e-6)
     assert result.target["mac_cap"] == cap
     with torch.no_grad():
@@ -198,26 +220,63 @@ def test_calibrate_with_a_mac_cap_sets_it_and_stays_under_it(strategy, options):
     assert bool((dyn.last_macs <= dyn.mac_cap).all())
     assert result.macs_fraction <= 0.6 + 1e-9
     with pytest.raises(StrategyError, match="below the cheapest"):
-        dynify.calibrate(dyn, (images, labels), mac_cap=0.01, part="all")
+        dynify.calibrate(dyn, data, mac_cap=0.01, part="all")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,options", [VARIANTS[0], VARIANTS[3]], ids=[IDS[0], IDS[3]])
+@pytest.mark.parametrize(
+    "strategy,options", [VARIANTS[i] for i in ONE_OF_EACH], ids=[IDS[i] for i in ONE_OF_EACH]
+)
 def test_onnx_keeps_the_cap_for_hostile_inputs(strategy, options, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     dyn = converted(strategy, options)
     dyn.set_thresholds(1.01)
     dyn.set_mac_cap(biting_cap(dyn))
     path = dynify.export_onnx(dyn, tmp_path / "capped.onnx")
-    x = hostile()
+    x = hostile(dyn)
     with torch.no_grad():
-        dyn(x)
+        out = dyn(x)
     session = ort.InferenceSession(str(path))
     feeds = {session.get_inputs()[0].name: x.numpy()}
     if len(session.get_inputs()) > 1:
         feeds[session.get_inputs()[1].name] = dyn.thresholds.numpy()
-    _, decisions = session.run(None, feeds)
+    logits, decisions = session.run(None, feeds)
     assert (decisions == dyn.last_decisions().numpy()).all()
+    finite = torch.isfinite(out).all(1)
+    torch.testing.assert_close(torch.from_numpy(logits)[finite], out[finite], atol=1e-4, rtol=1e-4)
+    if dyn.strategy == "skip-rnn":  # the updates price within the cap on their own
+        w = dyn.wrapper
+        spent = dyn.cap_floor() + (decisions[:, 1:].sum(1) * (w.step_macs + w.gate_macs))
+        assert int(spent.max()) <= int(dyn.mac_cap)
+    if dyn.strategy == "dynamic-width":  # the widths price within the cap on their own
+        extra = [torch.tensor(w.extra_macs)[decisions[:, i]] for i, w in enumerate(dyn.wrappers)]
+        assert int((dyn.cap_floor() + torch.stack(extra).sum(0)).max()) <= int(dyn.mac_cap)
+
+
+@torch.no_grad()
+def test_skip_rnn_holds_the_cap_when_the_gate_scores_nan():
+    """A gate that scores NaN asks for an update at every step (delta u counts as 1): the
+    cap still holds, in a batch, alone and through the export face."""
+    dyn = converted(*VARIANTS[SKIP_RNN])
+    gate = dyn.wrapper.gate
+    saved = gate.bias.clone()
+    try:
+        gate.bias.fill_(float("nan"))
+        dyn.set_thresholds(0.5)
+        x = hostile(dyn)
+        dyn(x)
+        assert bool(dyn.last_decisions().all())  # uncapped: every step updates
+        dyn.set_mac_cap(biting_cap(dyn))
+        dyn(x)
+        macs, decisions = dyn.last_macs.clone(), dyn.last_decisions().clone()
+        assert int(macs.max()) <= int(dyn.mac_cap)
+        assert torch.equal(decisions.sum(1), torch.full((len(x),), 2))  # the first and one more
+        _, alone_macs, alone_decisions = run_alone(dyn, x)
+        assert torch.equal(alone_macs, macs) and torch.equal(alone_decisions, decisions)
+        assert torch.equal(dyn.export_face().eval()(x)[1], decisions)
+    finally:
+        gate.bias.copy_(saved)
+        dyn.set_mac_cap(None)
 
 
 def test_cli_calibrate_with_a_mac_cap_on_gates_saves_and_prints_it(tmp_path):

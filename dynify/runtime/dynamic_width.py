@@ -14,6 +14,12 @@ the ReLU (zeroed channels are exactly the narrow convolution); the export face p
 under `torch.cond` (ONNX: an `If` per width and block). Static mode computes the original
 network bit-exactly: it runs the branch with the weights gathered back into their original
 order (the same values, the same convolution, so the same bits).
+
+With a MAC cap (`set_mac_cap`, the arithmetic of `dynify.runtime.mac_cap`) a sample's allowance
+is the cap minus the floor (every gate run, every branch at its narrowest width); the branches
+decide in the order the forward meets them, and a branch's width choice is clamped to the
+widest whose cost above the narrowest fits what is left, which it then uses up. Eager batches,
+batch 1 and the export face apply the same rule, per sample.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynify.runtime import mac_cap
 from dynify.runtime.control import cond, scatter_rows, selected, tracing
 from dynify.runtime.decisions import straight_through_choice, width_index, width_index_one
+from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCall, PerCallRecord
 from dynify.runtime.tensor_cache import cached_on_tensors
 from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
@@ -79,6 +87,9 @@ class WidthRun:
     scalar: bool = False
     thr: list[float] = field(default_factory=list)
     chosen_one: list[int] = field(default_factory=list)
+    # the MAC cap (`dynify.runtime.mac_cap`): each sample's allowance left, [N] float64 (a
+    # float at batch 1), or None without a cap
+    left: Tensor | float | None = None
 
 
 class WidthBranch(nn.Module):
@@ -212,14 +223,20 @@ class WidthBranch(nn.Module):
             return self._export(entry, run)
         full = self.num_widths - 1
         threshold = run.thresholds[self.index]
-        if float(threshold) > 1.0:  # full width everywhere: no gate
+        if float(threshold) > 1.0 and run.left is None:  # full width everywhere: no gate
             run.chosen[:, self.index] = full
             run.macs += self.width_macs[full]
             return self.narrow(entry, self.widths[full])
-        choice = width_index(self.gate(entry), threshold)
+        gate_macs = self.gate_macs
+        if float(threshold) > 1.0:  # full width asked for, the cap may narrow it: no gate
+            choice = torch.full((len(entry),), full, dtype=torch.long, device=entry.device)
+            gate_macs = 0
+        else:
+            choice = width_index(self.gate(entry), threshold)
+        choice = self._cap(choice, run)
         run.chosen[:, self.index] = choice
         table = torch.tensor(self.width_macs, dtype=run.macs.dtype, device=run.macs.device)
-        run.macs += self.gate_macs + table[choice.to(run.macs.device)]
+        run.macs += gate_macs + table[choice.to(run.macs.device)]
         present = torch.unique(choice).tolist()
         if len(present) == 1:
             return self.narrow(entry, self.widths[present[0]])
@@ -244,6 +261,9 @@ class WidthBranch(nn.Module):
                 lambda: int(width_index(logits, run.thresholds[self.index])[0]),
             )
             run.macs += self.gate_macs
+        if run.left is not None:
+            w = mac_cap.widest_that_fits_one(w, self.extra_macs, run.left)
+            run.left -= self.extra_macs[w]
         run.chosen_one[self.index] = w
         run.macs += self.width_macs[w]
         return self.narrow(entry, self.widths[w])
@@ -251,7 +271,7 @@ class WidthBranch(nn.Module):
     def _export(self, entry: Tensor, run: WidthRun) -> Tensor:
         """Each width under `torch.cond`: run when some sample chose it, on those samples only
         (gathered inside the `If`), scattered into the output."""
-        choice = width_index(self.gate(entry), run.thresholds[self.index])
+        choice = self._cap(width_index(self.gate(entry), run.thresholds[self.index]), run)
         run.chosen[:, self.index] = choice
         out = entry.new_zeros((entry.shape[0], *self._out_shape(entry)))
         for w, width in enumerate(self.widths):
@@ -266,6 +286,21 @@ class WidthBranch(nn.Module):
             mask = choice == w
             out = cond(mask.any(), run_width, skip, (entry, mask, out))
         return out
+
+    @property
+    def extra_macs(self) -> list[int]:
+        """What each width costs above the narrowest (the narrowest is in the cap's floor)."""
+        return [m - self.width_macs[0] for m in self.width_macs]
+
+    def _cap(self, choice: Tensor, run: WidthRun) -> Tensor:
+        """The width choices under the MAC cap: each clamped to the widest that fits what is
+        left of the sample's allowance, which it then uses up (`dynify.runtime.mac_cap`)."""
+        if run.left is None:
+            return choice
+        extra = torch.tensor(self.extra_macs, dtype=torch.float64, device=choice.device)
+        choice = mac_cap.widest_that_fits(choice, extra, run.left)
+        run.left = run.left - extra[choice]
+        return choice
 
     def _out_shape(self, entry: Tensor) -> tuple:
         size = entry.shape[2:]
@@ -292,17 +327,18 @@ class WidthBranch(nn.Module):
         return self.masked(entry, choice @ self.prefix)
 
 
-class DynamicWidthModel(DynamicModel):
+class DynamicWidthModel(CapHolder, DynamicModel):
     """The rewritten graph (`net`) with `width_<k>` wrappers over the chosen residual branches.
 
     One threshold per branch (0: the narrowest width for every sample, above 1: full width for
     every sample, without running the gate). Decisions: each sample's width index per branch,
-    int64 [N, K] (`last_widths`).
+    int64 [N, K] (`last_widths`). With a MAC cap (`set_mac_cap`) each choice is clamped to the
+    widest that fits the sample's allowance (see the module docstring); `static()` ignores it.
     """
 
     strategy = "dynamic-width"
     last_widths = PerCallRecord()
-    optional_state = ("budget_multiplier",)
+    optional_state = ("budget_multiplier", "mac_cap")
 
     def __init__(
         self,
@@ -337,6 +373,7 @@ class DynamicWidthModel(DynamicModel):
         self.compute_weight = float(compute_weight)
         self.budget_rate = float(budget_rate)
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
+        self.init_mac_cap()
         for wrapper in self.wrappers:
             wrapper.calls = self.per_call
 
@@ -360,6 +397,16 @@ class DynamicWidthModel(DynamicModel):
     def min_macs(self) -> int:
         """Every gate run and every branch at its narrowest width."""
         return self.fixed_macs + sum(w.gate_macs + w.width_macs[0] for w in self.wrappers)
+
+    def cap_floor(self) -> int:
+        """What a sample spends whatever it decides, every gate charged (`min_macs`): the
+        least MAC cap there can be (`dynify.runtime.mac_cap`)."""
+        return self.min_macs()
+
+    def _allowance(self, cap: int | None, x: Tensor) -> Tensor | None:
+        if cap is None:
+            return None
+        return mac_cap.allowance(cap, self.cap_floor(), x.shape[0], x.device)
 
     def last_decisions(self) -> Tensor:
         """[N, num_branches] int64: the width index (0 the narrowest) each sample ran."""
@@ -441,11 +488,15 @@ class DynamicWidthModel(DynamicModel):
                 thr=self.thresholds.tolist(),
                 chosen_one=[0] * self.num_branches,
             )
+            cap = self.cap_macs()
+            if cap is not None:
+                run.left = float(cap - self.cap_floor())
             out = self._run(x, run)
             self.last_widths = torch.tensor([run.chosen_one], dtype=torch.long)
             self.record_one(int(run.macs), None, x.device)
             return out
         run = self._new_run(x, "eager", self.thresholds)
+        run.left = self._allowance(self.cap_macs(), x)
         out = self._run(x, run)
         self.last_macs = run.macs.round().long()
         self.last_widths = run.chosen.cpu()
@@ -511,9 +562,12 @@ class DynamicWidthExport(ExportFace):
     def __init__(self, model: DynamicWidthModel):
         super().__init__(model.thresholds)
         self.model = model
+        # the MAC cap as it is now: a Python int, so the export keeps it as a constant
+        self.cap = model.cap_macs()
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         model = self.model
         run = model._new_run(x, "export", self.thresholds_or_default(thresholds))
+        run.left = model._allowance(self.cap, x)
         logits = model._run(x, run)
         return logits, run.chosen.to(torch.int64)

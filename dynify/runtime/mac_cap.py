@@ -1,5 +1,5 @@
 """A per-sample MAC cap for strategies whose decision units run one after another (block gates,
-spatial masks): the arithmetic, written once for every face.
+spatial masks, dynamic width, skip-rnn): the arithmetic, written once for every face.
 
 The rule. Before a forward, each sample's *allowance* is the cap minus the model's floor: what
 a sample spends whatever it decides (the unconditional layers, and every decision unit
@@ -9,7 +9,10 @@ or positions) is done only if it fits what is left of the sample's allowance, wh
 uses up:
 - a gate whose branch does not fit closes (halting: the sample halts there, as ACT does);
 - a mask whose units do not fit keeps its first k active units in raster order, k the most
-  whose cost is sure to fit (k x the dearest cost one unit can add).
+  whose cost is sure to fit (k x the dearest cost one unit can add);
+- a width choice (dynamic width) is clamped to the widest that fits (the narrowest is in the
+  floor);
+- a state update (skip-rnn) that does not fit is skipped, the state copied.
 Whatever the input (NaN, inf, 3e38) and the thresholds, a sample never spends more than the
 cap: the floor is paid at most once, and nothing else is done without fitting. The rule is
 per sample and in a fixed order, so a batch decides as its samples do alone, and the eager,
@@ -79,6 +82,19 @@ def keep_first(active: Tensor, count: Tensor) -> Tensor:
     flat = active.flatten(1)
     rank = torch.cumsum(flat.to(torch.int64), 1)
     return (flat & (rank <= count[:, None])).view_as(active)
+
+
+def widest_that_fits(choice: Tensor, extra: Tensor, left: Tensor) -> Tensor:
+    """Int64 [B]: each sample's choice among alternatives of rising cost (`extra` [W] MACs above
+    the cheapest, 0 first) clamped to the widest at most `choice` whose extra cost fits `left`."""
+    index = torch.arange(extra.shape[0], device=choice.device)
+    ok = (extra.to(torch.float64)[None, :] <= left[:, None]) & (index[None, :] <= choice[:, None])
+    return torch.where(ok, index[None, :], torch.zeros_like(index)[None, :]).amax(1)
+
+
+def widest_that_fits_one(choice: int, extra: list[int], left: float) -> int:
+    """`widest_that_fits` of one sample in Python numbers (batch 1)."""
+    return max(j for j in range(choice + 1) if j == 0 or float(extra[j]) <= left)
 
 
 class CapHolder:

@@ -21,6 +21,15 @@ Faces, one decision rule:
 - export: one `torch.cond` per step (ONNX `If`) whose true branch gathers the samples due,
   under an outer `torch.cond` that runs the fused layer when every step updates.
 
+With a MAC cap (`set_mac_cap`, the arithmetic of `dynify.runtime.mac_cap`) a sample's
+allowance is the cap minus the floor (the layers around the recurrent one, the first update
+and the gate after it); an update after the first runs only if its cost (the step, and the
+gate after it when the gate decides) fits what is left, which it then uses up. An update that
+does not fit is skipped (the state copied) and the sample stays due at the next step, so it
+updates at most as often as the cap allows, whatever its input and the threshold. Every face
+applies the same arithmetic, per sample and step by step, so a batch decides as its samples
+alone.
+
 Inside `static()` the wrapper calls the original module: the original network, bit-exact.
 """
 
@@ -34,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dynify.errors import StrategyError
+from dynify.runtime import mac_cap
 from dynify.runtime.control import cond, selected
 from dynify.runtime.decisions import (
     accumulate_update_probability,
@@ -45,6 +55,7 @@ from dynify.runtime.decisions import (
     update_probability,
     updates_every_step,
 )
+from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
 from dynify.runtime.recurrence import (
     State,
@@ -73,6 +84,8 @@ class SkipRun:
     updates: Tensor | None = None  # [B, T] bool (train: float, straight-through)
     gates: Tensor | None = None  # [B] int64: how many times the gate ran per sample
     share: Tensor | None = None  # train: mean update share with the straight-through gradient
+    cap: int | None = None  # the MAC cap (a Python int, a constant of an export), None: none
+    floor: int = 0  # what a sample spends whatever it decides (`SkipRNNModel.cap_floor`)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,18 +130,40 @@ class SkipRNN(nn.Module):
         """delta u [M] from the state right after an update."""
         return update_probability(self.gate(state.top).squeeze(-1))
 
+    # --- the MAC cap (`dynify.runtime.mac_cap`) ---------------------------------------------
+    def update_cost(self, t: int, gated: bool | Tensor) -> float | Tensor:
+        """What an update at step t > 0 costs: the step, and the gate after it when the gate
+        decides (`gate_decides`; never after the last step)."""
+        if t + 1 >= self.steps:
+            return float(self.step_macs)
+        if isinstance(gated, Tensor):
+            return gated.to(torch.float64) * self.gate_macs + self.step_macs
+        return float(self.step_macs + (self.gate_macs if gated else 0))
+
+    def every_step_fits(self, run: SkipRun) -> bool:
+        """Whether updating at every step (no gate) fits the cap: then the fused kernel runs."""
+        return run.cap is None or (self.steps - 1) * self.step_macs <= run.cap - run.floor
+
+    def allowance(self, run: SkipRun, batch: int, device: torch.device) -> Tensor | None:
+        """[B] float64: what each sample may spend beyond the floor; None without a cap."""
+        if run.cap is None:
+            return None
+        return mac_cap.allowance(run.cap, run.floor, batch, device)
+
     # --- eager: only the samples due to update run ------------------------------------------
     def _eager(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
         batch, steps = xb.shape[0], xb.shape[1]
         threshold = run.thresholds[0]
-        if bool(updates_every_step(threshold)):
+        every = bool(updates_every_step(threshold))
+        if every and self.every_step_fits(run):
             out, state = run_stretch(self.rnn, xb)
             run.updates = torch.ones(batch, steps, dtype=torch.bool)
             run.gates = torch.zeros(batch, dtype=torch.long)
             return out, state
         use_gate = gate_decides(float(threshold))
         boundary = float(update_boundary(threshold))
-        never = [steps + 1] * batch
+        never = [1 if every else steps + 1] * batch  # without the gate: every step, or never
+        left = self.allowance(run, batch, xb.device)
         inputs = xb.transpose(0, 1)  # [T, B, F]: a step's inputs are one slice
         state = zero_state(self.rnn, batch, xb)
         due: list[list[int]] = [[] for _ in range(steps)]
@@ -138,6 +173,17 @@ class SkipRNN(nn.Module):
         outs = []
         for t in range(steps):
             rows = sorted(due[t])
+            if rows and left is not None and t > 0:  # the first update is in the floor
+                cost = self.update_cost(t, use_gate)
+                index = torch.tensor(rows, device=xb.device)
+                fit = mac_cap.fits(left.index_select(0, index), cost).tolist()
+                late = [r for r, ok in zip(rows, fit, strict=True) if not ok]
+                if late and t + 1 < steps:  # skipped: due again at the next step
+                    due[t + 1].extend(late)
+                rows = [r for r, ok in zip(rows, fit, strict=True) if ok]
+                ran = torch.zeros(batch, dtype=torch.bool, device=xb.device)
+                ran[rows] = True
+                left = mac_cap.spend(left, cost, ran)
             if rows:
                 if len(rows) == batch:
                     index, new = None, cell_step(self.rnn, inputs[t], state)
@@ -163,7 +209,7 @@ class SkipRNN(nn.Module):
                         )
                         for r in rows:
                             gates[r] += 1
-                    else:  # threshold 0 or below: never again
+                    else:  # threshold 0 or below: never again; above 1: the next step
                         ahead = never
                     for r, j in zip(rows, ahead, strict=False):
                         if t + j < steps:
@@ -207,15 +253,24 @@ class SkipRNN(nn.Module):
             return (out.contiguous(), state.h, state.c if lstm else state.h, ones)
 
         def stepped(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
-            out, state, updates = self._export_steps(xb, threshold)
+            out, state, updates = self._export_steps(xb, threshold, run)
             return (out.contiguous(), state.h, state.c if lstm else state.h, updates)
 
-        out, h, c, updates = cond(updates_every_step(threshold), fused, stepped, (xb, threshold))
+        if self.every_step_fits(run):
+            operands = (xb, threshold)
+            out, h, c, updates = cond(updates_every_step(threshold), fused, stepped, operands)
+        else:  # the cap forbids updating at every step: the stepped loop, whatever the threshold
+            out, h, c, updates = stepped(xb, threshold)
         run.updates = updates
         return out, State(h, c if lstm else None)
 
-    def _export_steps(self, xb: Tensor, threshold: Tensor) -> tuple[Tensor, State, Tensor]:
+    def _export_steps(
+        self, xb: Tensor, threshold: Tensor, run: SkipRun
+    ) -> tuple[Tensor, State, Tensor]:
         batch, steps = xb.shape[0], xb.shape[1]
+        left = self.allowance(run, batch, xb.device)
+        boundary = update_boundary(threshold).to(xb.device)
+        gated = (boundary >= 0.0) & (boundary < 1.0)  # `gate_decides`, as a tensor
         lstm = isinstance(self.rnn, nn.LSTM)
         state = zero_state(self.rnn, batch, xb)
         c0 = state.c if lstm else state.h
@@ -224,6 +279,12 @@ class SkipRNN(nn.Module):
         h, c = state.h, c0
         for t in range(steps):
             mask = due == t
+            if left is not None and t > 0:  # the first update is in the floor
+                cost = self.update_cost(t, gated)
+                fit = mac_cap.fits(left, cost)
+                due = torch.where(mask & ~fit, t + 1, due)  # skipped: due at the next step
+                mask = mask & fit
+                left = mac_cap.spend(left, cost, mask)
 
             def update(x_t, mask, h, c, due, threshold, t=t):
                 index = selected(mask)
@@ -243,11 +304,15 @@ class SkipRNN(nn.Module):
         return torch.stack(outs, 1), State(h, c if lstm else None), torch.stack(flags, 1)
 
 
-class SkipRNNModel(DynamicModel):
-    """The rewritten graph (`gm`) whose recurrent layer is a `SkipRNN` wrapper."""
+class SkipRNNModel(CapHolder, DynamicModel):
+    """The rewritten graph (`gm`) whose recurrent layer is a `SkipRNN` wrapper.
+
+    With a MAC cap (`set_mac_cap`, `dynify.runtime.mac_cap`) an update runs only if it fits
+    what is left of the sample's allowance (see the module docstring). `static()` ignores it.
+    """
 
     strategy = "skip-rnn"
-    optional_state = ("budget_multiplier",)
+    optional_state = ("budget_multiplier", "mac_cap")
     # [B, T] bool: the steps each sample of the last forward updated at (per thread)
     last_updates = PerCallRecord()
 
@@ -280,6 +345,7 @@ class SkipRNNModel(DynamicModel):
         self.compute_weight = float(compute_weight)
         self.budget_rate = float(budget_rate)
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
+        self.init_mac_cap()
 
     @property
     def wrapper(self) -> SkipRNN:
@@ -295,6 +361,16 @@ class SkipRNNModel(DynamicModel):
         """Every step updates and the gate runs after each update but the last."""
         w = self.wrapper
         return self.fixed_macs + w.steps * w.step_macs + (w.steps - 1) * w.gate_macs
+
+    def cap_floor(self) -> int:
+        """What a sample spends whatever it decides, the gate charged: the layers around the
+        recurrent one, the first update (every sample makes it) and the gate after it."""
+        w = self.wrapper
+        return self.fixed_macs + w.step_macs + (w.gate_macs if w.steps > 1 else 0)
+
+    def _capped(self, run: SkipRun, cap: int | None) -> SkipRun:
+        run.cap, run.floor = cap, self.cap_floor()
+        return run
 
     def describe(self) -> list[dict[str, str]]:
         w = self.wrapper
@@ -341,7 +417,7 @@ class SkipRNNModel(DynamicModel):
             self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
             self.last_updates = torch.ones(batch, steps, dtype=torch.bool)
             return out
-        run = SkipRun("eager", self.thresholds)
+        run = self._capped(SkipRun("eager", self.thresholds), self.cap_macs())
         out = self._run_graph(x, run)
         self.last_macs = self._macs(run)
         self.last_updates = run.updates
@@ -398,8 +474,11 @@ class SkipRNNExport(ExportFace):
     def __init__(self, model: SkipRNNModel):
         super().__init__(model.thresholds)
         self.model = model
+        # the MAC cap as it is now: a Python int, so the export keeps it as a constant
+        self.cap = model.cap_macs()
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         run = SkipRun("export", self.thresholds_or_default(thresholds))
+        self.model._capped(run, self.cap)
         logits = self.model._run_graph(x, run)
         return logits, run.updates.to(torch.int64)

@@ -1,8 +1,8 @@
 """Calibration for any strategy through the contract alone: sweep and bisect the scalar
 threshold (0 = cheapest, > 1 = full compute) with real forward passes.
 
-A `mac_cap` is set on the model first (`MacCapped.set_mac_cap`: block gates, spatial masks), so
-the sweep measures the model as it will serve; alone, it only sets the cap."""
+A `mac_cap` is set on the model first (`MacCapped.set_mac_cap`: block gates, spatial masks,
+skip-rnn, dynamic width), so the sweep measures the model as it will serve; alone, it only sets the cap."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def calibrate_by_sweep(
     if mac_cap is not None:
         if not isinstance(dyn, MacCapped):
             raise StrategyError(
-                f"Strategy '{dyn.strategy}' has no MAC cap: exit cascades, block gates and "
-                "spatial masks can promise that no sample spends more. Calibrate with --budget "
-                "or --max-drop instead."
+                f"Strategy '{dyn.strategy}' has no MAC cap: exit cascades, block gates, spatial "
+                "masks, skip-rnn and dynamic width can promise that no sample spends more. Calibrate "
+                "with --budget or --max-drop instead."
             )
         # set first, so the thresholds are searched under the cap they will serve with
         dyn.set_mac_cap(mac_cap)
