@@ -57,10 +57,9 @@ NAME = "slowdown"
 # strategies whose decisions are exits (`dynify.ExitCascade`): the attack's scores are theirs
 STRATEGIES = {"early-exit": "early exits", "resolution": "resolution cascade (16x16 first)"}
 NOT_MEASURED = (
-    "halting and policy gates (the attack here is on function gates; a halting unit's "
-    "attacker wants low halting scores, a different hinge), pixel masks and ResNet-32 (the "
-    "suite runs them: `--strategies spatial-masks-pixel`, `--nets 20 32`; not in the committed "
-    "results, for time)"
+    "ResNet-32 rows for most unit strategies (`--nets 20 32`), a MAC cap on frame exits "
+    "(`dynify.calibrate(..., mac_cap=)`), and attacks that adapt to the guard's moving "
+    "thresholds (every attack here targets the calibrated ones)"
 )
 
 
@@ -341,7 +340,8 @@ def render() -> str:
     for r in units.values():
         lines += unit_headline(r)
     lines += [
-        "Each strategy: CIFAR ResNet-20 converted through `dynify.convert`, its new parts "
+        "Early exits and the resolution cascade: CIFAR ResNet-20 converted through "
+        "`dynify.convert`, its new parts "
         "fine-tuned in heads mode (`dynify.finetune`), calibrated to the budget on held-out "
         "cifar10/train images (`dynify.calibrate`), measured on cifar10/test. Attack: PGD on the "
         "[0, 1] pixels, L-inf eps, random start, step 2.5 eps / steps, descending "

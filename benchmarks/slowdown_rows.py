@@ -41,15 +41,21 @@ def measure(dyn, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 100) -
 
 
 def figures(
-    dyn, inputs: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, budget: float
+    dyn,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    budget: float,
+    cap: float | None = None,
 ) -> dict[str, Any]:
-    """Off, capped (`args.cap`, MacCapped strategies only) and guarded figures of one input
-    set; the inputs are the model's own (no pixel conversion)."""
+    """Off, capped (`cap`, default `args.cap`; MacCapped strategies only) and guarded figures
+    of one input set; the inputs are the model's own (no pixel conversion)."""
+    cap = args.cap if cap is None else cap
     from benchmarks.slowdown import measure_on  # the suite's guard stream
 
     out = {"off": measure(dyn, inputs, labels)}
-    if isinstance(dyn, dynify.MacCapped) and args.cap is not None:
-        dyn.set_mac_cap(args.cap)
+    if isinstance(dyn, dynify.MacCapped) and cap is not None:
+        dyn.set_mac_cap(cap)
         out["cap"] = measure(dyn, inputs, labels)
         dyn.set_mac_cap(None)
     out["on"] = measure_on(

@@ -158,7 +158,7 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         "strategy": strategy,
         "options": {"budget": budget} if strategy == "skip-rnn" else {"every": 5},
         "budget": budget,
-        "cap": args.cap if isinstance(dyn, dynify.MacCapped) else None,
+        "cap": args.text_cap if isinstance(dyn, dynify.MacCapped) else None,
         "thresholds": list(cal.thresholds),
         "calib_macs": cal.macs_fraction,
         "calib_acc": cal.accuracy,
@@ -182,7 +182,7 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         + f"). Static LSTM on the clean test texts: {100 * static_acc:.2f} %. Worst case per "
         f"text: {out['worst_case']:.3f} of the static MACs; 'worst': {dear}. "
         + (
-            f"MAC cap {args.cap} where the strategy holds one (`set_mac_cap`). "
+            f"MAC cap {args.text_cap} (`set_mac_cap`). "
             if out["cap"] is not None
             else "No MAC cap (the strategy is not `dynify.MacCapped` here). "
         )
@@ -203,7 +203,7 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
                 "eps": 0,
                 "steps": 0,
                 "images": len(labels),
-                **figures(dyn, ids, labels, args, budget),
+                **figures(dyn, ids, labels, args, budget, cap=args.text_cap),
             }
         )
         print(f"{label}: {rows[-1]}", flush=True)
@@ -226,7 +226,7 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
                 "steps": 0,
                 "images": len(attack_labels),
                 "attack_seconds": seconds,
-                **figures(dyn, attacked[k], attack_labels, args, budget),
+                **figures(dyn, attacked[k], attack_labels, args, budget, cap=args.text_cap),
             }
         )
         print(f"{k} swaps: {rows[-1]}", flush=True)
@@ -243,6 +243,7 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-epochs", type=int, default=2)
     parser.add_argument("--text-fit-rows", type=int, default=0, help="0: all the fit part")
     parser.add_argument("--skip-budget", type=float, default=0.5)
+    parser.add_argument("--text-cap", type=float, default=0.6, help="MacCapped text strategies")
     parser.add_argument("--reading-budget", type=float, default=0.25)
     parser.add_argument("--clean-texts", type=int, default=1000)
     parser.add_argument("--attack-texts", type=int, default=100)

@@ -287,8 +287,15 @@ def headline(r: dict) -> list[str]:
     met = "met" if guard <= r["budget"] + 0.05 else "not met"
     text = (
         f"**{r['title'][0].upper() + r['title'][1:]}, {net}** (clean accuracy "
-        f"{100 * clean['off']['acc']:.2f} %; {r.get('reference_name', 'the every-block network')} "
-        f"{100 * r['static_acc']:.2f} %): under {attack_name(r, w)}, the mean cost is "
+        f"{100 * clean['off']['acc']:.2f} %; "
+        + (
+            f"the static network {100 * r['original_acc']:.2f} %, every block after "
+            f"fine-tuning {100 * r['static_acc']:.2f} %"
+            if "original_acc" in r
+            else f"{r.get('reference_name', 'the every-block network')} "
+            f"{100 * r['static_acc']:.2f} %"
+        )
+        + f"): under {attack_name(r, w)}, the mean cost is "
         f"{w['off']['macs']:.3f} of the static MACs with the calibrated thresholds (clean "
         f"{clean['off']['macs']:.3f}; {100 * w['off']['worst']:.1f} % of inputs at the worst "
         f"case, the dearest {w['off']['max_macs']:.3f}); **{guard:.3f} with "
