@@ -33,8 +33,8 @@ from benchmarks.pgd import pgd
 FULL = {"train_images": 10000, "attack_images": 200}
 FULL_COMMAND = (
     "python -m benchmarks slowdown --add --strategies block-gates block-gates-halting "
-    "block-gates-policy spatial-masks spatial-masks-pixel dynamic-width --nets 20 32 "
-    "--unit-mode joint --unit-lr 0.01"
+    "block-gates-policy dynamic-width --nets 20 32, and for the masks --strategies "
+    "spatial-masks spatial-masks-pixel --unit-mode heads --unit-lr 0.02"
 )
 # strategy name in --strategies -> (dynify strategy, options, title)
 UNIT_STRATEGIES: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -406,12 +406,15 @@ def table(key: str, r: dict) -> list[str]:
 
 
 NOTES = (
-    "Gates and masks: MACs are per image as a fraction of the static network's, deciders and "
-    "mask units included (`last_macs`); 'worst' is the share of images that took the dearest "
-    "decisions (every gate open, every mask unit active); 'max' the dearest image. Off: the "
+    "Gates, masks, widths, frames and texts: MACs are per input as a fraction of the static "
+    "network's, deciders and mask units included (`last_macs`); 'worst' is the share of inputs "
+    "that took the dearest decisions (every gate open, every mask unit active, every branch at "
+    "full width; clips and texts: as each row's setup says); 'max' the dearest input. Off: the "
     "calibrated thresholds. Cap: the same thresholds with `dyn.set_mac_cap(cap)` (the rule in "
     "`dynify.runtime.mac_cap`: a branch or mask runs only where it fits what is left of the "
-    "image's allowance). Guard: `dynify.BudgetGuard` with the budget, no cap. Attack: PGD "
-    "descending sum_k relu((1 - t_k) - p_k) over every gate or mask unit, p_k its probability "
-    "on the every-block network's features, against the uncapped, unguarded model."
+    "image's allowance). Guard: `dynify.BudgetGuard` with the budget, no cap. Attack on gates, "
+    "masks and widths: PGD descending sum_k relu((1 - t_k) - p_k) over every gate, mask unit or "
+    "width gate, p_k its probability of the dear side (open, active, full width) on the "
+    "every-block network's features (halting units: sum over each stage of relu(sum of its "
+    "halting scores - t)), against the uncapped, unguarded model."
 )
