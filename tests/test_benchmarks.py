@@ -332,3 +332,47 @@ def test_a_calibration_subset_spans_every_class():
 
     _, calib = fit_and_calibration(Folder(), seed=0, calib_images=40)
     assert len(calib) == 40 and {label for _, label in calib} == set(range(10))
+
+
+def test_halting_slowdown_pgd_lowers_every_stage_s_halting_scores():
+    from benchmarks.slowdown_units import unit_hinge, unit_pgd
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    dyn = dynify.convert(cifar_resnet20(), "block-gates", x, options={"gate": "halting"}).eval()
+    with torch.no_grad():
+        for gate in dyn.gates:  # halting units that react to the input, halting early
+            gate.decider.fc.weight.normal_(0, 2.0)
+            gate.decider.fc.bias.fill_(0.0)
+    dyn.set_thresholds(0.6)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def stage_sums(p: torch.Tensor) -> float:
+        with torch.no_grad():
+            probs = dyn.unit_probabilities(slowdown.to_input(p))
+            return float(unit_hinge(dyn, probs, dyn.thresholds)), float(sum(q.sum() for q in probs))
+
+    adv = unit_pgd(dyn, pixels, 8 / 255, steps=5, seed=0, to_input=slowdown.to_input)
+    assert (adv - pixels).abs().max() <= 8 / 255 + 1e-6
+    (before, scores_before), (after, scores_after) = stage_sums(pixels), stage_sums(adv)
+    assert before > 0 and after < before and scores_after < scores_before  # halting later
+
+
+def test_token_swaps_touch_only_words_at_most_k_and_never_lower_the_cost():
+    from benchmarks.slowdown_text import cost_of, swap_attack
+    from dynify.models.text import TextClassifier
+
+    torch.manual_seed(0)
+    model = TextClassifier(40, 3, embed_dim=6, hidden=8, dropout=0.0).eval()
+    ids = torch.randint(2, 40, (5, 12), generator=torch.Generator().manual_seed(2))
+    ids[:, 8:] = 0  # padding
+    ids[0, 3] = 1  # an unknown word
+    dyn = dynify.convert(model, "stop-reading", ids[:1], options={"every": 2}).eval()
+    dyn.set_thresholds(0.4)
+    attacked = swap_attack(dyn, ids, [1, 3], seed=0, positions=4, words=6, vocab_size=40)
+    cost = cost_of(dyn)
+    for k, x in attacked.items():
+        changed = (x != ids).sum(1)
+        assert bool((changed <= k).all())
+        assert torch.equal(x[:, 8:], ids[:, 8:]) and bool((x[0, 3] == 1).all())
+        assert bool((cost(x) >= cost(ids) - 1e-12).all())

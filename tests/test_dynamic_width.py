@@ -241,3 +241,22 @@ def test_a_network_without_such_branches_is_refused_with_the_reason():
 
     with pytest.raises(StrategyError, match="conv -> BN -> ReLU -> conv"):
         convert(Plain().eval())
+
+
+def test_unit_probabilities_say_which_branches_run_at_full_width_and_carry_gradients():
+    dyn = convert()
+    spread_gates(dyn)
+    x = contract_input().requires_grad_(True)
+    dyn.set_thresholds(mixing_thresholds(dyn, x.detach()))
+    probs = dyn.unit_probabilities(x)
+    assert len(probs) == dyn.num_branches and all(p.shape == (len(x),) for p in probs)
+    torch.stack(probs).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        dyn(x.detach())
+    full = dyn.last_decisions() == torch.tensor([w.num_widths - 1 for w in dyn.wrappers])
+    rule = torch.stack(
+        [p.detach() > 1 - t for p, t in zip(probs, dyn.thresholds.tolist(), strict=True)], 1
+    )
+    assert bool(full.any()) and not bool(full.all())  # the thresholds mix widths
+    assert torch.equal(full, rule)

@@ -416,6 +416,24 @@ class DynamicWidthModel(CapHolder, DynamicModel):
             raise StrategyError("No dynamic forward has run in this thread yet.")
         return self.last_widths.long()
 
+    def unit_probabilities(self, x: Tensor) -> list[Tensor]:
+        """Differentiable in `x`: per branch, the probability [B] its gate gives the full width,
+        on the static network's features. A branch runs at full width exactly when the
+        cumulative probability of the narrower widths, 1 - p, is below its threshold, i.e.
+        p > 1 - threshold: what a slowdown attack pushes every branch over (as with gates)."""
+        entries: dict[int, Tensor] = {}
+        hooks = [
+            w.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
+            for w in self.wrappers
+        ]
+        try:
+            with self.static():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [torch.softmax(w.gate(entries[w.index]).float(), -1)[:, -1] for w in self.wrappers]
+
     def describe(self) -> list[dict[str, str]]:
         """One row per dynamic-width branch."""
         rows = []
