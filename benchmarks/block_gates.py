@@ -104,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from-artifacts", type=Path, default=None, help="measure models a --save-dir run wrote"
     )
+    parser.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="accuracy and MACs only: time the saved models later with --from-artifacts on an "
+        "idle machine",
+    )
+    parser.add_argument("--name", default=NAME, help="results name (default: the published one)")
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -337,6 +344,9 @@ def run_gate(depth: int, kind: str, args, data: dict, out: dict) -> None:
     if args.save_dir is not None:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         dynify.save(dyn, args.save_dir / f"{name}-{kind}.dyn")
+    out.setdefault("runs", {})[key] = res
+    if args.no_latency:
+        return
     # Timing on a shared 2-core VM scatters by several percent from minute to minute: measure
     # several rounds and report the one with the median ratio, with the others' falls.
     rounds = latency(
@@ -348,7 +358,6 @@ def run_gate(depth: int, kind: str, args, data: dict, out: dict) -> None:
         round(_fall(r["ratio_mean"], r["macs_fraction"]), 3) for r in rounds
     ]
     print(f"    chosen {res['chosen']} latency {res['latency']}", flush=True)
-    out.setdefault("runs", {})[key] = res
 
 
 def static_baseline(depth: int, args, data: dict, out: dict) -> None:
@@ -403,7 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             static_baseline(depth, args, data, out)
         for kind in args.gates:
             run_gate(depth, kind, args, data, out)
-    return {NAME: out}
+    return {args.name: out}
 
 
 def _plans(res: dict) -> str:
