@@ -77,7 +77,7 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    name = RESULTS[args.part]
+    name = args.name or RESULTS[args.part]  # --name: a results file apart from the published
     torch.set_num_threads(args.threads)
     if args.part == "latency":
         results = [
