@@ -13,9 +13,8 @@ a fixed random mask of the given density (region: random tiles, drawn from the c
 the finest so the MAC-weighted density is the target; pixel: a smooth random blob mask
 thresholded at the density quantile, as learned masks are spatially coherent). Dense branch and
 sparse wrapper are timed interleaved, block by block, on the same captured block inputs, and
-the medians are summed over the masked blocks; the whole network is timed the same way.
-(This part drives the mask wrappers directly: a fixed mask is a measurement device, not a
-user-facing operation.)
+the medians are summed over the masked blocks; the whole network is timed the same way
+(`dynify.force_mask_density` and `dynify.bench_masked_blocks`).
 
 `resolution` and `masks`: the early-exit suite's CIFAR-10 pipeline (benchmarks/cifar10.py) with
 `--strategy resolution` / `spatial-masks`. `resolution-latency`: batch-1 eager latency of a
@@ -27,11 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import dynify
 from benchmarks import cifar10
@@ -96,70 +93,6 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 # --- masked-block latency ----------------------------------------------------------------------
 
 
-def _timer(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def fixed_masks(dyn: dynify.DynamicModel, density: float, seed: int) -> list[torch.Tensor]:
-    """One [1, h, w] bool mask per wrapper, with a MAC-weighted density of `density`.
-
-    Region: random tiles; the blocks are visited from the coarsest tiles to the finest, each
-    carrying its rounding error over to the next (a 7x7 map is one tile at tile 7, all on or all
-    off), so the finest maps absorb what the coarse ones could not realize and the MAC-weighted
-    density lands on the target. Pixel: a smooth random blob mask thresholded at the
-    d-quantile, since learned masks are spatially coherent and random pixels dilate to nearly
-    everything.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    wrappers = dyn.wrappers
-    masks: list[torch.Tensor] = [torch.empty(0)] * len(wrappers)
-    carry = 0.0  # MACs still owed to (or over) the target
-
-    def tile_macs(k: int) -> float:
-        h, w = wrappers[k].units()
-        return wrappers[k].branch_macs / (h * w)
-
-    for k in sorted(range(len(wrappers)), key=tile_macs, reverse=True):
-        wrapper = wrappers[k]
-        h, w = wrapper.units()
-        if dyn.granularity == "region":
-            unit = tile_macs(k)
-            wanted = density * wrapper.branch_macs + carry
-            count = max(0, min(h * w, int(wanted / unit + 0.5)))
-            carry = wanted - count * unit
-            flat = torch.zeros(h * w, dtype=torch.bool)
-            flat[torch.randperm(h * w, generator=gen)[:count]] = True
-            masks[k] = flat.view(1, h, w)
-        else:
-            low = torch.rand(1, 1, max(2, h // 8), max(2, w // 8), generator=gen)
-            smooth = F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
-            if density >= 1.0:
-                masks[k] = torch.ones(1, h, w, dtype=torch.bool)
-            elif density <= 0.0:
-                masks[k] = torch.zeros(1, h, w, dtype=torch.bool)
-            else:
-                masks[k] = smooth < torch.quantile(smooth.flatten(), density)
-    return masks
-
-
-def realized_density(dyn: dynify.DynamicModel, masks: list[torch.Tensor]) -> float:
-    """The MAC-weighted share of the masked blocks' work that `masks` keep."""
-    kept = sum(
-        float(m.float().mean()) * w.branch_macs for m, w in zip(masks, dyn.wrappers, strict=True)
-    )
-    return kept / sum(w.branch_macs for w in dyn.wrappers)
-
-
-def _cpu_timer(fn) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) of one call."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    fn()
-    return time.perf_counter() - wall, time.thread_time() - cpu
-
-
-@torch.no_grad()
 def mask_latency(
     model_name: str,
     granularity: str,
@@ -168,106 +101,18 @@ def mask_latency(
     seed: int,
     densities: tuple[float, ...] = DENSITIES,
 ) -> dict:
+    """A torchvision network with random weights converted with spatial masks, its masked
+    blocks timed at each forced density by `dynify.bench_masked_blocks`."""
     import torchvision
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, model_name)().eval()
-    x = torch.randn(1, 3, 224, 224)
-    dyn = dynify.convert(
-        model, "spatial-masks", x, options={"granularity": granularity, "tile": tile}
-    ).eval()
-    feats: list[torch.Tensor] = []
-    hooks = [w.register_forward_pre_hook(lambda m, a: feats.append(a[0])) for w in dyn.wrappers]
-    with dyn.static():
-        dyn(x)
-    for h in hooks:
-        h.remove()
-    rows = []
-    cases = [(d, False) for d in densities] + [(1.0, True)]
-    for density, fallback in cases:
-        masks = fixed_masks(dyn, density, seed)
-        dense_t, sparse_t, err = 0.0, 0.0, 0.0
-        dense_cpu, sparse_cpu = 0.0, 0.0
-        # blocks whose mask is neither all on nor all off: the sparse path proper
-        partial = {"dense_cpu": 0.0, "sparse_cpu": 0.0, "macs": 0, "active_macs": 0.0}
-        for wrapper, feat, mask in zip(dyn.wrappers, feats, masks, strict=True):
-            wrapper.dense_when_full = fallback
-            wrapper.fixed_mask = mask
-            sparse = lambda w=wrapper, f=feat: w(f)  # noqa: E731
-            dense = lambda w=wrapper, f=feat: w.branch(f)  # noqa: E731
-            dense(), sparse()
-            td, ts, cd, cs = [], [], [], []
-            for _ in range(reps):
-                wall, cpu = _cpu_timer(dense)
-                td.append(wall)
-                cd.append(cpu)
-                wall, cpu = _cpu_timer(sparse)
-                ts.append(wall)
-                cs.append(cpu)
-            dense_t += statistics.median(td)
-            sparse_t += statistics.median(ts)
-            dense_cpu += statistics.median(cd)
-            sparse_cpu += statistics.median(cs)
-            if 0 < int(mask.sum()) < mask.numel():
-                partial["dense_cpu"] += statistics.median(cd)
-                partial["sparse_cpu"] += statistics.median(cs)
-                partial["macs"] += wrapper.branch_macs
-                partial["active_macs"] += float(mask.float().mean()) * wrapper.branch_macs
-            err = max(err, float((wrapper(feat) - wrapper.dense_masked(feat, mask)).abs().max()))
-        block_macs = sum(w.branch_macs for w in dyn.wrappers)
-        spent = 0
-        for wrapper, feat in zip(dyn.wrappers, feats, strict=True):
-            wrapper(feat)
-            spent += int(wrapper.last_macs.sum())  # a forced mask: no mask-unit MACs
-        dyn.set_fixed_masks(masks)
-        for w in dyn.wrappers:
-            w.dense_when_full = fallback
-        full_d, full_s, cpu_d, cpu_s = [], [], [], []
-        for _ in range(max(3, reps // 3)):
-            with dyn.static():
-                wall, cpu = _cpu_timer(lambda: dyn(x))
-            full_d.append(wall)
-            cpu_d.append(cpu)
-            wall, cpu = _cpu_timer(lambda: dyn(x))
-            full_s.append(wall)
-            cpu_s.append(cpu)
-        rows.append(
-            {
-                "density": density,
-                "dense_fallback": fallback,
-                "blocks_dense_ms": 1e3 * dense_t,
-                "blocks_sparse_ms": 1e3 * sparse_t,
-                "speedup": dense_t / sparse_t,
-                "blocks_dense_cpu_ms": 1e3 * dense_cpu,
-                "blocks_sparse_cpu_ms": 1e3 * sparse_cpu,
-                "cpu_speedup": dense_cpu / sparse_cpu,
-                "macs_fraction": spent / block_macs,
-                "realized_density": realized_density(dyn, masks),
-                "partial_blocks": sum(0 < int(m.sum()) < m.numel() for m in masks),
-                "partial_density": partial["active_macs"] / max(partial["macs"], 1),
-                "partial_cpu_speedup": partial["dense_cpu"] / partial["sparse_cpu"]
-                if partial["sparse_cpu"]
-                else float("nan"),
-                "net_dense_ms": 1e3 * statistics.median(full_d),
-                "net_dynamic_ms": 1e3 * statistics.median(full_s),
-                "net_dense_cpu_ms": 1e3 * statistics.median(cpu_d),
-                "net_dynamic_cpu_ms": 1e3 * statistics.median(cpu_s),
-                "max_abs_err_vs_dense_masked": err,
-            }
-        )
-        print(json.dumps({"model": model_name, "granularity": granularity, **rows[-1]}), flush=True)
-        dyn.set_fixed_masks(None)
-    skipped = [s["join"] for s in dyn.spec["plan"]["skipped"]]
-    return {
-        "model": model_name,
-        "granularity": granularity,
-        "tile": tile,
-        "tiles": [w.tile for w in dyn.wrappers],
-        "masked_blocks": len(dyn.wrappers),
-        "skipped_blocks": skipped,
-        "masked_share_of_macs": sum(w.branch_macs for w in dyn.wrappers) / dyn.static_macs,
-        "rows": rows,
-    }
+    options = dynify.SpatialMaskOptions(granularity=granularity, tile=tile)
+    dyn = dynify.convert(model, "spatial-masks", torch.randn(1, 3, 224, 224), options=options)
+    bench = dynify.bench_masked_blocks(dyn, densities, runs=reps, seed=seed)
+    for row in bench.rows:
+        print(json.dumps({"model": model_name, **row.to_dict()}), flush=True)
+    return {"model": model_name, "tile": tile, **bench.to_dict()}
 
 
 # --- the resolution cascade's latency ----------------------------------------------------------
