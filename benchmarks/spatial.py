@@ -45,6 +45,11 @@ RESULTS = {
     "resolution-latency": "resolution_latency",
     "masks": "spatial_masks_cifar10",
 }
+# Shortened re-runs of the published CIFAR-10 parts through this suite (fewer images, epochs).
+SHORT = {
+    "resolution": "resolution_cifar10_resnet44_short",
+    "masks": "spatial_masks_cifar10_resnet44_short",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +340,103 @@ def resolution_section() -> list[str]:
     return lines
 
 
+def _resolution_figures(r: dict) -> dict[str, tuple[float | None, float | None]]:
+    """The resolution section's figures of one network's results: label -> (accuracy, MACs)."""
+    base = r.get("static_ft_acc")
+    phase = r.get("joint") or r["heads"]
+    figures: dict[str, tuple[float | None, float | None]] = {
+        "original static network": (r["static_original_acc"], 1.0),
+        "static network fine-tuned as long (the baseline)": (base, 1.0),
+    }
+    for name in ("heads", "joint"):
+        if name in r:
+            m = r[name]
+            figures[f"after {name}: low-resolution pass alone"] = (
+                m["per_exit_test_acc"][0],
+                m["exit_macs"][0],
+            )
+            figures[f"after {name}: full-resolution pass alone"] = (m["per_exit_test_acc"][-1], 1.0)
+    for p in phase["curve"]:
+        if p["budget"] in (0.4, 0.6):
+            figures[f"at budget {p['budget']}"] = (p["test_acc"], p["test_macs"])
+    d = phase.get("max_drop_0.005")
+    if d:
+        figures["at `max_drop=0.005`"] = (d["test_acc"], d["test_macs"])
+    within = cifar10.within_half_point(phase["curve"], {"ft": base} if base else {}).get("ft")
+    figures["cheapest within 0.5 points of the baseline"] = (None, within)
+    return figures
+
+
+def _cell(acc: float | None, macs: float | None) -> str:
+    if acc is None and macs is None:
+        return "not reached"
+    acc_text = "" if acc is None else f"{pct(acc)} % "
+    return acc_text + ("" if macs is None else f"at {macs:.3f}")
+
+
+def resolution_short() -> list[str]:
+    """The shortened re-run of the resolution part next to the published figures."""
+    short = read_result(SHORT["resolution"])
+    published = read_result(RESULTS["resolution"])
+    if short is None or published is None:
+        return []
+    net = next(k for k in short.data if k.startswith("cifar_resnet"))
+    r, was = short.data[net], published.data.get(net)
+    old = _resolution_figures(was) if was else {}
+    lines = [
+        "### Shortened re-run through the suite",
+        "",
+        f"{net}: {r['train_images']} fit images instead of 45,000; heads "
+        f"{r['heads']['epochs']} epoch(s), joint {r.get('joint', {}).get('epochs', 0)} "
+        f"epoch(s) instead of 6, the static baseline {r.get('static_ft_epochs', 0)} epoch(s) on "
+        f"the same images instead of 6; calibrated on {r.get('calib_images', '?')} held-out images, "
+        f"measured on {r.get('test_images', '?')} test images.",
+        "",
+        "| cifar10/test: accuracy at MACs (of static) | this run | published |",
+        "| --- | --- | --- |",
+    ]
+    for label, (acc, macs) in _resolution_figures(r).items():
+        lines.append(f"| {label} | {_cell(acc, macs)} | {_cell(*old.get(label, (None, None)))} |")
+    return [*lines, "", *provenance(short)]
+
+
+def masks_short() -> list[str]:
+    """The shortened re-run of the pixel-mask part next to the published figures."""
+    short = read_result(SHORT["masks"])
+    published = read_result(RESULTS["masks"])
+    if short is None:
+        return []
+    net = next(k for k in short.data if k.startswith("cifar_resnet"))
+    r = short.data[net]
+    old_curve = {}
+    if published is not None and net in published.data:
+        old_curve = {p["budget"]: p for p in published.data[net]["heads"]["curve"]}
+    lines = [
+        "### Shortened re-run through the suite",
+        "",
+        f"{net}, original network {pct(r['static_original_acc'])} %: the mask units trained "
+        f"{r['heads']['epochs']} epoch(s) over {r['train_images']} fit images instead of 2 over "
+        f"45,000, calibrated on {r.get('calib_images', '?')} held-out images spread over every class "
+        f"(`benchmarks/cifar_data.py` `subsample`), measured on {r.get('test_images', '?')} "
+        "test images. Published figures in brackets; that run calibrated on the first 2,000 "
+        "images of the held-out part, which is sorted by class (`split_dataset`), so on four "
+        "of the ten classes only.",
+        "",
+        "| budget | threshold | calibration MACs / acc. | test MACs | test accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in r["heads"]["curve"]:
+        thr = p.get("threshold", p.get("thresholds", [None])[0])
+        o = old_curve.get(p["budget"])
+        oc = f" ({o['calib_macs']:.3f} / {pct(o['calib_acc'])} %)" if o else ""
+        ot = (f" ({o['test_macs']:.3f})", f" ({pct(o['test_acc'])} %)") if o else ("", "")
+        lines.append(
+            f"| {p['budget']} | {thr:.3f} | {p['calib_macs']:.3f} / {pct(p['calib_acc'])} %"
+            f"{oc} | {p['test_macs']:.3f}{ot[0]} | {pct(p['test_acc'])} %{ot[1]} |"
+        )
+    return [*lines, "", *provenance(short)]
+
+
 def masks_section() -> list[str]:
     result = read_result(RESULTS["masks"])
     lines = ["## Pixel masks on CIFAR ResNet-44, mask units trained on 45,000 images", ""]
@@ -371,5 +473,7 @@ def render() -> str:
         lines += provenance(lat)
         lines += latency_tables(lat.data)
     lines += resolution_section()
+    lines += resolution_short()
     lines += masks_section()
+    lines += masks_short()
     return "\n".join(lines) + "\n"
