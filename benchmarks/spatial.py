@@ -356,14 +356,15 @@ def _resolution_figures(r: dict) -> dict[str, tuple[float | None, float | None]]
                 m["exit_macs"][0],
             )
             figures[f"after {name}: full-resolution pass alone"] = (m["per_exit_test_acc"][-1], 1.0)
+    last = "joint" if "joint" in r else "heads"
     for p in phase["curve"]:
         if p["budget"] in (0.4, 0.6):
-            figures[f"at budget {p['budget']}"] = (p["test_acc"], p["test_macs"])
+            figures[f"after {last}: at budget {p['budget']}"] = (p["test_acc"], p["test_macs"])
     d = phase.get("max_drop_0.005")
     if d:
-        figures["at `max_drop=0.005`"] = (d["test_acc"], d["test_macs"])
+        figures[f"after {last}: at `max_drop=0.005`"] = (d["test_acc"], d["test_macs"])
     within = cifar10.within_half_point(phase["curve"], {"ft": base} if base else {}).get("ft")
-    figures["cheapest within 0.5 points of the baseline"] = (None, within)
+    figures[f"after {last}: cheapest within 0.5 points of the baseline"] = (None, within)
     return figures
 
 
@@ -395,8 +396,10 @@ def resolution_short() -> list[str]:
         "| cifar10/test: accuracy at MACs (of static) | this run | published |",
         "| --- | --- | --- |",
     ]
-    for label, (acc, macs) in _resolution_figures(r).items():
-        lines.append(f"| {label} | {_cell(acc, macs)} | {_cell(*old.get(label, (None, None)))} |")
+    new = _resolution_figures(r)
+    for label in [*new, *(k for k in old if k not in new)]:
+        cells = [_cell(*f[label]) if label in f else "-" for f in (new, old)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return [*lines, "", *provenance(short)]
 
 
