@@ -13,9 +13,8 @@ a fixed random mask of the given density (region: random tiles, drawn from the c
 the finest so the MAC-weighted density is the target; pixel: a smooth random blob mask
 thresholded at the density quantile, as learned masks are spatially coherent). Dense branch and
 sparse wrapper are timed interleaved, block by block, on the same captured block inputs, and
-the medians are summed over the masked blocks; the whole network is timed the same way.
-(This part drives the mask wrappers directly: a fixed mask is a measurement device, not a
-user-facing operation.)
+the medians are summed over the masked blocks; the whole network is timed the same way
+(`dynify.force_mask_density` and `dynify.bench_masked_blocks`).
 
 `resolution` and `masks`: the early-exit suite's CIFAR-10 pipeline (benchmarks/cifar10.py) with
 `--strategy resolution` / `spatial-masks`. `resolution-latency`: batch-1 eager latency of a
@@ -27,11 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import dynify
 from benchmarks import cifar10
@@ -47,6 +44,11 @@ RESULTS = {
     "resolution": "resolution_cifar10",
     "resolution-latency": "resolution_latency",
     "masks": "spatial_masks_cifar10",
+}
+# Shortened re-runs of the published CIFAR-10 parts through this suite (fewer images, epochs).
+SHORT = {
+    "resolution": "resolution_cifar10_resnet44_short",
+    "masks": "spatial_masks_cifar10_resnet44_short",
 }
 
 
@@ -77,7 +79,7 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    name = RESULTS[args.part]
+    name = args.name or RESULTS[args.part]  # --name: a results file apart from the published
     torch.set_num_threads(args.threads)
     if args.part == "latency":
         results = [
@@ -96,70 +98,6 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 # --- masked-block latency ----------------------------------------------------------------------
 
 
-def _timer(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def fixed_masks(dyn: dynify.DynamicModel, density: float, seed: int) -> list[torch.Tensor]:
-    """One [1, h, w] bool mask per wrapper, with a MAC-weighted density of `density`.
-
-    Region: random tiles; the blocks are visited from the coarsest tiles to the finest, each
-    carrying its rounding error over to the next (a 7x7 map is one tile at tile 7, all on or all
-    off), so the finest maps absorb what the coarse ones could not realize and the MAC-weighted
-    density lands on the target. Pixel: a smooth random blob mask thresholded at the
-    d-quantile, since learned masks are spatially coherent and random pixels dilate to nearly
-    everything.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    wrappers = dyn.wrappers
-    masks: list[torch.Tensor] = [torch.empty(0)] * len(wrappers)
-    carry = 0.0  # MACs still owed to (or over) the target
-
-    def tile_macs(k: int) -> float:
-        h, w = wrappers[k].units()
-        return wrappers[k].branch_macs / (h * w)
-
-    for k in sorted(range(len(wrappers)), key=tile_macs, reverse=True):
-        wrapper = wrappers[k]
-        h, w = wrapper.units()
-        if dyn.granularity == "region":
-            unit = tile_macs(k)
-            wanted = density * wrapper.branch_macs + carry
-            count = max(0, min(h * w, int(wanted / unit + 0.5)))
-            carry = wanted - count * unit
-            flat = torch.zeros(h * w, dtype=torch.bool)
-            flat[torch.randperm(h * w, generator=gen)[:count]] = True
-            masks[k] = flat.view(1, h, w)
-        else:
-            low = torch.rand(1, 1, max(2, h // 8), max(2, w // 8), generator=gen)
-            smooth = F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
-            if density >= 1.0:
-                masks[k] = torch.ones(1, h, w, dtype=torch.bool)
-            elif density <= 0.0:
-                masks[k] = torch.zeros(1, h, w, dtype=torch.bool)
-            else:
-                masks[k] = smooth < torch.quantile(smooth.flatten(), density)
-    return masks
-
-
-def realized_density(dyn: dynify.DynamicModel, masks: list[torch.Tensor]) -> float:
-    """The MAC-weighted share of the masked blocks' work that `masks` keep."""
-    kept = sum(
-        float(m.float().mean()) * w.branch_macs for m, w in zip(masks, dyn.wrappers, strict=True)
-    )
-    return kept / sum(w.branch_macs for w in dyn.wrappers)
-
-
-def _cpu_timer(fn) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) of one call."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    fn()
-    return time.perf_counter() - wall, time.thread_time() - cpu
-
-
-@torch.no_grad()
 def mask_latency(
     model_name: str,
     granularity: str,
@@ -168,106 +106,18 @@ def mask_latency(
     seed: int,
     densities: tuple[float, ...] = DENSITIES,
 ) -> dict:
+    """A torchvision network with random weights converted with spatial masks, its masked
+    blocks timed at each forced density by `dynify.bench_masked_blocks`."""
     import torchvision
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, model_name)().eval()
-    x = torch.randn(1, 3, 224, 224)
-    dyn = dynify.convert(
-        model, "spatial-masks", x, options={"granularity": granularity, "tile": tile}
-    ).eval()
-    feats: list[torch.Tensor] = []
-    hooks = [w.register_forward_pre_hook(lambda m, a: feats.append(a[0])) for w in dyn.wrappers]
-    with dyn.static():
-        dyn(x)
-    for h in hooks:
-        h.remove()
-    rows = []
-    cases = [(d, False) for d in densities] + [(1.0, True)]
-    for density, fallback in cases:
-        masks = fixed_masks(dyn, density, seed)
-        dense_t, sparse_t, err = 0.0, 0.0, 0.0
-        dense_cpu, sparse_cpu = 0.0, 0.0
-        # blocks whose mask is neither all on nor all off: the sparse path proper
-        partial = {"dense_cpu": 0.0, "sparse_cpu": 0.0, "macs": 0, "active_macs": 0.0}
-        for wrapper, feat, mask in zip(dyn.wrappers, feats, masks, strict=True):
-            wrapper.dense_when_full = fallback
-            wrapper.fixed_mask = mask
-            sparse = lambda w=wrapper, f=feat: w(f)  # noqa: E731
-            dense = lambda w=wrapper, f=feat: w.branch(f)  # noqa: E731
-            dense(), sparse()
-            td, ts, cd, cs = [], [], [], []
-            for _ in range(reps):
-                wall, cpu = _cpu_timer(dense)
-                td.append(wall)
-                cd.append(cpu)
-                wall, cpu = _cpu_timer(sparse)
-                ts.append(wall)
-                cs.append(cpu)
-            dense_t += statistics.median(td)
-            sparse_t += statistics.median(ts)
-            dense_cpu += statistics.median(cd)
-            sparse_cpu += statistics.median(cs)
-            if 0 < int(mask.sum()) < mask.numel():
-                partial["dense_cpu"] += statistics.median(cd)
-                partial["sparse_cpu"] += statistics.median(cs)
-                partial["macs"] += wrapper.branch_macs
-                partial["active_macs"] += float(mask.float().mean()) * wrapper.branch_macs
-            err = max(err, float((wrapper(feat) - wrapper.dense_masked(feat, mask)).abs().max()))
-        block_macs = sum(w.branch_macs for w in dyn.wrappers)
-        spent = 0
-        for wrapper, feat in zip(dyn.wrappers, feats, strict=True):
-            wrapper(feat)
-            spent += int(wrapper.last_macs.sum())  # a forced mask: no mask-unit MACs
-        dyn.set_fixed_masks(masks)
-        for w in dyn.wrappers:
-            w.dense_when_full = fallback
-        full_d, full_s, cpu_d, cpu_s = [], [], [], []
-        for _ in range(max(3, reps // 3)):
-            with dyn.static():
-                wall, cpu = _cpu_timer(lambda: dyn(x))
-            full_d.append(wall)
-            cpu_d.append(cpu)
-            wall, cpu = _cpu_timer(lambda: dyn(x))
-            full_s.append(wall)
-            cpu_s.append(cpu)
-        rows.append(
-            {
-                "density": density,
-                "dense_fallback": fallback,
-                "blocks_dense_ms": 1e3 * dense_t,
-                "blocks_sparse_ms": 1e3 * sparse_t,
-                "speedup": dense_t / sparse_t,
-                "blocks_dense_cpu_ms": 1e3 * dense_cpu,
-                "blocks_sparse_cpu_ms": 1e3 * sparse_cpu,
-                "cpu_speedup": dense_cpu / sparse_cpu,
-                "macs_fraction": spent / block_macs,
-                "realized_density": realized_density(dyn, masks),
-                "partial_blocks": sum(0 < int(m.sum()) < m.numel() for m in masks),
-                "partial_density": partial["active_macs"] / max(partial["macs"], 1),
-                "partial_cpu_speedup": partial["dense_cpu"] / partial["sparse_cpu"]
-                if partial["sparse_cpu"]
-                else float("nan"),
-                "net_dense_ms": 1e3 * statistics.median(full_d),
-                "net_dynamic_ms": 1e3 * statistics.median(full_s),
-                "net_dense_cpu_ms": 1e3 * statistics.median(cpu_d),
-                "net_dynamic_cpu_ms": 1e3 * statistics.median(cpu_s),
-                "max_abs_err_vs_dense_masked": err,
-            }
-        )
-        print(json.dumps({"model": model_name, "granularity": granularity, **rows[-1]}), flush=True)
-        dyn.set_fixed_masks(None)
-    skipped = [s["join"] for s in dyn.spec["plan"]["skipped"]]
-    return {
-        "model": model_name,
-        "granularity": granularity,
-        "tile": tile,
-        "tiles": [w.tile for w in dyn.wrappers],
-        "masked_blocks": len(dyn.wrappers),
-        "skipped_blocks": skipped,
-        "masked_share_of_macs": sum(w.branch_macs for w in dyn.wrappers) / dyn.static_macs,
-        "rows": rows,
-    }
+    options = dynify.SpatialMaskOptions(granularity=granularity, tile=tile)
+    dyn = dynify.convert(model, "spatial-masks", torch.randn(1, 3, 224, 224), options=options)
+    bench = dynify.bench_masked_blocks(dyn, densities, runs=reps, seed=seed)
+    for row in bench.rows:
+        print(json.dumps({"model": model_name, **row.to_dict()}), flush=True)
+    return {"model": model_name, "tile": tile, **bench.to_dict()}
 
 
 # --- the resolution cascade's latency ----------------------------------------------------------
@@ -490,6 +340,106 @@ def resolution_section() -> list[str]:
     return lines
 
 
+def _resolution_figures(r: dict) -> dict[str, tuple[float | None, float | None]]:
+    """The resolution section's figures of one network's results: label -> (accuracy, MACs)."""
+    base = r.get("static_ft_acc")
+    phase = r.get("joint") or r["heads"]
+    figures: dict[str, tuple[float | None, float | None]] = {
+        "original static network": (r["static_original_acc"], 1.0),
+        "static network fine-tuned as long (the baseline)": (base, 1.0),
+    }
+    for name in ("heads", "joint"):
+        if name in r:
+            m = r[name]
+            figures[f"after {name}: low-resolution pass alone"] = (
+                m["per_exit_test_acc"][0],
+                m["exit_macs"][0],
+            )
+            figures[f"after {name}: full-resolution pass alone"] = (m["per_exit_test_acc"][-1], 1.0)
+    last = "joint" if "joint" in r else "heads"
+    for p in phase["curve"]:
+        if p["budget"] in (0.4, 0.6):
+            figures[f"after {last}: at budget {p['budget']}"] = (p["test_acc"], p["test_macs"])
+    d = phase.get("max_drop_0.005")
+    if d:
+        figures[f"after {last}: at `max_drop=0.005`"] = (d["test_acc"], d["test_macs"])
+    within = cifar10.within_half_point(phase["curve"], {"ft": base} if base else {}).get("ft")
+    figures[f"after {last}: cheapest within 0.5 points of the baseline"] = (None, within)
+    return figures
+
+
+def _cell(acc: float | None, macs: float | None) -> str:
+    if acc is None and macs is None:
+        return "not reached"
+    acc_text = "" if acc is None else f"{pct(acc)} % "
+    return acc_text + ("" if macs is None else f"at {macs:.3f}")
+
+
+def resolution_short() -> list[str]:
+    """The shortened re-run of the resolution part next to the published figures."""
+    short = read_result(SHORT["resolution"])
+    published = read_result(RESULTS["resolution"])
+    if short is None or published is None:
+        return []
+    net = next(k for k in short.data if k.startswith("cifar_resnet"))
+    r, was = short.data[net], published.data.get(net)
+    old = _resolution_figures(was) if was else {}
+    lines = [
+        "### Shortened re-run through the suite",
+        "",
+        f"{net}: {r['train_images']} fit images instead of 45,000; heads "
+        f"{r['heads']['epochs']} epoch(s), joint {r.get('joint', {}).get('epochs', 0)} "
+        f"epoch(s) instead of 6, the static baseline {r.get('static_ft_epochs', 0)} epoch(s) on "
+        f"the same images instead of 6; calibrated on {r.get('calib_images', '?')} held-out images, "
+        f"measured on {r.get('test_images', '?')} test images.",
+        "",
+        "| cifar10/test: accuracy at MACs (of static) | this run | published |",
+        "| --- | --- | --- |",
+    ]
+    new = _resolution_figures(r)
+    for label in [*new, *(k for k in old if k not in new)]:
+        cells = [_cell(*f[label]) if label in f else "-" for f in (new, old)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return [*lines, "", *provenance(short)]
+
+
+def masks_short() -> list[str]:
+    """The shortened re-run of the pixel-mask part next to the published figures."""
+    short = read_result(SHORT["masks"])
+    published = read_result(RESULTS["masks"])
+    if short is None:
+        return []
+    net = next(k for k in short.data if k.startswith("cifar_resnet"))
+    r = short.data[net]
+    old_curve = {}
+    if published is not None and net in published.data:
+        old_curve = {p["budget"]: p for p in published.data[net]["heads"]["curve"]}
+    lines = [
+        "### Shortened re-run through the suite",
+        "",
+        f"{net}, original network {pct(r['static_original_acc'])} %: the mask units trained "
+        f"{r['heads']['epochs']} epoch(s) over {r['train_images']} fit images instead of 2 over "
+        f"45,000, calibrated on {r.get('calib_images', '?')} held-out images spread over every class "
+        f"(`benchmarks/cifar_data.py` `subsample`), measured on {r.get('test_images', '?')} "
+        "test images. Published figures in brackets; that run calibrated on the first 2,000 "
+        "images of the held-out part, which is sorted by class (`split_dataset`), so on four "
+        "of the ten classes only.",
+        "",
+        "| budget | threshold | calibration MACs / acc. | test MACs | test accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in r["heads"]["curve"]:
+        thr = p.get("threshold", p.get("thresholds", [None])[0])
+        o = old_curve.get(p["budget"])
+        oc = f" ({o['calib_macs']:.3f} / {pct(o['calib_acc'])} %)" if o else ""
+        ot = (f" ({o['test_macs']:.3f})", f" ({pct(o['test_acc'])} %)") if o else ("", "")
+        lines.append(
+            f"| {p['budget']} | {thr:.3f} | {p['calib_macs']:.3f} / {pct(p['calib_acc'])} %"
+            f"{oc} | {p['test_macs']:.3f}{ot[0]} | {pct(p['test_acc'])} %{ot[1]} |"
+        )
+    return [*lines, "", *provenance(short)]
+
+
 def masks_section() -> list[str]:
     result = read_result(RESULTS["masks"])
     lines = ["## Pixel masks on CIFAR ResNet-44, mask units trained on 45,000 images", ""]
@@ -526,5 +476,7 @@ def render() -> str:
         lines += provenance(lat)
         lines += latency_tables(lat.data)
     lines += resolution_section()
+    lines += resolution_short()
     lines += masks_section()
+    lines += masks_short()
     return "\n".join(lines) + "\n"

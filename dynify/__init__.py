@@ -18,6 +18,7 @@ from dynify.evaluate import EvaluationReport, check_plot_path, evaluate
 from dynify.export import export_onnx, export_onnx_report, export_pt2, export_pt2_report
 from dynify.export.artifact import load, save
 from dynify.export.bench import BenchResult, bench, check_onnx_file, settle_batch_norm
+from dynify.export.mask_bench import MaskedBlockBench, MaskedBlockRow, bench_masked_blocks
 from dynify.export.timing import time_interleaved
 from dynify.export.verify import PARITY_ATOL, ParityReport
 from dynify.inspect import ModelSummary, inspect
@@ -37,6 +38,7 @@ from dynify.options import (
 )
 from dynify.passes import register_strategy, strategy_names
 from dynify.runtime.budget_guard import BudgetGuard
+from dynify.runtime.forced_masks import force_mask_density
 from dynify.runtime.mac_cap import CostBound, cost_bound
 from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
 from dynify.train.baseline import finetune_static
@@ -81,6 +83,8 @@ __all__ = [
     "FinetuneResult",
     "FrameExitOptions",
     "MacCapped",
+    "MaskedBlockBench",
+    "MaskedBlockRow",
     "ModelSummary",
     "OperatingPoint",
     "ParityReport",
@@ -96,6 +100,7 @@ __all__ = [
     "TextDataset",
     "Vocabulary",
     "bench",
+    "bench_masked_blocks",
     "build_model",
     "cached_tensor_dataset",
     "calibrate",
@@ -112,6 +117,7 @@ __all__ = [
     "export_pt2_report",
     "finetune",
     "finetune_static",
+    "force_mask_density",
     "inspect",
     "load",
     "load_dataset",

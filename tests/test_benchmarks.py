@@ -1,7 +1,7 @@
 """The benchmark suite: its runner lists every suite with its report, a quick run goes end to
 end on data the test makes and writes results with their metadata, reports keep their
 hand-written part, and the suites' measurement helpers (which block a gate wraps, blocks
-removed for the latency ceiling, masks of a target density) are sound."""
+removed for the latency ceiling) are sound."""
 
 from __future__ import annotations
 
@@ -162,18 +162,19 @@ def test_each_gate_maps_to_the_residual_block_it_wraps(kind):
         block_gates.without_blocks(model, ["layer1.0.conv1"])
 
 
-@pytest.mark.parametrize("granularity", ["region", "pixel"])
-@pytest.mark.parametrize("density", [0.25, 0.5])
-def test_fixed_masks_realize_the_target_mac_weighted_density(granularity, density):
-    dyn = dynify.convert(
-        "cifar_resnet20", "spatial-masks", weights="random", options={"granularity": granularity}
-    )
-    masks = spatial.fixed_masks(dyn, density, seed=0)
-    assert [m.shape[1:] for m in masks] == [tuple(w.units()) for w in dyn.wrappers]
-    total = sum(w.branch_macs for w in dyn.wrappers)
-    coarsest_tile = max(w.branch_macs / (w.units()[0] * w.units()[1]) for w in dyn.wrappers)
-    assert abs(spatial.realized_density(dyn, masks) - density) <= coarsest_tile / total
-    assert spatial.fixed_masks(dyn, density, seed=0)[0].equal(masks[0])  # seeded
+def test_quick_spatial_latency_times_forced_masks_through_the_public_api(tmp_path):
+    results = tmp_path / "results"
+    main(["spatial", "--quick", "--part", "latency", "--results", str(results)])
+    payload = json.loads((results / "spatial_masks_latency.json").read_text())
+    (res,) = payload["data"]["results"]
+    assert res["model"] == "resnet18" and res["granularity"] == "region"
+    assert [(r["density"], r["dense_fallback"]) for r in res["rows"]] == [
+        (0.25, False),
+        (1.0, True),
+    ]
+    assert abs(res["rows"][0]["realized_density"] - 0.25) < 0.05
+    assert res["rows"][0]["max_abs_err_vs_dense_masked"] < 1e-3
+    assert spatial.latency_tables(payload["data"])  # the report renders these rows
 
 
 def test_quick_dynamic_width_runs_end_to_end(cifar_like, tmp_path):

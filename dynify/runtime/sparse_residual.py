@@ -236,9 +236,11 @@ class SparseResidual(nn.Module):
     # -- decisions ----------------------------------------------------------------------------
 
     def decide(self, x: Tensor) -> Tensor:
-        """Bool [B, h, w]: which units to compute (`fixed_mask` overrides the mask unit)."""
+        """Bool [B, h, w]: which units to compute (`fixed_mask` overrides the mask unit; a
+        [1, h, w] one holds for every sample)."""
         if self.fixed_mask is not None:
-            return self.fixed_mask.to(torch.bool)
+            mask = self.fixed_mask.to(torch.bool)
+            return mask.expand(x.shape[0], -1, -1) if mask.shape[0] == 1 else mask
         return gate_open(gate_probability(self.mask_unit(x)), self.threshold)
 
     # -- forward ------------------------------------------------------------------------------
