@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dynify.errors import StrategyError
-from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
+
+if TYPE_CHECKING:
+    from dynify.runtime.model import DynamicModel
 
 NO_CAP = -1
 
@@ -162,6 +165,9 @@ class CostBound:
 
 def cost_bound(dyn: DynamicModel) -> CostBound:
     """The worst case per sample and the cap the model holds now (`CostBound`)."""
+    # imported here: runtime.model imports the ledger, which imports this module
+    from dynify.runtime.model import ExitCascade, MacCapped, PerSampleExits
+
     worst = dyn.worst_case_macs()
     if isinstance(dyn, MacCapped):
         cap = int(dyn.mac_cap)
