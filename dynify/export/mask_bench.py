@@ -144,7 +144,9 @@ def _row(
             partial["macs"] += w.branch_macs
             partial["active_macs"] += float(mask.float().mean()) * w.branch_macs
         out = w(feat)
-        spent += int(w.last_macs.sum())  # a forced mask: no mask-unit MACs
+        # what the eager forward spent on the branch (a forced mask: no mask-unit MACs)
+        active = mask.reshape(1, *mask.shape[-2:]).expand(feat.shape[0], -1, -1)
+        spent += int(w.planned_macs(active).sum())
         err = max(err, float((out - w.dense_masked(feat, mask)).abs().max()))
 
     def static() -> Tensor:
