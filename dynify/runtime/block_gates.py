@@ -179,18 +179,10 @@ class GatedModel(CapHolder, DynamicModel):
         per gate a [B] tensor (function: open; halting: halt), or the policy's [B, K] plan."""
         if self.kind == "policy":
             return [gate_probability(self.policy(x))]
-        entries: dict[int, torch.Tensor] = {}
-        hooks = [
-            g.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
-            for g in self.gates
+        inputs = self.static_inputs_of(self.gates, x)
+        return [
+            gate_probability(g.decider(entry)) for g, entry in zip(self.gates, inputs, strict=True)
         ]
-        try:
-            with self.static():
-                self(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [gate_probability(g.decider(entries[g.index])) for g in self.gates]
 
     def last_decisions(self) -> torch.Tensor:
         """[N, num_gates] int64: 1 where a sample ran the gated branch."""

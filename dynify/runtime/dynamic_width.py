@@ -421,18 +421,11 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         on the static network's features. A branch runs at full width exactly when the
         cumulative probability of the narrower widths, 1 - p, is below its threshold, i.e.
         p > 1 - threshold: what a slowdown attack pushes every branch over (as with gates)."""
-        entries: dict[int, Tensor] = {}
-        hooks = [
-            w.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
-            for w in self.wrappers
+        inputs = self.static_inputs_of(self.wrappers, x)
+        return [
+            torch.softmax(w.gate(entry).float(), -1)[:, -1]
+            for w, entry in zip(self.wrappers, inputs, strict=True)
         ]
-        try:
-            with self.static():
-                self(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [torch.softmax(w.gate(entries[w.index]).float(), -1)[:, -1] for w in self.wrappers]
 
     def describe(self) -> list[dict[str, str]]:
         """One row per dynamic-width branch."""

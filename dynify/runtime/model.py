@@ -381,6 +381,25 @@ class DynamicModel(nn.Module, ABC):
         lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
         return x, self.extra_input.of_lengths(lengths, steps)
 
+    def static_inputs_of(
+        self, wrappers: Sequence[nn.Module], x: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """What each wrapper (anything with an `index`) receives in a static forward of `x`, in
+        the order of `wrappers`, differentiable in `x`: the features a strategy's decision units
+        see with every block run (what a slowdown attack pushes)."""
+        entries: dict[int, torch.Tensor] = {}
+        hooks = [
+            w.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
+            for w in wrappers
+        ]
+        try:
+            with self.static():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [entries[w.index] for w in wrappers]
+
     def mean_macs_fraction(self) -> float:
         """Mean MACs of the last forward as a fraction of the static model's."""
         if self.last_macs is None:

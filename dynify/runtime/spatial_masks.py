@@ -174,18 +174,11 @@ class SpatialMaskModel(CapHolder, DynamicModel):
         """Differentiable in `x`: per masked block, the probability [B, h, w] each unit is
         active, on the static network's features; what a slowdown attack pushes over
         1 - threshold."""
-        entries: dict[int, Tensor] = {}
-        hooks = [
-            w.register_forward_pre_hook(lambda m, args: entries.__setitem__(m.index, args[0]))
-            for w in self.wrappers
+        inputs = self.static_inputs_of(self.wrappers, x)
+        return [
+            gate_probability(w.mask_unit(entry))
+            for w, entry in zip(self.wrappers, inputs, strict=True)
         ]
-        try:
-            with self.static():
-                self(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [gate_probability(w.mask_unit(entries[w.index])) for w in self.wrappers]
 
     def last_decisions(self) -> Tensor:
         """[N, num_masks] int64: the units each masked block computed for each sample."""
