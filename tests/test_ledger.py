@@ -81,13 +81,6 @@ def test_book_round_trips_through_json():
     assert again.worst_case_macs() == book.worst_case_macs() and again.floor() == book.floor()
 
 
-def test_allowance_is_the_cap_above_the_floor():
-    book = small_book()
-    assert book.allowance(None, 3, torch.device("cpu")) is None
-    left = book.allowance(600, 3, torch.device("cpu"))
-    assert left.dtype == torch.float64 and left.tolist() == [170.0] * 3
-
-
 # --- the tab --------------------------------------------------------------------------------
 
 

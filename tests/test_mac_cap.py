@@ -185,6 +185,14 @@ def test_the_cap_survives_save_and_load_and_older_artifacts_load(dyn, tmp_path, 
     assert older.mac_cap_fraction() is None
 
 
+def test_the_allowance_is_the_cap_above_the_floor(dyn):
+    x = dyn.random_input(3)
+    assert dyn.allowance(None, x) is None
+    cap = dyn.cap_floor() + 170
+    left = dyn.allowance(cap, x)
+    assert left.dtype == torch.float64 and left.tolist() == [170.0] * 3
+
+
 def test_a_cap_below_the_floor_is_refused_with_the_minimum(dyn):
     floor = dyn.cap_floor() / dyn.static_macs
     with pytest.raises(StrategyError, match=f"{floor:.4f}"):

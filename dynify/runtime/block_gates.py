@@ -145,9 +145,6 @@ class GatedModel(CapHolder, DynamicModel):
         MAC cap there can be (`dynify.runtime.mac_cap`)."""
         return self.book.floor()
 
-    def _allowance(self, cap: int | None, x: torch.Tensor) -> torch.Tensor | None:
-        return self.book.allowance(cap, x.shape[0], x.device)
-
     @property
     def joint_recipe(self) -> JointRecipe:  # type: ignore[override]
         """From benchmarks/block_gates.py: unclipped SGD diverged within ten steps and barely
@@ -237,7 +234,7 @@ class GatedModel(CapHolder, DynamicModel):
         if batch == 1:
             return self._forward_one(x)
         run = self._new_run(x, "eager", self.thresholds)
-        run.left = self._allowance(self.cap_macs(), x)
+        run.left = self.allowance(self.cap_macs(), x)
         if self.kind == "policy" and bool((self.thresholds <= 1.0).any()):
             run.tab.charge(POLICY)
             run.plan = gate_open(gate_probability(self.policy(x)), self.thresholds)
@@ -368,7 +365,7 @@ class GatedExport(ExportFace):
         model = self.model
         thr = self.thresholds_or_default(thresholds)
         run = model._new_run(x, "export", thr)
-        run.left = model._allowance(self.cap, x)
+        run.left = model.allowance(self.cap, x)
         if model.kind == "policy":
             run.plan = gate_open(gate_probability(model.policy(x)), thr)
         logits = model._run_graph(x, run)

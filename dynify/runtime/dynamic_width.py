@@ -403,11 +403,6 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         least MAC cap there can be (`dynify.runtime.mac_cap`)."""
         return self.min_macs()
 
-    def _allowance(self, cap: int | None, x: Tensor) -> Tensor | None:
-        if cap is None:
-            return None
-        return mac_cap.allowance(cap, self.cap_floor(), x.shape[0], x.device)
-
     def last_decisions(self) -> Tensor:
         """[N, num_branches] int64: the width index (0 the narrowest) each sample ran."""
         if self.last_widths is None:
@@ -489,7 +484,7 @@ class DynamicWidthModel(CapHolder, DynamicModel):
             self.record_one(int(run.macs), None, x.device)
             return out
         run = self._new_run(x, "eager", self.thresholds)
-        run.left = self._allowance(self.cap_macs(), x)
+        run.left = self.allowance(self.cap_macs(), x)
         out = self._run(x, run)
         self.last_macs = run.macs.round().long()
         self.last_widths = run.chosen.cpu()
@@ -561,6 +556,6 @@ class DynamicWidthExport(ExportFace):
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         model = self.model
         run = model._new_run(x, "export", self.thresholds_or_default(thresholds))
-        run.left = model._allowance(self.cap, x)
+        run.left = model.allowance(self.cap, x)
         logits = model._run(x, run)
         return logits, run.chosen.to(torch.int64)

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from dynify.errors import StrategyError
-from dynify.runtime import mac_cap
 
 FIXED = "fixed"
 DECIDER = "decider"
@@ -116,13 +115,6 @@ class CostBook:
             spent += self.total(stage)
             result.append(spent)
         return result
-
-    def allowance(self, cap: int | None, batch: int, device: torch.device) -> Tensor | None:
-        """[B] float64: what each sample may spend beyond the floor under the MAC cap `cap`
-        (MACs), or None without a cap (`dynify.runtime.mac_cap.allowance`)."""
-        if cap is None:
-            return None
-        return mac_cap.allowance(cap, self.floor(), batch, device)
 
     def columns(
         self,

@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dynify.errors import StrategyError
-
-if TYPE_CHECKING:
-    from dynify.runtime.model import DynamicModel
+from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
 
 NO_CAP = -1
 
@@ -138,6 +135,13 @@ class CapHolder:
         cap = int(self.mac_cap)
         return None if cap < 0 else cap
 
+    def allowance(self, cap: int | None, x: Tensor) -> Tensor | None:
+        """[B] float64: what each sample of the batch `x` may spend beyond `cap_floor()` under
+        the cap `cap` (MACs: the model's now, or the one an export face holds); None: no cap."""
+        if cap is None:
+            return None
+        return allowance(cap, self.cap_floor(), x.shape[0], x.device)
+
 
 @dataclass(frozen=True)
 class CostBound:
@@ -165,9 +169,6 @@ class CostBound:
 
 def cost_bound(dyn: DynamicModel) -> CostBound:
     """The worst case per sample and the cap the model holds now (`CostBound`)."""
-    # imported here: runtime.model imports the ledger, which imports this module
-    from dynify.runtime.model import ExitCascade, MacCapped, PerSampleExits
-
     worst = dyn.worst_case_macs()
     if isinstance(dyn, MacCapped):
         cap = int(dyn.mac_cap)

@@ -102,9 +102,6 @@ class SpatialMaskModel(CapHolder, DynamicModel):
         the least MAC cap there can be (`dynify.runtime.mac_cap`)."""
         return self.book.floor()
 
-    def allowance(self, cap: int | None, x: Tensor) -> Tensor | None:
-        return self.book.allowance(cap, x.shape[0], x.device)
-
     @property
     def wrappers(self) -> list[SparseResidual]:
         return [self.net.get_submodule(name) for name in self.wrapper_names]
