@@ -175,7 +175,8 @@ class SkipRNN(nn.Module):
         use_gate = gate_decides(float(threshold))
         boundary = float(update_boundary(threshold))
         never = [1 if every else steps + 1] * batch  # without the gate: every step, or never
-        left = self.allowance(run, batch, xb.device)
+        # each sample's allowance left (`mac_cap.allowance`), in Python floats as the schedule is
+        left = None if run.cap is None else [float(run.cap - run.floor)] * batch
         inputs = xb.transpose(0, 1)  # [T, B, F]: a step's inputs are one slice
         state = zero_state(self.rnn, batch, xb)
         due: list[list[int]] = [[] for _ in range(steps)]
@@ -186,19 +187,18 @@ class SkipRNN(nn.Module):
         for t in range(steps):
             rows = [r for r in sorted(due[t]) if t < limits[r]]  # padding steps never run
             if rows and left is not None and t > 0:  # the first update is in the floor
-                # the step, and the gate after it unless it is the sample's last step
-                costs = [float(self.update_cost(t, use_gate and t + 1 < limits[r])) for r in rows]
-                index = torch.tensor(rows, device=xb.device)
-                cost = torch.zeros(batch, dtype=torch.float64, device=xb.device)
-                cost[index] = torch.tensor(costs, dtype=torch.float64, device=xb.device)
-                fit = mac_cap.fits(left.index_select(0, index), cost[index]).tolist()
-                late = [r for r, ok in zip(rows, fit, strict=True) if not ok]
+                fit, late = [], []
+                for r in rows:  # `mac_cap.fits` and `mac_cap.spend`, one sample at a time
+                    # the step, and the gate after it unless it is the sample's last step
+                    cost = float(self.update_cost(t, use_gate and t + 1 < limits[r]))
+                    if cost <= left[r]:
+                        left[r] -= cost
+                        fit.append(r)
+                    else:
+                        late.append(r)
                 if late and t + 1 < steps:  # skipped: due again at the next step
                     due[t + 1].extend(late)
-                rows = [r for r, ok in zip(rows, fit, strict=True) if ok]
-                ran = torch.zeros(batch, dtype=torch.bool, device=xb.device)
-                ran[rows] = True
-                left = mac_cap.spend(left, cost, ran)
+                rows = fit
             if rows:
                 if len(rows) == batch:
                     index, new = None, cell_step(self.rnn, inputs[t], state)
