@@ -20,7 +20,7 @@ import dynify
 from benchmarks.cifar_data import MEAN, STD, fit_and_calibration, subsample, weights_path
 from benchmarks.frame_exit import TSN, _images, make_clips
 from benchmarks.pgd import pgd
-from benchmarks.slowdown_rows import figures
+from benchmarks.slowdown_rows import add_row, figures
 
 TITLE = "frame exit (synthetic clips)"
 
@@ -125,32 +125,14 @@ def run_clips(args: argparse.Namespace, train, test) -> dict[str, Any]:
         ("clean (test subset)", clean, clean_labels),
         ("clean (attacked clips)", attack, attack_labels),
     ):
-        rows.append(
-            {
-                "input": label,
-                "eps": 0,
-                "steps": 0,
-                "images": len(labels),
-                **figures(dyn, clip_input(pixels), labels, args, budget),
-            }
-        )
-        print(f"{label}: {rows[-1]}", flush=True)
+        add_row(rows, label, 0, 0, labels, figures(dyn, clip_input(pixels), labels, args, budget))
     for eps in args.eps:
         for steps in args.steps:
             t0 = time.perf_counter()
             adv = clip_pgd(dyn, attack, eps / 255, steps, args.seed)
             seconds = time.perf_counter() - t0
-            rows.append(
-                {
-                    "input": "PGD",
-                    "eps": eps,
-                    "steps": steps,
-                    "images": len(attack_labels),
-                    "attack_seconds": seconds,
-                    **figures(dyn, clip_input(adv), attack_labels, args, budget),
-                }
-            )
-            print(f"eps {eps}/255, {steps} steps: {rows[-1]}", flush=True)
+            measured = figures(dyn, clip_input(adv), attack_labels, args, budget)
+            add_row(rows, "PGD", eps, steps, attack_labels, measured, attack_seconds=seconds)
     out["seconds"] = time.perf_counter() - start
     out["shortened"] = (
         f"Run size: {len(calib_data)} calibration clips, {len(clean_labels)} clean and "

@@ -40,6 +40,23 @@ def measure(dyn, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 100) -
     }
 
 
+def add_row(
+    rows: list[dict[str, Any]],
+    label: str,
+    eps: float,
+    steps: int,
+    labels: torch.Tensor,
+    figures: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Append one table row (which inputs, attacked how, how many, and their figures) and
+    print it as it lands: a long run shows its progress row by row."""
+    rows.append(
+        {"input": label, "eps": eps, "steps": steps, "images": len(labels), **extra, **figures}
+    )
+    print(f"{label}, eps {eps}, {steps} steps: {rows[-1]}", flush=True)
+
+
 def figures(
     dyn,
     inputs: torch.Tensor,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import dynify
-from benchmarks.slowdown_rows import figures
+from benchmarks.slowdown_rows import add_row, figures
 from benchmarks.text_baseline import DEFAULT_CACHE, TextSettings, static_text_model
 
 DATASET = "agnews"
@@ -197,16 +197,9 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         ("clean (test subset)", clean_ids, clean_labels),
         ("clean (attacked texts)", attack_ids, attack_labels),
     ):
-        rows.append(
-            {
-                "input": label,
-                "eps": 0,
-                "steps": 0,
-                "images": len(labels),
-                **figures(dyn, ids, labels, args, budget, cap=args.text_cap),
-            }
+        add_row(
+            rows, label, 0, 0, labels, figures(dyn, ids, labels, args, budget, cap=args.text_cap)
         )
-        print(f"{label}: {rows[-1]}", flush=True)
     t0 = time.perf_counter()
     attacked = swap_attack(
         dyn,
@@ -219,17 +212,8 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - t0
     for k in args.swaps:
-        rows.append(
-            {
-                "input": "token swaps",
-                "eps": k,
-                "steps": 0,
-                "images": len(attack_labels),
-                "attack_seconds": seconds,
-                **figures(dyn, attacked[k], attack_labels, args, budget, cap=args.text_cap),
-            }
-        )
-        print(f"{k} swaps: {rows[-1]}", flush=True)
+        measured = figures(dyn, attacked[k], attack_labels, args, budget, cap=args.text_cap)
+        add_row(rows, "token swaps", k, 0, attack_labels, measured, attack_seconds=seconds)
     out["shortened"] = (
         f"Run size: {fit_rows} fine-tuning texts, {len(clean_labels)} clean and "
         f"{len(attack_labels)} attacked test texts."

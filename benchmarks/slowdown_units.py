@@ -28,6 +28,7 @@ from benchmarks.cifar_data import (
     weights_path,
 )
 from benchmarks.pgd import pgd
+from benchmarks.slowdown_rows import add_row
 
 # the suite's defaults, for saying when a committed run was shortened
 FULL = {"train_images": 10000, "attack_images": 200}
@@ -213,7 +214,9 @@ def run_units(
         "rows": [],
     }
 
-    def row(name: str, eps: int, steps: int, pixels, labels, **extra) -> dict[str, Any]:
+    rows = out["rows"]
+
+    def row(name: str, eps: int, steps: int, pixels, labels, **extra) -> None:
         figures = {"off": measure(dyn, pixels, labels, to_input, worst)}
         if capped:
             dyn.set_mac_cap(args.cap)
@@ -232,29 +235,19 @@ def run_units(
             dearest=lambda d: (d.last_decisions() == worst).all(1),
             dearest_key="worst",
         )
-        return {
-            "input": name,
-            "eps": eps,
-            "steps": steps,
-            "images": len(labels),
-            **extra,
-            **figures,
-        }
+        add_row(rows, name, eps, steps, labels, figures, **extra)
 
-    rows = out["rows"]
     for label, pixels, labels in (
         ("clean (test subset)", clean_pixels, clean_labels),
         ("clean (attacked images)", attack_pixels, attack_labels),
     ):
-        rows.append(row(label, 0, 0, pixels, labels))
-        print(f"{label}: {rows[-1]}", flush=True)
+        row(label, 0, 0, pixels, labels)
     for eps in args.eps:
         for steps in args.steps:
             t0 = time.perf_counter()
             adv = unit_pgd(dyn, attack_pixels, eps / 255, steps, args.seed, to_input)
             seconds = time.perf_counter() - t0
-            rows.append(row("PGD", eps, steps, adv, attack_labels, attack_seconds=seconds))
-            print(f"eps {eps}/255, {steps} steps: {rows[-1]}", flush=True)
+            row("PGD", eps, steps, adv, attack_labels, attack_seconds=seconds)
     out["seconds"] = time.perf_counter() - start
     return out
 
