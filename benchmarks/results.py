@@ -70,9 +70,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Arguments that say where a run's output goes, not what it measures: a stranger's re-run
+# writes to the published place, so the recorded command leaves them out.
+_OUTPUT_ONLY = {"--no-render": 0, "--results": 1}
+
+
 def command_line(argv: list[str]) -> str:
-    """The command that reproduces a run: the runner with exactly these arguments."""
-    return " ".join([RUNNER, *(shlex.quote(a) for a in argv)])
+    """The command that reproduces a run: the runner with these arguments, less the ones
+    that only choose where the output goes (`--results DIR`, `--no-render`)."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg.split("=", 1)[0] in _OUTPUT_ONLY:
+            skip = 0 if "=" in arg else _OUTPUT_ONLY[arg]
+        else:
+            kept.append(arg)
+    return " ".join([RUNNER, *(shlex.quote(a) for a in kept)])
 
 
 def collect_metadata(argv: list[str]) -> dict[str, Any]:

@@ -377,3 +377,10 @@ def test_token_swaps_touch_only_words_at_most_k_and_never_lower_the_cost():
         assert bool((changed <= k).all())
         assert torch.equal(x[:, 8:], ids[:, 8:]) and bool((x[0, 3] == 1).all())
         assert bool((cost(x) >= cost(ids) - 1e-12).all())
+
+
+def test_the_recorded_command_leaves_out_where_the_output_went():
+    from benchmarks.results import command_line
+
+    argv = ["latency", "--results", "/tmp/x", "--no-render", "--runs=3", "--results=/y"]
+    assert command_line(argv) == "python -m benchmarks latency --runs=3"
