@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 import dynify
@@ -308,6 +309,12 @@ def test_indexing_at_lengths_minus_one_is_recognised(batch_first, size_of, strat
             one = dyn(ids[i : i + 1], lengths[i : i + 1])
             assert (batch[i] - one[0]).abs().max() <= 1e-5
             assert int(dyn.last_macs[0]) == int(batch_macs[i])
+        # What is charged is what ran: FlopCounterMode counts the batch's MACs.
+        for t in (0.5, 1.01):
+            dyn.set_thresholds(t)
+            with FlopCounterMode(display=False) as counter:
+                dyn(ids, lengths)
+            assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
 
 
 def test_indexing_with_another_row_order_is_not_a_read_of_the_last_token():
