@@ -89,7 +89,7 @@ def _preprocessing(
 
 
 def _text_file(data: str, split: str | None) -> Path | None:
-    """The `text<TAB>label` file --data (and --split) name, or None for image data."""
+    """The `text<TAB>label` file --data (and --split) name, or None when it names none."""
     path = Path(data).expanduser()
     if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
         if split is not None:
@@ -120,15 +120,16 @@ def _model_data(
     """What the API reads for --data (and --split): the path itself for images, or for text
     with --vocab a `TextDataset` of the model's token ids (cut and padded to its length;
     whole-number labels are the class indices)."""
-    text = _text_file(data, split)
     if vocab is None:
-        if text is not None:
+        text = Path(data).expanduser()  # a folder is images unless --vocab says it is text
+        if text.is_file() and text.suffix.lower() in TEXT_SUFFIXES:
             raise DataError(
                 f"{text} is text: give the model's vocabulary with --vocab (the JSON "
                 "dynify.Vocabulary.save wrote when the model was trained) to turn it into token "
                 "ids."
             )
         return data, split
+    text = _text_file(data, split)
     if text is None:
         raise DataError(
             f"--vocab reads text, but --data {data} is not a text<TAB>label file "
