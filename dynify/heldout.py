@@ -5,8 +5,9 @@ Fine-tuning holds out a deterministic share of its data (`calibration_fraction`,
 records in `spec["finetune"]` a key naming that data. Thresholds chosen on images the heads were
 trained on are optimistic, so calibrating on the same data uses the held-out share by default,
 in the API as on the command line. The key is the absolute path (and split) of a folder, zip or
-data set name, or a SHA-256 of the tensors; other Dataset objects cannot be recognised, and
-calibrate on all of what they hold unless `part="calibration"` asks for the held-out share.
+data set name, or a SHA-256 of the tensors (a `TextDataset`'s ids and labels included); other
+Dataset objects cannot be recognised, and calibrate on all of what they hold unless
+`part="calibration"` asks for the held-out share.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 from dynify.errors import DynifyError
 from dynify.runtime.model import DynamicModel
 from dynify.train.batches import open_data, source_key
-from dynify.train.data import split_dataset
+from dynify.train.data import TextDataset, split_dataset
 
 Part = Literal["auto", "calibration", "all"]
 PARTS: tuple[str, ...] = ("auto", "calibration", "all")
@@ -54,6 +55,8 @@ def data_key(data: Any, split: str | None = None) -> str | None:
 
 
 def _tensors(data: Any) -> list[torch.Tensor] | None:
+    if isinstance(data, TextDataset):
+        return [data.ids, data.targets]
     if isinstance(data, torch.Tensor):
         return [data]
     if isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor) for t in data):

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 import dynify
@@ -245,3 +246,115 @@ def test_timing_runs_on_texts_with_lengths():
     assert rows["static"].macs_fraction == 1.0
     dynamic = [row for label, row in rows.items() if label != "static"]
     assert dynamic and all(row.macs_fraction < 1.0 for row in dynamic)
+
+
+class IndexesLastToken(nn.Module):
+    """Reads each text's last token by advanced indexing, as user code often does:
+    `out[torch.arange(B), lengths - 1]` (time-first: `out[lengths - 1, torch.arange(B)]`),
+    the arange made from the output's own size or from the ids'."""
+
+    def __init__(self, batch_first: bool = True, size_of: str = "out"):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.rnn = nn.LSTM(8, 12, batch_first=batch_first)
+        self.fc = nn.Linear(12, 4)
+        with torch.no_grad():
+            self.fc.weight.mul_(10.0)
+        self.batch_first, self.size_of = batch_first, size_of
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        x = self.emb(ids)
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        if self.batch_first:
+            rows = torch.arange(out.size(0) if self.size_of == "out" else ids.shape[0])
+            return self.fc(out[rows, lengths - 1])
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return self.fc(out[lengths - 1, rows, :])
+
+
+INDEXING = [
+    pytest.param(True, "out", id="batch-first-out-size"),
+    pytest.param(True, "ids", id="batch-first-ids-size"),
+    pytest.param(False, "ids", id="time-first"),
+]
+
+
+@pytest.mark.parametrize(("batch_first", "size_of"), INDEXING)
+@pytest.mark.parametrize(("strategy", "options"), TEMPORAL)
+def test_indexing_at_lengths_minus_one_is_recognised(batch_first, size_of, strategy, options):
+    """Static mode is the original bit-exactly; with every decision off each sample's answer
+    is the original's on its text alone and no padding step runs; at mixed thresholds a
+    batch equals its samples run alone."""
+    model = IndexesLastToken(batch_first, size_of).eval()
+    ids, lengths = padded()
+    dyn = dynify.convert(model, strategy, (ids[:1], lengths[:1]), options=options).eval()
+    assert dyn.spec["plan"]["read_kind"] == "index"
+    with torch.no_grad():
+        with dyn.static():
+            assert torch.equal(dyn(ids, lengths), model(ids, lengths))
+        dyn.set_thresholds(1.01)
+        out = dyn(ids, lengths)
+        for i, n in enumerate(LENGTHS):
+            alone = model(ids[i : i + 1, :n], lengths[i : i + 1])
+            assert (out[i] - alone[0]).abs().max() <= 1e-5, (i, n)
+        if strategy == "stop-reading":
+            assert dyn.last_tokens.tolist() == [min(STEPS, -(-n // 4) * 4) for n in LENGTHS]
+        else:
+            assert dyn.last_decisions().sum(1).tolist() == LENGTHS
+        dyn.set_thresholds(0.5)
+        batch = dyn(ids, lengths)
+        batch_macs = dyn.last_macs.clone()
+        for i in range(len(LENGTHS)):
+            one = dyn(ids[i : i + 1], lengths[i : i + 1])
+            assert (batch[i] - one[0]).abs().max() <= 1e-5
+            assert int(dyn.last_macs[0]) == int(batch_macs[i])
+        # What is charged is what ran: FlopCounterMode counts the batch's MACs.
+        for t in (0.5, 1.01):
+            dyn.set_thresholds(t)
+            with FlopCounterMode(display=False) as counter:
+                dyn(ids, lengths)
+            assert counter.get_total_flops() // 2 == int(dyn.last_macs.sum())
+
+
+def test_indexing_with_another_row_order_is_not_a_read_of_the_last_token():
+    """`out[torch.arange(1, B + 1) - 1, ...]` or a constant step are not recognised: such a
+    model that takes lengths is refused with what to write."""
+
+    class Shifted(IndexesLastToken):
+        def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+            out, _ = self.rnn(self.emb(ids))
+            return self.fc(out[torch.arange(1, ids.shape[0] + 1) - 1, lengths - 1])
+
+    class Constant(IndexesLastToken):
+        def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+            out, _ = self.rnn(self.emb(ids))
+            return self.fc(out[torch.arange(ids.shape[0]), -1]) + 0.0 * lengths[:, None]
+
+    ids, lengths = padded()
+    for model in (Shifted(), Constant()):
+        with pytest.raises(StrategyError, match=r"out\[torch.arange\(B\), lengths - 1\]"):
+            dynify.convert(model, "skip-rnn", (ids[:1], lengths[:1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "options"), TEMPORAL)
+def test_indexing_read_exports_to_onnx(strategy, options, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    model = IndexesLastToken().eval()
+    ids, lengths = padded()
+    dyn = dynify.convert(model, strategy, (ids[:1], lengths[:1]), options=options).eval()
+    path = dynify.export_onnx(dyn, tmp_path / "model.onnx", verify=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for t in (0.0, 0.5, 1.01):
+        thresholds = [t] * dyn.num_thresholds
+        for xb, lb in ((ids[:1], lengths[:1]), (ids, lengths)):
+            feed = {"x": xb.numpy(), "lengths": lb.numpy()}
+            feed["thresholds"] = np.asarray(thresholds, np.float32)
+            logits = session.run(None, feed)[0]
+            dyn.set_thresholds(t)
+            with torch.no_grad():
+                eager = dyn(xb, lb)
+            assert np.abs(logits - eager.numpy()).max() <= 1e-4, (t, len(xb))

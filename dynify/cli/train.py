@@ -7,8 +7,9 @@ end, atomically: a bad option or an interrupted run never leaves a damaged file 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,7 +26,9 @@ from dynify.cli.app import (
     load_artifact,
     wrote,
 )
-from dynify.errors import DynifyError
+from dynify.errors import DataError, DynifyError
+from dynify.train.data.loading import TEXT_SUFFIXES
+from dynify.train.data.text import read_labels
 
 SplitOption = Annotated[
     str | None,
@@ -58,6 +61,14 @@ FractionOption = Annotated[
     ),
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the split and the run.")]
+VocabOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--vocab",
+        help="Text: the model's vocabulary (JSON, dynify.Vocabulary.save); --data is then a "
+        "text<TAB>label file, or a folder of them (--split train picks train.tsv).",
+    ),
+]
 
 
 def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
@@ -75,6 +86,67 @@ def _preprocessing(
     return dynify.preprocessing(
         dyn, input_size=input_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std")
     )
+
+
+def _text_file(data: str, split: str | None) -> Path | None:
+    """The `text<TAB>label` file --data (and --split) name, or None when it names none."""
+    path = Path(data).expanduser()
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        if split is not None:
+            raise DataError(f"--split picks a file in a folder; {path} is a file already.")
+        return path
+    if not path.is_dir():
+        return None
+    texts = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
+    named = [p for p in texts if p.stem == split] if split is not None else texts
+    if len(named) == 1:
+        return named[0]
+    if texts and not named:
+        raise DataError(
+            f"{path} holds no text file for --split {split}; it holds "
+            f"{', '.join(p.name for p in texts)}."
+        )
+    if texts:
+        raise DataError(
+            f"{path} holds several text files ({', '.join(p.name for p in texts)}); pick one "
+            "with --split (e.g. --split train for train.tsv)."
+        )
+    return None
+
+
+def _model_data(
+    dyn: dynify.DynamicModel, data: str, split: str | None, vocab: Path | None
+) -> tuple[Any, str | None]:
+    """What the API reads for --data (and --split): the path itself for images, or for text
+    with --vocab a `TextDataset` of the model's token ids (cut and padded to its length;
+    whole-number labels are the class indices)."""
+    if vocab is None:
+        text = Path(data).expanduser()  # a folder is images unless --vocab says it is text
+        if text.is_file() and text.suffix.lower() in TEXT_SUFFIXES:
+            raise DataError(
+                f"{text} is text: give the model's vocabulary with --vocab (the JSON "
+                "dynify.Vocabulary.save wrote when the model was trained) to turn it into token "
+                "ids."
+            )
+        return data, split
+    text = _text_file(data, split)
+    if text is None:
+        raise DataError(
+            f"--vocab reads text, but --data {data} is not a text<TAB>label file "
+            f"({', '.join(TEXT_SUFFIXES)}) or a folder of them."
+        )
+    if dyn.input_dtype is None or len(dyn.input_shape) != 1:
+        raise DataError(
+            f"--vocab makes token ids [T], but this model takes {dyn.input_shape} "
+            "float inputs; drop --vocab."
+        )
+    classes = None
+    if all(re.fullmatch(r"\d+", label) for label in read_labels(text)):
+        classes = [str(i) for i in range(dyn.num_classes)]
+    dataset = dynify.load_text_dataset(
+        text, dynify.Vocabulary.load(vocab), dyn.input_shape[0], classes=classes
+    )
+    return dataset, None
 
 
 def _data_path(data: str) -> Path | None:
@@ -128,6 +200,7 @@ def finetune(
     ] = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     out: OutOption = None,
+    vocab: VocabOption = None,
     trust_import: TrustImportOption = None,
 ) -> None:
     config = dynify.FinetuneConfig(
@@ -150,6 +223,7 @@ def finetune(
     check_output(ckpt, "checkpoint", inputs=[artifact, target, _data_path(data)])
     dyn = load_artifact(artifact, trust_import)
     pre = _preprocessing(dyn, input_size, mean, std)
+    source, source_split = _model_data(dyn, data, split, vocab)
     # torchrun's variables: only the first process prints and writes
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank == 0:
@@ -160,9 +234,9 @@ def finetune(
     try:
         result = dynify.finetune(
             dyn,
-            data,
+            source,
             config,
-            split=split,
+            split=source_split,
             preprocessing=pre,
             checkpoint=ckpt,
             resume=resume,
@@ -249,6 +323,7 @@ def calibrate(
     mean: MeanOption = None,
     std: StdOption = None,
     out: OutOption = None,
+    vocab: VocabOption = None,
     trust_import: TrustImportOption = None,
 ) -> None:
     if part not in ("auto", "calibration", "all"):
@@ -256,17 +331,18 @@ def calibrate(
     target, replaced = _artifact_output(artifact, out, data)
     dyn = load_artifact(artifact, trust_import)
     pre = _preprocessing(dyn, input_size, mean, std)
+    source, source_split = _model_data(dyn, data, split, vocab)
     with console.status("Running the calibration data through every exit..."):
         result = dynify.calibrate(
             dyn,
-            data,
+            source,
             budget=budget,
             max_drop=max_drop,
             mac_cap=mac_cap,
             part=part,  # type: ignore[arg-type]
             calibration_fraction=calibration_fraction,
             seed=seed,
-            split=split,
+            split=source_split,
             fit_temperature_scaling=temperature,
             batch_size=batch_size,
             preprocessing=pre,
@@ -313,6 +389,7 @@ def evaluate(
     input_size: InputSizeOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
+    vocab: VocabOption = None,
     trust_import: TrustImportOption = None,
 ) -> None:
     inputs = [artifact, _data_path(data)]
@@ -324,8 +401,11 @@ def evaluate(
         replaced_json = check_output(json_out, "JSON report", inputs=[*inputs, plot])
     dyn = load_artifact(artifact, trust_import)
     pre = _preprocessing(dyn, input_size, mean, std)
+    source, source_split = _model_data(dyn, data, split, vocab)
     with console.status("Evaluating..."):
-        report = dynify.evaluate(dyn, data, split=split, batch_size=batch_size, preprocessing=pre)
+        report = dynify.evaluate(
+            dyn, source, split=source_split, batch_size=batch_size, preprocessing=pre
+        )
     if report.warning:
         console.print(f"[yellow]Warning: {report.warning}.[/yellow]")
     console.print(report.table())

@@ -10,8 +10,13 @@ This is found in the graph, not assumed: the RNN's output sequence (`output[0]`,
 transposes) must flow into exactly one reading op whose other operand depends on the inputs
 alone, never on the RNN:
 - `gather` along time: the steps read are those the index names ("gather");
+- advanced indexing with an `arange` over the batch, `out[torch.arange(B), lengths - 1]`
+  (time-first: `out[lengths - 1, torch.arange(B)]`): the step each row's index names, a
+  negative one counted from the end as indexing does ("index");
 - a multiplication: the steps read are those whose factor is not zero ("mask");
 - `masked_fill(condition, value)`: those whose condition is false ("fill").
+Reading the output's shape (`out.size(0)`, `out.shape`) reads no step: the batch's `arange`
+may be made from it.
 The operand's computation is lifted into its own graph (`dynify.passes.stop_reading`,
 `dynify.passes.skip_rnn`) and `read_lengths` turns its value into each sample's number of
 steps to run. Anything else (the final state read, the whole sequence pooled) reads every
@@ -31,8 +36,9 @@ from dynify.errors import StrategyError
 from dynify.frontend.inputs import ExtraInput
 from dynify.frontend.recurrent import RecurrentLayer
 
-READ_KINDS = ("gather", "mask", "fill")
+READ_KINDS = ("gather", "index", "mask", "fill")
 _TRANSPOSES = {"transpose", "contiguous"}
+_METADATA = {"shape", "dtype", "device", "ndim"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,10 @@ def read_lengths(read: SequenceRead, operand: torch.Tensor, steps: int, batch: i
     if read.kind == "gather":
         index = operand.movedim(1 - read.axis, 0)
         return (index.reshape(batch, -1).amax(1).long() + 1).clamp(1, steps)
+    if read.kind == "index":
+        index = torch.broadcast_to(operand.reshape(-1).long(), (batch,))
+        index = torch.where(index < 0, index + steps, index)
+        return (index + 1).clamp(1, steps)
     shape = list(read.shape)
     shape[1 - read.axis] = batch
     full = torch.broadcast_to(operand, shape)
@@ -97,6 +107,33 @@ def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
+def _reads_metadata(node: torch.fx.Node) -> bool:
+    """`t.size(...)`, `t.shape`, `t.dtype`...: reads no value of `t`."""
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in _METADATA
+    )
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [u for u in node.users if not _reads_metadata(u)]
+
+
+def _is_batch_arange(node: object) -> bool:
+    """`torch.arange(n)` (device and dtype aside): the rows of a batch, in order."""
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and node.target is torch.arange
+        and len(node.args) == 1
+        and set(node.kwargs) <= {"device", "dtype"}
+    )
+
+
 def _is(node: torch.fx.Node, method: str, *functions: Any) -> bool:
     return (node.op == "call_method" and node.target == method) or (
         node.op == "call_function" and node.target in functions
@@ -114,7 +151,7 @@ def sequence_read(gm: torch.fx.GraphModule, layer: RecurrentLayer) -> SequenceRe
         return None
     node, axis = seqs[0], 1 if layer.batch_first else 0
     while True:
-        users = list(node.users)
+        users = _value_users(node)
         if len(users) != 1:
             return None
         user = users[0]
@@ -138,6 +175,15 @@ def _reading_operand(
     user: torch.fx.Node, seq: torch.fx.Node, axis: int
 ) -> tuple[torch.fx.Node | None, str]:
     """The operand of the op reading `seq` (index, factor or condition), and the read kind."""
+    if user.op == "call_function" and user.target is operator.getitem and user.args[0] is seq:
+        index = user.args[1]
+        if not isinstance(index, tuple) or len(index) not in (2, 3):
+            return None, ""
+        whole = len(index) == 2 or index[2] == slice(None) or index[2] is Ellipsis
+        if whole and _is_batch_arange(index[1 - axis]):
+            step = index[axis]
+            return (step, "index") if isinstance(step, torch.fx.Node) else (None, "")
+        return None, ""
     if _is(user, "gather", torch.gather):
         if user.args[0] is not seq or len(user.args) < 3:
             return None, ""
@@ -170,7 +216,8 @@ def require_read(
         f"This model takes {extra.kind} but its classifier reads '{layer.module}' in a way "
         f"{strategy} cannot follow (its final state, or every step of its output sequence), so "
         "the padding steps change its answer and cannot be skipped. Read the output at each "
-        "sample's last token (out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, H))) or "
+        "sample's last token (out[torch.arange(B), lengths - 1], or out.gather(1, (lengths - "
+        "1).view(-1, 1, 1).expand(-1, 1, H))) or "
         "multiply it by the padding mask (out * mask.unsqueeze(-1)) before pooling; the final "
         "state of an unpacked RNN includes the padding."
     )

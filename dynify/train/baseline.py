@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dynify.errors import DynifyError
-from dynify.train.batches import Batches, Preprocessing, holds_token_ids
+from dynify.frontend.inputs import ExtraInput, Inputs, input_tensors, parse_extra_input
+from dynify.train.batches import Batches, Preprocessing, call_model, holds_token_ids
 from dynify.train.data import IMAGENET_MEAN, IMAGENET_STD, TensorImageDataset
 from dynify.train.distill import lr_factor
 
@@ -66,6 +67,7 @@ def finetune_static(
     validation: Dataset | None = None,
     trim_padding: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    extra_input: str | ExtraInput | None = None,
 ) -> StaticFinetuneResult:
     """Train the static `model` in place on `data`: the baseline to report a dynamic model
     against.
@@ -84,6 +86,9 @@ def finetune_static(
     `trim_padding` cuts each batch of token ids after its last column that holds a token: much
     faster on short texts, and exact for models that read a text only up to its last token
     (`TextClassifier`), not for ones that pool over all positions.
+    `extra_input` ("lengths", "mask", "mask:int64", as `dynify.convert`'s second input) is for
+    a model called as `model(ids, lengths)` or `model(ids, mask)`: they are made from the
+    right-padded ids (or taken from items `((ids, lengths), label)`).
     """
     if epochs < 1:
         raise DynifyError(f"epochs must be at least 1, got {epochs}.")
@@ -97,6 +102,7 @@ def finetune_static(
         raise DynifyError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
     if clip_grad_norm is not None and not clip_grad_norm > 0:
         raise DynifyError(f"clip_grad_norm must be positive, got {clip_grad_norm}.")
+    extra = None if extra_input is None else parse_extra_input(extra_input)
     if isinstance(data, tuple | list):
         data = TensorImageDataset(*data)
     tokens = holds_token_ids(data)
@@ -104,11 +110,19 @@ def finetune_static(
         raise DynifyError("Give input_size: the resolution images are resized to for the model.")
     preprocessing = Preprocessing(input_size or 0, tuple(mean), tuple(std))
     batches = Batches(
-        data, preprocessing, batch_size=batch_size, train=True, augment=augment, seed=seed
+        data,
+        preprocessing,
+        batch_size=batch_size,
+        train=True,
+        augment=augment,
+        seed=seed,
+        extra_input=extra,
     )
     held_out = None
     if validation is not None:
-        held_out = Batches(validation, batches.pre, batch_size=max(batch_size, 256))
+        held_out = Batches(
+            validation, batches.pre, batch_size=max(batch_size, 256), extra_input=extra
+        )
     teacher = copy.deepcopy(model).eval() if label_weight < 1.0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
@@ -133,8 +147,8 @@ def finetune_static(
                 target = None
                 if teacher is not None:
                     with torch.no_grad():
-                        target = torch.softmax(teacher(x) / t, -1)
-                out = model(x)
+                        target = torch.softmax(call_model(teacher, x) / t, -1)
+                out = call_model(model, x)
                 if target is None:
                     loss = F.cross_entropy(out, y)
                 else:
@@ -175,10 +189,16 @@ def finetune_static(
     return result
 
 
-def _trim(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """Token ids without the trailing columns that are padding in every row (at least one)."""
+def _trim(x: Inputs, pad_id: int = 0) -> Inputs:
+    """Token ids (and their mask) without the trailing columns that are padding in every row
+    (at least one); lengths are unchanged (none reaches past the last such column)."""
+    ids, *rest = input_tensors(x)
     used = (ids != pad_id).any(0).nonzero()
-    return ids[:, : int(used.max()) + 1 if len(used) else 1]
+    end = int(used.max()) + 1 if len(used) else 1
+    if not rest:
+        return ids[:, :end]
+    extra = rest[0][:, :end] if rest[0].dim() == 2 else rest[0]
+    return ids[:, :end], extra
 
 
 @torch.no_grad()
@@ -186,7 +206,7 @@ def _accuracy(model: nn.Module, batches: Batches, trim: bool) -> float:
     model.eval()
     correct = count = 0
     for x, y in batches.epoch(0):
-        out = model(_trim(x) if trim else x)
+        out = call_model(model, _trim(x) if trim else x)
         correct += int((out.argmax(-1) == y).sum())
         count += len(y)
     model.train()

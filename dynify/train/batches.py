@@ -6,6 +6,12 @@ epochs, optional augmentation, sharded over DDP ranks). Small images are decoded
 uint8 tensor and augmented on whole batches; large ones stream through a DataLoader. Token ids
 (integer tensors other than uint8, e.g. a `TextDataset`) reach the model unchanged: no resizing,
 scaling or augmentation applies to them.
+
+A model converted with lengths or a padding mask (`dyn.extra_input`) gets them from the batch in
+one place, `model_inputs`: made from right-padded token ids (lengths = the count of non-pad
+ids), or taken as they are from a data set whose items already hold them, `((ids, lengths),
+label)` or `((ids, mask), label)`. Every stage then calls the model with what `Batches` yields
+(`call_model`), the static teacher included.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from dynify.errors import DataError
+from dynify.frontend.inputs import ExtraInput, Inputs, input_tensors, map_inputs
 from dynify.runtime.model import DynamicModel
 from dynify.train.data import (
     IMAGENET_MEAN,
@@ -36,6 +43,7 @@ from dynify.train.data import (
     random_crop_flip,
     to_tensor_dataset,
 )
+from dynify.train.data.text import PAD_ID
 
 # Decode a data set into memory up to this many bytes of uint8 pixels (CIFAR-10: 150 MB).
 DECODE_LIMIT_BYTES = 2 << 30
@@ -135,8 +143,10 @@ def open_data(
     """A labelled (or unlabelled: label -1) data set, its classes checked against the model.
 
     Folders, zips and torchvision names load raw images; small ones (up to 64 px) are decoded
-    once into a uint8 tensor when `decode`, which makes epochs cheap.
+    once into a uint8 tensor when `decode`, which makes epochs cheap. A DataLoader stands for
+    its data set (its batching and order are not used: epochs here are deterministic).
     """
+    data = _loader_dataset(data)
     if isinstance(data, Dataset):
         dataset = data
         classes = _classes(dataset)
@@ -158,6 +168,21 @@ def open_data(
                 with contextlib.suppress(MixedImageSizes):  # lazy: transforms resize them all
                     dataset = to_tensor_dataset(dataset)
     return dataset
+
+
+def _loader_dataset(data: Any) -> Any:
+    """A DataLoader's data set, when batching its items with the default collate gives what the
+    loader yields; a custom `collate_fn` (padding texts to each batch's longest) is refused."""
+    if not isinstance(data, DataLoader):
+        return data
+    if data.collate_fn is not default_collate or data.batch_size is None:
+        raise DataError(
+            "A DataLoader with its own collate_fn (or no batch_size) cannot be read by dynify, "
+            "which draws its own deterministic batches from the data set. Pass a Dataset whose "
+            "items are (ids, label), ((ids, lengths), label) or ((ids, mask), label), every "
+            "text padded on the right to one length (or a TextDataset)."
+        )
+    return data.dataset
 
 
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
@@ -210,13 +235,71 @@ def is_token_ids(x: torch.Tensor) -> bool:
 
 
 def holds_token_ids(dataset: Dataset) -> bool:
-    """Whether the data set's inputs are token ids (a TextDataset, or integer tensors)."""
+    """Whether the data set's inputs are token ids (a TextDataset, integer tensors, or pairs
+    of token ids and their lengths or mask)."""
     if isinstance(_base(dataset), TextDataset):
         return True
     if len(dataset) == 0:
         return False
     first = dataset[0][0]
+    if _is_pair(first):
+        first = first[0]
     return isinstance(first, torch.Tensor) and is_token_ids(first)
+
+
+def _is_pair(item: Any) -> bool:
+    """An input given with its second tensor: `(ids, lengths)` or `(ids, mask)`."""
+    return (
+        isinstance(item, tuple | list)
+        and len(item) == 2
+        and all(isinstance(t, torch.Tensor) for t in item)
+    )
+
+
+def model_inputs(x: Any, extra_input: ExtraInput | None, *, pad_id: int = PAD_ID) -> Inputs:
+    """What a model takes for a batch `x`: `x` itself, or for a model converted with lengths or
+    a padding mask, `(ids, lengths)` / `(ids, mask)` in the dtype the spec records.
+
+    Token ids `[B, T]` right-padded with `pad_id` give lengths = the count of non-pad ids (at
+    least 1: an all-pad row reads its first step, as the text classifiers do) and the mask of
+    those first positions. A batch that already is a pair (a data set of `((ids, lengths),
+    label)` items) is passed on, its second tensor cast to the recorded dtype."""
+    if _is_pair(x):
+        if extra_input is None:
+            raise DataError(
+                "The data yield pairs (ids, lengths or mask) but the model takes one input; "
+                "give it the ids alone (items (ids, label)), or convert it with its lengths or "
+                "mask (example_input=(ids, lengths), --lengths / --mask)."
+            )
+        ids, extra = x
+        return ids, extra.to(extra_input.dtype)
+    if isinstance(x, tuple | list):
+        raise DataError(
+            f"A batch's inputs are a {type(x).__name__} of {len(x)} items; dynify reads one "
+            "tensor, or a pair (ids, lengths) / (ids, mask)."
+        )
+    if extra_input is None:
+        return x
+    if not isinstance(x, torch.Tensor) or not is_token_ids(x) or x.dim() != 2:
+        raise DataError(
+            f"The model takes a padded sequence and its {extra_input.kind}, which dynify makes "
+            "from token ids [B, T] padded on the right; these data yield "
+            f"{_describe(x)}. Give items ((x, {extra_input.kind}), label) instead."
+        )
+    lengths = (x != pad_id).sum(1).clamp(min=1)
+    return x, extra_input.of_lengths(lengths, x.shape[1])
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+    return type(x).__name__
+
+
+def call_model(model: Any, x: Inputs) -> torch.Tensor:
+    """`model` on inputs from `Batches`: `model(x)` or `model(ids, lengths / mask)`, the way
+    the user's original network is called (a DynamicModel takes either form)."""
+    return model(*input_tensors(x))
 
 
 class _Transformed(Dataset):
@@ -246,6 +329,7 @@ class Batches:
     batch and keeps its own slice, so gradients averaged over ranks equal one process's.
     uint8 tensors are scaled and normalised; float tensors are taken as ready model inputs;
     token ids pass unchanged, with the identity preprocessing whatever `pre` says (`self.pre`).
+    With `extra_input` (the model's lengths or mask) the inputs are `model_inputs`' pairs.
     """
 
     def __init__(
@@ -260,6 +344,7 @@ class Batches:
         rank: int = 0,
         world: int = 1,
         num_workers: int = 0,
+        extra_input: ExtraInput | None = None,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}.")
@@ -268,6 +353,7 @@ class Batches:
         self.pre = Preprocessing.identity() if self.tokens else pre
         self.batch_size, self.train, self.augment = batch_size, train, augment and not self.tokens
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
+        self.extra_input = extra_input
         self.tensors = _tensor_parts(dataset)
         n = len(dataset)
         self.drop_last = train and n >= batch_size
@@ -281,7 +367,7 @@ class Batches:
             return bool((self.tensors[1] >= 0).any())
         return True
 
-    def epoch(self, epoch: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int = 0, skip: int = 0) -> Iterator[tuple[Inputs, torch.Tensor]]:
         """Batches of epoch `epoch`, the first `skip` of them drawn but not returned."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.tensors:
@@ -290,8 +376,10 @@ class Batches:
         else:
             source = self._loader_epoch(generator, skip)
         for x, y in source:
+            x = model_inputs(x, self.extra_input)
             if self.world > 1:
-                x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+                x = map_inputs(x, lambda t: t[self.rank :: self.world])
+                y = y[self.rank :: self.world]
             yield x, y
 
     def _tensor_epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -357,7 +445,7 @@ class Batches:
 def _needs_transform(dataset: Dataset) -> bool:
     """Raw PIL images (our loaders with transform=None) need the transforms; others are ready."""
     sample = dataset[0][0]
-    return not isinstance(sample, torch.Tensor)
+    return not isinstance(sample, torch.Tensor) and not _is_pair(sample)
 
 
 def collect_labels(dataset: Dataset) -> torch.Tensor | None:

@@ -36,6 +36,7 @@ from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import (
     Batches,
     Preprocessing,
+    call_model,
     open_data,
     resolve_preprocessing,
 )
@@ -172,7 +173,8 @@ def finetune(
     is recorded in `dyn.spec["finetune"]`, so `calibrate` on the same data takes that part.
 
     `mode`: "heads" (the static network frozen: fast) or "joint" (everything trains, distilled
-    from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module).
+    from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module called
+    as the original network is: `teacher(ids, lengths)` for a model converted with lengths).
     Labels are used where present (weight `label_weight`), never required.
 
     `checkpoint`: a file written atomically at the start, after every epoch and when Ctrl-C or
@@ -229,12 +231,13 @@ def finetune(
         rank=rank,
         world=world,
         num_workers=num_workers,
+        extra_input=dyn.extra_input,
     )
     pre = batches.pre  # the identity for token ids, whatever was asked
     result = FinetuneResult(config, calibration_data=calibration, preprocessing=pre)
     if mode == "joint" and teacher is None:
         teacher = copy.deepcopy(dyn).eval()
-        static_teacher: Callable[[torch.Tensor], torch.Tensor] | None = _static_call(teacher)
+        static_teacher: Callable[..., torch.Tensor] | None = _static_call(teacher)
     elif teacher is not None:
         static_teacher = teacher.eval()
     else:
@@ -303,10 +306,10 @@ def finetune(
     return result
 
 
-def _static_call(model: DynamicModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    def call(x: torch.Tensor) -> torch.Tensor:
+def _static_call(model: DynamicModel) -> Callable[..., torch.Tensor]:
+    def call(*x: torch.Tensor) -> torch.Tensor:
         with model.static():
-            return model(x)
+            return model(*x)
 
     return call
 
@@ -521,7 +524,7 @@ class _Loop:
         config: FinetuneConfig,
         optimizer: Optimizer,
         runner: nn.Module,
-        teacher: Callable[[torch.Tensor], torch.Tensor] | None,
+        teacher: Callable[..., torch.Tensor] | None,
         batches: Batches,
         trainable: list[nn.Parameter],
         result: FinetuneResult,
@@ -592,7 +595,7 @@ class _Loop:
         teacher_logits = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(x)
+                teacher_logits = call_model(self.teacher, x)
         loss, metrics = self.runner(x, teacher_logits, y)
         interrupt_hook("forward", current)
         if not self._agreed_finite(loss):

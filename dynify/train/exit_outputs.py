@@ -86,7 +86,9 @@ def data_batches(
     if isinstance(data, Batches):
         return data
     pre = preprocessing or resolve_preprocessing(dyn)
-    return Batches(open_data(data, dyn, split=split), pre, batch_size=batch_size)
+    return Batches(
+        open_data(data, dyn, split=split), pre, batch_size=batch_size, extra_input=dyn.extra_input
+    )
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Text classification data as token ids: a tokenizer, a vocabulary and `text<TAB>label` files.
 
-A sequence model takes ONE tensor of token ids `[B, T]` (int64), padded on the right with the
-pad id 0 to a fixed length T; it derives lengths or masks from `ids != 0` itself. The vocabulary
+A sequence model takes a tensor of token ids `[B, T]` (int64), padded on the right with the
+pad id 0 to a fixed length T; it derives lengths or masks from `ids != 0` itself, or, converted
+with its lengths or mask as a second input, gets them from the batches (`model_inputs`). The vocabulary
 is built from training texts only (so test words the model never saw map to the unknown id 1),
 and is saved beside the model as JSON: a list of tokens, nothing that could run.
 """
@@ -285,6 +286,11 @@ def _read_rows(path: Path) -> tuple[list[str], list[str], list[int]]:
     if not texts:
         raise DataError(f"{path} holds no examples: expected lines of 'text<TAB>label'.")
     return texts, labels, lines
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """The labels of a `text<TAB>label` file as written (header skipped), one per example."""
+    return _read_rows(Path(path))[1]
 
 
 def _sorted_labels(labels: Iterable[str]) -> list[str]:
