@@ -64,7 +64,7 @@ def test_finetune_calibrate_evaluate(workspace, artifact, tmp_path):
         app, ["calibrate", str(artifact), "--data", test, "--budget", "0.7", "--part", "all"]
     )
     assert result.exit_code == 0, result.output
-    assert "Calibrated on 40 images (all of the data)" in result.output
+    assert "Calibrated on 40 samples (all of the data)" in result.output
     calibrated = dynify.load(artifact)
     assert calibrated.spec["calibration"]["target"] == {"budget": 0.7}
     assert calibrated.spec["calibration"]["macs_fraction"] <= 0.7
@@ -91,7 +91,7 @@ def test_calibrate_on_the_fine_tuning_data_uses_the_held_out_part(workspace, art
     assert runner.invoke(app, ["finetune", str(artifact), "--data", train, *args]).exit_code == 0
     result = runner.invoke(app, ["calibrate", str(artifact), "--data", train, "--max-drop", "0.1"])
     assert result.exit_code == 0, result.output
-    assert "Calibrated on 30 images (the 25% held out from fine-tuning" in result.output
+    assert "Calibrated on 30 samples (the 25% held out from fine-tuning" in result.output
 
 
 @pytest.mark.parametrize(

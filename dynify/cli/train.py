@@ -269,7 +269,7 @@ def finetune(
     ckpt.unlink(missing_ok=True)
     held = len(result.calibration_data) if result.calibration_data is not None else 0
     console.print(
-        f"Trained in {result.seconds:.0f} s. {held} images held out for `dynify calibrate "
+        f"Trained in {result.seconds:.0f} s. {held} samples held out for `dynify calibrate "
         f"{target} --data {data}{f' --split {split}' if split else ''}`."
     )
     wrote(target, replaced)
@@ -349,8 +349,8 @@ def calibrate(
             ensemble=ensemble,
         )
     style = "yellow" if "optimistic" in result.data else "default"
-    console.print(f"[{style}]Calibrated on {result.samples} images ({result.data}).[/{style}]")
-    table = Table(title=f"Calibration ({result.method}, {result.samples} images)")
+    console.print(f"[{style}]Calibrated on {result.samples} samples ({result.data}).[/{style}]")
+    table = Table(title=f"Calibration ({result.method}, {result.samples} samples)")
     for column in ("exit", "threshold", "temperature"):
         table.add_column(column, justify="right")
     for i, t in enumerate(result.thresholds):
