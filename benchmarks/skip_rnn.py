@@ -97,6 +97,41 @@ def wall_clock(
     }
 
 
+def _tuned(
+    args: argparse.Namespace, model: torch.nn.Module, example: torch.Tensor, fit: Any
+) -> tuple[dynify.DynamicModel, list[dict], float]:
+    """The fine-tuned skip-rnn model, its per-epoch history and training seconds: loaded from
+    `args.model` if it exists, else converted, fine-tuned and (with `args.model`) written."""
+    if args.model is not None and args.model.exists():
+        dyn = dynify.load(args.model, model=model)
+        record = dyn.spec.get("finetune_record", {})
+        print(f"loaded the fine-tuned model from {args.model}", flush=True)
+        return dyn, record.get("history", []), float(record.get("seconds", 0.0))
+    torch.manual_seed(args.seed)
+    dyn = dynify.convert(model, "skip-rnn", example, options={"budget": args.budget})
+    started = time.perf_counter()
+    tuned = dynify.finetune(
+        dyn,
+        fit,
+        mode=args.mode,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        augment=False,
+        calibration_fraction=0.0,
+        progress=False,
+    )
+    seconds = time.perf_counter() - started
+    print(f"fine-tuned in {seconds / 60:.1f} min: {tuned.history[-1]}", flush=True)
+    if args.model is not None:
+        args.model.parent.mkdir(parents=True, exist_ok=True)
+        record = {"history": tuned.history, "seconds": round(seconds, 1)}
+        dynify.save(dyn, args.model, extra={"finetune_record": record})
+        print(f"wrote {args.model}", flush=True)
+    return dyn, tuned.history, seconds
+
+
 # --- the runner's interface ---------------------------------------------------------------------
 
 
@@ -114,6 +149,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the fine-tuned model's artifact: loaded if it exists (no fine-tuning), else "
+        "written after fine-tuning (default: none kept)",
+    )
+    parser.add_argument(
+        "--stop-after-save",
+        action="store_true",
+        help="fine-tune, write --model and stop (no curve, no results)",
+    )
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -135,23 +182,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     static_acc, static_held_out = accuracy(model, test), accuracy(model, held_out)
     print(f"static: test accuracy {pct(static_acc)} %", flush=True)
 
-    torch.manual_seed(args.seed)
-    dyn = dynify.convert(model, "skip-rnn", example, options={"budget": args.budget})
-    started = time.perf_counter()
-    tuned = dynify.finetune(
-        dyn,
-        fit,
-        mode=args.mode,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        augment=False,
-        calibration_fraction=0.0,
-        progress=False,
-    )
-    train_seconds = time.perf_counter() - started
-    print(f"fine-tuned in {train_seconds / 60:.1f} min: {tuned.history[-1]}", flush=True)
+    dyn, history, train_seconds = _tuned(args, model, example, fit)
+    if args.stop_after_save:
+        return {}
 
     curve = []
     for threshold in GRID:
@@ -194,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                 "budget": args.budget,
                 "fit_rows": len(fit),
                 "seconds": round(train_seconds, 1),
-                "history": tuned.history,
+                "history": history,
             },
             "rows": {"held_out": len(held_out), "test": len(test)},
             "curve": curve,

@@ -143,6 +143,15 @@ def run_stretch(
     return out, State(final, None)
 
 
+def updates_held(tops: Tensor, updated: Tensor) -> Tensor:
+    """A layer's outputs [B, T, H] when each sample's state changes only at its updates: at
+    step t, the output `tops` [B, T, H] of the sample's last update at or before t (`updated`
+    [B, T] bool; every sample updates at step 0)."""
+    positions = torch.arange(updated.shape[1], device=updated.device)
+    last = torch.where(updated, positions, 0).cummax(1).values
+    return tops.gather(1, last.unsqueeze(-1).expand_as(tops))
+
+
 def batch_first(rnn: RecurrentModule, x: Tensor) -> Tensor:
     """The module's input as [B, T, F]."""
     return x if rnn.batch_first else x.transpose(0, 1)
@@ -170,6 +179,7 @@ __all__ = [
     "run_stretch",
     "scatter_state",
     "step_rows",
+    "updates_held",
     "zero_state",
 ]
 

@@ -57,7 +57,6 @@ from dynify.runtime.decisions import (
     accumulate_update_probability,
     gate_decides,
     steps_to_next_update,
-    steps_to_next_update_one,
     straight_through_update,
     update_boundary,
     update_probability,
@@ -75,6 +74,7 @@ from dynify.runtime.recurrence import (
     run_stretch,
     scatter_state,
     step_rows,
+    updates_held,
     zero_state,
 )
 from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
@@ -150,6 +150,11 @@ class SkipRNN(nn.Module):
             return gated.to(torch.float64) * self.gate_macs + self.step_macs
         return float(self.step_macs + (self.gate_macs if gated else 0))
 
+    def update_costs(self, t: Tensor, gated: Tensor) -> Tensor:
+        """`update_cost` of updates at steps `t` [M] (each > 0), float64 [M]."""
+        cost = gated.to(torch.float64) * self.gate_macs + self.step_macs
+        return torch.where(t + 1 >= self.steps, float(self.step_macs), cost)
+
     def every_step_fits(self, run: SkipRun) -> bool:
         """Whether updating at every step (no gate) fits the cap: then the fused kernel runs."""
         return run.cap is None or (self.steps - 1) * self.step_macs <= run.cap - run.floor
@@ -160,86 +165,102 @@ class SkipRNN(nn.Module):
             return None
         return mac_cap.allowance(run.cap, run.floor, batch, device)
 
-    # --- eager: only the samples due to update run ------------------------------------------
+    # --- eager: update rounds, only the samples due to update run ---------------------------
     def _eager(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
+        """Update by update, not step by step: in round k every sample with a step left makes
+        its k-th update at its own position (one gather of the inputs at those positions, one
+        cell call, the gate on those rows, the next positions by the tensor rule), so a batch
+        takes as many rounds as its busiest sample updates, each on every sample still due.
+        The layer's output at step t is the state of the sample's last update at or before t."""
         batch, steps = xb.shape[0], xb.shape[1]
         threshold = run.thresholds[0]
         every = bool(updates_every_step(threshold))
-        limits = [steps] * batch if run.limit is None else run.limit.tolist()
+        device = xb.device
+        limit = (
+            torch.full((batch,), steps, dtype=torch.long, device=device)
+            if run.limit is None
+            else run.limit.to(device=device, dtype=torch.long)
+        )
         if every and self.every_step_fits(run):
-            out, state = self._fused_to_limits(xb, limits)
-            positions = torch.arange(steps, device=xb.device)
-            run.updates = positions[None, :] < torch.tensor(limits, device=xb.device)[:, None]
+            out, state = self._fused_to_limits(xb, limit.tolist())
+            positions = torch.arange(steps, device=device)
+            run.updates = positions[None, :] < limit[:, None]
             run.gates = torch.zeros(batch, dtype=torch.long)
             return out, state
         use_gate = gate_decides(float(threshold))
-        boundary = float(update_boundary(threshold))
-        never = [1 if every else steps + 1] * batch  # without the gate: every step, or never
-        # each sample's allowance left (`mac_cap.allowance`), in Python floats as the schedule is
-        left = None if run.cap is None else [float(run.cap - run.floor)] * batch
-        inputs = xb.transpose(0, 1)  # [T, B, F]: a step's inputs are one slice
+        # without the gate: every step (above 1, the cap forbidding the fused kernel) or never
+        ahead = 1 if every else steps + 1
+        left = self.allowance(run, batch, device)
         state = zero_state(self.rnn, batch, xb)
-        due: list[list[int]] = [[] for _ in range(steps)]
-        due[0] = list(range(batch))
-        flags = [[False] * steps for _ in range(batch)]
-        gates = [0] * batch
-        outs = []
-        for t in range(steps):
-            rows = [r for r in sorted(due[t]) if t < limits[r]]  # padding steps never run
-            if rows and left is not None and t > 0:  # the first update is in the floor
-                fit, late = [], []
-                for r in rows:  # `mac_cap.fits` and `mac_cap.spend`, one sample at a time
-                    # the step, and the gate after it unless it is the sample's last step
-                    cost = float(self.update_cost(t, use_gate and t + 1 < limits[r]))
-                    if cost <= left[r]:
-                        left[r] -= cost
-                        fit.append(r)
-                    else:
-                        late.append(r)
-                if late and t + 1 < steps:  # skipped: due again at the next step
-                    due[t + 1].extend(late)
-                rows = fit
-            if rows:
-                if len(rows) == batch:
-                    index, new = None, cell_step(self.rnn, inputs[t], state)
-                    state = new
-                else:
-                    index = torch.tensor(rows, device=xb.device)
-                    new = cell_step(
-                        self.rnn, inputs[t].index_select(0, index), gather_state(state, index)
-                    )
-                    state = scatter_state(state, index, new)
-                for r in rows:
-                    flags[r][t] = True
-                going_on = [i for i, r in enumerate(rows) if t + 1 < limits[r]]
-                if going_on:  # the samples with steps left after this one
-                    if len(going_on) < len(rows):
-                        keep = torch.tensor(going_on, device=xb.device)
-                        top = new.top.index_select(0, keep)
-                    else:
-                        top = new.top
-                    on_rows = [rows[i] for i in going_on]
-                    if use_gate:
-                        logits = self.gate(top).squeeze(-1)
-                        ahead = steps_to_next_update_one(
-                            logits.tolist(),
-                            boundary,
-                            steps,
-                            lambda logits=logits: steps_to_next_update(
-                                update_probability(logits), threshold, steps
-                            ).tolist(),
-                        )
-                        for r in on_rows:
-                            gates[r] += 1
-                    else:  # threshold 0 or below: never again; above 1: the next step
-                        ahead = never
-                    for r, j in zip(on_rows, ahead, strict=False):
-                        if t + j < steps:
-                            due[t + j].append(r)
-            outs.append(state.top)
-        run.updates = torch.tensor(flags, dtype=torch.bool)
-        run.gates = torch.tensor(gates, dtype=torch.long)
-        return torch.stack(outs, 1), state
+        pos = torch.zeros(batch, dtype=torch.long, device=device)  # each sample's next update
+        tops = xb.new_zeros((batch, steps, self.rnn.hidden_size))  # the output of each update
+        flags = torch.zeros((batch, steps), dtype=torch.bool, device=device)
+        everyone = torch.arange(batch, device=device)
+        rows, first = everyone, True
+        while rows.numel():
+            t, lim = pos.index_select(0, rows), limit.index_select(0, rows)
+            if left is not None and not first:  # the first update is in the floor
+                rows, t, lim, left, pos = self._fit_cap(rows, t, lim, left, pos, use_gate)
+                if not rows.numel():
+                    rows = (pos < limit).nonzero().squeeze(1)
+                    continue
+            whole = rows.numel() == batch
+            x_t = xb[rows, t]
+            if whole:
+                new = state = cell_step(self.rnn, x_t, state)
+            else:
+                new = cell_step(self.rnn, x_t, gather_state(state, rows))
+                state = scatter_state(state, rows, new)
+            tops[rows, t] = new.top
+            flags[rows, t] = True
+            on = t + 1 < lim  # the rows with steps left after this one
+            if use_gate:
+                every_on = bool(on.all())
+                top = new.top if every_on else new.top[on]
+                delta = update_probability(self.gate(top).squeeze(-1))
+                gap = steps_to_next_update(delta, threshold, steps)
+                if not every_on:
+                    gap = torch.full_like(t, steps + 1).masked_scatter(on, gap)
+                nxt = t + gap
+            else:
+                nxt = t + ahead
+            pos = pos.index_copy(0, rows, torch.where(on, nxt, steps))
+            rows = (pos < limit).nonzero().squeeze(1)
+            first = False
+        run.updates = flags
+        positions = torch.arange(steps, device=device)
+        if use_gate:  # the gate ran after every update but each sample's last step
+            run.gates = (flags & (positions[None, :] + 1 < limit[:, None])).sum(1).cpu()
+        else:
+            run.gates = torch.zeros(batch, dtype=torch.long)
+        return updates_held(tops, flags), state
+
+    def _fit_cap(
+        self,
+        rows: Tensor,
+        t: Tensor,
+        lim: Tensor,
+        left: Tensor,
+        pos: Tensor,
+        use_gate: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The rows due this round whose update fits their allowance (which it then uses up).
+
+        An update that does not fit is skipped and the sample stays due at the next step; its
+        cost there is the same (`update_cost`) up to its last step, which has no gate after
+        it, so it updates next at its last step if the step alone fits, else never."""
+        gated = (t + 1 < lim) if use_gate else torch.zeros_like(t, dtype=torch.bool)
+        cost = self.update_costs(t, gated)
+        have = left.index_select(0, rows)
+        fit = mac_cap.fits(have, cost)
+        left = left.index_copy(0, rows, mac_cap.spend(have, cost, fit))
+        if bool(fit.all()):
+            return rows, t, lim, left, pos
+        late = ~fit
+        retry = (t < lim - 1) & mac_cap.fits(have, float(self.step_macs))
+        again = torch.where(retry, lim - 1, self.steps)
+        pos = pos.index_copy(0, rows[late], again[late])
+        return rows[fit], t[fit], lim[fit], left, pos
 
     def _fused_to_limits(self, xb: Tensor, limits: list[int]) -> tuple[Tensor, State]:
         """Every step of every sample up to its limit through the fused kernel: one stretch
