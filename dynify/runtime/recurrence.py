@@ -147,9 +147,12 @@ def updates_held(tops: Tensor, updated: Tensor) -> Tensor:
     """A layer's outputs [B, T, H] when each sample's state changes only at its updates: at
     step t, the output `tops` [B, T, H] of the sample's last update at or before t (`updated`
     [B, T] bool; every sample updates at step 0)."""
-    positions = torch.arange(updated.shape[1], device=updated.device)
+    batch, steps = updated.shape
+    positions = torch.arange(steps, device=updated.device)
     last = torch.where(updated, positions, 0).cummax(1).values
-    return tops.gather(1, last.unsqueeze(-1).expand_as(tops))
+    # rows of the flattened [B * T, H] (an index_select copies rows; a gather is slower)
+    rows = (last + steps * torch.arange(batch, device=updated.device)[:, None]).view(-1)
+    return tops.reshape(batch * steps, -1).index_select(0, rows).view(tops.shape)
 
 
 def batch_first(rnn: RecurrentModule, x: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ from dynify.runtime.decisions import (
     accumulate_update_probability,
     gate_decides,
     steps_to_next_update,
+    steps_to_next_update_one,
     straight_through_update,
     update_boundary,
     update_probability,
@@ -169,98 +170,124 @@ class SkipRNN(nn.Module):
     def _eager(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
         """Update by update, not step by step: in round k every sample with a step left makes
         its k-th update at its own position (one gather of the inputs at those positions, one
-        cell call, the gate on those rows, the next positions by the tensor rule), so a batch
-        takes as many rounds as its busiest sample updates, each on every sample still due.
-        The layer's output at step t is the state of the sample's last update at or before t."""
+        cell call, the gate on those rows), so a batch takes as many rounds as its busiest
+        sample updates, each on every sample still due. The layer's output at step t is the
+        state of the sample's last update at or before t (`updates_held`).
+
+        The schedule (positions, allowances) is kept in Python numbers: a round's bookkeeping
+        on a few dozen numbers costs less in Python than in tensor ops, and the gate's logits
+        are decided in doubles by `steps_to_next_update_one`, which hands near-ties to the
+        tensor rule, so the schedule is the tensor rule's."""
         batch, steps = xb.shape[0], xb.shape[1]
         threshold = run.thresholds[0]
         every = bool(updates_every_step(threshold))
-        device = xb.device
-        limit = (
-            torch.full((batch,), steps, dtype=torch.long, device=device)
-            if run.limit is None
-            else run.limit.to(device=device, dtype=torch.long)
-        )
+        limits = [steps] * batch if run.limit is None else run.limit.tolist()
         if every and self.every_step_fits(run):
-            out, state = self._fused_to_limits(xb, limit.tolist())
-            positions = torch.arange(steps, device=device)
-            run.updates = positions[None, :] < limit[:, None]
+            out, state = self._fused_to_limits(xb, limits)
+            positions = torch.arange(steps, device=xb.device)
+            run.updates = positions[None, :] < torch.tensor(limits, device=xb.device)[:, None]
             run.gates = torch.zeros(batch, dtype=torch.long)
             return out, state
         use_gate = gate_decides(float(threshold))
+        boundary = float(update_boundary(threshold))
         # without the gate: every step (above 1, the cap forbidding the fused kernel) or never
         ahead = 1 if every else steps + 1
-        left = self.allowance(run, batch, device)
+        # each sample's allowance left (`mac_cap.allowance`), in Python floats as the schedule is
+        left = None if run.cap is None else [float(run.cap - run.floor)] * batch
+        flat_inputs = xb.reshape(batch * steps, xb.shape[2])
         state = zero_state(self.rnn, batch, xb)
-        pos = torch.zeros(batch, dtype=torch.long, device=device)  # each sample's next update
-        tops = xb.new_zeros((batch, steps, self.rnn.hidden_size))  # the output of each update
-        flags = torch.zeros((batch, steps), dtype=torch.bool, device=device)
-        everyone = torch.arange(batch, device=device)
-        rows, first = everyone, True
-        while rows.numel():
-            t, lim = pos.index_select(0, rows), limit.index_select(0, rows)
+        pos = [0] * batch  # each sample's next update; at or past its limit: done
+        tops: list[Tensor] = []  # the layer's output after each round's updates
+        places: list[Tensor] = []  # where they go in [B * T]
+        rows, first = list(range(batch)), True
+        while rows:
             if left is not None and not first:  # the first update is in the floor
-                rows, t, lim, left, pos = self._fit_cap(rows, t, lim, left, pos, use_gate)
-                if not rows.numel():
-                    rows = (pos < limit).nonzero().squeeze(1)
+                rows = self._fit_cap(rows, pos, limits, left, use_gate)
+                if not rows:
+                    rows = [r for r in range(batch) if pos[r] < limits[r]]
                     continue
-            whole = rows.numel() == batch
-            x_t = xb[rows, t]
-            if whole:
+            ts = [pos[r] for r in rows]
+            flat = torch.tensor([r * steps + t for r, t in zip(rows, ts, strict=True)])
+            flat = flat.to(xb.device)
+            x_t = flat_inputs.index_select(0, flat)
+            if len(rows) == batch:
                 new = state = cell_step(self.rnn, x_t, state)
             else:
-                new = cell_step(self.rnn, x_t, gather_state(state, rows))
-                state = scatter_state(state, rows, new)
-            tops[rows, t] = new.top
-            flags[rows, t] = True
-            on = t + 1 < lim  # the rows with steps left after this one
-            if use_gate:
-                every_on = bool(on.all())
-                top = new.top if every_on else new.top[on]
-                delta = update_probability(self.gate(top).squeeze(-1))
-                gap = steps_to_next_update(delta, threshold, steps)
-                if not every_on:
-                    gap = torch.full_like(t, steps + 1).masked_scatter(on, gap)
-                nxt = t + gap
-            else:
-                nxt = t + ahead
-            pos = pos.index_copy(0, rows, torch.where(on, nxt, steps))
-            rows = (pos < limit).nonzero().squeeze(1)
+                index = torch.tensor(rows, device=xb.device)
+                new = cell_step(self.rnn, x_t, gather_state(state, index))
+                state = scatter_state(state, index, new)
+            tops.append(new.top)
+            places.append(flat)
+            on = [i for i, t in enumerate(ts) if t + 1 < limits[rows[i]]]
+            gaps = [ahead] * len(on)
+            if use_gate and on:
+                top = new.top
+                if len(on) < len(rows):
+                    top = top.index_select(0, torch.tensor(on, device=xb.device))
+                logits = self.gate(top).squeeze(-1)
+                gaps = steps_to_next_update_one(
+                    logits.tolist(),
+                    boundary,
+                    steps,
+                    lambda logits=logits: steps_to_next_update(
+                        update_probability(logits), threshold, steps
+                    ).tolist(),
+                )
+            for r in rows:  # done, unless it has steps left
+                pos[r] = steps
+            for i, gap in zip(on, gaps, strict=True):
+                pos[rows[i]] = ts[i] + gap
+            rows = [r for r in range(batch) if pos[r] < limits[r]]
             first = False
-        run.updates = flags
-        positions = torch.arange(steps, device=device)
-        if use_gate:  # the gate ran after every update but each sample's last step
-            run.gates = (flags & (positions[None, :] + 1 < limit[:, None])).sum(1).cpu()
-        else:
-            run.gates = torch.zeros(batch, dtype=torch.long)
-        return updates_held(tops, flags), state
+        return self._held(run, xb, tops, places, limits, use_gate), state
 
     def _fit_cap(
-        self,
-        rows: Tensor,
-        t: Tensor,
-        lim: Tensor,
-        left: Tensor,
-        pos: Tensor,
-        use_gate: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The rows due this round whose update fits their allowance (which it then uses up).
+        self, rows: list[int], pos: list[int], limits: list[int], left: list[float], gated: bool
+    ) -> list[int]:
+        """The rows due this round whose update fits what is left of their allowance (which
+        it then uses up; `mac_cap.fits` and `mac_cap.spend`, one sample at a time).
 
-        An update that does not fit is skipped and the sample stays due at the next step; its
+        An update that does not fit is skipped and the sample stays due at the next step. Its
         cost there is the same (`update_cost`) up to its last step, which has no gate after
-        it, so it updates next at its last step if the step alone fits, else never."""
-        gated = (t + 1 < lim) if use_gate else torch.zeros_like(t, dtype=torch.bool)
-        cost = self.update_costs(t, gated)
-        have = left.index_select(0, rows)
-        fit = mac_cap.fits(have, cost)
-        left = left.index_copy(0, rows, mac_cap.spend(have, cost, fit))
-        if bool(fit.all()):
-            return rows, t, lim, left, pos
-        late = ~fit
-        retry = (t < lim - 1) & mac_cap.fits(have, float(self.step_macs))
-        again = torch.where(retry, lim - 1, self.steps)
-        pos = pos.index_copy(0, rows[late], again[late])
-        return rows[fit], t[fit], lim[fit], left, pos
+        it: so it is due next at its last step if the step alone fits, else never again."""
+        fit = []
+        for r in rows:
+            t = pos[r]
+            cost = float(self.update_cost(t, gated and t + 1 < limits[r]))
+            if cost <= left[r]:
+                left[r] -= cost
+                fit.append(r)
+            elif t < limits[r] - 1 and self.step_macs <= left[r]:
+                pos[r] = limits[r] - 1
+            else:
+                pos[r] = self.steps
+        return fit
+
+    def _held(
+        self,
+        run: SkipRun,
+        xb: Tensor,
+        tops: list[Tensor],
+        places: list[Tensor],
+        limits: list[int],
+        use_gate: bool,
+    ) -> Tensor:
+        """The layer's outputs [B, T, H] from each round's outputs and their places in
+        [B * T]; records the update flags (`run.updates`) and gate runs (`run.gates`)."""
+        batch, steps = xb.shape[0], xb.shape[1]
+        place = torch.cat(places)
+        updated = torch.zeros(batch * steps, dtype=torch.bool, device=xb.device)
+        updated = updated.index_fill(0, place, True).view(batch, steps)
+        out = xb.new_zeros((batch * steps, self.rnn.hidden_size))
+        out = out.index_copy(0, place, torch.cat(tops)).view(batch, steps, -1)
+        run.updates = updated
+        if use_gate:  # the gate ran after every update but each sample's last step
+            limit = torch.tensor(limits, device=xb.device)
+            positions = torch.arange(steps, device=xb.device)
+            run.gates = (updated & (positions[None, :] + 1 < limit[:, None])).sum(1).cpu()
+        else:
+            run.gates = torch.zeros(batch, dtype=torch.long)
+        return updates_held(out, updated)
 
     def _fused_to_limits(self, xb: Tensor, limits: list[int]) -> tuple[Tensor, State]:
         """Every step of every sample up to its limit through the fused kernel: one stretch
