@@ -19,6 +19,7 @@ fused CPU LSTM by the same formula (`dynify.frontend.cost`), so one step of one 
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -94,6 +95,94 @@ def cell_step(rnn: RecurrentModule, x: Tensor, state: State) -> State:
             cs.append(c)
         inp = h
     if len(hs) == 1:  # one layer: a view, no copy
+        return State(hs[0].unsqueeze(0), cs[0].unsqueeze(0) if cs else None)
+    return State(torch.stack(hs), torch.stack(cs) if cs else None)
+
+
+# --- the eager step kernel: weights laid out once for the CPU's GEMM -----------------------
+# rnn -> (the parameters' identity and versions, per layer: LSTM (W^T [F+H, 4H], bias) with
+# W = [W_ih | W_hh]; GRU (W_ih^T, W_hh^T, b_ih, b_hh)). A matmul against a contiguous W^T
+# runs about twice as fast on one CPU thread as against the module's W transposed in place
+# (`torch.lstm_cell`), and an LSTM's two projections are then one GEMM on [x | h].
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _parameters(rnn: RecurrentModule) -> list[Tensor]:
+    return [getattr(rnn, name) for name in rnn._flat_weights_names]
+
+
+def packed_weights(rnn: RecurrentModule) -> list[tuple[Tensor, ...]]:
+    """The module's weights laid out for `fast_cell_step`, rebuilt whenever a parameter
+    changed (its storage or its version: fine-tuning, `load_state_dict`)."""
+    params = _parameters(rnn)
+    key = tuple([p._version for p in params] + [p.data_ptr() for p in params])
+    hit = _PACKED.get(rnn)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    layers = []
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = _weights(rnn, layer)
+            zeros = w_ih.new_zeros(w_ih.shape[0])
+            b_ih = zeros if b_ih is None else b_ih.detach()
+            b_hh = zeros if b_hh is None else b_hh.detach()
+            if isinstance(rnn, nn.LSTM):
+                w = torch.cat([w_ih, w_hh], 1).t().contiguous()
+                layers.append((w, b_ih + b_hh))
+            else:
+                layers.append((w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih, b_hh))
+    _PACKED[rnn] = (key, layers)
+    return layers
+
+
+def fast_path(rnn: RecurrentModule, x: Tensor) -> bool:
+    """Whether `fast_cell_step` / the cell loop of `run_stretch` may run: no gradient is asked
+    for (the packed weights are detached copies) and nothing traces the call (an export)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in _parameters(rnn))):
+        return False
+    return True
+
+
+def _lstm_gates(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    hidden = c.shape[-1]
+    sig_if = gates[:, : 2 * hidden].sigmoid()
+    g = gates[:, 2 * hidden : 3 * hidden].tanh()
+    c = torch.addcmul(sig_if[:, hidden:] * c, sig_if[:, :hidden], g)
+    h = gates[:, 3 * hidden :].sigmoid().mul_(c.tanh())
+    return h, c
+
+
+def _gru_gates(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    hidden = h.shape[-1]
+    rz = (gi[:, : 2 * hidden] + gh[:, : 2 * hidden]).sigmoid_()
+    n = torch.addcmul(gi[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).tanh_()
+    return torch.addcmul(n, rz[:, hidden:], h - n)  # (1 - z) n + z h
+
+
+def fast_cell_step(rnn: RecurrentModule, x: Tensor, state: State) -> State:
+    """`cell_step` on the packed weights (`packed_weights`): the same matmuls (so the same
+    MACs), laid out for the CPU's GEMM; equal to `cell_step` to float rounding. Falls back to
+    `cell_step` where a gradient is asked for or the call is traced (`fast_path`)."""
+    if not fast_path(rnn, x):
+        return cell_step(rnn, x, state)
+    hs, cs = [], []
+    inp = x
+    for layer, weights in enumerate(packed_weights(rnn)):
+        if state.c is None:
+            w_ih, w_hh, b_ih, b_hh = weights
+            gi = torch.addmm(b_ih, inp, w_ih)
+            gh = torch.addmm(b_hh, state.h[layer], w_hh)
+            h = _gru_gates(gi, gh, state.h[layer])
+        else:
+            w, b = weights
+            gates = torch.addmm(b, torch.cat([inp, state.h[layer]], 1), w)
+            h, c = _lstm_gates(gates, state.c[layer])
+            cs.append(c)
+        hs.append(h)
+        inp = h
+    if len(hs) == 1:
         return State(hs[0].unsqueeze(0), cs[0].unsqueeze(0) if cs else None)
     return State(torch.stack(hs), torch.stack(cs) if cs else None)
 

@@ -68,8 +68,8 @@ from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallR
 from dynify.runtime.recurrence import (
     State,
     batch_first,
-    cell_step,
     check_module,
+    fast_cell_step,
     gather_state,
     module_output,
     run_stretch,
@@ -195,51 +195,81 @@ class SkipRNN(nn.Module):
         # each sample's allowance left (`mac_cap.allowance`), in Python floats as the schedule is
         left = None if run.cap is None else [float(run.cap - run.floor)] * batch
         flat_inputs = xb.reshape(batch * steps, xb.shape[2])
-        state = zero_state(self.rnn, batch, xb)
         pos = [0] * batch  # each sample's next update; at or past its limit: done
         tops: list[Tensor] = []  # the layer's output after each round's updates
         places: list[Tensor] = []  # where they go in [B * T]
-        rows, first = list(range(batch)), True
-        while rows:
+        # The state of the samples still running (`alive`, in batch order): every one of them
+        # updates in every round unless the cap holds it back, so the state is gathered only
+        # when samples finish, not per round.
+        alive = list(range(batch))
+        state = zero_state(self.rnn, batch, xb)
+        finished: list[tuple[list[int], State]] = []
+        rows, first = alive, True
+        while alive:
             if left is not None and not first:  # the first update is in the floor
-                rows = self._fit_cap(rows, pos, limits, left, use_gate)
-                if not rows:
-                    rows = [r for r in range(batch) if pos[r] < limits[r]]
-                    continue
-            ts = [pos[r] for r in rows]
-            flat = torch.tensor([r * steps + t for r, t in zip(rows, ts, strict=True)])
-            flat = flat.to(xb.device)
-            x_t = flat_inputs.index_select(0, flat)
-            if len(rows) == batch:
-                new = state = cell_step(self.rnn, x_t, state)
-            else:
-                index = torch.tensor(rows, device=xb.device)
-                new = cell_step(self.rnn, x_t, gather_state(state, index))
-                state = scatter_state(state, index, new)
-            tops.append(new.top)
-            places.append(flat)
-            on = [i for i, t in enumerate(ts) if t + 1 < limits[rows[i]]]
-            gaps = [ahead] * len(on)
-            if use_gate and on:
-                top = new.top
-                if len(on) < len(rows):
-                    top = top.index_select(0, torch.tensor(on, device=xb.device))
-                logits = self.gate(top).squeeze(-1)
-                gaps = steps_to_next_update_one(
-                    logits.tolist(),
-                    boundary,
-                    steps,
-                    lambda logits=logits: steps_to_next_update(
-                        update_probability(logits), threshold, steps
-                    ).tolist(),
-                )
-            for r in rows:  # done, unless it has steps left
-                pos[r] = steps
-            for i, gap in zip(on, gaps, strict=True):
-                pos[rows[i]] = ts[i] + gap
-            rows = [r for r in range(batch) if pos[r] < limits[r]]
-            first = False
-        return self._held(run, xb, tops, places, limits, use_gate), state
+                rows = self._fit_cap(alive, pos, limits, left, use_gate)
+            if rows:
+                ts = [pos[r] for r in rows]
+                flat = torch.tensor([r * steps + t for r, t in zip(rows, ts, strict=True)])
+                flat = flat.to(xb.device)
+                x_t = flat_inputs.index_select(0, flat)
+                if len(rows) == len(alive):
+                    new = state = fast_cell_step(self.rnn, x_t, state)
+                else:
+                    where = {r: i for i, r in enumerate(alive)}
+                    index = torch.tensor([where[r] for r in rows], device=xb.device)
+                    new = fast_cell_step(self.rnn, x_t, gather_state(state, index))
+                    state = scatter_state(state, index, new)
+                tops.append(new.top)
+                places.append(flat)
+                on = [i for i, t in enumerate(ts) if t + 1 < limits[rows[i]]]
+                gaps = [ahead] * len(on)
+                if use_gate and on:
+                    top = new.top
+                    if len(on) < len(rows):
+                        top = top.index_select(0, torch.tensor(on, device=xb.device))
+                    logits = self.gate(top).squeeze(-1)
+                    gaps = steps_to_next_update_one(
+                        logits.tolist(),
+                        boundary,
+                        steps,
+                        lambda logits=logits: steps_to_next_update(
+                            update_probability(logits), threshold, steps
+                        ).tolist(),
+                    )
+                for r in rows:  # done, unless it has steps left
+                    pos[r] = steps
+                for i, gap in zip(on, gaps, strict=True):
+                    pos[rows[i]] = ts[i] + gap
+            keep = [i for i, r in enumerate(alive) if pos[r] < limits[r]]
+            if len(keep) < len(alive):  # some samples finished: keep their final state
+                done = [i for i, r in enumerate(alive) if pos[r] >= limits[r]]
+                index = torch.tensor(done, device=xb.device)
+                finished.append(([alive[i] for i in done], gather_state(state, index)))
+                if keep:
+                    state = gather_state(state, torch.tensor(keep, device=xb.device))
+                alive = [alive[i] for i in keep]
+            rows, first = alive, False
+        final = self._final_state(finished, batch, xb)
+        return self._held(run, xb, tops, places, limits, use_gate), final
+
+    def _final_state(
+        self, finished: list[tuple[list[int], State]], batch: int, xb: Tensor
+    ) -> State:
+        """The state [L, B, H] after each sample's last update, from the finished groups."""
+        ids = [r for group, _ in finished for r in group]
+        if ids == list(range(batch)):  # finished in batch order: no scatter
+            parts = [s for _, s in finished]
+        else:
+            order = torch.tensor(ids, device=xb.device).argsort()
+            parts = [s for _, s in finished]
+            h = torch.cat([s.h for s in parts], 1).index_select(1, order)
+            c = None if parts[0].c is None else torch.cat([s.c for s in parts], 1)
+            return State(h, None if c is None else c.index_select(1, order))
+        if len(parts) == 1:
+            return parts[0]
+        h = torch.cat([s.h for s in parts], 1)
+        return State(h, None if parts[0].c is None else torch.cat([s.c for s in parts], 1))
 
     def _fit_cap(
         self, rows: list[int], pos: list[int], limits: list[int], left: list[float], gated: bool
