@@ -140,9 +140,8 @@ def fast_path(rnn: RecurrentModule, x: Tensor) -> bool:
     for (the packed weights are detached copies) and nothing traces the call (an export)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in _parameters(rnn))):
-        return False
-    return True
+    asks_grad = x.requires_grad or any(p.requires_grad for p in _parameters(rnn))
+    return not (torch.is_grad_enabled() and asks_grad)
 
 
 def _lstm_gates(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

@@ -64,7 +64,17 @@ from dynify.runtime.decisions import (
     updates_every_step,
 )
 from dynify.runtime.mac_cap import CapHolder
-from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
+from dynify.runtime.model import (
+    DECIDER,
+    FIXED,
+    UNIT,
+    CostBook,
+    DynamicModel,
+    ExportFace,
+    JointRecipe,
+    PerCallRecord,
+    Tab,
+)
 from dynify.runtime.recurrence import (
     State,
     batch_first,
@@ -84,6 +94,30 @@ from dynify.train.losses import LossConfig, budget_price, distillation, priced_c
 TRAIN_THRESHOLD = 0.5
 
 
+# The cost book's items (`dynify.runtime.ledger`): the layers around the recurrent one and the
+# first update are paid by every sample; the gate after the first update by every sample whose
+# gate decides; each later update and the gate after it by the samples that make it.
+AROUND = "around the recurrent layer"
+FIRST_STEP = "first step"
+FIRST_GATE = "gate after the first step"
+LATER_STEPS = "later steps"
+LATER_GATES = "gates after later steps"
+
+
+def cost_book(
+    static_macs: int, around_macs: int, step_macs: int, gate_macs: int, steps: int
+) -> CostBook:
+    """The book of a skip-rnn model: `step_macs` per update of a sample (every layer of the
+    stack), `gate_macs` per gate run, over `steps` steps (no gate after the last)."""
+    book = CostBook(static_macs)
+    book.add(AROUND, around_macs, FIXED)
+    book.add(FIRST_STEP, step_macs, FIXED)
+    book.add(FIRST_GATE, gate_macs if steps > 1 else 0, DECIDER)
+    book.add(LATER_STEPS, (steps - 1) * step_macs, UNIT)
+    book.add(LATER_GATES, max(steps - 2, 0) * gate_macs, UNIT)
+    return book
+
+
 @dataclass
 class SkipRun:
     """What one forward pass asks of the wrapper, and what it leaves behind."""
@@ -97,6 +131,7 @@ class SkipRun:
     floor: int = 0  # what a sample spends whatever it decides (`SkipRNNModel.cap_floor`)
     # [B] int64: the steps each sample runs at most (its text's length), None: every step
     limit: Tensor | None = None
+    tab: Tab | None = None  # what each sample spends (`dynify.runtime.ledger`), None: no count
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,7 +147,7 @@ class RunContext(threading.local):
 class SkipRNN(nn.Module):
     """The recurrent layer with Skip RNN's update gate; called like the module it replaces."""
 
-    def __init__(self, rnn: nn.Module, *, steps: int, step_macs: int, gate_bias: float = 2.0):
+    def __init__(self, rnn: nn.Module, *, steps: int, book: CostBook, gate_bias: float = 2.0):
         super().__init__()
         self.rnn = check_module(rnn)
         self.gate = nn.Linear(self.rnn.hidden_size, 1)
@@ -120,9 +155,28 @@ class SkipRNN(nn.Module):
             self.gate.weight.mul_(0.1)
             self.gate.bias.fill_(gate_bias)
         self.steps = int(steps)
-        self.step_macs = int(step_macs)
-        self.gate_macs = self.rnn.hidden_size  # one output per sample: H multiply-adds
+        self.book = book
         self.context = RunContext()
+
+    @property
+    def step_macs(self) -> int:
+        """What one update of one sample costs (the book's)."""
+        return self.book.macs(FIRST_STEP)
+
+    @property
+    def gate_macs(self) -> int:
+        """What one run of the gate on one sample costs (the book's)."""
+        return self.book.macs(FIRST_GATE)
+
+    def charge(self, tab: Tab, updates: Tensor, gates: Tensor) -> None:
+        """Charge the tab from the update flags [B, T] and the gate runs per sample [B]."""
+        device = tab.spent.device
+        updates, gates = updates.to(device), gates.to(device).long()
+        tab.charge(FIRST_GATE, gates > 0)
+        later_gates = (gates - 1).clamp(min=0).double() * self.gate_macs
+        tab.charge_amount(LATER_GATES, later_gates)
+        later_steps = (updates.sum(1).long() - 1).clamp(min=0).double() * self.step_macs
+        tab.charge_amount(LATER_STEPS, later_steps)
 
     def forward(self, x: Tensor) -> Any:
         run = self.context.run
@@ -135,6 +189,8 @@ class SkipRNN(nn.Module):
             out, state = self._export(xb, run)
         else:
             out, state = self._eager(xb, run)
+        if run.tab is not None:
+            self.charge(run.tab, run.updates, run.gates)
         return module_output(self.rnn, out, state)
 
     def delta(self, state: State) -> Tensor:
@@ -468,7 +524,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
         gm: torch.fx.GraphModule,
         *,
         layer: str,
-        fixed_macs: int,
+        book: CostBook,
         reads: nn.Module | None = None,
         threshold: float = 0.5,
         budget: float = 0.5,
@@ -484,12 +540,12 @@ class SkipRNNModel(CapHolder, DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=[threshold],
+            book=book,
         )
         self.gm = gm
         self.layer = layer
         # ReadLengths: each sample's steps to run from the inputs; None: every step
         self.reads = reads
-        self.fixed_macs = int(fixed_macs)
         self.budget = float(budget)
         self.distill_temperature = float(distill_temperature)
         self.compute_weight = float(compute_weight)
@@ -507,16 +563,16 @@ class SkipRNNModel(CapHolder, DynamicModel):
         is clipped, as recurrent networks are trained."""
         return JointRecipe(new_parts="adam", new_lr=0.01, clip_grad_norm=5.0)
 
-    def worst_case_macs(self) -> int:
-        """Every step updates and the gate runs after each update but the last."""
-        w = self.wrapper
-        return self.fixed_macs + w.steps * w.step_macs + (w.steps - 1) * w.gate_macs
+    @property
+    def fixed_macs(self) -> int:
+        """What the layers around the recurrent one cost (the book's)."""
+        return self.book.macs(AROUND)
 
     def cap_floor(self) -> int:
-        """What a sample spends whatever it decides, the gate charged: the layers around the
-        recurrent one, the first update (every sample makes it) and the gate after it."""
-        w = self.wrapper
-        return self.fixed_macs + w.step_macs + (w.gate_macs if w.steps > 1 else 0)
+        """What a sample spends whatever it decides, the gate charged (the book's floor): the
+        layers around the recurrent one, the first update (every sample makes it) and the
+        gate after it."""
+        return self.book.floor()
 
     def _capped(self, run: SkipRun, cap: int | None) -> SkipRun:
         run.cap, run.floor = cap, self.cap_floor()
@@ -529,8 +585,8 @@ class SkipRNNModel(CapHolder, DynamicModel):
                 "layer": self.layer,
                 "cell": type(w.rnn).__name__,
                 "steps": str(w.steps),
+                **self.book.columns(w.steps * w.step_macs, "RNN MACs", 2),
                 "step MACs": f"{w.step_macs / 1e6:.3f} M",
-                "of static": f"{w.steps * w.step_macs / self.static_macs:.3f}",
                 "gate MACs": str(w.gate_macs),
                 "threshold": f"{float(self.thresholds[0]):.3f}",
             }
@@ -565,11 +621,6 @@ class SkipRNNModel(CapHolder, DynamicModel):
         finally:
             context.run = None
 
-    def _macs(self, run: SkipRun) -> Tensor:
-        w = self.wrapper
-        updates = run.updates.sum(1).long()
-        return self.fixed_macs + updates * w.step_macs + run.gates.long() * w.gate_macs
-
     def forward(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None) -> Tensor:
         """Logits [N, C]; `extra`: the lengths or padding mask of a model converted with them
         (also accepted as `forward((x, extra))`)."""
@@ -578,13 +629,14 @@ class SkipRNNModel(CapHolder, DynamicModel):
         batch, steps = x.shape[0], self.wrapper.steps
         if self._static:
             out = self._run_graph(args, SkipRun("static", self.thresholds))
-            self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
+            self.record_static(batch, x.device)
             self.last_updates = torch.ones(batch, steps, dtype=torch.bool)
             self.last_lengths = torch.full((batch,), steps, dtype=torch.long)
             return out
         run = self._capped(SkipRun("eager", self.thresholds), self.cap_macs())
+        run.tab = self.open_tab(batch, x.device)
         out = self._run_graph(args, run)
-        self.last_macs = self._macs(run)
+        self.close_tab(run.tab)
         self._record(run, batch, x.device)
         return out
 
@@ -605,6 +657,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
             with torch.no_grad(), self.static():
                 teacher_logits = self(*args)
         run = SkipRun("train", self.thresholds)
+        run.tab = self.open_tab(args[0].shape[0], args[0].device)
         logits = self._run_graph(args, run)
         t = config.temperature(self.distill_temperature)
         task, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
@@ -614,7 +667,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
         )
         compute = priced_compute(run.share.reshape(1), price)
         loss = task + compute
-        self.last_macs = self._macs(run)
+        self.close_tab(run.tab)
         self._record(run, args[0].shape[0], args[0].device)
         metrics = {
             "loss": float(loss.detach()),
