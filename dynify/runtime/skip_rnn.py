@@ -381,7 +381,7 @@ class SkipRNN(nn.Module):
         A sample's outputs after its limit repeat its last state."""
         batch, steps = xb.shape[0], xb.shape[1]
         if min(limits) >= steps:
-            return run_stretch(self.rnn, xb)
+            return run_stretch(self.rnn, xb, exact=True)
         state = zero_state(self.rnn, batch, xb)
         out = xb.new_zeros((batch, steps, self.rnn.hidden_size))
         start = 0
@@ -440,7 +440,7 @@ class SkipRNN(nn.Module):
         def fused(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
             # The padding steps run here too (the network does not read their outputs nor
             # the final state), but none is counted as an update.
-            out, state = run_stretch(self.rnn, xb)
+            out, state = run_stretch(self.rnn, xb, exact=True)
             ones = torch.ones(xb.shape[0], xb.shape[1], dtype=torch.int64, device=xb.device)
             if limit is not None:
                 positions = torch.arange(xb.shape[1], device=xb.device)
