@@ -100,10 +100,10 @@ def cell_step(rnn: RecurrentModule, x: Tensor, state: State) -> State:
 
 
 # --- the eager step kernel: weights laid out once for the CPU's GEMM -----------------------
-# rnn -> (the parameters' identity and versions, per layer: LSTM (W^T [F+H, 4H], bias) with
-# W = [W_ih | W_hh]; GRU (W_ih^T, W_hh^T, b_ih, b_hh)). A matmul against a contiguous W^T
-# runs about twice as fast on one CPU thread as against the module's W transposed in place
-# (`torch.lstm_cell`), and an LSTM's two projections are then one GEMM on [x | h].
+# rnn -> (the parameters' versions and storages, per layer (W_ih, W_hh, b_ih, b_hh) with each
+# W stored column-major: W^T contiguous, viewed back as W). A matmul against the contiguous W^T
+# runs markedly faster on one CPU thread than against the module's row-major W (which
+# `torch.lstm_cell`'s `linear` transposes in place), for the same values and MACs.
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -111,9 +111,11 @@ def _parameters(rnn: RecurrentModule) -> list[Tensor]:
     return [getattr(rnn, name) for name in rnn._flat_weights_names]
 
 
-def packed_weights(rnn: RecurrentModule) -> list[tuple[Tensor, ...]]:
-    """The module's weights laid out for `fast_cell_step`, rebuilt whenever a parameter
-    changed (its storage or its version: fine-tuning, `load_state_dict`)."""
+def packed_weights(
+    rnn: RecurrentModule,
+) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """The module's weights laid out for `fast_cell_step` (detached), rebuilt whenever a
+    parameter changed (its storage or its version: fine-tuning, `load_state_dict`)."""
     params = _parameters(rnn)
     key = tuple([p._version for p in params] + [p.data_ptr() for p in params])
     hit = _PACKED.get(rnn)
@@ -123,14 +125,14 @@ def packed_weights(rnn: RecurrentModule) -> list[tuple[Tensor, ...]]:
     with torch.no_grad():
         for layer in range(rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = _weights(rnn, layer)
-            zeros = w_ih.new_zeros(w_ih.shape[0])
-            b_ih = zeros if b_ih is None else b_ih.detach()
-            b_hh = zeros if b_hh is None else b_hh.detach()
-            if isinstance(rnn, nn.LSTM):
-                w = torch.cat([w_ih, w_hh], 1).t().contiguous()
-                layers.append((w, b_ih + b_hh))
-            else:
-                layers.append((w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih, b_hh))
+            layers.append(
+                (
+                    w_ih.t().contiguous().t(),
+                    w_hh.t().contiguous().t(),
+                    None if b_ih is None else b_ih.detach(),
+                    None if b_hh is None else b_hh.detach(),
+                )
+            )
     _PACKED[rnn] = (key, layers)
     return layers
 
@@ -160,24 +162,24 @@ def _gru_gates(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
     return torch.addcmul(n, rz[:, hidden:], h - n)  # (1 - z) n + z h
 
 
-def fast_cell_step(rnn: RecurrentModule, x: Tensor, state: State) -> State:
-    """`cell_step` on the packed weights (`packed_weights`): the same matmuls (so the same
-    MACs), laid out for the CPU's GEMM; equal to `cell_step` to float rounding. Falls back to
+def fast_cell_step(
+    rnn: RecurrentModule, x: Tensor, state: State, weights: list | None = None
+) -> State:
+    """`cell_step` on the packed weights (`packed_weights`, or `weights` a caller looked up
+    once for many steps): the same cell calls and matmuls (so the same MACs) on a layout the
+    CPU's GEMM runs faster; equal to float rounding. Without `weights`, falls back to
     `cell_step` where a gradient is asked for or the call is traced (`fast_path`)."""
-    if not fast_path(rnn, x):
-        return cell_step(rnn, x, state)
+    if weights is None:
+        if not fast_path(rnn, x):
+            return cell_step(rnn, x, state)
+        weights = packed_weights(rnn)
     hs, cs = [], []
     inp = x
-    for layer, weights in enumerate(packed_weights(rnn)):
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if state.c is None:
-            w_ih, w_hh, b_ih, b_hh = weights
-            gi = torch.addmm(b_ih, inp, w_ih)
-            gh = torch.addmm(b_hh, state.h[layer], w_hh)
-            h = _gru_gates(gi, gh, state.h[layer])
+            h = torch.gru_cell(inp, state.h[layer], w_ih, w_hh, b_ih, b_hh)
         else:
-            w, b = weights
-            gates = torch.addmm(b, torch.cat([inp, state.h[layer]], 1), w)
-            h, c = _lstm_gates(gates, state.c[layer])
+            h, c = torch.lstm_cell(inp, (state.h[layer], state.c[layer]), w_ih, w_hh, b_ih, b_hh)
             cs.append(c)
         hs.append(h)
         inp = h
@@ -231,23 +233,23 @@ def run_cells(rnn: RecurrentModule, x: Tensor, state: State) -> tuple[Tensor, St
     batch, steps = x.shape[0], x.shape[1]
     hs, cs = [], []
     inp = x
-    for layer, weights in enumerate(packed_weights(rnn)):
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(packed_weights(rnn)):
         h = state.h[layer]
         c = None if state.c is None else state.c[layer]
         flat = inp.reshape(batch * steps, inp.shape[2])
+        zeros = w_ih.new_zeros(w_ih.shape[0])
+        b_ih = zeros if b_ih is None else b_ih
+        b_hh = zeros if b_hh is None else b_hh
         outs = []
         if c is None:
-            w_ih, w_hh, b_ih, b_hh = weights
-            gi = torch.addmm(b_ih, flat, w_ih).view(batch, steps, -1)
+            gi = torch.addmm(b_ih, flat, w_ih.t()).view(batch, steps, -1)
             for t in range(steps):
-                h = _gru_gates(gi[:, t], torch.addmm(b_hh, h, w_hh), h)
+                h = _gru_gates(gi[:, t], torch.addmm(b_hh, h, w_hh.t()), h)
                 outs.append(h)
         else:
-            w, b = weights
-            w_ih, w_hh = w[: inp.shape[2]], w[inp.shape[2] :]
-            gi = torch.addmm(b, flat, w_ih).view(batch, steps, -1)
+            gi = torch.addmm(b_ih + b_hh, flat, w_ih.t()).view(batch, steps, -1)
             for t in range(steps):
-                h, c = _lstm_gates(torch.addmm(gi[:, t], h, w_hh), c)
+                h, c = _lstm_gates(torch.addmm(gi[:, t], h, w_hh.t()), c)
                 outs.append(h)
             cs.append(c)
         hs.append(h)

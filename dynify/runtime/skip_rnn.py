@@ -78,10 +78,13 @@ from dynify.runtime.model import (
 from dynify.runtime.recurrence import (
     State,
     batch_first,
+    cell_step,
     check_module,
     fast_cell_step,
+    fast_path,
     gather_state,
     module_output,
+    packed_weights,
     run_stretch,
     scatter_state,
     step_rows,
@@ -251,6 +254,9 @@ class SkipRNN(nn.Module):
         # each sample's allowance left (`mac_cap.allowance`), in Python floats as the schedule is
         left = None if run.cap is None else [float(run.cap - run.floor)] * batch
         flat_inputs = xb.reshape(batch * steps, xb.shape[2])
+        # the cell's weights, looked up once for every round (None: the module's own, where a
+        # gradient is asked for)
+        weights = packed_weights(self.rnn) if fast_path(self.rnn, xb) else None
         pos = [0] * batch  # each sample's next update; at or past its limit: done
         tops: list[Tensor] = []  # the layer's output after each round's updates
         places: list[Tensor] = []  # where they go in [B * T]
@@ -270,11 +276,11 @@ class SkipRNN(nn.Module):
                 flat = flat.to(xb.device)
                 x_t = flat_inputs.index_select(0, flat)
                 if len(rows) == len(alive):
-                    new = state = fast_cell_step(self.rnn, x_t, state)
+                    new = state = self._cell(x_t, state, weights)
                 else:
                     where = {r: i for i, r in enumerate(alive)}
                     index = torch.tensor([where[r] for r in rows], device=xb.device)
-                    new = fast_cell_step(self.rnn, x_t, gather_state(state, index))
+                    new = self._cell(x_t, gather_state(state, index), weights)
                     state = scatter_state(state, index, new)
                 tops.append(new.top)
                 places.append(flat)
@@ -326,6 +332,11 @@ class SkipRNN(nn.Module):
             return parts[0]
         h = torch.cat([s.h for s in parts], 1)
         return State(h, None if parts[0].c is None else torch.cat([s.c for s in parts], 1))
+
+    def _cell(self, x: Tensor, state: State, weights: list | None) -> State:
+        if weights is None:
+            return cell_step(self.rnn, x, state)
+        return fast_cell_step(self.rnn, x, state, weights)
 
     def _fit_cap(
         self, rows: list[int], pos: list[int], limits: list[int], left: list[float], gated: bool
