@@ -26,7 +26,6 @@ from dynify.runtime.recurrence import (
     cell_step,
     gather_state,
     scatter_state,
-    updates_held,
     zero_state,
 )
 from dynify.runtime.skip_rnn import SkipRNN, SkipRNNModel
@@ -205,10 +204,3 @@ def test_update_rounds_equal_the_step_by_step_loop(reader, cell, layers, batch_f
                 assert (new[key] - ref[key]).abs().max() <= 1e-5, (key, seed, threshold)
             compared += int(new["decisions"].sum() < new["decisions"].numel())
     assert compared  # some forwards skipped steps
-
-
-def test_outputs_hold_each_samples_last_update():
-    tops = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
-    updated = torch.tensor([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    held = updates_held(tops, updated).squeeze(-1)
-    assert held.tolist() == [[0, 0, 0, 3, 3], [5, 6, 6, 6, 6]]

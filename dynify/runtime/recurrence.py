@@ -287,18 +287,6 @@ def run_stretch(
     return out, State(final, None)
 
 
-def updates_held(tops: Tensor, updated: Tensor) -> Tensor:
-    """A layer's outputs [B, T, H] when each sample's state changes only at its updates: at
-    step t, the output `tops` [B, T, H] of the sample's last update at or before t (`updated`
-    [B, T] bool; every sample updates at step 0)."""
-    batch, steps = updated.shape
-    positions = torch.arange(steps, device=updated.device)
-    last = torch.where(updated, positions, 0).cummax(1).values
-    # rows of the flattened [B * T, H] (an index_select copies rows; a gather is slower)
-    rows = (last + steps * torch.arange(batch, device=updated.device)[:, None]).view(-1)
-    return tops.reshape(batch * steps, -1).index_select(0, rows).view(tops.shape)
-
-
 def batch_first(rnn: RecurrentModule, x: Tensor) -> Tensor:
     """The module's input as [B, T, F]."""
     return x if rnn.batch_first else x.transpose(0, 1)
@@ -329,7 +317,6 @@ __all__ = [
     "run_stretch",
     "scatter_state",
     "step_rows",
-    "updates_held",
     "zero_state",
 ]
 

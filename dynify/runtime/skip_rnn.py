@@ -88,7 +88,6 @@ from dynify.runtime.recurrence import (
     run_stretch,
     scatter_state,
     step_rows,
-    updates_held,
     zero_state,
 )
 from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
@@ -231,7 +230,7 @@ class SkipRNN(nn.Module):
         its k-th update at its own position (one gather of the inputs at those positions, one
         cell call, the gate on those rows), so a batch takes as many rounds as its busiest
         sample updates, each on every sample still due. The layer's output at step t is the
-        state of the sample's last update at or before t (`updates_held`).
+        state of the sample's last update at or before t (`_held`).
 
         The schedule (positions, allowances) is kept in Python numbers: a round's bookkeeping
         on a few dozen numbers costs less in Python than in tensor ops, and the gate's logits
@@ -259,7 +258,7 @@ class SkipRNN(nn.Module):
         weights = packed_weights(self.rnn) if fast_path(self.rnn, xb) else None
         pos = [0] * batch  # each sample's next update; at or past its limit: done
         tops: list[Tensor] = []  # the layer's output after each round's updates
-        places: list[Tensor] = []  # where they go in [B * T]
+        places: list[int] = []  # where each row of them goes in [B * T]
         # The state of the samples still running (`alive`, in batch order): every one of them
         # updates in every round unless the cap holds it back, so the state is gathered only
         # when samples finish, not per round.
@@ -272,9 +271,11 @@ class SkipRNN(nn.Module):
                 rows = self._fit_cap(alive, pos, limits, left, use_gate)
             if rows:
                 ts = [pos[r] for r in rows]
-                flat = torch.tensor([r * steps + t for r, t in zip(rows, ts, strict=True)])
-                flat = flat.to(xb.device)
-                x_t = flat_inputs.index_select(0, flat)
+                flat = [r * steps + t for r, t in zip(rows, ts, strict=True)]
+                if len(flat) == 1:  # one row: a slice, no index tensor
+                    x_t = flat_inputs[flat[0] : flat[0] + 1]
+                else:
+                    x_t = flat_inputs.index_select(0, torch.tensor(flat, device=xb.device))
                 if len(rows) == len(alive):
                     new = state = self._cell(x_t, state, weights)
                 else:
@@ -283,7 +284,7 @@ class SkipRNN(nn.Module):
                     new = self._cell(x_t, gather_state(state, index), weights)
                     state = scatter_state(state, index, new)
                 tops.append(new.top)
-                places.append(flat)
+                places.extend(flat)
                 on = [i for i, t in enumerate(ts) if t + 1 < limits[rows[i]]]
                 gaps = [ahead] * len(on)
                 if use_gate and on:
@@ -365,26 +366,34 @@ class SkipRNN(nn.Module):
         run: SkipRun,
         xb: Tensor,
         tops: list[Tensor],
-        places: list[Tensor],
+        places: list[int],
         limits: list[int],
         use_gate: bool,
     ) -> Tensor:
         """The layer's outputs [B, T, H] from each round's outputs and their places in
-        [B * T]; records the update flags (`run.updates`) and gate runs (`run.gates`)."""
+        [B * T] (each step's row found in Python: one gather of rows); records the
+        update flags (`run.updates`) and gate runs (`run.gates`)."""
         batch, steps = xb.shape[0], xb.shape[1]
-        place = torch.cat(places)
-        updated = torch.zeros(batch * steps, dtype=torch.bool, device=xb.device)
-        updated = updated.index_fill(0, place, True).view(batch, steps)
-        out = xb.new_zeros((batch * steps, self.rnn.hidden_size))
-        out = out.index_copy(0, place, torch.cat(tops)).view(batch, steps, -1)
-        run.updates = updated
-        if use_gate:  # the gate ran after every update but each sample's last step
-            limit = torch.tensor(limits, device=xb.device)
-            positions = torch.arange(steps, device=xb.device)
-            run.gates = (updated & (positions[None, :] + 1 < limit[:, None])).sum(1).cpu()
-        else:
-            run.gates = torch.zeros(batch, dtype=torch.long)
-        return updates_held(out, updated)
+        row_of = [-1] * (batch * steps)
+        for row, place in enumerate(places):
+            row_of[place] = row
+        held, gates = [], [0] * batch
+        for b in range(batch):
+            last = 0
+            for t in range(steps):
+                row = row_of[b * steps + t]
+                if row >= 0:
+                    last = row
+                    if use_gate and t + 1 < limits[b]:  # the gate ran after this update
+                        gates[b] += 1
+                held.append(last)
+        device = xb.device
+        updated = torch.zeros(batch * steps, dtype=torch.bool, device=device)
+        updated = updated.index_fill(0, torch.tensor(places, device=device), True)
+        run.updates = updated.view(batch, steps)
+        run.gates = torch.tensor(gates, dtype=torch.long)
+        out = torch.cat(tops).index_select(0, torch.tensor(held, device=device))
+        return out.view(batch, steps, -1)
 
     def _fused_to_limits(self, xb: Tensor, limits: list[int]) -> tuple[Tensor, State]:
         """Every step of every sample up to its limit through the fused kernel: one stretch
