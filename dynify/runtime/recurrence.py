@@ -211,8 +211,8 @@ def step_rows(rnn: RecurrentModule, x_t: Tensor, state: State, index: Tensor | N
 
 # The fused CPU LSTM (oneDNN) has a fixed cost of about 0.3 ms a call on one thread (hidden
 # 256), which a loop of cells does not pay; each cell step costs more than a fused step. The
-# loop is faster up to about 6 steps at batch 1 and 2 (measured on one thread: 5 steps at batch
-# 1 0.28 ms against 0.39 ms, 8 steps about even, 12 steps 0.62 ms against 0.48 ms). The fused
+# loop is faster up to about 6 steps at batch 1 and 2 (measured on one thread, batch 1: 3 steps
+# 0.20 against 0.32 ms, 5 steps 0.29 against 0.34 ms, 8 steps 0.46 against 0.41 ms). The fused
 # GRU has no such fixed cost: a GRU stretch always runs fused.
 CELL_LOOP_MAX_BATCH = 2
 CELL_LOOP_MAX_STEPS = 6
