@@ -19,15 +19,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+import torch
+from torch import nn
+
 from dynify.errors import StrategyError
-from dynify.frontend.cost import MACS
+from dynify.frontend.cost import MACS, module_macs
 from dynify.frontend.recurrent import RecurrentLayer, require_stepwise
 from dynify.frontend.sequence_reads import region, require_read, sequence_read
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import copy_graph_replacing, lift_region, replace_region
 from dynify.runtime.recurrence import ReadLengths
-from dynify.runtime.skip_rnn import SkipRNN, SkipRNNModel
+from dynify.runtime.skip_rnn import SkipRNN, SkipRNNModel, cost_book
 
 NAME = "skip-rnn"
 
@@ -123,24 +126,28 @@ class SkipRNNStrategy:
         layer = skippable_layer(ctx, plan["module"])
         gm = copy_graph_replacing(ctx.gm)
         node = next(n for n in gm.graph.nodes if n.name == layer.node)
-        wrapper = SkipRNN(
-            gm.get_submodule(layer.module),
-            steps=layer.steps,
-            step_macs=layer.step_macs,
-            gate_bias=opts.gate_bias,
+        rnn = gm.get_submodule(layer.module)
+        reads, reads_macs = _read_lengths(ctx, layer, plan)
+        gate_macs = _gate_macs(rnn.hidden_size)
+        book = cost_book(
+            ctx.analysis.total_macs,
+            ctx.analysis.total_macs - layer.macs + reads_macs,
+            layer.step_macs,
+            gate_macs,
+            layer.steps,
         )
+        wrapper = SkipRNN(rnn, steps=layer.steps, book=book, gate_bias=opts.gate_bias)
         entry = node.args[0].name
         if entry in [n.name for n in ctx.gm.graph.nodes if n.op == "placeholder"][1:]:
             raise StrategyError(
                 f"'{layer.module}' reads the model's second input; it must read the sequence."
             )
-        reads, reads_macs = _read_lengths(ctx, layer, plan)
         replace_region(gm, [layer.node], [entry], [layer.node], wrapper, "skip_rnn", pass_name=NAME)
         return SkipRNNModel(
             gm,
             layer=layer.module,
             reads=reads,
-            fixed_macs=ctx.analysis.total_macs - layer.macs + reads_macs,
+            book=book,
             threshold=opts.threshold,
             budget=opts.budget,
             distill_temperature=opts.distill_temperature,
@@ -150,6 +157,13 @@ class SkipRNNStrategy:
             input_shape=tuple(ctx.example_input.shape[1:]),
             num_classes=ctx.num_classes,
         )
+
+
+def _gate_macs(hidden: int) -> int:
+    """The gate's MACs per sample (a linear layer on the top hidden state), counted by
+    FlopCounterMode on the meta device (no memory, no draw from the random generator)."""
+    with torch.device("meta"):
+        return module_macs(nn.Linear(hidden, 1), torch.zeros(1, hidden))
 
 
 def _read_lengths(

@@ -64,14 +64,27 @@ from dynify.runtime.decisions import (
     updates_every_step,
 )
 from dynify.runtime.mac_cap import CapHolder
-from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCallRecord
+from dynify.runtime.model import (
+    DECIDER,
+    FIXED,
+    UNIT,
+    CostBook,
+    DynamicModel,
+    ExportFace,
+    JointRecipe,
+    PerCallRecord,
+    Tab,
+)
 from dynify.runtime.recurrence import (
     State,
     batch_first,
     cell_step,
     check_module,
+    fast_cell_step,
+    fast_path,
     gather_state,
     module_output,
+    packed_weights,
     run_stretch,
     scatter_state,
     step_rows,
@@ -81,6 +94,30 @@ from dynify.train.losses import LossConfig, budget_price, distillation, priced_c
 
 # The binarisation threshold training decides with (u > 0.5, the paper's rounding).
 TRAIN_THRESHOLD = 0.5
+
+
+# The cost book's items (`dynify.runtime.ledger`): the layers around the recurrent one and the
+# first update are paid by every sample; the gate after the first update by every sample whose
+# gate decides; each later update and the gate after it by the samples that make it.
+AROUND = "around the recurrent layer"
+FIRST_STEP = "first step"
+FIRST_GATE = "gate after the first step"
+LATER_STEPS = "later steps"
+LATER_GATES = "gates after later steps"
+
+
+def cost_book(
+    static_macs: int, around_macs: int, step_macs: int, gate_macs: int, steps: int
+) -> CostBook:
+    """The book of a skip-rnn model: `step_macs` per update of a sample (every layer of the
+    stack), `gate_macs` per gate run, over `steps` steps (no gate after the last)."""
+    book = CostBook(static_macs)
+    book.add(AROUND, around_macs, FIXED)
+    book.add(FIRST_STEP, step_macs, FIXED)
+    book.add(FIRST_GATE, gate_macs if steps > 1 else 0, DECIDER)
+    book.add(LATER_STEPS, (steps - 1) * step_macs, UNIT)
+    book.add(LATER_GATES, max(steps - 2, 0) * gate_macs, UNIT)
+    return book
 
 
 @dataclass
@@ -96,6 +133,7 @@ class SkipRun:
     floor: int = 0  # what a sample spends whatever it decides (`SkipRNNModel.cap_floor`)
     # [B] int64: the steps each sample runs at most (its text's length), None: every step
     limit: Tensor | None = None
+    tab: Tab | None = None  # what each sample spends (`dynify.runtime.ledger`), None: no count
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,7 +149,7 @@ class RunContext(threading.local):
 class SkipRNN(nn.Module):
     """The recurrent layer with Skip RNN's update gate; called like the module it replaces."""
 
-    def __init__(self, rnn: nn.Module, *, steps: int, step_macs: int, gate_bias: float = 2.0):
+    def __init__(self, rnn: nn.Module, *, steps: int, book: CostBook, gate_bias: float = 2.0):
         super().__init__()
         self.rnn = check_module(rnn)
         self.gate = nn.Linear(self.rnn.hidden_size, 1)
@@ -119,9 +157,28 @@ class SkipRNN(nn.Module):
             self.gate.weight.mul_(0.1)
             self.gate.bias.fill_(gate_bias)
         self.steps = int(steps)
-        self.step_macs = int(step_macs)
-        self.gate_macs = self.rnn.hidden_size  # one output per sample: H multiply-adds
+        self.book = book
         self.context = RunContext()
+
+    @property
+    def step_macs(self) -> int:
+        """What one update of one sample costs (the book's)."""
+        return self.book.macs(FIRST_STEP)
+
+    @property
+    def gate_macs(self) -> int:
+        """What one run of the gate on one sample costs (the book's)."""
+        return self.book.macs(FIRST_GATE)
+
+    def charge(self, tab: Tab, updates: Tensor, gates: Tensor) -> None:
+        """Charge the tab from the update flags [B, T] and the gate runs per sample [B]."""
+        device = tab.spent.device
+        updates, gates = updates.to(device), gates.to(device).long()
+        tab.charge(FIRST_GATE, gates > 0)
+        later_gates = (gates - 1).clamp(min=0).double() * self.gate_macs
+        tab.charge_amount(LATER_GATES, later_gates)
+        later_steps = (updates.sum(1).long() - 1).clamp(min=0).double() * self.step_macs
+        tab.charge_amount(LATER_STEPS, later_steps)
 
     def forward(self, x: Tensor) -> Any:
         run = self.context.run
@@ -134,6 +191,8 @@ class SkipRNN(nn.Module):
             out, state = self._export(xb, run)
         else:
             out, state = self._eager(xb, run)
+        if run.tab is not None:
+            self.charge(run.tab, run.updates, run.gates)
         return module_output(self.rnn, out, state)
 
     def delta(self, state: State) -> Tensor:
@@ -150,6 +209,11 @@ class SkipRNN(nn.Module):
             return gated.to(torch.float64) * self.gate_macs + self.step_macs
         return float(self.step_macs + (self.gate_macs if gated else 0))
 
+    def update_costs(self, t: Tensor, gated: Tensor) -> Tensor:
+        """`update_cost` of updates at steps `t` [M] (each > 0), float64 [M]."""
+        cost = gated.to(torch.float64) * self.gate_macs + self.step_macs
+        return torch.where(t + 1 >= self.steps, float(self.step_macs), cost)
+
     def every_step_fits(self, run: SkipRun) -> bool:
         """Whether updating at every step (no gate) fits the cap: then the fused kernel runs."""
         return run.cap is None or (self.steps - 1) * self.step_macs <= run.cap - run.floor
@@ -160,8 +224,18 @@ class SkipRNN(nn.Module):
             return None
         return mac_cap.allowance(run.cap, run.floor, batch, device)
 
-    # --- eager: only the samples due to update run ------------------------------------------
+    # --- eager: update rounds, only the samples due to update run ---------------------------
     def _eager(self, xb: Tensor, run: SkipRun) -> tuple[Tensor, State]:
+        """Update by update, not step by step: in round k every sample with a step left makes
+        its k-th update at its own position (one gather of the inputs at those positions, one
+        cell call, the gate on those rows), so a batch takes as many rounds as its busiest
+        sample updates, each on every sample still due. The layer's output at step t is the
+        state of the sample's last update at or before t (`_held`).
+
+        The schedule (positions, allowances) is kept in Python numbers: a round's bookkeeping
+        on a few dozen numbers costs less in Python than in tensor ops, and the gate's logits
+        are decided in doubles by `steps_to_next_update_one`, which hands near-ties to the
+        tensor rule, so the schedule is the tensor rule's."""
         batch, steps = xb.shape[0], xb.shape[1]
         threshold = run.thresholds[0]
         every = bool(updates_every_step(threshold))
@@ -174,72 +248,152 @@ class SkipRNN(nn.Module):
             return out, state
         use_gate = gate_decides(float(threshold))
         boundary = float(update_boundary(threshold))
-        never = [1 if every else steps + 1] * batch  # without the gate: every step, or never
+        # without the gate: every step (above 1, the cap forbidding the fused kernel) or never
+        ahead = 1 if every else steps + 1
         # each sample's allowance left (`mac_cap.allowance`), in Python floats as the schedule is
         left = None if run.cap is None else [float(run.cap - run.floor)] * batch
-        inputs = xb.transpose(0, 1)  # [T, B, F]: a step's inputs are one slice
+        flat_inputs = xb.reshape(batch * steps, xb.shape[2])
+        # the cell's weights, looked up once for every round (None: the module's own, where a
+        # gradient is asked for)
+        weights = packed_weights(self.rnn) if fast_path(self.rnn, xb) else None
+        pos = [0] * batch  # each sample's next update; at or past its limit: done
+        tops: list[Tensor] = []  # the layer's output after each round's updates
+        places: list[int] = []  # where each row of them goes in [B * T]
+        # The state of the samples still running (`alive`, in batch order): every one of them
+        # updates in every round unless the cap holds it back, so the state is gathered only
+        # when samples finish, not per round.
+        alive = list(range(batch))
         state = zero_state(self.rnn, batch, xb)
-        due: list[list[int]] = [[] for _ in range(steps)]
-        due[0] = list(range(batch))
-        flags = [[False] * steps for _ in range(batch)]
-        gates = [0] * batch
-        outs = []
-        for t in range(steps):
-            rows = [r for r in sorted(due[t]) if t < limits[r]]  # padding steps never run
-            if rows and left is not None and t > 0:  # the first update is in the floor
-                fit, late = [], []
-                for r in rows:  # `mac_cap.fits` and `mac_cap.spend`, one sample at a time
-                    # the step, and the gate after it unless it is the sample's last step
-                    cost = float(self.update_cost(t, use_gate and t + 1 < limits[r]))
-                    if cost <= left[r]:
-                        left[r] -= cost
-                        fit.append(r)
-                    else:
-                        late.append(r)
-                if late and t + 1 < steps:  # skipped: due again at the next step
-                    due[t + 1].extend(late)
-                rows = fit
+        finished: list[tuple[list[int], State]] = []
+        rows, first = alive, True
+        while alive:
+            if left is not None and not first:  # the first update is in the floor
+                rows = self._fit_cap(alive, pos, limits, left, use_gate)
             if rows:
-                if len(rows) == batch:
-                    index, new = None, cell_step(self.rnn, inputs[t], state)
-                    state = new
+                ts = [pos[r] for r in rows]
+                flat = [r * steps + t for r, t in zip(rows, ts, strict=True)]
+                if len(flat) == 1:  # one row: a slice, no index tensor
+                    x_t = flat_inputs[flat[0] : flat[0] + 1]
                 else:
-                    index = torch.tensor(rows, device=xb.device)
-                    new = cell_step(
-                        self.rnn, inputs[t].index_select(0, index), gather_state(state, index)
-                    )
+                    x_t = flat_inputs.index_select(0, torch.tensor(flat, device=xb.device))
+                if len(rows) == len(alive):
+                    new = state = self._cell(x_t, state, weights)
+                else:
+                    where = {r: i for i, r in enumerate(alive)}
+                    index = torch.tensor([where[r] for r in rows], device=xb.device)
+                    new = self._cell(x_t, gather_state(state, index), weights)
                     state = scatter_state(state, index, new)
-                for r in rows:
-                    flags[r][t] = True
-                going_on = [i for i, r in enumerate(rows) if t + 1 < limits[r]]
-                if going_on:  # the samples with steps left after this one
-                    if len(going_on) < len(rows):
-                        keep = torch.tensor(going_on, device=xb.device)
-                        top = new.top.index_select(0, keep)
-                    else:
-                        top = new.top
-                    on_rows = [rows[i] for i in going_on]
-                    if use_gate:
-                        logits = self.gate(top).squeeze(-1)
-                        ahead = steps_to_next_update_one(
-                            logits.tolist(),
-                            boundary,
-                            steps,
-                            lambda logits=logits: steps_to_next_update(
-                                update_probability(logits), threshold, steps
-                            ).tolist(),
-                        )
-                        for r in on_rows:
-                            gates[r] += 1
-                    else:  # threshold 0 or below: never again; above 1: the next step
-                        ahead = never
-                    for r, j in zip(on_rows, ahead, strict=False):
-                        if t + j < steps:
-                            due[t + j].append(r)
-            outs.append(state.top)
-        run.updates = torch.tensor(flags, dtype=torch.bool)
+                tops.append(new.top)
+                places.extend(flat)
+                on = [i for i, t in enumerate(ts) if t + 1 < limits[rows[i]]]
+                gaps = [ahead] * len(on)
+                if use_gate and on:
+                    top = new.top
+                    if len(on) < len(rows):
+                        top = top.index_select(0, torch.tensor(on, device=xb.device))
+                    logits = self.gate(top).squeeze(-1)
+                    gaps = steps_to_next_update_one(
+                        logits.tolist(),
+                        boundary,
+                        steps,
+                        lambda logits=logits: steps_to_next_update(
+                            update_probability(logits), threshold, steps
+                        ).tolist(),
+                    )
+                for r in rows:  # done, unless it has steps left
+                    pos[r] = steps
+                for i, gap in zip(on, gaps, strict=True):
+                    pos[rows[i]] = ts[i] + gap
+            keep = [i for i, r in enumerate(alive) if pos[r] < limits[r]]
+            if len(keep) < len(alive):  # some samples finished: keep their final state
+                done = [i for i, r in enumerate(alive) if pos[r] >= limits[r]]
+                index = torch.tensor(done, device=xb.device)
+                finished.append(([alive[i] for i in done], gather_state(state, index)))
+                if keep:
+                    state = gather_state(state, torch.tensor(keep, device=xb.device))
+                alive = [alive[i] for i in keep]
+            rows, first = alive, False
+        final = self._final_state(finished, batch, xb)
+        return self._held(run, xb, tops, places, limits, use_gate), final
+
+    def _final_state(
+        self, finished: list[tuple[list[int], State]], batch: int, xb: Tensor
+    ) -> State:
+        """The state [L, B, H] after each sample's last update, from the finished groups."""
+        ids = [r for group, _ in finished for r in group]
+        if ids == list(range(batch)):  # finished in batch order: no scatter
+            parts = [s for _, s in finished]
+        else:
+            order = torch.tensor(ids, device=xb.device).argsort()
+            parts = [s for _, s in finished]
+            h = torch.cat([s.h for s in parts], 1).index_select(1, order)
+            c = None if parts[0].c is None else torch.cat([s.c for s in parts], 1)
+            return State(h, None if c is None else c.index_select(1, order))
+        if len(parts) == 1:
+            return parts[0]
+        h = torch.cat([s.h for s in parts], 1)
+        return State(h, None if parts[0].c is None else torch.cat([s.c for s in parts], 1))
+
+    def _cell(self, x: Tensor, state: State, weights: list | None) -> State:
+        if weights is None:
+            return cell_step(self.rnn, x, state)
+        return fast_cell_step(self.rnn, x, state, weights)
+
+    def _fit_cap(
+        self, rows: list[int], pos: list[int], limits: list[int], left: list[float], gated: bool
+    ) -> list[int]:
+        """The rows due this round whose update fits what is left of their allowance (which
+        it then uses up; `mac_cap.fits` and `mac_cap.spend`, one sample at a time).
+
+        An update that does not fit is skipped and the sample stays due at the next step. Its
+        cost there is the same (`update_cost`) up to its last step, which has no gate after
+        it: so it is due next at its last step if the step alone fits, else never again."""
+        fit = []
+        for r in rows:
+            t = pos[r]
+            cost = float(self.update_cost(t, gated and t + 1 < limits[r]))
+            if cost <= left[r]:
+                left[r] -= cost
+                fit.append(r)
+            elif t < limits[r] - 1 and self.step_macs <= left[r]:
+                pos[r] = limits[r] - 1
+            else:
+                pos[r] = self.steps
+        return fit
+
+    def _held(
+        self,
+        run: SkipRun,
+        xb: Tensor,
+        tops: list[Tensor],
+        places: list[int],
+        limits: list[int],
+        use_gate: bool,
+    ) -> Tensor:
+        """The layer's outputs [B, T, H] from each round's outputs and their places in
+        [B * T] (each step's row found in Python: one gather of rows); records the
+        update flags (`run.updates`) and gate runs (`run.gates`)."""
+        batch, steps = xb.shape[0], xb.shape[1]
+        row_of = [-1] * (batch * steps)
+        for row, place in enumerate(places):
+            row_of[place] = row
+        held, gates = [], [0] * batch
+        for b in range(batch):
+            last = 0
+            for t in range(steps):
+                row = row_of[b * steps + t]
+                if row >= 0:
+                    last = row
+                    if use_gate and t + 1 < limits[b]:  # the gate ran after this update
+                        gates[b] += 1
+                held.append(last)
+        device = xb.device
+        updated = torch.zeros(batch * steps, dtype=torch.bool, device=device)
+        updated = updated.index_fill(0, torch.tensor(places, device=device), True)
+        run.updates = updated.view(batch, steps)
         run.gates = torch.tensor(gates, dtype=torch.long)
-        return torch.stack(outs, 1), state
+        out = torch.cat(tops).index_select(0, torch.tensor(held, device=device))
+        return out.view(batch, steps, -1)
 
     def _fused_to_limits(self, xb: Tensor, limits: list[int]) -> tuple[Tensor, State]:
         """Every step of every sample up to its limit through the fused kernel: one stretch
@@ -247,7 +401,7 @@ class SkipRNN(nn.Module):
         A sample's outputs after its limit repeat its last state."""
         batch, steps = xb.shape[0], xb.shape[1]
         if min(limits) >= steps:
-            return run_stretch(self.rnn, xb)
+            return run_stretch(self.rnn, xb, exact=True)
         state = zero_state(self.rnn, batch, xb)
         out = xb.new_zeros((batch, steps, self.rnn.hidden_size))
         start = 0
@@ -306,7 +460,7 @@ class SkipRNN(nn.Module):
         def fused(xb: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
             # The padding steps run here too (the network does not read their outputs nor
             # the final state), but none is counted as an update.
-            out, state = run_stretch(self.rnn, xb)
+            out, state = run_stretch(self.rnn, xb, exact=True)
             ones = torch.ones(xb.shape[0], xb.shape[1], dtype=torch.int64, device=xb.device)
             if limit is not None:
                 positions = torch.arange(xb.shape[1], device=xb.device)
@@ -390,7 +544,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
         gm: torch.fx.GraphModule,
         *,
         layer: str,
-        fixed_macs: int,
+        book: CostBook,
         reads: nn.Module | None = None,
         threshold: float = 0.5,
         budget: float = 0.5,
@@ -406,12 +560,12 @@ class SkipRNNModel(CapHolder, DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=[threshold],
+            book=book,
         )
         self.gm = gm
         self.layer = layer
         # ReadLengths: each sample's steps to run from the inputs; None: every step
         self.reads = reads
-        self.fixed_macs = int(fixed_macs)
         self.budget = float(budget)
         self.distill_temperature = float(distill_temperature)
         self.compute_weight = float(compute_weight)
@@ -429,16 +583,16 @@ class SkipRNNModel(CapHolder, DynamicModel):
         is clipped, as recurrent networks are trained."""
         return JointRecipe(new_parts="adam", new_lr=0.01, clip_grad_norm=5.0)
 
-    def worst_case_macs(self) -> int:
-        """Every step updates and the gate runs after each update but the last."""
-        w = self.wrapper
-        return self.fixed_macs + w.steps * w.step_macs + (w.steps - 1) * w.gate_macs
+    @property
+    def fixed_macs(self) -> int:
+        """What the layers around the recurrent one cost (the book's)."""
+        return self.book.macs(AROUND)
 
     def cap_floor(self) -> int:
-        """What a sample spends whatever it decides, the gate charged: the layers around the
-        recurrent one, the first update (every sample makes it) and the gate after it."""
-        w = self.wrapper
-        return self.fixed_macs + w.step_macs + (w.gate_macs if w.steps > 1 else 0)
+        """What a sample spends whatever it decides, the gate charged (the book's floor): the
+        layers around the recurrent one, the first update (every sample makes it) and the
+        gate after it."""
+        return self.book.floor()
 
     def _capped(self, run: SkipRun, cap: int | None) -> SkipRun:
         run.cap, run.floor = cap, self.cap_floor()
@@ -451,8 +605,8 @@ class SkipRNNModel(CapHolder, DynamicModel):
                 "layer": self.layer,
                 "cell": type(w.rnn).__name__,
                 "steps": str(w.steps),
+                **self.book.columns(w.steps * w.step_macs, "RNN MACs", 2),
                 "step MACs": f"{w.step_macs / 1e6:.3f} M",
-                "of static": f"{w.steps * w.step_macs / self.static_macs:.3f}",
                 "gate MACs": str(w.gate_macs),
                 "threshold": f"{float(self.thresholds[0]):.3f}",
             }
@@ -487,11 +641,6 @@ class SkipRNNModel(CapHolder, DynamicModel):
         finally:
             context.run = None
 
-    def _macs(self, run: SkipRun) -> Tensor:
-        w = self.wrapper
-        updates = run.updates.sum(1).long()
-        return self.fixed_macs + updates * w.step_macs + run.gates.long() * w.gate_macs
-
     def forward(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None) -> Tensor:
         """Logits [N, C]; `extra`: the lengths or padding mask of a model converted with them
         (also accepted as `forward((x, extra))`)."""
@@ -500,13 +649,14 @@ class SkipRNNModel(CapHolder, DynamicModel):
         batch, steps = x.shape[0], self.wrapper.steps
         if self._static:
             out = self._run_graph(args, SkipRun("static", self.thresholds))
-            self.last_macs = torch.full((batch,), self.static_macs, dtype=torch.long)
+            self.record_static(batch, x.device)
             self.last_updates = torch.ones(batch, steps, dtype=torch.bool)
             self.last_lengths = torch.full((batch,), steps, dtype=torch.long)
             return out
         run = self._capped(SkipRun("eager", self.thresholds), self.cap_macs())
+        run.tab = self.open_tab(batch, x.device)
         out = self._run_graph(args, run)
-        self.last_macs = self._macs(run)
+        self.close_tab(run.tab)
         self._record(run, batch, x.device)
         return out
 
@@ -527,6 +677,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
             with torch.no_grad(), self.static():
                 teacher_logits = self(*args)
         run = SkipRun("train", self.thresholds)
+        run.tab = self.open_tab(args[0].shape[0], args[0].device)
         logits = self._run_graph(args, run)
         t = config.temperature(self.distill_temperature)
         task, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
@@ -536,7 +687,7 @@ class SkipRNNModel(CapHolder, DynamicModel):
         )
         compute = priced_compute(run.share.reshape(1), price)
         loss = task + compute
-        self.last_macs = self._macs(run)
+        self.close_tab(run.tab)
         self._record(run, args[0].shape[0], args[0].device)
         metrics = {
             "loss": float(loss.detach()),
