@@ -100,11 +100,13 @@ def convert(model: nn.Module, **options) -> dynify.DynamicModel:
 
 
 class FrameCalls:
-    """The batch size of every call of the per-frame network."""
+    """The batch size of every call of the per-frame network the inference loop runs."""
 
     def __init__(self, dyn: dynify.DynamicModel):
         self.sizes: list[int] = []
-        self.handle = dyn.frame.register_forward_hook(lambda m, i, o: self.sizes.append(len(i[0])))
+        with torch.no_grad():
+            network = dyn.frame_network()
+        self.handle = network.register_forward_hook(lambda m, i, o: self.sizes.append(len(i[0])))
 
 
 def test_frames_after_the_exit_are_not_run():
@@ -259,3 +261,28 @@ def test_a_mac_cap_holds_for_every_clip_even_non_finite_ones():
         for xb in (x, hostile, x[:1]):
             dyn(xb)
             assert int(dyn.last_macs.max()) <= 0.5 * dyn.static_macs
+
+
+def test_inference_runs_the_frame_network_with_batch_norm_folded():
+    model = make()
+    with torch.no_grad():  # BN statistics away from the identity, so folding changes weights
+        bn = model.frame[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    dyn, x = convert(model), clips()
+    with torch.no_grad():
+        folded = dyn.frame_network()
+        assert folded is not dyn.frame and folded is dyn.frame_network()  # cached
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(x[:, 0]), dyn.frame(x[:, 0]), atol=1e-5)
+        dyn.set_thresholds(NEVER)
+        assert torch.allclose(dyn(x), model(x), atol=1e-5)
+        with dyn.static():
+            assert torch.equal(dyn(x), model(x))
+    assert dyn.frame_network() is dyn.frame  # gradients reach the real parameters
+    assert not any("folded" in key for key in dyn.state_dict())
+    with torch.no_grad():
+        dyn.frame.get_submodule("frame.1").running_mean.add_(0.5)  # rebuilt on change
+        refolded = dyn.frame_network()
+        assert refolded is not folded
+        assert torch.allclose(refolded(x[:, 0]), dyn.frame(x[:, 0]), atol=1e-5)
