@@ -143,8 +143,23 @@ class FrameExitModel(DynamicModel):
         """
         if not use_folded(self):
             return self.frame
-        sources = [*self.frame.parameters(), *self.frame.buffers()]
+        sources = [slots[name] for slots, name in self._frame_slots()]
         return cached_on_tensors(self, "_folded_frame", sources, self._fold_frame)
+
+    def _frame_slots(self) -> list[tuple[dict[str, Tensor | None], str]]:
+        """(registry, name) of every parameter and buffer of `frame`: read on each forward
+        without walking the module tree (tensors replaced in a registry are still seen)."""
+        slots = self.__dict__.get("_frame_tensor_slots")
+        if slots is None:
+            slots = [
+                (registry, name)
+                for module in self.frame.modules()
+                for registry in (module._parameters, module._buffers)
+                for name in registry
+                if name != "num_batches_tracked"  # no part of an eval forward
+            ]
+            self.__dict__["_frame_tensor_slots"] = slots
+        return slots
 
     def _fold_frame(self) -> nn.Module:
         with torch.no_grad():
