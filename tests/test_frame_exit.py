@@ -327,3 +327,14 @@ def test_a_group_of_one_is_the_default_and_a_group_must_leave_an_exit():
     for group in (0, T):
         with pytest.raises(StrategyError, match="frames per decision"):
             convert(make(), group=group)
+
+
+def test_the_folded_network_survives_an_export(tmp_path):
+    dyn, x = convert(make()), clips()
+    with torch.no_grad():
+        before = dyn(x)
+        dynify.export_onnx(dyn, tmp_path / "frame_exit.onnx", verify=False)
+        assert torch.equal(dyn(x), before)  # eager inference after the export, same tensors
+    dynify.bench(dyn, runtime="onnx", runs=1, warmup=0, threads=1)  # exports the static face
+    with torch.no_grad():
+        assert torch.equal(dyn(x), before)

@@ -143,23 +143,22 @@ class FrameExitModel(DynamicModel):
         """
         if not use_folded(self):
             return self.frame
-        sources = [slots[name] for slots, name in self._frame_slots()]
+        sources = [
+            t
+            for module in self._frame_modules()
+            for registry in (module._parameters, module._buffers)
+            for name, t in registry.items()
+            if name != "num_batches_tracked"  # no part of an eval forward
+        ]
         return cached_on_tensors(self, "_folded_frame", sources, self._fold_frame)
 
-    def _frame_slots(self) -> list[tuple[dict[str, Tensor | None], str]]:
-        """(registry, name) of every parameter and buffer of `frame`: read on each forward
-        without walking the module tree (tensors replaced in a registry are still seen)."""
-        slots = self.__dict__.get("_frame_tensor_slots")
-        if slots is None:
-            slots = [
-                (registry, name)
-                for module in self.frame.modules()
-                for registry in (module._parameters, module._buffers)
-                for name in registry
-                if name != "num_batches_tracked"  # no part of an eval forward
-            ]
-            self.__dict__["_frame_tensor_slots"] = slots
-        return slots
+    def _frame_modules(self) -> list[nn.Module]:
+        """`frame`'s modules, listed once: their registries are read on each forward without
+        walking the module tree (export may swap a module's registries, never its modules)."""
+        modules = self.__dict__.get("_frame_module_list")
+        if modules is None:
+            modules = self.__dict__["_frame_module_list"] = list(self.frame.modules())
+        return modules
 
     def _fold_frame(self) -> nn.Module:
         with torch.no_grad():
