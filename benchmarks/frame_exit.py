@@ -2,7 +2,7 @@
 CIFAR ResNet-44: accuracy vs MACs, and batch-1 latency against the MAC ratio.
 
     python -m benchmarks frame_exit --data ../shared/data --depth 44 --frames 8 \
-        --test-images 1500 --calib-images 1000 --latency-clips 60 --threads 1
+        --test-images 1500 --calib-images 1000 --latency-clips 60 --groups 1 2 --threads 1
 
 No video data ships with dynify, so the clips are a clear synthetic stand-in: each CIFAR-10
 image becomes a clip of T frames, every frame a seeded random view of it (a random crop of the
@@ -17,7 +17,12 @@ Through the public API:
    of cifar10/test (nothing is fitted there);
 3. batch-1 CPU latency (eager, 1 thread) of the dynamic model at the point calibrated for a
    drop of at most 0.5 points, against the static clip model (all frames in one batch), timed
-   on the same clips in alternating runs.
+   on the same clips in alternating runs;
+4. batch-1 ONNX Runtime latency (1 thread) of the export (an `If` per exit) against the static
+   clip model exported the same way (`dynify.bench`: each exit forced in turn), weighted by
+   where the test clips leave at the calibrated point.
+Each of `--groups` (frames per decision, `FrameExitOptions.group`) is converted, calibrated
+and timed alike; the eager runs alternate every group's model with the static one.
 """
 
 from __future__ import annotations
@@ -149,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-images", type=int, default=1500, help="0: all 5000")
     parser.add_argument("--calib-images", type=int, default=1000)
     parser.add_argument("--latency-clips", type=int, default=60)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2], help="frames per decision")
+    parser.add_argument("--onnx-runs", type=int, default=60, help="0: no ONNX Runtime timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
 
@@ -157,6 +164,8 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.depth = 20 if args.depth == 44 else args.depth
     args.test_images, args.calib_images = 40, 40
     args.latency_clips = min(args.latency_clips, 4)
+    args.onnx_runs = min(args.onnx_runs, 3)
+    args.groups = [2]  # one model exported and timed: 3 exits, not 7
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
@@ -170,66 +179,131 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     frame_net, _ = dynify.build_model(name, weights=weights_path(args.data, args.depth))
     static = TSN(frame_net).eval()
     example = test_clips[:1]
-    options = dynify.FrameExitOptions(order=args.order, policy=args.policy)
-    dyn = dynify.convert(static, "frame-exit", example, options=options).eval()
-    points = dynify.operating_points(
-        dyn, calib_data, test_data, budgets=BUDGETS, max_drops=MAX_DROPS, thresholds=GRID
-    )
-    rows = [p.to_dict() for p in points]
-    every_frame = next(p for p in points if p.target == {"threshold": 1.01})
-    one_frame = next(p for p in points if p.target == {"threshold": 0.0})
-    chosen = next((p for p in points if p.target == {"max_drop": TARGET_DROP}), every_frame)
-    dyn.set_thresholds(chosen.thresholds)
-    dyn.temperatures.copy_(torch.tensor(chosen.temperatures))
-    latency = measure_latency(static, dyn, test_clips[: args.latency_clips])
+    models, by_group = {}, []
+    for group in args.groups:
+        options = dynify.FrameExitOptions(order=args.order, policy=args.policy, group=group)
+        dyn = dynify.convert(static, "frame-exit", example, options=options).eval()
+        points = dynify.operating_points(
+            dyn, calib_data, test_data, budgets=BUDGETS, max_drops=MAX_DROPS, thresholds=GRID
+        )
+        every_frame = next(p for p in points if p.target == {"threshold": 1.01})
+        first_group = next(p for p in points if p.target == {"threshold": 0.0})
+        chosen = next((p for p in points if p.target == {"max_drop": TARGET_DROP}), every_frame)
+        dyn.set_thresholds(chosen.thresholds)
+        dyn.temperatures.copy_(torch.tensor(chosen.temperatures))
+        models[group] = dyn
+        shares = exit_shares(dyn, test_clips)
+        by_group.append(
+            {
+                "group": group,
+                "all_frames_test_acc": every_frame.test_accuracy,
+                "all_frames_calib_acc": every_frame.calibration_accuracy,
+                "first_group_test_acc": first_group.test_accuracy,
+                "points": [p.to_dict() for p in points],
+                "chosen": chosen.to_dict(),
+                "exit_shares": shares,
+                "onnx": onnx_latency(dyn, shares, args) if args.onnx_runs else None,
+            }
+        )
+    latency = measure_latency(static, models, test_clips[: args.latency_clips])
+    for entry in by_group:
+        entry["latency"] = latency[entry["group"]]
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    first = models[args.groups[0]]
     settings.update(
         calib_clips=len(calib_data),
         test_clips=len(test_data),
-        frame_macs=dyn.frame_macs,
-        order_of_frames=dyn.order,
+        frame_macs=first.frame_macs,
+        order_of_frames=first.order,
     )
+    one = by_group[0]
     return {
         NAME: {
             "settings": settings,
-            "static_macs": dyn.static_macs,
-            "all_frames_test_acc": every_frame.test_accuracy,
-            "all_frames_calib_acc": every_frame.calibration_accuracy,
-            "one_frame_test_acc": one_frame.test_accuracy,
-            "points": rows,
-            "chosen": chosen.to_dict(),
-            "latency": latency,
+            "static_macs": first.static_macs,
+            "all_frames_test_acc": one["all_frames_test_acc"],
+            "all_frames_calib_acc": one["all_frames_calib_acc"],
+            "one_frame_test_acc": one["first_group_test_acc"] if one["group"] == 1 else None,
+            "static_ms": latency["static_ms"],
+            "frame_by_frame_ms": latency["frame_by_frame_ms"],
+            "by_group": by_group,
         }
     }
 
 
-def measure_latency(static: nn.Module, dyn: dynify.DynamicModel, clips: Tensor) -> dict:
-    """Mean seconds per clip at batch 1 of the static clip model and of `dyn` (its thresholds
-    as set), on the same clips in alternating runs, and the MACs `dyn` spent on them."""
-    spent: list[int] = []
+def exit_shares(dyn: dynify.DynamicModel, clips: Tensor, batch: int = 250) -> list[float]:
+    """The share of `clips` leaving at each exit (the last: every frame) at `dyn`'s thresholds."""
+    counts = torch.zeros(dyn.num_exits + 1)
+    with torch.no_grad():
+        for start in range(0, len(clips), batch):
+            dyn(clips[start : start + batch])
+            counts += torch.bincount(dyn.last_exit, minlength=dyn.num_exits + 1)
+    return (counts / len(clips)).tolist()
+
+
+def onnx_latency(dyn: dynify.DynamicModel, shares: list[float], args: argparse.Namespace) -> dict:
+    """Batch-1 ONNX Runtime latency at the calibrated point: each exit forced in turn and the
+    static clip model, exported alike and timed interleaved (`dynify.bench`), weighted by the
+    share of the test clips leaving at each exit."""
+    result = dynify.bench(
+        dyn, runtime="onnx", batch=1, runs=args.onnx_runs, warmup=5, threads=args.threads
+    )
+    rows = {r.label: r for r in result.rows}
+    cases = [f"exit {j}" for j in range(dyn.num_exits)] + ["final"]
+    static_ms = rows["static"].latency_ms
+    dynamic_ms = sum(s * rows[c].latency_ms for s, c in zip(shares, cases, strict=True))
+    macs_ratio = sum(s * rows[c].macs_fraction for s, c in zip(shares, cases, strict=True))
+    return {
+        "runs": args.onnx_runs,
+        "static_ms": static_ms,
+        "dynamic_ms": dynamic_ms,
+        "latency_ratio": dynamic_ms / static_ms,
+        "macs_ratio": macs_ratio,
+        "ratio_to_macs": dynamic_ms / static_ms / macs_ratio,
+        "exits": [
+            {"exit": c, "ms": rows[c].latency_ms, "macs": rows[c].macs_fraction} for c in cases
+        ],
+    }
+
+
+def measure_latency(
+    static: nn.Module, models: dict[int, dynify.DynamicModel], clips: Tensor
+) -> dict:
+    """Mean seconds per clip at batch 1 of the static clip model and of each group's model
+    (its thresholds as set), on the same clips in alternating runs, and the MACs each spent."""
+    spent: dict[str, list[int]] = {f"group {g}": [] for g in models}
+    runners: dict[str, nn.Module] = {"static": static}
+    runners.update({f"group {g}": dyn for g, dyn in models.items()})
+    runners["frame_by_frame"] = FrameByFrame(static.frame)
 
     def record(name: str) -> None:
-        if name == "dynamic":
-            spent.append(int(dyn.last_macs[0]))
+        if name in spent:
+            spent[name].append(int(runners[name].last_macs[0]))
 
-    models = {"static": static, "dynamic": dyn, "frame_by_frame": FrameByFrame(static.frame)}
     with torch.no_grad():
-        for model in models.values():  # warm up
+        for model in runners.values():  # warm up
             model(clips[:1])
-    times = alternating_runs(models, clips, repeats=len(clips), block=10, after=record)
+    times = alternating_runs(runners, clips, repeats=len(clips), block=10, after=record)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
-    latency_ratio = mean["dynamic"] / mean["static"]
-    macs_ratio = statistics.fmean(spent) / dyn.static_macs
-    return {
-        "clips": len(clips),
+    out: dict = {
         "static_ms": 1e3 * mean["static"],
-        "dynamic_ms": 1e3 * mean["dynamic"],
-        "latency_ratio": latency_ratio,
-        "macs_ratio": macs_ratio,
-        "ratio_to_macs": latency_ratio / macs_ratio,
         "frame_by_frame_ms": 1e3 * mean["frame_by_frame"],
-        "ratio_to_macs_frame_by_frame": mean["dynamic"] / mean["frame_by_frame"] / macs_ratio,
     }
+    for g, dyn in models.items():
+        name = f"group {g}"
+        latency_ratio = mean[name] / mean["static"]
+        macs_ratio = statistics.fmean(spent[name]) / dyn.static_macs
+        out[g] = {
+            "clips": len(clips),
+            "static_ms": 1e3 * mean["static"],
+            "dynamic_ms": 1e3 * mean[name],
+            "latency_ratio": latency_ratio,
+            "macs_ratio": macs_ratio,
+            "ratio_to_macs": latency_ratio / macs_ratio,
+            "frame_by_frame_ms": 1e3 * mean["frame_by_frame"],
+            "ratio_to_macs_frame_by_frame": mean[name] / mean["frame_by_frame"] / macs_ratio,
+        }
+    return out
 
 
 def fewest_macs_within(points: list[dict], reference: float, drop: float, key: str) -> dict | None:
@@ -239,18 +313,6 @@ def fewest_macs_within(points: list[dict], reference: float, drop: float, key: s
     return min(within, key=lambda p: p[macs]) if within else None
 
 
-def _frame_by_frame(lat: dict) -> str:
-    if "frame_by_frame_ms" not in lat:
-        return ""
-    return (
-        f" The static model run one frame at a time (batch 1 per frame, as frame-exit runs "
-        f"them) takes {lat['frame_by_frame_ms']:.1f} ms: against it the dynamic model's "
-        f"latency ratio over its MAC ratio is {lat['ratio_to_macs_frame_by_frame']:.3f}x, so "
-        "the gap is the per-frame network's lower throughput at batch 1 than on the clip's "
-        "frames batched together, not the decisions."
-    )
-
-
 def _target(target: dict) -> str:
     ((key, value),) = target.items()
     return {"max_drop": f"drop <= {100 * value:g} pt", "budget": f"budget {value:g}"}.get(
@@ -258,66 +320,136 @@ def _target(target: dict) -> str:
     )
 
 
-def render() -> str:
-    result = read_result(NAME)
-    lines = ["# frame-exit: stopping early over a clip's frames", ""]
-    if result is None:
-        return "\n".join(lines + missing(NAME, f"python -m benchmarks {NAME} --data DATA"))
-    out = result.data
-    s, lat, chosen = out["settings"], out["latency"], out["chosen"]
-    base = out["all_frames_test_acc"]
-    curve = [p for p in out["points"] if "threshold" in p["target"]]
-    best = fewest_macs_within(out["points"], base, TARGET_DROP, "test")
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def _accuracy_lines(entry: dict, base: float) -> list[str]:
+    g, chosen = entry["group"], entry["chosen"]
+    curve = [p for p in entry["points"] if "threshold" in p["target"]]
+    best = fewest_macs_within(entry["points"], base, TARGET_DROP, "test")
     best_curve = fewest_macs_within(curve, base, TARGET_DROP, "test")
-    lines += [
-        f"Synthetic clips (a stand-in: no video data ships): each of {s['test_clips']} "
-        f"cifar10/test images (evenly spaced over the 5,000, every class alike) becomes a clip of {s['frames']} "
-        "frames, each a random crop, flip, occlusion and blur of it; thresholds calibrated on "
-        f"clips of {s['calib_clips']} held-out cifar10/train images. Per-frame network: the "
-        f"pretrained CIFAR ResNet-{s['depth']} ({s['frame_macs'] / 1e6:.1f} M MACs per frame), "
-        f"frames looked at in the '{s['order']}' order {s['order_of_frames']}, exit policy "
-        f"'{s['policy']}'.",
-        "",
-        f"- The {s['frames']}-frame average (the static clip model): **{pct(base)} %** on test; "
-        f"one frame: {pct(out['one_frame_test_acc'])} %.",
-        f"- Calibrated for a drop of at most {100 * TARGET_DROP:g} points (on calibration "
-        f"clips only): **{pct(chosen['test_accuracy'])} % at {chosen['test_macs']:.3f} of the "
-        f"MACs** on test ({100 * (chosen['test_accuracy'] - base):+.2f} points); target: within "
-        f"{100 * TARGET_DROP:g} points at <= {TARGET_MACS} of the MACs: "
-        + (
-            "met."
-            if chosen["test_macs"] <= TARGET_MACS and chosen["test_accuracy"] >= base - TARGET_DROP
-            else "not met."
-        ),
-    ]
+    ok = chosen["test_macs"] <= TARGET_MACS and chosen["test_accuracy"] >= base - TARGET_DROP
+    line = (
+        f"- group {g}: calibrated for a drop of at most {100 * TARGET_DROP:g} points (on "
+        f"calibration clips only): **{pct(chosen['test_accuracy'])} % at "
+        f"{chosen['test_macs']:.3f} of the MACs** on test "
+        f"({100 * (chosen['test_accuracy'] - base):+.2f} points; target within "
+        f"{100 * TARGET_DROP:g} points at <= {TARGET_MACS}: {_met(ok)})."
+    )
     if best is not None:
-        lines.append(
-            f"- The fewest MACs within {100 * TARGET_DROP:g} points on test, over every point "
-            f"below (read on test, so a selection, not a calibration): {best['test_macs']:.3f} "
-            f"({pct(best['test_accuracy'])} %, {_target(best['target'])})"
+        line += (
+            f" Fewest MACs within {100 * TARGET_DROP:g} points read on test (a selection, not "
+            f"a calibration): {best['test_macs']:.3f} ({pct(best['test_accuracy'])} %, "
+            f"{_target(best['target'])})"
             + (
-                f"; on the shared-threshold curve alone: {best_curve['test_macs']:.3f}."
-                if best_curve is not None
+                f"; shared-threshold curve alone: {best_curve['test_macs']:.3f}."
+                if best_curve
                 else "."
             )
         )
-    lines += [
-        f"- Batch-1 latency (eager, {result.metadata.get('threads')} thread, {lat['clips']} "
-        f"test clips, alternating runs) at the calibrated point: {lat['dynamic_ms']:.1f} ms "
-        f"against {lat['static_ms']:.1f} ms, a latency ratio of {lat['latency_ratio']:.3f} for "
-        f"a MAC ratio of {lat['macs_ratio']:.3f} on those clips: **{lat['ratio_to_macs']:.3f}x** "
-        f"(target <= {TARGET_LATENCY}x: "
-        + ("met)." if lat["ratio_to_macs"] <= TARGET_LATENCY else "not met).")
-        + _frame_by_frame(lat),
-        "",
-        "| target | thresholds chosen on | calib acc % | calib MACs | test acc % | test MACs |",
-        "| --- | --- | --- | --- | --- | --- |",
+    return [line]
+
+
+def _latency_row(entry: dict) -> str:
+    lat, ort = entry["latency"], entry.get("onnx")
+    cells = [
+        str(entry["group"]),
+        pct(entry["chosen"]["test_accuracy"]),
+        f"{entry['chosen']['test_macs']:.3f}",
+        f"{lat['dynamic_ms']:.1f} / {lat['static_ms']:.1f}",
+        f"{lat['macs_ratio']:.3f}",
+        f"{lat['latency_ratio']:.3f}",
+        f"**{lat['ratio_to_macs']:.3f}x**",
+        f"{lat['ratio_to_macs_frame_by_frame']:.3f}x",
     ]
-    for p in out["points"]:
-        where = "calibration" if "threshold" not in p["target"] else "(fixed)"
+    if ort:
+        cells += [
+            f"{ort['dynamic_ms']:.2f} / {ort['static_ms']:.2f}",
+            f"{ort['macs_ratio']:.3f}",
+            f"{ort['latency_ratio']:.3f}",
+            f"**{ort['ratio_to_macs']:.3f}x**",
+        ]
+    else:
+        cells += ["-"] * 4
+    return "| " + " | ".join(cells) + " |"
+
+
+def render() -> str:
+    result = read_result(NAME)
+    lines = ["# frame-exit: stopping early over a clip's frames", ""]
+    if result is None or "by_group" not in result.data:
+        return "\n".join(lines + missing(NAME, f"python -m benchmarks {NAME} --data DATA"))
+    out = result.data
+    s, groups = out["settings"], out["by_group"]
+    base = out["all_frames_test_acc"]
+    lines += [
+        f"Synthetic clips (a stand-in: no video data ships): each of {s['test_clips']} "
+        f"cifar10/test images (evenly spaced over the 5,000, every class alike) becomes a clip "
+        f"of {s['frames']} frames, each a random crop, flip, occlusion and blur of it; "
+        f"thresholds calibrated on clips of {s['calib_clips']} held-out cifar10/train images. "
+        f"Per-frame network: the pretrained CIFAR ResNet-{s['depth']} "
+        f"({s['frame_macs'] / 1e6:.1f} M MACs per frame), frames looked at in the "
+        f"'{s['order']}' order {s['order_of_frames']}, exit policy '{s['policy']}'; group g: "
+        "the order cut into groups of g frames, each run as one batch, one decision per group.",
+        "",
+        f"- The {s['frames']}-frame average (the static clip model): **{pct(base)} %** on test"
+        + (
+            f"; one frame: {pct(out['one_frame_test_acc'])} %."
+            if out.get("one_frame_test_acc") is not None
+            else "."
+        ),
+    ]
+    for entry in groups:
+        lines += _accuracy_lines(entry, base)
+    best = min(groups, key=lambda e: e["latency"]["ratio_to_macs"])
+    lines += [
+        "",
+        f"Batch-1 latency at the calibrated point, 1 thread ({result.metadata.get('threads')} "
+        f"torch thread(s)), target: latency ratio <= {TARGET_LATENCY}x the MAC ratio. Eager: "
+        f"the first {groups[0]['latency']['clips']} test clips, every model and the static one "
+        "in alternating runs, mean ms per clip (the MAC ratio is what those clips spent). The "
+        f"static clip model one frame at a time (batch 1 per frame) takes "
+        f"{out['frame_by_frame_ms']:.1f} ms; 'vs frame by frame' is the latency/MAC ratio "
+        "against it. ONNX Runtime: the export (an `If` per exit, thresholds an input) against "
+        "the static clip model exported alike, both for batch 1, each exit forced in turn "
+        "(`dynify.bench`, median of "
+        f"{(groups[0].get('onnx') or {}).get('runs', '-')} interleaved runs in a child "
+        "process), weighted by the share of all test clips leaving at each exit.",
+        "",
+        "| group | test acc % | test MACs | eager ms (dyn / static) | MAC ratio | latency "
+        "ratio | **eager ratio / MACs** | vs frame by frame | ORT ms (dyn / static) | MAC "
+        "ratio | latency ratio | **ORT ratio / MACs** |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[_latency_row(e) for e in groups],
+        "",
+        f"- Eager: best group {best['group']} at {best['latency']['ratio_to_macs']:.3f}x: "
+        + _met(best["latency"]["ratio_to_macs"] <= TARGET_LATENCY)
+        + ".",
+    ]
+    timed = [e for e in groups if e.get("onnx")]
+    if timed:
+        ort_best = min(timed, key=lambda e: e["onnx"]["ratio_to_macs"])
         lines.append(
-            f"| {_target(p['target'])} | {where} | {pct(p['calibration_accuracy'])} | "
-            f"{p['calibration_macs']:.3f} | {pct(p['test_accuracy'])} | {p['test_macs']:.3f} |"
+            f"- ONNX Runtime: best group {ort_best['group']} at "
+            f"{ort_best['onnx']['ratio_to_macs']:.3f}x: "
+            + _met(ort_best["onnx"]["ratio_to_macs"] <= TARGET_LATENCY)
+            + "."
         )
+    for entry in groups:
+        lines += [
+            "",
+            f"### group {entry['group']}: operating points",
+            "",
+            "| target | thresholds chosen on | calib acc % | calib MACs | test acc % | test MACs |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for p in entry["points"]:
+            where = "calibration" if "threshold" not in p["target"] else "(fixed)"
+            lines.append(
+                f"| {_target(p['target'])} | {where} | {pct(p['calibration_accuracy'])} | "
+                f"{p['calibration_macs']:.3f} | {pct(p['test_accuracy'])} | "
+                f"{p['test_macs']:.3f} |"
+            )
     lines += ["", *provenance(result)]
     return "\n".join(lines)

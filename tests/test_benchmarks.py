@@ -202,9 +202,11 @@ def test_quick_frame_exit_runs_end_to_end(cifar_like, tmp_path):
     run = payload["data"]
     assert run["settings"]["depth"] == 20 and run["settings"]["test_clips"] == 40
     assert run["settings"]["calib_clips"] == 30  # the held-out 10 % of the 300 train images
-    for point in run["points"]:  # thresholds chosen on calibration clips, measured on test
+    (entry,) = run["by_group"]  # quick: groups of 2 frames only
+    for point in entry["points"]:  # thresholds chosen on calibration clips, measured on test
         assert 0.0 < point["test_macs"] <= 1.0 and 0.0 <= point["test_accuracy"] <= 1.0
-    assert run["latency"]["clips"] == 2 and run["latency"]["macs_ratio"] > 0
+    assert entry["latency"]["clips"] == 2 and entry["latency"]["macs_ratio"] > 0
+    assert entry["onnx"]["macs_ratio"] > 0 and len(entry["onnx"]["exits"]) == 4  # 8 frames / 2
 
 
 def test_quick_skip_rnn_runs_end_to_end(tmp_path):

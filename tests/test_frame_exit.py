@@ -100,11 +100,13 @@ def convert(model: nn.Module, **options) -> dynify.DynamicModel:
 
 
 class FrameCalls:
-    """The batch size of every call of the per-frame network."""
+    """The batch size of every call of the per-frame network the inference loop runs."""
 
     def __init__(self, dyn: dynify.DynamicModel):
         self.sizes: list[int] = []
-        self.handle = dyn.frame.register_forward_hook(lambda m, i, o: self.sizes.append(len(i[0])))
+        with torch.no_grad():
+            network = dyn.frame_network()
+        self.handle = network.register_forward_hook(lambda m, i, o: self.sizes.append(len(i[0])))
 
 
 def test_frames_after_the_exit_are_not_run():
@@ -259,3 +261,80 @@ def test_a_mac_cap_holds_for_every_clip_even_non_finite_ones():
         for xb in (x, hostile, x[:1]):
             dyn(xb)
             assert int(dyn.last_macs.max()) <= 0.5 * dyn.static_macs
+
+
+def test_inference_runs_the_frame_network_with_batch_norm_folded():
+    model = make()
+    with torch.no_grad():  # BN statistics away from the identity, so folding changes weights
+        bn = model.frame[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    dyn, x = convert(model), clips()
+    with torch.no_grad():
+        folded = dyn.frame_network()
+        assert folded is not dyn.frame and folded is dyn.frame_network()  # cached
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(x[:, 0]), dyn.frame(x[:, 0]), atol=1e-5)
+        dyn.set_thresholds(NEVER)
+        assert torch.allclose(dyn(x), model(x), atol=1e-5)
+        with dyn.static():
+            assert torch.equal(dyn(x), model(x))
+    assert dyn.frame_network() is dyn.frame  # gradients reach the real parameters
+    assert not any("folded" in key for key in dyn.state_dict())
+    with torch.no_grad():
+        dyn.frame.get_submodule("frame.1").running_mean.add_(0.5)  # rebuilt on change
+        refolded = dyn.frame_network()
+        assert refolded is not folded
+        assert torch.allclose(refolded(x[:, 0]), dyn.frame(x[:, 0]), atol=1e-5)
+
+
+def test_frames_in_groups_decide_once_per_group_and_skip_the_groups_after_the_exit():
+    model = make()
+    dyn, x = convert(model, group=2), clips()
+    assert dyn.groups == [dyn.order[:2], dyn.order[2:]] and dyn.num_exits == 1
+    assert dyn.exit_macs() == [2 * dyn.frame_macs, 4 * dyn.frame_macs]
+    assert [row["frames seen"] for row in dyn.describe()] == ["2", "4"]
+    calls = FrameCalls(dyn)
+    with torch.no_grad():
+        with dyn.static():
+            assert torch.equal(dyn(x), model(x))
+        dyn.set_thresholds(0.0)  # every clip leaves after its first group: 2 frames, 1 call
+        out = dyn(x)
+        assert calls.sizes == [2 * len(x)] and dyn.last_exit.tolist() == [0] * len(x)
+        first = [model.frame(x[:, t]) for t in dyn.order[:2]]
+        assert torch.allclose(out, (first[0] + first[1]) / 2, atol=1e-5)
+        assert dyn.last_macs.tolist() == [2 * dyn.frame_macs] * len(x)
+        scores = exit_scores(dyn.exit_logits(x)[0], 1.0, "confidence").sort().values
+        dyn.set_thresholds(float(scores[len(x) // 2 - 1 : len(x) // 2 + 1].mean()))  # half leave
+        calls.sizes.clear()
+        dyn(x)
+        leaving = dyn.last_exit == 0
+        assert leaving.any() and not leaving.all()  # mixed, so the second call narrows
+        assert calls.sizes == [2 * len(x), 2 * int((~leaving).sum())]
+        assert dyn.last_macs.tolist() == (2 * (dyn.last_exit + 1) * dyn.frame_macs).tolist()
+        alone = torch.cat([dyn(x[i : i + 1]) for i in range(len(x))])
+        assert torch.allclose(dyn(x), alone, atol=1e-5)
+        means = dyn.exit_logits(x)
+        assert len(means) == 2 and torch.allclose(means[1], model(x), atol=1e-5)
+
+
+def test_a_group_of_one_is_the_default_and_a_group_must_leave_an_exit():
+    dyn = convert(make())
+    assert dyn.group == 1 and dyn.groups == [[t] for t in dyn.order] and dyn.num_exits == T - 1
+    uneven = convert(make(), group=3)
+    assert uneven.groups == [uneven.order[:3], uneven.order[3:]]
+    assert uneven.exit_macs() == [3 * uneven.frame_macs, T * uneven.frame_macs]
+    for group in (0, T):
+        with pytest.raises(StrategyError, match="frames per decision"):
+            convert(make(), group=group)
+
+
+def test_the_folded_network_survives_an_export(tmp_path):
+    dyn, x = convert(make()), clips()
+    with torch.no_grad():
+        before = dyn(x)
+        dynify.export_onnx(dyn, tmp_path / "frame_exit.onnx", verify=False)
+        assert torch.equal(dyn(x), before)  # eager inference after the export, same tensors
+    dynify.bench(dyn, runtime="onnx", runs=1, warmup=0, threads=1)  # exports the static face
+    with torch.no_grad():
+        assert torch.equal(dyn(x), before)

@@ -18,7 +18,7 @@ from dynify.frontend.clips import clip_pattern
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
-from dynify.runtime.frame_exit import FrameExitModel, cost_book
+from dynify.runtime.frame_exit import FrameExitModel, cost_book, frame_groups
 from dynify.runtime.policy import POLICIES, ExitPolicy
 
 ORDERS = ("strided", "sequential")
@@ -32,13 +32,18 @@ class FrameExitOptions:
     middle, the quarters, the eighths...: each new frame is far from those seen, so the
     running average covers the clip early) or 'sequential' (0, 1, 2...), or an explicit
     permutation of the frame indices. policy / patience / threshold: the exit rule on the
-    running average (`dynify.runtime.policy`), as for early exits.
+    running average (`dynify.runtime.policy`), as for early exits. group: frames per
+    decision: the order is cut into groups of this many frames, each run as one batch with
+    one exit after it (1: a decision after every frame). Per-frame networks that run a few
+    frames in much less time than one each (small CNNs at batch 1 on CPU) turn saved frames
+    into saved time better with 2 than with 1, at a coarser granularity.
     """
 
     order: str | list[int] = "strided"
     policy: str = "confidence"
     patience: int = 2
     threshold: float = 0.9
+    group: int = 1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> FrameExitOptions:
@@ -75,7 +80,8 @@ def frame_order(order: str | list[int], frames: int) -> list[int]:
 class FrameExit:
     name = "frame-exit"
     summary = "clip models look at frames one at a time and stop once sure (FrameExit)"
-    variants = tuple({"policy": kind} for kind in POLICIES)
+    # groups of frames: 2 (even), 3 of 4 (a shorter last group, one exit)
+    variants = (*({"policy": kind} for kind in POLICIES), {"group": 2}, {"group": 3})
     contract_example = "clip"
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +93,14 @@ class FrameExit:
                 "frame-exit needs clips of at least 2 frames to stop early; the example input "
                 f"has {pattern.frames}. Convert with an example of the clip length you run."
             )
+        if not 1 <= opts.group < pattern.frames:
+            raise StrategyError(
+                f"group={opts.group}: frames per decision must be at least 1 and fewer than the "
+                f"clip's {pattern.frames} frames, or no clip could stop early."
+            )
         return {
             "frames": pattern.frames,
+            "group": opts.group,
             "order": frame_order(opts.order, pattern.frames),
             "policy": policy.to_dict(),
             "options": asdict(opts),
@@ -105,13 +117,16 @@ class FrameExit:
             ctx.gm, pattern.frame_nodes, [pattern.fold], [pattern.frame_output], "FrameNetwork"
         )
         options = plan.get("options", {})
+        group = int(plan.get("group", 1))
+        groups = len(frame_groups(range(pattern.frames), group))
         return FrameExitModel(
             ctx.gm,
             frame,
             order=[int(i) for i in plan["order"]],
-            book=cost_book(ctx.analysis.total_macs, pattern.frame_macs, pattern.frames),
+            group=group,
+            book=cost_book(ctx.analysis.total_macs, pattern.frame_macs, pattern.frames, group),
             policy=ExitPolicy(**plan["policy"]),
-            thresholds=[float(options.get("threshold", 0.9))] * (pattern.frames - 1),
+            thresholds=[float(options.get("threshold", 0.9))] * (groups - 1),
             static_macs=ctx.analysis.total_macs,
             input_shape=tuple(ctx.example_input.shape[1:]),
             num_classes=ctx.num_classes,
