@@ -105,6 +105,23 @@ class WidthGate(nn.Module):
         return self.fc.weight.detach().t().contiguous()
 
 
+@dataclass(frozen=True)
+class BranchWidths:
+    """One sliced branch as the model runs it (read-only): `widths` the inner channel counts a
+    sample may run, narrowest first; `width_macs[w]` what width w costs one sample; `gate_macs`
+    what its gate costs when it runs."""
+
+    index: int
+    join: str
+    widths: tuple[int, ...]
+    width_macs: tuple[int, ...]
+    gate_macs: int
+
+    @property
+    def num_widths(self) -> int:
+        return len(self.widths)
+
+
 @dataclass
 class WidthRun:
     """What the wrappers of one forward share (kept per thread on the model's `PerCall`)."""
@@ -445,6 +462,32 @@ class DynamicWidthModel(CapHolder, DynamicModel):
     def fixed_macs(self) -> int:
         """What the layers outside the sliced branches cost one sample."""
         return self.book.macs(REST)
+
+    def width_plan(self) -> tuple[BranchWidths, ...]:
+        """The sliced branches, in the order the forward meets them (`last_decisions()`'s
+        columns)."""
+        return tuple(
+            BranchWidths(w.index, join, tuple(w.widths), tuple(w.width_macs), w.gate_macs)
+            for w, join in zip(self.wrappers, self.joins, strict=True)
+        )
+
+    def force_width(self, index: int) -> None:
+        """Make every gate certain of width `index` (0 the narrowest; -1 the full width) for
+        every sample, and set the thresholds to 0.5: the gates still run and are charged. For
+        timing what each width costs apart from what training teaches the gates; it overwrites
+        the gates' parameters, so fine-tuning or converting again undoes it."""
+        for w in self.wrappers:
+            if not -w.num_widths <= index < w.num_widths:
+                raise StrategyError(
+                    f"Branch {w.index} has {w.num_widths} widths {w.widths}; width index "
+                    f"{index} is not one of them."
+                )
+        with torch.no_grad():
+            for w in self.wrappers:
+                w.gate.fc.weight.zero_()
+                w.gate.fc.bias.zero_()
+                w.gate.fc.bias[index] = 30.0
+        self.set_thresholds(0.5)
 
     def min_macs(self) -> int:
         """Every gate run and every branch at its narrowest width (the cost book's floor)."""
