@@ -85,7 +85,7 @@ class FinetuneConfig:
     calibration_fraction: float = 0.1
     # Each parameter group's gradient norm is clipped to this (None: not clipped), unless the
     # strategy's joint recipe clips that group itself. Far above the norms of a healthy run
-    # (docs/finetuning.md): it only stops a diverging step, as a short warm-up can cause.
+    # (docs/training.md): it only stops a diverging step, as a short warm-up can cause.
     clip_grad_norm: float | None = CLIP_GRAD_NORM
 
     def validate(self) -> None:
