@@ -67,13 +67,15 @@ class GatedBlock:
     """One gated residual block as the model runs it (read-only): `block` the qualified name of
     the residual block in the original model (its branch's first convolution's parent, e.g.
     'layer2.3'); `identity_shortcut` whether skipping the branch leaves only the input
-    (else the shortcut still runs); `branch_macs` what running the branch costs one sample."""
+    (else the shortcut still runs); `branch_macs` what running the branch costs one sample;
+    `threshold` the index of the threshold it decides with (halting: its stage's)."""
 
     index: int
     join: str
     block: str
     identity_shortcut: bool
     branch_macs: int
+    threshold: int
 
 
 class GatedModel(CapHolder, DynamicModel):
@@ -185,7 +187,14 @@ class GatedModel(CapHolder, DynamicModel):
         """The gated blocks, gate by gate (`last_decisions()`'s columns). Gate k is not the k-th
         residual block: halting never gates a stage's first block."""
         return tuple(
-            GatedBlock(gate.index, name, _block_name(gate), gate.shortcut is None, gate.branch_macs)
+            GatedBlock(
+                gate.index,
+                name,
+                _block_name(gate),
+                gate.shortcut is None,
+                gate.branch_macs,
+                gate.group if self.kind == "halting" else gate.index,
+            )
             for gate, name in zip(self.gates, self.gate_names, strict=True)
         )
 
