@@ -44,7 +44,6 @@ from benchmarks.cifar_data import (
 from benchmarks.report import missing, provenance
 from benchmarks.results import Result, read_result
 from benchmarks.timing import alternating_runs
-from dynify.models.cifar_resnet import BasicBlock
 
 NAME = "block_gates"
 # A shortened re-run of the published settings through this suite (fewer steps and epochs),
@@ -138,7 +137,7 @@ def plan_counts(dyn, inputs) -> Counter:
     counts: Counter = Counter()
     for x in inputs:
         dyn(x)
-        counts.update(tuple(row) for row in dyn.last_gates.tolist())
+        counts.update(tuple(row) for row in dyn.last_decisions().tolist())
     return counts
 
 
@@ -166,8 +165,9 @@ def latency(
     models = {"static": static_model.eval(), "dynamic": dyn.eval(), "static_mode": static_mode}
     plan = common_plan(dyn, images[:100])
     skipped = [k for k, run in enumerate(plan) if not run]
-    if all(dyn.gates[k].shortcut is None for k in skipped):  # relu(x + 0) = x: removable
-        blocks = [gated_block(dyn.gates[k]) for k in skipped]
+    gated = dyn.gate_plan()
+    if all(gated[k].identity_shortcut for k in skipped):  # relu(x + 0) = x: removable
+        blocks = [gated[k].block for k in skipped]
         models["removed"] = without_blocks(static_model, blocks).eval()
     try:
         for i in range(10):
@@ -180,11 +180,12 @@ def latency(
 
 def _latency_round(models: dict, dyn, images, repeats: int, block: int, skipped: list) -> dict:
     macs, plans = [], set()
+    gated = dyn.gate_plan()
 
     def record(name: str) -> None:
         if name == "dynamic":
             macs.append(float(dyn.last_macs[0]))
-            plans.add(tuple(dyn.last_gates[0].tolist()))
+            plans.add(tuple(dyn.last_decisions()[0].tolist()))
 
     times = alternating_runs(models, images, repeats, block, after=record)
     mean = {k: statistics.fmean(v) * 1e3 for k, v in times.items()}
@@ -192,11 +193,11 @@ def _latency_round(models: dict, dyn, images, repeats: int, block: int, skipped:
     removed = {}
     if "removed" in models:
         removed = {
-            "removed_blocks": [gated_block(dyn.gates[k]) for k in skipped],
+            "removed_blocks": [gated[k].block for k in skipped],
             "removed_ms": round(mean["removed"], 3),
             "ratio_removed": round(mean["removed"] / mean["static"], 4),
             "removed_macs_fraction": round(
-                1 - sum(dyn.gates[k].branch_macs for k in skipped) / dyn.static_macs, 4
+                1 - sum(gated[k].branch_macs for k in skipped) / dyn.static_macs, 4
             ),
         }
     return {
@@ -221,14 +222,6 @@ def common_plan(dyn, images: torch.Tensor) -> list[bool]:
     return list(counts.most_common(1)[0][0])
 
 
-def gated_block(gate) -> str:
-    """The qualified name of the residual block a gate wraps (its lifted branch keeps the
-    original module paths: 'layer2.3.conv1' -> 'layer2.3'). Gate k is not the k-th block:
-    halting never gates a stage's first block."""
-    conv = next(n for n, m in gate.branch.named_modules() if isinstance(m, torch.nn.Conv2d))
-    return conv.rsplit(".", 1)[0]
-
-
 def without_blocks(model: torch.nn.Module, blocks: list[str]) -> torch.nn.Module:
     """A copy of a CIFAR ResNet with the named residual blocks' branches removed: the physical
     floor for skipping them, no decision or Python of any kind. A block keeps what a skipped
@@ -237,7 +230,7 @@ def without_blocks(model: torch.nn.Module, blocks: list[str]) -> torch.nn.Module
     model = copy.deepcopy(model)
     for name in blocks:
         block = model.get_submodule(name)
-        if not isinstance(block, BasicBlock):
+        if not isinstance(getattr(block, "shortcut", None), torch.nn.Module):
             raise ValueError(f"{name} is not a residual block of {type(model).__name__}")
         parent, child = name.rsplit(".", 1)
         rest = block.shortcut

@@ -118,7 +118,7 @@ def width_statistics(dyn, batches: list[torch.Tensor]) -> dict:
         dyn(x)
         rows.append(dyn.last_decisions())
     widths = torch.cat(rows)  # [images, branches]
-    k = max(w.num_widths for w in dyn.wrappers)
+    k = max(b.num_widths for b in dyn.width_plan())
     per_branch = [torch.bincount(col, minlength=k).tolist() for col in widths.T]
     plans = Counter(tuple(r) for r in widths.tolist())
     varying = sum(1 for counts in per_branch if sum(c > 0 for c in counts) > 1)
@@ -173,18 +173,6 @@ def _fall(latency_ratio: float, macs_fraction: float) -> float:
     return (1 - latency_ratio) / saved if saved > 0.01 else float("nan")
 
 
-def force_width(dyn, index: int) -> None:
-    """Every gate certain of width `index` (zero weights, one large bias): at threshold 0.5
-    every sample runs that width, gates included."""
-    with torch.no_grad():
-        for wrapper in dyn.wrappers:
-            fc = wrapper.gate.fc
-            fc.weight.zero_()
-            fc.bias.zero_()
-            fc.bias[index] = 30.0
-    dyn.set_thresholds(0.5)
-
-
 def mechanism(args: argparse.Namespace) -> dict:
     """Batch-1 latency of the converted (untrained) network with every branch at one width,
     against the original, all models alternating in runs of 10 images: what the narrow
@@ -200,7 +188,7 @@ def mechanism(args: argparse.Namespace) -> dict:
     dyns = {}
     for w in range(4):
         dyn = dynify.convert(net, "dynamic-width", weights=weights).eval()
-        force_width(dyn, w)
+        dyn.force_width(w)  # every gate certain of width w
         dyns[labels[w]] = dyn
         models[labels[w]] = dyn
     no_gates = dynify.convert(net, "dynamic-width", weights=weights).eval()
@@ -269,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     torch.manual_seed(0)
     dyn = dynify.convert(net, "dynamic-width", weights=weights, options={"budget": args.budget})
     out["branches"] = dyn.num_branches
-    out["widths"] = [w.widths for w in dyn.wrappers]
+    out["widths"] = [list(b.widths) for b in dyn.width_plan()]
     out["min_macs_fraction"] = dyn.min_macs() / dyn.static_macs
     print(f"== {net} dynamic-width, {dyn.num_branches} branches", flush=True)
     out["train"] = train(dyn, fit, args)

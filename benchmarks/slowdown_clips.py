@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import dynify
 from benchmarks.cifar_data import MEAN, STD, fit_and_calibration, subsample, weights_path
 from benchmarks.frame_exit import TSN, _images, make_clips
 from benchmarks.pgd import pgd
-from benchmarks.slowdown_rows import add_row, figures
+from benchmarks.slowdown_rows import Attacked, measure_stream
 
 TITLE = "frame exit (synthetic clips)"
 
@@ -120,19 +121,20 @@ def run_clips(args: argparse.Namespace, train, test) -> dict[str, Any]:
         f"{g['steady_passes']} of {g['passes']} shuffled passes, one clip at a time. Attack: "
         "PGD on every frame's [0, 1] pixels (each within eps), the exit rows' hinge."
     )
-    rows = out["rows"]
-    for label, pixels, labels in (
-        ("clean (test subset)", clean, clean_labels),
-        ("clean (attacked clips)", attack, attack_labels),
-    ):
-        add_row(rows, label, 0, 0, labels, figures(dyn, clip_input(pixels), labels, args, budget))
-    for eps in args.eps:
-        for steps in args.steps:
-            t0 = time.perf_counter()
-            adv = clip_pgd(dyn, attack, eps / 255, steps, args.seed)
-            seconds = time.perf_counter() - t0
-            measured = figures(dyn, clip_input(adv), attack_labels, args, budget)
-            add_row(rows, "PGD", eps, steps, attack_labels, measured, attack_seconds=seconds)
+
+    def attacked() -> Iterator[Attacked]:
+        for eps in args.eps:
+            for steps in args.steps:
+                t0 = time.perf_counter()
+                adv = clip_pgd(dyn, attack, eps / 255, steps, args.seed)
+                seconds = time.perf_counter() - t0
+                yield "PGD", eps, steps, clip_input(adv), attack_labels, seconds
+
+    clean_sets = [
+        ("clean (test subset)", clip_input(clean), clean_labels),
+        ("clean (attacked clips)", clip_input(attack), attack_labels),
+    ]
+    measure_stream(dyn, out["rows"], clean_sets, attacked(), args, budget)
     out["seconds"] = time.perf_counter() - start
     out["shortened"] = (
         f"Run size: {len(calib_data)} calibration clips, {len(clean_labels)} clean and "

@@ -1,11 +1,13 @@
 """One row of the slowdown suite for any dynamic model and any inputs (clips, token ids):
 measured with the calibrated thresholds (off), under the MAC cap where the strategy holds one
 (`dynify.MacCapped`), and streamed through `dynify.BudgetGuard` (on). The frame-exit and text
-rows use it (`benchmarks/slowdown_clips.py`, `benchmarks/slowdown_text.py`)."""
+rows use it (`benchmarks/slowdown_clips.py`, `benchmarks/slowdown_text.py`): `measure_stream`
+measures the clean input sets and then each attacked one as its attack yields it."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -87,3 +89,26 @@ def figures(
         dearest_key="worst",
     )
     return out
+
+
+# One attacked input set: (row label, eps, steps, inputs, labels, seconds the attack took).
+Attacked = tuple[str, float, int, torch.Tensor, torch.Tensor, float]
+
+
+def measure_stream(
+    dyn,
+    rows: list[dict[str, Any]],
+    clean: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+    attacked: Iterable[Attacked],
+    args: argparse.Namespace,
+    budget: float,
+    cap: float | None = None,
+) -> None:
+    """Append a row of `figures` per input set: each clean set (label, inputs, labels) with no
+    attack, then each attacked set as `attacked` yields it (so an attack runs only when its
+    rows are due, and a long run prints its rows as they land)."""
+    for label, inputs, labels in clean:
+        add_row(rows, label, 0, 0, labels, figures(dyn, inputs, labels, args, budget, cap=cap))
+    for label, eps, steps, inputs, labels, seconds in attacked:
+        measured = figures(dyn, inputs, labels, args, budget, cap=cap)
+        add_row(rows, label, eps, steps, labels, measured, attack_seconds=seconds)

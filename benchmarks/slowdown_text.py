@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 import dynify
-from benchmarks.slowdown_rows import add_row, figures
+from benchmarks.slowdown_rows import Attacked, measure_stream
 from benchmarks.text_baseline import DEFAULT_CACHE, TextSettings, static_text_model
 
 DATASET = "agnews"
@@ -192,28 +193,27 @@ def run_text(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         f"x {args.swap_positions} word positions sampled per round, kept when they raise the "
         "cost; the padding is never touched."
     )
-    rows = out["rows"]
-    for label, ids, labels in (
+
+    def attacked() -> Iterator[Attacked]:
+        t0 = time.perf_counter()
+        swapped = swap_attack(
+            dyn,
+            attack_ids,
+            args.swaps,
+            args.seed,
+            positions=args.swap_positions,
+            words=args.swap_words,
+            vocab_size=len(static.vocab),
+        )
+        seconds = time.perf_counter() - t0
+        for k in args.swaps:
+            yield "token swaps", k, 0, swapped[k], attack_labels, seconds
+
+    clean_sets = [
         ("clean (test subset)", clean_ids, clean_labels),
         ("clean (attacked texts)", attack_ids, attack_labels),
-    ):
-        add_row(
-            rows, label, 0, 0, labels, figures(dyn, ids, labels, args, budget, cap=args.text_cap)
-        )
-    t0 = time.perf_counter()
-    attacked = swap_attack(
-        dyn,
-        attack_ids,
-        args.swaps,
-        args.seed,
-        positions=args.swap_positions,
-        words=args.swap_words,
-        vocab_size=len(static.vocab),
-    )
-    seconds = time.perf_counter() - t0
-    for k in args.swaps:
-        measured = figures(dyn, attacked[k], attack_labels, args, budget, cap=args.text_cap)
-        add_row(rows, "token swaps", k, 0, attack_labels, measured, attack_seconds=seconds)
+    ]
+    measure_stream(dyn, out["rows"], clean_sets, attacked(), args, budget, cap=args.text_cap)
     out["shortened"] = (
         f"Run size: {fit_rows} fine-tuning texts, {len(clean_labels)} clean and "
         f"{len(attack_labels)} attacked test texts."

@@ -60,8 +60,8 @@ def unit_hinge(dyn, probs: list[torch.Tensor], thresholds: torch.Tensor) -> torc
     """
     if getattr(dyn, "kind", None) == "halting":
         stages: dict[int, torch.Tensor] = {}
-        for gate, p in zip(dyn.gates, probs, strict=True):
-            stages[gate.group] = stages.get(gate.group, 0) + p
+        for gate, p in zip(dyn.gate_plan(), probs, strict=True):
+            stages[gate.threshold] = stages.get(gate.threshold, 0) + p
         return sum(torch.relu(s - thresholds[g]).sum() for g, s in stages.items())
     if len(probs) == 1 and probs[0].dim() == 2 and len(thresholds) > 1:  # a policy's plan
         return torch.relu((1.0 - thresholds) - probs[0]).sum()

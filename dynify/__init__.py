@@ -37,7 +37,9 @@ from dynify.options import (
     StrategyOptions,
 )
 from dynify.passes import register_strategy, strategy_names
+from dynify.runtime.block_gates import GatedBlock
 from dynify.runtime.budget_guard import BudgetGuard
+from dynify.runtime.dynamic_width import BranchWidths
 from dynify.runtime.forced_masks import force_mask_density
 from dynify.runtime.mac_cap import CostBound, cost_bound
 from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
@@ -69,6 +71,7 @@ __all__ = [
     "PARITY_ATOL",
     "BenchResult",
     "BlockGateOptions",
+    "BranchWidths",
     "BudgetGuard",
     "CalibrationResult",
     "CostBound",
@@ -82,6 +85,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "FrameExitOptions",
+    "GatedBlock",
     "MacCapped",
     "MaskedBlockBench",
     "MaskedBlockRow",

@@ -26,7 +26,7 @@ from dynify.frontend.inputs import (
 )
 from dynify.frontend.trace import LeafSpec, leaf_options
 from dynify.options import StrategyOptions, options_dict
-from dynify.passes import ConversionContext, Strategy, get_strategy
+from dynify.passes import ConversionContext, Strategy, get_strategy, sequence_strategies
 from dynify.runtime.fast_access import bind_children
 from dynify.runtime.model import DynamicModel
 from dynify.zoo import build_model, ref_for_module
@@ -109,8 +109,9 @@ def build(strategy: Strategy, context: ConversionContext, plan: dict[str, Any]) 
         if not dyn.takes_extra_input:
             raise StrategyError(
                 f"{strategy.name} converts models that take one input tensor; this model takes "
-                f"a second input ({context.extra_input.kind}). The temporal strategies "
-                "(skip-rnn, stop-reading) take padded sequences with lengths or a mask."
+                f"a second input ({context.extra_input.kind}). The strategies that take padded "
+                "sequences with lengths or a mask: "
+                f"{', '.join(sequence_strategies()) or 'none is registered'}."
             )
         dyn.extra_input = context.extra_input
     return dyn

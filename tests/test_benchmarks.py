@@ -143,7 +143,7 @@ def test_every_published_report_renders_from_results_with_its_command():
 def test_each_gate_maps_to_the_residual_block_it_wraps(kind):
     model = cifar_resnet20().eval()
     dyn = dynify.convert(model, "block-gates", torch.randn(1, 3, 32, 32), options={"gate": kind})
-    blocks = [block_gates.gated_block(gate) for gate in dyn.gates]
+    blocks = [g.block for g in dyn.gate_plan()]
     assert len(set(blocks)) == len(blocks)
     assert all(isinstance(model.get_submodule(b), BasicBlock) for b in blocks)
     if kind == "halting":  # a stage's first block is never gated under halting

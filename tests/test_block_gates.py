@@ -519,3 +519,17 @@ def _entries_at_batch_one(dyn, gate) -> tuple[torch.Tensor, list[torch.Tensor]]:
     finally:
         hook.remove()
     return x, entries
+
+
+def test_gate_plan_names_each_gated_block_and_its_shortcut():
+    dyn = dynify.convert(two_stages(), "block-gates", torch.randn(1, 3, 16, 16))
+    plan = dyn.gate_plan()
+    assert [g.join for g in plan] == dyn.gate_names
+    assert [g.block for g in plan] == ["b0", "b1", "b2", "b3", "b4"]
+    assert [g.identity_shortcut for g in plan] == [True, True, False, True, True]
+    assert [g.branch_macs for g in plan] == dyn.branch_macs()
+    assert [g.threshold for g in plan] == list(range(5))
+    halting = dynify.convert(
+        two_stages(), "block-gates", torch.randn(1, 3, 16, 16), options={"gate": "halting"}
+    )
+    assert [g.threshold for g in halting.gate_plan()] == [0, 1, 1]  # the stages' thresholds

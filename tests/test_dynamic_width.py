@@ -260,3 +260,35 @@ def test_unit_probabilities_say_which_branches_run_at_full_width_and_carry_gradi
     )
     assert bool(full.any()) and not bool(full.all())  # the thresholds mix widths
     assert torch.equal(full, rule)
+
+
+def test_width_plan_is_a_read_only_view_of_the_branches_and_their_costs():
+    dyn = convert()
+    plan = dyn.width_plan()
+    assert [b.join for b in plan] == dyn.joins
+    assert [list(b.widths) for b in plan] == [[2, 4, 6, 8], [2, 4, 6, 8], [4, 8, 12, 16]]
+    assert all(b.num_widths == 4 for b in plan)
+    # the book's floor and worst case are the plan's narrowest and full widths, gates charged
+    rest = dyn.static_macs - sum(b.width_macs[-1] for b in plan)
+    gates = sum(b.gate_macs for b in plan)
+    assert dyn.cap_floor() == rest + gates + sum(b.width_macs[0] for b in plan)
+    assert dyn.worst_case_macs() == dyn.static_macs + gates
+    with pytest.raises(AttributeError):
+        plan[0].widths = (1,)  # frozen
+
+
+@pytest.mark.parametrize("index", [0, 2, -1])
+def test_force_width_runs_that_width_for_every_sample(index):
+    dyn = convert()
+    dyn.force_width(index)
+    plan = dyn.width_plan()
+    with torch.no_grad():
+        dyn(contract_input())
+    width = index % 4
+    assert dyn.last_decisions().eq(width).all()
+    spent = dyn.static_macs + sum(
+        b.gate_macs + b.width_macs[width] - b.width_macs[-1] for b in plan
+    )
+    assert dyn.last_macs.tolist() == [spent] * len(contract_input())
+    with pytest.raises(StrategyError, match="width index 4"):
+        dyn.force_width(4)

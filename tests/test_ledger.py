@@ -28,6 +28,7 @@ LEDGER_STRATEGIES = (
     "resolution",
     "dynamic-conv",
     "frame-exit",
+    "dynamic-width",
 )
 
 
@@ -124,6 +125,8 @@ def test_scalar_tab_charges_python_floats():
     tab.charge("branch0", False)
     tab.charge("branch1", True)
     assert tab.spent == 710.0 and tab.macs().tolist() == [710]
+    tab.charge_amount("branch1", 150)  # a part of a unit, as a Python number
+    assert tab.spent == 860.0 and tab.macs().tolist() == [860]
 
 
 def test_tab_refuses_unknown_items_and_integer_masks():

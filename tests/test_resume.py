@@ -306,6 +306,7 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(workspace, tmp_path):
         (["--mean", "0,inf,0"], "mean"),
         (["--lr", "1e30"], "Fine-tuning stopped"),  # finite, but the weights overflow
         (["--std", "1e-38,1e-38,1e-38"], "Fine-tuning stopped"),  # inputs overflow
+        (["--lr", "1e30", "--clip-grad-norm", "0", "--warmup", "0.5"], "Fine-tuning stopped"),
     ],
 )
 def test_non_finite_training_exits_2_and_keeps_the_artifact(workspace, tmp_path, options, message):
@@ -318,6 +319,9 @@ def test_non_finite_training_exits_2_and_keeps_the_artifact(workspace, tmp_path,
     assert message in text
     if message == "Fine-tuning stopped":
         assert "--lr" in text and "--std" in text  # what to try
+        assert "--warmup" in text and "--clip-grad-norm" in text
+        if "--clip-grad-norm" in options:
+            assert "--clip-grad-norm: now off" in text and "warmup: now 0.5" in text
     assert artifact.read_bytes() == before
 
 

@@ -178,6 +178,20 @@ def test_strategies_for_one_tensor_refuse_a_second_input():
         dynify.convert(model_of("lengths"), "early-exit", (ids[:1], lengths[:1]))
 
 
+def test_the_refusal_names_the_sequence_strategies_of_the_registry(monkeypatch):
+    """The list comes from the models that declare `takes_extra_input`, not from a literal."""
+    from dynify.passes import sequence_strategies
+    from dynify.runtime.dynamic_width import DynamicWidthModel
+
+    assert sequence_strategies() == ["skip-rnn", "stop-reading"]
+    monkeypatch.setattr(DynamicWidthModel, "takes_extra_input", True)
+    assert sequence_strategies() == ["dynamic-width", "skip-rnn", "stop-reading"]
+    monkeypatch.undo()
+    ids, lengths = padded()
+    with pytest.raises(StrategyError, match="a mask: skip-rnn, stop-reading"):
+        dynify.convert(model_of("lengths"), "early-exit", (ids[:1], lengths[:1]))
+
+
 @pytest.mark.parametrize("kind", ["lengths", "mask"])
 def test_artifact_records_the_input_signature(kind, tmp_path):
     _, dyn = convert(kind, "stop-reading", {"every": 4})

@@ -202,6 +202,16 @@ def finetune(
     out: OutOption = None,
     vocab: VocabOption = None,
     trust_import: TrustImportOption = None,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="The fraction of the steps the rate warms up over.")
+    ] = dynify.FinetuneConfig.warmup,
+    clip_grad_norm: Annotated[
+        float,
+        typer.Option(
+            "--clip-grad-norm",
+            help="Clip each parameter group's gradient norm to this (0: no clipping).",
+        ),
+    ] = dynify.FinetuneConfig.clip_grad_norm,
 ) -> None:
     config = dynify.FinetuneConfig(
         mode=mode,
@@ -212,6 +222,8 @@ def finetune(
         seed=seed,
         augment=augment,
         calibration_fraction=calibration_fraction,
+        warmup=warmup,
+        clip_grad_norm=clip_grad_norm or None,
     )
     if lr is not None and not lr < float("inf"):
         raise DynifyError(f"--lr: the learning rate must be a finite number, got {lr}.")

@@ -29,6 +29,23 @@ def get_strategy(name: str) -> Strategy:
     return _STRATEGIES[name]()
 
 
+def sequence_strategies() -> list[str]:
+    """The registered strategies whose models take a padded sequence and its lengths or mask
+    (`forward(x, extra)`): their model class declares `takes_extra_input`
+    (`dynify.runtime.model.DynamicModel`)."""
+    _load_builtin_strategies()
+    from dynify.runtime.model import DynamicModel
+
+    found: set[str] = set()
+    stack: list[type] = [DynamicModel]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if getattr(cls, "takes_extra_input", False) and getattr(cls, "strategy", ""):
+            found.add(cls.strategy)
+    return sorted(found & set(_STRATEGIES))
+
+
 # Modules whose import registers a built-in strategy; a name not (yet) present is skipped.
 _BUILTIN_MODULES = (
     "early_exit",
@@ -54,4 +71,11 @@ def _load_builtin_strategies() -> None:
                 raise
 
 
-__all__ = ["ConversionContext", "Strategy", "get_strategy", "register_strategy", "strategy_names"]
+__all__ = [
+    "ConversionContext",
+    "Strategy",
+    "get_strategy",
+    "register_strategy",
+    "sequence_strategies",
+    "strategy_names",
+]

@@ -7,8 +7,10 @@ channels by importance, and list the inner channel counts (`widths`). Importance
 channel i: |gamma_i| / sqrt(var_i + eps), the scale BN1 gives it, times the L1 norm of conv2's
 input slice i, what the next conv makes of it. The order is part of the plan (an artifact keeps
 it). Build: on a copy of the traced graph, replace each branch by a `width_<k>` wrapper holding
-copies of its modules with the inner channels permuted into that order, and charge each width
-the branch's MACs from the front end scaled for the slices that run.
+copies of its modules with the inner channels permuted into that order, and cost each width at
+the branch's MACs from the front end scaled for the slices that run; the cost book gets each
+branch's narrowest width (`FIXED`), its gate (`DECIDER`) and the rest of its full width
+(`UNIT`), and the layers outside the branches (`FIXED`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from dynify.frontend.cost import MACS, module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import copy_graph_replacing, replace_region
-from dynify.runtime.dynamic_width import DynamicWidthModel, WidthBranch, WidthGate
+from dynify.runtime.dynamic_width import (
+    REST,
+    DynamicWidthModel,
+    WidthBranch,
+    WidthGate,
+    enter_branch,
+)
+from dynify.runtime.ledger import FIXED, CostBook
 
 WRAPPER_PREFIX = "width"
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_)
@@ -212,6 +221,7 @@ class DynamicWidth:
     def build(self, ctx: ConversionContext, plan: dict[str, Any]) -> DynamicWidthModel:
         opts = DynamicWidthOptions.from_dict(plan.get("options"))
         net = copy_graph_replacing(ctx.gm, class_name="DynamicWidthNet")
+        book = CostBook(ctx.analysis.total_macs)
         names, joins, replaced = [], [], 0
         for k, spec in enumerate(plan["branches"]):
             form = BranchForm(**spec["form"])
@@ -244,7 +254,7 @@ class DynamicWidth:
             gate = WidthGate(
                 shape[0], len(widths), torch.Generator().manual_seed(k), float(opts.gate_bias)
             )
-            gate_macs = module_macs(gate, torch.zeros(1, *shape))
+            enter_branch(book, k, width_macs, module_macs(gate, torch.zeros(1, *shape)))
             wrapper = WidthBranch(
                 k,
                 mods["conv1"],
@@ -255,7 +265,7 @@ class DynamicWidth:
                 widths=widths,
                 width_macs=width_macs,
                 gate=gate,
-                gate_macs=gate_macs,
+                book=book,
             )
             call = replace_region(
                 net,
@@ -271,11 +281,12 @@ class DynamicWidth:
             replaced += full_macs
         net.graph.lint()
         net.recompile()
+        book.add(REST, ctx.analysis.total_macs - replaced, FIXED)
         return DynamicWidthModel(
             net,
             names,
             joins=joins,
-            fixed_macs=ctx.analysis.total_macs - replaced,
+            book=book,
             thresholds=[float(opts.threshold)] * len(names),
             budget=opts.budget,
             temperature=opts.temperature,

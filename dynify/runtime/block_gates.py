@@ -32,6 +32,7 @@ wrapper and the per-forward state in `gate_wrapper.py`, the decision rules in `d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,6 +60,22 @@ from dynify.train.losses import (
 GATE_KINDS = ("function", "halting", "policy")
 POLICY, REST = "policy", "rest"  # the cost book's items of the policy network, the ungated layers
 ESTIMATORS = ("reinforce", "gumbel")
+
+
+@dataclass(frozen=True)
+class GatedBlock:
+    """One gated residual block as the model runs it (read-only): `block` the qualified name of
+    the residual block in the original model (its branch's first convolution's parent, e.g.
+    'layer2.3'); `identity_shortcut` whether skipping the branch leaves only the input
+    (else the shortcut still runs); `branch_macs` what running the branch costs one sample;
+    `threshold` the index of the threshold it decides with (halting: its stage's)."""
+
+    index: int
+    join: str
+    block: str
+    identity_shortcut: bool
+    branch_macs: int
+    threshold: int
 
 
 class GatedModel(CapHolder, DynamicModel):
@@ -165,6 +182,21 @@ class GatedModel(CapHolder, DynamicModel):
 
     def branch_macs(self) -> list[int]:
         return [g.branch_macs for g in self.gates]
+
+    def gate_plan(self) -> tuple[GatedBlock, ...]:
+        """The gated blocks, gate by gate (`last_decisions()`'s columns). Gate k is not the k-th
+        residual block: halting never gates a stage's first block."""
+        return tuple(
+            GatedBlock(
+                gate.index,
+                name,
+                _block_name(gate),
+                gate.shortcut is None,
+                gate.branch_macs,
+                gate.group if self.kind == "halting" else gate.index,
+            )
+            for gate, name in zip(self.gates, self.gate_names, strict=True)
+        )
 
     def min_macs(self) -> int:
         """MACs of a sample that skips every block it may, every decision unit charged."""
@@ -370,3 +402,10 @@ class GatedExport(ExportFace):
             run.plan = gate_open(gate_probability(model.policy(x)), thr)
         logits = model._run_graph(x, run)
         return logits, run.executed.to(torch.int64)
+
+
+def _block_name(gate: nn.Module) -> str:
+    """The qualified name of the residual block a gate wraps: its lifted branch keeps the
+    original module paths ('layer2.3.conv1' -> 'layer2.3')."""
+    conv = next(n for n, m in gate.branch.named_modules() if isinstance(m, nn.Conv2d))
+    return conv.rsplit(".", 1)[0] if "." in conv else ""

@@ -15,6 +15,12 @@ under `torch.cond` (ONNX: an `If` per width and block). Static mode computes the
 network bit-exactly: it runs the branch with the weights gathered back into their original
 order (the same values, the same convolution, so the same bits).
 
+Costs are the model's cost book (`dynify.runtime.ledger`): per branch its narrowest width is
+`FIXED` (every sample runs it), its gate a `DECIDER`, and the rest of its full width a `UNIT`
+that a sample running width w is charged `width_macs[w] - width_macs[0]` of; the layers outside
+the branches are `FIXED` too. So the book's floor is every gate run and every branch at its
+narrowest width, and its worst case every branch at full width.
+
 With a MAC cap (`set_mac_cap`, the arithmetic of `dynify.runtime.mac_cap`) a sample's allowance
 is the cap minus the floor (every gate run, every branch at its narrowest width); the branches
 decide in the order the forward meets them, and a branch's width choice is clamped to the
@@ -32,9 +38,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynify.errors import StrategyError
 from dynify.runtime import mac_cap
 from dynify.runtime.control import cond, scatter_rows, selected, tracing
 from dynify.runtime.decisions import straight_through_choice, width_index, width_index_one
+from dynify.runtime.ledger import DECIDER, FIXED, UNIT, CostBook, Tab
 from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCall, PerCallRecord
 from dynify.runtime.tensor_cache import cached_on_tensors
@@ -42,6 +50,30 @@ from dynify.train.losses import LossConfig, budget_price, distillation, priced_c
 
 # The threshold at which training prices its deterministic decisions (the median width).
 GREEDY_THRESHOLD = 0.5
+REST = "rest"  # the cost book's item of the layers outside the sliced branches
+
+
+def narrowest_item(index: int) -> str:
+    """The cost book's item of branch `index` at its narrowest width (`FIXED`)."""
+    return f"narrowest{index}"
+
+
+def gate_item(index: int) -> str:
+    """The cost book's item of branch `index`'s width gate (`DECIDER`)."""
+    return f"gate{index}"
+
+
+def widening_item(index: int) -> str:
+    """The cost book's item of branch `index`'s channels beyond its narrowest width (`UNIT`)."""
+    return f"widening{index}"
+
+
+def enter_branch(book: CostBook, index: int, width_macs: Sequence[int], gate_macs: int) -> None:
+    """Enter branch `index`'s costs in `book`: its narrowest width, its gate, the rest of its
+    full width."""
+    book.add(narrowest_item(index), width_macs[0], FIXED)
+    book.add(gate_item(index), gate_macs, DECIDER)
+    book.add(widening_item(index), width_macs[-1] - width_macs[0], UNIT)
 
 
 class WidthGate(nn.Module):
@@ -73,15 +105,34 @@ class WidthGate(nn.Module):
         return self.fc.weight.detach().t().contiguous()
 
 
+@dataclass(frozen=True)
+class BranchWidths:
+    """One sliced branch as the model runs it (read-only): `widths` the inner channel counts a
+    sample may run, narrowest first; `width_macs[w]` what width w costs one sample; `gate_macs`
+    what its gate costs when it runs."""
+
+    index: int
+    join: str
+    widths: tuple[int, ...]
+    width_macs: tuple[int, ...]
+    gate_macs: int
+
+    @property
+    def num_widths(self) -> int:
+        return len(self.widths)
+
+
 @dataclass
 class WidthRun:
     """What the wrappers of one forward share (kept per thread on the model's `PerCall`)."""
 
     mode: str  # "eager" | "train" | "export"
     thresholds: Tensor
-    macs: Tensor | float = 0.0  # [N] float64 (eager), float [N] with gradient (train)
+    # what each sample spent (`dynify.runtime.ledger`): float64 (eager), float32 with
+    # gradient (train), a scalar tab at batch 1; None in the export face, which counts nothing
+    tab: Tab | None = None
     chosen: Tensor | None = None  # [N, K] int64: each sample's width index per branch
-    greedy_macs: Tensor | None = None  # train: the MACs of the deterministic decisions
+    greedy: Tab | None = None  # train: the MACs of the deterministic decisions
     temperature: float = 1.0
     # batch 1 in eager mode: decisions and MACs as Python scalars (no tensor bookkeeping)
     scalar: bool = False
@@ -98,7 +149,8 @@ class WidthBranch(nn.Module):
     `conv1`, `bn1`, `conv2`, `bn2` hold the branch's parameters with the inner channels in
     importance order (`order[i]`: the original channel now at position i); `widths` are the
     inner channel counts a sample may run, narrowest first; `width_macs[w]` what width w costs
-    one sample (the branch's MACs from the front end, scaled for the slices that run).
+    one sample (the branch's MACs from the front end, scaled for the slices that run): the
+    table its charges to the cost book's `widening` item are read from.
     """
 
     def __init__(
@@ -113,7 +165,7 @@ class WidthBranch(nn.Module):
         widths: Sequence[int],
         width_macs: Sequence[int],
         gate: WidthGate,
-        gate_macs: int,
+        book: CostBook,
     ):
         super().__init__()
         self.index = index
@@ -124,7 +176,14 @@ class WidthBranch(nn.Module):
         self.widths = [int(c) for c in widths]
         self.width_macs = [int(m) for m in width_macs]
         self.gate = gate
-        self.gate_macs = int(gate_macs)
+        self.book = book  # the model's cost book (plain data, shared)
+        if (
+            book.macs(narrowest_item(index)) != self.width_macs[0]
+            or book.macs(widening_item(index)) != self.width_macs[-1] - self.width_macs[0]
+        ):
+            raise StrategyError(
+                f"Branch {index}'s width costs disagree with the cost book; convert again."
+            )
         self.calls: PerCall = PerCall()  # the owning model's per-thread state
         # [W, C] 1.0 where inner channel c is inside width w: a one-hot choice times this is
         # the training mask.
@@ -138,6 +197,16 @@ class WidthBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"index={self.index}, widths={self.widths}"
+
+    @property
+    def gate_macs(self) -> int:
+        """What the gate costs one sample (the cost book's `DECIDER` item)."""
+        return self.book.macs(gate_item(self.index))
+
+    def _charge(self, tab: Tab, choice: Tensor) -> None:
+        """Charge each sample the channels it ran beyond the narrowest width (int64 [N])."""
+        table = torch.tensor(self.extra_macs, dtype=torch.float64, device=choice.device)
+        tab.charge_amount(widening_item(self.index), table[choice])
 
     # --- the computations ---------------------------------------------------------------------
     def original(self, x: Tensor) -> Tensor:
@@ -225,18 +294,16 @@ class WidthBranch(nn.Module):
         threshold = run.thresholds[self.index]
         if float(threshold) > 1.0 and run.left is None:  # full width everywhere: no gate
             run.chosen[:, self.index] = full
-            run.macs += self.width_macs[full]
+            run.tab.charge(widening_item(self.index))
             return self.narrow(entry, self.widths[full])
-        gate_macs = self.gate_macs
         if float(threshold) > 1.0:  # full width asked for, the cap may narrow it: no gate
             choice = torch.full((len(entry),), full, dtype=torch.long, device=entry.device)
-            gate_macs = 0
         else:
             choice = width_index(self.gate(entry), threshold)
+            run.tab.charge(gate_item(self.index))
         choice = self._cap(choice, run)
         run.chosen[:, self.index] = choice
-        table = torch.tensor(self.width_macs, dtype=run.macs.dtype, device=run.macs.device)
-        run.macs += gate_macs + table[choice.to(run.macs.device)]
+        self._charge(run.tab, choice)
         present = torch.unique(choice).tolist()
         if len(present) == 1:
             return self.narrow(entry, self.widths[present[0]])
@@ -260,12 +327,12 @@ class WidthBranch(nn.Module):
                 threshold,
                 lambda: int(width_index(logits, run.thresholds[self.index])[0]),
             )
-            run.macs += self.gate_macs
+            run.tab.charge(gate_item(self.index))
         if run.left is not None:
             w = mac_cap.widest_that_fits_one(w, self.extra_macs, run.left)
             run.left -= self.extra_macs[w]
         run.chosen_one[self.index] = w
-        run.macs += self.width_macs[w]
+        run.tab.charge_amount(widening_item(self.index), self.extra_macs[w])
         return self.narrow(entry, self.widths[w])
 
     def _export(self, entry: Tensor, run: WidthRun) -> Tensor:
@@ -319,10 +386,11 @@ class WidthBranch(nn.Module):
         gate, not train the backbone's features to look cheap."""
         logits = self.gate(entry.detach()).float()
         choice = straight_through_choice(logits, run.temperature)  # [N, W]
-        table = torch.tensor(self.width_macs, dtype=choice.dtype, device=choice.device)
-        run.macs = run.macs + self.gate_macs + choice @ table
-        greedy = width_index(logits.detach(), GREEDY_THRESHOLD)
-        run.greedy_macs += table.to(run.greedy_macs.dtype)[greedy] + self.gate_macs
+        extra = torch.tensor(self.extra_macs, dtype=choice.dtype, device=choice.device)
+        run.tab.charge(gate_item(self.index))
+        run.tab.charge_amount(widening_item(self.index), choice @ extra)
+        run.greedy.charge(gate_item(self.index))
+        self._charge(run.greedy, width_index(logits.detach(), GREEDY_THRESHOLD))
         run.chosen[:, self.index] = choice.detach().argmax(-1)
         return self.masked(entry, choice @ self.prefix)
 
@@ -346,7 +414,7 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         wrapper_names: Sequence[str],
         *,
         joins: Sequence[str],
-        fixed_macs: int,
+        book: CostBook,
         thresholds: Sequence[float],
         budget: float,
         temperature: float,
@@ -362,11 +430,11 @@ class DynamicWidthModel(CapHolder, DynamicModel):
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=thresholds,
+            book=book,
         )
         self.net = net
         self.wrapper_names = list(wrapper_names)
         self.joins = list(joins)
-        self.fixed_macs = int(fixed_macs)
         self.budget = float(budget)
         self.temperature = float(temperature)
         self.distill_temperature = float(distill_temperature)
@@ -390,24 +458,49 @@ class DynamicWidthModel(CapHolder, DynamicModel):
     def num_branches(self) -> int:
         return len(self.wrapper_names)
 
-    def worst_case_macs(self) -> int:
-        """Every gate run and every branch at full width: the static network plus the gates."""
-        return self.fixed_macs + sum(w.gate_macs + w.width_macs[-1] for w in self.wrappers)
+    @property
+    def fixed_macs(self) -> int:
+        """What the layers outside the sliced branches cost one sample."""
+        return self.book.macs(REST)
+
+    def width_plan(self) -> tuple[BranchWidths, ...]:
+        """The sliced branches, in the order the forward meets them (`last_decisions()`'s
+        columns)."""
+        return tuple(
+            BranchWidths(w.index, join, tuple(w.widths), tuple(w.width_macs), w.gate_macs)
+            for w, join in zip(self.wrappers, self.joins, strict=True)
+        )
+
+    def force_width(self, index: int) -> None:
+        """Make every gate certain of width `index` (0 the narrowest; -1 the full width) for
+        every sample, and set the thresholds to 0.5: the gates still run and are charged. For
+        timing what each width costs apart from what training teaches the gates; it overwrites
+        the gates' parameters, so fine-tuning or converting again undoes it."""
+        for w in self.wrappers:
+            if not -w.num_widths <= index < w.num_widths:
+                raise StrategyError(
+                    f"Branch {w.index} has {w.num_widths} widths {w.widths}; width index "
+                    f"{index} is not one of them."
+                )
+        with torch.no_grad():
+            for w in self.wrappers:
+                w.gate.fc.weight.zero_()
+                w.gate.fc.bias.zero_()
+                w.gate.fc.bias[index] = 30.0
+        self.set_thresholds(0.5)
 
     def min_macs(self) -> int:
-        """Every gate run and every branch at its narrowest width."""
-        return self.fixed_macs + sum(w.gate_macs + w.width_macs[0] for w in self.wrappers)
+        """Every gate run and every branch at its narrowest width (the cost book's floor)."""
+        return self.book.floor()
 
     def cap_floor(self) -> int:
         """What a sample spends whatever it decides, every gate charged (`min_macs`): the
         least MAC cap there can be (`dynify.runtime.mac_cap`)."""
-        return self.min_macs()
+        return self.book.floor()
 
     def last_decisions(self) -> Tensor:
         """[N, num_branches] int64: the width index (0 the narrowest) each sample ran."""
         if self.last_widths is None:
-            from dynify.errors import StrategyError
-
             raise StrategyError("No dynamic forward has run in this thread yet.")
         return self.last_widths.long()
 
@@ -447,12 +540,12 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         finally:
             calls.width_run = None
 
-    def _new_run(self, x: Tensor, mode: str, thresholds: Tensor) -> WidthRun:
+    def _new_run(self, x: Tensor, mode: str, thresholds: Tensor, tab: Tab | None) -> WidthRun:
         n = x.shape[0]
         return WidthRun(
             mode=mode,
             thresholds=thresholds,
-            macs=torch.full((n,), float(self.fixed_macs), dtype=torch.float64),
+            tab=tab,
             chosen=torch.zeros(n, self.num_branches, dtype=torch.long, device=x.device),
             temperature=self.temperature,
         )
@@ -462,7 +555,7 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         n = x.shape[0]
         if self.is_static:
             out = self._run(x, None)
-            self.last_macs = torch.full((n,), self.static_macs, dtype=torch.long)
+            self.record_static(n)
             self.last_widths = torch.tensor(
                 [[w.num_widths - 1 for w in self.wrappers]] * n, dtype=torch.long
             ).reshape(n, self.num_branches)
@@ -471,7 +564,7 @@ class DynamicWidthModel(CapHolder, DynamicModel):
             run = WidthRun(
                 mode="eager",
                 thresholds=self.thresholds,
-                macs=self.fixed_macs,
+                tab=self.open_tab(1, scalar=True),
                 scalar=True,
                 thr=self.thresholds.tolist(),
                 chosen_one=[0] * self.num_branches,
@@ -481,12 +574,12 @@ class DynamicWidthModel(CapHolder, DynamicModel):
                 run.left = float(cap - self.cap_floor())
             out = self._run(x, run)
             self.last_widths = torch.tensor([run.chosen_one], dtype=torch.long)
-            self.record_one(int(run.macs), None, x.device)
+            self.close_tab(run.tab)
             return out
-        run = self._new_run(x, "eager", self.thresholds)
+        run = self._new_run(x, "eager", self.thresholds, self.open_tab(n))
         run.left = self.allowance(self.cap_macs(), x)
         out = self._run(x, run)
-        self.last_macs = run.macs.round().long()
+        self.close_tab(run.tab)
         self.last_widths = run.chosen.cpu()
         return out
 
@@ -507,20 +600,20 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         if teacher_logits is None:
             with torch.no_grad(), self.static():
                 teacher_logits = self(x)
-        run = self._new_run(x, "train", self.thresholds)
-        run.greedy_macs = run.macs.clone()
-        run.macs = run.macs.float()
+        n = x.shape[0]
+        run = self._new_run(x, "train", self.thresholds, self.open_tab(n, dtype=torch.float32))
+        run.greedy = self.open_tab(n)
         logits = self._run(x, run)
         t = config.temperature(self.distill_temperature)
         task, stats = distillation(logits, teacher_logits, labels, t, config.label_weight)
-        fraction = run.macs / self.static_macs
-        greedy_fraction = float(run.greedy_macs.mean()) / self.static_macs
+        fraction = run.tab.spent / self.static_macs
+        greedy_fraction = float(run.greedy.spent.mean()) / self.static_macs
         price = budget_price(
             self.budget_multiplier, greedy_fraction - budget, self.compute_weight, self.budget_rate
         )
         compute = priced_compute(fraction, price)
         loss = task + compute
-        self.last_macs = run.macs.detach().round().long()
+        self.close_tab(run.tab)
         self.last_widths = run.chosen.cpu()
         metrics = {
             "loss": float(loss.detach()),
@@ -555,7 +648,7 @@ class DynamicWidthExport(ExportFace):
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         model = self.model
-        run = model._new_run(x, "export", self.thresholds_or_default(thresholds))
+        run = model._new_run(x, "export", self.thresholds_or_default(thresholds), None)
         run.left = model.allowance(self.cap, x)
         logits = model._run(x, run)
         return logits, run.chosen.to(torch.int64)

@@ -211,11 +211,15 @@ class Tab:
         cost = torch.full(rows.shape, macs, dtype=self.spent.dtype, device=self.spent.device)
         self.spent = self.spent.index_add(0, rows, cost)
 
-    def charge_amount(self, item: str, amount: Tensor) -> None:
+    def charge_amount(self, item: str, amount: Tensor | float) -> None:
         """Charge each sample `amount` [B] MACs of item `item` (the part of a unit it ran: a
-        mask's active tiles or positions); never more than the item's dearest cost."""
+        mask's active tiles or positions; a Python number on a scalar tab); never more than
+        the item's dearest cost."""
         if item not in self.book.items:
             raise StrategyError(f"The cost book has no item '{item}' to charge.")
+        if self.scalar:
+            self.spent += float(amount)
+            return
         self.spent = self.spent + amount.to(self.spent.device, self.spent.dtype)
 
     def macs(self) -> Tensor:

@@ -62,6 +62,8 @@ from dynify.train.run_env import (
 __all__ = ["FinetuneConfig", "FinetuneResult", "Interrupted", "finetune", "lr_factor"]
 
 MODES = ("heads", "joint")
+# `FinetuneConfig.clip_grad_norm`'s default: see there.
+CLIP_GRAD_NORM = 50.0
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
@@ -82,6 +84,10 @@ class FinetuneConfig:
     label_weight: float = 0.5
     budget: float | None = None
     calibration_fraction: float = 0.1
+    # Each parameter group's gradient norm is clipped to this (None: not clipped), unless the
+    # strategy's joint recipe clips that group itself. Far above the norms of a healthy run
+    # (docs/training.md): it only stops a diverging step, as a short warm-up can cause.
+    clip_grad_norm: float | None = CLIP_GRAD_NORM
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +106,11 @@ class FinetuneConfig:
             )
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise DynifyError(f"budget must be in (0, 1], got {self.budget}.")
+        if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
+            raise DynifyError(
+                "clip_grad_norm must be a positive number (or None: no clipping), got "
+                f"{self.clip_grad_norm}."
+            )
         for setting in fields(self):
             value = getattr(self, setting.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -152,6 +163,7 @@ def finetune(
     label_weight: float | None = None,
     budget: float | None = None,
     calibration_fraction: float | None = None,
+    clip_grad_norm: float | None = None,
     split: str | None = None,
     teacher: nn.Module | None = None,
     preprocessing: Preprocessing | None = None,
@@ -183,7 +195,9 @@ def finetune(
     then hold the weights the run started from (e.g. the artifact loaded again).
     `callback(info)` is called after every optimizer step (info: epoch, step, metrics).
     A non-finite loss, or a step that makes weights non-finite, raises DynifyError and leaves
-    `dyn` with its weights from before that step.
+    `dyn` with its weights from before that step. Every step clips each parameter group's
+    gradient norm to `clip_grad_norm` (a keyword None: the config's; a config's None: no clip)
+    unless the strategy's joint recipe clips that group itself.
     """
     given = {
         "mode": mode,
@@ -199,6 +213,7 @@ def finetune(
         "label_weight": label_weight,
         "budget": budget,
         "calibration_fraction": calibration_fraction,
+        "clip_grad_norm": clip_grad_norm,
     }
     config = replace(
         config or FinetuneConfig(), **{k: v for k, v in given.items() if v is not None}
@@ -448,10 +463,13 @@ def _optimizer(
     return _Optimizers(sgd, torch.optim.Adam([adam_group], lr=recipe.new_lr))
 
 
-def _clip_gradients(optimizer: Optimizer) -> None:
+def _clip_gradients(optimizer: Optimizer, limit: float | None) -> None:
+    """Clip each parameter group's gradient norm: to the strategy's joint recipe's clip where it
+    sets one (the backbone), else to `limit` (`FinetuneConfig.clip_grad_norm`)."""
     for group in optimizer.param_groups:
-        if group.get("clip"):
-            torch.nn.utils.clip_grad_norm_(group["params"], group["clip"])
+        clip = group.get("clip") or limit
+        if clip:
+            torch.nn.utils.clip_grad_norm_(group["params"], clip)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> float:
@@ -464,9 +482,14 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> flo
         if t < peak:
             return 0.04 + 0.96 * (1 - math.cos(math.pi * t / peak)) / 2
         return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * (t - peak) / (1 - peak))) / 2
-    if warmup > 0 and t < warmup:
-        return (t + 1 / max(total, 1)) / warmup
+    if warmup > 0 and t < warmup:  # the warm-up's last step reaches the full rate, not above
+        return min((t + 1 / max(total, 1)) / warmup, 1.0)
     return (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-8))) / 2
+
+
+def warmup_steps(warmup: float, total: int) -> int:
+    """How many of `total` steps the warm-up fraction `warmup` lasts."""
+    return min(total, math.ceil(warmup * total)) if warmup > 0 else 0
 
 
 def _set_lr(optimizer: Optimizer, config: FinetuneConfig, step: int, total: int) -> None:
@@ -602,7 +625,7 @@ class _Loop:
             self._stop_non_finite(f"the loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _clip_gradients(optimizer)
+        _clip_gradients(optimizer, self.config.clip_grad_norm)
         optimizer.step()
         interrupt_hook("after_step", current)
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):
@@ -626,14 +649,19 @@ class _Loop:
         self.snapshot.restore()
         self.in_batch = False
         config = self.config
+        total = config.epochs * len(self.batches)
+        clip = "off" if config.clip_grad_norm is None else f"{config.clip_grad_norm:g}"
         pre = self.result.preprocessing
         norm = f" (now {list(pre.mean)} and {list(pre.std)})" if pre is not None else ""
         raise DynifyError(
             f"Fine-tuning stopped at epoch {self.at.epoch + 1}, step {self.at.step + 1}: {what}. "
             "The model keeps its weights from before that step; no checkpoint or artifact is "
-            f"written for it. Try a smaller learning rate (--lr, now {config.learning_rate:g}), "
-            f"check --mean and --std{norm}, and check that the data holds no NaN or infinite "
-            "values."
+            f"written for it; the last checkpoint written, if any, stays. Try a smaller learning "
+            f"rate (lr, --lr: now {config.learning_rate:g}), a longer warm-up (warmup, --warmup: "
+            f"now {config.warmup:g} of the steps, {warmup_steps(config.warmup, total)} of "
+            f"{total}) or more steps, a tighter gradient clip (clip_grad_norm, --clip-grad-norm: "
+            f"now {clip}), check --mean and --std{norm}, and check that the data holds no NaN or "
+            "infinite values."
         )
 
     def _stop(self, why: str) -> None:
