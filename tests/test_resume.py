@@ -487,3 +487,19 @@ def test_a_second_ctrl_c_gives_up_without_a_checkpoint(tmp_path, signals, gives_
         _api_run("heads", checkpoint=checkpoint, callback=send)
     assert isinstance(stopped.value, Interrupted) is not gives_up
     assert _position(checkpoint) == ((0, 0, 0) if gives_up else (0, 3, 3))
+
+
+def test_a_checkpoint_without_a_newer_option_resumes_with_its_default(tmp_path):
+    from dataclasses import asdict
+
+    from dynify.train.checkpoint import _check_belongs
+    from dynify.train.distill import FinetuneConfig
+
+    config = FinetuneConfig()
+    older = {k: v for k, v in asdict(config).items() if k != "clip_grad_norm"}
+    model = torch.nn.Linear(2, 2)
+    state = {"weights": model.state_dict(), "config": older, "samples": 4, "origin": "o"}
+    _check_belongs(tmp_path / "c.pt", state, config, 4, model, "o")  # no error
+    changed = FinetuneConfig(clip_grad_norm=1.0)
+    with pytest.raises(DynifyError, match="clip_grad_norm"):
+        _check_belongs(tmp_path / "c.pt", state, changed, 4, model, "o")

@@ -140,7 +140,9 @@ def _check_belongs(
             f"this one{f' ({shown})' if shown else ' (other shapes)'}. Resume with the "
             "artifact the run started from, or start afresh without --resume."
         )
-    saved = state["config"]
+    # An option added after the checkpoint was written takes its default: a run started by an
+    # older dynify resumes with today's defaults for what it could not have set.
+    saved = {**asdict(type(config)()), **state["config"]}
     differs = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
     if differs or state["samples"] != samples:
         detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differs.items())
