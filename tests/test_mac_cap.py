@@ -350,7 +350,10 @@ CASCADES = [
     (strategy, options)
     for strategy in dynify.strategy_names()
     for options in variants(strategy)
-    if options.get("policy") in ("confidence", "entropy")
+    # a cascade's variant that does not name its policy (frame-exit's groups) runs the default,
+    # confidence
+    if any("policy" in v for v in variants(strategy))
+    and options.get("policy", "confidence") in ("confidence", "entropy")
 ]
 CASCADE_IDS = ["-".join([s, *map(str, o.values())]) for s, o in CASCADES]
 

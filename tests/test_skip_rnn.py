@@ -130,7 +130,7 @@ def test_skipped_steps_run_neither_the_cell_nor_the_input_projection():
     model = Reader()
     dyn = convert(model)
     fix_gate(dyn, 0.0)
-    x = ids()
+    x = ids().clamp(min=1)  # no padding: every step is a real token (padding: test_sequence_inputs)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         dyn(x)
     expected = torch.tensor([[1, 0] * (STEPS // 2)] * len(x))
@@ -202,7 +202,11 @@ def test_static_mode_is_the_original_layer_exactly(cell, batch_first, layers):
             assert torch.equal(dyn(x[:1]), model(x[:1]))
         dyn.set_thresholds(1.01)  # every step updates: the fused kernel, exactly
         assert torch.equal(dyn(x), expected)
-        assert dyn.last_decisions().all() and dyn.last_macs.tolist() == [dyn.static_macs] * 6
+        real = x != 0  # every real token updates; padding steps never run
+        assert torch.equal(dyn.last_decisions().bool(), real)
+        full = real.all(1)
+        assert dyn.last_macs[full].tolist() == [dyn.static_macs] * int(full.sum())
+        assert (dyn.last_macs[~full] < dyn.static_macs).all()
         dyn.set_thresholds(0.3)
         dynamic = dyn(x)
     assert not dyn.last_decisions().all()
