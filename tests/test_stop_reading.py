@@ -269,7 +269,8 @@ class TwoLayers(nn.Module):
         (TwoLayers(cell=nn.RNN), {}, "nn.RNN"),
         (TwoLayers(), {"every": T}, "every=10 leaves no exit"),
         (TwoLayers(), {"every": 0}, "every must be"),
-        (TwoLayers(), {"jump": 2}, "Unknown stop-reading option"),
+        (TwoLayers(), {"hop": 2}, "Unknown stop-reading option"),
+        (TwoLayers(), {"jump": -1}, "jump must be"),
         (
             nn.Sequential(nn.Embedding(VOCAB, 4), nn.Flatten(), nn.Linear(4 * T, 3)),
             {},
