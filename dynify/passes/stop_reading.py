@@ -102,11 +102,19 @@ def _macs(nodes: list[torch.fx.Node]) -> int:
 class StopReading:
     name = "stop-reading"
     summary = "exit heads on an RNN's state every k tokens; confident samples stop reading"
-    variants = tuple({"every": 4, "policy": kind} for kind in POLICIES)
+    # The jump head's variants: the jumps themselves, and jumps with exits that remember.
+    variants = (
+        *({"every": 4, "policy": kind} for kind in POLICIES),
+        {"every": 2, "policy": "confidence", "jump": 1},
+        {"every": 2, "policy": "patience", "jump": 2},
+    )
     contract_example = "tokens"
     # The contract also runs on texts passed with their lengths and with a padding mask.
     contract_examples: ClassVar[dict[str, tuple[dict[str, Any], ...]]] = {
-        "tokens+lengths": ({"every": 4, "policy": "confidence"},),
+        "tokens+lengths": (
+            {"every": 4, "policy": "confidence"},
+            {"every": 2, "policy": "confidence", "jump": 1},
+        ),
         "tokens+mask": ({"every": 4, "policy": "confidence"},),
     }
 

@@ -212,17 +212,20 @@ class StopReadingModel(DynamicModel):
         values = [float(self.book.macs(name(i))) for i in range(count)]
         return torch.tensor(values, dtype=torch.float64, device=device)[:, None]
 
-    def _path_costs(self, ran: Tensor, decided: Tensor) -> tuple[Tensor, Tensor]:
+    def _path_costs(
+        self, ran: Tensor, decided: Tensor, jumped: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(MACs [K + 1, N] of leaving at each exit, exits open [K, N]) from which stretches
-        each sample runs (`ran` bool [K + 1, N]) and at which checkpoints it decides
-        (`decided` bool [K, N]) when no exit takes it: leaving at exit i pays the stretches
-        run up to i, the exit heads of the checkpoints that decided up to i and the jump heads
-        before i; the final answer pays every stretch run, every head passed and the tail."""
+        each sample runs (`ran` bool [K + 1, N]), at which checkpoints it decides an exit
+        (`decided` bool [K, N]) and a jump (`jumped`) when no exit takes it: leaving at exit
+        i pays the stretches run up to i, the exit heads up to i and the jump heads before i;
+        the final answer pays every stretch run, every head passed and the tail."""
         k, device = self.num_exits, ran.device
         stretches = (ran.double() * self._item_macs(stretch_item, k + 1, device)).cumsum(0)
         heads = (decided.double() * self._item_macs(head_item, k, device)).cumsum(0)
         if self.jump:
-            jumps = (decided.double() * self._item_macs(jump_item, k, device)).cumsum(0)
+            assert jumped is not None
+            jumps = (jumped.double() * self._item_macs(jump_item, k, device)).cumsum(0)
         else:
             jumps = torch.zeros_like(heads)
         passed_jumps = torch.cat([jumps.new_zeros((1, jumps.shape[1])), jumps[:-1]])
@@ -270,7 +273,7 @@ class StopReadingModel(DynamicModel):
             return self._path_costs(*self._reads_alone(self.read_lengths(*args)))
         with torch.no_grad():
             trace = self._read_through(args)
-        return self._path_costs(trace.ran_t, trace.decided_t)
+        return self._path_costs(trace.ran_t, trace.decided_t, trace.jumped_t)
 
     def _final_after(self, i: int) -> int:
         """The original classifier's answer for a text that ends within stretch i, having
@@ -408,7 +411,7 @@ class StopReadingModel(DynamicModel):
                 reading = ~finished
                 run, readers = run.subset(reading), readers[reading]
                 policy_state = policy_state.keep(reading)
-            done, logits = self._exits(i, run, readers, policy_state, tab)
+            done, logits = self._exits(i, run, policy_state, tab)
             if done.any():
                 output = scatter_rows(output, run.rows[done], logits[done], batch)
                 exit_index[run.rows[done]] = i
@@ -425,29 +428,14 @@ class StopReadingModel(DynamicModel):
         return output
 
     def _exits(
-        self, i: int, run: _Reading, deciding: Tensor, policy_state: PolicyState, tab: Tab
+        self, i: int, run: _Reading, policy_state: PolicyState, tab: Tab
     ) -> tuple[Tensor, Tensor]:
-        """Exit head i on the samples that read stretch i (`deciding`): (leave [n], logits
-        [n, C], rows that did not decide zeros); charges the head to them."""
-        if bool(deciding.all()):
-            logits = self.heads[i](run.last)
-            tab.charge_rows(head_item(i), run.rows)
-            return self.policy.decide(
-                logits, self.temperatures[i], self.thresholds[i], policy_state
-            ), logits
-        index = selected(deciding)
-        sub = policy_state.keep(deciding)
-        logits = self.heads[i](run.last.index_select(0, index))
-        tab.charge_rows(head_item(i), run.rows[index])
-        leave = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], sub)
-        policy_state.prediction[deciding], policy_state.streak[deciding] = (
-            sub.prediction,
-            sub.streak,
-        )
-        done = deciding.clone()
-        done[index] = leave
-        full = logits.new_zeros((deciding.shape[0], logits.shape[-1]))
-        return done, full.index_copy(0, index, logits)
+        """Exit head i on the samples still reading (a sample that skipped stretch i decides
+        on its carried state): (leave [n], logits [n, C]); charges the head to them."""
+        logits = self.heads[i](run.last)
+        tab.charge_rows(head_item(i), run.rows)
+        done = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], policy_state)
+        return done, logits
 
     def _jumps(self, i: int, run: _Reading, going: Tensor, tab: Tab) -> None:
         """Jump head i on the samples that read stretch i and read on (`going`): those whose
@@ -493,8 +481,6 @@ class StopReadingModel(DynamicModel):
                     tab.charge(stretch_item(i))
             if read <= end:
                 break
-            if not ran_here:  # a checkpoint whose stretch was skipped decides nothing
-                continue
             assert last is not None
             logits = self.heads[i](last[:, 0])
             tab.charge(head_item(i))
@@ -502,7 +488,7 @@ class StopReadingModel(DynamicModel):
             if leaves_one(logits, temperatures[i], thresholds[i], kind, self.temperatures[i]):
                 taken, answer = i, logits
                 break
-            if self.jump:
+            if self.jump and ran_here:  # a jump is decided after reading, never within one
                 tab.charge(jump_item(i))
                 logit = float(self.jump_heads[i](last[:, 0]))
                 if not gate_open_one(logit, jump_threshold):
@@ -555,9 +541,10 @@ class StopReadingModel(DynamicModel):
             skip = torch.where(reading, skip, (skip - 1).clamp(min=0))
             if i == k:
                 break
-            decides = reading & (read > end)
-            trace.decided.append(decides)
+            trace.decided.append(read > end)
             trace.logits.append(self.heads[i](last))
+            decides = reading & (read > end)  # where a jump is decided: after reading
+            trace.jumped.append(decides)
             decided_before = decides
             if self.jump:
                 logit = self.jump_heads[i](last)
@@ -574,6 +561,7 @@ class StopReadingModel(DynamicModel):
         trace.logits.append(self._answer(args, encoded, seq, state))
         trace.ran_t = torch.stack(trace.ran)
         trace.decided_t = torch.stack(trace.decided)
+        trace.jumped_t = torch.stack(trace.jumped)
         trace.share = torch.stack(spent).sum(0) / torch.stack(full).sum(0).clamp(min=1)
         return trace
 
@@ -641,8 +629,10 @@ class _Trace:
         self.logits: list[Tensor] = []
         self.ran: list[Tensor] = []
         self.decided: list[Tensor] = []
+        self.jumped: list[Tensor] = []
         self.ran_t = torch.zeros(0)
         self.decided_t = torch.zeros(0)
+        self.jumped_t = torch.zeros(0)
         self.share = torch.zeros(0)
 
 
@@ -719,7 +709,8 @@ class StopReadingFace(ExportFace):
         out, state = run_stretch(m.rnn, encoded.narrow(axis, 0, m.boundary(0)), None)
         x0 = args[0]
         streak = start_streak(x0.shape[0], x0.device) if m.policy.kind == "patience" else ()
-        return self._stage(0, args, encoded, read, out, state, thr, tuple(streak))
+        skip = torch.zeros_like(read)
+        return self._stage(0, args, encoded, read, out, state, thr, tuple(streak), skip, skip == 0)
 
     def _stage(
         self,
@@ -731,8 +722,12 @@ class StopReadingFace(ExportFace):
         state: RnnState,
         thr: Tensor,
         streak: tuple[Tensor, ...],
+        skip: Tensor,
+        reading: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """After stretch i (`seq`: the outputs read so far, batch first): who stops here."""
+        """After stretch i (`seq`: the outputs read so far, batch first): who stops here.
+        `skip`: stretches each sample has left to skip; `reading`: who read stretch i (the
+        others decide no jump here)."""
         m, k = self.model, self.model.num_exits
         x = args[0]
         pad = seq.new_zeros((seq.shape[0], m.steps - seq.shape[1], seq.shape[-1]))
@@ -747,6 +742,9 @@ class StopReadingFace(ExportFace):
         )
         leave = leave & ~finished
         streak = () if carried is None else carried
+        if m.jump:  # a jump is decided after reading a stretch, never within a jump
+            reads_on = gate_open(gate_probability(m.jump_heads[i](seq[:, -1])), m.jump_threshold)
+            skip = torch.where(reading & ~finished & ~leave & ~reads_on, m.jump, skip)
         here = torch.where(leave[:, None], logits, final_logits.to(logits.dtype))
         decision = torch.where(leave, full_index(x, i), full_index(x, k))
         stop = leave | finished
@@ -755,11 +753,13 @@ class StopReadingFace(ExportFace):
         axis = m._time_axis()
         n_args = len(args)
 
-        def all_stop(here, decision, stop, *rest):
+        def all_stop(here, decision, stop, skip, *rest):
             return here.clone(), decision.clone()
 
-        def go_on(here, decision, stop, *rest):
+        def go_on(here, decision, stop, skip, *rest):
             keep = selected(~stop)
+            skip = skip.index_select(0, keep)
+            reading = skip == 0
             inputs, (encoded, read, seq), rest = (
                 rest[:n_args],
                 rest[n_args : n_args + 3],
@@ -775,6 +775,10 @@ class StopReadingFace(ExportFace):
                 enc.narrow(axis, start, m.boundary(i + 1) - start),
                 st if is_lstm else st[0],
             )
+            if m.jump:  # a skipped stretch runs here too and is dropped: its state carried
+                last = seq.index_select(0, keep)[:, -1:]
+                out = torch.where(reading[:, None, None], out, last.expand_as(out))
+                new_state = _keep_state(new_state, st if is_lstm else st[0], reading)
             sub_logits, sub_exit = self._stage(
                 i + 1,
                 tuple(a.index_select(0, keep) for a in inputs),
@@ -784,11 +788,21 @@ class StopReadingFace(ExportFace):
                 new_state,
                 thr,
                 carried,
+                torch.where(reading, skip, skip - 1),
+                reading,
             )
             return (
                 here.index_copy(0, keep, sub_logits.to(here.dtype)),
                 decision.index_copy(0, keep, sub_exit),
             )
 
-        operands = (here, decision, stop, *args, encoded, read, seq, *flat_state, *streak)
+        operands = (here, decision, stop, skip, *args, encoded, read, seq, *flat_state, *streak)
         return cond(stop.all(), all_stop, go_on, operands)
+
+
+def _keep_state(new: RnnState, old: RnnState, reading: Tensor) -> RnnState:
+    """`new` for the samples that read (`reading` [N]), `old` for the others."""
+    w = reading[None, :, None]
+    if isinstance(new, tuple):
+        return tuple(torch.where(w, a, b) for a, b in zip(new, old, strict=True))  # type: ignore[return-value]
+    return torch.where(w, new, old)
