@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--text-settings", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--jump", type=int, default=0, help="the jump head: stretches it skips (0: none)"
+    )
+    parser.add_argument(
+        "--jump-budget", type=float, default=0.6, help="share of tokens the jump head aims at"
+    )
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -174,7 +180,10 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     static = static_text_model(dataset, args.data, _settings(args, dataset), args.cache)
     model = static.model.eval()
     test_ids, test_labels = _ids(static.test)
-    dyn = dynify.convert(model, "stop-reading", test_ids[:1], options={"every": args.every})
+    options: dict[str, Any] = {"every": args.every}
+    if args.jump:
+        options.update(jump=args.jump, budget=args.jump_budget)
+    dyn = dynify.convert(model, "stop-reading", test_ids[:1], options=options)
     fit = _subset(static.fit, args.fit_rows)
     print(f"{dataset}: fine-tuning {dyn.num_exits} exit heads on {len(fit)} texts", flush=True)
     run = dynify.finetune(
@@ -188,6 +197,7 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         progress=False,
     )
     dyn.eval()
+    sweep = _jump_sweep(dyn, static.held_out) if args.jump else []
     calibration = dynify.calibrate(dyn, static.held_out, max_drop=MAX_DROP, part="all")
     calibrated = list(dyn.thresholds.tolist())
     report = dynify.evaluate(dyn, static.test)
@@ -226,6 +236,10 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     steps = test_ids.shape[1]
     return {
         "every": args.every,
+        "jump": args.jump,
+        "jump_budget": args.jump_budget if args.jump else None,
+        "jump_threshold": float(dyn.jump_threshold) if args.jump else None,
+        "jump_sweep": sweep,
         "exits": dyn.num_exits,
         "steps": steps,
         "fit_rows": len(fit),
@@ -258,9 +272,38 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     }
 
 
+JUMP_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+
+
+def _jump_sweep(dyn: dynify.DynamicModel, held_out: Any) -> list[dict[str, float]]:
+    """The jump threshold, chosen on held-out texts: at each candidate, the exits' shared
+    threshold curve; the candidate whose fewest MACs within 1 point of static is lowest is
+    set on the model (the exit thresholds are then calibrated at it)."""
+    sweep = []
+    for value in JUMP_THRESHOLDS:
+        dyn.set_jump_threshold(value)
+        held = dynify.evaluate(dyn, held_out)
+        fits = [p for p in held.curve if p.accuracy >= held.static_accuracy - MAX_DROP]
+        best = min(fits, key=lambda p: p.macs_fraction) if fits else None
+        sweep.append(
+            {
+                "jump_threshold": value,
+                "macs": best.macs_fraction if best else 1.0,
+                "accuracy": best.accuracy if best else float("nan"),
+                "exit_threshold": best.threshold if best else NEVER,
+            }
+        )
+        print(f"  jump threshold {value}: {sweep[-1]}", flush=True)
+    chosen = min(sweep, key=lambda p: p["macs"])
+    dyn.set_jump_threshold(chosen["jump_threshold"])
+    return sweep
+
+
 def run(args: argparse.Namespace) -> dict[str, dict]:
     torch.set_num_threads(args.threads)
     suffix = "" if args.every == DEFAULT_EVERY or args.text_settings else f"-every{args.every}"
+    if args.jump and not args.text_settings:
+        suffix += f"-jump{args.jump}"
     measured = {dataset + suffix: run_dataset(args, dataset) for dataset in args.datasets}
     return {NAME: {"datasets": measured}}
 
