@@ -648,7 +648,15 @@ def test_static_mode_and_records_are_per_thread(case):
 
 # Where the forcing thresholds make a sample pay the worst case itself. Region masks' worst
 # case (every tile but one, overlapping halos) is bounded here and reached by fixed masks below.
-WORST_CASE_NOT_FORCED = {"spatial-masks-region", "block-gates-halting"}
+# stop-reading's jump variants: reading every token also needs the jump threshold above 1 (a
+# value of its own, not an exit threshold the forcing thresholds set).
+WORST_CASE_NOT_FORCED = {
+    "spatial-masks-region",
+    "block-gates-halting",
+    "stop-reading-2-confidence-1",
+    "stop-reading-2-patience-2",
+    "stop-reading-2-confidence-1-tokens+lengths",
+}
 
 
 @pytest.mark.parametrize("strategy,options", variant_params())

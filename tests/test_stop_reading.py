@@ -269,7 +269,8 @@ class TwoLayers(nn.Module):
         (TwoLayers(cell=nn.RNN), {}, "nn.RNN"),
         (TwoLayers(), {"every": T}, "every=10 leaves no exit"),
         (TwoLayers(), {"every": 0}, "every must be"),
-        (TwoLayers(), {"jump": 2}, "Unknown stop-reading option"),
+        (TwoLayers(), {"hop": 2}, "Unknown stop-reading option"),
+        (TwoLayers(), {"jump": -1}, "jump must be"),
         (
             nn.Sequential(nn.Embedding(VOCAB, 4), nn.Flatten(), nn.Linear(4 * T, 3)),
             {},
@@ -332,3 +333,99 @@ def test_a_float_sequence_model_reads_with_its_rnn_directly():
         dyn.set_thresholds(0.0)
         dyn(x)
         assert dyn.last_tokens.tolist() == [4] * len(x)
+
+
+# --- the jump head ----------------------------------------------------------------------------
+def jump_model(jump: int = 1, cell: str = "lstm", batch_first: bool = True) -> dynify.DynamicModel:
+    """every=2 over T=10 tokens: 5 stretches, 4 exits, 4 jump heads with random weights."""
+    return convert(classifier(cell, batch_first), every=2, jump=jump)
+
+
+def test_no_jump_head_by_default_and_a_jump_model_keeps_the_static_call():
+    model = classifier()
+    assert not hasattr(convert(model), "jump_heads")
+    dyn = jump_model()
+    assert len(dyn.jump_heads) == dyn.num_exits == 4
+    x = texts(LENGTHS)
+    with torch.no_grad(), dyn.static():
+        assert torch.equal(dyn(x), model(x))
+
+
+@pytest.mark.parametrize("cell,batch_first", [("lstm", True), ("gru", False)])
+def test_jumped_stretches_are_not_run_and_macs_are_what_ran(cell, batch_first):
+    dyn = jump_model(1, cell, batch_first)
+    dyn.set_thresholds(NEVER)  # no exit: only jumps save work
+    x = texts(LENGTHS)
+    with torch.no_grad():
+        dyn.set_jump_threshold(2.0)  # never jump: every text read to its end
+        everything = dyn(x).clone()
+        read_all = dyn.last_tokens.clone()
+        dyn.set_jump_threshold(0.0)  # always jump one stretch after reading one
+        with FlopCounterMode(display=False) as flops, StepCounter(dyn.rnn) as counter:
+            out = dyn(x)
+    assert (everything - classifier(cell, batch_first)(x)).abs().max() <= 1e-5
+    assert counter.sample_steps() == int(dyn.last_tokens.sum()) < int(read_all.sum())
+    # stretches 0, 2, 4 (tokens 0-1, 4-5, 8-9) of a text that reaches them
+    expected = [sum(2 for s in (0, 4, 8) if s < max(n, 1)) for n in LENGTHS]
+    assert dyn.last_tokens.tolist() == expected
+    assert flops.get_total_flops() // 2 == int(dyn.last_macs.sum())
+    assert not torch.allclose(out, everything)
+
+
+def test_a_jump_batch_equals_its_samples_alone_and_calibration_costs_match():
+    dyn = jump_model(2)
+    x = texts(LENGTHS)
+    with torch.no_grad():
+        scores = [torch.softmax(lg, -1).max(-1).values for lg in dyn.exit_logits(x)[:-1]]
+        dyn.set_thresholds(float(torch.cat(scores).quantile(0.9)))
+        out = dyn(x)
+        decisions, macs = dyn.last_decisions().clone(), dyn.last_macs.clone()
+        tokens = dyn.last_tokens.clone()
+        costs, open_exits = dyn.sample_exit_costs(x)
+    assert len(set(tokens.tolist())) >= 3 and len(set(decisions.tolist())) >= 2
+    # what calibration sees (jumps replayed without exits) is what the forward spends
+    assert macs.tolist() == costs.gather(0, decisions[None])[0].tolist()
+    early = decisions < dyn.num_exits
+    assert bool(open_exits[decisions[early], early.nonzero()[:, 0]].all())
+    for i in range(len(x)):
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            alone = dyn(x[i : i + 1])
+        assert (alone - out[i : i + 1]).abs().max() <= 1e-5
+        assert int(dyn.last_decisions()[0]) == int(decisions[i])
+        assert int(dyn.last_tokens[0]) == int(tokens[i])
+        assert int(dyn.last_macs[0]) == int(macs[i]) == flops.get_total_flops() // 2
+
+
+def test_a_jump_model_exports_and_round_trips(tmp_path):
+    dyn = jump_model(1)
+    x = texts(LENGTHS)
+    dyn.set_thresholds(0.6)
+    dyn.set_jump_threshold(0.5)
+    with torch.no_grad():
+        out = dyn(x)
+        decisions = dyn.last_decisions().clone()
+        logits, exits = dyn.export_face()(x)
+    assert torch.allclose(logits, out, atol=1e-5) and torch.equal(exits, decisions)
+    path = tmp_path / "jump.dyn"
+    dynify.save(dyn, path)
+    again = dynify.load(path)
+    assert float(again.jump_threshold) == 0.5
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
+
+
+def test_jump_training_is_straight_through_with_a_budget_on_tokens_read():
+    dyn = jump_model(1).train()
+    x = texts(LENGTHS)
+    loss, metrics = dyn.training_loss(x)
+    loss.backward()
+    assert 0.0 < metrics["token_share"] <= 1.0 and "compute_price" in metrics
+    grads = [p.grad for p in dyn.jump_heads.parameters()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_jump_options_are_checked():
+    with pytest.raises(StrategyError, match="no jump head"):
+        convert(classifier()).set_jump_threshold(0.5)
+    with pytest.raises(StrategyError, match="budget"):
+        convert(classifier(), budget=0.0)

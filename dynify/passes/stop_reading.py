@@ -28,7 +28,7 @@ from dynify.passes.rewrite import lift_region
 from dynify.runtime.heads import ExitHead
 from dynify.runtime.policy import POLICIES, ExitPolicy
 from dynify.runtime.recurrence import ReadLengths
-from dynify.runtime.stop_reading import StopReadingModel
+from dynify.runtime.stop_reading import JumpHead, StopReadingModel, cost_book
 
 
 @dataclass
@@ -38,12 +38,19 @@ class StopReadingOptions:
     every: tokens between two exits (an exit after every `every` tokens read, none at the end:
     the original classifier answers there). policy: the exit policy ('confidence', 'entropy',
     'patience'); threshold: the exits' starting threshold (calibration sets them).
+    jump: the jump head (LSTM-Jump, binary): after a checkpoint that does not exit, a sample
+    reads the next stretch or skips the next `jump` stretches (0: no jump head).
+    jump_threshold: its starting threshold (the gate rule: 0 always jumps, above 1 never);
+    budget: the share of tokens the jump head's training aims at.
     """
 
     every: int = 8
     policy: str = "confidence"
     patience: int = 2
     threshold: float = 0.9
+    jump: int = 0
+    jump_threshold: float = 0.5
+    budget: float = 0.5
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> StopReadingOptions:
@@ -95,11 +102,19 @@ def _macs(nodes: list[torch.fx.Node]) -> int:
 class StopReading:
     name = "stop-reading"
     summary = "exit heads on an RNN's state every k tokens; confident samples stop reading"
-    variants = tuple({"every": 4, "policy": kind} for kind in POLICIES)
+    # The jump head's variants: the jumps themselves, and jumps with exits that remember.
+    variants = (
+        *({"every": 4, "policy": kind} for kind in POLICIES),
+        {"every": 2, "policy": "confidence", "jump": 1},
+        {"every": 2, "policy": "patience", "jump": 2},
+    )
     contract_example = "tokens"
     # The contract also runs on texts passed with their lengths and with a padding mask.
     contract_examples: ClassVar[dict[str, tuple[dict[str, Any], ...]]] = {
-        "tokens+lengths": ({"every": 4, "policy": "confidence"},),
+        "tokens+lengths": (
+            {"every": 4, "policy": "confidence"},
+            {"every": 2, "policy": "confidence", "jump": 1},
+        ),
         "tokens+mask": ({"every": 4, "policy": "confidence"},),
     }
 
@@ -114,6 +129,13 @@ class StopReading:
                 f"every={opts.every} leaves no exit before the end of a {layer.steps}-token "
                 f"input; choose every below {layer.steps} (e.g. {max(1, layer.steps // 8)})."
             )
+        if type(opts.jump) is not int or opts.jump < 0:
+            raise StrategyError(
+                f"jump must be a whole number of stretches >= 0 (0: no jump head), got "
+                f"{opts.jump!r}."
+            )
+        if not 0.0 < opts.budget <= 1.0:
+            raise StrategyError(f"budget must be in (0, 1], got {opts.budget}.")
         require_read(ctx.gm, layer, ctx.extra_input, "stop-reading")
         read = sequence_read(ctx.gm, layer)
         return {
@@ -178,13 +200,30 @@ class StopReading:
             position_macs = _macs(position_nodes)
         rnn = gm.get_submodule(layer.module)
         hidden = layer.hidden_size
-        heads, head_macs = [], []
+        heads, head_macs, jump_heads, jump_macs = [], [], [], []
         every, steps = int(plan["every"]), int(plan["steps"])
+        options = plan.get("options", {})
+        jump = int(options.get("jump", 0))
         for _ in range(-(-steps // every) - 1):
             head = ExitHead((hidden,), ctx.num_classes, "vector")
             heads.append(head)
             head_macs.append(module_macs(head.eval(), torch.zeros(1, hidden)))
-        options = plan.get("options", {})
+            if jump:
+                jump_head = JumpHead(hidden)
+                jump_heads.append(jump_head)
+                jump_macs.append(module_macs(jump_head.eval(), torch.zeros(1, hidden)))
+        bounds = [min(steps, (i + 1) * every) for i in range(len(heads) + 1)]
+        stretch_macs = [
+            (b - a) * layer.step_macs for a, b in zip([0, *bounds], bounds, strict=False)
+        ]
+        book = cost_book(
+            ctx.analysis.total_macs,
+            _macs(encode_nodes) + position_macs,
+            stretch_macs,
+            head_macs,
+            _macs(tail_nodes),
+            jump_macs,
+        )
         return StopReadingModel(
             encode=encode,
             rnn=rnn,
@@ -193,14 +232,15 @@ class StopReading:
             heads=heads,
             every=every,
             steps=steps,
-            step_macs=layer.step_macs,
-            fixed_macs=_macs(encode_nodes) + position_macs,
-            tail_macs=_macs(tail_nodes),
-            head_macs=head_macs,
+            book=book,
             encode_is_input=encode_is_input,
             policy=ExitPolicy(**plan["policy"]),
             thresholds=[float(options.get("threshold", 0.9))] * len(heads),
             static_macs=ctx.analysis.total_macs,
             input_shape=tuple(ctx.example_input.shape[1:]),
             num_classes=ctx.num_classes,
+            jump=jump,
+            jump_heads=jump_heads,
+            jump_threshold=float(options.get("jump_threshold", 0.5)),
+            budget=float(options.get("budget", 0.5)),
         )

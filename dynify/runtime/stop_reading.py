@@ -15,18 +15,29 @@ spends never depends on the other samples of its batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from dynify.errors import StrategyError
 from dynify.frontend.inputs import as_inputs
 from dynify.runtime import recurrence
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
-from dynify.runtime.decisions import exit_decision, leaves_one, start_streak
+from dynify.runtime.decisions import (
+    exit_decision,
+    gate_open,
+    gate_open_one,
+    gate_probability,
+    leaves_one,
+    start_streak,
+    straight_through_gumbel,
+)
+from dynify.runtime.ledger import FIXED, UNIT, CostBook, Tab
 from dynify.runtime.model import DynamicModel, ExportFace, PerCallRecord
-from dynify.runtime.policy import ExitPolicy
-from dynify.train.losses import LossConfig, distillation
+from dynify.runtime.policy import ExitPolicy, PolicyState
+from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
 
 KD_TEMPERATURE = 3.0  # the exits' own distillation temperature (LossConfig.kd_temperature None)
 
@@ -53,6 +64,62 @@ def state_rows(state: RnnState, index: Tensor) -> RnnState:
     return state.index_select(1, index)
 
 
+ENCODE, TAIL = "encode", "tail"  # the book's items of the parts before and after the RNN
+
+
+def stretch_item(i: int) -> str:
+    """The book's item of stretch i (the RNN steps from boundary(i - 1) to boundary(i))."""
+    return f"stretch{i}"
+
+
+def head_item(i: int) -> str:
+    """The book's item of exit head i."""
+    return f"head{i}"
+
+
+def jump_item(i: int) -> str:
+    """The book's item of jump head i (after exit head i, on the samples that read on)."""
+    return f"jump{i}"
+
+
+def cost_book(
+    static_macs: int,
+    fixed_macs: int,
+    stretch_macs: Sequence[int],
+    head_macs: Sequence[int],
+    tail_macs: int,
+    jump_macs: Sequence[int] = (),
+) -> CostBook:
+    """The cost book of a stop-reading model: the parts before the RNN and stretch 0 are
+    `FIXED` (every sample reads its first stretch); every later stretch, exit head, jump head
+    and the original classifier are `UNIT`s, paid by the samples that reach them."""
+    book = CostBook(static_macs)
+    book.add(ENCODE, fixed_macs, FIXED)
+    for i, macs in enumerate(stretch_macs):
+        book.add(stretch_item(i), macs, FIXED if i == 0 else UNIT)
+        if i < len(head_macs):
+            book.add(head_item(i), head_macs[i], UNIT)
+        if i < len(jump_macs):
+            book.add(jump_item(i), jump_macs[i], UNIT)
+    book.add(TAIL, tail_macs, UNIT)
+    return book
+
+
+class JumpHead(nn.Module):
+    """LSTM-Jump's jump decision, binary: the logit [N] of reading the next stretch (rather
+    than skipping the next `jump` stretches) from the hidden state. Starts at reading on."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.fill_(3.0)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(h).squeeze(-1)
+
+
 class StopReadingModel(DynamicModel):
     strategy = "stop-reading"
     takes_extra_input = True
@@ -69,22 +136,24 @@ class StopReadingModel(DynamicModel):
         heads: Sequence[nn.Module],
         every: int,
         steps: int,
-        step_macs: int,
-        fixed_macs: int,
-        tail_macs: int,
-        head_macs: Sequence[int],
+        book: CostBook,
         encode_is_input: bool,
         policy: ExitPolicy,
         thresholds: Sequence[float],
         static_macs: int,
         input_shape: tuple[int, ...],
         num_classes: int,
+        jump: int = 0,
+        jump_heads: Sequence[nn.Module] = (),
+        jump_threshold: float = 0.5,
+        budget: float = 0.5,
     ):
         super().__init__(
             static_macs=static_macs,
             input_shape=input_shape,
             num_classes=num_classes,
             thresholds=thresholds,
+            book=book,
         )
         self.encode = encode
         self.rnn = rnn
@@ -92,12 +161,17 @@ class StopReadingModel(DynamicModel):
         self.position = position
         self.heads = nn.ModuleList(heads)
         self.every, self.steps = int(every), int(steps)
-        self.step_macs, self.fixed_macs = int(step_macs), int(fixed_macs)
-        self.tail_macs = int(tail_macs)
-        self.head_macs = [int(m) for m in head_macs]
         self.encode_is_input = encode_is_input
         self.policy = policy
         self.register_buffer("temperatures", torch.ones(len(heads)))
+        # The jump head (0: none): after a checkpoint that does not exit, a sample either reads
+        # the next stretch or skips the next `jump` stretches, its state carried over.
+        self.jump = int(jump)
+        self.budget = float(budget)
+        if self.jump:
+            self.jump_heads = nn.ModuleList(jump_heads)
+            self.register_buffer("jump_threshold", torch.tensor(float(jump_threshold)))
+            self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float64))
 
     # --- geometry and costs ----------------------------------------------------------------
     @property
@@ -109,6 +183,22 @@ class StopReadingModel(DynamicModel):
         """Tokens read when exit i decides (after stretch i)."""
         return min(self.steps, (i + 1) * self.every)
 
+    def _start(self, i: int) -> int:
+        """The first token of stretch i."""
+        return 0 if i == 0 else self.boundary(i - 1)
+
+    def set_jump_threshold(self, value: float) -> None:
+        """The jump heads' threshold (the gate rule: a sample reads the next stretch when
+        p > 1 - threshold; 0 always jumps, above 1 never jumps)."""
+        if not self.jump:
+            raise StrategyError(
+                "This stop-reading model has no jump head; convert with options={'jump': N}."
+            )
+        value = float(value)
+        if not math.isfinite(value) or value < 0.0:
+            raise StrategyError(f"The jump threshold must be finite and >= 0, got {value}.")
+        self.jump_threshold.fill_(value)
+
     def read_lengths(self, *args: Tensor) -> Tensor:
         """Tokens each sample must read for the original classifier's answer, int64 [N] in
         [1, steps], from the model's inputs: up to the last position the classifier reads
@@ -117,73 +207,93 @@ class StopReadingModel(DynamicModel):
             return recurrence.full_lengths(args[0].shape[0], self.steps, args[0])
         return self.position(*args)
 
-    def _stretches(self, read: Tensor, exit_index: Tensor) -> Tensor:
-        """Stretches each sample ran, from tokens to read and the exit taken."""
-        final = exit_index == self.num_exits
-        return torch.where(final, (read + self.every - 1) // self.every, exit_index + 1)
+    def _item_macs(self, name: Callable[[int], str], count: int, device: torch.device) -> Tensor:
+        """The book's MACs of items name(0..count-1), float64 [count, 1]."""
+        values = [float(self.book.macs(name(i))) for i in range(count)]
+        return torch.tensor(values, dtype=torch.float64, device=device)[:, None]
 
-    def tokens_read(self, read: Tensor, exit_index: Tensor) -> Tensor:
-        """RNN steps [N] a sample runs, from tokens to read and the exit taken."""
-        return (self._stretches(read, exit_index) * self.every).clamp(max=self.steps)
+    def _path_costs(
+        self, ran: Tensor, decided: Tensor, jumped: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(MACs [K + 1, N] of leaving at each exit, exits open [K, N]) from which stretches
+        each sample runs (`ran` bool [K + 1, N]), at which checkpoints it decides an exit
+        (`decided` bool [K, N]) and a jump (`jumped`) when no exit takes it: leaving at exit
+        i pays the stretches run up to i, the exit heads up to i and the jump heads before i;
+        the final answer pays every stretch run, every head passed and the tail."""
+        k, device = self.num_exits, ran.device
+        stretches = (ran.double() * self._item_macs(stretch_item, k + 1, device)).cumsum(0)
+        heads = (decided.double() * self._item_macs(head_item, k, device)).cumsum(0)
+        if self.jump:
+            assert jumped is not None
+            jumps = (jumped.double() * self._item_macs(jump_item, k, device)).cumsum(0)
+        else:
+            jumps = torch.zeros_like(heads)
+        passed_jumps = torch.cat([jumps.new_zeros((1, jumps.shape[1])), jumps[:-1]])
+        fixed = float(self.book.macs(ENCODE))
+        leave = fixed + stretches[:-1] + heads + passed_jumps
+        final = fixed + stretches[-1] + heads[-1] + jumps[-1] + self.book.macs(TAIL)
+        return torch.cat([leave, final[None]]).round().long(), decided
 
-    def _costs(self, read: Tensor, exit_index: Tensor) -> Tensor:
-        """MACs per sample [N] from tokens to read and the exit taken (num_exits: final)."""
+    def _reads_alone(self, read: Tensor) -> tuple[Tensor, Tensor]:
+        """(ran [K + 1, N], decided [K, N]) without jumps: a sample runs every stretch until
+        its text ends, and decides at every checkpoint before that."""
         k = self.num_exits
-        final = exit_index == k
-        stretches = self._stretches(read, exit_index)
-        tokens = (stretches * self.every).clamp(max=self.steps)
-        heads_passed = torch.where(final, stretches - 1, exit_index + 1).clamp(max=k)
-        head_sums = torch.tensor([0, *self.head_macs], device=read.device).cumsum(0)
-        return (
-            self.fixed_macs
-            + tokens * self.step_macs
-            + head_sums[heads_passed]
-            + final.long() * self.tail_macs
-        )
-
-    def _cost_one(self, read: int, exit_index: int) -> tuple[int, int]:
-        """(MACs, RNN steps) of one sample, in Python ints: `_costs` without its tensor ops,
-        which would cost a batch-1 forward ~50 us."""
-        final = exit_index == self.num_exits
-        stretches = -(-read // self.every) if final else exit_index + 1
-        tokens = min(stretches * self.every, self.steps)
-        heads = min(stretches - 1 if final else exit_index + 1, self.num_exits)
-        macs = self.fixed_macs + tokens * self.step_macs + sum(self.head_macs[:heads])
-        return macs + (self.tail_macs if final else 0), tokens
+        starts = torch.tensor([self._start(i) for i in range(k + 1)], device=read.device)
+        ran = read[None, :] > starts[:, None]
+        return ran, ran[1:]
 
     def exit_macs(self) -> list[int]:
-        """What leaving at exit i costs a text that fills the whole input (the last entry: the
-        original classifier after every token); shorter texts spend less (`sample_exit_costs`)."""
-        full = torch.full((self.num_exits + 1,), self.steps, dtype=torch.long)
-        return self._costs(full, torch.arange(self.num_exits + 1)).tolist()
+        """What leaving at exit i costs a text that fills the whole input and reads every
+        stretch (the last entry: the original classifier after every token); shorter texts,
+        and texts that jump, spend less (`sample_exit_costs`)."""
+        return self.book.cumulative(self._stages())
+
+    def _stages(self) -> list[list[str]]:
+        """The book's items of stage i: stretch i (after jump head i - 1) and exit head i (the
+        last stage: the original classifier)."""
+        k, stages = self.num_exits, []
+        for i in range(k + 1):
+            stage = [ENCODE] if i == 0 else []
+            if i and self.jump:
+                stage.append(jump_item(i - 1))
+            stage += [stretch_item(i), TAIL if i == k else head_item(i)]
+            stages.append(stage)
+        return stages
 
     def sample_exit_costs(
         self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """(MACs [K + 1, N] of leaving at each exit, exits open [K, N]) per sample: a text
-        that ends before exit i's position has finished reading there, so exit i is closed to
-        it and its final answer costs only what it read."""
-        read = self.read_lengths(*self.input_args(x, extra))
-        k, n = self.num_exits, read.shape[0]
-        exits = torch.arange(k + 1, device=read.device)
-        macs = self._costs(read.expand(k + 1, n), exits[:, None].expand(k + 1, n))
-        bounds = torch.tensor([self.boundary(i) for i in range(k)], device=read.device)
-        return macs, read[None, :] > bounds[:, None]
+        that ends before exit i's position has finished reading there, and a sample that
+        jumped over stretch i decides nothing after it, so exit i is closed to it; the final
+        answer costs only what it read. Jumps depend on the state alone, so a jump model runs
+        the reading once (without exits) to know them."""
+        args = self.input_args(x, extra)
+        if not self.jump:
+            return self._path_costs(*self._reads_alone(self.read_lengths(*args)))
+        with torch.no_grad():
+            trace = self._read_through(args)
+        return self._path_costs(trace.ran_t, trace.decided_t, trace.jumped_t)
+
+    def _final_after(self, i: int) -> int:
+        """The original classifier's answer for a text that ends within stretch i, having
+        read every stretch up to it and passed every head before it."""
+        stages = self._stages()
+        items = [n for stage in stages[: i + 1] for n in stage if n != head_item(i)]
+        return self.book.total(items) + self.book.macs(TAIL)
 
     def forced_exit_macs(self) -> list[int]:
         """The most a sample can spend with exit i forced (threshold 0, as a MAC cap sets it),
         per exit: leaving there, or, for a text that has finished reading by exit i's position
         (exit i is closed to it), the original classifier's answer after reading up to it. The
-        classifier may cost more than the head, so the second can be the dearer."""
-        bounds = []
-        for i, leave in enumerate(self.exit_macs()[:-1]):
-            short = self._cost_one(self.boundary(i), self.num_exits)[0]
-            bounds.append(max(leave, short))
-        return bounds
+        classifier may cost more than the head, so the second can be the dearer. A sample that
+        jumped over stretch i leaves at the next stretch it reads, or answers at the end of its
+        text, having skipped at least as much as it then reads: never dearer."""
+        return [max(leave, self._final_after(i)) for i, leave in enumerate(self.exit_macs()[:-1])]
 
     def worst_case_macs(self) -> int:
         """Every token read, every head evaluated, the original classifier run."""
-        return self.exit_macs()[-1]
+        return self.book.worst_case_macs()
 
     def describe(self) -> list[dict[str, str]]:
         rows = []
@@ -193,8 +303,7 @@ class StopReadingModel(DynamicModel):
                 {
                     "exit": "final" if final else str(i),
                     "tokens read": f"{self.steps if final else self.boundary(i)}",
-                    "MACs": f"{macs / 1e6:.2f} M",
-                    "of static": f"{macs / self.static_macs:.3f}",
+                    **self.book.columns(macs, digits=2),
                     "threshold": "" if final else f"{float(self.thresholds[i]):.3f}",
                 }
             )
@@ -212,12 +321,17 @@ class StopReadingModel(DynamicModel):
         self, args: tuple[Tensor, ...], encoded: Tensor, seq: Tensor, state: RnnState
     ) -> Tensor:
         """The original classifier on the outputs read so far (`seq` [N, steps, H] batch
-        first; positions not read are zeros, which it does not read)."""
+        first; positions not read are zeros, which it does not read, and a skipped stretch
+        repeats the last output read, the state carried over it)."""
         if not self.rnn.batch_first:
             seq = seq.transpose(0, 1)
         if self.encode_is_input:
             return self.tail(*args, (seq, state))
         return self.tail(*args, encoded, (seq, state))
+
+    def _stretch(self, encoded: Tensor, i: int, state: RnnState | None) -> tuple[Tensor, RnnState]:
+        axis, start = self._time_axis(), self._start(i)
+        return run_stretch(self.rnn, encoded.narrow(axis, start, self.boundary(i) - start), state)
 
     # --- the forward -----------------------------------------------------------------------
     def forward(self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None) -> Tensor:
@@ -228,7 +342,7 @@ class StopReadingModel(DynamicModel):
         if self._static:
             out = self._forward_static(args)
             self.last_exit = torch.full((x.shape[0],), self.num_exits, dtype=torch.long)
-            self.last_macs = torch.full((x.shape[0],), self.static_macs, dtype=torch.long)
+            self.record_static(x.shape[0], x.device)
             self.last_tokens = torch.full((x.shape[0],), self.steps, dtype=torch.long)
             return out
         if x.shape[0] == 1 and self.policy.kind != "patience":
@@ -245,109 +359,219 @@ class StopReadingModel(DynamicModel):
 
     def _forward_batch(self, args: tuple[Tensor, ...]) -> Tensor:
         x = args[0]
-        batch, k, axis = x.shape[0], self.num_exits, self._time_axis()
+        batch, k = x.shape[0], self.num_exits
         read = self.read_lengths(*args)
+        tab = self.open_tab(batch, x.device)
         exit_index = full_index(x, k)
-        run = _Reading(args, self._encoded(args), read, torch.arange(batch, device=x.device), axis)
+        tokens = torch.zeros(batch, dtype=torch.long, device=x.device)
+        run = _Reading(args, self._encoded(args), read, torch.arange(batch, device=x.device))
+        run.axis = self._time_axis()
         policy_state = self.policy.start(batch, x.device)
         seq: Tensor | None = None
         output: Tensor | None = None
         for i in range(k + 1):
-            start = i * self.every
-            out, run.state = run_stretch(
-                self.rnn, run.encoded.narrow(axis, start, self.boundary(i) - start), run.state
-            )
+            start, end = self._start(i), self.boundary(i)
+            readers = run.skip == 0
+            everyone = not self.jump or bool(readers.all())
+            if everyone:
+                out, run.state = self._stretch(run.encoded, i, run.state)
+                ran = run.rows
+            else:
+                index = selected(readers)
+                enc = run.encoded.index_select(1 - run.axis, index)
+                out, new = self._stretch(enc, i, state_rows(run.state, index))
+                run.state = scatter_state(run.state, index, new)
+                ran = run.rows[index]
             if seq is None:
                 seq = out.new_zeros((batch, self.steps, out.shape[-1]))
-            seq[run.rows, start : self.boundary(i)] = out
-            finished = run.read <= self.boundary(i)
+            seq[ran, start:end] = out
+            tokens.index_add_(0, ran, torch.full_like(ran, end - start))
+            if i:
+                tab.charge_rows(stretch_item(i), ran)
+            if everyone:
+                run.last = out[:, -1]
+            else:
+                skipping = ~readers
+                seq[run.rows[skipping], start:end] = run.last[skipping][:, None, :]
+                last = run.last.clone()
+                last[readers] = out[:, -1]
+                run.last = last
+                run.skip = torch.where(readers, run.skip, run.skip - 1)
+            finished = run.read <= end
             if i == k or finished.all():
                 logits = self._answer(run.args, run.encoded, seq[run.rows], run.state)
                 output = scatter_rows(output, run.rows, logits, batch)
+                tab.charge_rows(TAIL, run.rows)
                 break
             if finished.any():
                 ended = run.subset(finished)
                 logits = self._answer(ended.args, ended.encoded, seq[ended.rows], ended.state)
                 output = scatter_rows(output, ended.rows, logits, batch)
+                tab.charge_rows(TAIL, ended.rows)
                 reading = ~finished
-                run, out, policy_state = (
-                    run.subset(reading),
-                    out[reading],
-                    policy_state.keep(reading),
-                )
-            logits = self.heads[i](out[:, -1])
-            done = self.policy.decide(
-                logits, self.temperatures[i], self.thresholds[i], policy_state
-            )
+                run, readers = run.subset(reading), readers[reading]
+                policy_state = policy_state.keep(reading)
+            done, logits = self._exits(i, run, policy_state, tab)
             if done.any():
                 output = scatter_rows(output, run.rows[done], logits[done], batch)
                 exit_index[run.rows[done]] = i
+            if self.jump:
+                self._jumps(i, run, readers & ~done, tab)
+            if done.any():
                 if done.all():
                     break
                 run, policy_state = run.subset(~done), policy_state.keep(~done)
         assert output is not None
         self.last_exit = exit_index
-        self.last_macs = self._costs(read, exit_index)
-        self.last_tokens = self.tokens_read(read, exit_index)
+        self.close_tab(tab)
+        self.last_tokens = tokens
         return output
+
+    def _exits(
+        self, i: int, run: _Reading, policy_state: PolicyState, tab: Tab
+    ) -> tuple[Tensor, Tensor]:
+        """Exit head i on the samples still reading (a sample that skipped stretch i decides
+        on its carried state): (leave [n], logits [n, C]); charges the head to them."""
+        logits = self.heads[i](run.last)
+        tab.charge_rows(head_item(i), run.rows)
+        done = self.policy.decide(logits, self.temperatures[i], self.thresholds[i], policy_state)
+        return done, logits
+
+    def _jumps(self, i: int, run: _Reading, going: Tensor, tab: Tab) -> None:
+        """Jump head i on the samples that read stretch i and read on (`going`): those whose
+        gate stays closed skip the next `jump` stretches (run.skip); charges the head."""
+        if not bool(going.any()):
+            return
+        index = selected(going)
+        logit = self.jump_heads[i](run.last.index_select(0, index))
+        tab.charge_rows(jump_item(i), run.rows[index])
+        reads_on = gate_open(gate_probability(logit), self.jump_threshold)
+        skip = torch.where(reads_on, 0, self.jump)
+        run.skip = run.skip.index_copy(0, index, skip.to(run.skip.dtype))
 
     def _forward_one(self, args: tuple[Tensor, ...]) -> Tensor:
         """One sample: the same decisions as the batch path without its index bookkeeping,
-        decided in Python floats (`leaves_one`, whose tie rule defers to the tensor rule)."""
+        decided in Python floats (`leaves_one` and `gate_open_one`, whose tie rules defer to
+        the tensor rules)."""
         x = args[0]
-        k, axis = self.num_exits, self._time_axis()
+        k = self.num_exits
         read = int(self.read_lengths(*args)[0])
         encoded = self._encoded(args)
         thresholds = self.thresholds.tolist()
         temperatures = self.temperatures.tolist()
+        jump_threshold = float(self.jump_threshold) if self.jump else 0.0
+        tab = self.open_tab(1, x.device, scalar=True)
         outs: list[Tensor] = []
         state: RnnState | None = None
-        taken, answer = k, None
+        last: Tensor | None = None
+        taken, answer, skip, tokens = k, None, 0, 0
         for i in range(k + 1):
-            start = i * self.every
-            out, state = run_stretch(
-                self.rnn, encoded.narrow(axis, start, self.boundary(i) - start), state
-            )
-            outs.append(out)
-            if read <= self.boundary(i):
+            start, end = self._start(i), self.boundary(i)
+            ran_here = skip == 0
+            if not ran_here:
+                assert last is not None
+                outs.append(last.expand(1, end - start, last.shape[-1]))
+                skip -= 1
+            else:
+                out, state = self._stretch(encoded, i, state)
+                outs.append(out)
+                last = out[:, -1:]
+                tokens += end - start
+                if i:
+                    tab.charge(stretch_item(i))
+            if read <= end:
                 break
-            logits = self.heads[i](out[:, -1])
+            assert last is not None
+            logits = self.heads[i](last[:, 0])
+            tab.charge(head_item(i))
             kind = self.policy.kind
             if leaves_one(logits, temperatures[i], thresholds[i], kind, self.temperatures[i]):
                 taken, answer = i, logits
                 break
+            if self.jump and ran_here:  # a jump is decided after reading, never within one
+                tab.charge(jump_item(i))
+                logit = float(self.jump_heads[i](last[:, 0]))
+                if not gate_open_one(logit, jump_threshold):
+                    skip = self.jump
         if answer is None:
             seq = torch.cat(outs, 1)
             rest = self.steps - seq.shape[1]
             if rest:
                 seq = torch.cat([seq, seq.new_zeros((1, rest, seq.shape[-1]))], 1)
             answer = self._answer(args, encoded, seq, state)
-        macs, tokens = self._cost_one(read, taken)
+            tab.charge(TAIL)
         self.last_tokens = torch.tensor([tokens], device=x.device)
-        self.record_one(macs, taken, x.device)
+        self.close_tab(tab, taken)
         return answer
 
     # --- exit cascade: calibration and training --------------------------------------------
+    def _read_through(self, args: tuple[Tensor, ...], train: bool = False) -> _Trace:
+        """The whole batch read stretch by stretch with its jumps and no exits: every exit's
+        logits (the ExitCascade protocol), which stretches each sample reads and where it
+        decides. Every stretch is computed for every sample and a skipped one mixed away
+        (state carried); `train`: the jumps are straight-through Gumbel samples, so the mix
+        carries their gradient (what the budget term and the distillation train them by)."""
+        read = self.read_lengths(*args)
+        encoded = self._encoded(args)
+        k, n = self.num_exits, read.shape[0]
+        skip = torch.zeros(n, dtype=torch.long, device=read.device)
+        pending = torch.ones(n, device=read.device)  # the last jump decision (1: read on)
+        decided_before = torch.zeros(n, dtype=torch.bool, device=read.device)
+        state: RnnState | None = None
+        last: Tensor | None = None
+        trace = _Trace()
+        spent, full = [], []
+        for i in range(k + 1):
+            start, end = self._start(i), self.boundary(i)
+            alive = read > start
+            reading = (skip == 0) & alive
+            out, new = self._stretch(encoded, i, state)
+            if state is None or last is None:
+                mix = alive.to(out.dtype)
+            else:
+                chosen = torch.where(decided_before, pending, torch.ones_like(pending))
+                mix = torch.where(skip == 0, chosen, pending) * alive.to(out.dtype)
+                out = mix[:, None, None] * out + (1 - mix[:, None, None]) * last[:, None]
+                new = _mix_state(new, state, mix)
+            state, last = new, out[:, -1]
+            trace.outs.append(out * alive[:, None, None].to(out.dtype))
+            trace.ran.append(reading)
+            spent.append(mix * alive * (end - start))
+            full.append(alive.to(out.dtype) * (end - start))
+            skip = torch.where(reading, skip, (skip - 1).clamp(min=0))
+            if i == k:
+                break
+            trace.decided.append(read > end)
+            trace.logits.append(self.heads[i](last))
+            decides = reading & (read > end)  # where a jump is decided: after reading
+            trace.jumped.append(decides)
+            decided_before = decides
+            if self.jump:
+                logit = self.jump_heads[i](last)
+                if train:
+                    go = straight_through_gumbel(logit)
+                    hard = go > 0.5
+                else:
+                    hard = gate_open(gate_probability(logit), self.jump_threshold)
+                    go = hard.to(last.dtype)
+                skip = torch.where(decides & ~hard, self.jump, skip)
+                pending = torch.where(decides, go, pending)
+        assert state is not None
+        seq = torch.cat(trace.outs, 1)
+        trace.logits.append(self._answer(args, encoded, seq, state))
+        trace.ran_t = torch.stack(trace.ran)
+        trace.decided_t = torch.stack(trace.decided)
+        trace.jumped_t = torch.stack(trace.jumped)
+        trace.share = torch.stack(spent).sum(0) / torch.stack(full).sum(0).clamp(min=1)
+        return trace
+
     def exit_logits(
         self, x: Tensor | tuple[Tensor, Tensor], extra: Tensor | None = None
     ) -> list[Tensor]:
         """Every exit's logits and the original classifier's, for all samples (calibration,
-        training): the RNN run stretch by stretch, as the forward runs it."""
-        args = self.input_args(x, extra)
-        axis = self._time_axis()
-        encoded = self._encoded(args)
-        state: RnnState | None = None
-        outs, logits = [], []
-        for i in range(self.num_exits + 1):
-            start = i * self.every
-            out, state = run_stretch(
-                self.rnn, encoded.narrow(axis, start, self.boundary(i) - start), state
-            )
-            outs.append(out)
-            if i < self.num_exits:
-                logits.append(self.heads[i](out[:, -1]))
-        logits.append(self._answer(args, encoded, torch.cat(outs, 1), state))
-        return logits
+        training): the RNN run stretch by stretch, as the forward runs it, with the jumps
+        (which depend on the state and the jump threshold alone, never on the exits)."""
+        return self._read_through(self.input_args(x, extra)).logits
 
     def training_loss(
         self,
@@ -357,10 +581,14 @@ class StopReadingModel(DynamicModel):
         config: LossConfig | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Self-distillation on every exit (as early exits train), each head on the samples
-        still reading at its position (a head never decides for a text that has ended)."""
+        that decide at its position (a head never decides for a text that has ended or a
+        stretch that was skipped). With a jump head: its decisions straight-through Gumbel
+        samples, plus the budget term on the share of tokens read (price x share, the price a
+        PI controller on the share's distance from the budget, `budget_price`)."""
         config = config or LossConfig()
-        outputs = self.exit_logits(x)
-        _, open_ = self.sample_exit_costs(x)
+        args = self.input_args(x)
+        trace = self._read_through(args, train=bool(self.jump))
+        outputs, open_ = trace.logits, trace.decided_t
         teacher = (outputs[-1] if teacher_logits is None else teacher_logits).detach()
         temperature = config.temperature(KD_TEMPERATURE)
         losses, metrics = [], {}
@@ -378,6 +606,13 @@ class StopReadingModel(DynamicModel):
                 continue
             losses.append(loss)
         total = torch.stack(losses).mean()
+        if self.jump:
+            budget = self.budget if config.budget is None else float(config.budget)
+            share = float(trace.share.detach().mean())
+            price = budget_price(self.budget_multiplier, share - budget, 1.0, 0.01)
+            compute = priced_compute(trace.share, price)
+            total = total + compute
+            metrics.update(token_share=share, compute=float(compute.detach()), compute_price=price)
         metrics["loss"] = float(total.detach())
         return total, metrics
 
@@ -385,15 +620,52 @@ class StopReadingModel(DynamicModel):
         return StopReadingFace(self)
 
 
+class _Trace:
+    """What `_read_through` saw: logits per exit and the final, stretches read and
+    checkpoints that decided per sample, the share of its tokens each sample read."""
+
+    def __init__(self) -> None:
+        self.outs: list[Tensor] = []
+        self.logits: list[Tensor] = []
+        self.ran: list[Tensor] = []
+        self.decided: list[Tensor] = []
+        self.jumped: list[Tensor] = []
+        self.ran_t = torch.zeros(0)
+        self.decided_t = torch.zeros(0)
+        self.jumped_t = torch.zeros(0)
+        self.share = torch.zeros(0)
+
+
+def _mix_state(new: RnnState, old: RnnState, mix: Tensor) -> RnnState:
+    """mix * new + (1 - mix) * old per sample (dim 1 of an RNN state)."""
+    w = mix[None, :, None]
+    if isinstance(new, tuple):
+        assert isinstance(old, tuple)
+        return tuple(w * a + (1 - w) * b for a, b in zip(new, old, strict=True))  # type: ignore[return-value]
+    assert isinstance(old, Tensor)
+    return w * new + (1 - w) * old
+
+
+def scatter_state(state: RnnState | None, index: Tensor, rows: RnnState) -> RnnState:
+    """`state` with the samples at `index` replaced by `rows` (the batch on dim 1)."""
+    assert state is not None
+    if isinstance(state, tuple):
+        assert isinstance(rows, tuple)
+        return tuple(s.index_copy(1, index, r) for s, r in zip(state, rows, strict=True))  # type: ignore[return-value]
+    assert isinstance(rows, Tensor)
+    return state.index_copy(1, index, rows)
+
+
 class _Reading:
     """The samples of a batch still reading: their inputs, encoded inputs, tokens to read,
-    rows in the batch and RNN state."""
+    rows in the batch, RNN state, last output and stretches left to skip."""
 
-    def __init__(
-        self, args: tuple[Tensor, ...], encoded: Tensor, read: Tensor, rows: Tensor, axis: int
-    ):
-        self.args, self.encoded, self.read, self.rows, self.axis = args, encoded, read, rows, axis
+    def __init__(self, args: tuple[Tensor, ...], encoded: Tensor, read: Tensor, rows: Tensor):
+        self.args, self.encoded, self.read, self.rows = args, encoded, read, rows
+        self.axis = 1
         self.state: RnnState | None = None
+        self.last: Tensor | None = None
+        self.skip = torch.zeros_like(rows)
 
     def subset(self, mask: Tensor) -> _Reading:
         index = selected(mask)
@@ -402,9 +674,11 @@ class _Reading:
             self.encoded.index_select(1 - self.axis, index),
             self.read[index],
             self.rows[index],
-            self.axis,
         )
+        sub.axis = self.axis
         sub.state = None if self.state is None else state_rows(self.state, index)
+        sub.last = None if self.last is None else self.last[index]
+        sub.skip = self.skip[index]
         return sub
 
 
@@ -435,7 +709,8 @@ class StopReadingFace(ExportFace):
         out, state = run_stretch(m.rnn, encoded.narrow(axis, 0, m.boundary(0)), None)
         x0 = args[0]
         streak = start_streak(x0.shape[0], x0.device) if m.policy.kind == "patience" else ()
-        return self._stage(0, args, encoded, read, out, state, thr, tuple(streak))
+        skip = torch.zeros_like(read)
+        return self._stage(0, args, encoded, read, out, state, thr, tuple(streak), skip, skip == 0)
 
     def _stage(
         self,
@@ -447,8 +722,12 @@ class StopReadingFace(ExportFace):
         state: RnnState,
         thr: Tensor,
         streak: tuple[Tensor, ...],
+        skip: Tensor,
+        reading: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """After stretch i (`seq`: the outputs read so far, batch first): who stops here."""
+        """After stretch i (`seq`: the outputs read so far, batch first): who stops here.
+        `skip`: stretches each sample has left to skip; `reading`: who read stretch i (the
+        others decide no jump here)."""
         m, k = self.model, self.model.num_exits
         x = args[0]
         pad = seq.new_zeros((seq.shape[0], m.steps - seq.shape[1], seq.shape[-1]))
@@ -463,6 +742,9 @@ class StopReadingFace(ExportFace):
         )
         leave = leave & ~finished
         streak = () if carried is None else carried
+        if m.jump:  # a jump is decided after reading a stretch, never within a jump
+            reads_on = gate_open(gate_probability(m.jump_heads[i](seq[:, -1])), m.jump_threshold)
+            skip = torch.where(reading & ~finished & ~leave & ~reads_on, m.jump, skip)
         here = torch.where(leave[:, None], logits, final_logits.to(logits.dtype))
         decision = torch.where(leave, full_index(x, i), full_index(x, k))
         stop = leave | finished
@@ -471,11 +753,13 @@ class StopReadingFace(ExportFace):
         axis = m._time_axis()
         n_args = len(args)
 
-        def all_stop(here, decision, stop, *rest):
+        def all_stop(here, decision, stop, skip, *rest):
             return here.clone(), decision.clone()
 
-        def go_on(here, decision, stop, *rest):
+        def go_on(here, decision, stop, skip, *rest):
             keep = selected(~stop)
+            skip = skip.index_select(0, keep)
+            reading = skip == 0
             inputs, (encoded, read, seq), rest = (
                 rest[:n_args],
                 rest[n_args : n_args + 3],
@@ -491,6 +775,10 @@ class StopReadingFace(ExportFace):
                 enc.narrow(axis, start, m.boundary(i + 1) - start),
                 st if is_lstm else st[0],
             )
+            if m.jump:  # a skipped stretch runs here too and is dropped: its state carried
+                last = seq.index_select(0, keep)[:, -1:]
+                out = torch.where(reading[:, None, None], out, last.expand_as(out))
+                new_state = _keep_state(new_state, st if is_lstm else st[0], reading)
             sub_logits, sub_exit = self._stage(
                 i + 1,
                 tuple(a.index_select(0, keep) for a in inputs),
@@ -500,11 +788,21 @@ class StopReadingFace(ExportFace):
                 new_state,
                 thr,
                 carried,
+                torch.where(reading, skip, skip - 1),
+                reading,
             )
             return (
                 here.index_copy(0, keep, sub_logits.to(here.dtype)),
                 decision.index_copy(0, keep, sub_exit),
             )
 
-        operands = (here, decision, stop, *args, encoded, read, seq, *flat_state, *streak)
+        operands = (here, decision, stop, skip, *args, encoded, read, seq, *flat_state, *streak)
         return cond(stop.all(), all_stop, go_on, operands)
+
+
+def _keep_state(new: RnnState, old: RnnState, reading: Tensor) -> RnnState:
+    """`new` for the samples that read (`reading` [N]), `old` for the others."""
+    w = reading[None, :, None]
+    if isinstance(new, tuple):
+        return tuple(torch.where(w, a, b) for a, b in zip(new, old, strict=True))  # type: ignore[return-value]
+    return torch.where(w, new, old)
