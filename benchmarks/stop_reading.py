@@ -41,7 +41,9 @@ from benchmarks.text_baseline import (
 
 NAME = "stop_reading"
 NEVER = 1.01  # a threshold no score reaches: every sample reads to its text's end
-TARGET_TOKENS = 0.5  # AG News: at most half the tokens within 1 point of static
+# AG News: at most half of the texts' own tokens within 1 point of static (judged on the texts'
+# own tokens: the static model's padding steps, which no dynamic model runs, are not a saving)
+TARGET_TOKENS = 0.5
 MAX_DROP = 0.01
 DEFAULT_EVERY = 5  # results of other spacings are stored as "<data set>-every<k>"
 
@@ -342,7 +344,7 @@ def render() -> str:
         if r.get("jump"):
             c = r["read_to_end"]
             drop = r["static_test_acc"] - c["accuracy"]
-            ok = c["tokens_of_static"] <= TARGET_TOKENS and drop <= MAX_DROP
+            ok = c["tokens_of_text"] <= TARGET_TOKENS and drop <= MAX_DROP
             lines += [
                 f"**AG News, jump head (skips {r['jump']} stretch of {r['every']} tokens after a "
                 f"stretch read), no exit, jump threshold {r['jump_threshold']:.2f} chosen on "
@@ -350,7 +352,7 @@ def render() -> str:
                 f"{pct(r['static_test_acc'])} % static ({-100 * drop:+.2f} points), reading "
                 f"{c['tokens_of_static']:.3f} of the static model's LSTM steps "
                 f"({c['tokens_of_text']:.3f} of the texts' own tokens).** Target <= 0.50 of the "
-                f"tokens within 1 point of static: {'met' if ok else 'missed'}.",
+                f"texts' own tokens within 1 point of static: {'met' if ok else 'missed'}.",
                 "",
             ]
         points = (
@@ -363,7 +365,7 @@ def render() -> str:
                 continue
             c = r[key]
             drop = r["static_test_acc"] - c["accuracy"]
-            ok = c["tokens_of_static"] <= TARGET_TOKENS and drop <= MAX_DROP
+            ok = c["tokens_of_text"] <= TARGET_TOKENS and drop <= MAX_DROP
             lines += [
                 f"**AG News (exit every {r['every']} tokens), {label} chosen on held-out data "
                 f"(at most {allowed:g} point below static there): {pct(c['accuracy'])} % on "
@@ -371,7 +373,7 @@ def render() -> str:
                 f"{pct(r['static_test_acc'])} % static ({-100 * drop:+.2f} points), reading "
                 f"{c['tokens_of_static']:.3f} of the static model's LSTM steps "
                 f"({c['tokens_of_text']:.3f} of the texts' own tokens).** Target <= 0.50 of the "
-                f"tokens within 1 point of static: {'met' if ok else 'missed'}.",
+                f"texts' own tokens within 1 point of static: {'met' if ok else 'missed'}.",
                 "",
             ]
     lines += [
