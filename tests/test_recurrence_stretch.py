@@ -90,3 +90,13 @@ def test_a_gradient_asked_for_runs_the_module_weights():
     out, _ = run_stretch(rnn, x, None)
     out.sum().backward()
     assert rnn.weight_ih_l0.grad is not None and rnn.weight_ih_l0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_cells_run_a_stretch_of_no_rows(cell):
+    """A batch narrowed to nobody (every sample jumped or stopped) runs to empty outputs."""
+    rnn = cell(8, 12, num_layers=2, batch_first=True)
+    x = torch.zeros(0, 3, 8)
+    h = torch.zeros(2, 0, 12)
+    out, state = run_cells(rnn, x, State(h, torch.zeros_like(h) if cell is nn.LSTM else None))
+    assert out.shape == (0, 3, 12) and state.h.shape == (2, 0, 12)

@@ -242,12 +242,12 @@ def run_cells(rnn: RecurrentModule, x: Tensor, state: State) -> tuple[Tensor, St
         b_hh = zeros if b_hh is None else b_hh
         outs = []
         if c is None:
-            gi = torch.addmm(b_ih, flat, w_ih.t()).view(batch, steps, -1)
+            gi = torch.addmm(b_ih, flat, w_ih.t()).view(batch, steps, w_ih.shape[0])
             for t in range(steps):
                 h = _gru_gates(gi[:, t], torch.addmm(b_hh, h, w_hh.t()), h)
                 outs.append(h)
         else:
-            gi = torch.addmm(b_ih + b_hh, flat, w_ih.t()).view(batch, steps, -1)
+            gi = torch.addmm(b_ih + b_hh, flat, w_ih.t()).view(batch, steps, w_ih.shape[0])
             for t in range(steps):
                 h, c = _lstm_gates(torch.addmm(gi[:, t], h, w_hh.t()), c)
                 outs.append(h)
