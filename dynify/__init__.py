@@ -58,6 +58,8 @@ from dynify.train.data import (
     split_dataset,
     tokenize,
 )
+from dynify.train.data.loading import TEXT_SUFFIXES
+from dynify.train.data.text import read_labels
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
 from dynify.train.targets import CalibrationResult
@@ -69,6 +71,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PARITY_ATOL",
+    "TEXT_SUFFIXES",
     "BenchResult",
     "BlockGateOptions",
     "BranchWidths",
@@ -129,6 +132,7 @@ __all__ = [
     "normalize_batch",
     "operating_points",
     "preprocessing",
+    "read_labels",
     "register_strategy",
     "save",
     "save_json",

@@ -27,8 +27,6 @@ from dynify.cli.app import (
     wrote,
 )
 from dynify.errors import DataError, DynifyError
-from dynify.train.data.loading import TEXT_SUFFIXES
-from dynify.train.data.text import read_labels
 
 SplitOption = Annotated[
     str | None,
@@ -91,13 +89,13 @@ def _preprocessing(
 def _text_file(data: str, split: str | None) -> Path | None:
     """The `text<TAB>label` file --data (and --split) name, or None when it names none."""
     path = Path(data).expanduser()
-    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+    if path.is_file() and path.suffix.lower() in dynify.TEXT_SUFFIXES:
         if split is not None:
             raise DataError(f"--split picks a file in a folder; {path} is a file already.")
         return path
     if not path.is_dir():
         return None
-    texts = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
+    texts = sorted(p for p in path.iterdir() if p.suffix.lower() in dynify.TEXT_SUFFIXES)
     named = [p for p in texts if p.stem == split] if split is not None else texts
     if len(named) == 1:
         return named[0]
@@ -122,7 +120,7 @@ def _model_data(
     whole-number labels are the class indices)."""
     if vocab is None:
         text = Path(data).expanduser()  # a folder is images unless --vocab says it is text
-        if text.is_file() and text.suffix.lower() in TEXT_SUFFIXES:
+        if text.is_file() and text.suffix.lower() in dynify.TEXT_SUFFIXES:
             raise DataError(
                 f"{text} is text: give the model's vocabulary with --vocab (the JSON "
                 "dynify.Vocabulary.save wrote when the model was trained) to turn it into token "
@@ -133,7 +131,7 @@ def _model_data(
     if text is None:
         raise DataError(
             f"--vocab reads text, but --data {data} is not a text<TAB>label file "
-            f"({', '.join(TEXT_SUFFIXES)}) or a folder of them."
+            f"({', '.join(dynify.TEXT_SUFFIXES)}) or a folder of them."
         )
     if dyn.input_dtype is None or len(dyn.input_shape) != 1:
         raise DataError(
@@ -141,7 +139,7 @@ def _model_data(
             "float inputs; drop --vocab."
         )
     classes = None
-    if all(re.fullmatch(r"\d+", label) for label in read_labels(text)):
+    if all(re.fullmatch(r"\d+", label) for label in dynify.read_labels(text)):
         classes = [str(i) for i in range(dyn.num_classes)]
     dataset = dynify.load_text_dataset(
         text, dynify.Vocabulary.load(vocab), dyn.input_shape[0], classes=classes
