@@ -414,6 +414,26 @@ def test_a_jump_model_exports_and_round_trips(tmp_path):
         assert torch.equal(again(x), out)
 
 
+def test_the_export_face_does_not_run_a_jumped_stretch():
+    """Exits off: the face always jumping (jump threshold 0) runs fewer RNN steps than never
+    jumping (above 1), counted by FlopCounterMode, with the eager model's answers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dyn = jump_model(1)
+    x = texts(LENGTHS)
+    dyn.set_thresholds(1.01)
+    spent = {}
+    for jump_threshold in (0.0, 1.01):
+        dyn.set_jump_threshold(jump_threshold)
+        with torch.no_grad():
+            out = dyn(x)
+            with FlopCounterMode(display=False) as counter:
+                logits, _ = dyn.export_face()(x)
+        assert torch.allclose(logits, out, atol=1e-5)
+        spent[jump_threshold] = counter.get_total_flops()
+    assert spent[0.0] < spent[1.01]
+
+
 def test_jump_training_is_straight_through_with_a_budget_on_tokens_read():
     dyn = jump_model(1).train()
     x = texts(LENGTHS)

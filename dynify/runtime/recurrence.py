@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dynify.errors import StrategyError
 from dynify.frontend.sequence_reads import SequenceRead, read_lengths
+from dynify.runtime.control import tracing
 
 RecurrentModule = nn.LSTM | nn.GRU
 
@@ -221,7 +222,10 @@ CELL_LOOP_MAX_STEPS = 6
 def cells_pay(rnn: RecurrentModule, batch: int, steps: int) -> bool:
     """Whether a stretch of `steps` steps on `batch` rows runs faster as a loop of cells (the
     input projection of the whole stretch one GEMM) than as one fused call: an LSTM's short
-    stretches at batch 1 or 2."""
+    stretches at batch 1 or 2. Under export the batch may be data-dependent (the rows a
+    conditional gathered): the fused kernel, which any batch runs."""
+    if tracing():
+        return False
     short = batch <= CELL_LOOP_MAX_BATCH and steps <= CELL_LOOP_MAX_STEPS
     return short and isinstance(rnn, nn.LSTM)
 

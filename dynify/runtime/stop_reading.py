@@ -770,15 +770,12 @@ class StopReadingFace(ExportFace):
             carried = tuple(c.index_select(0, keep) for c in rest[n_state:])
             enc = encoded.index_select(1 - axis, keep)
             start = m.boundary(i)
-            out, new_state = run_stretch(
-                m.rnn,
-                enc.narrow(axis, start, m.boundary(i + 1) - start),
-                st if is_lstm else st[0],
-            )
-            if m.jump:  # a skipped stretch runs here too and is dropped: its state carried
+            stretch = enc.narrow(axis, start, m.boundary(i + 1) - start)
+            if m.jump:  # only the samples that read run the stretch; the others carry over
                 last = seq.index_select(0, keep)[:, -1:]
-                out = torch.where(reading[:, None, None], out, last.expand_as(out))
-                new_state = _keep_state(new_state, st if is_lstm else st[0], reading)
+                out, new_state = _read_some(m.rnn, stretch, st, reading, last, axis)
+            else:
+                out, new_state = run_stretch(m.rnn, stretch, st if is_lstm else st[0])
             sub_logits, sub_exit = self._stage(
                 i + 1,
                 tuple(a.index_select(0, keep) for a in inputs),
@@ -800,9 +797,35 @@ class StopReadingFace(ExportFace):
         return cond(stop.all(), all_stop, go_on, operands)
 
 
-def _keep_state(new: RnnState, old: RnnState, reading: Tensor) -> RnnState:
-    """`new` for the samples that read (`reading` [N]), `old` for the others."""
-    w = reading[None, :, None]
-    if isinstance(new, tuple):
-        return tuple(torch.where(w, a, b) for a, b in zip(new, old, strict=True))  # type: ignore[return-value]
-    return torch.where(w, new, old)
+def _read_some(
+    rnn: nn.RNNBase,
+    stretch: Tensor,
+    flat_state: tuple[Tensor, ...],
+    reading: Tensor,
+    last: Tensor,
+    axis: int,
+) -> tuple[Tensor, RnnState]:
+    """The export face's stretch under jumps: a conditional gather-run-scatter, so only the
+    samples that read (`reading` [N]) run it (an ONNX `If`; none reading runs nothing); the
+    others keep their state and repeat their last output `last` [N, 1, H]."""
+    is_lstm = len(flat_state) == 2
+    steps = stretch.shape[axis]
+    held = last.expand(last.shape[0], steps, last.shape[-1]).contiguous()
+
+    def nobody(stretch, reading, held, *flat):
+        return (held.clone(), *(s.clone() for s in flat))
+
+    def readers(stretch, reading, held, *flat):
+        rows = selected(reading)
+        sub_state = tuple(s.index_select(1, rows) for s in flat)
+        out, new = run_stretch(
+            rnn, stretch.index_select(1 - axis, rows), sub_state if is_lstm else sub_state[0]
+        )
+        new_flat = new if is_lstm else (new,)
+        return (
+            held.index_copy(0, rows, out.to(held.dtype)),
+            *(s.index_copy(1, rows, n.to(s.dtype)) for s, n in zip(flat, new_flat, strict=True)),
+        )
+
+    out, *state = cond(reading.any(), readers, nobody, (stretch, reading, held, *flat_state))
+    return out, (tuple(state) if is_lstm else state[0])
