@@ -55,6 +55,7 @@ from dynify.train.losses import (
     explore_actions,
     priced_compute,
     reinforce,
+    step_metrics,
 )
 
 GATE_KINDS = ("function", "halting", "policy")
@@ -359,17 +360,14 @@ class GatedModel(CapHolder, DynamicModel):
         loss = task.mean() + compute
         self.close_tab(run.tab)
         self.last_gates = run.executed.clone()
-        metrics = {
-            "loss": float(loss.detach()),
-            "distill": stats["kd"],
-            "compute": float(compute.detach()),
-            "macs_fraction": float(mean_fraction.detach()),
-            "greedy_macs_fraction": greedy_fraction,
-            "compute_price": price,
-        }
-        if "ce" in stats:
-            metrics["ce"] = stats["ce"]
-        return loss, metrics
+        return loss, step_metrics(
+            loss,
+            compute,
+            stats,
+            macs_fraction=float(mean_fraction.detach()),
+            greedy_macs_fraction=greedy_fraction,
+            compute_price=price,
+        )
 
     # export ------------------------------------------------------------------------------
     def export_face(self) -> GatedExport:

@@ -46,7 +46,13 @@ from dynify.runtime.ledger import DECIDER, FIXED, UNIT, CostBook, Tab
 from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DynamicModel, ExportFace, JointRecipe, PerCall, PerCallRecord
 from dynify.runtime.tensor_cache import cached_on_tensors
-from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
+from dynify.train.losses import (
+    LossConfig,
+    budget_price,
+    distillation,
+    priced_compute,
+    step_metrics,
+)
 
 # The threshold at which training prices its deterministic decisions (the median width).
 GREEDY_THRESHOLD = 0.5
@@ -615,17 +621,14 @@ class DynamicWidthModel(CapHolder, DynamicModel):
         loss = task + compute
         self.close_tab(run.tab)
         self.last_widths = run.chosen.cpu()
-        metrics = {
-            "loss": float(loss.detach()),
-            "distill": stats["kd"],
-            "compute": float(compute.detach()),
-            "macs_fraction": float(fraction.mean().detach()),
-            "greedy_macs_fraction": greedy_fraction,
-            "compute_price": price,
-        }
-        if "ce" in stats:
-            metrics["ce"] = stats["ce"]
-        return loss, metrics
+        return loss, step_metrics(
+            loss,
+            compute,
+            stats,
+            macs_fraction=float(fraction.mean().detach()),
+            greedy_macs_fraction=greedy_fraction,
+            compute_price=price,
+        )
 
     # --- export -------------------------------------------------------------------------------
     def export_face(self) -> DynamicWidthExport:

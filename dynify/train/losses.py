@@ -108,6 +108,23 @@ def budget_price(multiplier: Tensor, gap: float, weight: float, rate: float) -> 
     return weight * gap + previous
 
 
+def step_metrics(
+    loss: Tensor, compute: Tensor, stats: dict[str, float], **figures: float
+) -> dict[str, float]:
+    """What a budget-trained strategy's `training_loss` reports each step: the loss, its
+    distillation and compute terms, the cross-entropy when labels were given, and the
+    strategy's own figures (its MAC fraction, the compute price) in between."""
+    metrics = {
+        "loss": float(loss.detach()),
+        "distill": stats["kd"],
+        "compute": float(compute.detach()),
+        **figures,
+    }
+    if "ce" in stats:
+        metrics["ce"] = stats["ce"]
+    return metrics
+
+
 def priced_compute(fraction: Tensor, price: float) -> Tensor:
     """The compute term of straight-through decisions: price x mean MAC fraction."""
     return price * fraction.mean()
