@@ -327,6 +327,11 @@ def _field_checks() -> list[tuple[str, Any, str]]:
             "'int32'} or {'kind': 'mask', 'dtype': 'bool', 'int64', 'int32' or 'uint8'}",
         ),
         (
+            "pad_id",
+            lambda v: _is_int(v, 0, 2**62),
+            "the token id texts are padded with, a whole number of at least 0",
+        ),
+        (
             "leaf_modules",
             lambda v: isinstance(v, list) and all(_is_name(n) for n in v),
             "a list of module names or 'package.module:Class' strings",
@@ -363,6 +368,7 @@ _ABSENT = object()
 _OPTIONAL = {
     "input_dtype",
     "extra_input",
+    "pad_id",
     "leaf_modules",
     "state",
     "model.num_classes",
@@ -424,7 +430,7 @@ def load(
     plan = spec["plan"]
     architecture = model if model is not None else rebuild(ref, trust_imports)
     leaves = leaves_of_model(spec.get("leaf_modules", []), architecture)
-    front = read_model(architecture, example, leaves)
+    front = read_model(architecture, example, leaves, spec.get("pad_id"))
     _check_plan_sizes(strategy, front.context, plan, weights, Path(path))
     try:
         dyn = build(strategy, front.context, plan)
