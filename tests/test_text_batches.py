@@ -16,7 +16,7 @@ from dynify.convert import read_model
 from dynify.errors import DataError, InputError
 from dynify.frontend.inputs import ExtraInput
 from dynify.models.text import text_classifier
-from dynify.train.batches import Batches, Preprocessing, model_inputs
+from dynify.train.batches import Batches, Preprocessing, model_batch_options, model_inputs
 from dynify.train.data.collated import CollatedDataset, split_batch
 
 VOCAB, STEPS, CLASSES, N, PAD = 24, 12, 2, 96, 1
@@ -131,14 +131,23 @@ def test_the_pad_id_is_a_fact_of_the_front_end():
 def test_convert_takes_the_pad_id_when_the_embedding_does_not_say(tmp_path):
     """A model padding with 1 whose embedding has no padding_idx: `pad_id=1` is kept in the
     spec and the artifact, so lengths made for it count with 1 after loading too."""
-    model = model_of("lengths")
-    model.embedding.padding_idx = None
+
+    def unmarked() -> nn.Module:
+        model = model_of("lengths")
+        model.embedding.padding_idx = None
+        return model
+
+    model = unmarked()
     dyn = dynify.convert(model, "skip-rnn", example("lengths"))
     assert dyn.pad_id == 0  # the rule when nothing says otherwise
     dyn = dynify.convert(model, "skip-rnn", example("lengths"), pad_id=PAD)
     assert dyn.pad_id == PAD and dyn.spec["pad_id"] == PAD
-    loaded = dynify.load(dynify.save(dyn, tmp_path / "m.dyn"), model=model_of("lengths"))
+    loaded = dynify.load(dynify.save(dyn, tmp_path / "m.dyn"), model=unmarked())
     assert loaded.pad_id == PAD
+    batches = Batches(full_width(Texts()), Preprocessing.identity(), batch_size=N,
+                      **model_batch_options(loaded))  # fmt: skip
+    (x, lengths), _ = next(batches.epoch(0))
+    assert torch.equal(lengths, (x != PAD).sum(1)) and bool((x == 0).any())
     with pytest.raises(InputError, match="pad_id"):
         dynify.convert(model, "skip-rnn", example("lengths"), pad_id=-1)
 
