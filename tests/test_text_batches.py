@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import dynify
 from dynify.convert import read_model
 from dynify.errors import DataError, InputError
-from dynify.frontend.inputs import ExtraInput
+from dynify.frontend.inputs import ExtraInput, input_tensors
 from dynify.models.text import text_classifier
 from dynify.train.batches import Batches, Preprocessing, model_batch_options, model_inputs
 from dynify.train.data.collated import CollatedDataset, split_batch
@@ -61,6 +61,12 @@ def with_lengths(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, Tenso
     return ids, torch.tensor([len(t) for t, _ in batch]), labels
 
 
+def with_mask(batch: list[tuple[Tensor, int]]) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """((ids, mask), labels), padded to the batch's longest."""
+    ids, lengths, labels = with_lengths(batch)
+    return (ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]), labels
+
+
 def full_width(data: Texts) -> dynify.TextDataset:
     """The same texts padded to STEPS with the pad id, as one TextDataset."""
     ids = torch.full((len(data), STEPS), PAD, dtype=torch.long)
@@ -83,7 +89,8 @@ def example(inputs: str = "ids") -> Tensor | tuple[Tensor, Tensor]:
     ids = full_width(Texts(n=1)).ids
     if inputs == "ids":
         return ids
-    return ids, (ids != PAD).sum(1)
+    lengths = (ids != PAD).sum(1)
+    return ids, lengths if inputs == "lengths" else torch.arange(STEPS)[None, :] < lengths[:, None]
 
 
 @pytest.mark.parametrize(("strategy", "options"), TEMPORAL)
@@ -164,15 +171,15 @@ def test_artifact_round_trip_of_a_model_padding_with_1(strategy, options, tmp_pa
         assert torch.equal(loaded.last_macs, dyn.last_macs)
 
 
-@pytest.mark.parametrize("inputs", ["ids", "lengths"])
+@pytest.mark.parametrize("inputs", ["ids", "lengths", "mask"])
 def test_a_collate_loader_reads_as_the_same_texts_padded_to_the_model(inputs):
     """Batches of different widths (each padded to its longest) give every text the answer
     and cost it gets from the same texts padded to the converted length."""
     dyn = dynify.convert(model_of(inputs), "stop-reading", example(inputs), options={"every": 4})
     data = Texts()
-    collate = pad_to_longest if inputs == "ids" else with_lengths
+    collate = {"ids": pad_to_longest, "lengths": with_lengths, "mask": with_mask}[inputs]
     loader = DataLoader(data, batch_size=10, collate_fn=collate)
-    widths = {batch[0].shape[1] for batch in loader}
+    widths = {input_tensors(split_batch(batch)[0])[0].shape[1] for batch in loader}
     assert len(widths) > 1 and max(widths) <= STEPS  # really ragged
     for threshold in (1.01, 0.6):  # reading every real token; stopping early
         dyn.set_thresholds(threshold)
@@ -184,15 +191,21 @@ def test_a_collate_loader_reads_as_the_same_texts_padded_to_the_model(inputs):
         assert report.dynamic_macs_fraction == pytest.approx(base.dynamic_macs_fraction)
 
 
-def test_finetune_calibrate_evaluate_from_a_collate_loader(tmp_path):
-    """A lengths model padding with 1, fed (ids, lengths, labels) batches by the user's
-    collate_fn: fine-tuning resumes where it stopped, the held-out share calibrates (the
-    loader's data set split, batched by the same collate_fn), and evaluation reads it back."""
+@pytest.mark.parametrize(
+    ("inputs", "strategy", "options"),
+    [("ids", "stop-reading", {"every": 4}), ("lengths", "skip-rnn", {})],
+)
+def test_finetune_calibrate_evaluate_from_a_collate_loader(inputs, strategy, options, tmp_path):
+    """A model padding with 1, fed batches its user's collate_fn pads to their longest text
+    (ids, or ids and lengths): fine-tuning resumes where it stopped, the held-out share
+    calibrates (the loader's data set split, batched by the same collate_fn), and evaluation
+    reads it back."""
     run = {"epochs": 2, "batch_size": 16, "progress": False, "calibration_fraction": 0.25}
-    loader = DataLoader(Texts(), batch_size=5, shuffle=True, collate_fn=with_lengths)
+    collate = pad_to_longest if inputs == "ids" else with_lengths
+    loader = DataLoader(Texts(), batch_size=5, shuffle=True, collate_fn=collate)
 
     def converted() -> dynify.DynamicModel:
-        return dynify.convert(model_of("lengths"), "skip-rnn", example("lengths"))
+        return dynify.convert(model_of(inputs), strategy, example(inputs), options=options)
 
     def stop_at(info):
         if info["step"] == 5:
