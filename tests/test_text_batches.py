@@ -10,8 +10,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Subset
+from typer.testing import CliRunner
 
 import dynify
+from dynify.cli import app
 from dynify.convert import read_model
 from dynify.errors import DataError, InputError
 from dynify.frontend.inputs import ExtraInput, input_tensors
@@ -139,17 +141,12 @@ def test_convert_takes_the_pad_id_when_the_embedding_does_not_say(tmp_path):
     """A model padding with 1 whose embedding has no padding_idx: `pad_id=1` is kept in the
     spec and the artifact, so lengths made for it count with 1 after loading too."""
 
-    def unmarked() -> nn.Module:
-        model = model_of("lengths")
-        model.embedding.padding_idx = None
-        return model
-
-    model = unmarked()
+    model = unmarked_model()
     dyn = dynify.convert(model, "skip-rnn", example("lengths"))
     assert dyn.pad_id == 0  # the rule when nothing says otherwise
     dyn = dynify.convert(model, "skip-rnn", example("lengths"), pad_id=PAD)
     assert dyn.pad_id == PAD and dyn.spec["pad_id"] == PAD
-    loaded = dynify.load(dynify.save(dyn, tmp_path / "m.dyn"), model=unmarked())
+    loaded = dynify.load(dynify.save(dyn, tmp_path / "m.dyn"), model=unmarked_model())
     assert loaded.pad_id == PAD
     batches = Batches(full_width(Texts()), Preprocessing.identity(), batch_size=N,
                       **model_batch_options(loaded))  # fmt: skip
@@ -316,3 +313,23 @@ def test_finetune_static_pads_with_the_embedding_pad_id():
     for ids, lengths in calls:
         assert torch.equal(lengths, (ids != PAD).sum(1).clamp(min=1))
         assert bool((ids[:, -1] != PAD).any())  # trimmed to the longest text of the batch
+
+
+def unmarked_model() -> nn.Module:
+    """A model padding with 1 whose embedding does not say so (no padding_idx)."""
+    model = model_of("lengths")
+    model.embedding.padding_idx = None
+    return model
+
+
+def test_cli_convert_takes_the_pad_id(tmp_path):
+    runner = CliRunner()
+    ref = "tests.test_text_batches:unmarked_model"
+    shape = ["--input-shape", f"1,{STEPS}", "--input-dtype", "int64", "--lengths"]
+    out = tmp_path / "m.dyn"
+    result = runner.invoke(app, ["convert", ref, *shape, "-s", "skip-rnn", "--pad-id", "1",
+                                 "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert dynify.load(out, model=unmarked_model()).pad_id == PAD
+    result = runner.invoke(app, ["convert", ref, *shape, "--pad-id", "-1", "-o", str(out)])
+    assert result.exit_code == 2
