@@ -267,11 +267,16 @@ def test_what_a_collate_fn_may_return():
 
 
 def test_loaders_dynify_cannot_draw_from_say_what_to_pass():
+    """A batch sampler (bucketing texts by length) is read through its data set like any
+    loader; items that are batches already, or a stream, cannot be drawn by index."""
     dyn = dynify.convert(model_of(), "skip-rnn", example())
-    sampler = torch.utils.data.BatchSampler(range(N), batch_size=8, drop_last=False)
+    by_length = sorted(range(N), key=lambda i: len(Texts().texts[i]))
+    sampler = torch.utils.data.BatchSampler(by_length, batch_size=8, drop_last=False)
     loader = DataLoader(Texts(), batch_sampler=sampler, collate_fn=pad_to_longest)
+    assert dynify.evaluate(dyn, loader).samples == N
+    batches = DataLoader(Texts(), batch_size=None, collate_fn=pad_to_longest)
     with pytest.raises(DataError, match=r"collate_fn=loader\.collate_fn"):
-        dynify.evaluate(dyn, loader)
+        dynify.evaluate(dyn, batches)
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):

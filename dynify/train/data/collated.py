@@ -64,19 +64,20 @@ _REBUILD = (
 
 def loader_dataset(loader: DataLoader) -> Dataset:
     """What dynify reads a DataLoader as: its data set, with its `collate_fn` when it has its
-    own. The loader's order and batch size are not used: dynify draws its own batches (a
-    deterministic order per epoch, the held-out split, resuming, one slice per DDP rank)."""
+    own. The loader's order, batch size and batch sampler are not used: dynify draws its own
+    batches (a deterministic order per epoch, the held-out split, resuming, one slice per DDP
+    rank), of the size the stage is given."""
     if isinstance(loader.dataset, IterableDataset):
         raise DataError(
             "The DataLoader reads an IterableDataset, whose items dynify cannot draw by index "
             "(to shuffle per epoch, hold out a calibration share or resume mid-epoch). Pass a "
             f"map-style data set (with __getitem__ and __len__), or {_REBUILD}."
         )
-    if loader.batch_size is None:
+    if loader.batch_sampler is None:  # batch_size=None without a batch_sampler
         raise DataError(
-            "The DataLoader has no batch_size (it batches with a batch_sampler, or its items "
-            "are batches already); dynify draws its own batches from the data set, by index. "
-            f"Pass {_REBUILD}: your collate_fn still makes every batch."
+            "The DataLoader has batch_size=None, so each item of its data set is a batch "
+            "already; dynify draws its own batches from the data set's samples, by index. "
+            f"Pass {_REBUILD} of single samples: your collate_fn still makes every batch."
         )
     if loader.collate_fn is default_collate:
         return loader.dataset
