@@ -24,7 +24,7 @@ from dynify.frontend.inputs import (
     parse_extra_input,
     split_example,
 )
-from dynify.frontend.padding import DEFAULT_PAD_ID, check_pad_id
+from dynify.frontend.padding import DEFAULT_PAD_ID, check_pad_id, example_token
 from dynify.frontend.trace import LeafSpec, leaf_options
 from dynify.options import StrategyOptions, options_dict
 from dynify.passes import ConversionContext, Strategy, get_strategy, sequence_strategies
@@ -238,7 +238,7 @@ def convert(
                 f"The input shape is batch first, e.g. 1,60 for 60 token ids or 1,3,224,224 for "
                 f"an image; got {list(shape)}."
             )
-        example_input = example_input_of(shape[1:], input_dtype)
+        example_input = example_input_of(shape[1:], input_dtype, example_token(model, pad_id))
         if extra_input is not None:
             extra = parse_extra_input(extra_input)
             example_input = (example_input, extra.full(1, shape[1]))

@@ -338,3 +338,31 @@ def test_cli_convert_takes_the_pad_id(tmp_path):
     assert dynify.load(out, model=unmarked_model()).pad_id == PAD
     result = runner.invoke(app, ["convert", ref, *shape, "--pad-id", "-1", "-o", str(out)])
     assert result.exit_code == 2
+
+
+class MeanOfRealTokens(nn.Module):
+    """Pads with 1 and averages the LSTM's outputs over the real tokens: NaN on a text of
+    padding only, so it cannot be traced on an example made of the pad id."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, 8, padding_idx=PAD)
+        self.rnn = nn.LSTM(8, 12, batch_first=True)
+        self.classifier = nn.Linear(12, CLASSES)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        real = (ids != PAD).unsqueeze(-1).float()
+        out, _ = self.rnn(self.embedding(ids))
+        return self.classifier((out * real).sum(1) / real.sum(1))
+
+
+def test_the_example_made_from_a_shape_is_not_padding(tmp_path):
+    """An example input built from `input_shape` (and the one loading rebuilds) holds a token
+    other than the model's pad id."""
+    torch.manual_seed(0)
+    dyn = dynify.convert(MeanOfRealTokens(), "skip-rnn", input_shape=(1, STEPS),
+                         input_dtype="int64")  # fmt: skip
+    loaded = dynify.load(dynify.save(dyn, tmp_path / "m.dyn"), model=MeanOfRealTokens())
+    ids = full_width(Texts(n=8, seed=4)).ids
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), dyn(ids))

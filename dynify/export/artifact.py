@@ -30,6 +30,7 @@ from torch import nn
 from dynify.errors import ArtifactError, DynifyError, InputError
 from dynify.files import atomic_output
 from dynify.frontend.inputs import INPUT_DTYPES, ExtraInput, example_input_of
+from dynify.frontend.padding import example_token
 from dynify.runtime.model import DynamicModel, ExitCascade
 
 SPEC_NAME = "spec.json"
@@ -423,12 +424,13 @@ def load(
     spec, weights = read_spec(path)
     ref = ModelRef.from_dict(spec["model"])
     strategy = get_strategy(spec["strategy"])
-    example = example_input_of(spec["input_shape"], spec.get("input_dtype", "float32"))
+    plan = spec["plan"]
+    architecture = model if model is not None else rebuild(ref, trust_imports)
+    token = example_token(architecture, spec.get("pad_id"))
+    example = example_input_of(spec["input_shape"], spec.get("input_dtype", "float32"), token)
     if "extra_input" in spec:  # a padded sequence and its lengths or mask, at full length
         extra = ExtraInput.from_dict(spec["extra_input"])
         example = (example, extra.full(1, int(spec["input_shape"][0])))
-    plan = spec["plan"]
-    architecture = model if model is not None else rebuild(ref, trust_imports)
     leaves = leaves_of_model(spec.get("leaf_modules", []), architecture)
     front = read_model(architecture, example, leaves, spec.get("pad_id"))
     _check_plan_sizes(strategy, front.context, plan, weights, Path(path))

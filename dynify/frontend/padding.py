@@ -87,6 +87,14 @@ def module_pad_id(model: nn.Module) -> int:
     return DEFAULT_PAD_ID
 
 
+def example_token(model: nn.Module, pad_id: int | None = None) -> int:
+    """A token id for an example input that is not the model's pad id (`pad_id`, else its
+    first embedding's): 1, or 0 for a model padding with 1. A text of padding only can make
+    a model divide by zero (a mean over no real token), and traces nothing a text would."""
+    pad = module_pad_id(model) if pad_id is None else pad_id
+    return 0 if pad == 1 else 1
+
+
 def check_pad_id(pad_id: object) -> int:
     """A pad id given by a user: a token id, a whole number of at least 0."""
     if type(pad_id) is not int or pad_id < 0:
@@ -97,4 +105,11 @@ def check_pad_id(pad_id: object) -> int:
     return pad_id
 
 
-__all__ = ["DEFAULT_PAD_ID", "PAD_ID", "check_pad_id", "embedding_pad_id", "module_pad_id"]
+__all__ = [
+    "DEFAULT_PAD_ID",
+    "PAD_ID",
+    "check_pad_id",
+    "embedding_pad_id",
+    "example_token",
+    "module_pad_id",
+]
