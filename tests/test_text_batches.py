@@ -136,6 +136,22 @@ def test_the_pad_id_is_a_fact_of_the_front_end():
     front = read_model(plain, example())
     assert front.context.analysis.pad_id is None and front.context.pad_id == 0
 
+    class Functional(nn.Module):
+        """The ids cast, then a functional embedding: still the embedding that reads them."""
+
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(VOCAB, 8))
+            self.other = nn.Embedding(VOCAB, 8, padding_idx=5)  # reads positions, not the ids
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, ids):
+            x = nn.functional.embedding(ids.long(), self.table, padding_idx=3)
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+            return self.head((x + self.other(positions)).mean(1))
+
+    assert read_model(Functional(), example()).context.pad_id == 3
+
 
 def test_convert_takes_the_pad_id_when_the_embedding_does_not_say(tmp_path):
     """A model padding with 1 whose embedding has no padding_idx: `pad_id=1` is kept in the
