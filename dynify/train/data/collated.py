@@ -70,8 +70,9 @@ def loader_dataset(loader: DataLoader) -> Dataset:
     if isinstance(loader.dataset, IterableDataset):
         raise DataError(
             "The DataLoader reads an IterableDataset, whose items dynify cannot draw by index "
-            "(to shuffle per epoch, hold out a calibration share or resume mid-epoch). Pass a "
-            f"map-style data set (with __getitem__ and __len__), or {_REBUILD}."
+            "(to shuffle per epoch, hold out a calibration share or resume mid-epoch). Put its "
+            "items in a map-style data set (with __getitem__ and __len__; a list will do) and "
+            "pass DataLoader(items, batch_size=32, collate_fn=loader.collate_fn)."
         )
     if loader.batch_sampler is None:  # batch_size=None without a batch_sampler
         raise DataError(
