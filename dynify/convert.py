@@ -24,6 +24,7 @@ from dynify.frontend.inputs import (
     parse_extra_input,
     split_example,
 )
+from dynify.frontend.padding import DEFAULT_PAD_ID, check_pad_id, example_token
 from dynify.frontend.trace import LeafSpec, leaf_options
 from dynify.options import StrategyOptions, options_dict
 from dynify.passes import ConversionContext, Strategy, get_strategy, sequence_strategies
@@ -47,11 +48,12 @@ def read_model(
     model: nn.Module,
     example_input: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     leaf_modules: Sequence[LeafSpec] = (),
+    pad_id: int | None = None,
 ) -> FrontEnd:
     """Trace, profile and analyse a copy of `model` (the caller's model is never modified).
 
     `example_input` is one tensor, or a padded sequence and its lengths or padding mask,
-    passed to forward positionally."""
+    passed to forward positionally. `pad_id` overrides the pad id the analysis finds."""
     start = time.perf_counter()
     example, extra, extra_input = split_example(example_input)
     args = (example,) if extra is None else (example, extra)
@@ -89,13 +91,17 @@ def read_model(
             f"{type(model).__name__} returns {_describe(output)}; dynify converts classifiers "
             "whose forward returns one logits tensor [B, num_classes]."
         )
+    analysis = analyse(gm)
+    if pad_id is None:
+        pad_id = DEFAULT_PAD_ID if analysis.pad_id is None else analysis.pad_id
     context = ConversionContext(
         gm=gm,
         example_input=example,
-        analysis=analyse(gm),
+        analysis=analysis,
         num_classes=int(output.shape[1]),
         example_extra=extra,
         extra_input=extra_input,
+        pad_id=check_pad_id(pad_id),
     )
     return FrontEnd(context, options, time.perf_counter() - start)
 
@@ -114,6 +120,7 @@ def build(strategy: Strategy, context: ConversionContext, plan: dict[str, Any]) 
                 f"{', '.join(sequence_strategies()) or 'none is registered'}."
             )
         dyn.extra_input = context.extra_input
+    dyn.pad_id = context.pad_id
     return dyn
 
 
@@ -190,6 +197,7 @@ def convert(
     leaf_modules: Sequence[LeafSpec] = (),
     dump_graphs: str | Path | None = None,
     extra_input: str | ExtraInput | None = None,
+    pad_id: int | None = None,
 ) -> DynamicModel:
     """Convert a static classifier into a dynamic one with the named strategy.
 
@@ -205,6 +213,9 @@ def convert(
     The result's `spec` records how to rebuild it from an artifact.
     `dump_graphs` names a folder to write the traced graph and every rewritten graph module to,
     as readable Python, for debugging a pass.
+    `pad_id` is the token id texts are padded with, where dynify pads a batch or derives lengths
+    or a mask from ids; by default the `padding_idx` of the embedding that reads the ids, else
+    0. Give it when the model pads with another id and its embedding does not say so.
     """
     pass_ = get_strategy(strategy)
     options = options_dict(strategy, options)
@@ -227,7 +238,7 @@ def convert(
                 f"The input shape is batch first, e.g. 1,60 for 60 token ids or 1,3,224,224 for "
                 f"an image; got {list(shape)}."
             )
-        example_input = example_input_of(shape[1:], input_dtype)
+        example_input = example_input_of(shape[1:], input_dtype, example_token(model, pad_id))
         if extra_input is not None:
             extra = parse_extra_input(extra_input)
             example_input = (example_input, extra.full(1, shape[1]))
@@ -239,7 +250,9 @@ def convert(
             )
         example_input = torch.randn(1, 3, ref.input_size, ref.input_size)
     parse_dtype(input_dtype)  # a misspelt dtype fails the same whether or not it is used
-    front = read_model(model, example_input, import_leaves(leaf_modules))
+    if pad_id is not None:
+        check_pad_id(pad_id)
+    front = read_model(model, example_input, import_leaves(leaf_modules), pad_id)
     ref.num_classes = front.context.num_classes if ref.num_classes is None else ref.num_classes
     plan = pass_.plan(front.context, options)
     dyn = build(pass_, front.context, plan)
@@ -252,6 +265,7 @@ def convert(
         "input_shape": list(front.context.example_input.shape[1:]),
         "input_dtype": dtype_name(front.context.example_input.dtype),
         **extra_spec(front.context.extra_input),
+        **({} if pad_id is None else {"pad_id": pad_id}),
         "leaf_modules": front.trace_options.leaf_names(),
         "strategy": strategy,
         "plan": plan,

@@ -5,7 +5,8 @@ Fine-tuning holds out a deterministic share of its data (`calibration_fraction`,
 records in `spec["finetune"]` a key naming that data. Thresholds chosen on images the heads were
 trained on are optimistic, so calibrating on the same data uses the held-out share by default,
 in the API as on the command line. The key is the absolute path (and split) of a folder, zip or
-data set name, or a SHA-256 of the tensors (a `TextDataset`'s ids and labels included); other
+data set name, or a SHA-256 of the tensors (a `TextDataset`'s ids and labels included, also
+behind a DataLoader); other
 Dataset objects cannot be recognised, and calibrate on all of what they hold unless
 `part="calibration"` asks for the held-out share.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from dynify.errors import DynifyError
 from dynify.runtime.model import DynamicModel
@@ -55,6 +56,8 @@ def data_key(data: Any, split: str | None = None) -> str | None:
 
 
 def _tensors(data: Any) -> list[torch.Tensor] | None:
+    if isinstance(data, DataLoader):  # the same data set, whatever batches the loader made
+        data = data.dataset
     if isinstance(data, TextDataset):
         return [data.ids, data.targets]
     if isinstance(data, torch.Tensor):

@@ -16,6 +16,7 @@ from torch import nn
 from dynify.convert import import_leaves, read_model
 from dynify.errors import InputError
 from dynify.frontend.inputs import dtype_name, example_input_of, parse_extra_input
+from dynify.frontend.padding import example_token
 from dynify.frontend.trace import LeafSpec
 from dynify.passes.early_exit import candidate_cuts
 from dynify.zoo import build_model
@@ -121,7 +122,7 @@ def inspect(
             raise InputError(
                 f"The input shape is batch first, e.g. 1,60 for 60 token ids; got {list(shape)}."
             )
-        example, size = example_input_of(shape[1:], input_dtype), None
+        example, size = example_input_of(shape[1:], input_dtype, example_token(net)), None
         if extra_input is not None:
             example = (example, parse_extra_input(extra_input).full(1, shape[1]))
     else:

@@ -126,6 +126,14 @@ def convert(
         ),
     ] = None,
     leaf: LeafOption = None,
+    pad_id: Annotated[
+        int | None,
+        typer.Option(
+            "--pad-id",
+            min=0,
+            help="Token id texts are padded with (default: the embedding's padding_idx, else 0).",
+        ),
+    ] = None,
     dump_graphs: Annotated[
         Path | None,
         typer.Option("--dump-graphs", help="Write the traced and rewritten graphs to this folder."),
@@ -159,6 +167,7 @@ def convert(
             leaf_modules=leaf or [],
             dump_graphs=dump_graphs,
             extra_input=extra_input,
+            pad_id=pad_id,
         )
     seconds = time.perf_counter() - start
     for note in dyn.spec["model"]["notes"]:

@@ -30,6 +30,7 @@ from torch import nn
 from dynify.errors import ArtifactError, DynifyError, InputError
 from dynify.files import atomic_output
 from dynify.frontend.inputs import INPUT_DTYPES, ExtraInput, example_input_of
+from dynify.frontend.padding import example_token
 from dynify.runtime.model import DynamicModel, ExitCascade
 
 SPEC_NAME = "spec.json"
@@ -327,6 +328,11 @@ def _field_checks() -> list[tuple[str, Any, str]]:
             "'int32'} or {'kind': 'mask', 'dtype': 'bool', 'int64', 'int32' or 'uint8'}",
         ),
         (
+            "pad_id",
+            lambda v: _is_int(v, 0, 2**62),
+            "the token id texts are padded with, a whole number of at least 0",
+        ),
+        (
             "leaf_modules",
             lambda v: isinstance(v, list) and all(_is_name(n) for n in v),
             "a list of module names or 'package.module:Class' strings",
@@ -363,6 +369,7 @@ _ABSENT = object()
 _OPTIONAL = {
     "input_dtype",
     "extra_input",
+    "pad_id",
     "leaf_modules",
     "state",
     "model.num_classes",
@@ -417,14 +424,15 @@ def load(
     spec, weights = read_spec(path)
     ref = ModelRef.from_dict(spec["model"])
     strategy = get_strategy(spec["strategy"])
-    example = example_input_of(spec["input_shape"], spec.get("input_dtype", "float32"))
+    plan = spec["plan"]
+    architecture = model if model is not None else rebuild(ref, trust_imports)
+    token = example_token(architecture, spec.get("pad_id"))
+    example = example_input_of(spec["input_shape"], spec.get("input_dtype", "float32"), token)
     if "extra_input" in spec:  # a padded sequence and its lengths or mask, at full length
         extra = ExtraInput.from_dict(spec["extra_input"])
         example = (example, extra.full(1, int(spec["input_shape"][0])))
-    plan = spec["plan"]
-    architecture = model if model is not None else rebuild(ref, trust_imports)
     leaves = leaves_of_model(spec.get("leaf_modules", []), architecture)
-    front = read_model(architecture, example, leaves)
+    front = read_model(architecture, example, leaves, spec.get("pad_id"))
     _check_plan_sizes(strategy, front.context, plan, weights, Path(path))
     try:
         dyn = build(strategy, front.context, plan)

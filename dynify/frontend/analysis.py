@@ -20,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from dynify.frontend.cost import MACS
+from dynify.frontend.padding import embedding_pad_id
 from dynify.frontend.recurrent import RecurrentLayer, recurrent_layers
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
@@ -68,6 +69,8 @@ class GraphAnalysis:
     blocks: list[ResidualBlock]
     stages: list[Stage] = field(default_factory=list)
     recurrent: list[RecurrentLayer] = field(default_factory=list)
+    # The padding_idx of the embedding that reads the token ids (`padding.embedding_pad_id`).
+    pad_id: int | None = None
 
 
 def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
@@ -246,7 +249,8 @@ def stages(gm: torch.fx.GraphModule, blocks: list[ResidualBlock]) -> list[Stage]
 
 
 def analyse(gm: torch.fx.GraphModule) -> GraphAnalysis:
-    """Cut points, residual blocks, stages and recurrent layers of a profiled graph."""
+    """Cut points, residual blocks, stages, recurrent layers and the pad id of a profiled
+    graph."""
     blocks = residual_blocks(gm)
     return GraphAnalysis(
         total_macs=sum(int(n.meta.get(MACS, 0)) for n in gm.graph.nodes),
@@ -254,4 +258,5 @@ def analyse(gm: torch.fx.GraphModule) -> GraphAnalysis:
         blocks=blocks,
         stages=stages(gm, blocks),
         recurrent=recurrent_layers(gm),
+        pad_id=embedding_pad_id(gm),
     )

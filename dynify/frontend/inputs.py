@@ -65,15 +65,18 @@ def check_example_input(example: object) -> torch.Tensor:
     return example[:1].detach()
 
 
-def example_input_of(shape: Sequence[int], dtype: str | torch.dtype = "float32") -> torch.Tensor:
-    """An input of one sample of `shape` (without the batch): random floats, or token ids of 1
-    (the unknown token: valid for any vocabulary with padding and unknown)."""
+def example_input_of(
+    shape: Sequence[int], dtype: str | torch.dtype = "float32", token: int = 1
+) -> torch.Tensor:
+    """An input of one sample of `shape` (without the batch): random floats, or token ids of
+    `token` (1 by default, the unknown token of a vocabulary padding with 0; a model padding
+    with 1 gets another, `padding.example_token`, so the example is not all padding)."""
     dtype = parse_dtype(dtype)
     if any(int(d) < 1 for d in shape) or not shape:
         raise InputError(f"An input shape needs sizes of at least 1, got {list(shape)}.")
     if dtype.is_floating_point:
         return torch.randn(1, *shape).to(dtype)
-    return torch.ones(1, *shape, dtype=dtype)
+    return torch.full((1, *shape), token, dtype=dtype)
 
 
 # The dtypes a padding mask may have, by name (1 / True = a real token).

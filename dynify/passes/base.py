@@ -46,6 +46,9 @@ class ConversionContext:
     # None for models that take one tensor. The graph's second placeholder receives it.
     example_extra: torch.Tensor | None = None
     extra_input: ExtraInput | None = None
+    # The token id texts are padded with: convert's pad_id, else the embedding's padding_idx
+    # (`analysis.pad_id`), else 0.
+    pad_id: int = 0
 
     @property
     def example_args(self) -> tuple[torch.Tensor, ...]:

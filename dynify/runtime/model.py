@@ -162,6 +162,9 @@ class DynamicModel(nn.Module, ABC):
         self.input_dtype: torch.dtype | None = None
         # The second input (lengths or padding mask) of a sequence model, or None.
         self.extra_input: ExtraInput | None = None
+        # The token id texts are padded with (`dynify.frontend.padding`): dynify pads and counts
+        # lengths with it where it makes a text model's inputs.
+        self.pad_id: int = 0
         values = [float(t) for t in thresholds]
         _check_thresholds(values, len(values))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from dynify.errors import DynifyError
 from dynify.frontend.inputs import ExtraInput, Inputs, input_tensors, parse_extra_input
+from dynify.frontend.padding import check_pad_id, module_pad_id
 from dynify.train.batches import Batches, Preprocessing, call_model, holds_token_ids
 from dynify.train.data import IMAGENET_MEAN, IMAGENET_STD, TensorImageDataset
+from dynify.train.data.collated import loader_dataset
 from dynify.train.distill import lr_factor
 
 OPTIMIZERS = ("sgd", "adam")
@@ -48,7 +50,7 @@ class StaticFinetuneResult:
 
 def finetune_static(
     model: nn.Module,
-    data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    data: Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor],
     *,
     epochs: int,
     input_size: int | None = None,
@@ -64,10 +66,11 @@ def finetune_static(
     schedule: str = "cosine",
     augment: bool = True,
     clip_grad_norm: float | None = None,
-    validation: Dataset | None = None,
+    validation: Dataset | DataLoader | None = None,
     trim_padding: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
     extra_input: str | ExtraInput | None = None,
+    pad_id: int | None = None,
 ) -> StaticFinetuneResult:
     """Train the static `model` in place on `data`: the baseline to report a dynamic model
     against.
@@ -89,6 +92,9 @@ def finetune_static(
     `extra_input` ("lengths", "mask", "mask:int64", as `dynify.convert`'s second input) is for
     a model called as `model(ids, lengths)` or `model(ids, mask)`: they are made from the
     right-padded ids (or taken from items `((ids, lengths), label)`).
+    `pad_id` is the token id the texts are padded with (lengths, masks and `trim_padding`
+    count with it): by default the `padding_idx` of the model's first embedding, else 0.
+    `data` may also be a DataLoader, batched by its own `collate_fn` (`dynify.finetune`'s rule).
     """
     if epochs < 1:
         raise DynifyError(f"epochs must be at least 1, got {epochs}.")
@@ -103,6 +109,11 @@ def finetune_static(
     if clip_grad_norm is not None and not clip_grad_norm > 0:
         raise DynifyError(f"clip_grad_norm must be positive, got {clip_grad_norm}.")
     extra = None if extra_input is None else parse_extra_input(extra_input)
+    pad_id = module_pad_id(model) if pad_id is None else check_pad_id(pad_id)
+    if isinstance(data, DataLoader):
+        data = loader_dataset(data)
+    if isinstance(validation, DataLoader):
+        validation = loader_dataset(validation)
     if isinstance(data, tuple | list):
         data = TensorImageDataset(*data)
     tokens = holds_token_ids(data)
@@ -117,11 +128,16 @@ def finetune_static(
         augment=augment,
         seed=seed,
         extra_input=extra,
+        pad_id=pad_id,
     )
     held_out = None
     if validation is not None:
         held_out = Batches(
-            validation, batches.pre, batch_size=max(batch_size, 256), extra_input=extra
+            validation,
+            batches.pre,
+            batch_size=max(batch_size, 256),
+            extra_input=extra,
+            pad_id=pad_id,
         )
     teacher = copy.deepcopy(model).eval() if label_weight < 1.0 else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,7 +157,7 @@ def finetune_static(
             loss_sum, seen = 0.0, 0
             for x, y in batches.epoch(epoch):
                 if trim_padding and tokens:
-                    x = _trim(x)
+                    x = _trim(x, pad_id)
                 for group in opt.param_groups:
                     group["lr"] = lr * lr_factor(schedule, step, total)
                 target = None
@@ -170,7 +186,7 @@ def finetune_static(
                 "mean_loss": round(loss_sum / max(seen, 1), 5),
             }
             if held_out is not None:
-                accuracy = _accuracy(model, held_out, trim_padding and tokens)
+                accuracy = _accuracy(model, held_out, trim_padding and tokens, pad_id)
                 record["val_acc"] = round(accuracy, 5)
                 if best is None or accuracy > best[0]:
                     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -189,7 +205,7 @@ def finetune_static(
     return result
 
 
-def _trim(x: Inputs, pad_id: int = 0) -> Inputs:
+def _trim(x: Inputs, pad_id: int) -> Inputs:
     """Token ids (and their mask) without the trailing columns that are padding in every row
     (at least one); lengths are unchanged (none reaches past the last such column)."""
     ids, *rest = input_tensors(x)
@@ -202,11 +218,11 @@ def _trim(x: Inputs, pad_id: int = 0) -> Inputs:
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, batches: Batches, trim: bool) -> float:
+def _accuracy(model: nn.Module, batches: Batches, trim: bool, pad_id: int) -> float:
     model.eval()
     correct = count = 0
     for x, y in batches.epoch(0):
-        out = call_model(model, _trim(x) if trim else x)
+        out = call_model(model, _trim(x, pad_id) if trim else x)
         correct += int((out.argmax(-1) == y).sum())
         count += len(y)
     model.train()

@@ -8,9 +8,12 @@ uint8 tensor and augmented on whole batches; large ones stream through a DataLoa
 scaling or augmentation applies to them.
 
 A model converted with lengths or a padding mask (`dyn.extra_input`) gets them from the batch in
-one place, `model_inputs`: made from right-padded token ids (lengths = the count of non-pad
-ids), or taken as they are from a data set whose items already hold them, `((ids, lengths),
-label)` or `((ids, mask), label)`. Every stage then calls the model with what `Batches` yields
+one place, `model_inputs`: made from right-padded token ids (lengths = the count of ids other
+than the model's pad id, `dyn.pad_id`), or taken as they are from a data set whose items already
+hold them, `((ids, lengths), label)` or `((ids, mask), label)`. A DataLoader with its own
+`collate_fn` (padding each batch to its longest text) is read as its data set batched by that
+`collate_fn` (`dynify.train.data.collated`); a batch narrower than the converted model's length
+is padded up to it with the pad id. Every stage then calls the model with what `Batches` yields
 (`call_model`), the static teacher included.
 """
 
@@ -43,6 +46,7 @@ from dynify.train.data import (
     random_crop_flip,
     to_tensor_dataset,
 )
+from dynify.train.data.collated import CollatedDataset, collate_of, loader_dataset, split_batch
 from dynify.train.data.text import PAD_ID
 
 # Decode a data set into memory up to this many bytes of uint8 pixels (CIFAR-10: 150 MB).
@@ -144,9 +148,10 @@ def open_data(
 
     Folders, zips and torchvision names load raw images; small ones (up to 64 px) are decoded
     once into a uint8 tensor when `decode`, which makes epochs cheap. A DataLoader stands for
-    its data set (its batching and order are not used: epochs here are deterministic).
+    its data set (its batching and order are not used: epochs here are deterministic), batched
+    by its `collate_fn` when it has its own.
     """
-    data = _loader_dataset(data)
+    data = loader_dataset(data) if isinstance(data, DataLoader) else data
     if isinstance(data, Dataset):
         dataset = data
         classes = _classes(dataset)
@@ -159,7 +164,7 @@ def open_data(
     if len(dataset) == 0:
         raise DataError("The data set is empty: there is nothing to train or measure on.")
     _check_labels(dataset, dyn.num_classes)
-    if decode and not isinstance(_base(dataset), TensorImageDataset):
+    if decode and not isinstance(_base(dataset), TensorImageDataset | CollatedDataset):
         first = dataset[0][0]
         size = getattr(first, "size", None)
         if isinstance(size, tuple) and max(size) <= SMALL_IMAGE_MAX:
@@ -168,21 +173,6 @@ def open_data(
                 with contextlib.suppress(MixedImageSizes):  # lazy: transforms resize them all
                     dataset = to_tensor_dataset(dataset)
     return dataset
-
-
-def _loader_dataset(data: Any) -> Any:
-    """A DataLoader's data set, when batching its items with the default collate gives what the
-    loader yields; a custom `collate_fn` (padding texts to each batch's longest) is refused."""
-    if not isinstance(data, DataLoader):
-        return data
-    if data.collate_fn is not default_collate or data.batch_size is None:
-        raise DataError(
-            "A DataLoader with its own collate_fn (or no batch_size) cannot be read by dynify, "
-            "which draws its own deterministic batches from the data set. Pass a Dataset whose "
-            "items are (ids, label), ((ids, lengths), label) or ((ids, mask), label), every "
-            "text padded on the right to one length (or a TextDataset)."
-        )
-    return data.dataset
 
 
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
@@ -241,7 +231,10 @@ def holds_token_ids(dataset: Dataset) -> bool:
         return True
     if len(dataset) == 0:
         return False
-    first = dataset[0][0]
+    if isinstance(_base(dataset), CollatedDataset):
+        first = split_batch(_base(dataset).first_batch())[0]
+    else:
+        first = dataset[0][0]
     if _is_pair(first):
         first = first[0]
     return isinstance(first, torch.Tensor) and is_token_ids(first)
@@ -256,14 +249,18 @@ def _is_pair(item: Any) -> bool:
     )
 
 
-def model_inputs(x: Any, extra_input: ExtraInput | None, *, pad_id: int = PAD_ID) -> Inputs:
+def model_inputs(
+    x: Any, extra_input: ExtraInput | None, *, pad_id: int = PAD_ID, steps: int | None = None
+) -> Inputs:
     """What a model takes for a batch `x`: `x` itself, or for a model converted with lengths or
     a padding mask, `(ids, lengths)` / `(ids, mask)` in the dtype the spec records.
 
     Token ids `[B, T]` right-padded with `pad_id` give lengths = the count of non-pad ids (at
     least 1: an all-pad row reads its first step, as the text classifiers do) and the mask of
     those first positions. A batch that already is a pair (a data set of `((ids, lengths),
-    label)` items) is passed on, its second tensor cast to the recorded dtype."""
+    label)` items) is passed on, its second tensor cast to the recorded dtype. With `steps` (the
+    length a model was converted for), token ids narrower than that (a collate_fn padding to
+    each batch's longest text) are padded on the right with `pad_id` (a mask with 0)."""
     if _is_pair(x):
         if extra_input is None:
             raise DataError(
@@ -272,12 +269,15 @@ def model_inputs(x: Any, extra_input: ExtraInput | None, *, pad_id: int = PAD_ID
                 "mask (example_input=(ids, lengths), --lengths / --mask)."
             )
         ids, extra = x
+        ids, extra = fit_width(ids, extra, steps, pad_id)
         return ids, extra.to(extra_input.dtype)
     if isinstance(x, tuple | list):
         raise DataError(
             f"A batch's inputs are a {type(x).__name__} of {len(x)} items; dynify reads one "
             "tensor, or a pair (ids, lengths) / (ids, mask)."
         )
+    if isinstance(x, torch.Tensor) and is_token_ids(x) and x.dim() == 2:
+        x, _ = fit_width(x, None, steps, pad_id)
     if extra_input is None:
         return x
     if not isinstance(x, torch.Tensor) or not is_token_ids(x) or x.dim() != 2:
@@ -288,6 +288,28 @@ def model_inputs(x: Any, extra_input: ExtraInput | None, *, pad_id: int = PAD_ID
         )
     lengths = (x != pad_id).sum(1).clamp(min=1)
     return x, extra_input.of_lengths(lengths, x.shape[1])
+
+
+def fit_width(
+    ids: torch.Tensor, extra: torch.Tensor | None, steps: int | None, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (and their mask) padded on the right to `steps` columns, or cut to them when
+    the columns past `steps` hold padding only; lengths are unchanged. None: as they are."""
+    width = ids.shape[1] if ids.dim() >= 2 else None
+    if steps is None or width is None or width == steps or not is_token_ids(ids):
+        return ids, extra
+    mask = extra is not None and extra.dim() == 2
+    if width < steps:
+        ids = F.pad(ids, (0, steps - width), value=pad_id)
+        return ids, F.pad(extra, (0, steps - width), value=0) if mask else extra
+    tail = ids[:, steps:]
+    if bool((tail != pad_id).any()) or (mask and bool(extra[:, steps:].bool().any())):
+        raise DataError(
+            f"A batch holds texts of {width} tokens but the model was converted for {steps}. "
+            f"Cut the texts at {steps} tokens (in the collate_fn or the data set), or convert "
+            f"the model with an example input of the longest length ({width} or more)."
+        )
+    return ids[:, :steps], extra[:, :steps] if mask else extra
 
 
 def _describe(x: Any) -> str:
@@ -329,7 +351,10 @@ class Batches:
     batch and keeps its own slice, so gradients averaged over ranks equal one process's.
     uint8 tensors are scaled and normalised; float tensors are taken as ready model inputs;
     token ids pass unchanged, with the identity preprocessing whatever `pre` says (`self.pre`).
-    With `extra_input` (the model's lengths or mask) the inputs are `model_inputs`' pairs.
+    With `extra_input` (the model's lengths or mask) the inputs are `model_inputs`' pairs, made
+    with `pad_id`; with `steps`, token ids are padded to that many columns (`model_inputs`).
+    A (split) `CollatedDataset` is batched by its user's `collate_fn`, whose batches are model
+    inputs: nothing resizes, normalises or augments them.
     """
 
     def __init__(
@@ -345,6 +370,8 @@ class Batches:
         world: int = 1,
         num_workers: int = 0,
         extra_input: ExtraInput | None = None,
+        pad_id: int = PAD_ID,
+        steps: int | None = None,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}.")
@@ -353,7 +380,10 @@ class Batches:
         self.pre = Preprocessing.identity() if self.tokens else pre
         self.batch_size, self.train, self.augment = batch_size, train, augment and not self.tokens
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
-        self.extra_input = extra_input
+        self.extra_input, self.pad_id, self.steps = extra_input, pad_id, steps
+        self.collate = collate_of(dataset)
+        if self.collate is not None:
+            self.augment = False
         self.tensors = _tensor_parts(dataset)
         n = len(dataset)
         self.drop_last = train and n >= batch_size
@@ -376,7 +406,7 @@ class Batches:
         else:
             source = self._loader_epoch(generator, skip)
         for x, y in source:
-            x = model_inputs(x, self.extra_input)
+            x = model_inputs(x, self.extra_input, pad_id=self.pad_id, steps=self.steps)
             if self.world > 1:
                 x = map_inputs(x, lambda t: t[self.rank :: self.world])
                 y = y[self.rank :: self.world]
@@ -419,7 +449,7 @@ class Batches:
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
         augment_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        if _needs_transform(dataset):
+        if self.collate is None and _needs_transform(dataset):
             if pre.is_identity:
                 raise DataError(
                     "The data set yields images but the preprocessing is the identity (a model "
@@ -437,7 +467,11 @@ class Batches:
             sampler=order[skip * self.batch_size : end].tolist(),
             num_workers=self.num_workers,
             generator=generator,  # the loader's own seed draw must not use the global state
+            collate_fn=self.collate or default_collate,
         )
+        if self.collate is not None:
+            yield from map(split_batch, loader)
+            return
         for x, y in loader:
             yield x, torch.as_tensor(y, dtype=torch.long)
 
@@ -451,3 +485,14 @@ def _needs_transform(dataset: Dataset) -> bool:
 def collect_labels(dataset: Dataset) -> torch.Tensor | None:
     parts = _tensor_parts(dataset)
     return None if parts is None else parts[1][parts[2]]
+
+
+def model_batch_options(dyn: DynamicModel) -> dict[str, Any]:
+    """`Batches`' keyword arguments that make a converted model's inputs: its lengths or mask,
+    its pad id and, for token ids, the length it was converted for."""
+    tokens = dyn.input_dtype is not None and len(dyn.input_shape) == 1
+    return {
+        "extra_input": dyn.extra_input,
+        "pad_id": dyn.pad_id,
+        "steps": dyn.input_shape[0] if tokens else None,
+    }

@@ -37,6 +37,7 @@ from dynify.train.batches import (
     Batches,
     Preprocessing,
     call_model,
+    model_batch_options,
     open_data,
     resolve_preprocessing,
 )
@@ -246,7 +247,7 @@ def finetune(
         rank=rank,
         world=world,
         num_workers=num_workers,
-        extra_input=dyn.extra_input,
+        **model_batch_options(dyn),
     )
     pre = batches.pre  # the identity for token ids, whatever was asked
     result = FinetuneResult(config, calibration_data=calibration, preprocessing=pre)

@@ -13,7 +13,13 @@ import torch
 from dynify.errors import DataError, StrategyError
 from dynify.runtime.early_exit import EarlyExitModel
 from dynify.runtime.model import DynamicModel, ExitCascade, PerSampleExits
-from dynify.train.batches import Batches, Preprocessing, open_data, resolve_preprocessing
+from dynify.train.batches import (
+    Batches,
+    Preprocessing,
+    model_batch_options,
+    open_data,
+    resolve_preprocessing,
+)
 
 
 @dataclass
@@ -87,7 +93,7 @@ def data_batches(
         return data
     pre = preprocessing or resolve_preprocessing(dyn)
     return Batches(
-        open_data(data, dyn, split=split), pre, batch_size=batch_size, extra_input=dyn.extra_input
+        open_data(data, dyn, split=split), pre, batch_size=batch_size, **model_batch_options(dyn)
     )
 
 

@@ -1,8 +1,9 @@
 """Text classification data as token ids: a tokenizer, a vocabulary and `text<TAB>label` files.
 
-A sequence model takes a tensor of token ids `[B, T]` (int64), padded on the right with the
-pad id 0 to a fixed length T; it derives lengths or masks from `ids != 0` itself, or, converted
-with its lengths or mask as a second input, gets them from the batches (`model_inputs`). The vocabulary
+A sequence model takes a tensor of token ids `[B, T]` (int64), padded on the right with its
+pad id (0 in this vocabulary; the model's embedding names it, `dynify.frontend.padding`) to a
+fixed length T; it derives lengths or masks from `ids != pad_id` itself, or, converted with its
+lengths or mask as a second input, gets them from the batches (`model_inputs`). The vocabulary
 is built from training texts only (so test words the model never saw map to the unknown id 1),
 and is saved beside the model as JSON: a list of tokens, nothing that could run.
 """
@@ -163,7 +164,8 @@ class Vocabulary:
 
 
 class TextDataset(Dataset):
-    """Token ids `[N, T]` (int64, right-padded with 0) and labels: items are `(ids[T], label)`.
+    """Token ids `[N, T]` (int64, right-padded with the model's pad id: 0 for `Vocabulary`)
+    and labels: items are `(ids[T], label)`.
 
     `classes` names labels 0..K-1 (the labels as the file spelt them; by default their
     numbers), `vocab` made the ids (None when they came from elsewhere);
