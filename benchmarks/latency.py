@@ -46,8 +46,9 @@ TARGET = 1.15
 def export_batch_policies(dyn: dynify.DynamicModel, folder: Path, name: str) -> dict:
     """Batch 8 with mixed exits: export per-sample gather/scatter and one-decision-per-batch."""
     torch.manual_seed(0)
-    for head in dyn.heads:  # spread the confidences so a threshold splits the batch
-        nn.init.normal_(head.classifier.weight, std=0.3)
+    for _, p in dynify.new_parameters(dyn):  # spread the confidences so a threshold splits
+        if p.dim() == 2:  # the batch: the exit heads' linear classifiers
+            nn.init.normal_(p, std=0.3)
     x = dyn.random_input(8, torch.Generator().manual_seed(3))
     with torch.no_grad():
         scores = [torch.softmax(lg, -1).amax(-1) for lg in dyn.exit_logits(x)[:-1]]

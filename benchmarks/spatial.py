@@ -132,7 +132,7 @@ def cascade_latency(args: argparse.Namespace) -> dict:
     train, test = load_cifar(args.data, args.cache)
     _, calib = fit_and_calibration(train, args.seed, calib_images=args.calib_images)
     dyn = dynify.load(args.artifact).eval()
-    net = dyn.spec["model"]["name"]
+    net = dyn.model_name
     static, _ = dynify.build_model(
         net, weights=weights_path(args.data, int(net.removeprefix("cifar_resnet")))
     )

@@ -353,9 +353,10 @@ def test_halting_slowdown_pgd_lowers_every_stage_s_halting_scores():
     def stage_sums(p: torch.Tensor) -> float:
         with torch.no_grad():
             probs = dyn.unit_probabilities(slowdown.to_input(p))
-            return float(unit_hinge(dyn, probs, dyn.thresholds)), float(sum(q.sum() for q in probs))
+            hinge = unit_hinge(dyn, probs, dyn.thresholds, halting=True)
+            return float(hinge), float(sum(q.sum() for q in probs))
 
-    adv = unit_pgd(dyn, pixels, 8 / 255, steps=5, seed=0, to_input=slowdown.to_input)
+    adv = unit_pgd(dyn, pixels, 8 / 255, steps=5, seed=0, to_input=slowdown.to_input, halting=True)
     assert (adv - pixels).abs().max() <= 8 / 255 + 1e-6
     (before, scores_before), (after, scores_after) = stage_sums(pixels), stage_sums(adv)
     assert before > 0 and after < before and scores_after < scores_before  # halting later
