@@ -387,3 +387,75 @@ def test_the_recorded_command_leaves_out_where_the_output_went():
 
     argv = ["latency", "--results", "/tmp/x", "--no-render", "--runs=3", "--results=/y"]
     assert command_line(argv) == "python -m benchmarks latency --runs=3"
+
+
+# --- the suites call only the public API -------------------------------------------------------
+
+# Modules of dynify a suite may import from besides `dynify` itself.
+PUBLIC_MODULES = {"dynify", "dynify.errors"}
+# Attributes of a model's internals that the public API gives another way: `costs()` (head
+# MACs), `model_name` and `training_record` (the artifact's spec), `dynify.new_parameters`
+# (exit heads), the fine-tuning callback (the router temperature).
+PRIVATE_ATTRIBUTES = {"book", "head_macs", "heads", "kind", "router_temperature", "spec"}
+# Suites being moved to the public API elsewhere: remove each once it passes.
+KNOWN_EXCEPTIONS = {"frame_exit.py", "skip_rnn.py", "stop_reading.py"}
+
+
+def _underscored(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Where `path` reaches past the public API: imports from dynify's modules, names that
+    `dynify.__all__` does not list, private attributes read or probed with getattr/hasattr."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dynify"):
+            if node.module not in PUBLIC_MODULES:
+                found.append(f"{where} imports from {node.module}")
+        elif isinstance(node, ast.Import):
+            found += [
+                f"{where} imports {a.name}"
+                for a in node.names
+                if a.name.startswith("dynify") and a.name not in PUBLIC_MODULES
+            ]
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "dynify":
+                if node.attr not in dynify.__all__ and node.attr not in ("errors", "__version__"):
+                    found.append(f"{where} reads dynify.{node.attr}, not in dynify.__all__")
+            elif node.attr in PRIVATE_ATTRIBUTES or _underscored(node.attr):
+                found.append(f"{where} reads .{node.attr}")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in PRIVATE_ATTRIBUTES
+        ):
+            found.append(f"{where} probes {node.args[1].value!r} with {node.func.id}")
+    return found
+
+
+def test_the_suites_call_only_the_public_api():
+    """A published figure comes from code dynify ships: no suite imports dynify's modules or
+    reads a model's internals."""
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    paths = [p for p in sorted(folder.glob("*.py")) if p.name not in KNOWN_EXCEPTIONS]
+    assert len(paths) > 10
+    found = [use for path in paths for use in _private_uses(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_public_api_check_catches_each_kind_of_private_use(tmp_path):
+    suite = tmp_path / "suite.py"
+    suite.write_text(
+        "import dynify\nimport dynify.runtime\nfrom dynify.files import atomic_output\n"
+        "x = dynify.runtime\ny = dyn.heads\nz = getattr(dyn, 'kind', None)\nw = dyn._static\n"
+        "ok = dynify.convert, dyn.exit_logits, dyn.training_record\n"
+    )
+    found = _private_uses(suite)
+    assert [f.split(" ", 1)[0] for f in found] == [f"suite.py:{i}" for i in (2, 3, 4, 5, 6, 7)]
