@@ -459,3 +459,18 @@ def test_the_public_api_check_catches_each_kind_of_private_use(tmp_path):
     )
     found = _private_uses(suite)
     assert [f.split(" ", 1)[0] for f in found] == [f"suite.py:{i}" for i in (2, 3, 4, 5, 6, 7)]
+
+
+def test_quick_latency_times_the_batch_1_graph_against_the_any_batch_graph(tmp_path):
+    from benchmarks import latency
+
+    results = tmp_path / "results"
+    main(["latency", "--quick", "--any-batch", "--results", str(results)])
+    payload = json.loads((results / "latency_any_batch_graph.json").read_text())
+    assert payload["metadata"]["command"] == "python -m benchmarks latency --quick --any-batch"
+    data = payload["data"]
+    assert list(data) == ["batch-1 graph, 1 thread(s)", "any-batch graph, 1 thread(s)"]
+    for rows in data.values():  # every forced exit, the final classifier, the static network
+        assert [r[0] for r in rows] == ["exit 0", "exit 1", "exit 2", "exit 3", "final", "static"]
+        assert all(r[1] > 0 for r in rows) and rows[-1][2] == 1.0
+    assert len(latency.any_batch_table(data)) == 2 + len(data) + 1  # the report's rows
