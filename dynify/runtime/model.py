@@ -256,7 +256,8 @@ class DynamicModel(nn.Module, ABC):
     @property
     def model_name(self) -> str:
         """The network the model was converted from: its zoo name (`cifar_resnet44`,
-        `resnet18`, `timm:...`), import path, or class name for a module passed in."""
+        `resnet18`, `timm:...`) or import path, or for a module passed in, where its class is
+        defined (`mypkg.models:Net`)."""
         return str((self.spec.get("model") or {}).get("name", type(self).__name__))
 
     @property
