@@ -172,6 +172,8 @@ def test_a_model_reports_its_source_training_record_costs_and_new_parameters(
     assert len(heads) == dyn.num_exits and all(m > 0 for m in heads)
     new = dynify.new_parameters(dyn)
     assert new and all(p.requires_grad for _, p in new)
+    with torch.no_grad():  # the same, whatever the caller's grad mode
+        assert [n for n, _ in dynify.new_parameters(dyn)] == [n for n, _ in new]
     with torch.no_grad():  # re-initialising the new parts leaves the static network alone
         x = torch.randn(2, 3, 16, 16)
         with dyn.static():

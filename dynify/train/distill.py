@@ -363,9 +363,10 @@ def static_parameter_names(dyn: DynamicModel) -> set[str]:
     dyn.eval()
     try:
         x = dyn.random_input(1, torch.Generator().manual_seed(0))
-        with torch.enable_grad(), dyn.static():
-            out = dyn(x)
-        grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+        with torch.enable_grad():  # whatever the caller's grad mode
+            with dyn.static():
+                out = dyn(x)
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
     finally:
         dyn.train(was_training)
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
