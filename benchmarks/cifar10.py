@@ -231,8 +231,9 @@ def run_net(depth: int, args, train, test, plots: Path | None) -> dict:
         history: list = []
         if saved and saved.exists():  # trained by an earlier run with --save-dir
             dyn = dynify.load(saved)
-            trained = dyn.spec.get("finetune", {})
-            seconds, epochs = float(trained.get("seconds", 0.0)), int(trained.get("epochs", epochs))
+            record = dyn.training_record
+            seconds = record.seconds if record else 0.0
+            epochs = record.epochs if record else epochs
         else:
             ft = dynify.finetune(
                 dyn,

@@ -198,8 +198,10 @@ def train_all(args, fit, anneal: int) -> tuple[dict[str, nn.Module], nn.Module, 
         "cifar_resnet20", "dynamic-conv", weights=weights_path(args.data, 20), options=options
     )
     history: list[dict] = []
+    last: dict = {}
 
     def log(info: dict) -> None:
+        last.update(info)
         if info["step"] % 20 == 0:
             keep = ("loss", "distill", "router_temperature")
             history.append(
@@ -223,7 +225,9 @@ def train_all(args, fit, anneal: int) -> tuple[dict[str, nn.Module], nn.Module, 
     )
     trained["dynamic_conv"] = {
         "seconds": round(result.seconds, 1),
-        "router_temperature": float(dyn.router_temperature),
+        # the routers' temperature in the last training step, as fine-tuning reports it (the
+        # annealing's end once --anneal-fraction < 1 of the samples have been trained on)
+        "router_temperature": float(last.get("router_temperature", float("nan"))),
         "history": history,
     }
     return models, dyn.eval(), trained

@@ -3,6 +3,7 @@
     python -m benchmarks latency --models resnet18 resnet50 --runs 12
     python -m benchmarks latency --models cifar_resnet44 --runs 40
     (each again with --consecutive 1: call by call)
+    python -m benchmarks latency --any-batch --models cifar_resnet44 --runs 40
 
 For ResNet-18 and ResNet-50 at 224x224 and CIFAR ResNet-44 at 32x32 (random weights: the
 forced thresholds fix the path, so timing does not depend on what the heads predict), batch 1,
@@ -12,7 +13,10 @@ end, and of the static network, interleaved round by round (`--consecutive N`: r
 per configuration and round), and of the static network cut at each exit (the split of each
 exit's lat./MAC into the network's own and the exit's overhead). The ONNX files are exported for
 batch 1, as the static graphs they are timed against, and verified against eager (max abs diff
-<= 1e-4); ONNX Runtime is timed in a child process on one shared thread pool.
+<= 1e-4); ONNX Runtime is timed in a child process on one shared thread pool. `--any-batch`
+times, instead, that batch-1 graph against the default export (any batch size, whose exits
+carry the per-sample gather/scatter) in ONNX Runtime, each at every forced exit against the
+static network.
 
 Time on an otherwise idle machine: other processes' load moves the figures.
 """
@@ -46,8 +50,9 @@ TARGET = 1.15
 def export_batch_policies(dyn: dynify.DynamicModel, folder: Path, name: str) -> dict:
     """Batch 8 with mixed exits: export per-sample gather/scatter and one-decision-per-batch."""
     torch.manual_seed(0)
-    for head in dyn.heads:  # spread the confidences so a threshold splits the batch
-        nn.init.normal_(head.classifier.weight, std=0.3)
+    for _, p in dynify.new_parameters(dyn):  # spread the confidences so a threshold splits
+        if p.dim() == 2:  # the batch: the exit heads' linear classifiers
+            nn.init.normal_(p, std=0.3)
     x = dyn.random_input(8, torch.Generator().manual_seed(3))
     with torch.no_grad():
         scores = [torch.softmax(lg, -1).amax(-1) for lg in dyn.exit_logits(x)[:-1]]
@@ -141,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-batch8", dest="batch8", action="store_false", help="skip the batch-8 policies"
     )
+    parser.add_argument(
+        "--any-batch",
+        action="store_true",
+        help="time one model's batch-1 ONNX graph against its default any-batch graph "
+        f"(ONNX Runtime, batch 1) instead; writes results/{NAME}_any_batch_graph.json",
+    )
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -151,11 +162,54 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 
 def result_name(args: argparse.Namespace) -> str:
+    if args.any_batch:
+        return f"{NAME}_any_batch_graph"
     return NAME if args.consecutive > 1 else f"{NAME}_call_by_call"
+
+
+def exported(name: str, folder: Path) -> dict:
+    """The export record of `name` in `folder`, exporting it first if there is none."""
+    meta_path = folder / f"{name}.export.json"
+    return json.loads(meta_path.read_text()) if meta_path.exists() else export_model(name, folder)
+
+
+def any_batch_graph(args: argparse.Namespace) -> dict[str, list]:
+    """Per thread count, ONNX Runtime's batch-1 latency at each forced exit, the final
+    classifier and the static network, of the graph exported for batch 1 and of the default
+    any-batch graph: {"<graph>, <T> thread(s)": [[label, ms, lat./MAC], ...]}."""
+    if len(args.models) != 1:
+        raise SystemExit("--any-batch times one model: give it with --models NAME.")
+    (name,) = args.models
+    meta = exported(name, args.folder)
+    dyn = dynify.load(args.folder / f"{name}.dyn")
+    any_path = args.folder / f"{name}-any-batch.onnx"
+    if not any_path.exists():
+        dynify.export_onnx(dyn, any_path)  # the default: any batch size
+    graphs = {"batch-1 graph": args.folder / f"{name}.onnx", "any-batch graph": any_path}
+    runs = args.runs or (12 if meta["input"][-1] >= 224 else 40)
+    data: dict[str, list] = {}
+    for threads in args.threads:
+        for graph, path in graphs.items():
+            res = dynify.bench(
+                dyn,
+                runtime="onnx",
+                batch=1,
+                runs=runs,
+                warmup=args.warmup,
+                threads=threads,
+                onnx_path=path,
+                consecutive=args.consecutive,
+            )
+            rows = [[r.label, round(r.latency_ms, 3), round(r.ratio_to_macs, 3)] for r in res.rows]
+            data[f"{graph}, {threads} thread(s)"] = rows
+            print(f"{name} {graph} t={threads}: {rows}", flush=True)
+    return data
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
     args.folder.mkdir(parents=True, exist_ok=True)
+    if args.any_batch:
+        return {result_name(args): any_batch_graph(args)}
     results = {
         "runs": args.runs,
         "warmup": args.warmup,
@@ -163,10 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         "models": {},
     }
     for name in args.models:
-        meta_path = args.folder / f"{name}.export.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        if meta is None:
-            meta = export_model(name, args.folder)
+        meta = exported(name, args.folder)
         if args.export_only:
             continue
         dyn = dynify.load(args.folder / f"{name}.dyn")

@@ -27,7 +27,7 @@ def randomised_heads(dyn: dynify.DynamicModel, seed: int) -> None:
     """Input-dependent exit heads (a fresh head predicts the uniform distribution)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in dyn.heads.parameters():
+        for _, p in dynify.new_parameters(dyn):  # the exit heads' weights
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator) * 3.0 / p[0].numel() ** 0.5)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.results import Result, describe_metadata
-from dynify.files import atomic_output
+from dynify import atomic_output
 
 HAND_WRITTEN = "<!-- written by hand below this line: kept when the report is rendered -->"
 GENERATED = (

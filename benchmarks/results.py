@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dynify.files import atomic_output
+from dynify import atomic_output
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -50,15 +50,18 @@ UNIT_STRATEGIES: dict[str, tuple[str, dict[str, Any], str]] = {
 BUDGET_OPTION = ("block-gates", "dynamic-width")
 
 
-def unit_hinge(dyn, probs: list[torch.Tensor], thresholds: torch.Tensor) -> torch.Tensor:
+def unit_hinge(
+    dyn, probs: list[torch.Tensor], thresholds: torch.Tensor, halting: bool = False
+) -> torch.Tensor:
     """What the attack descends: zero once every unit takes its dearest decision.
 
     Gates, mask units, width gates (p: the open / active / full-width probability): a unit
     takes the dear side when p > 1 - t, so sum relu((1 - t) - p). Halting units (p: the
     halting score): a stage halts once its cumulative score reaches its threshold, so the
     attacker keeps each stage's sum of scores under it: sum relu(sum_stage p - t_stage).
+    `halting`: the model was converted with halting gates (the suite knows its options).
     """
-    if getattr(dyn, "kind", None) == "halting":
+    if halting:
         stages: dict[int, torch.Tensor] = {}
         for gate, p in zip(dyn.gate_plan(), probs, strict=True):
             stages[gate.threshold] = stages.get(gate.threshold, 0) + p
@@ -69,13 +72,20 @@ def unit_hinge(dyn, probs: list[torch.Tensor], thresholds: torch.Tensor) -> torc
 
 
 def unit_pgd(
-    dyn, pixels: torch.Tensor, eps: float, steps: int, seed: int, to_input, batch: int = 50
+    dyn,
+    pixels: torch.Tensor,
+    eps: float,
+    steps: int,
+    seed: int,
+    to_input,
+    batch: int = 50,
+    halting: bool = False,
 ) -> torch.Tensor:
     """PGD within `eps` (L-inf) pushing every unit to its dearest decision (`unit_hinge`)."""
     thresholds = dyn.thresholds.detach()
 
     def hinge(x: torch.Tensor) -> torch.Tensor:
-        return unit_hinge(dyn, dyn.unit_probabilities(to_input(x)), thresholds)
+        return unit_hinge(dyn, dyn.unit_probabilities(to_input(x)), thresholds, halting)
 
     return pgd(pixels, hinge, eps, steps, seed, batch)
 
@@ -245,7 +255,15 @@ def run_units(
     for eps in args.eps:
         for steps in args.steps:
             t0 = time.perf_counter()
-            adv = unit_pgd(dyn, attack_pixels, eps / 255, steps, args.seed, to_input)
+            adv = unit_pgd(
+                dyn,
+                attack_pixels,
+                eps / 255,
+                steps,
+                args.seed,
+                to_input,
+                halting=options.get("gate") == "halting",
+            )
             seconds = time.perf_counter() - t0
             row("PGD", eps, steps, adv, attack_labels, attack_seconds=seconds)
     out["seconds"] = time.perf_counter() - start

@@ -33,7 +33,7 @@ import torch
 import dynify
 from benchmarks import cifar10
 from benchmarks.cifar_data import fit_and_calibration, load_cifar, normalized_images, weights_path
-from benchmarks.report import missing, pct, provenance
+from benchmarks.report import frac, missing, pct, provenance
 from benchmarks.results import read_result
 from benchmarks.timing import alternating_runs
 
@@ -132,7 +132,7 @@ def cascade_latency(args: argparse.Namespace) -> dict:
     train, test = load_cifar(args.data, args.cache)
     _, calib = fit_and_calibration(train, args.seed, calib_images=args.calib_images)
     dyn = dynify.load(args.artifact).eval()
-    net = dyn.spec["model"]["name"]
+    net = dyn.model_name
     static, _ = dynify.build_model(
         net, weights=weights_path(args.data, int(net.removeprefix("cifar_resnet")))
     )
@@ -273,7 +273,7 @@ def resolution_section() -> list[str]:
     best = within.get("ft")
     lines += [
         f"**Current result:** within 0.5 points of the static network fine-tuned as long "
-        f"({pct(base)} %, {r.get('static_ft_epochs')} epochs) at **{cifar10._frac(best)} of the "
+        f"({pct(base)} %, {r.get('static_ft_epochs')} epochs) at **{frac(best)} of the "
         "MACs** (target: at <= 0.60); the low-resolution pass alone "
         f"{pct(phase['per_exit_test_acc'][0])} % at {phase['exit_macs'][0]:.2f} of the MACs; "
         f"original network {pct(r['static_original_acc'])} %.",

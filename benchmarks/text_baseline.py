@@ -31,7 +31,6 @@ from safetensors.torch import save as save_safetensors
 import dynify
 from benchmarks.report import missing, pct, provenance
 from benchmarks.results import read_result
-from dynify.files import atomic_output, write_text_atomic
 
 NAME = "text_baseline"
 HERE = Path(__file__).resolve().parent
@@ -157,10 +156,12 @@ def static_text_model(
     record.update(dataset=dataset, classes=train.classes, config=config, vocab=len(train.vocab))
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(weights) as tmp:
+    with dynify.atomic_output(weights) as tmp:
         tmp.write_bytes(save_safetensors(state))
     train.vocab.save(vocab_file)
-    write_text_atomic(record_file, json.dumps({**record, "settings": asdict(settings)}, indent=1))
+    dynify.write_text_atomic(
+        record_file, json.dumps({**record, "settings": asdict(settings)}, indent=1)
+    )
     return StaticText(
         dataset, model, train.vocab, train.classes, fit, held_out, test, settings, record
     )

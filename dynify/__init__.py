@@ -11,7 +11,14 @@ dynify.save(dyn, "model.dyn"); dyn = dynify.load("model.dyn")
 Everything the command line does goes through the names below; nothing else is public.
 """
 
-from dynify.api import StrategyInfo, exit_scores, preprocessing, save_json, strategies
+from dynify.api import (
+    StrategyInfo,
+    exit_scores,
+    new_parameters,
+    preprocessing,
+    save_json,
+    strategies,
+)
 from dynify.convert import convert
 from dynify.errors import DynifyError
 from dynify.evaluate import EvaluationReport, check_plot_path, evaluate
@@ -21,6 +28,7 @@ from dynify.export.bench import BenchResult, bench, check_onnx_file, settle_batc
 from dynify.export.mask_bench import MaskedBlockBench, MaskedBlockRow, bench_masked_blocks
 from dynify.export.timing import time_interleaved
 from dynify.export.verify import PARITY_ATOL, ParityReport
+from dynify.files import atomic_output, write_text_atomic
 from dynify.inspect import ModelSummary, inspect
 from dynify.models.text import TextClassifier
 from dynify.options import (
@@ -42,7 +50,14 @@ from dynify.runtime.budget_guard import BudgetGuard
 from dynify.runtime.dynamic_width import BranchWidths
 from dynify.runtime.forced_masks import force_mask_density
 from dynify.runtime.mac_cap import CostBound, cost_bound
-from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
+from dynify.runtime.model import (
+    CostItem,
+    DynamicModel,
+    ExitCascade,
+    MacCapped,
+    PerSampleExits,
+    TrainingRecord,
+)
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
@@ -78,6 +93,7 @@ __all__ = [
     "BudgetGuard",
     "CalibrationResult",
     "CostBound",
+    "CostItem",
     "DynamicConvOptions",
     "DynamicModel",
     "DynamicWidthOptions",
@@ -105,7 +121,9 @@ __all__ = [
     "StrategyOptions",
     "TextClassifier",
     "TextDataset",
+    "TrainingRecord",
     "Vocabulary",
+    "atomic_output",
     "bench",
     "bench_masked_blocks",
     "build_model",
@@ -129,6 +147,7 @@ __all__ = [
     "load",
     "load_dataset",
     "load_text_dataset",
+    "new_parameters",
     "normalize_batch",
     "operating_points",
     "preprocessing",
@@ -142,4 +161,5 @@ __all__ = [
     "strategy_names",
     "time_interleaved",
     "tokenize",
+    "write_text_atomic",
 ]

@@ -149,3 +149,36 @@ def test_exit_scores_are_what_the_thresholds_are_compared_with():
     gated = dynify.convert(model, "block-gates", x[:1].detach())
     with pytest.raises(dynify.DynifyError, match="exit heads"):
         dynify.exit_scores(gated, x)
+
+
+def test_a_model_reports_its_source_training_record_costs_and_new_parameters(
+    tiny_model, tuned, tmp_path
+):
+    """What benchmarks and users read from a model, through the public API alone."""
+    fresh = dynify.convert(tiny_model, "early-exit", torch.zeros(1, 3, 16, 16))
+    assert fresh.model_name == "tests.conftest:TinyResNet"  # where its class is defined
+    assert fresh.training_record is None
+    dyn, _ = tuned
+    record = dyn.training_record
+    assert isinstance(record, dynify.TrainingRecord)
+    assert (record.mode, record.epochs, record.seed, record.samples) == ("heads", 1, 2, 90)
+    assert record.calibration_fraction == 0.25 and record.data.startswith("tensors::sha256:")
+    loaded = dynify.load(dynify.save(dyn, tmp_path / "m.dyn"), model=tiny_model)
+    assert loaded.training_record == record  # the artifact carries it
+    costs = dyn.costs()
+    assert all(isinstance(c, dynify.CostItem) for c in costs)
+    assert sum(c.macs for c in costs) == dyn.exit_macs()[-1]  # every part, once
+    heads = [c.macs for c in costs if c.name.startswith("head")]
+    assert len(heads) == dyn.num_exits and all(m > 0 for m in heads)
+    new = dynify.new_parameters(dyn)
+    assert new and all(p.requires_grad for _, p in new)
+    with torch.no_grad():  # the same, whatever the caller's grad mode
+        assert [n for n, _ in dynify.new_parameters(dyn)] == [n for n, _ in new]
+    with torch.no_grad():  # re-initialising the new parts leaves the static network alone
+        x = torch.randn(2, 3, 16, 16)
+        with dyn.static():
+            expected = dyn(x)
+        for _, p in new:
+            p.add_(1.0)
+        with dyn.static():
+            assert torch.equal(dyn(x), expected)

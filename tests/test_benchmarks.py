@@ -353,9 +353,10 @@ def test_halting_slowdown_pgd_lowers_every_stage_s_halting_scores():
     def stage_sums(p: torch.Tensor) -> float:
         with torch.no_grad():
             probs = dyn.unit_probabilities(slowdown.to_input(p))
-            return float(unit_hinge(dyn, probs, dyn.thresholds)), float(sum(q.sum() for q in probs))
+            hinge = unit_hinge(dyn, probs, dyn.thresholds, halting=True)
+            return float(hinge), float(sum(q.sum() for q in probs))
 
-    adv = unit_pgd(dyn, pixels, 8 / 255, steps=5, seed=0, to_input=slowdown.to_input)
+    adv = unit_pgd(dyn, pixels, 8 / 255, steps=5, seed=0, to_input=slowdown.to_input, halting=True)
     assert (adv - pixels).abs().max() <= 8 / 255 + 1e-6
     (before, scores_before), (after, scores_after) = stage_sums(pixels), stage_sums(adv)
     assert before > 0 and after < before and scores_after < scores_before  # halting later
@@ -386,3 +387,90 @@ def test_the_recorded_command_leaves_out_where_the_output_went():
 
     argv = ["latency", "--results", "/tmp/x", "--no-render", "--runs=3", "--results=/y"]
     assert command_line(argv) == "python -m benchmarks latency --runs=3"
+
+
+# --- the suites call only the public API -------------------------------------------------------
+
+# Modules of dynify a suite may import from besides `dynify` itself.
+PUBLIC_MODULES = {"dynify", "dynify.errors"}
+# Attributes of a model's internals that the public API gives another way: `costs()` (head
+# MACs), `model_name` and `training_record` (the artifact's spec), `dynify.new_parameters`
+# (exit heads), the fine-tuning callback (the router temperature).
+PRIVATE_ATTRIBUTES = {"book", "head_macs", "heads", "kind", "router_temperature", "spec"}
+# Suites being moved to the public API elsewhere: remove each once it passes.
+KNOWN_EXCEPTIONS = {"frame_exit.py", "skip_rnn.py", "stop_reading.py"}
+
+
+def _underscored(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Where `path` reaches past the public API: imports from dynify's modules, names that
+    `dynify.__all__` does not list, private attributes read or probed with getattr/hasattr."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dynify"):
+            if node.module not in PUBLIC_MODULES:
+                found.append(f"{where} imports from {node.module}")
+        elif isinstance(node, ast.Import):
+            found += [
+                f"{where} imports {a.name}"
+                for a in node.names
+                if a.name.startswith("dynify") and a.name not in PUBLIC_MODULES
+            ]
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "dynify":
+                if node.attr not in dynify.__all__ and node.attr not in ("errors", "__version__"):
+                    found.append(f"{where} reads dynify.{node.attr}, not in dynify.__all__")
+            elif node.attr in PRIVATE_ATTRIBUTES or _underscored(node.attr):
+                found.append(f"{where} reads .{node.attr}")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in PRIVATE_ATTRIBUTES
+        ):
+            found.append(f"{where} probes {node.args[1].value!r} with {node.func.id}")
+    return found
+
+
+def test_the_suites_call_only_the_public_api():
+    """A published figure comes from code dynify ships: no suite imports dynify's modules or
+    reads a model's internals."""
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    paths = [p for p in sorted(folder.glob("*.py")) if p.name not in KNOWN_EXCEPTIONS]
+    assert len(paths) > 10
+    found = [use for path in paths for use in _private_uses(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_public_api_check_catches_each_kind_of_private_use(tmp_path):
+    suite = tmp_path / "suite.py"
+    suite.write_text(
+        "import dynify\nimport dynify.runtime\nfrom dynify.files import atomic_output\n"
+        "x = dynify.runtime\ny = dyn.heads\nz = getattr(dyn, 'kind', None)\nw = dyn._static\n"
+        "ok = dynify.convert, dyn.exit_logits, dyn.training_record\n"
+    )
+    found = _private_uses(suite)
+    assert [f.split(" ", 1)[0] for f in found] == [f"suite.py:{i}" for i in (2, 3, 4, 5, 6, 7)]
+
+
+def test_quick_latency_times_the_batch_1_graph_against_the_any_batch_graph(tmp_path):
+    from benchmarks import latency
+
+    results = tmp_path / "results"
+    main(["latency", "--quick", "--any-batch", "--results", str(results)])
+    payload = json.loads((results / "latency_any_batch_graph.json").read_text())
+    assert payload["metadata"]["command"] == "python -m benchmarks latency --quick --any-batch"
+    data = payload["data"]
+    assert list(data) == ["batch-1 graph, 1 thread(s)", "any-batch graph, 1 thread(s)"]
+    for rows in data.values():  # every forced exit, the final classifier, the static network
+        assert [r[0] for r in rows] == ["exit 0", "exit 1", "exit 2", "exit 3", "final", "static"]
+        assert all(r[1] > 0 for r in rows) and rows[-1][2] == 1.0
+    assert len(latency.any_batch_table(data)) == 2 + len(data) + 1  # the report's rows

@@ -29,6 +29,8 @@ LEDGER_STRATEGIES = (
     "dynamic-conv",
     "frame-exit",
     "dynamic-width",
+    "skip-rnn",
+    "stop-reading",
 )
 
 
@@ -163,11 +165,15 @@ def test_worst_case_and_floor_come_from_the_book(strategy, options):
     dyn = model(strategy, options)
     book = dyn.book
     assert book.items and book.static_macs == dyn.static_macs
+    assert dyn.costs() == list(book.items.values())  # the public face of the book
     assert dyn.worst_case_macs() == book.worst_case_macs()
     assert book.fixed_macs() <= book.floor() <= book.worst_case_macs()
     if isinstance(dyn, dynify.MacCapped):
         assert dyn.cap_floor() == book.floor()
-    if isinstance(dyn, dynify.ExitCascade):
+    if isinstance(dyn, dynify.PerSampleExits):  # a text may finish before exit 0: its head
+        assert book.floor() < dyn.exit_macs()[0]  # is not a cost every sample pays
+        assert dyn.exit_macs()[-1] == book.worst_case_macs()
+    elif isinstance(dyn, dynify.ExitCascade):
         assert dyn.exit_macs()[0] == book.floor()
         assert dyn.exit_macs()[-1] == book.worst_case_macs()
 
@@ -177,10 +183,13 @@ def test_the_cheapest_thresholds_spend_the_floor_and_no_sample_more_than_the_wor
     strategy, options
 ):
     """Threshold 0 (every exit taken first, every gate shut, no mask unit active): every
-    sample spends exactly the book's floor, whatever it is. Two exceptions: halting gates,
-    whose floor charges every halting unit while a halted sample pays only its stage's first,
-    and the patience policy, which cannot leave before `patience` exits agree. At every
-    forcing threshold, no sample spends more than the book's worst case."""
+    sample spends exactly the book's floor, whatever it is. The exceptions: halting gates,
+    whose floor charges every halting unit while a halted sample pays only its stage's first;
+    the patience policy, which cannot leave before `patience` exits agree; skip-rnn, whose
+    rule at 0 (never update again) needs no gate, so a sample pays the fixed cost alone; and
+    stop-reading, whose exit costs are each text's own (a text leaves at exit 0 if it reaches
+    it, else at the original classifier). At every forcing threshold, no sample spends more
+    than the book's worst case."""
     case = converted(strategy, json.dumps(options, sort_keys=True))
     dyn, x = case.dyn, case.x
     try:
@@ -192,6 +201,11 @@ def test_the_cheapest_thresholds_spend_the_floor_and_no_sample_more_than_the_wor
                 assert (spent <= dyn.book.floor()).all() and (spent >= dyn.book.fixed_macs()).all()
             elif options.get("policy") == "patience":
                 assert (spent > dyn.book.floor()).all()
+            elif strategy == "skip-rnn":
+                assert spent.tolist() == [dyn.book.fixed_macs()] * len(spent)
+            elif isinstance(dyn, dynify.PerSampleExits):
+                macs, available = dyn.sample_exit_costs(x)
+                assert spent.tolist() == torch.where(available[0], macs[0], macs[-1]).tolist()
             else:
                 assert spent.tolist() == [dyn.book.floor()] * len(x)
             for _, thresholds in threshold_cases(dyn):

@@ -13,7 +13,9 @@ Whatever the strategy, a dynamic model
   `dynify.train.losses` plus the strategy's own compute term;
 - exports through `export_face()`: an `ExportFace` whose `forward(x, thresholds)` returns
   `(logits, decisions)`, named `OUTPUT_NAMES` in every exported graph;
-- carries the `spec` that rebuilds it from an artifact.
+- carries the `spec` that rebuilds it from an artifact, and reads back from it what a user
+  asks of a converted model: the network it came from (`model_name`), what its parts cost
+  (`costs()`, the cost book's items) and how it was fine-tuned (`training_record`).
 
 Narrower capabilities are protocols checked with `isinstance` (`ExitCascade`: a cascade of
 exits whose logits calibration can collect in one pass). Callers never probe with `hasattr`.
@@ -26,7 +28,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -54,6 +56,7 @@ __all__ = [
     "PerCallRecord",
     "PerSampleExits",
     "Tab",
+    "TrainingRecord",
 ]
 
 if TYPE_CHECKING:
@@ -83,6 +86,41 @@ class JointRecipe:
     new_lr: float = 0.02
     clip_grad_norm: float | None = None
     freeze_batchnorm: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """How `dynify.finetune` trained a model, as its artifact records it: what a benchmark or a
+    user reading a .dyn file needs to know about the run (and what `calibrate` reads to find the
+    part of the data fine-tuning held out).
+
+    `data` names the data (a path source's absolute path, or a digest of tensors; None when
+    neither applies); `samples` counts the examples trained on; `seconds` is the wall time.
+    """
+
+    mode: str
+    epochs: int
+    seed: int
+    calibration_fraction: float
+    data: str | None
+    samples: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingRecord:
+        """Read a stored record; fields an older artifact lacks take neutral values."""
+        return cls(
+            mode=str(data.get("mode", "")),
+            epochs=int(data.get("epochs", 0)),
+            seed=int(data.get("seed", 0)),
+            calibration_fraction=float(data.get("calibration_fraction", 0.0)),
+            data=data.get("data"),
+            samples=int(data.get("samples", 0)),
+            seconds=float(data.get("seconds", 0.0)),
+        )
 
 
 class PerCall(threading.local):
@@ -216,6 +254,27 @@ class DynamicModel(nn.Module, ABC):
         if not self.book.items:
             raise NotImplementedError(f"{type(self).__name__} does not bound its per-sample cost.")
         return self.book.worst_case_macs()
+
+    # --- what the artifact records -----------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """The network the model was converted from: its zoo name (`cifar_resnet44`,
+        `resnet18`, `timm:...`) or import path, or for a module passed in, where its class is
+        defined (`mypkg.models:Net`)."""
+        return str((self.spec.get("model") or {}).get("name", type(self).__name__))
+
+    @property
+    def training_record(self) -> TrainingRecord | None:
+        """How `dynify.finetune` last trained the model (kept in its artifact), or None if it
+        has not been fine-tuned."""
+        record = self.spec.get("finetune")
+        return TrainingRecord.from_dict(record) if record else None
+
+    def costs(self) -> list[CostItem]:
+        """What each part of the model costs one sample: the cost book's items in the order the
+        pass added them, each with its MACs, its role (`FIXED`, `DECIDER`, `UNIT`) and its
+        dearest cost. Item names are the strategy's (early exits: `segment<i>`, `head<i>`)."""
+        return list(self.book.items.values())
 
     # --- the cost ledger: a tab per forward, charged by the wrappers ----------------------
     def open_tab(

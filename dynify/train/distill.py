@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from dynify.errors import DataError, DynifyError
 from dynify.heldout import data_key
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DynamicModel, ExitCascade, TrainingRecord
 from dynify.train.batches import (
     Batches,
     Preprocessing,
@@ -183,7 +183,7 @@ def finetune(
     (`images` or `(images, labels)`; uint8 images are normalised, float ones used as they are)
     or a Dataset. A deterministic `calibration_fraction` of it is held out (returned as
     `result.calibration_data`) and never trained on; 0 trains on everything. A key of the data
-    is recorded in `dyn.spec["finetune"]`, so `calibrate` on the same data takes that part.
+    is recorded in `dyn.training_record`, so `calibrate` on the same data takes that part.
 
     `mode`: "heads" (the static network frozen: fast) or "joint" (everything trains, distilled
     from a frozen copy of the model as it is now, or from `teacher`, a static nn.Module called
@@ -310,15 +310,15 @@ def finetune(
             p.requires_grad_(flag)
     result.seconds = time.perf_counter() - started
     dyn.spec["preprocessing"] = pre.to_dict()
-    dyn.spec["finetune"] = {
-        "mode": mode,
-        "epochs": config.epochs,
-        "seed": seed,
-        "calibration_fraction": calibration_fraction,
-        "data": data_key(data, split),
-        "samples": len(fit),
-        "seconds": round(result.seconds, 1),
-    }
+    dyn.spec["finetune"] = TrainingRecord(
+        mode=mode,
+        epochs=config.epochs,
+        seed=seed,
+        calibration_fraction=calibration_fraction,
+        data=data_key(data, split),
+        samples=len(fit),
+        seconds=round(result.seconds, 1),
+    ).to_dict()
     return result
 
 
@@ -364,9 +364,10 @@ def static_parameter_names(dyn: DynamicModel) -> set[str]:
     dyn.eval()
     try:
         x = dyn.random_input(1, torch.Generator().manual_seed(0))
-        with torch.enable_grad(), dyn.static():
-            out = dyn(x)
-        grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+        with torch.enable_grad():  # whatever the caller's grad mode
+            with dyn.static():
+                out = dyn(x)
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
     finally:
         dyn.train(was_training)
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
