@@ -449,3 +449,79 @@ def test_jump_options_are_checked():
         convert(classifier()).set_jump_threshold(0.5)
     with pytest.raises(StrategyError, match="budget"):
         convert(classifier(), budget=0.0)
+
+
+# --- calibration chooses the jump threshold ---------------------------------------------------
+def calibration_texts(n: int = 160, seed: int = 7) -> tuple[Tensor, Tensor]:
+    """Texts of every length with labels the static model mostly agrees with."""
+    g = torch.Generator().manual_seed(seed)
+    x = texts(torch.randint(1, T + 1, (n,), generator=g).tolist())
+    with torch.no_grad():
+        y = classifier()(x).argmax(-1)
+    noisy = torch.rand(n, generator=g) < 0.1
+    return x, torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y)
+
+
+@pytest.mark.parametrize("target", [{"budget": 0.45}, {"max_drop": 0.05}])
+def test_calibrate_chooses_the_jump_threshold_from_its_grid(tmp_path, target):
+    """With a jump head, the thresholds are searched at every jump threshold of the grid and
+    the setting that best meets the target is kept: it is on the model (and in its artifact),
+    and what the model then spends on the data is what calibration promised."""
+    from dynify.runtime.stop_reading import JUMP_GRID
+
+    dyn = jump_model(1)
+    x, y = calibration_texts()
+    result = dynify.calibrate(dyn, dynify.TextDataset(x, y), part="all", **target)
+    chosen = result.scalars["jump_threshold"]
+    assert chosen in JUMP_GRID and float(dyn.jump_threshold) == pytest.approx(chosen)
+    rows = result.scalar_grid
+    assert [r["jump_threshold"] for r in rows] == list(JUMP_GRID)
+    met = [r for r in rows if r["met"]]
+    with torch.no_grad():
+        preds = dyn(x).argmax(-1)
+    measured = float(dyn.last_macs.double().mean()) / dyn.static_macs
+    assert result.macs_fraction == pytest.approx(measured, abs=1e-9)
+    assert result.accuracy == pytest.approx(float((preds == y).double().mean()))
+    if "budget" in target:  # the most accurate setting within the budget
+        assert measured <= target["budget"] + 1e-9
+        assert result.accuracy == max(r["accuracy"] for r in met)
+    else:  # the cheapest setting within the drop
+        assert result.accuracy >= result.static_accuracy - target["max_drop"] - 1e-12
+        assert result.macs_fraction == min(r["macs"] for r in met)
+    assert len({round(r["macs"], 6) for r in met}) > 1  # the jump threshold changes the cost
+    path = tmp_path / "calibrated.dyn"
+    dynify.save(dyn, path)
+    again = dynify.load(path)
+    assert float(again.jump_threshold) == pytest.approx(chosen)
+    assert again.spec["calibration"]["scalars"] == {"jump_threshold": chosen}
+    with torch.no_grad():
+        assert torch.equal(again(x), dyn(x))
+        logits, _ = again.export_face()(x)  # the face holds the chosen value too
+    assert torch.allclose(logits, dyn(x), atol=1e-5)
+
+
+def test_a_model_without_a_jump_head_calibrates_as_before():
+    """No jump head: no grid, and the thresholds are those of one threshold search."""
+    from dynify.train.exit_outputs import collect_outputs
+    from dynify.train.threshold_search import search_thresholds
+
+    dyn = convert(classifier(), every=2)
+    x, y = calibration_texts()
+    data = dynify.TextDataset(x, y)
+    expected = search_thresholds(dyn, collect_outputs(dyn, data)).choose(budget=0.45)
+    result = dynify.calibrate(dyn, data, budget=0.45, part="all")
+    assert result.thresholds == expected.thresholds
+    assert result.scalars == {} and result.scalar_grid == []
+    assert dyn.thresholds.tolist() == pytest.approx(expected.thresholds, abs=1e-6)
+
+
+def test_calibrating_outputs_keeps_the_jump_threshold_held():
+    """Exit logits collected at one jump threshold say nothing of another: it stays."""
+    from dynify.train.exit_outputs import collect_outputs
+
+    dyn = jump_model(1)
+    dyn.set_jump_threshold(0.3)
+    x, y = calibration_texts()
+    result = dynify.calibrate(dyn, collect_outputs(dyn, dynify.TextDataset(x, y)), budget=0.6)
+    assert result.scalars == {"jump_threshold": 0.3} and result.scalar_grid == []
+    assert float(dyn.jump_threshold) == pytest.approx(0.3)

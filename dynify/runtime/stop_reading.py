@@ -26,6 +26,7 @@ from dynify.frontend.inputs import as_inputs
 from dynify.runtime import recurrence
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import (
+    NEVER,
     exit_decision,
     gate_open,
     gate_open_one,
@@ -42,6 +43,10 @@ from dynify.train.losses import LossConfig, budget_price, distillation, priced_c
 KD_TEMPERATURE = 3.0  # the exits' own distillation temperature (LossConfig.kd_temperature None)
 
 RnnState = Tensor | tuple[Tensor, Tensor]
+
+JUMP_THRESHOLD = "jump_threshold"  # the decision scalar calibration chooses with the exits
+# Its grid: 0 always jumps after a stretch read, NEVER never jumps (the exits alone).
+JUMP_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, NEVER)
 
 
 def run_stretch(rnn: nn.RNNBase, inputs: Tensor, state: RnnState | None) -> tuple[Tensor, RnnState]:
@@ -198,6 +203,21 @@ class StopReadingModel(DynamicModel):
         if not math.isfinite(value) or value < 0.0:
             raise StrategyError(f"The jump threshold must be finite and >= 0, got {value}.")
         self.jump_threshold.fill_(value)
+
+    # --- decision scalars: the jump threshold, chosen by calibration (`DecisionScalars`) ----
+    def decision_scalars(self) -> dict[str, tuple[float, ...]]:
+        """The jump threshold's calibration grid (none without a jump head): from always
+        jumping (0) to never (above 1), so calibration can also drop the jumps."""
+        return {JUMP_THRESHOLD: JUMP_GRID} if self.jump else {}
+
+    def scalar_values(self) -> dict[str, float]:
+        return {JUMP_THRESHOLD: float(self.jump_threshold)} if self.jump else {}
+
+    def set_scalar(self, name: str, value: float) -> None:
+        if name != JUMP_THRESHOLD:
+            known = ", ".join(self.decision_scalars()) or "none (no jump head)"
+            raise StrategyError(f"stop-reading has no decision scalar '{name}'; it has: {known}.")
+        self.set_jump_threshold(value)
 
     def read_lengths(self, *args: Tensor) -> Tensor:
         """Tokens each sample must read for the original classifier's answer, int64 [N] in

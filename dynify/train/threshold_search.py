@@ -185,8 +185,9 @@ class ThresholdSearch:
             if v is not None
         }
         return CalibrationResult(
-            thresholds=[round(float(t), 6) for t in self.thresholds[j]],
-            temperatures=[round(t, 6) for t in self.temperatures],
+            # exact: a rounded threshold can cross the score of a sample it was chosen at
+            thresholds=[float(t) for t in self.thresholds[j]],
+            temperatures=[float(t) for t in self.temperatures],
             target=target,
             accuracy=float(self.accuracy[j]),
             macs_fraction=float(self.macs[j]),
