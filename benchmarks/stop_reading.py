@@ -101,7 +101,7 @@ def _measure(dyn: dynify.DynamicModel, ids: torch.Tensor, labels: torch.Tensor) 
         xb = ids[start : start + 500]
         preds.append(dyn(xb).argmax(-1))
         macs.append(dyn.last_macs.double())
-        tokens.append(dyn.last_tokens.double())
+        tokens.append(dynify.tokens_read(dyn).double())
         exits.append(dyn.last_decisions())
     steps = ids.shape[1]
     text = (ids != 0).sum(1).clamp(min=1).double()
@@ -199,9 +199,13 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         progress=False,
     )
     dyn.eval()
-    sweep = _jump_sweep(dyn, static.held_out) if args.jump else []
+    # With a jump head, calibration also chooses the jump threshold (from its grid, the exit
+    # thresholds searched at each value): the setting kept is the cheapest within the drop.
     calibration = dynify.calibrate(dyn, static.held_out, max_drop=MAX_DROP, part="all")
-    calibrated = list(dyn.thresholds.tolist())
+    jump_threshold = calibration.scalars.get("jump_threshold")
+    if jump_threshold is not None:
+        print(f"{dataset}: jump threshold {jump_threshold:.2f} chosen on held-out", flush=True)
+    calibrated = list(calibration.thresholds)
     report = dynify.evaluate(dyn, static.test)
     point = _measure(dyn, test_ids, test_labels)
     # One threshold for every exit, chosen on the held-out curve: one number fitted on ~1,000
@@ -240,8 +244,8 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         "every": args.every,
         "jump": args.jump,
         "jump_budget": args.jump_budget if args.jump else None,
-        "jump_threshold": float(dyn.jump_threshold) if args.jump else None,
-        "jump_sweep": sweep,
+        "jump_threshold": jump_threshold,
+        "jump_grid": calibration.scalar_grid,
         "exits": dyn.num_exits,
         "steps": steps,
         "fit_rows": len(fit),
@@ -272,33 +276,6 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         "timing_shared": timing_shared,
         "throughput_shared": throughput,
     }
-
-
-JUMP_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
-
-
-def _jump_sweep(dyn: dynify.DynamicModel, held_out: Any) -> list[dict[str, float]]:
-    """The jump threshold, chosen on held-out texts: at each candidate, the exits' shared
-    threshold curve; the candidate whose fewest MACs within 1 point of static is lowest is
-    set on the model (the exit thresholds are then calibrated at it)."""
-    sweep = []
-    for value in JUMP_THRESHOLDS:
-        dyn.set_jump_threshold(value)
-        held = dynify.evaluate(dyn, held_out)
-        fits = [p for p in held.curve if p.accuracy >= held.static_accuracy - MAX_DROP]
-        best = min(fits, key=lambda p: p.macs_fraction) if fits else None
-        sweep.append(
-            {
-                "jump_threshold": value,
-                "macs": best.macs_fraction if best else 1.0,
-                "accuracy": best.accuracy if best else float("nan"),
-                "exit_threshold": best.threshold if best else NEVER,
-            }
-        )
-        print(f"  jump threshold {value}: {sweep[-1]}", flush=True)
-    chosen = min(sweep, key=lambda p: p["macs"])
-    dyn.set_jump_threshold(chosen["jump_threshold"])
-    return sweep
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:

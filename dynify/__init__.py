@@ -42,7 +42,14 @@ from dynify.runtime.budget_guard import BudgetGuard
 from dynify.runtime.dynamic_width import BranchWidths
 from dynify.runtime.forced_masks import force_mask_density
 from dynify.runtime.mac_cap import CostBound, cost_bound
-from dynify.runtime.model import DynamicModel, ExitCascade, MacCapped, PerSampleExits
+from dynify.runtime.model import (
+    DecisionScalars,
+    DynamicModel,
+    ExitCascade,
+    MacCapped,
+    PerSampleExits,
+)
+from dynify.runtime.stop_reading import tokens_read
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
@@ -78,6 +85,7 @@ __all__ = [
     "BudgetGuard",
     "CalibrationResult",
     "CostBound",
+    "DecisionScalars",
     "DynamicConvOptions",
     "DynamicModel",
     "DynamicWidthOptions",
@@ -142,4 +150,5 @@ __all__ = [
     "strategy_names",
     "time_interleaved",
     "tokenize",
+    "tokens_read",
 ]

@@ -305,6 +305,25 @@ def test_the_benchmark_suite_runs_end_to_end_on_text_files(tmp_path):
         assert 0.0 < r[key]["tokens_of_static"] <= 1.0
         assert sum(r[key]["exit_histogram"]) == r["test_rows"] == 40
     assert r["timing"]["static_ms"] > 0 and r["timing"]["cpu_ratio"] > 0
+    # with a jump head the jump threshold comes from dynify.calibrate, with its grid
+    main(
+        [
+            *argv,
+            "--jump",
+            "1",
+            "--results",
+            str(tmp_path / "jump"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
+    r = json.loads((tmp_path / "jump" / "stop_reading.json").read_text())["data"]["datasets"][
+        "agnews"
+    ]
+    from dynify.runtime.stop_reading import JUMP_GRID
+
+    assert r["jump_threshold"] in JUMP_GRID
+    assert [row["jump_threshold"] for row in r["jump_grid"]] == list(JUMP_GRID)
 
 
 def test_a_float_sequence_model_reads_with_its_rnn_directly():

@@ -640,6 +640,19 @@ class StopReadingModel(DynamicModel):
         return StopReadingFace(self)
 
 
+def tokens_read(model: DynamicModel) -> Tensor:
+    """The tokens (RNN steps) each sample of this thread's last forward of a stop-reading
+    `model` read, int64 [N]: its stretches run, jumped ones not counted."""
+    if not isinstance(model, StopReadingModel):
+        raise StrategyError(
+            f"tokens_read needs a stop-reading model; got a "
+            f"{getattr(model, 'strategy', '') or type(model).__name__} model."
+        )
+    if model.last_tokens is None:
+        raise StrategyError("No forward has run in this thread yet.")
+    return model.last_tokens
+
+
 class _Trace:
     """What `_read_through` saw: logits per exit and the final, stretches read and
     checkpoints that decided per sample, the share of its tokens each sample read."""
