@@ -466,7 +466,7 @@ def test_jump_training_is_straight_through_with_a_budget_on_tokens_read():
 def test_jump_options_are_checked():
     with pytest.raises(StrategyError, match="no jump head"):
         convert(classifier()).set_jump_threshold(0.5)
-    with pytest.raises(StrategyError, match="budget"):
+    with pytest.raises(StrategyError, match="budget is the share of its own tokens a text reads"):
         convert(classifier(), budget=0.0)
 
 
@@ -544,3 +544,26 @@ def test_calibrating_outputs_keeps_the_jump_threshold_held():
     result = dynify.calibrate(dyn, collect_outputs(dyn, dynify.TextDataset(x, y)), budget=0.6)
     assert result.scalars == {"jump_threshold": 0.3} and result.scalar_grid == []
     assert float(dyn.jump_threshold) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("jump", [0, 1])
+def test_the_export_face_runs_the_classifier_only_for_texts_that_end(jump):
+    """Each text passes the original classifier at most once in the face, and only if it
+    answers there: a stage where a text reads on (or leaves at a head) does not run it."""
+    dyn = convert(classifier(), every=2, jump=jump)
+    x = texts(LENGTHS * 2)
+    with torch.no_grad():
+        scores = [torch.softmax(lg, -1).max(-1).values for lg in dyn.exit_logits(x)[:-1]]
+        dyn.set_thresholds(float(torch.cat(scores).quantile(0.8)))
+    rows: list[int] = []
+    hook = dyn.tail.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        with torch.no_grad():
+            logits, decisions = dyn.export_face()(x)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        assert torch.allclose(logits, dyn(x), atol=1e-5)
+    assert torch.equal(decisions, dyn.last_decisions())
+    answered = int((decisions == dyn.num_exits).sum())
+    assert 0 < answered < len(x) and sum(rows) == answered

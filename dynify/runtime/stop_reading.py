@@ -764,11 +764,14 @@ class StopReadingFace(ExportFace):
         m, k = self.model, self.model.num_exits
         x = args[0]
         pad = seq.new_zeros((seq.shape[0], m.steps - seq.shape[1], seq.shape[-1]))
-        final_logits = m._answer(args, encoded, torch.cat([seq, pad], 1), state)
         if i == k:
-            return final_logits, full_index(x, k)
+            return m._answer(args, encoded, torch.cat([seq, pad], 1), state), full_index(x, k)
         finished = read <= m.boundary(i)
         logits = m.heads[i](seq[:, -1])
+        # the original classifier answers only for the texts that end here (an ONNX `If`)
+        final_logits = _answer_ended(
+            m, args, encoded, torch.cat([seq, pad], 1), state, finished, logits
+        )
         carried = (streak[0], streak[1]) if streak else None
         leave, carried = exit_decision(
             logits, self.temperatures[i], thr[i], m.policy.kind, m.policy.patience, carried
@@ -828,6 +831,42 @@ class StopReadingFace(ExportFace):
 
         operands = (here, decision, stop, skip, *args, encoded, read, seq, *flat_state, *streak)
         return cond(stop.all(), all_stop, go_on, operands)
+
+
+def _answer_ended(
+    m: StopReadingModel,
+    args: tuple[Tensor, ...],
+    encoded: Tensor,
+    seq: Tensor,
+    state: RnnState,
+    ended: Tensor,
+    like: Tensor,
+) -> Tensor:
+    """The original classifier's logits for the samples whose text has ended (`ended` [N]),
+    gathered, run and scattered into zeros shaped as `like` [N, C]: a conditional, so a stage
+    where no text ends runs no classifier."""
+    is_lstm = isinstance(state, tuple)
+    flat_state = state if is_lstm else (state,)
+    n_args, batch_dim = len(args), 1 - m._time_axis()
+    blank = torch.zeros_like(like)
+
+    def nobody(blank, ended, encoded, seq, *rest):
+        return blank.clone()
+
+    def ended_rows(blank, ended, encoded, seq, *rest):
+        rows = selected(ended)
+        sub_args = tuple(a.index_select(0, rows) for a in rest[:n_args])
+        sub_state = tuple(s.index_select(1, rows) for s in rest[n_args:])
+        answer = m._answer(
+            sub_args,
+            encoded.index_select(batch_dim, rows),
+            seq.index_select(0, rows),
+            sub_state if is_lstm else sub_state[0],
+        )
+        return blank.index_copy(0, rows, answer.to(blank.dtype))
+
+    operands = (blank, ended, encoded, seq, *args, *flat_state)
+    return cond(ended.any(), ended_rows, nobody, operands)
 
 
 def _read_some(
