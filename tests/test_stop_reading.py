@@ -567,3 +567,34 @@ def test_the_export_face_runs_the_classifier_only_for_texts_that_end(jump):
     assert torch.equal(decisions, dyn.last_decisions())
     answered = int((decisions == dyn.num_exits).sum())
     assert 0 < answered < len(x) and sum(rows) == answered
+
+
+def test_dynify_calibrate_says_which_jump_threshold_it_chose(tmp_path):
+    """The command line gets the jump threshold's calibration from the API: it prints the value
+    chosen, and the artifact it writes holds it."""
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    vocab = dynify.Vocabulary(["<pad>", "<unk>", *words])
+    x, y = calibration_texts()
+    lines = [" ".join(vocab.decode(row)) + f"\t{int(label)}" for row, label in zip(x, y)]
+    data = tmp_path / "held_out.tsv"
+    data.write_text("text\tlabel\n" + "\n".join(line for line in lines if line[0] != "\t"))
+    vocab.save(tmp_path / "vocab.json")
+    artifact = tmp_path / "jump.dyn"
+    dynify.save(jump_model(1), artifact)
+    out = tmp_path / "calibrated.dyn"
+    args = [
+        "calibrate",
+        str(artifact),
+        "--data",
+        str(data),
+        "--vocab",
+        str(tmp_path / "vocab.json"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--budget", "0.45", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    chosen = float(dynify.load(out).jump_threshold)
+    assert f"Jump threshold: {chosen:.3f} (chosen from 11 values)" in result.output
