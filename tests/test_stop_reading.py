@@ -508,6 +508,9 @@ def test_calibrate_chooses_the_jump_threshold_from_its_grid(tmp_path, target):
         assert result.accuracy >= result.static_accuracy - target["max_drop"] - 1e-12
         assert result.macs_fraction == min(r["macs"] for r in met)
     assert len({round(r["macs"], 6) for r in met}) > 1  # the jump threshold changes the cost
+    with torch.no_grad(), dyn.static():  # the drop is judged against the static network
+        static_acc = float((dyn(x).argmax(-1) == y).double().mean())
+    assert result.static_accuracy == pytest.approx(static_acc)
     path = tmp_path / "calibrated.dyn"
     dynify.save(dyn, path)
     again = dynify.load(path)
@@ -579,7 +582,9 @@ def test_dynify_calibrate_says_which_jump_threshold_it_chose(tmp_path):
     words = [f"w{i}" for i in range(VOCAB - 2)]
     vocab = dynify.Vocabulary(["<pad>", "<unk>", *words])
     x, y = calibration_texts()
-    lines = [" ".join(vocab.decode(row)) + f"\t{int(label)}" for row, label in zip(x, y)]
+    lines = [
+        " ".join(vocab.decode(row)) + f"\t{int(label)}" for row, label in zip(x, y, strict=True)
+    ]
     data = tmp_path / "held_out.tsv"
     data.write_text("text\tlabel\n" + "\n".join(line for line in lines if line[0] != "\t"))
     vocab.save(tmp_path / "vocab.json")
@@ -598,3 +603,24 @@ def test_dynify_calibrate_says_which_jump_threshold_it_chose(tmp_path):
     assert result.exit_code == 0, result.output
     chosen = float(dynify.load(out).jump_threshold)
     assert f"Jump threshold: {chosen:.3f} (chosen from 11 values)" in result.output
+
+
+def test_with_jumps_the_static_reference_is_the_static_network():
+    """Always jumping, the final exit reads half of each text: calibration and evaluation still
+    measure the drop against the static network, labelled or not."""
+    from torch.utils.data import TensorDataset
+
+    from dynify.train.exit_outputs import collect_outputs
+
+    dyn = jump_model(1)
+    dyn.set_jump_threshold(0.0)
+    x, y = calibration_texts()
+    with torch.no_grad(), dyn.static():
+        static_pred = dyn(x).argmax(-1)
+    outputs = collect_outputs(dyn, dynify.TextDataset(x, y))
+    assert not torch.equal(outputs.logits[-1].argmax(-1), static_pred)  # the jumps change it
+    report = dynify.evaluate(dyn, dynify.TextDataset(x, y))
+    assert report.static_accuracy == pytest.approx(float((static_pred == y).double().mean()))
+    unlabelled = collect_outputs(dyn, TensorDataset(x, torch.full_like(y, -1)))
+    assert torch.equal(unlabelled.reference(), static_pred)
+    assert bool(unlabelled.static_correct().all())

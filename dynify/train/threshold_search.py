@@ -238,7 +238,7 @@ def _search_thresholds(dyn, outputs, mac_cap, fit_temperature_scaling, keep, for
         accuracy,
         macs,
         temperatures,
-        float(problem.correct_f[-1].mean()),
+        float(outputs.static_correct().double().mean()),
         outputs.num_samples,
         forced,
         outputs.labels is not None,
