@@ -52,12 +52,14 @@ from dynify.runtime.forced_masks import force_mask_density
 from dynify.runtime.mac_cap import CostBound, cost_bound
 from dynify.runtime.model import (
     CostItem,
+    DecisionScalars,
     DynamicModel,
     ExitCascade,
     MacCapped,
     PerSampleExits,
     TrainingRecord,
 )
+from dynify.runtime.stop_reading import tokens_read
 from dynify.train.baseline import finetune_static
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate
@@ -94,6 +96,7 @@ __all__ = [
     "CalibrationResult",
     "CostBound",
     "CostItem",
+    "DecisionScalars",
     "DynamicConvOptions",
     "DynamicModel",
     "DynamicWidthOptions",
@@ -161,5 +164,6 @@ __all__ = [
     "strategy_names",
     "time_interleaved",
     "tokenize",
+    "tokens_read",
     "write_text_atomic",
 ]

@@ -246,7 +246,7 @@ def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) ->
         samples=outputs.num_samples,
         labels_used=outputs.labels is not None,
         static_macs=dyn.static_macs,
-        static_accuracy=float(correct[-1]),
+        static_accuracy=float(outputs.static_correct().double().mean()),
         dynamic_accuracy=accuracy,
         dynamic_macs_fraction=macs,
         thresholds=[round(float(t), 6) for t in dyn.thresholds],

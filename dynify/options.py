@@ -53,6 +53,11 @@ OPTIONS_BY_STRATEGY: dict[str, type] = {
 _FRACTIONS = ("budget", "head_budget")
 _NON_NEGATIVE = ("threshold", "epsilon")
 _POSITIVE = ("temperature", "distill_temperature")
+# Fractions of something other than the static model's MACs, by (strategy, option).
+_SHARE_OF = {
+    ("stop-reading", "budget"): "the share of its own tokens a text reads",
+    ("skip-rnn", "budget"): "the share of state updates (per sample and step)",
+}
 
 __all__ = [
     "BlockGateOptions",
@@ -108,10 +113,8 @@ def _check_number(strategy: str, key: str, value: Any) -> None:
         if not math.isfinite(v):
             raise StrategyError(f"{strategy} option {key} must be a finite number, got {v}.")
         if key in _FRACTIONS and not 0.0 < v <= 1.0:
-            raise StrategyError(
-                f"{strategy} option {key} is a fraction of the static model's MACs in (0, 1]; "
-                f"got {v}."
-            )
+            what = _SHARE_OF.get((strategy, key), "a fraction of the static model's MACs")
+            raise StrategyError(f"{strategy} option {key} is {what}, in (0, 1]; got {v}.")
         if key in _NON_NEGATIVE and v < 0:
             raise StrategyError(f"{strategy} option {key} must be 0 or more, got {v}.")
         if key in _POSITIVE and v <= 0:

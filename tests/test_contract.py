@@ -479,7 +479,10 @@ def converted(strategy: str, options_json: str) -> Case:
 
 
 def case_id(strategy: str, options: dict[str, Any]) -> str:
-    return "-".join([strategy, *(str(v) for v in options.values())])
+    """The strategy and its options' values; a number named by its option ("every4",
+    "jump1", "group2"), which alone would not say what it counts."""
+    values = (v if isinstance(v, str) else f"{k}{v}" for k, v in options.items())
+    return "-".join([strategy, *values])
 
 
 def variant_params(
@@ -653,9 +656,9 @@ def test_static_mode_and_records_are_per_thread(case):
 WORST_CASE_NOT_FORCED = {
     "spatial-masks-region",
     "block-gates-halting",
-    "stop-reading-2-confidence-1",
-    "stop-reading-2-patience-2",
-    "stop-reading-2-confidence-1-tokens+lengths",
+    "stop-reading-every2-confidence-jump1",
+    "stop-reading-every2-patience-jump2",
+    "stop-reading-every2-confidence-jump1-tokens+lengths",
 }
 
 

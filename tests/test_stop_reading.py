@@ -305,6 +305,25 @@ def test_the_benchmark_suite_runs_end_to_end_on_text_files(tmp_path):
         assert 0.0 < r[key]["tokens_of_static"] <= 1.0
         assert sum(r[key]["exit_histogram"]) == r["test_rows"] == 40
     assert r["timing"]["static_ms"] > 0 and r["timing"]["cpu_ratio"] > 0
+    # with a jump head the jump threshold comes from dynify.calibrate, with its grid
+    main(
+        [
+            *argv,
+            "--jump",
+            "1",
+            "--results",
+            str(tmp_path / "jump"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
+    r = json.loads((tmp_path / "jump" / "stop_reading.json").read_text())["data"]["datasets"][
+        "agnews"
+    ]
+    from dynify.runtime.stop_reading import JUMP_GRID
+
+    assert r["jump_threshold"] in JUMP_GRID
+    assert [row["jump_threshold"] for row in r["jump_grid"]] == list(JUMP_GRID)
 
 
 def test_a_float_sequence_model_reads_with_its_rnn_directly():
@@ -447,5 +466,161 @@ def test_jump_training_is_straight_through_with_a_budget_on_tokens_read():
 def test_jump_options_are_checked():
     with pytest.raises(StrategyError, match="no jump head"):
         convert(classifier()).set_jump_threshold(0.5)
-    with pytest.raises(StrategyError, match="budget"):
+    with pytest.raises(StrategyError, match="budget is the share of its own tokens a text reads"):
         convert(classifier(), budget=0.0)
+
+
+# --- calibration chooses the jump threshold ---------------------------------------------------
+def calibration_texts(n: int = 160, seed: int = 7) -> tuple[Tensor, Tensor]:
+    """Texts of every length with labels the static model mostly agrees with."""
+    g = torch.Generator().manual_seed(seed)
+    x = texts(torch.randint(1, T + 1, (n,), generator=g).tolist())
+    with torch.no_grad():
+        y = classifier()(x).argmax(-1)
+    noisy = torch.rand(n, generator=g) < 0.1
+    return x, torch.where(noisy, torch.randint(0, CLASSES, (n,), generator=g), y)
+
+
+@pytest.mark.parametrize("target", [{"budget": 0.45}, {"max_drop": 0.05}])
+def test_calibrate_chooses_the_jump_threshold_from_its_grid(tmp_path, target):
+    """With a jump head, the thresholds are searched at every jump threshold of the grid and
+    the setting that best meets the target is kept: it is on the model (and in its artifact),
+    and what the model then spends on the data is what calibration promised."""
+    from dynify.runtime.stop_reading import JUMP_GRID
+
+    dyn = jump_model(1)
+    x, y = calibration_texts()
+    result = dynify.calibrate(dyn, dynify.TextDataset(x, y), part="all", **target)
+    chosen = result.scalars["jump_threshold"]
+    assert chosen in JUMP_GRID and float(dyn.jump_threshold) == pytest.approx(chosen)
+    rows = result.scalar_grid
+    assert [r["jump_threshold"] for r in rows] == list(JUMP_GRID)
+    met = [r for r in rows if r["met"]]
+    with torch.no_grad():
+        preds = dyn(x).argmax(-1)
+    measured = float(dyn.last_macs.double().mean()) / dyn.static_macs
+    assert result.macs_fraction == pytest.approx(measured, abs=1e-9)
+    assert result.accuracy == pytest.approx(float((preds == y).double().mean()))
+    if "budget" in target:  # the most accurate setting within the budget
+        assert measured <= target["budget"] + 1e-9
+        assert result.accuracy == max(r["accuracy"] for r in met)
+    else:  # the cheapest setting within the drop
+        assert result.accuracy >= result.static_accuracy - target["max_drop"] - 1e-12
+        assert result.macs_fraction == min(r["macs"] for r in met)
+    assert len({round(r["macs"], 6) for r in met}) > 1  # the jump threshold changes the cost
+    with torch.no_grad(), dyn.static():  # the drop is judged against the static network
+        static_acc = float((dyn(x).argmax(-1) == y).double().mean())
+    assert result.static_accuracy == pytest.approx(static_acc)
+    path = tmp_path / "calibrated.dyn"
+    dynify.save(dyn, path)
+    again = dynify.load(path)
+    assert float(again.jump_threshold) == pytest.approx(chosen)
+    assert again.spec["calibration"]["scalars"] == {"jump_threshold": chosen}
+    with torch.no_grad():
+        assert torch.equal(again(x), dyn(x))
+        logits, _ = again.export_face()(x)  # the face holds the chosen value too
+    assert torch.allclose(logits, dyn(x), atol=1e-5)
+
+
+def test_a_model_without_a_jump_head_calibrates_as_before():
+    """No jump head: no grid, and the thresholds are those of one threshold search."""
+    from dynify.train.exit_outputs import collect_outputs
+    from dynify.train.threshold_search import search_thresholds
+
+    dyn = convert(classifier(), every=2)
+    x, y = calibration_texts()
+    data = dynify.TextDataset(x, y)
+    expected = search_thresholds(dyn, collect_outputs(dyn, data)).choose(budget=0.45)
+    result = dynify.calibrate(dyn, data, budget=0.45, part="all")
+    assert result.thresholds == expected.thresholds
+    assert result.scalars == {} and result.scalar_grid == []
+    assert dyn.thresholds.tolist() == pytest.approx(expected.thresholds, abs=1e-6)
+
+
+def test_calibrating_outputs_keeps_the_jump_threshold_held():
+    """Exit logits collected at one jump threshold say nothing of another: it stays."""
+    from dynify.train.exit_outputs import collect_outputs
+
+    dyn = jump_model(1)
+    dyn.set_jump_threshold(0.3)
+    x, y = calibration_texts()
+    result = dynify.calibrate(dyn, collect_outputs(dyn, dynify.TextDataset(x, y)), budget=0.6)
+    assert result.scalars == {"jump_threshold": 0.3} and result.scalar_grid == []
+    assert float(dyn.jump_threshold) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("jump", [0, 1])
+def test_the_export_face_runs_the_classifier_only_for_texts_that_end(jump):
+    """Each text passes the original classifier at most once in the face, and only if it
+    answers there: a stage where a text reads on (or leaves at a head) does not run it."""
+    dyn = convert(classifier(), every=2, jump=jump)
+    x = texts(LENGTHS * 2)
+    with torch.no_grad():
+        scores = [torch.softmax(lg, -1).max(-1).values for lg in dyn.exit_logits(x)[:-1]]
+        dyn.set_thresholds(float(torch.cat(scores).quantile(0.8)))
+    rows: list[int] = []
+    hook = dyn.tail.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        with torch.no_grad():
+            logits, decisions = dyn.export_face()(x)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        assert torch.allclose(logits, dyn(x), atol=1e-5)
+    assert torch.equal(decisions, dyn.last_decisions())
+    answered = int((decisions == dyn.num_exits).sum())
+    assert 0 < answered < len(x) and sum(rows) == answered
+
+
+def test_dynify_calibrate_says_which_jump_threshold_it_chose(tmp_path):
+    """The command line gets the jump threshold's calibration from the API: it prints the value
+    chosen, and the artifact it writes holds it."""
+    from typer.testing import CliRunner
+
+    from dynify.cli import app
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    vocab = dynify.Vocabulary(["<pad>", "<unk>", *words])
+    x, y = calibration_texts()
+    lines = [
+        " ".join(vocab.decode(row)) + f"\t{int(label)}" for row, label in zip(x, y, strict=True)
+    ]
+    data = tmp_path / "held_out.tsv"
+    data.write_text("text\tlabel\n" + "\n".join(line for line in lines if line[0] != "\t"))
+    vocab.save(tmp_path / "vocab.json")
+    artifact = tmp_path / "jump.dyn"
+    dynify.save(jump_model(1), artifact)
+    out = tmp_path / "calibrated.dyn"
+    args = [
+        "calibrate",
+        str(artifact),
+        "--data",
+        str(data),
+        "--vocab",
+        str(tmp_path / "vocab.json"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--budget", "0.45", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    chosen = float(dynify.load(out).jump_threshold)
+    assert f"Jump threshold: {chosen:.3f} (chosen from 11 values)" in result.output
+
+
+def test_with_jumps_the_static_reference_is_the_static_network():
+    """Always jumping, the final exit reads half of each text: calibration and evaluation still
+    measure the drop against the static network, labelled or not."""
+    from torch.utils.data import TensorDataset
+
+    from dynify.train.exit_outputs import collect_outputs
+
+    dyn = jump_model(1)
+    dyn.set_jump_threshold(0.0)
+    x, y = calibration_texts()
+    with torch.no_grad(), dyn.static():
+        static_pred = dyn(x).argmax(-1)
+    outputs = collect_outputs(dyn, dynify.TextDataset(x, y))
+    assert not torch.equal(outputs.logits[-1].argmax(-1), static_pred)  # the jumps change it
+    report = dynify.evaluate(dyn, dynify.TextDataset(x, y))
+    assert report.static_accuracy == pytest.approx(float((static_pred == y).double().mean()))
+    unlabelled = collect_outputs(dyn, TensorDataset(x, torch.full_like(y, -1)))
+    assert torch.equal(unlabelled.reference(), static_pred)
+    assert bool(unlabelled.static_correct().all())

@@ -373,6 +373,10 @@ def calibrate(
         f"On the calibration data: {what} {result.accuracy:.2%} at {result.macs_fraction:.3f} "
         f"of the static MACs (static: {result.static_accuracy:.2%})."
     )
+    for name, value in result.scalars.items():  # decision scalars chosen with the thresholds
+        tried = len(result.scalar_grid)
+        how = f"chosen from {tried} values" if tried else "kept as held"
+        console.print(f"{name.replace('_', ' ').capitalize()}: {value:.3f} ({how}).")
     bound = dynify.cost_bound(dyn)
     if bound.cap is not None:
         console.print(

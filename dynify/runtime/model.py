@@ -47,6 +47,7 @@ __all__ = [
     "UNIT",
     "CostBook",
     "CostItem",
+    "DecisionScalars",
     "DynamicModel",
     "ExitCascade",
     "ExportFace",
@@ -578,3 +579,22 @@ class PerSampleExits(Protocol):
     def sample_exit_costs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def forced_exit_macs(self) -> list[int]: ...
+
+
+@runtime_checkable
+class DecisionScalars(Protocol):
+    """A model with decision scalars besides its thresholds, which calibration chooses with
+    them (stop-reading's jump threshold): for each value of a small grid the thresholds are
+    searched, and the setting that best meets the target is kept (`dynify.calibrate`).
+
+    `decision_scalars()` maps each scalar's name to the grid calibration tries (empty: nothing
+    to choose, e.g. a stop-reading model converted without a jump head); `scalar_values()`
+    reads the values the model holds (saved with it, used by its export face);
+    `set_scalar(name, value)` sets one.
+    """
+
+    def decision_scalars(self) -> dict[str, tuple[float, ...]]: ...
+
+    def scalar_values(self) -> dict[str, float]: ...
+
+    def set_scalar(self, name: str, value: float) -> None: ...

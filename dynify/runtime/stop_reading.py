@@ -26,6 +26,7 @@ from dynify.frontend.inputs import as_inputs
 from dynify.runtime import recurrence
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import (
+    NEVER,
     exit_decision,
     gate_open,
     gate_open_one,
@@ -42,6 +43,10 @@ from dynify.train.losses import LossConfig, budget_price, distillation, priced_c
 KD_TEMPERATURE = 3.0  # the exits' own distillation temperature (LossConfig.kd_temperature None)
 
 RnnState = Tensor | tuple[Tensor, Tensor]
+
+JUMP_THRESHOLD = "jump_threshold"  # the decision scalar calibration chooses with the exits
+# Its grid: 0 always jumps after a stretch read, NEVER never jumps (the exits alone).
+JUMP_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, NEVER)
 
 
 def run_stretch(rnn: nn.RNNBase, inputs: Tensor, state: RnnState | None) -> tuple[Tensor, RnnState]:
@@ -198,6 +203,21 @@ class StopReadingModel(DynamicModel):
         if not math.isfinite(value) or value < 0.0:
             raise StrategyError(f"The jump threshold must be finite and >= 0, got {value}.")
         self.jump_threshold.fill_(value)
+
+    # --- decision scalars: the jump threshold, chosen by calibration (`DecisionScalars`) ----
+    def decision_scalars(self) -> dict[str, tuple[float, ...]]:
+        """The jump threshold's calibration grid (none without a jump head): from always
+        jumping (0) to never (above 1), so calibration can also drop the jumps."""
+        return {JUMP_THRESHOLD: JUMP_GRID} if self.jump else {}
+
+    def scalar_values(self) -> dict[str, float]:
+        return {JUMP_THRESHOLD: float(self.jump_threshold)} if self.jump else {}
+
+    def set_scalar(self, name: str, value: float) -> None:
+        if name != JUMP_THRESHOLD:
+            known = ", ".join(self.decision_scalars()) or "none (no jump head)"
+            raise StrategyError(f"stop-reading has no decision scalar '{name}'; it has: {known}.")
+        self.set_jump_threshold(value)
 
     def read_lengths(self, *args: Tensor) -> Tensor:
         """Tokens each sample must read for the original classifier's answer, int64 [N] in
@@ -620,6 +640,19 @@ class StopReadingModel(DynamicModel):
         return StopReadingFace(self)
 
 
+def tokens_read(model: DynamicModel) -> Tensor:
+    """The tokens (RNN steps) each sample of this thread's last forward of a stop-reading
+    `model` read, int64 [N]: its stretches run, jumped ones not counted."""
+    if not isinstance(model, StopReadingModel):
+        raise StrategyError(
+            f"tokens_read needs a stop-reading model; got a "
+            f"{getattr(model, 'strategy', '') or type(model).__name__} model."
+        )
+    if model.last_tokens is None:
+        raise StrategyError("No forward has run in this thread yet.")
+    return model.last_tokens
+
+
 class _Trace:
     """What `_read_through` saw: logits per exit and the final, stretches read and
     checkpoints that decided per sample, the share of its tokens each sample read."""
@@ -731,11 +764,14 @@ class StopReadingFace(ExportFace):
         m, k = self.model, self.model.num_exits
         x = args[0]
         pad = seq.new_zeros((seq.shape[0], m.steps - seq.shape[1], seq.shape[-1]))
-        final_logits = m._answer(args, encoded, torch.cat([seq, pad], 1), state)
         if i == k:
-            return final_logits, full_index(x, k)
+            return m._answer(args, encoded, torch.cat([seq, pad], 1), state), full_index(x, k)
         finished = read <= m.boundary(i)
         logits = m.heads[i](seq[:, -1])
+        # the original classifier answers only for the texts that end here (an ONNX `If`)
+        final_logits = _answer_ended(
+            m, args, encoded, torch.cat([seq, pad], 1), state, finished, logits
+        )
         carried = (streak[0], streak[1]) if streak else None
         leave, carried = exit_decision(
             logits, self.temperatures[i], thr[i], m.policy.kind, m.policy.patience, carried
@@ -795,6 +831,42 @@ class StopReadingFace(ExportFace):
 
         operands = (here, decision, stop, skip, *args, encoded, read, seq, *flat_state, *streak)
         return cond(stop.all(), all_stop, go_on, operands)
+
+
+def _answer_ended(
+    m: StopReadingModel,
+    args: tuple[Tensor, ...],
+    encoded: Tensor,
+    seq: Tensor,
+    state: RnnState,
+    ended: Tensor,
+    like: Tensor,
+) -> Tensor:
+    """The original classifier's logits for the samples whose text has ended (`ended` [N]),
+    gathered, run and scattered into zeros shaped as `like` [N, C]: a conditional, so a stage
+    where no text ends runs no classifier."""
+    is_lstm = isinstance(state, tuple)
+    flat_state = state if is_lstm else (state,)
+    n_args, batch_dim = len(args), 1 - m._time_axis()
+    blank = torch.zeros_like(like)
+
+    def nobody(blank, ended, encoded, seq, *rest):
+        return blank.clone()
+
+    def ended_rows(blank, ended, encoded, seq, *rest):
+        rows = selected(ended)
+        sub_args = tuple(a.index_select(0, rows) for a in rest[:n_args])
+        sub_state = tuple(s.index_select(1, rows) for s in rest[n_args:])
+        answer = m._answer(
+            sub_args,
+            encoded.index_select(batch_dim, rows),
+            seq.index_select(0, rows),
+            sub_state if is_lstm else sub_state[0],
+        )
+        return blank.index_copy(0, rows, answer.to(blank.dtype))
+
+    operands = (blank, ended, encoded, seq, *args, *flat_state)
+    return cond(ended.any(), ended_rows, nobody, operands)
 
 
 def _read_some(

@@ -12,6 +12,12 @@ Cascades of exits (`ExitCascade`) are searched that way; other strategies plug i
 the contract alone: `set_thresholds(t)` with a scalar t
 (0 = cheapest, > 1 = the static network's work) swept and bisected with real forward passes.
 
+Decision scalars besides the thresholds (`DecisionScalars`: stop-reading's jump threshold) are
+chosen with them: the thresholds are searched at every value of the scalar's small grid, on
+the same data, and the value whose best thresholds best meet the target is kept on the model
+(saved with it, used by its export). Given precomputed `ExitOutputs`, which were collected at
+one value, the scalars stay as they are.
+
 Anytime mode (`mac_cap`): the deepest exit whose cost fits the cap gets threshold 0, so every
 sample leaves there at the latest: no input, however crafted, spends more than the cap. Block
 gates and spatial masks hold the cap themselves (`MacCapped.set_mac_cap`, the rule in
@@ -25,15 +31,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from itertools import product
 from typing import Any
 
 import torch
 
-from dynify.errors import DataError, StrategyError
+from dynify.errors import DataError, DynifyError, StrategyError
 from dynify.heldout import Part, calibration_part
 from dynify.runtime.decisions import NEVER
 from dynify.runtime.early_exit import EarlyExitModel
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.ensemble import fit_ensemble
 from dynify.train.exit_outputs import (
@@ -43,7 +50,7 @@ from dynify.train.exit_outputs import (
     one_thread,
 )
 from dynify.train.scalar_sweep import calibrate_by_sweep, measure
-from dynify.train.targets import CalibrationResult, check_target
+from dynify.train.targets import CalibrationResult, check_target, choose_point, pareto_front
 from dynify.train.temperature import fit_temperature, fit_temperatures
 from dynify.train.threshold_search import ThresholdSearch, search_thresholds, simulate
 
@@ -62,6 +69,7 @@ __all__ = [
     "fit_temperatures",
     "measure",
     "one_thread",
+    "scalar_grid",
     "search_thresholds",
     "simulate",
 ]
@@ -98,6 +106,8 @@ def calibrate(
     says which part was used.
     `ensemble` first fits Zero Time Waste's ensemble of the heads (`dynify.train.ensemble`) on
     the same data, so each exit answers with the evidence of every head before it.
+    A model with decision scalars (`DecisionScalars`: stop-reading's jump threshold) gets them
+    chosen from their grid with the thresholds; the result's `scalars` says which.
     """
     check_target(budget, max_drop, mac_cap)
     if isinstance(data, ExitOutputs | Batches):
@@ -141,6 +151,115 @@ def _calibrate_on(
     preprocessing: Preprocessing | None,
     ensemble: bool,
 ) -> CalibrationResult:
+    args = (
+        budget,
+        max_drop,
+        mac_cap,
+        fit_temperature_scaling,
+        split,
+        batch_size,
+        preprocessing,
+        ensemble,
+    )
+    grid = scalar_grid(dyn)
+    has_target = budget is not None or max_drop is not None
+    if not grid or not has_target or isinstance(data, ExitOutputs):
+        if grid and has_target:
+            logger.info(
+                "dynify.calibrate: outputs given, so the decision scalars stay at %s.",
+                dyn.scalar_values(),  # type: ignore[union-attr]
+            )
+        result = _calibrate_thresholds(dyn, data, *args)
+        if isinstance(dyn, DecisionScalars) and dyn.scalar_values():
+            _record_scalars(dyn, result, dyn.scalar_values(), [])
+        return result
+    assert isinstance(dyn, DecisionScalars)
+    return _sweep_scalars(dyn, grid, data, args)
+
+
+def scalar_grid(dyn: DynamicModel) -> list[dict[str, float]]:
+    """Every setting of `dyn`'s decision scalars calibration tries (`DecisionScalars`: the
+    product of their grids), or [] for a model without any."""
+    if not isinstance(dyn, DecisionScalars):
+        return []
+    grids = dyn.decision_scalars()
+    if not grids:
+        return []
+    names = list(grids)
+    return [dict(zip(names, values, strict=True)) for values in product(*grids.values())]
+
+
+def _sweep_scalars(
+    dyn: DecisionScalars, grid: list[dict[str, float]], data: Any, args: tuple
+) -> CalibrationResult:
+    """The thresholds searched at every setting of the decision scalars on the same data; the
+    setting whose best thresholds best meet the target is kept (the cheapest within the drop,
+    or the most accurate within the budget), and set on the model with them."""
+    budget, max_drop = args[0], args[1]
+    held = dyn.scalar_values()
+    results, grid_rows, error = [], [], None
+    for setting in grid:
+        for name, value in setting.items():
+            dyn.set_scalar(name, value)
+        try:
+            result = _calibrate_thresholds(dyn, data, *args)  # type: ignore[arg-type]
+        except DynifyError as exc:  # the target cannot be met at this setting
+            error = exc
+            grid_rows.append({**setting, "met": False})
+            continue
+        results.append((setting, result))
+        grid_rows.append(
+            {**setting, "met": True, "accuracy": result.accuracy, "macs": result.macs_fraction}
+        )
+        logger.info("dynify.calibrate: at %s: %s", setting, grid_rows[-1])
+    if not results:
+        for name, value in held.items():
+            dyn.set_scalar(name, value)
+        assert error is not None
+        raise error
+    accuracy = torch.tensor([r.accuracy for _, r in results], dtype=torch.float64)
+    macs = torch.tensor([r.macs_fraction for _, r in results], dtype=torch.float64)
+    static_acc = results[0][1].static_accuracy
+    setting, best = results[choose_point(accuracy, macs, budget, max_drop, static_acc)]
+    for name, value in setting.items():
+        dyn.set_scalar(name, value)
+    every = [p for _, r in results for p in r.frontier]
+    if every:
+        best.frontier = pareto_front(
+            torch.tensor([m for m, _ in every], dtype=torch.float64),
+            torch.tensor([a for _, a in every], dtype=torch.float64),
+        )
+    apply_calibration(dyn, best)  # type: ignore[arg-type]
+    _record_scalars(dyn, best, setting, grid_rows)  # type: ignore[arg-type]
+    return best
+
+
+def _record_scalars(
+    dyn: DynamicModel,
+    result: CalibrationResult,
+    values: dict[str, float],
+    grid_rows: list[dict[str, Any]],
+) -> None:
+    result.scalars = {name: round(float(v), 6) for name, v in values.items()}
+    result.scalar_grid = grid_rows
+    if isinstance(dyn.spec.get("calibration"), dict):
+        dyn.spec["calibration"]["scalars"] = result.scalars
+        dyn.spec["calibration"]["scalar_grid"] = grid_rows
+
+
+def _calibrate_thresholds(
+    dyn: DynamicModel,
+    data: Any,
+    budget: float | None,
+    max_drop: float | None,
+    mac_cap: float | None,
+    fit_temperature_scaling: bool,
+    split: str | None,
+    batch_size: int,
+    preprocessing: Preprocessing | None,
+    ensemble: bool,
+) -> CalibrationResult:
+    """The thresholds (and temperatures) alone, at the decision scalars the model holds."""
     if not isinstance(dyn, ExitCascade):
         return calibrate_by_sweep(
             dyn, data, budget, max_drop, mac_cap, split, batch_size, preprocessing

@@ -12,7 +12,7 @@ import torch
 
 from dynify.errors import DataError, StrategyError
 from dynify.runtime.early_exit import EarlyExitModel
-from dynify.runtime.model import DynamicModel, ExitCascade, PerSampleExits
+from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade, PerSampleExits
 from dynify.train.batches import (
     Batches,
     Preprocessing,
@@ -38,13 +38,24 @@ class ExitOutputs:
     # exit [K + 1, N] and which exits are open to each sample [K, N]; None: `exit_macs` for all.
     sample_macs: torch.Tensor | None = None
     available: torch.Tensor | None = None
+    # The static network's predictions [N] where the final exit is not the static network
+    # (decision scalars such as a jump threshold change what it reads); None: it is.
+    static_preds: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
         return int(self.logits[0].shape[0])
 
     def reference(self) -> torch.Tensor:
-        return self.labels if self.labels is not None else self.logits[-1].argmax(-1)
+        """The labels, or without them the static network's predictions."""
+        return self.labels if self.labels is not None else self.static_predictions()
+
+    def static_predictions(self) -> torch.Tensor:
+        return self.static_preds if self.static_preds is not None else self.logits[-1].argmax(-1)
+
+    def static_correct(self) -> torch.Tensor:
+        """[N] bool: is the static network right on sample n (the target's reference)."""
+        return self.static_predictions() == self.reference()
 
     def correct(self) -> torch.Tensor:
         """[exits + 1, N] bool: is exit i right on sample n."""
@@ -123,8 +134,15 @@ def collect_outputs(
     per_exit: list[list[torch.Tensor]] = []
     labels, sample_macs, available = [], [], []
     per_sample = isinstance(dyn, PerSampleExits)
+    # with decision scalars (a jump threshold) the final exit may read less than the static
+    # network: a target's reference is then the static network itself
+    static_preds: list[torch.Tensor] = []
+    own_static = isinstance(dyn, DecisionScalars) and bool(dyn.decision_scalars())
     try:
         for x, y in batches.epoch(0):
+            if own_static:
+                with dyn.static():
+                    static_preds.append(dyn(x).argmax(-1))
             raw_heads = raw and isinstance(dyn, EarlyExitModel)
             outs = dyn.exit_logits(x, raw=True) if raw_heads else dyn.exit_logits(x)
             if not per_exit:
@@ -152,4 +170,5 @@ def collect_outputs(
         raw=raw or not (isinstance(dyn, EarlyExitModel) and dyn.ensembled),
         sample_macs=torch.cat(sample_macs, 1) if per_sample else None,
         available=torch.cat(available, 1) if per_sample else None,
+        static_preds=torch.cat(static_preds) if own_static else None,
     )

@@ -27,6 +27,10 @@ class CalibrationResult:
     labels_used: bool = True
     data: str = ""  # which data (or part of it) the thresholds were chosen on
     frontier: list[tuple[float, float]] = field(default_factory=list)  # (MACs, accuracy)
+    # The decision scalars chosen with the thresholds (`DecisionScalars`: stop-reading's jump
+    # threshold), and what the best thresholds reached at each value of their grid.
+    scalars: dict[str, float] = field(default_factory=dict)
+    scalar_grid: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self, frontier: bool = False) -> dict[str, Any]:
         data = asdict(self)

@@ -185,8 +185,9 @@ class ThresholdSearch:
             if v is not None
         }
         return CalibrationResult(
-            thresholds=[round(float(t), 6) for t in self.thresholds[j]],
-            temperatures=[round(t, 6) for t in self.temperatures],
+            # exact: a rounded threshold can cross the score of a sample it was chosen at
+            thresholds=[float(t) for t in self.thresholds[j]],
+            temperatures=[float(t) for t in self.temperatures],
             target=target,
             accuracy=float(self.accuracy[j]),
             macs_fraction=float(self.macs[j]),
@@ -237,7 +238,7 @@ def _search_thresholds(dyn, outputs, mac_cap, fit_temperature_scaling, keep, for
         accuracy,
         macs,
         temperatures,
-        float(problem.correct_f[-1].mean()),
+        float(outputs.static_correct().double().mean()),
         outputs.num_samples,
         forced,
         outputs.labels is not None,
