@@ -396,8 +396,9 @@ def render() -> str:
         "",
         f"- Fine-tuning: `dynify.finetune(mode={f['mode']!r})` for {f['epochs']} epochs, batch "
         f"{f['batch_size']}, on {f['fit_rows']:,} rows of the static model's fit split, towards "
-        f"a share of updates of {f['budget']:g} ({f['seconds'] / 60:.1f} min on one thread). "
-        "Per-epoch update shares (straight-through, threshold 0.5): "
+        f"a share of updates of {f['budget']:g} ({f['seconds'] / 60:.1f} min on one thread)"
+        + _recipe_text(f)
+        + ". Per-epoch update shares (straight-through, threshold 0.5): "
         + ", ".join(pct(h.get("update_share")) + " %" for h in f["history"])
         + ".",
         "- The baseline is the static model as trained (measured before fine-tuning). In "
@@ -409,6 +410,7 @@ def render() -> str:
         "baseline above.",
         "- Calibration: `dynify.calibrate` on the held-out 10 % of the training file (the part "
         "text_baseline chose its epoch on; the gate never saw it); test chooses nothing.",
+        *_share_target_note(r),
         "- Updates: share of each text's real steps (up to its last token; T = "
         f"{r['settings']['max_len']} with right padding) whose state was updated. The classifier "
         "reads each text's output at its last token, so a padding step never updates and is "
@@ -429,6 +431,33 @@ def render() -> str:
         *provenance(result),
     ]
     return "\n".join(lines)
+
+
+def _recipe_text(f: dict[str, Any]) -> str:
+    """The recipe's settings beyond epochs and batch (results before they were recorded: none)."""
+    parts = []
+    if f.get("lr") is not None:
+        parts.append(f"lr {f['lr']:g} (the LSTM and classifier's SGD; the gate: Adam)")
+    if f.get("label_weight") is not None:
+        parts.append(f"label weight {f['label_weight']:g}")
+    options = f.get("options") or {}
+    shown = ("gate_bias", "compute_weight", "budget_rate", "distill_temperature")
+    parts += [f"{k} {options[k]:g}" for k in shown if k in options]
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def _share_target_note(r: dict[str, Any]) -> list[str]:
+    """How the share-of-updates point was calibrated, if the run has one."""
+    budget = r["points"].get("budget", {})
+    if "update_share" not in budget.get("target", {}):
+        return []
+    return [
+        "- The budget point asks for a share of the updates: `dynify.calibrate` budgets the "
+        "static model's MACs, and on a fixed set of texts a skip-rnn model's MACs are affine "
+        "in its updates, so the suite asks for the MAC fraction that the held-out curve "
+        f"interpolates at {pct(budget['target']['update_share'])} % of the updates "
+        f"({pct(budget['calibrate']['budget'])} % of the static MACs)."
+    ]
 
 
 def _target_label(point: dict) -> str:
