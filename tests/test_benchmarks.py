@@ -386,3 +386,18 @@ def test_the_recorded_command_leaves_out_where_the_output_went():
 
     argv = ["latency", "--results", "/tmp/x", "--no-render", "--runs=3", "--results=/y"]
     assert command_line(argv) == "python -m benchmarks latency --runs=3"
+
+
+def test_skip_rnn_budget_point_asks_for_the_mac_fraction_of_a_share_of_updates():
+    """The MAC budget of 50 % of the updates, interpolated on the held-out curve; a share the
+    curve does not reach is refused."""
+    from benchmarks.skip_rnn import macs_at_share
+
+    def point(share, macs):
+        return {"held_out": {"update_share": share, "macs_fraction": macs}}
+
+    curve = [point(1.0, 0.5), point(0.4, 0.2), point(0.6, 0.3)]
+    assert macs_at_share(curve, 0.5) == pytest.approx(0.25)
+    assert macs_at_share(curve, 0.6) == pytest.approx(0.3)
+    with pytest.raises(SystemExit):
+        macs_at_share(curve, 0.1)
