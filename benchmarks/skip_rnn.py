@@ -15,6 +15,8 @@ at the calibrated threshold with the static model on the same test batches, one 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import statistics
 import time
 from dataclasses import asdict
@@ -47,6 +49,13 @@ def _ids(data: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+def text_steps(ids: torch.Tensor) -> torch.Tensor:
+    """[B] each text's own steps (up to its last token; the pad id is 0, padding on the right):
+    the steps the dynamic model can update at, as the classifier reads each text's output at
+    its last token and a padding step never updates. The first step always runs."""
+    return (ids != 0).sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, float]:
     """Accuracy, share of state updates (of the texts' real steps) and mean MAC fraction of
@@ -56,9 +65,8 @@ def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, 
     for start in range(0, len(data), batch):
         ids, labels = _ids(data, start, start + batch)
         correct += int((dyn(ids).argmax(-1) == labels).sum())
-        decisions = dyn.last_decisions()
-        updates += float(decisions.sum())
-        steps += int(dyn.last_lengths.sum())  # the texts' real steps: padding never updates
+        updates += float(dyn.last_decisions().sum())
+        steps += int(text_steps(ids).sum())
         macs += float(dyn.last_macs.double().sum())
     return {
         "accuracy": correct / len(data),
@@ -67,18 +75,49 @@ def measure(dyn: dynify.DynamicModel, data: Any, batch: int = 500) -> dict[str, 
     }
 
 
+def macs_at_share(curve: list[dict], share: float) -> float:
+    """The mean MAC fraction that buys `share` of the updates on the held-out rows.
+
+    `dynify.calibrate` budgets MACs (of the static model, which runs every padded step); on
+    a fixed set of texts a skip-rnn model's MACs are affine in its updates (a step and the
+    gate after it per update), so the held-out curve's points on either side of `share` give
+    the MAC budget of that share of updates by interpolation."""
+    points = sorted((p["held_out"]["update_share"], p["held_out"]["macs_fraction"]) for p in curve)
+    for (s0, m0), (s1, m1) in itertools.pairwise(points):
+        if s0 <= share <= s1:
+            return m0 if s1 == s0 else m0 + (m1 - m0) * (share - s0) / (s1 - s0)
+    raise SystemExit(f"The held-out curve does not reach {share:.0%} of the updates.")
+
+
+def _recipe(args: argparse.Namespace, fit_rows: int) -> dict[str, Any]:
+    """The fine-tuning recipe a run asks for (recorded with its results)."""
+    return {
+        "mode": args.mode,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "label_weight": args.label_weight,
+        "budget": args.budget,
+        "options": asdict(_options(args)),
+        "seed": args.seed,
+        "fit_rows": fit_rows,
+    }
+
+
 def _tuned(
     args: argparse.Namespace, model: torch.nn.Module, example: torch.Tensor, fit: Any
-) -> tuple[dynify.DynamicModel, list[dict], float]:
-    """The fine-tuned skip-rnn model, its per-epoch history and training seconds: loaded from
-    `args.model` if it exists, else converted, fine-tuned and (with `args.model`) written."""
+) -> tuple[dynify.DynamicModel, dict[str, Any]]:
+    """The fine-tuned skip-rnn model and its record (recipe, per-epoch history, training
+    seconds): loaded from `args.model` (and the record kept next to it) if it exists, else
+    converted, fine-tuned and (with `args.model`) written."""
     if args.model is not None and args.model.exists():
         dyn = dynify.load(args.model, model=model)
-        record = dyn.spec.get("finetune_record", {})
+        record_file = _record_path(args.model)
+        record = json.loads(record_file.read_text()) if record_file.exists() else {}
         print(f"loaded the fine-tuned model from {args.model}", flush=True)
-        return dyn, record.get("history", []), float(record.get("seconds", 0.0))
+        return dyn, {**_recipe(args, len(fit)), "history": [], "seconds": 0.0, **record}
     torch.manual_seed(args.seed)
-    dyn = dynify.convert(model, "skip-rnn", example, options={"budget": args.budget})
+    dyn = dynify.convert(model, "skip-rnn", example, options=_options(args))
     started = time.perf_counter()
     tuned = dynify.finetune(
         dyn,
@@ -90,16 +129,35 @@ def _tuned(
         seed=args.seed,
         augment=False,
         calibration_fraction=0.0,
+        label_weight=args.label_weight,
         progress=False,
     )
     seconds = time.perf_counter() - started
     print(f"fine-tuned in {seconds / 60:.1f} min: {tuned.history[-1]}", flush=True)
+    record = {**_recipe(args, len(fit)), "history": tuned.history, "seconds": round(seconds, 1)}
     if args.model is not None:
         args.model.parent.mkdir(parents=True, exist_ok=True)
-        record = {"history": tuned.history, "seconds": round(seconds, 1)}
-        dynify.save(dyn, args.model, extra={"finetune_record": record})
+        dynify.save(dyn, args.model)
+        dynify.save_json(record, _record_path(args.model))
         print(f"wrote {args.model}", flush=True)
-    return dyn, tuned.history, seconds
+    return dyn, record
+
+
+def _options(args: argparse.Namespace) -> dynify.SkipRNNOptions:
+    """The conversion options: the strategy's defaults, but for those given on the command line."""
+    given = {
+        "budget": args.budget,
+        "gate_bias": args.gate_bias,
+        "compute_weight": args.compute_weight,
+        "budget_rate": args.budget_rate,
+        "distill_temperature": args.distill_temperature,
+    }
+    return dynify.SkipRNNOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def _record_path(model: Path) -> Path:
+    """The fine-tuning record (history, seconds) kept next to a saved model."""
+    return model.with_name(model.name + ".finetune.json")
 
 
 @torch.no_grad()
@@ -179,11 +237,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--budget", type=float, default=0.5, help="share of updates to train to")
-    parser.add_argument("--calibrate-budget", type=float, default=0.5, help="MAC fraction")
+    parser.add_argument(
+        "--calibrate-share",
+        type=float,
+        default=TARGET_SHARE,
+        help="the budget point's share of updates (of the texts' own steps, on held-out rows)",
+    )
     parser.add_argument("--mode", default="heads", choices=["heads", "joint"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--label-weight", type=float, default=None)
+    for option in ("gate-bias", "compute-weight", "budget-rate", "distill-temperature"):
+        parser.add_argument(f"--{option}", type=float, default=None, help="SkipRNNOptions")
     parser.add_argument("--fit-rows", type=int, default=0, help="fine-tune on a subset (0: all)")
     parser.add_argument("--timing-batches", type=int, default=30)
     parser.add_argument("--timing-rounds", type=int, default=3)
@@ -230,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     static_acc, static_held_out = accuracy(model, test), accuracy(model, held_out)
     print(f"static: test accuracy {pct(static_acc)} %", flush=True)
 
-    dyn, history, train_seconds = _tuned(args, model, example, fit)
+    dyn, record = _tuned(args, model, example, fit)
     if args.stop_after_save:
         return {}
 
@@ -246,13 +312,15 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         print(f"threshold {threshold}: test {point['test']}", flush=True)
 
     points = {}
-    for label, target in (
-        ("budget", {"budget": args.calibrate_budget}),
-        ("max_drop", {"max_drop": TARGET_DROP}),
+    share_budget = macs_at_share(curve, args.calibrate_share)
+    for label, target, asked in (
+        ("budget", {"budget": share_budget}, {"update_share": args.calibrate_share}),
+        ("max_drop", {"max_drop": TARGET_DROP}, {"max_drop": TARGET_DROP}),
     ):
         result = dynify.calibrate(dyn, held_out, **target)
         point = {
-            "target": target,
+            "target": asked,
+            "calibrate": target,
             "thresholds": result.thresholds,
             "held_out": measure(dyn, held_out),
             "test": measure(dyn, test),
@@ -267,16 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             "settings": asdict(settings),
             "model": dyn.describe()[0],
             "static_macs": dyn.static_macs,
-            "finetune": {
-                "mode": args.mode,
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "lr": args.lr,
-                "budget": args.budget,
-                "fit_rows": len(fit),
-                "seconds": round(train_seconds, 1),
-                "history": history,
-            },
+            "finetune": record,
             "rows": {"held_out": len(held_out), "test": len(test)},
             "curve": curve,
             "points": points,
@@ -310,7 +369,7 @@ def render() -> str:
         t, clock = p["test"], p["batch32"]
         saved = 1.0 - t["update_share"]
         efficiency = (1.0 - clock["ratio"]) / saved if saved > 0 else float("nan")
-        target = ", ".join(f"{k} {v:g}" for k, v in p["target"].items())
+        target = _target_label(p)
         lines.append(
             f"| {target} | {p['thresholds'][0]:.3f} | {pct(t['accuracy'])} | "
             f"{100 * (static_acc - t['accuracy']):+.2f} | {pct(t['update_share'])} % | "
@@ -337,8 +396,9 @@ def render() -> str:
         "",
         f"- Fine-tuning: `dynify.finetune(mode={f['mode']!r})` for {f['epochs']} epochs, batch "
         f"{f['batch_size']}, on {f['fit_rows']:,} rows of the static model's fit split, towards "
-        f"a share of updates of {f['budget']:g} ({f['seconds'] / 60:.1f} min on one thread). "
-        "Per-epoch update shares (straight-through, threshold 0.5): "
+        f"a share of updates of {f['budget']:g} ({f['seconds'] / 60:.1f} min on one thread)"
+        + _recipe_text(f)
+        + ". Per-epoch update shares (straight-through, threshold 0.5): "
         + ", ".join(pct(h.get("update_share")) + " %" for h in f["history"])
         + ".",
         "- The baseline is the static model as trained (measured before fine-tuning). In "
@@ -350,6 +410,7 @@ def render() -> str:
         "baseline above.",
         "- Calibration: `dynify.calibrate` on the held-out 10 % of the training file (the part "
         "text_baseline chose its epoch on; the gate never saw it); test chooses nothing.",
+        *_share_target_note(r),
         "- Updates: share of each text's real steps (up to its last token; T = "
         f"{r['settings']['max_len']} with right padding) whose state was updated. The classifier "
         "reads each text's output at its last token, so a padding step never updates and is "
@@ -370,6 +431,45 @@ def render() -> str:
         *provenance(result),
     ]
     return "\n".join(lines)
+
+
+def _recipe_text(f: dict[str, Any]) -> str:
+    """The recipe's settings beyond epochs and batch (results before they were recorded: none)."""
+    parts = []
+    if f.get("lr") is not None:
+        parts.append(f"lr {f['lr']:g} (the LSTM and classifier's SGD; the gate: Adam)")
+    if f.get("label_weight") is not None:
+        parts.append(f"label weight {f['label_weight']:g}")
+    options = f.get("options") or {}
+    shown = ("gate_bias", "compute_weight", "budget_rate", "distill_temperature")
+    parts += [f"{k} {options[k]:g}" for k in shown if k in options]
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def _share_target_note(r: dict[str, Any]) -> list[str]:
+    """How the share-of-updates point was calibrated, if the run has one."""
+    budget = r["points"].get("budget", {})
+    if "update_share" not in budget.get("target", {}):
+        return []
+    return [
+        "- The budget point asks for a share of the updates: `dynify.calibrate` budgets the "
+        "static model's MACs, and on a fixed set of texts a skip-rnn model's MACs are affine "
+        "in its updates, so the suite asks for the MAC fraction that the held-out curve "
+        f"interpolates at {pct(budget['target']['update_share'])} % of the updates "
+        f"({pct(budget['calibrate']['budget'])} % of the static MACs)."
+    ]
+
+
+def _target_label(point: dict) -> str:
+    """What a point asked for: a share of updates (calibrated as the MAC budget that buys it
+    on the held-out rows), or an accuracy drop; results before the share target: a MAC budget."""
+    target = point["target"]
+    if "update_share" in target:
+        budget = point["calibrate"]["budget"]
+        return f"{pct(target['update_share'])} % of updates (MACs {pct(budget)} %)"
+    if "budget" in target:
+        return f"MACs {pct(target['budget'])} %"
+    return ", ".join(f"{k} {v:g}" for k, v in target.items())
 
 
 def _median_protocol(r: dict) -> bool:

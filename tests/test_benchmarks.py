@@ -474,3 +474,18 @@ def test_quick_latency_times_the_batch_1_graph_against_the_any_batch_graph(tmp_p
         assert [r[0] for r in rows] == ["exit 0", "exit 1", "exit 2", "exit 3", "final", "static"]
         assert all(r[1] > 0 for r in rows) and rows[-1][2] == 1.0
     assert len(latency.any_batch_table(data)) == 2 + len(data) + 1  # the report's rows
+
+
+def test_skip_rnn_budget_point_asks_for_the_mac_fraction_of_a_share_of_updates():
+    """The MAC budget of 50 % of the updates, interpolated on the held-out curve; a share the
+    curve does not reach is refused."""
+    from benchmarks.skip_rnn import macs_at_share
+
+    def point(share, macs):
+        return {"held_out": {"update_share": share, "macs_fraction": macs}}
+
+    curve = [point(1.0, 0.5), point(0.4, 0.2), point(0.6, 0.3)]
+    assert macs_at_share(curve, 0.5) == pytest.approx(0.25)
+    assert macs_at_share(curve, 0.6) == pytest.approx(0.3)
+    with pytest.raises(SystemExit):
+        macs_at_share(curve, 0.1)

@@ -371,28 +371,25 @@ class SkipRNN(nn.Module):
         use_gate: bool,
     ) -> Tensor:
         """The layer's outputs [B, T, H] from each round's outputs and their places in
-        [B * T] (each step's row found in Python: one gather of rows); records the
-        update flags (`run.updates`) and gate runs (`run.gates`)."""
+        [B * T] (one gather of rows); records the update flags (`run.updates`) and gate runs
+        (`run.gates`). A sample's k-th update is in round k, so along its steps the rows of
+        its updates increase: the row held at step t is the running maximum of the rows
+        updated at or before t (the first step always updates)."""
         batch, steps = xb.shape[0], xb.shape[1]
-        row_of = [-1] * (batch * steps)
-        for row, place in enumerate(places):
-            row_of[place] = row
-        held, gates = [], [0] * batch
-        for b in range(batch):
-            last = 0
-            for t in range(steps):
-                row = row_of[b * steps + t]
-                if row >= 0:
-                    last = row
-                    if use_gate and t + 1 < limits[b]:  # the gate ran after this update
-                        gates[b] += 1
-                held.append(last)
         device = xb.device
-        updated = torch.zeros(batch * steps, dtype=torch.bool, device=device)
-        updated = updated.index_fill(0, torch.tensor(places, device=device), True)
-        run.updates = updated.view(batch, steps)
-        run.gates = torch.tensor(gates, dtype=torch.long)
-        out = torch.cat(tops).index_select(0, torch.tensor(held, device=device))
+        where = torch.tensor(places, device=device)
+        row_of = torch.full((batch * steps,), -1, dtype=torch.long, device=device)
+        row_of = row_of.index_copy(0, where, torch.arange(len(places), device=device))
+        held = row_of.view(batch, steps).cummax(1).values.clamp(min=0)
+        updated = row_of.view(batch, steps) >= 0
+        run.updates = updated
+        if use_gate:  # the gate ran after each update but a sample's last step's
+            limit = torch.tensor(limits, device=device)
+            before_last = torch.arange(steps, device=device)[None, :] + 1 < limit[:, None]
+            run.gates = (updated & before_last).sum(1).cpu()
+        else:
+            run.gates = torch.zeros(batch, dtype=torch.long)
+        out = torch.cat(tops).index_select(0, held.view(-1))
         return out.view(batch, steps, -1)
 
     def _fused_to_limits(self, xb: Tensor, limits: list[int]) -> tuple[Tensor, State]:
