@@ -63,6 +63,7 @@ from dynify.train.data.text import read_labels
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
 from dynify.train.targets import CalibrationResult
+from dynify.train.transfer import copy_new_parts, use_operating_point
 from dynify.zoo import build_model
 
 __version__ = "0.1.0"
@@ -115,6 +116,7 @@ __all__ = [
     "check_plot_path",
     "choose_operating_point",
     "convert",
+    "copy_new_parts",
     "cost_bound",
     "evaluate",
     "exit_scores",
@@ -142,4 +144,5 @@ __all__ = [
     "strategy_names",
     "time_interleaved",
     "tokenize",
+    "use_operating_point",
 ]
