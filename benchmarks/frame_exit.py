@@ -28,7 +28,9 @@ and timed alike; the eager runs alternate every group's model with the static on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -173,6 +175,20 @@ def frame_logits(frame: nn.Module, clips: Tensor, batch: int = 64) -> Tensor:
     return torch.cat(out).clone()
 
 
+def kept_logits(args: argparse.Namespace, what: str, compute: Callable[[], Tensor]) -> Tensor:
+    """Per-frame logits computed once per setting and kept next to the image cache (the
+    per-frame network is frozen: a re-run reads them back)."""
+    key = f"d{args.depth}-t{args.frames}-s{args.seed}-{what}"
+    path = args.cache.with_suffix(f".frame-logits-{key}.pt")
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    logits = compute()
+    tmp = path.with_suffix(".tmp")
+    torch.save(logits, tmp)
+    os.replace(tmp, path)
+    return logits
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -183,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-images", type=int, default=1500, help="0: all 5000")
     parser.add_argument("--calib-images", type=int, default=1000)
     parser.add_argument(
-        "--gate-images", type=int, default=3000, help="train images the gates learn on"
+        "--gate-images", type=int, default=2000, help="train images the gates learn on"
     )
     parser.add_argument("--gate-epochs", type=int, default=30)
     parser.add_argument("--gate-hidden", type=int, default=16)
@@ -218,7 +234,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     # every frame through the frozen per-frame network once; the policies are then calibrated
     # and the gates trained on these logits, replayed by a clip model of the same decisions
     cached = {
-        key: TensorDataset(frame_logits(frame_net, clips), data.tensors[1])
+        key: TensorDataset(
+            kept_logits(args, f"{key}{len(clips)}", lambda c=clips: frame_logits(frame_net, c)),
+            data.tensors[1],
+        )
         for key, clips, data in (
             ("calib", calib_clips, calib_data),
             ("test", test_clips, test_data),
