@@ -92,7 +92,9 @@ def test_gates_learn_with_the_per_frame_network_frozen():
     )
     first, last = result.history[0], result.history[-1]
     assert last["gate_loss"] < first["gate_loss"]
-    assert all(not torch.equal(a, b) for a, b in zip(gate_before, dyn.gates.parameters()))
+    assert all(
+        not torch.equal(a, b) for a, b in zip(gate_before, dyn.gates.parameters(), strict=True)
+    )
     for key, value in dyn.network.state_dict().items():  # the static network did not move
         assert torch.equal(value, static_before[key]), key
     with torch.no_grad(), dyn.eval().static():
