@@ -203,6 +203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gate-epochs", type=int, default=30)
     parser.add_argument("--gate-hidden", type=int, default=16)
+    parser.add_argument(
+        "--gate-target",
+        default="correct",
+        choices=("correct", "final"),
+        help="what the gates learn: is the running prediction right (labels), or final",
+    )
     parser.add_argument("--latency-clips", type=int, default=60)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2], help="frames per decision")
     parser.add_argument("--onnx-runs", type=int, default=60, help="0: no ONNX Runtime timing")
@@ -283,7 +289,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             }
         )
         gate_options = dynify.FrameExitOptions(
-            order=args.order, policy="gate", group=group, gate_hidden=args.gate_hidden
+            order=args.order,
+            policy="gate",
+            group=group,
+            gate_hidden=args.gate_hidden,
+            gate_target=args.gate_target,
         )
         gated = dynify.convert(static, "frame-exit", example, options=gate_options).eval()
         entry = gate_rows(gated, replay, replay_example, gate_options, cached, args)
@@ -586,7 +596,12 @@ def _method_lines(s: dict, out: dict) -> list[str]:
         "running average and its sorted probabilities, trained with `dynify.finetune` (heads "
         f"mode, {s['gate_epochs']} epochs) on {s['gate_clips']} clips of held-out cifar10/train "
         "images disjoint from the calibration ones, to predict whether the running prediction "
-        "differs from the all-frame one (no labels); copied into the ResNet clip model "
+        + (
+            "is not yet right (FrameExit's target, `gate_target='correct'`, labels)"
+            if s.get("gate_target", "final") == "correct"
+            else "differs from the all-frame one (`gate_target='final'`, no labels)"
+        )
+        + "; copied into the ResNet clip model "
         "(`dynify.copy_new_parts`); thresholds by `dynify.calibrate` (one shared threshold, "
         "swept: a clip looks further while its gate's p > 1 - t). The gates' MACs are the "
         "ResNet model's own exit costs. The point calibrated for each row below was then set "
