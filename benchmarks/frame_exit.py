@@ -23,6 +23,13 @@ Through the public API:
    where the test clips leave at the calibrated point.
 Each of `--groups` (frames per decision, `FrameExitOptions.group`) is converted, calibrated
 and timed alike; the eager runs alternate every group's model with the static one.
+5. FrameExit's learned gates (`policy="gate"`) per group: trained with `dynify.finetune` (heads
+   mode) on clips of `--gate-images` held-out train images disjoint from the calibration
+   ones, calibrated with `dynify.calibrate`, checked and timed like the policy's models.
+The per-frame network is frozen, so every frame runs through it once (its logits kept next to
+the image cache); calibration, gate training and the curves run on a stand-in clip model that
+replays those logits with the same decisions, and each calibrated point is then run on the
+ResNet clip model itself (`measure_on`).
 """
 
 from __future__ import annotations
