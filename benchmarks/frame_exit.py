@@ -23,12 +23,21 @@ Through the public API:
    where the test clips leave at the calibrated point.
 Each of `--groups` (frames per decision, `FrameExitOptions.group`) is converted, calibrated
 and timed alike; the eager runs alternate every group's model with the static one.
+5. FrameExit's learned gates (`policy="gate"`) per group: trained with `dynify.finetune` (heads
+   mode) on clips of `--gate-images` held-out train images disjoint from the calibration
+   ones, calibrated with `dynify.calibrate`, checked and timed like the policy's models.
+The per-frame network is frozen, so every frame runs through it once (its logits kept next to
+the image cache); calibration, gate training and the curves run on a stand-in clip model that
+replays those logits with the same decisions, and each calibrated point is then run on the
+ResNet clip model itself (`measure_on`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,6 +68,8 @@ MAX_DROPS = (0.0, 0.0025, 0.005, 0.01, 0.02)
 BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
 GRID = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995)
 GRID += (1.01,)
+# shared gate thresholds: a clip looks further when its gate's p > 1 - t
+GATE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
 # Strengths chosen so a frame alone is clearly worse than the image (CIFAR networks are
 # fragile: a blur of sigma 1.4 alone takes ResNet-44 from 82 % to 17 %) yet mostly usable.
 PAD = 4
@@ -144,6 +155,47 @@ def clip_data(dataset: Dataset, frames: int, seed: int) -> tuple[TensorDataset, 
     return TensorDataset(clips, labels), clips
 
 
+class Replay(nn.Module):
+    """A per-frame "network" whose input is a frame's cached logits and whose output is the
+    same logits, exactly (an identity linear layer: x * 1 + 0s). A clip model over it (`TSN`)
+    decides as the real one does on the same per-frame logits, at no cost: what calibration
+    and gate training run on, the per-frame network being frozen."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.linear = nn.Linear(classes, classes)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(classes))
+            self.linear.bias.zero_()
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return self.linear(logits)
+
+
+@torch.inference_mode()
+def frame_logits(frame: nn.Module, clips: Tensor, batch: int = 64) -> Tensor:
+    """[N, T, K]: every frame of `clips` through the frozen per-frame network, once."""
+    out = [
+        frame(clips[i : i + batch].flatten(0, 1)).unflatten(0, (-1, clips.shape[1]))
+        for i in range(0, len(clips), batch)
+    ]
+    return torch.cat(out).clone()
+
+
+def kept_logits(args: argparse.Namespace, what: str, compute: Callable[[], Tensor]) -> Tensor:
+    """Per-frame logits computed once per setting and kept next to the image cache (the
+    per-frame network is frozen: a re-run reads them back)."""
+    key = f"d{args.depth}-t{args.frames}-s{args.seed}-{what}"
+    path = args.cache.with_suffix(f".frame-logits-{key}.pt")
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    logits = compute()
+    tmp = path.with_suffix(".tmp")
+    torch.save(logits, tmp)
+    os.replace(tmp, path)
+    return logits
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -153,6 +205,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="confidence")
     parser.add_argument("--test-images", type=int, default=1500, help="0: all 5000")
     parser.add_argument("--calib-images", type=int, default=1000)
+    parser.add_argument(
+        "--gate-images", type=int, default=2000, help="train images the gates learn on"
+    )
+    parser.add_argument("--gate-epochs", type=int, default=30)
+    parser.add_argument("--gate-hidden", type=int, default=16)
+    parser.add_argument(
+        "--gate-target",
+        default="correct",
+        choices=("correct", "final"),
+        help="what the gates learn: is the running prediction right (labels), or final",
+    )
     parser.add_argument("--latency-clips", type=int, default=60)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2], help="frames per decision")
     parser.add_argument("--onnx-runs", type=int, default=60, help="0: no ONNX Runtime timing")
@@ -162,59 +225,104 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_quick(args: argparse.Namespace) -> None:
     args.depth = 20 if args.depth == 44 else args.depth
-    args.test_images, args.calib_images = 40, 40
+    args.test_images, args.calib_images, args.gate_images = 40, 40, 60
+    args.gate_epochs = 2
     args.latency_clips = min(args.latency_clips, 4)
     args.onnx_runs = min(args.onnx_runs, 3)
-    args.groups = [2]  # one model exported and timed: 3 exits, not 7
+    args.groups = [2]  # one model per policy exported and timed: 3 exits, not 7
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
     torch.set_num_threads(args.threads)
     train_set, test_set = load_cifar(args.data, args.cache)
-    _, calib = fit_and_calibration(train_set, args.seed, calib_images=args.calib_images)
+    fit, calib = fit_and_calibration(train_set, args.seed, calib_images=args.calib_images)
+    gate_set = subsample(fit, args.gate_images)  # disjoint from the calibration part
     test_set = subsample(test_set, args.test_images)
-    calib_data, _ = clip_data(calib, args.frames, args.seed + 1)
+    calib_data, calib_clips = clip_data(calib, args.frames, args.seed + 1)
     test_data, test_clips = clip_data(test_set, args.frames, args.seed + 2)
+    gate_data, gate_clips = clip_data(gate_set, args.frames, args.seed + 3)
     name = f"cifar_resnet{args.depth}"
     frame_net, _ = dynify.build_model(name, weights=weights_path(args.data, args.depth))
     static = TSN(frame_net).eval()
-    example = test_clips[:1]
-    models, by_group = {}, []
+    # every frame through the frozen per-frame network once; the policies are then calibrated
+    # and the gates trained on these logits, replayed by a clip model of the same decisions
+    cached = {
+        key: TensorDataset(
+            kept_logits(args, f"{key}{len(clips)}", lambda c=clips: frame_logits(frame_net, c)),
+            data.tensors[1],
+        )
+        for key, clips, data in (
+            ("calib", calib_clips, calib_data),
+            ("test", test_clips, test_data),
+            ("gate", gate_clips, gate_data),
+        )
+    }
+    classes = cached["test"].tensors[0].shape[-1]
+    replay = TSN(Replay(classes)).eval()
+    example, replay_example = test_clips[:1], cached["test"].tensors[0][:1]
+    models, by_group, gate_by_group = {}, [], []
     for group in args.groups:
         options = dynify.FrameExitOptions(order=args.order, policy=args.policy, group=group)
         dyn = dynify.convert(static, "frame-exit", example, options=options).eval()
+        stand_in = dynify.convert(replay, "frame-exit", replay_example, options=options).eval()
         points = dynify.operating_points(
-            dyn, calib_data, test_data, budgets=BUDGETS, max_drops=MAX_DROPS, thresholds=GRID
+            stand_in,
+            cached["calib"],
+            cached["test"],
+            budgets=BUDGETS,
+            max_drops=MAX_DROPS,
+            thresholds=GRID,
         )
         every_frame = next(p for p in points if p.target == {"threshold": 1.01})
         first_group = next(p for p in points if p.target == {"threshold": 0.0})
         chosen = next((p for p in points if p.target == {"max_drop": TARGET_DROP}), every_frame)
-        dyn.set_thresholds(chosen.thresholds)
-        dyn.temperatures.copy_(torch.tensor(chosen.temperatures))
-        models[group] = dyn
-        shares = exit_shares(dyn, test_clips)
+        dynify.use_operating_point(dyn, chosen)
+        models[("confidence", group)] = dyn
+        measured = measure_on(dyn, test_clips, test_data.tensors[1])
         by_group.append(
             {
                 "group": group,
+                "policy": args.policy,
                 "all_frames_test_acc": every_frame.test_accuracy,
                 "all_frames_calib_acc": every_frame.calibration_accuracy,
                 "first_group_test_acc": first_group.test_accuracy,
                 "points": [p.to_dict() for p in points],
                 "chosen": chosen.to_dict(),
-                "exit_shares": shares,
-                "onnx": onnx_latency(dyn, shares, args) if args.onnx_runs else None,
+                "measured": measured,
+                "exit_shares": measured["exit_shares"],
+                "onnx": onnx_latency(dyn, measured["exit_shares"], args)
+                if args.onnx_runs
+                else None,
             }
         )
+        gate_options = dynify.FrameExitOptions(
+            order=args.order,
+            policy="gate",
+            group=group,
+            gate_hidden=args.gate_hidden,
+            gate_target=args.gate_target,
+        )
+        gated = dynify.convert(static, "frame-exit", example, options=gate_options).eval()
+        entry = gate_rows(gated, replay, replay_example, gate_options, cached, args)
+        entry["measured"] = measure_on(gated, test_clips, test_data.tensors[1])
+        entry["exit_shares"] = entry["measured"]["exit_shares"]
+        shares = entry["exit_shares"]
+        entry["onnx"] = onnx_latency(gated, shares, args) if args.onnx_runs else None
+        models[("gate", group)] = gated
+        gate_by_group.append(entry)
     latency = measure_latency(static, models, test_clips[: args.latency_clips])
     for entry in by_group:
-        entry["latency"] = latency[entry["group"]]
+        entry["latency"] = latency[("confidence", entry["group"])]
+    for entry in gate_by_group:
+        entry["latency"] = latency[("gate", entry["group"])]
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    first = models[args.groups[0]]
+    first = models[("confidence", args.groups[0])]
     settings.update(
         calib_clips=len(calib_data),
         test_clips=len(test_data),
-        frame_macs=first.frame_macs,
-        order_of_frames=first.order,
+        gate_clips=len(gate_data),
+        frame_macs=first.static_macs // args.frames,  # the clip model: T frames' worth
+        order_of_frames=[int(t) for row in first.describe() for t in row["frame"].split(",")],
     )
     one = by_group[0]
     return {
@@ -227,32 +335,127 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             "static_ms": latency["static_ms"],
             "frame_by_frame_ms": latency["frame_by_frame_ms"],
             "by_group": by_group,
+            "gate_by_group": gate_by_group,
         }
     }
 
 
-def exit_shares(dyn: dynify.DynamicModel, clips: Tensor, batch: int = 250) -> list[float]:
-    """The share of `clips` leaving at each exit (the last: every frame) at `dyn`'s thresholds."""
-    counts = torch.zeros(dyn.num_exits + 1)
+def gate_rows(
+    gated: dynify.DynamicModel,
+    replay: nn.Module,
+    replay_example: Tensor,
+    options: dynify.FrameExitOptions,
+    cached: dict[str, TensorDataset],
+    args: argparse.Namespace,
+) -> dict:
+    """Train the gates of a stand-in over cached logits (`finetune`, heads mode), copy them
+    into `gated`, calibrate its thresholds on the calibration clips (`calibrate`) per accuracy
+    drop, and read a grid of shared thresholds; MACs are `gated`'s own exit costs."""
+    stand_in = dynify.convert(replay, "frame-exit", replay_example, options=options).eval()
+    trained = dynify.finetune(
+        stand_in,
+        cached["gate"],
+        mode="heads",
+        epochs=args.gate_epochs,
+        batch_size=128,
+        lr=3e-3,
+        augment=False,
+        calibration_fraction=0.0,
+        seed=args.seed,
+        progress=False,
+    )
+    dynify.copy_new_parts(stand_in, gated)
+    costs = torch.tensor(gated.exit_macs(), dtype=torch.float64) / gated.static_macs
+
+    def reach(data: TensorDataset) -> tuple[float, float]:
+        logits, labels = data.tensors
+        exits, hits = [], 0
+        with torch.no_grad():
+            for start in range(0, len(logits), 500):
+                out = stand_in(logits[start : start + 500])
+                hits += int((out.argmax(-1) == labels[start : start + 500]).sum())
+                exits.append(stand_in.last_decisions())
+        return hits / len(labels), float(costs[torch.cat(exits)].mean())
+
+    points = []
+    for drop in MAX_DROPS:
+        try:
+            result = dynify.calibrate(stand_in, cached["calib"], max_drop=drop, part="all")
+        except dynify.DynifyError:
+            continue
+        points.append(_gate_point({"max_drop": drop}, stand_in, reach, cached))
+        del result
+    for t in GATE_GRID:
+        stand_in.set_thresholds(t)
+        points.append(_gate_point({"threshold": t}, stand_in, reach, cached))
+    chosen = next((p for p in points if p["target"] == {"max_drop": TARGET_DROP}), points[-1])
+    stand_in.set_thresholds(chosen["thresholds"])
+    gated.set_thresholds(chosen["thresholds"])
+    return {
+        "group": options.group,
+        "policy": "gate",
+        "gate_hidden": options.gate_hidden,
+        "train_history": trained.history[:1] + trained.history[-1:],
+        "train_seconds": trained.seconds,
+        "points": points,
+        "chosen": chosen,
+    }
+
+
+def _gate_point(target: dict, stand_in: dynify.DynamicModel, reach, cached) -> dict:
+    cal_acc, cal_macs = reach(cached["calib"])
+    test_acc, test_macs = reach(cached["test"])
+    return {
+        "target": target,
+        "thresholds": [float(v) for v in stand_in.thresholds],
+        "temperatures": [],
+        "calibration_accuracy": cal_acc,
+        "calibration_macs": cal_macs,
+        "test_accuracy": test_acc,
+        "test_macs": test_macs,
+    }
+
+
+def measure_on(dyn: dynify.DynamicModel, clips: Tensor, labels: Tensor, batch: int = 250) -> dict:
+    """The real model on the test clips at its thresholds: accuracy, mean MACs (its own
+    `last_macs`) and the share of clips leaving at each exit (the last: every frame)."""
+    counts = torch.zeros(dyn.num_thresholds + 1)
+    hits, macs = 0, 0.0
     with torch.no_grad():
         for start in range(0, len(clips), batch):
-            dyn(clips[start : start + batch])
-            counts += torch.bincount(dyn.last_exit, minlength=dyn.num_exits + 1)
-    return (counts / len(clips)).tolist()
+            out = dyn(clips[start : start + batch])
+            hits += int((out.argmax(-1) == labels[start : start + batch]).sum())
+            macs += float(dyn.last_macs.double().sum())
+            counts += torch.bincount(dyn.last_decisions(), minlength=dyn.num_thresholds + 1)
+    return {
+        "accuracy": hits / len(clips),
+        "macs": macs / len(clips) / dyn.static_macs,
+        "exit_shares": (counts / len(clips)).tolist(),
+    }
 
 
 def onnx_latency(dyn: dynify.DynamicModel, shares: list[float], args: argparse.Namespace) -> dict:
-    """Batch-1 ONNX Runtime latency at the calibrated point: each exit forced in turn and the
-    static clip model, exported alike and timed interleaved (`dynify.bench`), weighted by the
-    share of the test clips leaving at each exit."""
+    """Batch-1 ONNX Runtime latency at the calibrated point: each exit forced in turn (exit j:
+    the decisions before it never leave, it always does) and the static clip model, exported
+    alike and timed interleaved (`dynify.bench`), weighted by the share of the test clips
+    leaving at each exit."""
+    k = dyn.num_thresholds
+    cases = [(f"exit {j}", [1.01] * j + [0.0] * (k - j)) for j in range(k)]
+    cases.append(("final", [1.01] * k))
     result = dynify.bench(
-        dyn, runtime="onnx", batch=1, runs=args.onnx_runs, warmup=5, threads=args.threads
+        dyn,
+        runtime="onnx",
+        batch=1,
+        runs=args.onnx_runs,
+        warmup=5,
+        threads=args.threads,
+        cases=cases,
     )
     rows = {r.label: r for r in result.rows}
-    cases = [f"exit {j}" for j in range(dyn.num_exits)] + ["final"]
+    labels = [label for label, _ in cases]
     static_ms = rows["static"].latency_ms
-    dynamic_ms = sum(s * rows[c].latency_ms for s, c in zip(shares, cases, strict=True))
-    macs_ratio = sum(s * rows[c].macs_fraction for s, c in zip(shares, cases, strict=True))
+    dynamic_ms = sum(s * rows[c].latency_ms for s, c in zip(shares, labels, strict=True))
+    macs_ratio = sum(s * rows[c].macs_fraction for s, c in zip(shares, labels, strict=True))
     return {
         "runs": args.onnx_runs,
         "static_ms": static_ms,
@@ -261,19 +464,20 @@ def onnx_latency(dyn: dynify.DynamicModel, shares: list[float], args: argparse.N
         "macs_ratio": macs_ratio,
         "ratio_to_macs": dynamic_ms / static_ms / macs_ratio,
         "exits": [
-            {"exit": c, "ms": rows[c].latency_ms, "macs": rows[c].macs_fraction} for c in cases
+            {"exit": c, "ms": rows[c].latency_ms, "macs": rows[c].macs_fraction} for c in labels
         ],
     }
 
 
 def measure_latency(
-    static: nn.Module, models: dict[int, dynify.DynamicModel], clips: Tensor
+    static: nn.Module, models: dict[tuple[str, int], dynify.DynamicModel], clips: Tensor
 ) -> dict:
-    """Mean seconds per clip at batch 1 of the static clip model and of each group's model
-    (its thresholds as set), on the same clips in alternating runs, and the MACs each spent."""
-    spent: dict[str, list[int]] = {f"group {g}": [] for g in models}
+    """Mean seconds per clip at batch 1 of the static clip model and of each model (its
+    thresholds as set), on the same clips in alternating runs, and the MACs each spent."""
+    names = {key: f"{key[0]} group {key[1]}" for key in models}
+    spent: dict[str, list[int]] = {name: [] for name in names.values()}
     runners: dict[str, nn.Module] = {"static": static}
-    runners.update({f"group {g}": dyn for g, dyn in models.items()})
+    runners.update({names[key]: dyn for key, dyn in models.items()})
     runners["frame_by_frame"] = FrameByFrame(static.frame)
 
     def record(name: str) -> None:
@@ -289,11 +493,11 @@ def measure_latency(
         "static_ms": 1e3 * mean["static"],
         "frame_by_frame_ms": 1e3 * mean["frame_by_frame"],
     }
-    for g, dyn in models.items():
-        name = f"group {g}"
+    for key, dyn in models.items():
+        name = names[key]
         latency_ratio = mean[name] / mean["static"]
         macs_ratio = statistics.fmean(spent[name]) / dyn.static_macs
-        out[g] = {
+        out[key] = {
             "clips": len(clips),
             "static_ms": 1e3 * mean["static"],
             "dynamic_ms": 1e3 * mean[name],
@@ -324,14 +528,19 @@ def _met(ok: bool) -> str:
     return "met" if ok else "not met"
 
 
+def _label(entry: dict) -> str:
+    """'confidence, group 2' / 'gate, group 1': which model a row is."""
+    return f"{entry.get('policy', 'confidence')}, group {entry['group']}"
+
+
 def _accuracy_lines(entry: dict, base: float) -> list[str]:
-    g, chosen = entry["group"], entry["chosen"]
+    chosen = entry["chosen"]
     curve = [p for p in entry["points"] if "threshold" in p["target"]]
     best = fewest_macs_within(entry["points"], base, TARGET_DROP, "test")
     best_curve = fewest_macs_within(curve, base, TARGET_DROP, "test")
     ok = chosen["test_macs"] <= TARGET_MACS and chosen["test_accuracy"] >= base - TARGET_DROP
     line = (
-        f"- group {g}: calibrated for a drop of at most {100 * TARGET_DROP:g} points (on "
+        f"- {_label(entry)}: calibrated for a drop of at most {100 * TARGET_DROP:g} points (on "
         f"calibration clips only): **{pct(chosen['test_accuracy'])} % at "
         f"{chosen['test_macs']:.3f} of the MACs** on test "
         f"({100 * (chosen['test_accuracy'] - base):+.2f} points; target within "
@@ -348,13 +557,19 @@ def _accuracy_lines(entry: dict, base: float) -> list[str]:
                 else "."
             )
         )
+    measured = entry.get("measured")
+    if measured:
+        line += (
+            f" The real clip model at these thresholds, run on the test clips: "
+            f"{pct(measured['accuracy'])} % at {measured['macs']:.3f} of the MACs."
+        )
     return [line]
 
 
 def _latency_row(entry: dict) -> str:
     lat, ort = entry["latency"], entry.get("onnx")
     cells = [
-        str(entry["group"]),
+        _label(entry),
         pct(entry["chosen"]["test_accuracy"]),
         f"{entry['chosen']['test_macs']:.3f}",
         f"{lat['dynamic_ms']:.1f} / {lat['static_ms']:.1f}",
@@ -375,13 +590,39 @@ def _latency_row(entry: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _method_lines(s: dict, out: dict) -> list[str]:
+    """How the curves were measured: on cached per-frame logits, checked on the real model."""
+    if not out.get("gate_by_group"):
+        return []
+    return [
+        "Every frame of the calibration, test and gate-training clips runs once through the "
+        "frozen per-frame network; the policies are calibrated, the gates trained and every "
+        "operating point read on these per-frame logits, replayed by a clip model of the same "
+        "decisions (per-frame network: an exact identity on the logits). The gates: "
+        f"`policy='gate'`, an MLP of {s['gate_hidden']} hidden units per decision on the "
+        "running average and its sorted probabilities, trained with `dynify.finetune` (heads "
+        f"mode, {s['gate_epochs']} epochs) on {s['gate_clips']} clips of held-out cifar10/train "
+        "images disjoint from the calibration ones, to predict whether the running prediction "
+        + (
+            "is not yet right (FrameExit's target, `gate_target='correct'`, labels)"
+            if s.get("gate_target", "final") == "correct"
+            else "differs from the all-frame one (`gate_target='final'`, no labels)"
+        )
+        + "; copied into the ResNet clip model "
+        "(`dynify.copy_new_parts`); thresholds by `dynify.calibrate` (one shared threshold, "
+        "swept: a clip looks further while its gate's p > 1 - t). The gates' MACs are the "
+        "ResNet model's own exit costs. The point calibrated for each row below was then set "
+        "on the ResNet clip model and run on the test clips ('real clip model')."
+    ]
+
+
 def render() -> str:
     result = read_result(NAME)
     lines = ["# frame-exit: stopping early over a clip's frames", ""]
     if result is None or "by_group" not in result.data:
         return "\n".join(lines + missing(NAME, f"python -m benchmarks {NAME} --data DATA"))
     out = result.data
-    s, groups = out["settings"], out["by_group"]
+    s, groups = out["settings"], out["by_group"] + out.get("gate_by_group", [])
     base = out["all_frames_test_acc"]
     lines += [
         f"Synthetic clips (a stand-in: no video data ships): each of {s['test_clips']} "
@@ -392,6 +633,8 @@ def render() -> str:
         f"({s['frame_macs'] / 1e6:.1f} M MACs per frame), frames looked at in the "
         f"'{s['order']}' order {s['order_of_frames']}, exit policy '{s['policy']}'; group g: "
         "the order cut into groups of g frames, each run as one batch, one decision per group.",
+        "",
+        *_method_lines(s, out),
         "",
         f"- The {s['frames']}-frame average (the static clip model): **{pct(base)} %** on test"
         + (
@@ -417,13 +660,13 @@ def render() -> str:
         f"{(groups[0].get('onnx') or {}).get('runs', '-')} interleaved runs in a child "
         "process), weighted by the share of all test clips leaving at each exit.",
         "",
-        "| group | test acc % | test MACs | eager ms (dyn / static) | MAC ratio | latency "
+        "| policy, group | test acc % | test MACs | eager ms (dyn / static) | MAC ratio | latency "
         "ratio | **eager ratio / MACs** | vs frame by frame | ORT ms (dyn / static) | MAC "
         "ratio | latency ratio | **ORT ratio / MACs** |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[_latency_row(e) for e in groups],
         "",
-        f"- Eager: best group {best['group']} at {best['latency']['ratio_to_macs']:.3f}x: "
+        f"- Eager: best {_label(best)} at {best['latency']['ratio_to_macs']:.3f}x: "
         + _met(best["latency"]["ratio_to_macs"] <= TARGET_LATENCY)
         + ".",
     ]
@@ -431,7 +674,7 @@ def render() -> str:
     if timed:
         ort_best = min(timed, key=lambda e: e["onnx"]["ratio_to_macs"])
         lines.append(
-            f"- ONNX Runtime: best group {ort_best['group']} at "
+            f"- ONNX Runtime: best {_label(ort_best)} at "
             f"{ort_best['onnx']['ratio_to_macs']:.3f}x: "
             + _met(ort_best["onnx"]["ratio_to_macs"] <= TARGET_LATENCY)
             + "."
@@ -439,7 +682,7 @@ def render() -> str:
     for entry in groups:
         lines += [
             "",
-            f"### group {entry['group']}: operating points",
+            f"### {_label(entry)}: operating points",
             "",
             "| target | thresholds chosen on | calib acc % | calib MACs | test acc % | test MACs |",
             "| --- | --- | --- | --- | --- | --- |",

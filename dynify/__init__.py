@@ -80,6 +80,7 @@ from dynify.train.data.text import read_labels
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
 from dynify.train.targets import CalibrationResult
+from dynify.train.transfer import copy_new_parts, use_operating_point
 from dynify.zoo import build_model
 
 __version__ = "0.1.0"
@@ -136,6 +137,7 @@ __all__ = [
     "check_plot_path",
     "choose_operating_point",
     "convert",
+    "copy_new_parts",
     "cost_bound",
     "evaluate",
     "exit_scores",
@@ -165,5 +167,6 @@ __all__ = [
     "time_interleaved",
     "tokenize",
     "tokens_read",
+    "use_operating_point",
     "write_text_atomic",
 ]

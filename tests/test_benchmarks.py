@@ -207,6 +207,10 @@ def test_quick_frame_exit_runs_end_to_end(cifar_like, tmp_path):
         assert 0.0 < point["test_macs"] <= 1.0 and 0.0 <= point["test_accuracy"] <= 1.0
     assert entry["latency"]["clips"] == 2 and entry["latency"]["macs_ratio"] > 0
     assert entry["onnx"]["macs_ratio"] > 0 and len(entry["onnx"]["exits"]) == 4  # 8 frames / 2
+    (gate,) = run["gate_by_group"]  # the learned gates, same group, same checks
+    assert gate["policy"] == "gate" and gate["points"] and gate["chosen"]["thresholds"]
+    assert 0.0 < gate["measured"]["macs"] <= 1.0 and gate["latency"]["macs_ratio"] > 0
+    assert gate["onnx"]["macs_ratio"] > 0 and len(gate["onnx"]["exits"]) == 4
 
 
 def test_quick_skip_rnn_runs_end_to_end(tmp_path):

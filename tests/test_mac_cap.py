@@ -494,6 +494,9 @@ def test_every_mac_capped_variant_in_the_registry_is_tested_here():
                     (strategy, options) in CASCADES
                     or dynify.cost_bound(dyn).fixed
                     or (options.get("policy") == "patience")
+                    # frame-exit's learned gates: no ExitCascade (their score is not the
+                    # exits' logits'), so no cap is recognised yet; see docs/temporal.md
+                    or (strategy, options.get("policy")) == ("frame-exit", "gate")
                 ), (strategy, options)
 
 

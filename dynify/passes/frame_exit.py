@@ -13,15 +13,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from dynify.errors import StrategyError
 from dynify.frontend.clips import clip_pattern
+from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.passes.rewrite import lift_region
-from dynify.runtime.frame_exit import FrameExitModel, cost_book, frame_groups
+from dynify.runtime.frame_exit import (
+    GATE_TARGETS,
+    ExitGate,
+    FrameExitModel,
+    FrameGateModel,
+    cost_book,
+    frame_groups,
+)
 from dynify.runtime.policy import POLICIES, ExitPolicy
 
 ORDERS = ("strided", "sequential")
+GATE = "gate"  # the policy of a learned exit gate per decision (FrameExit)
 
 
 @dataclass
@@ -37,6 +48,12 @@ class FrameExitOptions:
     one exit after it (1: a decision after every frame). Per-frame networks that run a few
     frames in much less time than one each (small CNNs at batch 1 on CPU) turn saved frames
     into saved time better with 2 than with 1, at a coarser granularity.
+    policy 'gate': FrameExit's learned gate after each group instead of an exit policy (an
+    MLP of `gate_hidden` units on the running average and its sorted probabilities), trained
+    by `dynify.finetune` (heads mode: the per-frame network frozen) to predict whether the
+    running prediction is not yet the all-frame one (gate_target 'final', no labels needed)
+    or not yet right ('correct', FrameExit's target, with labels); a clip looks further when
+    the gate's p > 1 - threshold. Calibration sweeps its thresholds with real forward passes.
     """
 
     order: str | list[int] = "strided"
@@ -44,6 +61,8 @@ class FrameExitOptions:
     patience: int = 2
     threshold: float = 0.9
     group: int = 1
+    gate_hidden: int = 16
+    gate_target: str = "final"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> FrameExitOptions:
@@ -81,12 +100,26 @@ class FrameExit:
     name = "frame-exit"
     summary = "clip models look at frames one at a time and stop once sure (FrameExit)"
     # groups of frames: 2 (even), 3 of 4 (a shorter last group, one exit)
-    variants = (*({"policy": kind} for kind in POLICIES), {"group": 2}, {"group": 3})
+    variants = (
+        *({"policy": kind} for kind in POLICIES),
+        {"group": 2},
+        {"group": 3},
+        {"policy": GATE},
+        {"policy": GATE, "group": 3},
+    )
     contract_example = "clip"
 
     def plan(self, ctx: ConversionContext, options: dict[str, Any]) -> dict[str, Any]:
         opts = FrameExitOptions.from_dict(options)
-        policy = ExitPolicy(opts.policy, opts.patience)  # validates
+        if opts.policy == GATE:
+            if opts.gate_hidden < 1 or opts.gate_target not in GATE_TARGETS:
+                raise StrategyError(
+                    f"gate_hidden must be at least 1 (got {opts.gate_hidden}) and gate_target "
+                    f"one of {GATE_TARGETS} (got '{opts.gate_target}')."
+                )
+            policy = {"kind": GATE, "patience": opts.patience}
+        else:
+            policy = ExitPolicy(opts.policy, opts.patience).to_dict()  # validates
         pattern = clip_pattern(ctx.gm)
         if pattern.frames < 2:
             raise StrategyError(
@@ -102,11 +135,13 @@ class FrameExit:
             "frames": pattern.frames,
             "group": opts.group,
             "order": frame_order(opts.order, pattern.frames),
-            "policy": policy.to_dict(),
+            "policy": policy,
             "options": asdict(opts),
         }
 
-    def build(self, ctx: ConversionContext, plan: dict[str, Any]) -> FrameExitModel:
+    def build(
+        self, ctx: ConversionContext, plan: dict[str, Any]
+    ) -> FrameExitModel | FrameGateModel:
         pattern = clip_pattern(ctx.gm)
         if pattern.frames != plan["frames"]:
             raise StrategyError(
@@ -119,15 +154,29 @@ class FrameExit:
         options = plan.get("options", {})
         group = int(plan.get("group", 1))
         groups = len(frame_groups(range(pattern.frames), group))
-        return FrameExitModel(
+        common = {
+            "order": [int(i) for i in plan["order"]],
+            "group": group,
+            "thresholds": [float(options.get("threshold", 0.9))] * (groups - 1),
+            "static_macs": ctx.analysis.total_macs,
+            "input_shape": tuple(ctx.example_input.shape[1:]),
+            "num_classes": ctx.num_classes,
+        }
+        book = cost_book(ctx.analysis.total_macs, pattern.frame_macs, pattern.frames, group)
+        if plan["policy"]["kind"] != GATE:
+            policy = ExitPolicy(**plan["policy"])
+            return FrameExitModel(ctx.gm, frame, book=book, policy=policy, **common)
+        hidden = int(options.get("gate_hidden", 16))
+        # a gate's MACs as FlopCounterMode counts them (its linear layers)
+        gate_macs = module_macs(ExitGate(ctx.num_classes, hidden), torch.zeros(1, ctx.num_classes))
+        book = cost_book(
+            ctx.analysis.total_macs, pattern.frame_macs, pattern.frames, group, gate_macs
+        )
+        return FrameGateModel(
             ctx.gm,
             frame,
-            order=[int(i) for i in plan["order"]],
-            group=group,
-            book=cost_book(ctx.analysis.total_macs, pattern.frame_macs, pattern.frames, group),
-            policy=ExitPolicy(**plan["policy"]),
-            thresholds=[float(options.get("threshold", 0.9))] * (groups - 1),
-            static_macs=ctx.analysis.total_macs,
-            input_shape=tuple(ctx.example_input.shape[1:]),
-            num_classes=ctx.num_classes,
+            hidden=hidden,
+            target=str(options.get("gate_target", "final")),
+            book=book,
+            **common,
         )

@@ -12,26 +12,38 @@ in much less than twice the time of one.
 The eager forward really skips the frames after a clip's exit: the batch narrows to the clips
 still looking (gather), the next frame runs on those alone, and answers are scattered back.
 Static mode runs the traced original graph: every frame at once and `mean(1)`, bit-exact.
+
+`FrameGateModel` decides instead with a small learned gate per decision (FrameExit, Ghodrati et
+al. CVPR 2021): an MLP on the running average and its sorted probabilities, trained to tell
+whether the running prediction already is the all-frame one, deciding by the contract's gate
+rule (`gate_open`: look further when p > 1 - threshold). Its score is not a function of the
+exit's logits alone, so it is no `ExitCascade`: calibration sweeps its thresholds with real
+forward passes (`dynify.train.scalar_sweep`).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dynify.runtime.cascade import branch_entry
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
-from dynify.runtime.decisions import exit_decision, start_streak
+from dynify.runtime.decisions import exit_decision, gate_open, gate_probability, start_streak
 from dynify.runtime.folding import use_folded
-from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel, ExportFace
-from dynify.runtime.policy import ExitPolicy
+from dynify.runtime.model import DECIDER, FIXED, UNIT, CostBook, DynamicModel, ExportFace, Tab
+from dynify.runtime.policy import ExitPolicy, PolicyState
 from dynify.runtime.tensor_cache import cached_on_tensors
 from dynify.train.losses import LossConfig, distillation
+
+GATE_TARGETS = ("final", "correct")
 
 KD_TEMPERATURE = 3.0  # the running averages' own distillation temperature
 
@@ -49,12 +61,47 @@ def frame_groups(order: Sequence[int], group: int) -> list[list[int]]:
     return [order[i : i + group] for i in range(0, len(order), group)]
 
 
-def cost_book(static_macs: int, frame_macs: int, frames: int, group: int = 1) -> CostBook:
-    """Every clip looks at its first group; each later one is paid by the clips still looking."""
+def gate_item(j: int) -> str:
+    """The book's item of the exit gate deciding after group j."""
+    return f"gate{j}"
+
+
+def cost_book(
+    static_macs: int, frame_macs: int, frames: int, group: int = 1, gate_macs: int | None = None
+) -> CostBook:
+    """Every clip looks at its first group; each later one is paid by the clips still looking.
+    With `gate_macs`, a gate after every group but the last, paid by the clips deciding there."""
     book = CostBook(static_macs)
-    for j, members in enumerate(frame_groups(range(frames), group)):
+    groups = frame_groups(range(frames), group)
+    for j, members in enumerate(groups):
         book.add(frame_item(j), frame_macs * len(members), FIXED if j == 0 else UNIT)
+        if gate_macs is not None and j < len(groups) - 1:
+            book.add(gate_item(j), gate_macs, DECIDER)
     return book
+
+
+class ExitGate(nn.Module):
+    """FrameExit's gate after one group of frames: from the running average of the per-frame
+    logits [N, K] and its sorted probabilities, the logit [N] of "look further" (the running
+    prediction is not yet the one the whole clip gives). Nothing in it depends on the data's
+    shape, so it exports as it runs."""
+
+    def __init__(self, num_classes: int, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, mean: Tensor) -> Tensor:
+        mean = mean.float()
+        probs = torch.softmax(mean, dim=-1).sort(dim=-1, descending=True).values
+        return self.net(torch.cat([mean, probs], dim=-1)).squeeze(-1)
+
+
+def looks_further(gate: nn.Module, mean: Tensor, threshold: Tensor | float) -> Tensor:
+    """bool [N]: the clips whose gate opens (the gate rule, `gate_open`): they look at the
+    next group. A gate that scores NaN stays shut: the clip leaves, as with exit policies."""
+    return gate_open(gate_probability(gate(mean)), threshold)
 
 
 def run_group(
@@ -75,7 +122,55 @@ def run_group(
     return logits.unflatten(0, (x.shape[0], len(group))).sum(1)
 
 
-class FrameExitModel(DynamicModel):
+def running_mean_distillation(
+    means: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    config: LossConfig | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The distillation loss of every running average [N, groups, K] towards the teacher
+    (without one, the all-frame average, detached), averaged over the groups."""
+    config = config or LossConfig()
+    teacher = (means[:, -1] if teacher_logits is None else teacher_logits).detach()
+    temperature = config.temperature(KD_TEMPERATURE)
+    losses, metrics = [], {}
+    last = means.shape[1] - 1
+    for j in range(means.shape[1]):
+        name = "final" if j == last else f"exit{j}"
+        loss, stats = distillation(means[:, j], teacher, labels, temperature, config.label_weight)
+        metrics[f"acc_{name}"] = stats["acc"]
+        losses.append(loss)
+    total = torch.stack(losses).mean()
+    metrics["loss"] = float(total.detach())
+    return total, metrics
+
+
+def gate_targets(means: Tensor, labels: Tensor | None, target: str) -> Tensor:
+    """float [N, groups - 1]: 1 where the clip should look further after group j, i.e. its
+    running prediction is not yet the all-frame one ("final": self-distillation, no labels
+    needed), or not yet right ("correct", FrameExit's target; clips without a label, -1,
+    fall back to the all-frame prediction)."""
+    reference = means[:, -1].argmax(-1)
+    if target == "correct" and labels is not None:
+        reference = torch.where(labels >= 0, labels.to(reference.device), reference)
+    return (means[:, :-1].argmax(-1) != reference[:, None]).float()
+
+
+def balanced_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy with both classes weighed alike within each gate (column): early
+    gates see mostly "look further", late ones mostly "stop", and an unweighted loss would
+    teach each to answer its majority."""
+    positives = targets.mean(0, keepdim=True).clamp(0.02, 0.98)
+    weights = torch.where(targets > 0.5, 0.5 / positives, 0.5 / (1.0 - positives))
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (weights * loss).mean()
+
+
+class FrameLoop(DynamicModel):
+    """What both frame-exit models share: the frames looked at group by group, the clips that
+    leave dropped from the batch, the cost book, static mode. A subclass says how a clip
+    decides to leave (`_start`, `_leaves`, `_keep`)."""
+
     strategy = "frame-exit"
 
     def __init__(
@@ -86,7 +181,6 @@ class FrameExitModel(DynamicModel):
         order: Sequence[int],
         group: int = 1,
         book: CostBook,
-        policy: ExitPolicy,
         thresholds: Sequence[float],
         static_macs: int,
         input_shape: tuple[int, ...],
@@ -109,8 +203,6 @@ class FrameExitModel(DynamicModel):
         self.order = [int(i) for i in order]
         self.group = int(group)
         self.groups = groups
-        self.policy = policy
-        self.register_buffer("temperatures", torch.ones(len(groups) - 1))
 
     @property
     def frames(self) -> int:
@@ -166,8 +258,13 @@ class FrameExitModel(DynamicModel):
         return folded.eval().requires_grad_(False)
 
     def exit_macs(self) -> list[int]:
-        """What a clip leaving after group j spends: the frames of groups 0..j."""
-        return self.book.cumulative([[frame_item(j)] for j in range(len(self.groups))])
+        """What a clip leaving after group j spends: the frames of groups 0..j (and the gates
+        that decided after them)."""
+        stages = [
+            [frame_item(j), *([gate_item(j)] if gate_item(j) in self.book.items else [])]
+            for j in range(len(self.groups))
+        ]
+        return self.book.cumulative(stages)
 
     def describe(self) -> list[dict[str, str]]:
         """One row per exit: after which frame, what leaving there costs, its threshold."""
@@ -196,7 +293,7 @@ class FrameExitModel(DynamicModel):
         batch, last = x.shape[0], self.num_exits
         remaining = torch.arange(batch, device=x.device)
         exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
-        state = self.policy.start(batch, x.device)
+        state = self._start(batch, x.device)
         output: Tensor | None = None
         total: Tensor | None = None
         tab = self.open_tab(batch, x.device)  # the first frame is every clip's
@@ -210,7 +307,7 @@ class FrameExitModel(DynamicModel):
             if j == last:
                 output = mean if output is None else scatter_rows(output, remaining, mean, batch)
                 break
-            done = self.policy.decide(mean, self.temperatures[j], self.thresholds[j], state)
+            done = self._leaves(j, mean, state, tab, remaining)
             if done.all():
                 output = mean if output is None else scatter_rows(output, remaining, mean, batch)
                 exit_index[remaining] = j
@@ -220,10 +317,22 @@ class FrameExitModel(DynamicModel):
                 exit_index[remaining[done]] = j
                 keep = ~done
                 x, total, remaining = x[keep], total[keep], remaining[keep]
-                state = state.keep(keep)
+                state = self._keep(state, keep)
         self.last_exit = exit_index
         self.close_tab(tab)
         return output
+
+    def _start(self, batch: int, device: torch.device) -> Any:
+        """What the decisions remember about the clips, before the first."""
+        return None
+
+    @abstractmethod
+    def _leaves(self, j: int, mean: Tensor, state: Any, tab: Tab, remaining: Tensor) -> Tensor:
+        """bool [n]: which of the clips still looking (`remaining`, rows of the batch) leave
+        after group j, whose running average is `mean`; charges what deciding costs."""
+
+    def _keep(self, state: Any, keep: Tensor) -> Any:
+        return state
 
     def running_means(self, x: Tensor) -> list[Tensor]:
         """The running average of the per-frame logits after each group, for every clip."""
@@ -233,6 +342,38 @@ class FrameExitModel(DynamicModel):
             total = logits if total is None else total + logits
             means.append(total / seen)
         return means
+
+    def prefix_means(self, x: Tensor) -> Tensor:
+        """[N, groups, K]: the running average after each group, every frame run as one batch
+        through the per-frame network as it is (training: differentiable if it learns)."""
+        batch = x.shape[0]
+        frames = self.frame(x[:, self.order].flatten(0, 1)).unflatten(0, (batch, self.frames))
+        counts = torch.arange(1, self.frames + 1, device=x.device, dtype=frames.dtype)
+        means = frames.cumsum(1) / counts.view(1, -1, 1)
+        return means[:, [seen - 1 for seen in self.frames_seen()]]
+
+
+class FrameExitModel(FrameLoop):
+    """Exits by an exit policy on the running average (`ExitCascade`): calibration simulates
+    the rule on every exit's logits, collected in one pass."""
+
+    def __init__(
+        self, network: torch.fx.GraphModule, frame: nn.Module, *, policy: ExitPolicy, **kwargs: Any
+    ):
+        super().__init__(network, frame, **kwargs)
+        self.policy = policy
+        self.register_buffer("temperatures", torch.ones(len(self.groups) - 1))
+
+    def _start(self, batch: int, device: torch.device) -> PolicyState:
+        return self.policy.start(batch, device)
+
+    def _leaves(
+        self, j: int, mean: Tensor, state: PolicyState, tab: Tab, remaining: Tensor
+    ) -> Tensor:
+        return self.policy.decide(mean, self.temperatures[j], self.thresholds[j], state)
+
+    def _keep(self, state: PolicyState, keep: Tensor) -> PolicyState:
+        return state.keep(keep)
 
     def exit_logits(self, x: Tensor) -> list[Tensor]:
         """What every exit answers (calibration): the running averages, group by group."""
@@ -252,25 +393,7 @@ class FrameExitModel(DynamicModel):
         Without `teacher_logits` the all-frame average (detached) teaches.
         """
         self.check_input(x)
-        config = config or LossConfig()
-        batch = x.shape[0]
-        frames = self.frame(x[:, self.order].flatten(0, 1)).unflatten(0, (batch, self.frames))
-        counts = torch.arange(1, self.frames + 1, device=x.device, dtype=frames.dtype)
-        means = frames.cumsum(1) / counts.view(1, -1, 1)
-        means = means[:, [seen - 1 for seen in self.frames_seen()]]  # after each group
-        teacher = (means[:, -1] if teacher_logits is None else teacher_logits).detach()
-        temperature = config.temperature(KD_TEMPERATURE)
-        losses, metrics = [], {}
-        for j in range(len(self.groups)):
-            name = "final" if j == self.num_exits else f"exit{j}"
-            loss, stats = distillation(
-                means[:, j], teacher, labels, temperature, config.label_weight
-            )
-            metrics[f"acc_{name}"] = stats["acc"]
-            losses.append(loss)
-        total = torch.stack(losses).mean()
-        metrics["loss"] = float(total.detach())
-        return total, metrics
+        return running_mean_distillation(self.prefix_means(x), teacher_logits, labels, config)
 
     def export_face(self) -> FrameCascade:
         return FrameCascade(
@@ -281,6 +404,77 @@ class FrameExitModel(DynamicModel):
             policy=self.policy.kind,
             patience=self.policy.patience,
         )
+
+
+class FrameGateModel(FrameLoop):
+    """Exits by a learned gate after each group but the last (FrameExit): the gate reads the
+    running average and says whether to look further; a clip leaves when it does not
+    (`looks_further`: the contract's gate rule, threshold 0 the cheapest, above 1 every
+    frame). The gates train with the per-frame network frozen (`finetune`, heads mode)."""
+
+    def __init__(
+        self,
+        network: torch.fx.GraphModule,
+        frame: nn.Module,
+        *,
+        hidden: int = 16,
+        target: str = "final",
+        **kwargs: Any,
+    ):
+        super().__init__(network, frame, **kwargs)
+        if target not in GATE_TARGETS:
+            raise ValueError(f"gate target must be one of {GATE_TARGETS}")
+        self.target = target
+        self.gates = nn.ModuleList(
+            ExitGate(self.num_classes, hidden) for _ in range(len(self.groups) - 1)
+        )
+
+    def _leaves(self, j: int, mean: Tensor, state: Any, tab: Tab, remaining: Tensor) -> Tensor:
+        tab.charge_rows(gate_item(j), remaining)
+        return ~looks_further(self.gates[j], mean, self.thresholds[j])
+
+    def gate_logits(self, x: Tensor) -> list[Tensor]:
+        """Every gate's logit [N] ("look further") for every clip, all frames run."""
+        self.check_input(x)
+        means = self.running_means(x)
+        return [gate(mean) for gate, mean in zip(self.gates, means, strict=False)]
+
+    def training_loss(
+        self,
+        x: Tensor,
+        teacher_logits: Tensor | None = None,
+        labels: Tensor | None = None,
+        config: LossConfig | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Each gate learns, by class-balanced binary cross-entropy, whether the running
+        prediction after its group is not yet the all-frame average's (or, with
+        `target="correct"` and labels, not yet right). The per-frame network learns too
+        (the running averages distilled, as `FrameExitModel`'s) only if it is trainable
+        (joint fine-tuning); frozen (heads mode) it runs without gradients."""
+        self.check_input(x)
+        learns = any(p.requires_grad for p in self.frame.parameters())
+        with torch.set_grad_enabled(learns and torch.is_grad_enabled()):
+            means = self.prefix_means(x)
+        targets = gate_targets(means.detach(), labels, self.target)
+        logits = torch.stack(
+            [gate(means[:, j].detach()) for j, gate in enumerate(self.gates)], dim=1
+        )
+        loss = balanced_bce(logits, targets)
+        look = logits.detach() > 0.0
+        metrics = {
+            "gate_loss": float(loss.detach()),
+            "gate_acc": float((look == (targets > 0.5)).float().mean()),
+            "look_further": float(targets.mean()),
+        }
+        if learns:
+            distilled, stats = running_mean_distillation(means, teacher_logits, labels, config)
+            loss = loss + distilled
+            metrics.update(stats)
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def export_face(self) -> FrameGateCascade:
+        return FrameGateCascade(self.frame, self.groups, self.gates, self.thresholds)
 
 
 class FrameCascade(ExportFace):
@@ -316,6 +510,16 @@ class FrameCascade(ExportFace):
         state = start_streak(x.shape[0], x.device) if self.policy == "patience" else ()
         return self._stage(0, x, None, thr, state)
 
+    def _leave(
+        self, j: int, mean: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """bool [N]: which clips leave after group j, and what the rule carries on."""
+        carried = (state[0], state[1]) if self.policy == "patience" else None
+        leave, carried = exit_decision(
+            mean, self.temperatures[j], thr[j], self.policy, self.patience, carried
+        )
+        return leave, (() if carried is None else carried)
+
     def _stage(
         self, j: int, x: Tensor, total: Tensor | None, thr: Tensor, state: tuple[Tensor, ...]
     ) -> tuple[Tensor, Tensor]:
@@ -325,11 +529,7 @@ class FrameCascade(ExportFace):
         mean = total / self.seen[j]
         if j == len(self.groups) - 1:
             return mean, full_index(mean, j)
-        carried = (state[0], state[1]) if self.policy == "patience" else None
-        leave, carried = exit_decision(
-            mean, self.temperatures[j], thr[j], self.policy, self.patience, carried
-        )
-        state = () if carried is None else carried
+        leave, state = self._leave(j, mean, thr, state)
 
         def take_exit(x: Tensor, total: Tensor, mean: Tensor, leave: Tensor, *st: Tensor):
             return mean.clone(), full_index(mean, j)
@@ -350,3 +550,30 @@ class FrameCascade(ExportFace):
         go_on = go_on_all if single else go_on_rest
         every = leave.reshape(()) if single else leave.all()
         return cond(every, take_exit, go_on, (x, total, mean, leave, *state))
+
+
+class FrameGateCascade(FrameCascade):
+    """`FrameGateModel`'s export face: `FrameCascade` deciding by the gates
+    (`looks_further`, thresholds an input)."""
+
+    def __init__(
+        self,
+        frame: nn.Module,
+        groups: Sequence[Sequence[int]],
+        gates: nn.ModuleList,
+        thresholds: Tensor,
+    ):
+        super().__init__(
+            frame,
+            groups,
+            torch.ones(len(gates)),
+            thresholds,
+            policy="confidence",  # unused: the gates decide
+            patience=1,
+        )
+        self.gates = gates
+
+    def _leave(
+        self, j: int, mean: Tensor, thr: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return ~looks_further(self.gates[j], mean, thr[j]), state

@@ -1,0 +1,70 @@
+"""Moving what was trained or chosen into the model that serves: new parts (heads, gates)
+from one dynamic model to another, and an operating point's settings.
+
+The parts a conversion adds learn on the static network's outputs only when that network is
+frozen (`finetune`'s heads mode). What they learn can then be trained once on a cheap stand-in
+converted alike (a clip model whose per-frame network replays cached per-frame logits, say)
+and copied into the model that serves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynify.errors import StrategyError
+from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.train.distill import static_parameter_names
+from dynify.train.operating_point import OperatingPoint
+
+
+def new_parameters(dyn: DynamicModel) -> dict[str, torch.nn.Parameter]:
+    """The parameters the conversion added (used by no static forward), by name."""
+    params = list(dyn.parameters())
+    frozen = [p.requires_grad for p in params]  # fine-tuning in heads mode freezes some
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        static = static_parameter_names(dyn)
+    finally:
+        for p, grad in zip(params, frozen, strict=True):
+            p.requires_grad_(grad)
+    return {name: p for name, p in dyn.named_parameters() if name not in static}
+
+
+def copy_new_parts(source: DynamicModel, target: DynamicModel) -> list[str]:
+    """Copy every parameter `source`'s conversion added into `target`'s, which must have been
+    converted with the same strategy and the same parts (same names and shapes); returns the
+    names copied. The static networks, thresholds and temperatures are left alone."""
+    if source.strategy != target.strategy:
+        raise StrategyError(
+            f"Cannot copy the new parts of a {source.strategy} model into a {target.strategy} "
+            "model: convert both with the same strategy and options."
+        )
+    theirs, ours = new_parameters(source), new_parameters(target)
+    if set(theirs) != set(ours) or any(theirs[n].shape != ours[n].shape for n in theirs):
+        raise StrategyError(
+            "The two models' new parts differ (names or shapes): convert both with the same "
+            f"options. Source: {sorted(theirs)}; target: {sorted(ours)}."
+        )
+    with torch.no_grad():
+        for name, p in ours.items():
+            p.copy_(theirs[name].to(p.device, p.dtype))
+    return sorted(ours)
+
+
+def use_operating_point(dyn: DynamicModel, point: OperatingPoint) -> None:
+    """Serve `dyn` at an operating point (`operating_points`): its thresholds, and for an
+    exit cascade its temperatures, which calibration fitted with them."""
+    dyn.set_thresholds(point.thresholds)
+    if point.temperatures:
+        if not isinstance(dyn, ExitCascade):
+            raise StrategyError(
+                f"The operating point carries exit temperatures; a {dyn.strategy} model has none."
+            )
+        values = torch.tensor(point.temperatures, dtype=dyn.temperatures.dtype)
+        if values.shape != dyn.temperatures.shape:
+            raise StrategyError(
+                f"The operating point has {values.numel()} temperatures, the model "
+                f"{dyn.temperatures.numel()} exits: it was chosen for another model."
+            )
+        dyn.temperatures.copy_(values)
