@@ -60,12 +60,25 @@ from dynify.train.run_env import (
     stop_signals,
 )
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "Interrupted", "finetune", "lr_factor"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "Interrupted",
+    "finetune",
+    "lr_factor",
+    "warmup_steps",
+]
 
 MODES = ("heads", "joint")
 # `FinetuneConfig.clip_grad_norm`'s default: see there.
 CLIP_GRAD_NORM = 50.0
 SCHEDULES = ("cosine", "onecycle", "constant")
+# Joint mode's warm-up lasts at least this many steps (`FinetuneConfig.warmup_min_steps`), but
+# never more than WARMUP_CAP of the run. SGD on a pretrained backbone needs ~100 small steps
+# before it takes the full rate whatever the run's length; 5 % of a 2,000-step run is that
+# already, so longer runs keep their schedule.
+JOINT_WARMUP_STEPS = 100
+WARMUP_CAP = 0.5
 
 
 @dataclass
@@ -79,6 +92,9 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup: float = 0.05  # fraction of steps
+    # The warm-up's floor in steps (capped at WARMUP_CAP of the run; no floor when warmup is
+    # 0); None: JOINT_WARMUP_STEPS in joint mode, 0 in heads mode.
+    warmup_min_steps: int | None = None
     seed: int = 0
     augment: bool = True
     kd_temperature: float | None = None  # None: each strategy's own (see train/losses.py)
@@ -107,6 +123,13 @@ class FinetuneConfig:
             )
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise DynifyError(f"budget must be in (0, 1], got {self.budget}.")
+        if self.warmup_min_steps is not None and not (
+            isinstance(self.warmup_min_steps, int) and self.warmup_min_steps >= 0
+        ):
+            raise DynifyError(
+                "warmup_min_steps must be a whole number of steps >= 0 (or None: the mode's "
+                f"default), got {self.warmup_min_steps}."
+            )
         if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
             raise DynifyError(
                 "clip_grad_norm must be a positive number (or None: no clipping), got "
@@ -122,6 +145,13 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (3e-3 if self.mode == "heads" else 0.01)
+
+    @property
+    def warmup_floor(self) -> int:
+        """The warm-up's floor in steps: `warmup_min_steps`, or the mode's default."""
+        if self.warmup_min_steps is not None:
+            return self.warmup_min_steps
+        return JOINT_WARMUP_STEPS if self.mode == "joint" else 0
 
 
 @dataclass
@@ -158,6 +188,7 @@ def finetune(
     weight_decay: float | None = None,
     schedule: str | None = None,
     warmup: float | None = None,
+    warmup_min_steps: int | None = None,
     seed: int | None = None,
     augment: bool | None = None,
     kd_temperature: float | None = None,
@@ -208,6 +239,7 @@ def finetune(
         "weight_decay": weight_decay,
         "schedule": schedule,
         "warmup": warmup,
+        "warmup_min_steps": warmup_min_steps,
         "seed": seed,
         "augment": augment,
         "kd_temperature": kd_temperature,
@@ -474,9 +506,24 @@ def _clip_gradients(optimizer: Optimizer, limit: float | None) -> None:
             torch.nn.utils.clip_grad_norm_(group["params"], clip)
 
 
-def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> float:
-    """The learning-rate multiplier at `step` of `total` (per step, so resume needs only `step`)."""
+def warmup_fraction(warmup: float, total: int, min_steps: int = 0) -> float:
+    """The share of `total` steps the warm-up lasts: `warmup`, lengthened to `min_steps` steps
+    but to no more than WARMUP_CAP of the run (no warm-up stays none). Where the fraction is
+    long enough already it is returned as it is, so those runs keep their schedule exactly."""
+    if warmup <= 0 or warmup * total >= min_steps:
+        return warmup
+    return max(warmup, min(min_steps / max(total, 1), WARMUP_CAP))
+
+
+def lr_factor(
+    schedule: str, step: int, total: int, warmup: float = 0.05, min_steps: int = 0
+) -> float:
+    """The learning-rate multiplier at `step` of `total` (per step, so resume needs only `step`).
+
+    cosine: a linear warm-up over `warmup_fraction(warmup, total, min_steps)` of the steps,
+    then a cosine decay to zero."""
     t = min(step / max(total, 1), 1.0)
+    warmup = warmup_fraction(warmup, total, min_steps)
     if schedule == "constant":
         return 1.0
     if schedule == "onecycle":
@@ -489,13 +536,14 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.05) -> flo
     return (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-8))) / 2
 
 
-def warmup_steps(warmup: float, total: int) -> int:
-    """How many of `total` steps the warm-up fraction `warmup` lasts."""
+def warmup_steps(warmup: float, total: int, min_steps: int = 0) -> int:
+    """How many of `total` steps the cosine schedule's warm-up lasts (see `warmup_fraction`)."""
+    warmup = warmup_fraction(warmup, total, min_steps)
     return min(total, math.ceil(warmup * total)) if warmup > 0 else 0
 
 
 def _set_lr(optimizer: Optimizer, config: FinetuneConfig, step: int, total: int) -> None:
-    factor = lr_factor(config.schedule, step, total, config.warmup)
+    factor = lr_factor(config.schedule, step, total, config.warmup, config.warmup_floor)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * max(factor, group.get("floor", 0.0))
 
@@ -660,9 +708,9 @@ class _Loop:
             "The model keeps its weights from before that step; no checkpoint or artifact is "
             f"written for it; the last checkpoint written, if any, stays. Try a smaller learning "
             f"rate (lr, --lr: now {config.learning_rate:g}), a longer warm-up (warmup, --warmup: "
-            f"now {config.warmup:g} of the steps, {warmup_steps(config.warmup, total)} of "
-            f"{total}) or more steps, a tighter gradient clip (clip_grad_norm, --clip-grad-norm: "
-            f"now {clip}), check --mean and --std{norm}, and check that the data holds no NaN or "
+            f"now {config.warmup:g} of the steps, at least {config.warmup_floor} steps: "
+            f"{warmup_steps(config.warmup, total, config.warmup_floor)} of {total}) or more "
+            f"steps, a tighter gradient clip (clip_grad_norm, --clip-grad-norm: now {clip}), check --mean and --std{norm}, and check that the data holds no NaN or "
             "infinite values."
         )
 
