@@ -401,8 +401,6 @@ PUBLIC_MODULES = {"dynify", "dynify.errors"}
 # MACs), `model_name` and `training_record` (the artifact's spec), `dynify.new_parameters`
 # (exit heads), the fine-tuning callback (the router temperature).
 PRIVATE_ATTRIBUTES = {"book", "head_macs", "heads", "kind", "router_temperature", "spec"}
-# Suites being moved to the public API elsewhere: remove each once it passes.
-KNOWN_EXCEPTIONS = {"frame_exit.py", "skip_rnn.py", "stop_reading.py"}
 
 
 def _underscored(name: str) -> bool:
@@ -448,7 +446,7 @@ def test_the_suites_call_only_the_public_api():
     """A published figure comes from code dynify ships: no suite imports dynify's modules or
     reads a model's internals."""
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    paths = [p for p in sorted(folder.glob("*.py")) if p.name not in KNOWN_EXCEPTIONS]
+    paths = sorted(folder.glob("*.py"))
     assert len(paths) > 10
     found = [use for path in paths for use in _private_uses(path)]
     assert not found, "\n".join(found)
