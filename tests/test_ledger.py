@@ -186,9 +186,10 @@ def test_the_cheapest_thresholds_spend_the_floor_and_no_sample_more_than_the_wor
     sample spends exactly the book's floor, whatever it is. The exceptions: halting gates,
     whose floor charges every halting unit while a halted sample pays only its stage's first;
     the patience policy, which cannot leave before `patience` exits agree; skip-rnn, whose
-    rule at 0 (never update again) needs no gate, so a sample pays the fixed cost alone; and
-    stop-reading, whose exit costs are each text's own (a text leaves at exit 0 if it reaches
-    it, else at the original classifier). At every forcing threshold, no sample spends more
+    rule at 0 (never update again) needs no gate, so a sample pays the fixed cost alone;
+    frame-exit's gates, whose floor charges every gate while a clip leaving after its first
+    frames pays the first gate alone; and stop-reading, whose exit costs are each text's own
+    (a text leaves at exit 0 if it reaches it, else at the original classifier). At every forcing threshold, no sample spends more
     than the book's worst case."""
     case = converted(strategy, json.dumps(options, sort_keys=True))
     dyn, x = case.dyn, case.x
@@ -203,6 +204,8 @@ def test_the_cheapest_thresholds_spend_the_floor_and_no_sample_more_than_the_wor
                 assert (spent > dyn.book.floor()).all()
             elif strategy == "skip-rnn":
                 assert spent.tolist() == [dyn.book.fixed_macs()] * len(spent)
+            elif strategy == "frame-exit" and options.get("policy") == "gate":
+                assert spent.tolist() == [dyn.exit_macs()[0]] * len(x)
             elif isinstance(dyn, dynify.PerSampleExits):
                 macs, available = dyn.sample_exit_costs(x)
                 assert spent.tolist() == torch.where(available[0], macs[0], macs[-1]).tolist()
