@@ -157,6 +157,7 @@ def test_a_model_reports_its_source_training_record_costs_and_new_parameters(
     """What benchmarks and users read from a model, through the public API alone."""
     fresh = dynify.convert(tiny_model, "early-exit", torch.zeros(1, 3, 16, 16))
     assert fresh.model_name == "tests.conftest:TinyResNet"  # where its class is defined
+    assert fresh.weight_notes == []  # its own weights, as passed: nothing to say
     assert fresh.training_record is None
     dyn, _ = tuned
     record = dyn.training_record

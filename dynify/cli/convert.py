@@ -170,7 +170,7 @@ def convert(
             pad_id=pad_id,
         )
     seconds = time.perf_counter() - start
-    for note in dyn.spec["model"]["notes"]:
+    for note in dyn.weight_notes:
         style = "bold yellow" if "RANDOM" in note or "unavailable" in note else "dim"
         console.print(f"[{style}]weights: {note}[/{style}]")
     console.print(summary_table(dyn))
@@ -183,7 +183,7 @@ def convert(
 
 def summary_table(dyn: dynify.DynamicModel) -> Table:
     """What the conversion made, for the user to check: exits and their MAC fractions."""
-    table = Table(title=f"{dyn.spec['model']['name']} · {dyn.strategy}")
+    table = Table(title=f"{dyn.model_name} · {dyn.strategy}")
     rows = dyn.describe()
     if not rows:
         table.add_column("static MACs")

@@ -265,6 +265,12 @@ class DynamicModel(nn.Module, ABC):
         return str((self.spec.get("model") or {}).get("name", type(self).__name__))
 
     @property
+    def weight_notes(self) -> list[str]:
+        """What loading the original network's weights said (pretrained, random, unavailable),
+        for a user to check before trusting the conversion."""
+        return [str(note) for note in (self.spec.get("model") or {}).get("notes", [])]
+
+    @property
     def training_record(self) -> TrainingRecord | None:
         """How `dynify.finetune` last trained the model (kept in its artifact), or None if it
         has not been fine-tuned."""

@@ -90,7 +90,13 @@ from dynify.runtime.recurrence import (
     step_rows,
     zero_state,
 )
-from dynify.train.losses import LossConfig, budget_price, distillation, priced_compute
+from dynify.train.losses import (
+    LossConfig,
+    budget_price,
+    distillation,
+    priced_compute,
+    step_metrics,
+)
 
 # The binarisation threshold training decides with (u > 0.5, the paper's rounding).
 TRAIN_THRESHOLD = 0.5
@@ -686,17 +692,14 @@ class SkipRNNModel(CapHolder, DynamicModel):
         loss = task + compute
         self.close_tab(run.tab)
         self._record(run, args[0].shape[0], args[0].device)
-        metrics = {
-            "loss": float(loss.detach()),
-            "distill": stats["kd"],
-            "compute": float(compute.detach()),
-            "update_share": share,
-            "macs_fraction": float(self.last_macs.double().mean()) / self.static_macs,
-            "compute_price": price,
-        }
-        if "ce" in stats:
-            metrics["ce"] = stats["ce"]
-        return loss, metrics
+        return loss, step_metrics(
+            loss,
+            compute,
+            stats,
+            update_share=share,
+            macs_fraction=float(self.last_macs.double().mean()) / self.static_macs,
+            compute_price=price,
+        )
 
     def export_face(self) -> SkipRNNExport:
         """forward(x, thresholds) -> (logits, updates [N, T] int64)."""
