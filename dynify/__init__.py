@@ -14,7 +14,6 @@ Everything the command line does goes through the names below; nothing else is p
 from dynify.api import (
     StrategyInfo,
     exit_scores,
-    new_parameters,
     preprocessing,
     save_json,
     strategies,
@@ -80,7 +79,7 @@ from dynify.train.data.text import read_labels
 from dynify.train.distill import FinetuneResult, finetune
 from dynify.train.operating_point import OperatingPoint, choose_operating_point, operating_points
 from dynify.train.targets import CalibrationResult
-from dynify.train.transfer import copy_new_parts, use_operating_point
+from dynify.train.transfer import copy_new_parts, new_parameters, use_operating_point
 from dynify.zoo import build_model
 
 __version__ = "0.1.0"

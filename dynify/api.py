@@ -1,6 +1,6 @@
 """Small public helpers the command line needs besides the verbs: `strategies` lists what
-`convert` can do, `preprocessing` says how raw images become a model's inputs, `save_json`
-writes any result as JSON, atomically, and `new_parameters` names what a strategy added."""
+`convert` can do, `preprocessing` says how raw images become a model's inputs and `save_json`
+writes any result as JSON, atomically."""
 
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
-
 from dynify.errors import DataError, InputError
 from dynify.files import write_text_atomic
 from dynify.passes import get_strategy, strategy_names
 from dynify.runtime.decisions import exit_scores as _scores
 from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing, resolve_preprocessing
-from dynify.train.distill import static_parameter_names
 
 
 @runtime_checkable
@@ -82,12 +79,3 @@ def save_json(result: Any, path: str | Path) -> Path:
     else:
         data = result
     return write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def new_parameters(dyn: DynamicModel) -> list[tuple[str, nn.Parameter]]:
-    """The parameters the strategy added (exit heads, gates, routers...), named and in module
-    order: those the static network does not use, which fine-tuning in "heads" mode trains. To
-    count, freeze or re-initialise a model's new parts without knowing how a strategy holds
-    them."""
-    static = static_parameter_names(dyn)
-    return [(name, p) for name, p in dyn.named_parameters() if name not in static]

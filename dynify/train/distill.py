@@ -392,9 +392,12 @@ def static_parameter_names(dyn: DynamicModel) -> set[str]:
     from the backbone without the strategy having to list them.
     """
     named = [(n, p) for n, p in dyn.named_parameters()]
+    frozen = [p.requires_grad for _, p in named]  # fine-tuning in heads mode freezes some
     was_training = dyn.training
     dyn.eval()
     try:
+        for _, p in named:
+            p.requires_grad_(True)
         x = dyn.random_input(1, torch.Generator().manual_seed(0))
         with torch.enable_grad():  # whatever the caller's grad mode
             with dyn.static():
@@ -402,6 +405,8 @@ def static_parameter_names(dyn: DynamicModel) -> set[str]:
             grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
     finally:
         dyn.train(was_training)
+        for (_, p), grad in zip(named, frozen, strict=True):
+            p.requires_grad_(grad)
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
 
 

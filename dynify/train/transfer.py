@@ -17,18 +17,13 @@ from dynify.train.distill import static_parameter_names
 from dynify.train.operating_point import OperatingPoint
 
 
-def new_parameters(dyn: DynamicModel) -> dict[str, torch.nn.Parameter]:
-    """The parameters the conversion added (used by no static forward), by name."""
-    params = list(dyn.parameters())
-    frozen = [p.requires_grad for p in params]  # fine-tuning in heads mode freezes some
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        static = static_parameter_names(dyn)
-    finally:
-        for p, grad in zip(params, frozen, strict=True):
-            p.requires_grad_(grad)
-    return {name: p for name, p in dyn.named_parameters() if name not in static}
+def new_parameters(dyn: DynamicModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the strategy added (exit heads, gates, routers...), named and in module
+    order: those the static network does not use, which fine-tuning in "heads" mode trains. To
+    count, freeze, copy or re-initialise a model's new parts without knowing how a strategy
+    holds them."""
+    static = static_parameter_names(dyn)
+    return [(name, p) for name, p in dyn.named_parameters() if name not in static]
 
 
 def copy_new_parts(source: DynamicModel, target: DynamicModel) -> list[str]:
@@ -40,7 +35,7 @@ def copy_new_parts(source: DynamicModel, target: DynamicModel) -> list[str]:
             f"Cannot copy the new parts of a {source.strategy} model into a {target.strategy} "
             "model: convert both with the same strategy and options."
         )
-    theirs, ours = new_parameters(source), new_parameters(target)
+    theirs, ours = dict(new_parameters(source)), dict(new_parameters(target))
     if set(theirs) != set(ours) or any(theirs[n].shape != ours[n].shape for n in theirs):
         raise StrategyError(
             "The two models' new parts differ (names or shapes): convert both with the same "
