@@ -307,6 +307,11 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(workspace, tmp_path):
         (["--lr", "1e30"], "Fine-tuning stopped"),  # finite, but the weights overflow
         (["--std", "1e-38,1e-38,1e-38"], "Fine-tuning stopped"),  # inputs overflow
         (["--lr", "1e30", "--clip-grad-norm", "0", "--warmup", "0.5"], "Fine-tuning stopped"),
+        (
+            ["--lr", "1e30", "--clip-grad-norm", "0", "--warmup-min-steps", "3"],
+            "Fine-tuning stopped",
+        ),
+        (["--warmup-min-steps", "-1"], "--warmup-min-steps"),
     ],
 )
 def test_non_finite_training_exits_2_and_keeps_the_artifact(workspace, tmp_path, options, message):
@@ -321,7 +326,11 @@ def test_non_finite_training_exits_2_and_keeps_the_artifact(workspace, tmp_path,
         assert "--lr" in text and "--std" in text  # what to try
         assert "--warmup" in text and "--clip-grad-norm" in text
         if "--clip-grad-norm" in options:
-            assert "--clip-grad-norm: now off" in text and "warmup: now 0.5" in text
+            assert "--clip-grad-norm: now off" in text
+        if "--warmup" in options:
+            assert "warmup: now 0.5" in text
+        if "--warmup-min-steps" in options:  # the floor given, capped at half the run
+            assert "at least 3 steps (warmup_min_steps, --warmup-min-steps)" in text
     assert artifact.read_bytes() == before
 
 

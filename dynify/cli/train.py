@@ -203,6 +203,15 @@ def finetune(
     warmup: Annotated[
         float, typer.Option("--warmup", help="The fraction of the steps the rate warms up over.")
     ] = dynify.FinetuneConfig.warmup,
+    warmup_min_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--warmup-min-steps",
+            min=0,
+            help="The warm-up lasts at least this many steps, at most half the run "
+            "(default: 100 in joint mode, none in heads mode; 0: no floor).",
+        ),
+    ] = None,
     clip_grad_norm: Annotated[
         float,
         typer.Option(
@@ -221,6 +230,7 @@ def finetune(
         augment=augment,
         calibration_fraction=calibration_fraction,
         warmup=warmup,
+        warmup_min_steps=warmup_min_steps,
         clip_grad_norm=clip_grad_norm or None,
     )
     if lr is not None and not lr < float("inf"):
