@@ -55,7 +55,12 @@ def test_without_the_clip_and_the_warm_up_floor_it_diverges_and_says_what_to_try
         unguarded = config(clip_grad_norm=None, warmup_min_steps=0)
         dynify.finetune(dyn, data, unguarded, progress=False)
     message = " ".join(str(caught.value).split())
-    for advice in ("--lr", "--warmup", "at least 0 steps (warmup_min_steps, --warmup-min-steps): 1 of 8", "--clip-grad-norm: now off"):
+    for advice in (
+        "--lr",
+        "--warmup",
+        "at least 0 steps (warmup_min_steps, --warmup-min-steps): 1 of 8",
+        "--clip-grad-norm: now off",
+    ):
         assert advice in message
     assert "clip_grad_norm" in message and "last checkpoint" in message
     assert all(torch.isfinite(v).all() for v in dyn.state_dict().values())

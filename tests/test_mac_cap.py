@@ -1,15 +1,17 @@
 """The MAC cap of the strategies that hold one themselves (`dynify.runtime.mac_cap`: block
-gates, spatial masks, skip-rnn, dynamic width): no input, however crafted, and no threshold makes a sample
+gates, spatial masks, skip-rnn, dynamic width, frame-exit's gates): no input, however crafted, and no threshold makes a sample
 spend more than the cap, in a batch, alone and through the export face; a batch decides as its
 samples do alone; without a cap nothing changes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 import dynify
 import dynify.export.artifact as artifact
@@ -31,10 +33,12 @@ VARIANTS = [
     ("spatial-masks", {"granularity": "pixel"}),
     ("skip-rnn", {}),
     ("dynamic-width", {}),
+    ("frame-exit", {"policy": "gate"}),
 ]
 IDS = ["-".join([s, *map(str, o.values())]) for s, o in VARIANTS]
 SKIP_RNN = VARIANTS.index(("skip-rnn", {}))
 WIDTH = VARIANTS.index(("dynamic-width", {}))
+FRAME_GATES = VARIANTS.index(("frame-exit", {"policy": "gate"}))
 # thresholds: calibrated-looking, and every gate open / every unit active (whatever the score)
 THRESHOLDS = (0.5, 1.01)
 
@@ -63,6 +67,9 @@ def variable_costs(dyn: dynify.DynamicModel) -> list[int]:
         return [dyn.wrapper.step_macs + dyn.wrapper.gate_macs]
     if dyn.strategy == "dynamic-width":  # full width above the narrowest
         return [w.extra_macs[-1] for w in dyn.wrappers]
+    if dyn.strategy == "frame-exit":  # each group of frames after the first
+        costs = dyn.exit_macs()
+        return [later - earlier for earlier, later in itertools.pairwise(costs)]
     return [w.branch_macs for w in dyn.wrappers]
 
 
@@ -210,7 +217,7 @@ def test_capped_models_are_mac_capped_and_exit_cascades_are_not(dyn):
     assert not isinstance(exits, dynify.MacCapped)
 
 
-ONE_OF_EACH = [0, 3, SKIP_RNN, WIDTH]
+ONE_OF_EACH = [0, 3, SKIP_RNN, WIDTH, FRAME_GATES]
 
 
 @pytest.mark.parametrize(
@@ -221,7 +228,12 @@ def test_calibrate_with_a_mac_cap_sets_it_and_stays_under_it(strategy, options):
     generator = torch.Generator().manual_seed(3)
     images = example_of(strategy).inputs(64)
     labels = torch.randint(0, 5, (64,), generator=generator)
-    data = (images, labels) if images.is_floating_point() else dynify.TextDataset(images, labels)
+    if not images.is_floating_point():
+        data = dynify.TextDataset(images, labels)
+    elif images.dim() == 5:  # clips
+        data = TensorDataset(images, labels)
+    else:
+        data = (images, labels)
     cap = biting_cap(dyn)
     result = dynify.calibrate(dyn, data, budget=0.6, mac_cap=cap, part="all")
     assert dyn.mac_cap_fraction() == pytest.approx(cap, abs=1e-6)
@@ -488,15 +500,14 @@ def test_every_mac_capped_variant_in_the_registry_is_tested_here():
         for options in variants(strategy):
             dyn = converted(strategy, options)
             if isinstance(dyn, dynify.MacCapped):
-                assert (strategy, options) in VARIANTS, (strategy, options)
+                # frame-exit's groups of frames: the same rule over coarser steps
+                ungrouped = {k: v for k, v in options.items() if k != "group"}
+                assert (strategy, ungrouped) in VARIANTS, (strategy, options)
             else:
                 assert (
                     (strategy, options) in CASCADES
                     or dynify.cost_bound(dyn).fixed
                     or (options.get("policy") == "patience")
-                    # frame-exit's learned gates: no ExitCascade (their score is not the
-                    # exits' logits'), so no cap is recognised yet; see docs/temporal.md
-                    or (strategy, options.get("policy")) == ("frame-exit", "gate")
                 ), (strategy, options)
 
 

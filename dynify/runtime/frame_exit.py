@@ -38,6 +38,7 @@ from dynify.runtime.cascade import branch_entry
 from dynify.runtime.control import cond, full_index, scatter_rows, selected
 from dynify.runtime.decisions import exit_decision, gate_open, gate_probability, start_streak
 from dynify.runtime.folding import use_folded
+from dynify.runtime.mac_cap import CapHolder
 from dynify.runtime.model import DECIDER, FIXED, UNIT, CostBook, DynamicModel, ExportFace, Tab
 from dynify.runtime.policy import ExitPolicy, PolicyState
 from dynify.runtime.tensor_cache import cached_on_tensors
@@ -406,11 +407,19 @@ class FrameExitModel(FrameLoop):
         )
 
 
-class FrameGateModel(FrameLoop):
+class FrameGateModel(CapHolder, FrameLoop):
     """Exits by a learned gate after each group but the last (FrameExit): the gate reads the
     running average and says whether to look further; a clip leaves when it does not
     (`looks_further`: the contract's gate rule, threshold 0 the cheapest, above 1 every
-    frame). The gates train with the per-frame network frozen (`finetune`, heads mode)."""
+    frame). The gates train with the per-frame network frozen (`finetune`, heads mode).
+
+    With a MAC cap (`set_mac_cap`, `dynify.runtime.mac_cap`) a clip looks at a further group
+    only if its frames fit what is left of the allowance (the floor: the first group and every
+    gate). Every group costs every clip the same, so the cap is a last group, `deepest_group`:
+    there every clip leaves without asking its gate. `static()` ignores the cap.
+    """
+
+    optional_state = ("mac_cap",)
 
     def __init__(
         self,
@@ -428,8 +437,32 @@ class FrameGateModel(FrameLoop):
         self.gates = nn.ModuleList(
             ExitGate(self.num_classes, hidden) for _ in range(len(self.groups) - 1)
         )
+        self.init_mac_cap()
 
-    def _leaves(self, j: int, mean: Tensor, state: Any, tab: Tab, remaining: Tensor) -> Tensor:
+    def cap_floor(self) -> int:
+        """The first group of frames and every gate charged: the least MAC cap there can be."""
+        return self.book.floor()
+
+    def deepest_group(self, cap: int | None = None) -> int:
+        """The last group a clip may look at under the MAC cap `cap` (default: the model's):
+        the groups after the first are paid from the allowance in order, while they fit."""
+        cap = self.cap_macs() if cap is None else cap
+        if cap is None:
+            return self.num_exits
+        left, deepest = cap - self.cap_floor(), 0
+        for j in range(1, len(self.groups)):
+            left -= self.book.macs(frame_item(j))
+            if left < 0:
+                break
+            deepest = j
+        return deepest
+
+    def _start(self, batch: int, device: torch.device) -> int:
+        return self.deepest_group()
+
+    def _leaves(self, j: int, mean: Tensor, state: int, tab: Tab, remaining: Tensor) -> Tensor:
+        if j >= state:  # the cap: the next group does not fit, so the gate is not asked
+            return torch.ones(remaining.shape[0], dtype=torch.bool, device=mean.device)
         tab.charge_rows(gate_item(j), remaining)
         return ~looks_further(self.gates[j], mean, self.thresholds[j])
 
@@ -474,7 +507,9 @@ class FrameGateModel(FrameLoop):
         return loss, metrics
 
     def export_face(self) -> FrameGateCascade:
-        return FrameGateCascade(self.frame, self.groups, self.gates, self.thresholds)
+        return FrameGateCascade(
+            self.frame, self.groups, self.gates, self.thresholds, deepest=self.deepest_group()
+        )
 
 
 class FrameCascade(ExportFace):
@@ -504,6 +539,8 @@ class FrameCascade(ExportFace):
         self.patience = int(patience)
         self.register_buffer("temperatures", temperatures.detach().clone().float())
         self.min_conditionals = len(self.groups) - 1
+        # the last group any clip looks at (a MAC cap's; a Python int, so export keeps it)
+        self.deepest = len(self.groups) - 1
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         thr = self.thresholds_or_default(thresholds)
@@ -527,7 +564,7 @@ class FrameCascade(ExportFace):
         logits = run_group(self.frame, x, self.groups[j], branch_entry)
         total = logits if total is None else total + logits
         mean = total / self.seen[j]
-        if j == len(self.groups) - 1:
+        if j >= self.deepest:  # the last group, or the last the MAC cap allows
             return mean, full_index(mean, j)
         leave, state = self._leave(j, mean, thr, state)
 
@@ -562,6 +599,8 @@ class FrameGateCascade(FrameCascade):
         groups: Sequence[Sequence[int]],
         gates: nn.ModuleList,
         thresholds: Tensor,
+        *,
+        deepest: int | None = None,
     ):
         super().__init__(
             frame,
@@ -572,6 +611,9 @@ class FrameGateCascade(FrameCascade):
             patience=1,
         )
         self.gates = gates
+        if deepest is not None:
+            self.deepest = int(deepest)
+            self.min_conditionals = self.deepest
 
     def _leave(
         self, j: int, mean: Tensor, thr: Tensor, state: tuple[Tensor, ...]

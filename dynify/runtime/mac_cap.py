@@ -1,5 +1,6 @@
 """A per-sample MAC cap for strategies whose decision units run one after another (block gates,
-spatial masks, dynamic width, skip-rnn): the arithmetic, written once for every face.
+spatial masks, dynamic width, skip-rnn, frame-exit's gates): the arithmetic, written once for
+every face.
 
 The rule. Before a forward, each sample's *allowance* is the cap minus the model's floor: what
 a sample spends whatever it decides (the unconditional layers, and every decision unit
@@ -12,7 +13,8 @@ uses up:
   whose cost is sure to fit (k x the dearest cost one unit can add);
 - a width choice (dynamic width) is clamped to the widest that fits (the narrowest is in the
   floor);
-- a state update (skip-rnn) that does not fit is skipped, the state copied.
+- a state update (skip-rnn) that does not fit is skipped, the state copied;
+- a group of frames (frame-exit's gates) that does not fit is not looked at: the clip leaves.
 Whatever the input (NaN, inf, 3e38) and the thresholds, a sample never spends more than the
 cap: the floor is paid at most once, and nothing else is done without fitting. The rule is
 per sample and in a fixed order, so a batch decides as its samples do alone, and the eager,
