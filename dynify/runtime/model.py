@@ -551,8 +551,8 @@ class ExitCascade(Protocol):
 class MacCapped(Protocol):
     """A model whose per-sample MACs can be capped for every input (`dynify.runtime.mac_cap`):
     block gates, spatial masks, dynamic width, skip-rnn and frame-exit's gates. Exit cascades
-    cap by forcing an exit
-    at calibration instead (`dynify.runtime.mac_cap.cost_bound` reads either).
+    cap by forcing an exit at calibration instead (`dynify.runtime.mac_cap.cost_bound` reads
+    either).
 
     `set_mac_cap(fraction)` (None: no cap) refuses a cap below `cap_floor()`, the MACs a sample
     spends whatever it decides; `mac_cap_fraction()` reads it back.
