@@ -338,3 +338,10 @@ def test_the_folded_network_survives_an_export(tmp_path):
     dynify.bench(dyn, runtime="onnx", runs=1, warmup=0, threads=1)  # exports the static face
     with torch.no_grad():
         assert torch.equal(dyn(x), before)
+
+
+def test_clips_given_as_a_tensor_pair_are_refused_with_what_to_pass():
+    model, x = make(), clips(32, seed=5)
+    dyn = convert(model)
+    with pytest.raises(DynifyError, match=r"TensorDataset\(clips, labels\)"):
+        dynify.calibrate(dyn, (x, torch.zeros(32, dtype=torch.long)), budget=0.5, part="all")

@@ -174,8 +174,14 @@ class TensorImageDataset(Dataset):
         if images.ndim == 3:
             images = images.unsqueeze(1)
         if images.ndim != 4:
+            clips = (
+                " For clips (N, T, C, H, W), pass torch.utils.data.TensorDataset(clips, labels)."
+                if images.ndim == 5
+                else ""
+            )
             raise DataError(
-                f"Image tensors must be (N, C, H, W) or (N, H, W); got shape {tuple(images.shape)}."
+                f"Image tensors must be (N, C, H, W) or (N, H, W); got shape "
+                f"{tuple(images.shape)}.{clips}"
             )
         if targets is not None:
             targets = torch.as_tensor(targets).long().flatten()
