@@ -46,8 +46,11 @@ from benchmarks.results import Result, read_result
 from benchmarks.timing import alternating_runs
 
 NAME = "block_gates"
-# A shortened re-run of the published settings through this suite (fewer steps and epochs),
-# and the batch-1 latency of its saved models, measured apart on an idle machine.
+# Re-runs of the published settings through this suite: the policy network at full length
+# (one results file per net), and all three deciders shortened (fewer steps and epochs); each
+# with the batch-1 latency of its saved models, measured apart on an idle machine.
+FULL = ("block_gates_resnet32_policy_full", "block_gates_resnet44_policy_full")
+FULL_LATENCY = "block_gates_policy_full_latency"
 SHORT = "block_gates_resnet32_short"
 SHORT_LATENCY = "block_gates_resnet32_short_latency"
 # Threshold 1.01 (every block runs) is the fine-tuned static network, measured separately.
@@ -534,9 +537,12 @@ def render() -> str:
                 f"{p['test_acc']:.2%} | {p['test_macs']:.3f} |"
             )
     lines += ["", "Calibration sweeps (held-out cifar10/train) are in the JSON file.", ""]
+    full = [r for r in map(read_result, FULL) if r is not None]
+    if full:
+        lines += render_rerun(full, out, read_result(FULL_LATENCY), FULL_LATENCY)
     short = read_result(SHORT)
     if short is not None:
-        lines += render_short(short, out, read_result(SHORT_LATENCY))
+        lines += render_rerun([short], out, read_result(SHORT_LATENCY), SHORT_LATENCY)
     lines += [
         "Published anchors (CIFAR-10 ResNet-110, trained for hundreds of epochs on the original "
         "PNG images: compare the compute saved and the accuracy cost, not the accuracies):",
@@ -548,26 +554,37 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_short(short: Result, published: dict, timed: Result | None) -> list[str]:
-    """A shortened re-run through this suite next to the published figures: what was
-    shortened, each decider's operating point against the published one, and the latency
-    of its saved models if a `--from-artifacts` run timed them."""
-    out, settings = short.data, short.data["settings"]
-    lines = ["## Shortened re-run through the suite", ""]
-    runs = out.get("runs", {})
+def render_rerun(
+    results: list[Result], published: dict, timed: Result | None, latency_name: str
+) -> list[str]:
+    """Re-runs through this suite next to the published figures: what differs from the
+    published settings, each decider's operating point against the published one, and the
+    latency of the saved models if a `--from-artifacts` run timed them."""
+    settings = results[0].data["settings"]
+    shortened = settings["steps"] < 352 or settings["epochs"] < 2
+    title = "Shortened re-run" if shortened else "Re-run at the published settings"
+    lines = [f"## {title} through the suite", ""]
+    runs = {k: v for r in results for k, v in r.data.get("runs", {}).items()}
+    static = {k: v for r in results for k, v in r.data.get("static_ft", {}).items()}
     first = next(iter(runs.values()), None)
     if first is None:
         return [*lines, "(no runs in the results file)", ""]
     images = first["train"].get("images", settings["steps"] * settings["batch_size"])
+    training = (
+        f"shortened: {settings['steps']} steps x {settings['epochs']} epoch(s) of joint "
+        f"fine-tuning ({images} fit images) instead of 352 x 2 (45,000 images twice), the "
+        f"static baseline {settings['static_epochs']} epoch(s) on the same images instead of 2"
+        if shortened
+        else f"in full: {settings['steps']} steps x {settings['epochs']} epochs of joint "
+        f"fine-tuning ({images} fit images), the static baseline {settings['static_epochs']} "
+        "epochs on the same images"
+    )
     lines += [
         f"The published settings (budget {settings['budget']}, {settings['calib']} calibration "
         f"images, MAC cap {settings['max_macs']}, halting compute weight "
         f"{settings['halting_compute_weight']}, batch {settings['batch_size']}, lr "
-        f"{settings['lr']}) shortened: {settings['steps']} steps x {settings['epochs']} "
-        f"epoch(s) of joint fine-tuning ({images} fit images) instead of 352 x 2 (45,000 "
-        f"images twice), the static baseline {settings['static_epochs']} epoch(s) on the same "
-        "images instead of 2. Measured on all 5,000 test images; published figures in "
-        "brackets.",
+        f"{settings['lr']}) {training}. Measured on all 5,000 test images; published figures "
+        "in brackets.",
         "",
         "| net | gate | static fine-tuned | every block | dynamic | MACs (of static) | threshold "
         "| distinct plans on test | batch-1 latency fall / MAC fall |",
@@ -577,7 +594,7 @@ def render_short(short: Result, published: dict, timed: Result | None) -> list[s
     old_runs, old_static = published.get("runs", {}), published.get("static_ft", {})
     for key, res in runs.items():
         old = old_runs.get(key)
-        base = out.get("static_ft", {}).get(res["net"], {}).get("test_acc")
+        base = static.get(res["net"], {}).get("test_acc")
         old_base = old_static.get(res["net"], {}).get("test_acc")
         c = res["chosen"]
 
@@ -603,14 +620,16 @@ def render_short(short: Result, published: dict, timed: Result | None) -> list[s
             f"{c['threshold']} ({old['chosen']['threshold'] if old else '-'}) | "
             f"{_plans(res)} | {fall} |"
         )
-    lines += ["", *provenance(short, "(accuracy and MACs; the models saved for timing)")]
+    lines.append("")
+    for result in results:
+        lines += provenance(result, "(accuracy and MACs; the models saved for timing)")
     if timed is not None:
         lines += provenance(timed, "the latency column (the saved models, on an idle machine)")
     else:
         lines += [
             "The latency column is measured apart, on an otherwise idle machine, from the "
             "models this run saved: the same command with `--from-artifacts DIR --static-epochs "
-            f"0 --name {SHORT_LATENCY}` in place of `--no-latency --save-dir DIR --name {SHORT}`.",
+            f"0 --name {latency_name}` in place of `--no-latency --save-dir DIR --name ...`.",
             "",
         ]
     return lines

@@ -45,7 +45,9 @@ RESULTS = {
     "resolution-latency": "resolution_latency",
     "masks": "spatial_masks_cifar10",
 }
-# Shortened re-runs of the published CIFAR-10 parts through this suite (fewer images, epochs).
+# Re-runs of the published CIFAR-10 parts through this suite: the resolution cascade at the
+# published settings, and shortened (fewer images, epochs).
+FULL = {"resolution": "resolution_cifar10_resnet44_full"}
 SHORT = {
     "resolution": "resolution_cifar10_resnet44_short",
     "masks": "spatial_masks_cifar10_resnet44_short",
@@ -375,22 +377,43 @@ def _cell(acc: float | None, macs: float | None) -> str:
     return acc_text + ("" if macs is None else f"at {macs:.3f}")
 
 
-def resolution_short() -> list[str]:
-    """The shortened re-run of the resolution part next to the published figures."""
-    short = read_result(SHORT["resolution"])
+def resolution_rerun(name: str) -> list[str]:
+    """A re-run of the resolution part through the suite next to the published figures. A run
+    without its own static baseline (`--static-epochs 0`) is held to the published one, which
+    fine-tuned the same network on the same images as long."""
+    rerun = read_result(name)
     published = read_result(RESULTS["resolution"])
-    if short is None or published is None:
+    if rerun is None or published is None:
         return []
-    net = next(k for k in short.data if k.startswith("cifar_resnet"))
-    r, was = short.data[net], published.data.get(net)
+    net = next(k for k in rerun.data if k.startswith("cifar_resnet"))
+    r, was = dict(rerun.data[net]), published.data.get(net)
     old = _resolution_figures(was) if was else {}
+    joint = r.get("joint", {}).get("epochs", 0)
+    borrowed = r.get("static_ft_acc") is None and was is not None and "static_ft_acc" in was
+    if borrowed:
+        r["static_ft_acc"], r["static_ft_epochs"] = was["static_ft_acc"], was["static_ft_epochs"]
+    if r["train_images"] >= 45000 and joint >= 6:
+        title = "Re-run at the published settings through the suite"
+        what = (
+            f"{net}: {r['train_images']} fit images, heads {r['heads']['epochs']} epoch(s), "
+            f"joint {joint} epochs, as published"
+        )
+    else:
+        title = "Shortened re-run through the suite"
+        what = (
+            f"{net}: {r['train_images']} fit images instead of 45,000; heads "
+            f"{r['heads']['epochs']} epoch(s), joint {joint} epoch(s) instead of 6"
+        )
+    baseline = (
+        f"the static baseline not re-run: the published one ({pct(r['static_ft_acc'])} %, "
+        f"{r['static_ft_epochs']} epochs on the same images) is the reference"
+        if borrowed
+        else f"the static baseline {r.get('static_ft_epochs', 0)} epoch(s) on the same images"
+    )
     lines = [
-        "### Shortened re-run through the suite",
+        f"### {title}",
         "",
-        f"{net}: {r['train_images']} fit images instead of 45,000; heads "
-        f"{r['heads']['epochs']} epoch(s), joint {r.get('joint', {}).get('epochs', 0)} "
-        f"epoch(s) instead of 6, the static baseline {r.get('static_ft_epochs', 0)} epoch(s) on "
-        f"the same images instead of 6; calibrated on {r.get('calib_images', '?')} held-out images, "
+        f"{what}; {baseline}; calibrated on {r.get('calib_images', '?')} held-out images, "
         f"measured on {r.get('test_images', '?')} test images.",
         "",
         "| cifar10/test: accuracy at MACs (of static) | this run | published |",
@@ -400,7 +423,7 @@ def resolution_short() -> list[str]:
     for label in [*new, *(k for k in old if k not in new)]:
         cells = [_cell(*f[label]) if label in f else "-" for f in (new, old)]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    return [*lines, "", *provenance(short)]
+    return [*lines, "", *provenance(rerun)]
 
 
 def masks_short() -> list[str]:
@@ -476,7 +499,8 @@ def render() -> str:
         lines += provenance(lat)
         lines += latency_tables(lat.data)
     lines += resolution_section()
-    lines += resolution_short()
+    lines += resolution_rerun(FULL["resolution"])
+    lines += resolution_rerun(SHORT["resolution"])
     lines += masks_section()
     lines += masks_short()
     return "\n".join(lines) + "\n"
