@@ -624,3 +624,34 @@ def test_with_jumps_the_static_reference_is_the_static_network():
     unlabelled = collect_outputs(dyn, TensorDataset(x, torch.full_like(y, -1)))
     assert torch.equal(unlabelled.reference(), static_pred)
     assert bool(unlabelled.static_correct().all())
+
+
+def test_operating_points_choose_the_jump_threshold_per_target_and_measure_at_it():
+    """Each target's point is what `calibrate` chooses (thresholds and jump threshold), measured
+    on test at that jump threshold; threshold points stay at the one the model holds, and so
+    does the model afterwards."""
+    from dynify.runtime.stop_reading import JUMP_GRID
+
+    dyn = jump_model(1)
+    dyn.set_jump_threshold(0.3)
+    x, y = calibration_texts()
+    cal, test = dynify.TextDataset(x[:96], y[:96]), dynify.TextDataset(x[96:], y[96:])
+    points = dynify.operating_points(dyn, cal, test, budgets=[0.45], thresholds=[1.01])
+    assert float(dyn.jump_threshold) == pytest.approx(0.3)  # restored
+    budget, every = points
+    assert every.scalars == pytest.approx({"jump_threshold": 0.3})
+    chosen = dynify.calibrate(dyn, cal, budget=0.45, part="all")
+    assert budget.scalars == chosen.scalars and budget.scalars["jump_threshold"] in JUMP_GRID
+    assert budget.scalars["jump_threshold"] != pytest.approx(0.3)  # measured at its own
+    assert budget.thresholds == pytest.approx(chosen.thresholds)
+    dyn.set_jump_threshold(0.3)
+    dynify.use_operating_point(dyn, budget)  # serves the point: its jump threshold too
+    assert float(dyn.jump_threshold) == pytest.approx(budget.scalars["jump_threshold"])
+    with torch.no_grad():
+        preds = dyn(x[96:]).argmax(-1)
+    assert budget.test_accuracy == pytest.approx(float((preds == y[96:]).double().mean()))
+    measured = float(dyn.last_macs.double().mean()) / dyn.static_macs
+    assert budget.test_macs == pytest.approx(measured, abs=1e-9)
+    without_jumps = convert(classifier(), every=2)
+    with pytest.raises(StrategyError, match="decision scalars"):
+        dynify.use_operating_point(without_jumps, budget)

@@ -5,21 +5,23 @@ and the rule that picks the one to report.
 needs the whole curve measured honestly: each point is chosen on the calibration data alone and
 then measured on data nothing was fitted on. Early-exit models are measured from one pass of
 cached exit logits per data set (the runtime's rule simulated exactly); other strategies by real
-forward passes through the contract's scalar threshold.
+forward passes through the contract's scalar threshold. A model with decision scalars besides
+its thresholds (`DecisionScalars`: stop-reading's jump threshold) has them chosen with the
+thresholds for each target, as `calibrate` does, and each point is measured at its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from dynify.errors import DynifyError
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade
 from dynify.train.batches import Preprocessing
-from dynify.train.calibrate import calibrate
+from dynify.train.calibrate import calibrate, scalar_grid
 from dynify.train.exit_outputs import collect_outputs, data_batches
 from dynify.train.scalar_sweep import measure
 from dynify.train.threshold_search import simulate
@@ -29,7 +31,9 @@ __all__ = ["OperatingPoint", "choose_operating_point", "operating_points"]
 
 @dataclass
 class OperatingPoint:
-    """Thresholds chosen for `target` on calibration data, and what they reach on both sets."""
+    """Thresholds chosen for `target` on calibration data, and what they reach on both sets.
+    `scalars`: the decision scalars the point was measured at (`DecisionScalars`; empty for a
+    model without any)."""
 
     target: dict[str, float]
     thresholds: list[float]
@@ -38,6 +42,7 @@ class OperatingPoint:
     calibration_macs: float
     test_accuracy: float
     test_macs: float
+    scalars: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,33 +61,46 @@ def operating_points(
     preprocessing: Preprocessing | None = None,
 ) -> list[OperatingPoint]:
     """One point per target: per MAC `budget` and per `max_drop` the thresholds `calibrate`
-    chooses on `calibration`, per scalar threshold in `thresholds` that threshold itself; each
-    measured on `calibration` and `test`. Targets the calibration data cannot meet are left
-    out. `dyn`'s thresholds and temperatures are restored afterwards."""
+    chooses on `calibration` (with the decision scalars, if the model has any), per scalar
+    threshold in `thresholds` that threshold itself (at the decision scalars the model holds);
+    each measured on `calibration` and `test`. Targets the calibration data cannot meet are
+    left out. `dyn`'s thresholds, temperatures and decision scalars are restored afterwards."""
+    thresholds = list(thresholds)
     cal = data_batches(dyn, calibration, batch_size=batch_size, preprocessing=preprocessing)
     tst = data_batches(dyn, test, batch_size=batch_size, preprocessing=preprocessing)
+    cascade = isinstance(dyn, ExitCascade)
+    held = dyn.scalar_values() if isinstance(dyn, DecisionScalars) else {}
     # Exit cascades are measured by simulating the exit rule on every exit's logits, collected
-    # once; other strategies by running the model at each setting.
-    if isinstance(dyn, ExitCascade):
-        cal_data, test_data, score = collect_outputs(dyn, cal), collect_outputs(dyn, tst), simulate
-    else:
-        cal_data, test_data, score = cal, tst, measure
+    # once per setting of the decision scalars; other strategies by running the model.
+    outputs: dict[tuple[tuple[str, float], ...], tuple[Any, Any]] = {}
+
+    def data_now() -> tuple[Any, Any]:
+        """The calibration and test data as the model scores them at its decision scalars."""
+        if not cascade:
+            return cal, tst
+        key = tuple(sorted(_scalars(dyn).items()))
+        if key not in outputs:
+            outputs[key] = collect_outputs(dyn, cal), collect_outputs(dyn, tst)
+        return outputs[key]
 
     def reach(data: Any) -> tuple[float, float]:
-        acc, macs, _ = score(dyn, data)
+        acc, macs, _ = (simulate if cascade else measure)(dyn, data)
         return acc, macs
 
     saved_thresholds = dyn.thresholds.clone()
-    saved_temperatures = dyn.temperatures.clone() if isinstance(dyn, ExitCascade) else None
+    saved_temperatures = dyn.temperatures.clone() if cascade else None
     points: list[OperatingPoint] = []
     targets = [{"budget": float(b)} for b in budgets] + [{"max_drop": float(d)} for d in max_drops]
+    # With decision scalars calibration collects the calibration data at each of their values
+    # itself, so it is given the data, not outputs collected at one value.
+    sweeps = bool(scalar_grid(dyn))
     try:
         for target in targets:
             try:
-                result = calibrate(dyn, cal_data, **target)
+                result = calibrate(dyn, cal if sweeps else data_now()[0], **target)
             except DynifyError:
                 continue
-            test_acc, test_macs = reach(test_data)
+            test_acc, test_macs = reach(data_now()[1])
             points.append(
                 OperatingPoint(
                     target,
@@ -92,8 +110,11 @@ def operating_points(
                     result.macs_fraction,
                     test_acc,
                     test_macs,
+                    _scalars(dyn),
                 )
             )
+        _set_scalars(dyn, held)
+        cal_data, test_data = data_now() if thresholds else (None, None)
         if saved_temperatures is not None:
             dyn.temperatures.copy_(saved_temperatures)
         for t in thresholds:
@@ -111,13 +132,24 @@ def operating_points(
                     cal_macs,
                     test_acc,
                     test_macs,
+                    _scalars(dyn),
                 )
             )
     finally:
         dyn.thresholds.copy_(saved_thresholds)
         if saved_temperatures is not None:
             dyn.temperatures.copy_(saved_temperatures)
+        _set_scalars(dyn, held)
     return points
+
+
+def _scalars(dyn: DynamicModel) -> dict[str, float]:
+    return dict(dyn.scalar_values()) if isinstance(dyn, DecisionScalars) else {}
+
+
+def _set_scalars(dyn: DynamicModel, values: dict[str, float]) -> None:
+    for name, value in values.items():
+        dyn.set_scalar(name, value)  # type: ignore[attr-defined]
 
 
 def choose_operating_point(
