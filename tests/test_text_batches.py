@@ -19,7 +19,7 @@ from dynify.errors import DataError, InputError
 from dynify.frontend.inputs import ExtraInput, input_tensors
 from dynify.models.text import text_classifier
 from dynify.train.batches import Batches, Preprocessing, model_batch_options, model_inputs
-from dynify.train.data.collated import CollatedDataset, split_batch
+from dynify.train.data.collated import CollatedDataset, IdsWithMask, split_batch
 
 VOCAB, STEPS, CLASSES, N, PAD = 24, 12, 2, 96, 1
 TEMPORAL = [("stop-reading", {"every": 4}), ("skip-rnn", {})]
@@ -276,8 +276,8 @@ def test_what_a_collate_fn_may_return():
     assert b is mask and torch.equal(y, unlabelled)
     (a, b), y = split_batch(((ids, lengths),))
     assert a is ids and b is lengths and torch.equal(y, unlabelled)
-    with pytest.raises(DataError, match="collate_fn returned a dict"):
-        split_batch({"input_ids": ids})
+    with pytest.raises(DataError, match="collate_fn returned a dict with keys \\['ids'\\]"):
+        split_batch({"ids": ids})
     with pytest.raises(DataError, match="class indices"):
         split_batch((ids, torch.rand(3)))
 
@@ -382,3 +382,65 @@ def test_the_example_made_from_a_shape_is_not_padding(tmp_path):
     ids = full_width(Texts(n=8, seed=4)).ids
     with torch.no_grad():
         assert torch.equal(loaded(ids), dyn(ids))
+
+
+def tokenized(batch: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """A tokenizer's collate_fn (Hugging Face style): padded to the batch's longest text."""
+    ids, lengths, labels = with_lengths(batch)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": mask,
+        "labels": labels,
+    }
+
+
+def test_what_a_tokenizer_dict_batch_reads_as():
+    ids, labels = torch.tensor([[5, 6, 1], [7, 1, 1]]), torch.tensor([1, 0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    x, y = split_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert isinstance(x, IdsWithMask) and x[0] is ids and torch.equal(y, labels)
+    x, y = split_batch({"input_ids": ids, "label": labels})  # no mask: the ids alone
+    assert x is ids and torch.equal(y, labels)
+    assert split_batch({"input_ids": ids})[1].tolist() == [-1, -1]
+    with pytest.raises(DataError, match="one mask entry per token"):
+        split_batch({"input_ids": ids, "attention_mask": mask[:, :2]})
+    with pytest.raises(DataError, match="class indices"):
+        split_batch({"input_ids": ids, "labels": torch.rand(2)})
+    # a model with lengths or a mask gets them from the attention mask; one without, the ids
+    lengths = ExtraInput("lengths", torch.int64)
+    assert model_inputs(x, None, pad_id=1, steps=4).tolist() == [[5, 6, 1, 1], [7, 1, 1, 1]]
+    x = IdsWithMask((ids, mask))
+    padded, got = model_inputs(x, lengths, pad_id=1, steps=4)
+    assert padded.shape == (2, 4) and got.tolist() == [2, 1]
+    with pytest.raises(DataError, match="padding_side='right'"):
+        model_inputs(IdsWithMask((ids.flip(1), mask.flip(1))), lengths, pad_id=1)
+
+
+@pytest.mark.parametrize("inputs", ["ids", "lengths", "mask"])
+def test_a_tokenizer_dict_loader_reads_as_the_same_texts_padded_to_the_model(inputs):
+    """Dict batches, as a tokenizer's collate_fn makes them, give every text the answer and
+    cost of the same texts padded to the converted length; dict items batched by the default
+    collate_fn too."""
+    dyn = dynify.convert(model_of(inputs), "stop-reading", example(inputs), options={"every": 4})
+    dyn.set_thresholds(0.6)
+    data = Texts()
+    base = dynify.evaluate(dyn, full_width(data))
+    loader = DataLoader(data, batch_size=10, collate_fn=tokenized)
+    report = dynify.evaluate(dyn, loader, batch_size=10)
+    assert report.samples == N
+    assert report.dynamic_accuracy == base.dynamic_accuracy
+    assert report.dynamic_macs_fraction == pytest.approx(base.dynamic_macs_fraction)
+    padded = full_width(data)
+    items = [
+        {
+            "input_ids": padded.ids[i],
+            "attention_mask": (padded.ids[i] != PAD).long(),
+            "label": padded.targets[i],
+        }
+        for i in range(N)
+    ]
+    fixed = dynify.evaluate(dyn, DataLoader(items, batch_size=10), batch_size=10)
+    assert fixed.dynamic_accuracy == base.dynamic_accuracy
+    assert fixed.dynamic_macs_fraction == pytest.approx(base.dynamic_macs_fraction)

@@ -46,7 +46,13 @@ from dynify.train.data import (
     random_crop_flip,
     to_tensor_dataset,
 )
-from dynify.train.data.collated import CollatedDataset, collate_of, loader_dataset, split_batch
+from dynify.train.data.collated import (
+    CollatedDataset,
+    IdsWithMask,
+    collate_of,
+    loader_dataset,
+    split_batch,
+)
 from dynify.train.data.text import PAD_ID
 
 # Decode a data set into memory up to this many bytes of uint8 pixels (CIFAR-10: 150 MB).
@@ -258,9 +264,13 @@ def model_inputs(
     Token ids `[B, T]` right-padded with `pad_id` give lengths = the count of non-pad ids (at
     least 1: an all-pad row reads its first step, as the text classifiers do) and the mask of
     those first positions. A batch that already is a pair (a data set of `((ids, lengths),
-    label)` items) is passed on, its second tensor cast to the recorded dtype. With `steps` (the
+    label)` items) is passed on, its second tensor cast to the recorded dtype. A tokenizer's
+    `IdsWithMask` gives a model with lengths or a mask those of its attention mask, and a model
+    without either the ids alone. With `steps` (the
     length a model was converted for), token ids narrower than that (a collate_fn padding to
     each batch's longest text) are padded on the right with `pad_id` (a mask with 0)."""
+    if isinstance(x, IdsWithMask):
+        return _from_attention_mask(*x, extra_input, pad_id=pad_id, steps=steps)
     if _is_pair(x):
         if extra_input is None:
             raise DataError(
@@ -288,6 +298,29 @@ def model_inputs(
         )
     lengths = (x != pad_id).sum(1).clamp(min=1)
     return x, extra_input.of_lengths(lengths, x.shape[1])
+
+
+def _from_attention_mask(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    extra_input: ExtraInput | None,
+    *,
+    pad_id: int,
+    steps: int | None,
+) -> Inputs:
+    """What a model takes for a tokenizer's ids and attention mask (`model_inputs`)."""
+    lengths = (mask != 0).sum(1)
+    prefix = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+    if not torch.equal(mask != 0, prefix):
+        raise DataError(
+            "The attention mask marks tokens after padding: the texts are padded on the left. "
+            "dynify's sequence models read texts padded on the right; tokenize with "
+            "padding_side='right'."
+        )
+    ids, _ = fit_width(ids, None, steps, pad_id)
+    if extra_input is None:
+        return ids
+    return ids, extra_input.of_lengths(lengths.clamp(min=1), ids.shape[1])
 
 
 def fit_width(

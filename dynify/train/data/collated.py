@@ -6,12 +6,13 @@ deterministic epochs, hold out a calibration share, resume mid-epoch or give eac
 slice; so it keeps the loader's data set and its `collate_fn` (`CollatedDataset`), draws the
 samples of each batch itself, and lets the user's `collate_fn` make the batch from them.
 `split_batch` reads what a `collate_fn` returns: `inputs` alone or `(inputs, labels)`, inputs
-being token ids `[B, T]` or `(ids, lengths | mask)`; `(ids, lengths | mask, labels)` too.
+being token ids `[B, T]` or `(ids, lengths | mask)`; `(ids, lengths | mask, labels)` too; and a
+tokenizer's dict (Hugging Face style: `input_ids`, `attention_mask`, `labels` or `label`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -80,9 +81,26 @@ def loader_dataset(loader: DataLoader) -> Dataset:
             "already; dynify draws its own batches from the data set's samples, by index. "
             f"Pass {_REBUILD} of single samples: your collate_fn still makes every batch."
         )
-    if loader.collate_fn is default_collate:
+    if loader.collate_fn is default_collate and not _holds_dicts(loader.dataset):
         return loader.dataset
+    # a tokenizer's dict items are batched by the loader's collate_fn, default_collate included
     return CollatedDataset(loader.dataset, loader.collate_fn)
+
+
+def _holds_dicts(dataset: Dataset) -> bool:
+    return len(dataset) > 0 and isinstance(dataset[0], Mapping)  # type: ignore[arg-type]
+
+
+# A tokenizer's dict batch: the keys read (others, such as token_type_ids, are not)
+IDS_KEY, MASK_KEY, LABEL_KEYS = "input_ids", "attention_mask", ("labels", "label")
+
+
+class IdsWithMask(tuple):
+    """`(ids, attention_mask)` of a tokenizer's dict batch. Unlike a pair the user built, the
+    mask is the tokenizer's by-product: a model that takes a mask or lengths gets them from it,
+    and a model that takes the ids alone reads its padding from the ids."""
+
+    __slots__ = ()
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
@@ -94,6 +112,8 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     """
     if isinstance(batch, torch.Tensor):
         return batch, _no_labels(batch)
+    if isinstance(batch, Mapping):
+        return _split_mapping(batch)
     items = tuple(batch) if isinstance(batch, tuple | list) else None
     if items is not None and len(items) == 1 and _is_inputs(items[0]):
         inputs = items[0]
@@ -109,9 +129,35 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     raise DataError(
         f"The DataLoader's collate_fn returned {_describe(batch)}; dynify reads a batch of "
         "token ids [B, T], (ids, labels), ((ids, lengths or mask), labels) or (ids, lengths or "
-        "mask, labels), with labels a tensor [B] of class indices. Make the collate_fn return "
-        "one of these."
+        "mask, labels), with labels a tensor [B] of class indices, or a tokenizer's dict "
+        f"({IDS_KEY!r}, optionally {MASK_KEY!r} and 'labels'). Make the collate_fn return one "
+        "of these."
     )
+
+
+def _split_mapping(batch: Mapping) -> tuple[Any, torch.Tensor]:
+    """A tokenizer's dict: `input_ids` [B, T], `attention_mask` [B, T] and `labels` (or
+    `label`) [B] when given."""
+    ids = batch.get(IDS_KEY)
+    if not _is_tensor(ids) or ids.dim() != 2 or ids.is_floating_point():
+        raise DataError(
+            f"The DataLoader's collate_fn returned a dict with keys {sorted(map(str, batch))}; "
+            f"dynify reads a dict batch by its {IDS_KEY!r}, token ids [B, T] (with "
+            f"{MASK_KEY!r} [B, T] and 'labels' [B] if you have them), as a tokenizer returns "
+            "with return_tensors='pt'. Make the collate_fn return those keys."
+        )
+    label_key = next((k for k in LABEL_KEYS if k in batch), None)
+    labels = _no_labels(ids) if label_key is None else _labels(batch[label_key], ids)
+    mask = batch.get(MASK_KEY)
+    if mask is None:
+        return ids, labels
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise DataError(
+            f"The dict batch's {MASK_KEY!r} is {list(mask.shape)}, its {IDS_KEY!r} "
+            f"{list(ids.shape)}: give one mask entry per token."
+        )
+    return IdsWithMask((ids, mask)), labels
 
 
 def _is_tensor(x: Any) -> bool:
@@ -163,4 +209,4 @@ def _describe(x: Any) -> str:
     return f"a {type(x).__name__}"
 
 
-__all__ = ["CollatedDataset", "collate_of", "loader_dataset", "split_batch"]
+__all__ = ["CollatedDataset", "IdsWithMask", "collate_of", "loader_dataset", "split_batch"]
