@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--joint", type=int, nargs="*", default=[44], help="nets trained jointly")
     parser.add_argument("--joint-epochs", type=int, default=2)
     parser.add_argument(
+        "--joint-lr", type=float, default=None, help="joint phase's peak rate (default: 0.01)"
+    )
+    parser.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="fine-tuning's clip (default: 50)"
+    )
+    parser.add_argument(
         "--polish-epochs", type=int, default=0, help="after joint: heads mode on its backbone"
     )
     parser.add_argument("--train-budget", type=float, default=None, help="masks: MAC target")
@@ -246,6 +252,8 @@ def run_net(depth: int, args, train, test, plots: Path | None) -> dict:
                 progress=False,
                 callback=log_every(100),
                 budget=args.train_budget,
+                lr=args.joint_lr if mode == "joint" else None,
+                clip_grad_norm=args.clip_grad_norm,
             )
             seconds, history = ft.seconds, ft.history
         plot = plots / f"cifar10-{name}-{phase}.png" if plots else None
