@@ -51,6 +51,9 @@ FULL = {
     "resolution": "resolution_cifar10_resnet44_full",
     "masks": "spatial_masks_cifar10_resnet44_full",
 }
+# The resolution cascade at the published settings but a lower joint rate (the published 0.01
+# meets the joint phase's instability in the current code: see the report's reading).
+LOWER_RATE = "resolution_cifar10_resnet44_lr0005"
 SHORT = {
     "resolution": "resolution_cifar10_resnet44_short",
     "masks": "spatial_masks_cifar10_resnet44_short",
@@ -395,12 +398,16 @@ def resolution_rerun(name: str) -> list[str]:
     borrowed = r.get("static_ft_acc") is None and was is not None and "static_ft_acc" in was
     if borrowed:
         r["static_ft_acc"], r["static_ft_epochs"] = was["static_ft_acc"], was["static_ft_epochs"]
+    rate = _option(rerun.command, "--joint-lr")
     if r["train_images"] >= 45000 and joint >= 6:
         title = "Re-run at the published settings through the suite"
         what = (
             f"{net}: {r['train_images']} fit images, heads {r['heads']['epochs']} epoch(s), "
             f"joint {joint} epochs, as published"
         )
+        if rate is not None:
+            title = f"Re-run at the published settings but a joint rate of {rate}"
+            what += f", but the joint phase's peak rate {rate} instead of 0.01"
     else:
         title = "Shortened re-run through the suite"
         what = (
@@ -427,6 +434,12 @@ def resolution_rerun(name: str) -> list[str]:
         cells = [_cell(*f[label]) if label in f else "-" for f in (new, old)]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return [*lines, "", *provenance(rerun)]
+
+
+def _option(command: str, flag: str) -> str | None:
+    """The value a command line gives `flag`, or None."""
+    words = command.split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else None
 
 
 def masks_rerun(name: str) -> list[str]:
@@ -510,6 +523,7 @@ def render() -> str:
         lines += latency_tables(lat.data)
     lines += resolution_section()
     lines += resolution_rerun(FULL["resolution"])
+    lines += resolution_rerun(LOWER_RATE)
     lines += resolution_rerun(SHORT["resolution"])
     lines += masks_section()
     lines += masks_rerun(FULL["masks"])
