@@ -69,7 +69,7 @@ def operating_points(
     cal = data_batches(dyn, calibration, batch_size=batch_size, preprocessing=preprocessing)
     tst = data_batches(dyn, test, batch_size=batch_size, preprocessing=preprocessing)
     cascade = isinstance(dyn, ExitCascade)
-    held = dyn.scalar_values() if isinstance(dyn, DecisionScalars) else {}
+    held = held_scalars(dyn)
     # Exit cascades are measured by simulating the exit rule on every exit's logits, collected
     # once per setting of the decision scalars; other strategies by running the model.
     outputs: dict[tuple[tuple[str, float], ...], tuple[Any, Any]] = {}
@@ -78,7 +78,7 @@ def operating_points(
         """The calibration and test data as the model scores them at its decision scalars."""
         if not cascade:
             return cal, tst
-        key = tuple(sorted(_scalars(dyn).items()))
+        key = tuple(sorted(held_scalars(dyn).items()))
         if key not in outputs:
             outputs[key] = collect_outputs(dyn, cal), collect_outputs(dyn, tst)
         return outputs[key]
@@ -110,10 +110,10 @@ def operating_points(
                     result.macs_fraction,
                     test_acc,
                     test_macs,
-                    _scalars(dyn),
+                    held_scalars(dyn),
                 )
             )
-        _set_scalars(dyn, held)
+        set_scalars(dyn, held)
         cal_data, test_data = data_now() if thresholds else (None, None)
         if saved_temperatures is not None:
             dyn.temperatures.copy_(saved_temperatures)
@@ -132,22 +132,23 @@ def operating_points(
                     cal_macs,
                     test_acc,
                     test_macs,
-                    _scalars(dyn),
+                    held_scalars(dyn),
                 )
             )
     finally:
         dyn.thresholds.copy_(saved_thresholds)
         if saved_temperatures is not None:
             dyn.temperatures.copy_(saved_temperatures)
-        _set_scalars(dyn, held)
+        set_scalars(dyn, held)
     return points
 
 
-def _scalars(dyn: DynamicModel) -> dict[str, float]:
+def held_scalars(dyn: DynamicModel) -> dict[str, float]:
+    """The decision scalars `dyn` holds (`DecisionScalars`), {} for a model without any."""
     return dict(dyn.scalar_values()) if isinstance(dyn, DecisionScalars) else {}
 
 
-def _set_scalars(dyn: DynamicModel, values: dict[str, float]) -> None:
+def set_scalars(dyn: DynamicModel, values: dict[str, float]) -> None:
     for name, value in values.items():
         dyn.set_scalar(name, value)  # type: ignore[attr-defined]
 

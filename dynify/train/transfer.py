@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from dynify.errors import StrategyError
-from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade
+from dynify.runtime.model import DynamicModel, ExitCascade
 from dynify.train.distill import static_parameter_names
-from dynify.train.operating_point import OperatingPoint
+from dynify.train.operating_point import OperatingPoint, held_scalars, set_scalars
 
 
 def new_parameters(dyn: DynamicModel) -> list[tuple[str, torch.nn.Parameter]]:
@@ -51,10 +51,10 @@ def use_operating_point(dyn: DynamicModel, point: OperatingPoint) -> None:
     """Serve `dyn` at an operating point (`operating_points`): its thresholds, for an exit
     cascade its temperatures, which calibration fitted with them, and its decision scalars
     (`DecisionScalars`: stop-reading's jump threshold), which the thresholds were chosen at."""
-    if set(point.scalars) - set(_held_scalars(dyn)):
+    if set(point.scalars) - set(held_scalars(dyn)):
         raise StrategyError(
             f"The operating point was measured at decision scalars {point.scalars}; this "
-            f"{dyn.strategy} model has {_held_scalars(dyn) or 'none'}: it was chosen for "
+            f"{dyn.strategy} model has {held_scalars(dyn) or 'none'}: it was chosen for "
             "another model."
         )
     dyn.set_thresholds(point.thresholds)
@@ -70,9 +70,4 @@ def use_operating_point(dyn: DynamicModel, point: OperatingPoint) -> None:
                 f"{dyn.temperatures.numel()} exits: it was chosen for another model."
             )
         dyn.temperatures.copy_(values)
-    for name, value in point.scalars.items():
-        dyn.set_scalar(name, value)  # type: ignore[attr-defined]
-
-
-def _held_scalars(dyn: DynamicModel) -> dict[str, float]:
-    return dyn.scalar_values() if isinstance(dyn, DecisionScalars) else {}
+    set_scalars(dyn, point.scalars)
