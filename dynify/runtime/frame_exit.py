@@ -538,9 +538,13 @@ class FrameCascade(ExportFace):
         self.policy = policy
         self.patience = int(patience)
         self.register_buffer("temperatures", temperatures.detach().clone().float())
-        self.min_conditionals = len(self.groups) - 1
         # the last group any clip looks at (a MAC cap's; a Python int, so export keeps it)
         self.deepest = len(self.groups) - 1
+
+    @property
+    def min_conditionals(self) -> int:  # type: ignore[override]
+        """One conditional per group a clip may leave after."""
+        return self.deepest
 
     def forward(self, x: Tensor, thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         thr = self.thresholds_or_default(thresholds)
@@ -613,7 +617,6 @@ class FrameGateCascade(FrameCascade):
         self.gates = gates
         if deepest is not None:
             self.deepest = int(deepest)
-            self.min_conditionals = self.deepest
 
     def _leave(
         self, j: int, mean: Tensor, thr: Tensor, state: tuple[Tensor, ...]
