@@ -5,18 +5,21 @@ Fine-tuning holds out a deterministic share of its data (`calibration_fraction`,
 records in `spec["finetune"]` a key naming that data. Thresholds chosen on images the heads were
 trained on are optimistic, so calibrating on the same data uses the held-out share by default,
 in the API as on the command line. The key is the absolute path (and split) of a folder, zip or
-data set name, or a SHA-256 of the tensors (a `TextDataset`'s ids and labels included, also
-behind a DataLoader); other
-Dataset objects cannot be recognised, and calibrate on all of what they hold unless
-`part="calibration"` asks for the held-out share.
+data set name, a SHA-256 of the tensors (a `TextDataset`'s ids and labels included, also
+behind a DataLoader), or for any other map-style Dataset a SHA-256 of its length and of sixteen
+items spread over it. A Dataset whose items change from one read to the next (random
+augmentation) cannot be recognised: it calibrates on all of what it holds, with a warning,
+unless `part="calibration"` asks for the held-out share.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +27,10 @@ from dynify.errors import DynifyError
 from dynify.runtime.model import DynamicModel
 from dynify.train.batches import open_data, source_key
 from dynify.train.data import TextDataset, split_dataset
+
+logger = logging.getLogger("dynify")
+
+SAMPLED_ITEMS = 16  # items of a Dataset read to recognise it: enough to tell subsets apart
 
 Part = Literal["auto", "calibration", "all"]
 PARTS: tuple[str, ...] = ("auto", "calibration", "all")
@@ -45,14 +52,66 @@ def data_key(data: Any, split: str | None = None) -> str | None:
     if key is not None:
         return key
     tensors = _tensors(data)
-    if tensors is None:
+    if tensors is not None:
+        digest = hashlib.sha256()
+        for t in tensors:
+            _update(digest, t)
+        return f"tensors::sha256:{digest.hexdigest()}"
+    return _sampled_key(data.dataset if isinstance(data, DataLoader) else data)
+
+
+def _update(digest: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    digest.update(f"{t.dtype}{list(t.shape)}".encode())
+    digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
+
+
+def _sampled_key(dataset: Any) -> str | None:
+    """A digest of a map-style Dataset's length and of items spread over it, or None when its
+    items cannot be read twice alike (random augmentation) or are not tensors, arrays, images
+    or numbers."""
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
         return None
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            return None
+        indices = sorted({round(i * (n - 1) / (SAMPLED_ITEMS - 1)) for i in range(SAMPLED_ITEMS)})
+        first = _item_digest(dataset[indices[0]])
+        if first is None or first != _item_digest(dataset[indices[0]]):
+            return None
+        digest = hashlib.sha256(f"{type(dataset).__qualname__}:{n}:{first}".encode())
+        for i in indices[1:]:
+            item = _item_digest(dataset[i])
+            if item is None:
+                return None
+            digest.update(item.encode())
+    except Exception:  # a Dataset that cannot be indexed so is simply not recognised
+        return None
+    return f"dataset::sha256:{digest.hexdigest()}"
+
+
+def _item_digest(item: Any) -> str | None:
     digest = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{list(t.shape)}".encode())
-        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return f"tensors::sha256:{digest.hexdigest()}"
+
+    def add(x: Any) -> bool:
+        if isinstance(x, torch.Tensor):
+            _update(digest, x)
+        elif isinstance(x, bool | int | float | str):
+            digest.update(repr(x).encode())
+        elif isinstance(x, tuple | list):
+            digest.update(b"(")
+            return all(add(v) for v in x)
+        elif isinstance(x, dict):
+            digest.update(b"{")
+            return all(add(k) and add(x[k]) for k in sorted(x, key=str))
+        elif hasattr(x, "__array__"):  # numpy arrays and PIL images
+            _update(digest, torch.as_tensor(np.asarray(x)))
+        else:
+            return False
+        return True
+
+    return digest.hexdigest() if add(item) else None
 
 
 def _tensors(data: Any) -> list[torch.Tensor] | None:
@@ -71,6 +130,11 @@ def is_finetune_data(dyn: DynamicModel, data: Any, split: str | None = None) -> 
     """Whether `data` is the data `dyn` was fine-tuned on (as far as it can be recognised)."""
     tuned = (dyn.spec.get("finetune") or {}).get("data")
     return tuned is not None and tuned == data_key(data, split)
+
+
+def _unrecognised(dyn: DynamicModel, data: Any, split: str | None) -> bool:
+    """The model was fine-tuned on some data, and `data` cannot be compared with it."""
+    return bool(dyn.spec.get("finetune")) and data_key(data, split) is None
 
 
 def calibration_part(
@@ -97,6 +161,13 @@ def calibration_part(
         )
     trained_on = is_finetune_data(dyn, data, split)
     dataset = open_data(data, dyn, split=split, decode=False)
+    if part == "auto" and not trained_on and _unrecognised(dyn, data, split):
+        logger.warning(
+            "dynify: cannot tell whether this data is what the model was fine-tuned on (its "
+            "items differ from one read to the next, or are not tensors, arrays or images), so "
+            "all of it calibrates. If it is the fine-tuning data, pass part='calibration' to "
+            "use the share fine-tuning held out; part='all' says all of it is meant."
+        )
     if part == "all" or (part == "auto" and not trained_on):
         what = "all of the data"
         if trained_on:

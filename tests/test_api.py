@@ -54,6 +54,39 @@ def test_calibrate_on_all_of_the_training_data_only_when_asked_and_says_so(tuned
         dynify.calibrate(dyn, data, mac_cap=1.0, part="some")  # type: ignore[arg-type]
 
 
+class Pairs(torch.utils.data.Dataset):
+    """A user's own Dataset: items are (image, label); `noise` makes every read differ, as a
+    random augmentation does."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, noise: float = 0.0):
+        self.x, self.y, self.noise = x, y, noise
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + self.noise * torch.randn_like(self.x[i]), int(self.y[i])
+
+
+def test_a_users_own_dataset_is_recognised_as_the_fine_tuning_data(tiny_model, data, caplog):
+    caplog.set_level("WARNING", logger="dynify")
+    dyn = dynify.convert(tiny_model, "early-exit", torch.zeros(1, 3, 16, 16), options={"exits": 1})
+    config = dynify.FinetuneConfig(epochs=1, batch_size=40, calibration_fraction=0.25, seed=2)
+    dynify.finetune(dyn, Pairs(*data), config, progress=False)
+    loader = torch.utils.data.DataLoader(Pairs(*data), batch_size=7)
+    cal = dynify.calibrate(dyn, loader, mac_cap=1.0)  # a new object over the same items
+    assert cal.samples == 30 and "held out" in cal.data
+    # other items of the same length are other data
+    assert dynify.calibrate(dyn, Pairs(data[0] + 1.0, data[1]), mac_cap=1.0).samples == 120
+    assert "cannot tell" not in caplog.text
+    # items that change between reads cannot be compared: all of it, with a warning that says
+    # how to ask for the held-out share
+    noisy = Pairs(*data, noise=0.1)
+    assert dynify.calibrate(dyn, noisy, mac_cap=1.0).samples == 120
+    assert "cannot tell" in caplog.text and "part='calibration'" in caplog.text
+    assert dynify.calibrate(dyn, noisy, mac_cap=1.0, part="calibration").samples == 30
+
+
 def test_evaluate_warns_on_the_fine_tuning_data(tuned, data):
     dyn, _ = tuned
     assert "optimistic" in (dynify.evaluate(dyn, data).warning or "")
