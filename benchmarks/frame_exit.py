@@ -349,8 +349,8 @@ def gate_rows(
     args: argparse.Namespace,
 ) -> dict:
     """Train the gates of a stand-in over cached logits (`finetune`, heads mode), copy them
-    into `gated`, calibrate its thresholds on the calibration clips (`calibrate`) per accuracy
-    drop, and read a grid of shared thresholds; MACs are `gated`'s own exit costs."""
+    into `gated`, calibrate one threshold per gate on the calibration clips (`calibrate`) per
+    accuracy drop, and read a grid of thresholds shared by every gate; MACs are `gated`'s own exit costs."""
     stand_in = dynify.convert(replay, "frame-exit", replay_example, options=options).eval()
     trained = dynify.finetune(
         stand_in,
@@ -609,8 +609,10 @@ def _method_lines(s: dict, out: dict) -> list[str]:
             else "differs from the all-frame one (`gate_target='final'`, no labels)"
         )
         + "; copied into the ResNet clip model "
-        "(`dynify.copy_new_parts`); thresholds by `dynify.calibrate` (one shared threshold, "
-        "swept: a clip looks further while its gate's p > 1 - t). The gates' MACs are the "
+        "(`dynify.copy_new_parts`); thresholds by `dynify.calibrate` (one threshold per gate, "
+        "searched on the gates' collected logits: a clip looks further while gate i's "
+        "p > 1 - t_i); the curve below them is one threshold shared by every gate, on a grid. "
+        "The gates' MACs are the "
         "ResNet model's own exit costs. The point calibrated for each row below was then set "
         "on the ResNet clip model and run on the test clips ('real clip model')."
     ]

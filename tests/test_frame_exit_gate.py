@@ -101,17 +101,55 @@ def test_gates_learn_with_the_per_frame_network_frozen():
         assert torch.equal(dyn(x), model(x))
 
 
-def test_calibration_sweeps_the_gate_thresholds_on_held_out_clips():
-    model, x = make(), clips(48, seed=6)
+def _real(dyn, x, y) -> tuple[float, float]:
+    """(accuracy, mean MAC fraction) of the real dynamic forward."""
+    with torch.no_grad():
+        pred = dyn(x).argmax(-1)
+    return float((pred == y).double().mean()), float(dyn.last_macs.double().mean()) / (
+        dyn.static_macs
+    )
+
+
+def test_calibration_searches_one_threshold_per_gate_and_the_simulation_is_the_real_forward():
+    model, x = make(), clips(64, seed=6)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+        y[::3] = (y[::3] + 1) % 5  # some clips the full clip gets wrong: leaving early can help
+    dyn = gated(model).eval()
+    with torch.no_grad():
+        for p in dyn.gates.parameters():  # gates that disagree with each other
+            p.normal_(0.0, 1.0)
+    data = TensorDataset(x, y)
+    assert isinstance(dyn, dynify.GatedExits)
+    for target in ({"max_drop": 0.0}, {"budget": 0.5}, {"budget": 0.7}):
+        result = dynify.calibrate(dyn, data, part="all", **target)
+        assert result.method == "lagrangian" and result.temperatures == []
+        assert dyn.thresholds.tolist() == result.thresholds
+        # the simulated gate rule is what the model does, exactly
+        assert _real(dyn, x, y) == pytest.approx((result.accuracy, result.macs_fraction), abs=1e-12)
+        if "budget" in target:
+            assert result.macs_fraction <= target["budget"]
+        else:
+            assert result.accuracy >= result.static_accuracy
+    assert len(set(result.thresholds)) > 1  # chosen gate by gate, not one shared value
+
+
+def test_calibration_under_a_mac_cap_never_asks_the_gate_the_cap_stops_at():
+    model, x = make(), clips(64, seed=9)
     with torch.no_grad():
         y = model(x).argmax(-1)
     dyn = gated(model).eval()
-    result = dynify.calibrate(dyn, TensorDataset(x, y), max_drop=0.0, part="all")
-    assert result.method == "scalar-sweep" and result.temperatures == []
-    assert result.accuracy >= result.static_accuracy
-    assert dyn.thresholds.tolist() == pytest.approx(result.thresholds)
-    result = dynify.calibrate(dyn, TensorDataset(x, y), budget=0.5, part="all")
-    assert result.macs_fraction <= 0.5
+    with torch.no_grad():
+        for p in dyn.gates.parameters():
+            p.normal_(0.0, 1.0)
+    cap = 0.6
+    result = dynify.calibrate(dyn, TensorDataset(x, y), budget=0.5, mac_cap=cap, part="all")
+    deepest = dyn.deepest_group()
+    assert 0 < deepest < dyn.num_exits and result.thresholds[deepest] == 0.0
+    assert dyn.exit_macs()[deepest] <= cap * dyn.static_macs
+    assert _real(dyn, x, y) == pytest.approx((result.accuracy, result.macs_fraction), abs=1e-12)
+    assert int(dyn.last_exit.max()) <= deepest
+    assert float(dyn.last_macs.max()) <= cap * dyn.static_macs
 
 
 def test_trained_gates_move_into_a_model_converted_alike():

@@ -17,8 +17,9 @@ Static mode runs the traced original graph: every frame at once and `mean(1)`, b
 al. CVPR 2021): an MLP on the running average and its sorted probabilities, trained to tell
 whether the running prediction already is the all-frame one, deciding by the contract's gate
 rule (`gate_open`: look further when p > 1 - threshold). Its score is not a function of the
-exit's logits alone, so it is no `ExitCascade`: calibration sweeps its thresholds with real
-forward passes (`dynify.train.scalar_sweep`).
+exit's logits alone, so it is no `ExitCascade` but a `GatedExits`: every gate's logits come in
+one pass with the running averages, and calibration simulates the gate rule on them to search
+one threshold per gate.
 """
 
 from __future__ import annotations
@@ -468,9 +469,23 @@ class FrameGateModel(CapHolder, FrameLoop):
 
     def gate_logits(self, x: Tensor) -> list[Tensor]:
         """Every gate's logit [N] ("look further") for every clip, all frames run."""
+        return self.gated_exit_outputs(x)[0]
+
+    def gated_exit_outputs(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(every gate's logit [N], every exit's running average [N, K]), all frames run:
+        what calibration simulates the gate rule on (`GatedExits`)."""
         self.check_input(x)
         means = self.running_means(x)
-        return [gate(mean) for gate, mean in zip(self.gates, means, strict=False)]
+        return [gate(mean) for gate, mean in zip(self.gates, means, strict=False)], means
+
+    def exit_macs(self) -> list[int]:
+        """What a clip leaving after group j spends: groups 0..j and the gates asked after
+        them; under the MAC cap no gate is asked after the deepest group."""
+        costs = super().exit_macs()
+        deepest = self.deepest_group()
+        if deepest < self.num_exits:
+            costs[deepest] -= self.book.macs(gate_item(deepest))
+        return costs
 
     def training_loss(
         self,

@@ -548,6 +548,31 @@ class ExitCascade(Protocol):
 
 
 @runtime_checkable
+class GatedExits(Protocol):
+    """A cascade of exits decided by learned gates (frame-exit's gate model): after exit i,
+    gate i reads the state and the sample goes on when its probability p > 1 - threshold_i
+    (`gate_open`). Every gate's logits and every exit's logits come in one pass
+    (`gated_exit_outputs(x)`: K gate logits [N], K + 1 exit logits [N, C]), so calibration
+    simulates the gate rule on them and searches per-gate thresholds, as for exits.
+
+    `exit_macs()[i]` is what a sample leaving at exit i spends, under the MAC cap the model
+    holds; `deepest_group()` is the exit where the cap makes every sample leave without asking
+    its gate (`num_exits`: no cap, or one that fits every exit).
+    """
+
+    @property
+    def num_exits(self) -> int: ...
+
+    def gated_exit_outputs(
+        self, x: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
+
+    def exit_macs(self) -> list[int]: ...
+
+    def deepest_group(self, cap: int | None = None) -> int: ...
+
+
+@runtime_checkable
 class MacCapped(Protocol):
     """A model whose per-sample MACs can be capped for every input (`dynify.runtime.mac_cap`):
     block gates, spatial masks, dynamic width, skip-rnn and frame-exit's gates. Exit cascades

@@ -8,7 +8,9 @@ forward passes. The search is a Lagrangian one: for a range of prices of compute
 ascent over per-exit thresholds maximises accuracy - price * MACs; every configuration visited
 is a candidate, and the best one meeting the target is kept.
 
-Cascades of exits (`ExitCascade`) are searched that way; other strategies plug in through
+Cascades of exits (`ExitCascade`) are searched that way, and so are exits decided by learned
+gates (`GatedExits`: frame-exit's gate model), whose gate logits are collected in the same
+pass and whose gate rule is simulated instead of an exit policy; other strategies plug in through
 the contract alone: `set_thresholds(t)` with a scalar t
 (0 = cheapest, > 1 = the static network's work) swept and bisected with real forward passes.
 
@@ -40,7 +42,7 @@ from dynify.errors import DataError, DynifyError, StrategyError
 from dynify.heldout import Part, calibration_part
 from dynify.runtime.decisions import NEVER
 from dynify.runtime.early_exit import EarlyExitModel
-from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade
+from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade, GatedExits
 from dynify.train.batches import Batches, Preprocessing
 from dynify.train.ensemble import fit_ensemble
 from dynify.train.exit_outputs import (
@@ -260,10 +262,14 @@ def _calibrate_thresholds(
     ensemble: bool,
 ) -> CalibrationResult:
     """The thresholds (and temperatures) alone, at the decision scalars the model holds."""
-    if not isinstance(dyn, ExitCascade):
+    if not isinstance(dyn, ExitCascade | GatedExits):
         return calibrate_by_sweep(
             dyn, data, budget, max_drop, mac_cap, split, batch_size, preprocessing
         )
+    if isinstance(dyn, GatedExits) and mac_cap is not None:
+        dyn.set_mac_cap(mac_cap)  # type: ignore[attr-defined]  # the cap the gates serve under
+        if isinstance(data, ExitOutputs):  # collected before: what exits cost under the cap
+            data = replace(data, exit_macs=list(dyn.exit_macs()))
     outputs = (
         data
         if isinstance(data, ExitOutputs)

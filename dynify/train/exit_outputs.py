@@ -12,7 +12,13 @@ import torch
 
 from dynify.errors import DataError, StrategyError
 from dynify.runtime.early_exit import EarlyExitModel
-from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade, PerSampleExits
+from dynify.runtime.model import (
+    DecisionScalars,
+    DynamicModel,
+    ExitCascade,
+    GatedExits,
+    PerSampleExits,
+)
 from dynify.train.batches import (
     Batches,
     Preprocessing,
@@ -41,6 +47,9 @@ class ExitOutputs:
     # The static network's predictions [N] where the final exit is not the static network
     # (decision scalars such as a jump threshold change what it reads); None: it is.
     static_preds: torch.Tensor | None = None
+    # Gated exits (`GatedExits`): every gate's logits [K, N], which decide instead of a policy
+    # on the exits' logits; None for exit cascades.
+    gate_logits: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -119,9 +128,11 @@ def collect_outputs(
     raw: bool = False,
 ) -> ExitOutputs:
     """One pass over `data` keeping every exit's logits (early-exit models): what each exit
-    answers, or with `raw` each head's own logits (to fit an ensemble on)."""
-    if not isinstance(dyn, ExitCascade):
+    answers, or with `raw` each head's own logits (to fit an ensemble on). Gated exits
+    (`GatedExits`) keep every gate's logits too."""
+    if not isinstance(dyn, ExitCascade | GatedExits):
         raise StrategyError(f"{type(dyn).__name__} has no exits whose logits could be collected.")
+    gated = isinstance(dyn, GatedExits)
     batches = (
         data
         if isinstance(data, Batches)
@@ -132,7 +143,7 @@ def collect_outputs(
     was_training = dyn.training
     dyn.eval()
     per_exit: list[list[torch.Tensor]] = []
-    labels, sample_macs, available = [], [], []
+    labels, sample_macs, available, gate_logits = [], [], [], []
     per_sample = isinstance(dyn, PerSampleExits)
     # with decision scalars (a jump threshold) the final exit may read less than the static
     # network: a target's reference is then the static network itself
@@ -144,7 +155,13 @@ def collect_outputs(
                 with dyn.static():
                     static_preds.append(dyn(x).argmax(-1))
             raw_heads = raw and isinstance(dyn, EarlyExitModel)
-            outs = dyn.exit_logits(x, raw=True) if raw_heads else dyn.exit_logits(x)
+            if gated:
+                gates, outs = dyn.gated_exit_outputs(x)
+                gate_logits.append(torch.stack(gates).float())
+            elif raw_heads:
+                outs = dyn.exit_logits(x, raw=True)
+            else:
+                outs = dyn.exit_logits(x)
             if not per_exit:
                 per_exit = [[] for _ in outs]
             for store, out in zip(per_exit, outs, strict=True):
@@ -171,4 +188,5 @@ def collect_outputs(
         sample_macs=torch.cat(sample_macs, 1) if per_sample else None,
         available=torch.cat(available, 1) if per_sample else None,
         static_preds=torch.cat(static_preds) if own_static else None,
+        gate_logits=torch.cat(gate_logits, 1) if gated else None,
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dynify.errors import DynifyError
-from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade
+from dynify.runtime.model import DecisionScalars, DynamicModel, ExitCascade, GatedExits
 from dynify.train.batches import Preprocessing
 from dynify.train.calibrate import calibrate, scalar_grid
 from dynify.train.exit_outputs import collect_outputs, data_batches
@@ -68,10 +68,10 @@ def operating_points(
     thresholds = list(thresholds)
     cal = data_batches(dyn, calibration, batch_size=batch_size, preprocessing=preprocessing)
     tst = data_batches(dyn, test, batch_size=batch_size, preprocessing=preprocessing)
-    cascade = isinstance(dyn, ExitCascade)
+    cascade = isinstance(dyn, ExitCascade | GatedExits)
     held = held_scalars(dyn)
-    # Exit cascades are measured by simulating the exit rule on every exit's logits, collected
-    # once per setting of the decision scalars; other strategies by running the model.
+    # Exit cascades (and gated exits) are measured by simulating the exit rule on every exit's
+    # logits, collected once per setting of the decision scalars; others by running the model.
     outputs: dict[tuple[tuple[str, float], ...], tuple[Any, Any]] = {}
 
     def data_now() -> tuple[Any, Any]:
@@ -88,7 +88,7 @@ def operating_points(
         return acc, macs
 
     saved_thresholds = dyn.thresholds.clone()
-    saved_temperatures = dyn.temperatures.clone() if cascade else None
+    saved_temperatures = dyn.temperatures.clone() if isinstance(dyn, ExitCascade) else None
     points: list[OperatingPoint] = []
     targets = [{"budget": float(b)} for b in budgets] + [{"max_drop": float(d)} for d in max_drops]
     # With decision scalars calibration collects the calibration data at each of their values

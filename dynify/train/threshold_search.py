@@ -1,5 +1,9 @@
 """Per-exit thresholds for early exits: the exit rule simulated on collected logits, and a
-Lagrangian search over thresholds that needs no further forward passes."""
+Lagrangian search over thresholds that needs no further forward passes.
+
+Gated exits (`GatedExits`) are searched the same way: a sample leaves at exit i when its gate
+stays shut, p <= 1 - t. Held as the score -p against the threshold -(1 - t), computed in
+float32 as the runtime computes 1 - t, that is the exit rule's `score >= threshold` exactly."""
 
 from __future__ import annotations
 
@@ -8,8 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from dynify.errors import DynifyError, StrategyError
-from dynify.runtime.decisions import NEVER, exit_scores, exits_taken, patience_allowed
-from dynify.runtime.model import DynamicModel, PerSampleExits
+from dynify.runtime.decisions import (
+    NEVER,
+    exit_scores,
+    exits_taken,
+    gate_probability,
+    patience_allowed,
+)
+from dynify.runtime.model import DynamicModel, GatedExits, PerSampleExits
 from dynify.train.exit_outputs import ExitOutputs, one_thread
 from dynify.train.targets import CalibrationResult, check_target, choose_point, pareto_front
 from dynify.train.temperature import fit_temperatures
@@ -26,6 +36,20 @@ class ExitProblem:
     allowed: torch.Tensor  # [K, N] bool: the exit is open to the sample and patience satisfied
     correct: torch.Tensor  # [K + 1, N] bool
     costs: torch.Tensor  # [K + 1, N] float64: leaving at exit i, a fraction of the static MACs
+    gated: bool = False  # scores are -p of gates (module docstring), not exit certainties
+
+    def rule_thresholds(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """The thresholds as the scores are compared with: gated, -(1 - t), and above 1 (the
+        gate always open) a value no score reaches."""
+        t = thresholds.float()
+        if not self.gated:
+            return t
+        return torch.where(t > 1.0, torch.full_like(t, float("inf")), -(1.0 - t))
+
+    def threshold_values(self, i: int) -> torch.Tensor:
+        """[N] exit i's scores in threshold units: the values candidate thresholds come from."""
+        s = self.scores[i]
+        return (1.0 + s).clamp(0.0, 1.0) if self.gated else s
 
     def cost_of(self, index: torch.Tensor) -> torch.Tensor:
         """[N] what each sample spends leaving at exit `index[n]`."""
@@ -39,6 +63,8 @@ class ExitProblem:
         cls, dyn: DynamicModel, outputs: ExitOutputs, temperatures: list[float]
     ) -> ExitProblem:
         """The runtime's exit rule (`dynify.runtime.decisions`) on collected logits."""
+        if outputs.gate_logits is not None:
+            return cls.build_gated(outputs)
         policy = dyn.policy
         scores = torch.stack(
             [
@@ -52,11 +78,25 @@ class ExitProblem:
             allowed &= patience_allowed(preds, policy.patience)
         return cls(scores, allowed, outputs.correct(), outputs.sample_cost_fractions())
 
+    @classmethod
+    def build_gated(cls, outputs: ExitOutputs) -> ExitProblem:
+        """The gate rule (`gate_open`) on collected gate logits: a NaN probability never
+        opens its gate, so it always leaves (the largest score)."""
+        p = gate_probability(outputs.gate_logits)
+        scores = torch.where(torch.isnan(p), torch.finfo(p.dtype).max, -p)
+        return cls(
+            scores,
+            outputs.open_exits().clone(),
+            outputs.correct(),
+            outputs.sample_cost_fractions(),
+            gated=True,
+        )
+
     def exits(self, thresholds: torch.Tensor, only: range | None = None) -> torch.Tensor:
         """The exit each sample takes (K: runs to the end), as the runtime decides it.
 
         `only` restricts the rule to some exits (the others never fire)."""
-        return exits_taken(self.scores, self.allowed, thresholds, only)
+        return exits_taken(self.scores, self.allowed, self.rule_thresholds(thresholds), only)
 
     def evaluate(self, thresholds: torch.Tensor) -> tuple[float, float]:
         index = self.exits(thresholds)
@@ -92,7 +132,7 @@ class ExitProblem:
         # suffix sums: the samples with score >= candidate are a tail of the sorted scores
         tail_acc = torch.cat([d_acc.flip(0).cumsum(0).flip(0), d_acc.new_zeros(1)])
         tail_macs = torch.cat([d_macs.flip(0).cumsum(0).flip(0), d_macs.new_zeros(1)])
-        first = torch.searchsorted(s, candidates.float(), right=False)
+        first = torch.searchsorted(s, self.rule_thresholds(candidates), right=False)
         return (base_acc + tail_acc[first]) / n, (base_macs + tail_macs[first]) / n
 
 
@@ -100,7 +140,8 @@ def simulate(
     dyn: DynamicModel, outputs: ExitOutputs, thresholds: list[float] | None = None
 ) -> tuple[float, float, torch.Tensor]:
     """(accuracy, mean MAC fraction, exit per sample) the runtime would reach on `outputs`."""
-    problem = ExitProblem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
+    temperatures = [] if isinstance(dyn, GatedExits) else [float(t) for t in dyn.temperatures]
+    problem = ExitProblem.build(dyn, outputs, temperatures)
     t = dyn.thresholds.clone() if thresholds is None else torch.tensor(thresholds)
     acc, macs = problem.evaluate(t)
     return acc, macs, problem.exits(t)
@@ -118,7 +159,7 @@ def _search(
     levels = torch.linspace(0, 1, CANDIDATES, dtype=torch.float64)
     candidates = []
     for i in range(k):
-        q = torch.quantile(problem.scores[i].double(), levels).float()
+        q = torch.quantile(problem.threshold_values(i).double(), levels).float()
         candidates.append(torch.unique(torch.cat([q, torch.tensor([0.0, NEVER])])))
     start = torch.full((k,), NEVER)
     if forced is not None:
@@ -208,7 +249,8 @@ def search_thresholds(
     fit_temperature_scaling: bool = True,
     keep: bool = False,
 ) -> ThresholdSearch:
-    """Fit temperatures on `outputs`, then search per-exit thresholds (early-exit models).
+    """Fit temperatures on `outputs`, then search per-exit thresholds (early-exit models; gated
+    exits have no temperatures).
 
     `keep`: no search, only the model's current thresholds (with the cap's forced exit)."""
     forced = _forced_exit(dyn, mac_cap)
@@ -217,11 +259,12 @@ def search_thresholds(
 
 
 def _search_thresholds(dyn, outputs, mac_cap, fit_temperature_scaling, keep, forced):
-    temperatures = (
-        fit_temperatures(outputs)
-        if fit_temperature_scaling
-        else [float(t) for t in dyn.temperatures]
-    )
+    if isinstance(dyn, GatedExits):
+        temperatures = []
+    elif fit_temperature_scaling:
+        temperatures = fit_temperatures(outputs)
+    else:
+        temperatures = [float(t) for t in dyn.temperatures]
     problem = ExitProblem.build(dyn, outputs, temperatures)
     if keep:
         thresholds = dyn.thresholds.clone().float()
@@ -247,6 +290,9 @@ def _search_thresholds(dyn, outputs, mac_cap, fit_temperature_scaling, keep, for
 
 
 def _forced_exit(dyn: DynamicModel, mac_cap: float | None) -> int | None:
+    if isinstance(dyn, GatedExits):  # the model holds the cap and says where it stops
+        deepest = dyn.deepest_group()
+        return None if deepest == dyn.num_exits else deepest
     if mac_cap is None:
         return None
     costs = dyn.exit_macs()
