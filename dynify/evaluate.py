@@ -2,8 +2,9 @@
 
 `evaluate` reports the static network's accuracy and MACs, the dynamic model's at its current
 (calibrated) thresholds, measured by the real dynamic forward, the accuracy-vs-MACs curve over
-thresholds, and for early exits the per-exit accuracy, the exit histogram and the oracle bound
-(each sample leaves at the first exit that is right). `EvaluationReport` prints as a table,
+thresholds, and for exit cascades (early exits, and exits decided by learned gates) the per-exit
+accuracy, the exit histogram and the oracle bound (each sample leaves at the first exit that is
+right). `EvaluationReport` prints as a table,
 saves as JSON and plots as a PNG.
 """
 
@@ -21,7 +22,7 @@ from dynify.errors import DynifyError
 from dynify.files import atomic_output, write_text_atomic
 from dynify.heldout import is_finetune_data
 from dynify.runtime.decisions import NEVER
-from dynify.runtime.model import DynamicModel, ExitCascade
+from dynify.runtime.model import DynamicModel, ExitCascade, GatedExits
 from dynify.train.batches import Preprocessing
 from dynify.train.exit_outputs import (
     ExitOutputs,
@@ -210,7 +211,7 @@ def evaluate(
     )
     dyn.eval()
     name = (dyn.spec.get("model") or {}).get("name", type(dyn).__name__)
-    if isinstance(dyn, ExitCascade):
+    if isinstance(dyn, (ExitCascade, GatedExits)):
         report = _evaluate_exits(dyn, batches, name, curve_points)
     else:
         report = _evaluate_generic(dyn, batches, name, curve_points)
@@ -224,6 +225,8 @@ def evaluate(
 
 
 def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) -> EvaluationReport:
+    """Exits decided by a policy (`ExitCascade`) or by learned gates (`GatedExits`): the
+    curve, histogram and oracle come from the same collected outputs calibration simulates."""
     outputs = collect_outputs(dyn, batches)
     reference = outputs.reference()
     preds, spent, histogram = [], [], torch.zeros(dyn.num_exits + 1, dtype=torch.long)
@@ -235,7 +238,8 @@ def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) ->
     accuracy = float((torch.cat(preds) == reference).double().mean())
     macs = float(torch.cat(spent).mean()) / dyn.static_macs
     with one_thread():
-        problem = ExitProblem.build(dyn, outputs, [float(t) for t in dyn.temperatures])
+        temperatures = [float(t) for t in dyn.temperatures] if isinstance(dyn, ExitCascade) else []
+        problem = ExitProblem.build(dyn, outputs, temperatures)
         curve = _threshold_curve(problem, dyn.num_exits, curve_points)
     oracle_acc, oracle_macs = oracle(outputs)
     correct = outputs.correct().double().mean(1)
@@ -261,8 +265,9 @@ def _evaluate_exits(dyn: DynamicModel, batches, name: str, curve_points: int) ->
 
 
 def _threshold_curve(problem: ExitProblem, exits: int, points: int) -> list[CurvePoint]:
-    """One threshold shared by all exits, at quantiles of the scores (where the curve moves)."""
-    scores = problem.scores.flatten().double()
+    """One threshold shared by all exits, at quantiles of the scores in threshold units (where
+    the curve moves)."""
+    scores = torch.stack([problem.threshold_values(i) for i in range(exits)]).flatten().double()
     levels = torch.quantile(scores, torch.linspace(0, 1, points - 1, dtype=torch.float64))
     curve = []
     for t in sorted({0.0, *levels.float().tolist(), NEVER}):

@@ -134,6 +134,31 @@ def test_calibration_searches_one_threshold_per_gate_and_the_simulation_is_the_r
     assert len(set(result.thresholds)) > 1  # chosen gate by gate, not one shared value
 
 
+def test_evaluate_reads_gated_exits_like_an_exit_cascade():
+    model, x = make(), clips(48, seed=8)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    dyn = gated(model).eval()
+    with torch.no_grad():
+        for p in dyn.gates.parameters():
+            p.normal_(0.0, 1.0)
+    dyn.set_thresholds([0.4, 0.7, 0.2])
+    report = dynify.evaluate(dyn, TensorDataset(x, y))
+    real = _real(dyn, x, y)
+    assert (report.dynamic_accuracy, report.dynamic_macs_fraction) == pytest.approx(real, abs=1e-12)
+    with torch.no_grad():
+        dyn(x)
+    assert report.exit_histogram == torch.bincount(dyn.last_exit, minlength=T).tolist()
+    assert report.exit_names == ["0", "1", "2", "final"]
+    # the curve's shared thresholds, run for real: 0 stops every clip at once, NEVER at none
+    ends = {p.threshold: (p.accuracy, p.macs_fraction) for p in report.curve}
+    for t in (0.0, NEVER):
+        dyn.set_thresholds(t)
+        assert ends[t] == pytest.approx(_real(dyn, x, y), abs=1e-12)
+    assert ends[0.0][1] < ends[NEVER][1]
+    assert len(report.curve) > 10 and report.oracle_macs_fraction <= ends[NEVER][1]
+
+
 def test_calibration_under_a_mac_cap_never_asks_the_gate_the_cap_stops_at():
     model, x = make(), clips(64, seed=9)
     with torch.no_grad():
