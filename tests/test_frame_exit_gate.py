@@ -110,15 +110,22 @@ def _real(dyn, x, y) -> tuple[float, float]:
     )
 
 
-def test_calibration_searches_one_threshold_per_gate_and_the_simulation_is_the_real_forward():
-    model, x = make(), clips(64, seed=6)
+def random_gates(n: int, seed: int) -> tuple[dynify.DynamicModel, torch.Tensor, torch.Tensor]:
+    """A gated model with random gates (they disagree with each other), n clips, and the
+    static clip model's predictions as their labels."""
+    model, x = make(), clips(n, seed=seed)
     with torch.no_grad():
         y = model(x).argmax(-1)
-        y[::3] = (y[::3] + 1) % 5  # some clips the full clip gets wrong: leaving early can help
     dyn = gated(model).eval()
     with torch.no_grad():
-        for p in dyn.gates.parameters():  # gates that disagree with each other
+        for p in dyn.gates.parameters():
             p.normal_(0.0, 1.0)
+    return dyn, x, y
+
+
+def test_calibration_searches_one_threshold_per_gate_and_the_simulation_is_the_real_forward():
+    dyn, x, y = random_gates(64, seed=6)
+    y[::3] = (y[::3] + 1) % 5  # some clips the full clip gets wrong: leaving early can help
     data = TensorDataset(x, y)
     assert isinstance(dyn, dynify.GatedExits)
     for target in ({"max_drop": 0.0}, {"budget": 0.5}, {"budget": 0.7}):
@@ -135,13 +142,7 @@ def test_calibration_searches_one_threshold_per_gate_and_the_simulation_is_the_r
 
 
 def test_evaluate_reads_gated_exits_like_an_exit_cascade():
-    model, x = make(), clips(48, seed=8)
-    with torch.no_grad():
-        y = model(x).argmax(-1)
-    dyn = gated(model).eval()
-    with torch.no_grad():
-        for p in dyn.gates.parameters():
-            p.normal_(0.0, 1.0)
+    dyn, x, y = random_gates(48, seed=8)
     dyn.set_thresholds([0.4, 0.7, 0.2])
     report = dynify.evaluate(dyn, TensorDataset(x, y))
     real = _real(dyn, x, y)
@@ -160,13 +161,7 @@ def test_evaluate_reads_gated_exits_like_an_exit_cascade():
 
 
 def test_calibration_under_a_mac_cap_never_asks_the_gate_the_cap_stops_at():
-    model, x = make(), clips(64, seed=9)
-    with torch.no_grad():
-        y = model(x).argmax(-1)
-    dyn = gated(model).eval()
-    with torch.no_grad():
-        for p in dyn.gates.parameters():
-            p.normal_(0.0, 1.0)
+    dyn, x, y = random_gates(64, seed=9)
     cap = 0.6
     result = dynify.calibrate(dyn, TensorDataset(x, y), budget=0.5, mac_cap=cap, part="all")
     deepest = dyn.deepest_group()
