@@ -351,6 +351,7 @@ def gate_rows(
     """Train the gates of a stand-in over cached logits (`finetune`, heads mode), copy them
     into `gated`, calibrate one threshold per gate on the calibration clips (`calibrate`) per
     accuracy drop, and read a grid of thresholds shared by every gate; MACs are `gated`'s own exit costs."""
+    torch.manual_seed(args.seed)  # the gates' initial weights: the same whatever ran before
     stand_in = dynify.convert(replay, "frame-exit", replay_example, options=options).eval()
     trained = dynify.finetune(
         stand_in,
