@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dynify.passes.rewrite import copy_graph_replacing
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.control import run_on, selected
-from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel
+from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel, JointRecipe
 from dynify.runtime.policy import ExitPolicy
 from dynify.train.losses import LossConfig, distillation
 
@@ -81,6 +81,10 @@ class ResolutionModel(DynamicModel):
     """
 
     strategy = "resolution"
+    # Joint fine-tuning at the backbone's usual 0.01 meets a loss spike once the warm-up nears
+    # 0.005 on CIFAR ResNet-44 and may not recover; at 0.005 it trains through and reaches the
+    # target (benchmarks/spatial.md, the resolution cascade's reading).
+    joint_recipe = JointRecipe(lr=0.005)
 
     def __init__(
         self,
