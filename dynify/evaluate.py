@@ -4,8 +4,7 @@
 (calibrated) thresholds, measured by the real dynamic forward, the accuracy-vs-MACs curve over
 thresholds, and for exit cascades (early exits, and exits decided by learned gates) the per-exit
 accuracy, the exit histogram and the oracle bound (each sample leaves at the first exit that is
-right). `EvaluationReport` prints as a table,
-saves as JSON and plots as a PNG.
+right). `EvaluationReport` prints as a table, saves as JSON and plots as a PNG.
 """
 
 from __future__ import annotations
