@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="joint phase's peak rate (default: the strategy's, 0.01; the resolution cascade 0.005)",
     )
     parser.add_argument(
+        "--kd-temperature",
+        type=float,
+        default=None,
+        help="distillation temperature of every phase (default: the strategy's own)",
+    )
+    parser.add_argument(
         "--clip-grad-norm", type=float, default=None, help="fine-tuning's clip (default: 50)"
     )
     parser.add_argument(
@@ -257,6 +263,7 @@ def run_net(depth: int, args, train, test, plots: Path | None) -> dict:
                 budget=args.train_budget,
                 lr=args.joint_lr if mode == "joint" else None,
                 clip_grad_norm=args.clip_grad_norm,
+                kd_temperature=args.kd_temperature,
             )
             seconds, history = ft.seconds, ft.history
         plot = plots / f"cifar10-{name}-{phase}.png" if plots else None
