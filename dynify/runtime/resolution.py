@@ -81,8 +81,9 @@ class ResolutionModel(DynamicModel):
     """
 
     strategy = "resolution"
-    # Joint fine-tuning at the backbone's usual 0.01 meets a loss spike once the warm-up nears
-    # 0.005 on CIFAR ResNet-44 and may not recover; at 0.005 it trains through and reaches the
+    # Joint fine-tuning at the backbone's usual 0.01, distilled at this model's temperature 4,
+    # meets a loss spike once the warm-up nears 0.005 on CIFAR ResNet-44 and may not recover
+    # (at temperature 3 it trains through); at 0.005 it trains through at 4 and reaches the
     # target (benchmarks/spatial.md, the resolution cascade's reading).
     joint_recipe = JointRecipe(lr=0.005)
 
