@@ -352,6 +352,11 @@ def resolution_section() -> list[str]:
     return lines
 
 
+def _network(result) -> str:
+    """The CIFAR ResNet a result measured (its data holds one network's figures)."""
+    return next(k for k in result.data if k.startswith("cifar_resnet"))
+
+
 def _cheapest_within(phase: dict, base: float | None) -> float | None:
     """The fewest MACs of a phase's calibrated curve within 0.5 points of the baseline."""
     return cifar10.within_half_point(phase["curve"], {"ft": base} if base else {}).get("ft")
@@ -360,7 +365,7 @@ def _cheapest_within(phase: dict, base: float | None) -> float | None:
 def _lower_rate_result(rerun, published_base: float | None) -> list[str]:
     """The headline as the current code gives it: the full run at the lower joint rate, held to
     the published static baseline when it did not train its own."""
-    net = next(k for k in rerun.data if k.startswith("cifar_resnet"))
+    net = _network(rerun)
     r = rerun.data[net]
     base = r.get("static_ft_acc") or published_base
     phase = r.get("joint") or r["heads"]
@@ -420,7 +425,7 @@ def resolution_rerun(name: str) -> list[str]:
     published = read_result(RESULTS["resolution"])
     if rerun is None or published is None:
         return []
-    net = next(k for k in rerun.data if k.startswith("cifar_resnet"))
+    net = _network(rerun)
     r, was = dict(rerun.data[net]), published.data.get(net)
     old = _resolution_figures(was) if was else {}
     joint = r.get("joint", {}).get("epochs", 0)
@@ -477,7 +482,7 @@ def masks_rerun(name: str) -> list[str]:
     published = read_result(RESULTS["masks"])
     if rerun is None:
         return []
-    net = next(k for k in rerun.data if k.startswith("cifar_resnet"))
+    net = _network(rerun)
     r = rerun.data[net]
     old_curve = {}
     if published is not None and net in published.data:
