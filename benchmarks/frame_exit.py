@@ -38,6 +38,7 @@ import argparse
 import os
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ from benchmarks.results import read_result
 from benchmarks.timing import alternating_runs
 
 NAME = "frame_exit"
+SEEDS = "frame_exit_gate_seeds"  # the learned gates trained once per seed
 TARGET_MACS = 0.45  # of the all-frame average's MACs, within TARGET_DROP of its accuracy
 TARGET_DROP = 0.005
 TARGET_LATENCY = 1.15  # batch-1 latency ratio over MAC ratio
@@ -221,6 +223,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-runs", type=int, default=60, help="0: no ONNX Runtime timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--gate-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of the full run: train and calibrate the learned gates once per seed (their "
+        "initial weights and batch order; the clips stay those of --seed), no latency",
+    )
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -230,20 +240,50 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.latency_clips = min(args.latency_clips, 4)
     args.onnx_runs = min(args.onnx_runs, 3)
     args.groups = [2]  # one model per policy exported and timed: 3 exits, not 7
+    if args.gate_seeds:
+        args.gate_seeds = args.gate_seeds[:2]
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
     torch.set_num_threads(args.threads)
+    if args.gate_seeds:
+        return {SEEDS: gate_seed_rows(args)}
+    return {NAME: full_run(args)}
+
+
+@dataclass
+class Clips:
+    """The clip models and clips every part of the suite measures on."""
+
+    static: nn.Module  # the TSN clip model over the per-frame network
+    replay: nn.Module  # the TSN clip model over cached per-frame logits (`Replay`)
+    test_clips: Tensor
+    test_labels: Tensor
+    cached: dict[str, TensorDataset]  # calib / test / gate: per-frame logits and labels
+    clip_counts: dict[str, int]
+
+    @property
+    def example(self) -> Tensor:
+        return self.test_clips[:1]
+
+    @property
+    def replay_example(self) -> Tensor:
+        return self.cached["test"].tensors[0][:1]
+
+
+def prepare(args: argparse.Namespace) -> Clips:
+    """The seeded clips of each split and every frame's logits (computed once, then kept)."""
     train_set, test_set = load_cifar(args.data, args.cache)
     fit, calib = fit_and_calibration(train_set, args.seed, calib_images=args.calib_images)
     gate_set = subsample(fit, args.gate_images)  # disjoint from the calibration part
     test_set = subsample(test_set, args.test_images)
-    calib_data, calib_clips = clip_data(calib, args.frames, args.seed + 1)
-    test_data, test_clips = clip_data(test_set, args.frames, args.seed + 2)
-    gate_data, gate_clips = clip_data(gate_set, args.frames, args.seed + 3)
+    splits = {
+        "calib": clip_data(calib, args.frames, args.seed + 1),
+        "test": clip_data(test_set, args.frames, args.seed + 2),
+        "gate": clip_data(gate_set, args.frames, args.seed + 3),
+    }
     name = f"cifar_resnet{args.depth}"
     frame_net, _ = dynify.build_model(name, weights=weights_path(args.data, args.depth))
-    static = TSN(frame_net).eval()
     # every frame through the frozen per-frame network once; the policies are then calibrated
     # and the gates trained on these logits, replayed by a clip model of the same decisions
     cached = {
@@ -251,15 +291,24 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             kept_logits(args, f"{key}{len(clips)}", lambda c=clips: frame_logits(frame_net, c)),
             data.tensors[1],
         )
-        for key, clips, data in (
-            ("calib", calib_clips, calib_data),
-            ("test", test_clips, test_data),
-            ("gate", gate_clips, gate_data),
-        )
+        for key, (data, clips) in splits.items()
     }
-    classes = cached["test"].tensors[0].shape[-1]
-    replay = TSN(Replay(classes)).eval()
-    example, replay_example = test_clips[:1], cached["test"].tensors[0][:1]
+    test_data, test_clips = splits["test"]
+    return Clips(
+        static=TSN(frame_net).eval(),
+        replay=TSN(Replay(cached["test"].tensors[0].shape[-1])).eval(),
+        test_clips=test_clips,
+        test_labels=test_data.tensors[1],
+        cached=cached,
+        clip_counts={key: len(data) for key, (data, _) in splits.items()},
+    )
+
+
+def full_run(args: argparse.Namespace) -> dict:
+    clips = prepare(args)
+    static, replay, cached = clips.static, clips.replay, clips.cached
+    example, replay_example = clips.example, clips.replay_example
+    test_clips, test_labels = clips.test_clips, clips.test_labels
     models, by_group, gate_by_group = {}, [], []
     for group in args.groups:
         options = dynify.FrameExitOptions(order=args.order, policy=args.policy, group=group)
@@ -278,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         chosen = next((p for p in points if p.target == {"max_drop": TARGET_DROP}), every_frame)
         dynify.use_operating_point(dyn, chosen)
         models[("confidence", group)] = dyn
-        measured = measure_on(dyn, test_clips, test_data.tensors[1])
+        measured = measure_on(dyn, test_clips, test_labels)
         by_group.append(
             {
                 "group": group,
@@ -304,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         )
         gated = dynify.convert(static, "frame-exit", example, options=gate_options).eval()
         entry = gate_rows(gated, replay, replay_example, gate_options, cached, args)
-        entry["measured"] = measure_on(gated, test_clips, test_data.tensors[1])
+        entry["measured"] = measure_on(gated, test_clips, test_labels)
         entry["exit_shares"] = entry["measured"]["exit_shares"]
         shares = entry["exit_shares"]
         entry["onnx"] = onnx_latency(gated, shares, args) if args.onnx_runs else None
@@ -318,25 +367,23 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     first = models[("confidence", args.groups[0])]
     settings.update(
-        calib_clips=len(calib_data),
-        test_clips=len(test_data),
-        gate_clips=len(gate_data),
+        calib_clips=clips.clip_counts["calib"],
+        test_clips=clips.clip_counts["test"],
+        gate_clips=clips.clip_counts["gate"],
         frame_macs=first.static_macs // args.frames,  # the clip model: T frames' worth
         order_of_frames=[int(t) for row in first.describe() for t in row["frame"].split(",")],
     )
     one = by_group[0]
     return {
-        NAME: {
-            "settings": settings,
-            "static_macs": first.static_macs,
-            "all_frames_test_acc": one["all_frames_test_acc"],
-            "all_frames_calib_acc": one["all_frames_calib_acc"],
-            "one_frame_test_acc": one["first_group_test_acc"] if one["group"] == 1 else None,
-            "static_ms": latency["static_ms"],
-            "frame_by_frame_ms": latency["frame_by_frame_ms"],
-            "by_group": by_group,
-            "gate_by_group": gate_by_group,
-        }
+        "settings": settings,
+        "static_macs": first.static_macs,
+        "all_frames_test_acc": one["all_frames_test_acc"],
+        "all_frames_calib_acc": one["all_frames_calib_acc"],
+        "one_frame_test_acc": one["first_group_test_acc"] if one["group"] == 1 else None,
+        "static_ms": latency["static_ms"],
+        "frame_by_frame_ms": latency["frame_by_frame_ms"],
+        "by_group": by_group,
+        "gate_by_group": gate_by_group,
     }
 
 
@@ -348,10 +395,35 @@ def gate_rows(
     cached: dict[str, TensorDataset],
     args: argparse.Namespace,
 ) -> dict:
-    """Train the gates of a stand-in over cached logits (`finetune`, heads mode), copy them
-    into `gated`, calibrate one threshold per gate on the calibration clips (`calibrate`) per
-    accuracy drop, and read a grid of thresholds shared by every gate; MACs are `gated`'s own exit costs."""
-    torch.manual_seed(args.seed)  # the gates' initial weights: the same whatever ran before
+    """Train the gates of a stand-in over cached logits, copy them into `gated` and set it at
+    the point calibrated for TARGET_DROP (`gate_points`)."""
+    stand_in, trained = train_gates(replay, replay_example, options, cached, args, args.seed)
+    dynify.copy_new_parts(stand_in, gated)
+    points = gate_points(stand_in, exit_costs(gated), cached)
+    chosen = at_target(points) or points[-1]
+    gated.set_thresholds(chosen["thresholds"])
+    return {
+        "group": options.group,
+        "policy": "gate",
+        "gate_hidden": options.gate_hidden,
+        "train_history": trained.history[:1] + trained.history[-1:],
+        "train_seconds": trained.seconds,
+        "points": points,
+        "chosen": chosen,
+    }
+
+
+def train_gates(
+    replay: nn.Module,
+    replay_example: Tensor,
+    options: dynify.FrameExitOptions,
+    cached: dict[str, TensorDataset],
+    args: argparse.Namespace,
+    seed: int,
+) -> tuple[dynify.DynamicModel, dynify.FinetuneResult]:
+    """A stand-in clip model over cached logits with its gates trained by `finetune` (heads
+    mode) on the gate clips; `seed` sets the gates' initial weights and the batch order."""
+    torch.manual_seed(seed)  # the gates' initial weights: the same whatever ran before
     stand_in = dynify.convert(replay, "frame-exit", replay_example, options=options).eval()
     trained = dynify.finetune(
         stand_in,
@@ -362,11 +434,23 @@ def gate_rows(
         lr=3e-3,
         augment=False,
         calibration_fraction=0.0,
-        seed=args.seed,
+        seed=seed,
         progress=False,
     )
-    dynify.copy_new_parts(stand_in, gated)
-    costs = torch.tensor(gated.exit_macs(), dtype=torch.float64) / gated.static_macs
+    return stand_in, trained
+
+
+def exit_costs(gated: dynify.DynamicModel) -> Tensor:
+    """Each exit's MACs as a fraction of the static clip model's (the real model's costs)."""
+    return torch.tensor(gated.exit_macs(), dtype=torch.float64) / gated.static_macs
+
+
+def gate_points(
+    stand_in: dynify.DynamicModel, costs: Tensor, cached: dict[str, TensorDataset]
+) -> list[dict]:
+    """One threshold per gate calibrated on the calibration clips (`calibrate`) per accuracy
+    drop, then a grid of thresholds shared by every gate: each read on calibration and test.
+    MACs are `costs`, the real model's exit costs. Leaves the stand-in at TARGET_DROP's point."""
 
     def reach(data: TensorDataset) -> tuple[float, float]:
         logits, labels = data.tensors
@@ -381,25 +465,65 @@ def gate_rows(
     points = []
     for drop in MAX_DROPS:
         try:
-            result = dynify.calibrate(stand_in, cached["calib"], max_drop=drop, part="all")
+            dynify.calibrate(stand_in, cached["calib"], max_drop=drop, part="all")
         except dynify.DynifyError:
             continue
         points.append(_gate_point({"max_drop": drop}, stand_in, reach, cached))
-        del result
     for t in GATE_GRID:
         stand_in.set_thresholds(t)
         points.append(_gate_point({"threshold": t}, stand_in, reach, cached))
-    chosen = next((p for p in points if p["target"] == {"max_drop": TARGET_DROP}), points[-1])
-    stand_in.set_thresholds(chosen["thresholds"])
-    gated.set_thresholds(chosen["thresholds"])
+    stand_in.set_thresholds((at_target(points) or points[-1])["thresholds"])
+    return points
+
+
+def _point_text(point: dict | None) -> str:
+    if point is None:
+        return "no point within the drop on calibration"
+    return f"{pct(point['test_accuracy'])} % at {point['test_macs']:.3f} of the MACs on test"
+
+
+def at_target(points: list[dict]) -> dict | None:
+    """The point calibrated for a drop of at most TARGET_DROP, if calibration reached one."""
+    return next((p for p in points if p["target"] == {"max_drop": TARGET_DROP}), None)
+
+
+def gate_seed_rows(args: argparse.Namespace) -> dict:
+    """The learned gates trained and calibrated once per seed of `--gate-seeds`, on the same
+    clips: how far the calibrated point moves with the gates' initialisation alone."""
+    clips = prepare(args)
+    cached = clips.cached
+    with torch.no_grad():
+        logits, labels = cached["test"].tensors
+        all_frames = clips.replay(logits).argmax(-1) == labels
+    by_group = []
+    for group in args.groups:
+        options = dynify.FrameExitOptions(
+            order=args.order,
+            policy="gate",
+            group=group,
+            gate_hidden=args.gate_hidden,
+            gate_target=args.gate_target,
+        )
+        costs = exit_costs(
+            dynify.convert(clips.static, "frame-exit", clips.example, options=options)
+        )
+        seeds = []
+        for seed in args.gate_seeds:
+            stand_in, _ = train_gates(
+                clips.replay, clips.replay_example, options, cached, args, seed
+            )
+            points = gate_points(stand_in, costs, cached)
+            seeds.append({"seed": seed, "chosen": at_target(points), "points": points})
+            print(
+                f"gates, group {group}, seed {seed}: {_point_text(seeds[-1]['chosen'])}", flush=True
+            )
+        by_group.append({"group": group, "seeds": seeds})
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings.update({f"{key}_clips": n for key, n in clips.clip_counts.items()})
     return {
-        "group": options.group,
-        "policy": "gate",
-        "gate_hidden": options.gate_hidden,
-        "train_history": trained.history[:1] + trained.history[-1:],
-        "train_seconds": trained.seconds,
-        "points": points,
-        "chosen": chosen,
+        "settings": settings,
+        "all_frames_test_acc": float(all_frames.float().mean()),
+        "by_group": by_group,
     }
 
 

@@ -213,6 +213,22 @@ def test_quick_frame_exit_runs_end_to_end(cifar_like, tmp_path):
     assert gate["onnx"]["macs_ratio"] > 0 and len(gate["onnx"]["exits"]) == 4
 
 
+def test_quick_frame_exit_gate_seeds_trains_the_gates_once_per_seed(cifar_like, tmp_path):
+    results = tmp_path / "results"
+    argv = ["frame_exit", "--quick", "--data", str(cifar_like), "--results", str(results)]
+    main([*argv, "--cache", str(tmp_path / "cache.pt"), "--gate-seeds", "3", "4"])
+    assert not (results / "frame_exit.json").exists()  # the seed study alone, no latency
+    run = json.loads((results / "frame_exit_gate_seeds.json").read_text())["data"]
+    assert run["settings"]["test_clips"] == 40 and 0.0 <= run["all_frames_test_acc"] <= 1.0
+    (group,) = run["by_group"]
+    assert group["group"] == 2 and [s["seed"] for s in group["seeds"]] == [3, 4]
+    for entry in group["seeds"]:
+        targets = [p["target"] for p in entry["points"]]
+        assert {"threshold": 1.01} in targets  # the shared grid, every frame at its end
+        for point in entry["points"]:  # every frame costs the static model and the gates
+            assert 0.0 < point["test_macs"] <= 1.001 and 0.0 <= point["test_accuracy"] <= 1.0
+
+
 def test_quick_skip_rnn_runs_end_to_end(tmp_path):
     """The skip_rnn suite on a tiny AG-News-shaped folder: static model, gate fine-tuning,
     calibration, the curve and the timing, results with their metadata."""
