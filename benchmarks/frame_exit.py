@@ -344,13 +344,7 @@ def full_run(args: argparse.Namespace) -> dict:
                 else None,
             }
         )
-        gate_options = dynify.FrameExitOptions(
-            order=args.order,
-            policy="gate",
-            group=group,
-            gate_hidden=args.gate_hidden,
-            gate_target=args.gate_target,
-        )
+        gate_options = learned_gates(args, group)
         gated = dynify.convert(static, "frame-exit", example, options=gate_options).eval()
         entry = gate_rows(gated, replay, replay_example, gate_options, cached, args)
         entry["measured"] = measure_on(gated, test_clips, test_labels)
@@ -385,6 +379,17 @@ def full_run(args: argparse.Namespace) -> dict:
         "by_group": by_group,
         "gate_by_group": gate_by_group,
     }
+
+
+def learned_gates(args: argparse.Namespace, group: int) -> dynify.FrameExitOptions:
+    """The options of the clip model with FrameExit's learned gates, one per `group` frames."""
+    return dynify.FrameExitOptions(
+        order=args.order,
+        policy="gate",
+        group=group,
+        gate_hidden=args.gate_hidden,
+        gate_target=args.gate_target,
+    )
 
 
 def gate_rows(
@@ -497,13 +502,7 @@ def gate_seed_rows(args: argparse.Namespace) -> dict:
         all_frames = clips.replay(logits).argmax(-1) == labels
     by_group = []
     for group in args.groups:
-        options = dynify.FrameExitOptions(
-            order=args.order,
-            policy="gate",
-            group=group,
-            gate_hidden=args.gate_hidden,
-            gate_target=args.gate_target,
-        )
+        options = learned_gates(args, group)
         costs = exit_costs(
             dynify.convert(clips.static, "frame-exit", clips.example, options=options)
         )
