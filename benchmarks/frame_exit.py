@@ -30,6 +30,8 @@ The per-frame network is frozen, so every frame runs through it once (its logits
 the image cache); calibration, gate training and the curves run on a stand-in clip model that
 replays those logits with the same decisions, and each calibrated point is then run on the
 ResNet clip model itself (`measure_on`).
+`--gate-seeds S ...` runs step 5 alone, once per seed on the same clips (no latency), into
+`frame_exit_gate_seeds.json`: how far the gates' initialisation moves their calibrated point.
 """
 
 from __future__ import annotations
