@@ -59,10 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--joint", type=int, nargs="*", default=[44], help="nets trained jointly")
     parser.add_argument("--joint-epochs", type=int, default=2)
     parser.add_argument(
-        "--joint-lr",
-        type=float,
-        default=None,
-        help="joint phase's peak rate (default: the strategy's, 0.01; the resolution cascade 0.005)",
+        "--joint-lr", type=float, default=None, help="joint phase's peak rate (default: 0.01)"
     )
     parser.add_argument(
         "--kd-temperature",

@@ -196,6 +196,19 @@ def test_export_face_decides_like_the_eager_model_for_every_policy(model, x, pol
         torch.testing.assert_close(logits, eager)
 
 
+def test_fine_tuning_distils_at_the_early_exits_temperature_by_default(model, x):
+    """3, as the exits: at 4 the cascade's joint phase meets a loss spike at lr 0.01."""
+    from dynify.train.losses import LossConfig
+
+    dyn = convert(model)
+    teacher = torch.randn(len(x), 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        own = dyn.training_loss(x, teacher)[0]
+        at_three = dyn.training_loss(x, teacher, None, LossConfig(kd_temperature=3.0))[0]
+        at_four = dyn.training_loss(x, teacher, None, LossConfig(kd_temperature=4.0))[0]
+    assert torch.equal(own, at_three) and not torch.allclose(own, at_four)
+
+
 def test_training_loss_uses_its_own_temperature_unless_the_config_sets_one(model, x):
     from dynify.train.losses import LossConfig
 

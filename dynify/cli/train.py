@@ -176,10 +176,7 @@ def finetune(
     batch_size: BatchOption = 128,
     lr: Annotated[
         float | None,
-        typer.Option(
-            "--lr",
-            help="Peak learning rate (heads: 3e-3 AdamW; joint: SGD at the strategy's rate, 0.01 but for the resolution cascade's 0.005).",
-        ),
+        typer.Option("--lr", help="Peak learning rate (heads: 3e-3 AdamW; joint: 0.01 SGD)."),
     ] = None,
     schedule: Annotated[
         str, typer.Option("--schedule", help="cosine, onecycle or constant.")

@@ -30,6 +30,7 @@ class ResolutionOptions:
     MACs). low_bn: give the low-resolution pass its own batch norms; low_head: and its own copy
     of the final linear classifier (when the network ends in one). policy/threshold: when a
     low-resolution prediction is good enough (threshold 0: always; above 1: never).
+    distill_temperature: the distillation temperature of fine-tuning (unless it sets one).
     """
 
     scale: int = 2
@@ -37,7 +38,9 @@ class ResolutionOptions:
     low_head: bool = True
     policy: str = "confidence"
     threshold: float = 0.9
-    distill_temperature: float = 4.0
+    # 3, as the early exits: at 4, joint fine-tuning at lr 0.01 meets a loss spike on CIFAR
+    # ResNet-44 that it may not recover from (benchmarks/spatial.md, the resolution cascade)
+    distill_temperature: float = 3.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ResolutionOptions:

@@ -79,11 +79,9 @@ class JointRecipe:
     SGD steps barely move them, closed gates make the first losses large enough to blow up an
     unclipped backbone, and batch-norm statistics drift towards gated features (which would
     also change `dyn.static()`). So a strategy may ask for Adam on its new parts, a clipped
-    backbone gradient and frozen batch-norm statistics, and set the backbone's peak rate when
-    the user gives none (`lr`).
+    backbone gradient and frozen batch-norm statistics.
     """
 
-    lr: float = 0.01  # the backbone's peak SGD rate, unless the fine-tuning config sets one
     new_parts: str = "sgd"  # "sgd": with the backbone at new_lr_scale x; "adam": at new_lr
     new_lr_scale: float = 10.0
     new_lr: float = 0.02

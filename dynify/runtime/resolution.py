@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dynify.passes.rewrite import copy_graph_replacing
 from dynify.runtime.cascade import CondCascade
 from dynify.runtime.control import run_on, selected
-from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel, JointRecipe
+from dynify.runtime.model import FIXED, UNIT, CostBook, DynamicModel
 from dynify.runtime.policy import ExitPolicy
 from dynify.train.losses import LossConfig, distillation
 
@@ -81,11 +81,6 @@ class ResolutionModel(DynamicModel):
     """
 
     strategy = "resolution"
-    # Joint fine-tuning at the backbone's usual 0.01, distilled at this model's temperature 4,
-    # meets a loss spike once the warm-up nears 0.005 on CIFAR ResNet-44 and may not recover
-    # (at temperature 3 it trains through); at 0.005 it trains through at 4 and reaches the
-    # target (benchmarks/spatial.md, the resolution cascade's reading).
-    joint_recipe = JointRecipe(lr=0.005)
 
     def __init__(
         self,
@@ -100,7 +95,7 @@ class ResolutionModel(DynamicModel):
         static_macs: int,
         input_shape: tuple[int, ...],
         num_classes: int,
-        distill_temperature: float = 4.0,
+        distill_temperature: float = 3.0,
     ):
         super().__init__(
             static_macs=static_macs,

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from dynify.errors import DataError, DynifyError
 from dynify.heldout import data_key
-from dynify.runtime.model import DynamicModel, ExitCascade, JointRecipe, TrainingRecord
+from dynify.runtime.model import DynamicModel, ExitCascade, TrainingRecord
 from dynify.train.batches import (
     Batches,
     Preprocessing,
@@ -88,7 +88,7 @@ class FinetuneConfig:
     mode: str = "heads"
     epochs: int = 5
     batch_size: int = 128
-    lr: float | None = None  # heads: 3e-3 (AdamW); joint: the strategy's (SGD; 0.01 mostly)
+    lr: float | None = None  # heads: 3e-3 (AdamW); joint: 0.01 (SGD), new parts 10x
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup: float = 0.05  # fraction of steps
@@ -142,11 +142,9 @@ class FinetuneConfig:
                     f"The fine-tuning setting {setting.name} must be a finite number, got {value}."
                 )
 
-    def learning_rate(self, recipe: JointRecipe) -> float:
-        """The peak rate: the one set, else 3e-3 for heads and the strategy's for joint."""
-        if self.lr is not None:
-            return self.lr
-        return 3e-3 if self.mode == "heads" else recipe.lr
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (3e-3 if self.mode == "heads" else 0.01)
 
     @property
     def warmup_floor(self) -> int:
@@ -481,7 +479,7 @@ Optimizer = torch.optim.Optimizer | _Optimizers
 def _optimizer(
     dyn: DynamicModel, trainable: list[tuple[str, nn.Parameter]], config: FinetuneConfig
 ) -> Optimizer:
-    lr = config.learning_rate(dyn.joint_recipe)
+    lr = config.learning_rate
     if config.mode == "heads":
         params = [p for _, p in trainable]
         group = {"params": params, "lr": lr, "base_lr": lr}
@@ -714,7 +712,7 @@ class _Loop:
             f"Fine-tuning stopped at epoch {self.at.epoch + 1}, step {self.at.step + 1}: {what}. "
             "The model keeps its weights from before that step; no checkpoint or artifact is "
             f"written for it; the last checkpoint written, if any, stays. Try a smaller learning "
-            f"rate (lr, --lr: now {config.learning_rate(self.dyn.joint_recipe):g}), a longer warm-up (warmup, --warmup: "
+            f"rate (lr, --lr: now {config.learning_rate:g}), a longer warm-up (warmup, --warmup: "
             f"now {config.warmup:g} of the steps, at least {config.warmup_floor} steps "
             f"(warmup_min_steps, --warmup-min-steps): "
             f"{warmup_steps(config.warmup, total, config.warmup_floor)} of {total}) or more "
