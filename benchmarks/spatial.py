@@ -52,6 +52,13 @@ FULL = {
     "resolution": "resolution_cifar10_resnet44_t3",
     "masks": "spatial_masks_cifar10_resnet44_full",
 }
+# The shortened resolution re-run again with one joint setting changed from its default.
+SHORT_RESOLUTION_VARIANTS = (
+    "resolution_cifar10_resnet44_short_lr0005",
+    "resolution_cifar10_resnet44_short_clip10",
+)
+# Fine-tuning settings a re-run may change, as the suite's flags, with their defaults.
+JOINT_SETTINGS = {"--joint-lr": ("joint rate", "0.01"), "--clip-grad-norm": ("clip", "50")}
 SHORT = {
     "resolution": "resolution_cifar10_resnet44_short",
     "masks": "spatial_masks_cifar10_resnet44_short",
@@ -440,6 +447,10 @@ def resolution_rerun(name: str) -> list[str]:
             f"{net}: {r['train_images']} fit images instead of 45,000; heads "
             f"{r['heads']['epochs']} epoch(s), joint {joint} epoch(s) instead of 6"
         )
+    changed = _changed_settings(rerun.command)
+    if changed:
+        title += ", " + ", ".join(changed)
+        what += "; " + ", ".join(changed) + " instead of the default"
     baseline = (
         f"the static baseline not re-run: the published one ({pct(r['static_ft_acc'])} %, "
         f"{r['static_ft_epochs']} epochs on the same images) is the reference"
@@ -460,6 +471,17 @@ def resolution_rerun(name: str) -> list[str]:
         cells = [_cell(*f[label]) if label in f else "-" for f in (new, old)]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return [*lines, "", *provenance(rerun)]
+
+
+def _changed_settings(command: str) -> list[str]:
+    """'joint rate 0.005': each fine-tuning setting a command gives a value other than its
+    default."""
+    words = command.split()
+    changed = []
+    for flag, (label, default) in JOINT_SETTINGS.items():
+        if flag in words[:-1] and words[words.index(flag) + 1] != default:
+            changed.append(f"{label} {words[words.index(flag) + 1]}")
+    return changed
 
 
 def masks_rerun(name: str) -> list[str]:
@@ -544,6 +566,8 @@ def render() -> str:
     lines += resolution_section()
     lines += resolution_rerun(FULL["resolution"])
     lines += resolution_rerun(SHORT["resolution"])
+    for name in SHORT_RESOLUTION_VARIANTS:
+        lines += resolution_rerun(name)
     lines += masks_section()
     lines += masks_rerun(FULL["masks"])
     lines += masks_rerun(SHORT["masks"])
