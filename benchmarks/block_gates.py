@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         "latency_images": latency_images,
     }
     out: dict = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        "settings": dict(vars(args))  # paths become strings in write_result
     }
     for depth in args.nets:
         if args.static_epochs:

@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     samples = len(fit) * args.epochs
     anneal = max(1, int(args.anneal_fraction * samples))
     out: dict = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": dict(vars(args)),  # paths become strings in write_result
         "fit_images": len(fit),
         "test_images": len(test_set),
         "anneal_samples": anneal,

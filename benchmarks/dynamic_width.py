@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     data = {"fit": fit, "calib": calib, "test": test_set}
     out: dict = {
         "net": f"cifar_resnet{args.depth}",
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": dict(vars(args)),  # paths become strings in write_result
         "full_command": FULL_COMMAND,
     }
     net = f"cifar_resnet{args.depth}"

@@ -360,7 +360,7 @@ def full_run(args: argparse.Namespace) -> dict:
         entry["latency"] = latency[("confidence", entry["group"])]
     for entry in gate_by_group:
         entry["latency"] = latency[("gate", entry["group"])]
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = dict(vars(args))  # paths become strings in write_result
     first = models[("confidence", args.groups[0])]
     settings.update(
         calib_clips=clips.clip_counts["calib"],
@@ -519,7 +519,7 @@ def gate_seed_rows(args: argparse.Namespace) -> dict:
                 f"gates, group {group}, seed {seed}: {_point_text(seeds[-1]['chosen'])}", flush=True
             )
         by_group.append({"group": group, "seeds": seeds})
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = dict(vars(args))  # paths become strings in write_result
     settings.update({f"{key}_clips": n for key, n in clips.clip_counts.items()})
     return {
         "settings": settings,
