@@ -17,7 +17,7 @@ from dynify.frontend.cost import module_macs
 from dynify.passes import register_strategy
 from dynify.passes.base import ConversionContext, options_from_dict
 from dynify.runtime.policy import ExitPolicy
-from dynify.runtime.resolution import ResolutionModel, cost_book, downscale
+from dynify.runtime.resolution import DISTILL_TEMPERATURE, ResolutionModel, cost_book, downscale
 
 POLICIES = ("confidence", "entropy")
 
@@ -38,9 +38,7 @@ class ResolutionOptions:
     low_head: bool = True
     policy: str = "confidence"
     threshold: float = 0.9
-    # 3, as the early exits: at 4, joint fine-tuning at lr 0.01 meets a loss spike on CIFAR
-    # ResNet-44 that it may not recover from (benchmarks/spatial.md, the resolution cascade)
-    distill_temperature: float = 3.0
+    distill_temperature: float = DISTILL_TEMPERATURE
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ResolutionOptions:

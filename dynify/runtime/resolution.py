@@ -73,6 +73,11 @@ def cost_book(static_macs: int, low_macs: int) -> CostBook:
     return book
 
 
+# 3, as the early exits: at 4, joint fine-tuning at lr 0.01 meets a loss spike on CIFAR
+# ResNet-44 that it may not recover from (benchmarks/spatial.md, the resolution cascade)
+DISTILL_TEMPERATURE = 3.0
+
+
 class ResolutionModel(DynamicModel):
     """Two exits: the network at 1/`scale` resolution (exit 0), then at full resolution (exit 1).
 
@@ -95,7 +100,7 @@ class ResolutionModel(DynamicModel):
         static_macs: int,
         input_shape: tuple[int, ...],
         num_classes: int,
-        distill_temperature: float = 3.0,
+        distill_temperature: float = DISTILL_TEMPERATURE,
     ):
         super().__init__(
             static_macs=static_macs,
